@@ -1,0 +1,47 @@
+# swarmnode: `make demo` runs a whole swarm on this machine; `make test` runs the test suite.
+# Both set everything up on a fresh machine (venv, pinned pip and npm packages) and do nothing
+# extra when it is already current.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+NPMSTAMP := node_modules/.installed
+export GRPC_VERBOSITY ?= ERROR
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: demo test setup lint bench gas artifact clean
+
+setup: $(STAMP) $(NPMSTAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+$(NPMSTAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/swarmnode demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check swarmnode tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/gas.py
+	$(PY) benchmarks/transport.py
+
+gas: setup
+	$(PY) benchmarks/gas.py
+
+artifact: setup
+	$(PY) -m swarmnode.chain.compile --write
+
+clean:
+	rm -rf $(VENV) node_modules .pytest_cache
