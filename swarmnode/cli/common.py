@@ -1,0 +1,68 @@
+"""Shared pieces of the CLI: the error boundary, output formats, the common options."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from swarmnode.errors import SwarmError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+RpcUrl = Annotated[
+    str,
+    typer.Option("--rpc-url", envvar="SWARMNODE_RPC_URL", help="Chain JSON-RPC URL."),
+]
+ContractAddress = Annotated[
+    str,
+    typer.Option(
+        "--contract", envvar="SWARMNODE_CONTRACT", help="Address of the SwarmLearning contract."
+    ),
+]
+Format = Annotated[
+    OutputFormat, typer.Option("--format", help="Output as a rich table or as JSON.")
+]
+DEFAULT_RPC_URL = "http://127.0.0.1:8545"
+
+
+@contextmanager
+def errors_to_exit() -> Iterator[None]:
+    """Turn a SwarmError into one red line on stderr and its exit code; no traceback."""
+    try:
+        yield
+    except SwarmError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: run the command body inside :func:`errors_to_exit`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with errors_to_exit():
+            return fn(*args, **kwargs)
+
+    return wrapper
