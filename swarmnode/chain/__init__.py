@@ -1,1 +1,12 @@
-"""swarmnode.chain"""
+"""The chain: the SwarmLearning contract, its compilation, a dev-chain launcher, signing accounts.
+
+Web3 types and revert exceptions stay inside this package; callers see :class:`SwarmContract`,
+the frozen values of :mod:`swarmnode.chain.models` and :mod:`swarmnode.errors`.
+
+- :mod:`~swarmnode.chain.client`: ``connect(rpc_url)``, ``SwarmContract`` (deploy, calls, views,
+  events, ``wait_for``)
+- :mod:`~swarmnode.chain.accounts`: dev-mnemonic accounts (dev chains only) and keystores
+- :mod:`~swarmnode.chain.launcher`: ``DevChain``, an anvil process (the only anvil-aware module)
+- :mod:`~swarmnode.chain.compile`: solc via ``tools/solc.js``; ``load_artifact()``
+- :mod:`~swarmnode.chain.overview`: the read-only summary behind ``swarmnode status``
+"""

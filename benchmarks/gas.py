@@ -1,0 +1,132 @@
+"""Gas per node per round of the SwarmLearning contract, and the wall time of a round on anvil.
+
+One round per node is its check-in and its metrics report, plus the leader's commitMerge shared by
+all nodes (the election runs inside the check-in that completes the round). Measured on a fresh
+anvil with 3 and 8 nodes over several rounds; writes ``results/gas.json`` and prints a table.
+Exits 1 if a configuration goes over the budget of 120k gas per node per round.
+
+    .venv/bin/python benchmarks/gas.py [--rounds 3] [--out results/gas.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from swarmnode.chain.accounts import dev_account
+from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.chain.compile import load_artifact
+from swarmnode.chain.launcher import DevChain, anvil_binary
+
+BUDGET = 120_000
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = json.dumps({"merge_method": "mean", "min_peers": 2, "sync_frequency": 32}, sort_keys=True)
+
+
+def measure(url: str, nodes: int, rounds: int) -> dict[str, Any]:
+    """Deploy, enrol ``nodes`` nodes and run ``rounds`` full rounds; gas and timings."""
+    w3 = connect(url)
+    admin = SwarmContract.deploy(w3, dev_account(0), SPEC, min(2, nodes), 5, 60)
+    handles = [admin.with_account(dev_account(i)) for i in range(1, nodes + 1)]
+    for i, h in enumerate(handles):
+        admin.authorize(h.account_address, hashlib.sha256(h.account_address.encode()).digest())
+        h.enroll(f"10.0.0.{i + 1}:7100")
+    by_address = {h.account_address: h for h in handles}
+    checkin: list[int] = []
+    elect_checkin: list[int] = []
+    metrics: list[int] = []
+    commit: list[int] = []
+    per_node: list[float] = []
+    wall: list[float] = []
+    for r in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        round_gas = 0
+        for i, h in enumerate(handles):
+            res = h.checkin(r, 400 + 37 * i)  # sample counts
+            (elect_checkin if i == nodes - 1 else checkin).append(res.gas_used)
+            round_gas += res.gas_used
+        info = admin.round(r)
+        assert info.leader is not None, f"round {r} was not elected by the last check-in"
+        digest = hashlib.sha256(f"merged model of round {r}".encode()).digest()
+        res = by_address[info.leader].commit_merge(r, digest, info.participants)
+        commit.append(res.gas_used)
+        round_gas += res.gas_used
+        for i, h in enumerate(handles):
+            res = h.report_metrics(r, 0.6931 / r + 0.01 * i, 0.80 + 0.01 * r)
+            metrics.append(res.gas_used)
+            round_gas += res.gas_used
+        wall.append(time.perf_counter() - t0)
+        per_node.append(round_gas / nodes)
+    return {
+        "checkin": round(statistics.mean(checkin + elect_checkin)),
+        "checkin_plain": round(statistics.mean(checkin)) if checkin else None,
+        "checkin_electing": round(statistics.mean(elect_checkin)),
+        "reportMetrics": round(statistics.mean(metrics)),
+        "commitMerge": round(statistics.mean(commit)),
+        "per_node_per_round": round(statistics.mean(per_node)),
+        "round_wall_s": round(statistics.median(wall), 4),
+        "round_txs": 2 * nodes + 1,  # check-ins, the commit, metric reports
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "gas.json")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {}
+    with DevChain() as chain:
+        for n in (3, 8):
+            results[str(n)] = measure(chain.url, n, args.rounds)
+    anvil_version = subprocess.run([str(anvil_binary()), "--version"], capture_output=True,
+                                   text=True).stdout.splitlines()[0]
+    artifact = load_artifact()
+    report = {
+        "nodes": results,
+        "budget_per_node_per_round": BUDGET,
+        "notes": "gas_used per transaction; per_node_per_round = (sum of check-ins incl. the "
+                 "electing one + sum of reportMetrics + commitMerge) / nodes; round_wall_s = "
+                 "median wall time of one round's chain calls made sequentially from one "
+                 "process against anvil with automine",
+        "compiler": artifact["compiler"],
+        "evmVersion": artifact["evmVersion"],
+        "chain": anvil_version,
+        "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()}",
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    table = Table(title=f"SwarmLearning gas per round (budget {BUDGET:,} per node)",
+                  caption="electing: the check-in that completes the round; round: wall time")
+    for col in ("nodes", "checkin", "electing", "metrics", "commit", "per node", "round"):
+        table.add_column(col, justify="right")
+    over = False
+    for n, r in results.items():
+        over |= r["per_node_per_round"] > BUDGET
+        table.add_row(n, f"{r['checkin']:,}", f"{r['checkin_electing']:,}",
+                      f"{r['reportMetrics']:,}", f"{r['commitMerge']:,}",
+                      f"{r['per_node_per_round']:,}", f"{r['round_wall_s'] * 1000:.0f} ms")
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {args.out}")
+    if over:
+        console.print("[red]over budget[/]")
+    return 1 if over else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""`SwarmCallback`: add swarm learning to an existing PyTorch training loop.
+
+    swarm = SwarmCallback(model, sync_frequency=8, min_peers=2, num_samples=len(train_set),
+                          val_data=(X_val, y_val))
+    swarm.on_train_begin()
+    for epoch in range(epochs):
+        for batch in loader:
+            ...  # forward, backward, optimizer.step()
+            swarm.on_batch_end()
+            if swarm.should_stop:
+                break
+        swarm.on_epoch_end(epoch)
+    swarm.on_train_end()      # waits for the swarm's final round; loads the final model
+
+The callback only talks to its own node service (the local API: a unix socket by default, from
+``local_api`` or the ``SWARMNODE_LOCAL_API`` environment variable). Parameters travel as safetensors,
+never pickle. HPE Swarm Learning's parameter names are accepted as aliases (``syncFrequency``,
+``minPeers``, ``mergeMethod``, ``nodeWeightage``, ``checkinModelOnTrainEnd``, ``adsValData``,
+``valData``, ``totalEpochs``, ``lossFunction``, ``metricFunction``), so an HPE script ports by
+changing its import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from swarmnode.errors import ConfigError
+from swarmnode.spec import TrainingSpec
+from swarmnode.transport import serde
+from swarmnode.transport.local import LocalClient
+
+__all__ = ["HPE_ALIASES", "SwarmCallback", "SwarmState"]
+
+log = logging.getLogger("swarmnode.callback")
+
+HPE_ALIASES = {
+    "syncFrequency": "sync_frequency",
+    "minPeers": "min_peers",
+    "mergeMethod": "merge_method",
+    "nodeWeightage": "node_weight",
+    "checkinModelOnTrainEnd": "on_train_end_policy",
+    "adsValData": "val_data",
+    "valData": "val_data",
+    "totalEpochs": "total_epochs",
+    "lossFunction": "loss_fn",
+    "metricFunction": "metric_fn",
+}
+_IGNORED_HPE = {"useAdaptiveSync", "adsValBatchSize", "valBatchSize", "trainingContract", "logger"}
+
+
+@dataclass
+class SwarmState:
+    """Read-only view of the callback's progress; saved as JSON (``state_dict``), never pickle."""
+
+    batches: int = 0
+    batches_since_sync: int = 0
+    epoch: int = 0
+    rounds: int = 0
+    last_round: int = 0
+    last_digest: str = ""
+    training_finished: bool = False
+    final_digest: str = ""
+
+
+class SwarmCallback:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        sync_frequency: int | None = None,
+        min_peers: int | None = None,
+        merge_method: str = "mean",
+        *,
+        node_weight: float = 1.0,
+        num_samples: int | None = None,
+        on_train_end_policy: str = "inactive",
+        val_data: Any = None,
+        total_epochs: int | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        metric_fn: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+        merge_options: dict[str, float] | None = None,
+        local_api: str | None = None,
+        timeout: float | None = None,
+        **aliases: Any,
+    ) -> None:
+        given = dict(
+            sync_frequency=sync_frequency, min_peers=min_peers, merge_method=merge_method,
+            node_weight=node_weight, on_train_end_policy=on_train_end_policy, val_data=val_data,
+            total_epochs=total_epochs, loss_fn=loss_fn, metric_fn=metric_fn,
+        )
+        for name, value in aliases.items():
+            if name in _IGNORED_HPE:
+                warnings.warn(f"SwarmCallback: HPE option {name!r} has no effect in swarmnode",
+                              stacklevel=2)
+            elif name in HPE_ALIASES:
+                given[HPE_ALIASES[name]] = value
+            else:
+                raise ConfigError(
+                    f"SwarmCallback got an unknown parameter {name!r}; known HPE aliases: "
+                    f"{', '.join(sorted(HPE_ALIASES))}"
+                )
+        if given["sync_frequency"] is None or int(given["sync_frequency"]) < 1:
+            raise ConfigError("SwarmCallback needs sync_frequency >= 1 (batches between merges)")
+        if given["min_peers"] is None or int(given["min_peers"]) < 1:
+            raise ConfigError("SwarmCallback needs min_peers >= 1")
+        if float(given["node_weight"]) < 0:
+            raise ConfigError(f"node_weight must be >= 0, got {given['node_weight']}")
+        self.model = model
+        self.sync_frequency = int(given["sync_frequency"])
+        self.min_peers = int(given["min_peers"])
+        self.merge_method = str(given["merge_method"])
+        self.node_weight = float(given["node_weight"])
+        self.policy = str(given["on_train_end_policy"])
+        self.val_data = given["val_data"]
+        self.total_epochs = given["total_epochs"]
+        self.loss_fn = given["loss_fn"]
+        self.metric_fn = given["metric_fn"]
+        self.merge_options = dict(merge_options or {})
+        self.num_samples = num_samples
+        self.timeout = timeout
+        target = local_api or os.environ.get("SWARMNODE_LOCAL_API")
+        if not target:
+            raise ConfigError(
+                "SwarmCallback needs the node service's local API: pass local_api= or set "
+                "SWARMNODE_LOCAL_API (e.g. unix:///run/swarm/node.sock)"
+            )
+        self.client = LocalClient(target)
+        self.state = SwarmState()
+        self.node_info: dict[str, Any] = {}
+
+    # -- settings ---------------------------------------------------------------------------------
+    def training_spec(self) -> TrainingSpec:
+        """The swarm settings this trainer runs with (compared with the swarm's by the node)."""
+        return TrainingSpec.from_state(
+            self._state_cpu(), sync_frequency=self.sync_frequency, min_peers=self.min_peers,
+            merge_method=self.merge_method, merge_options=self.merge_options,
+        )
+
+    @property
+    def weight(self) -> int:
+        if self.num_samples is None:
+            raise ConfigError("SwarmCallback needs num_samples (the local training-set size)")
+        return int(round(self.num_samples * self.node_weight))
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the swarm's training is over: stop the training loop."""
+        return self.state.training_finished
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def on_train_begin(self) -> None:
+        """Called when training starts: joins the swarm and starts from the swarm's weights."""
+        self.client.wait_ready(timeout=self.timeout or 120.0)
+        reply, payload = self.client.call(
+            "hello", {"spec": self.training_spec().to_json()}, timeout=self.timeout or 600.0
+        )
+        self.node_info = reply
+        if reply.get("training_finished"):
+            self.state.training_finished = True
+        if payload is not None:  # a late joiner or a restart: the latest merged model
+            self._load(payload)
+            self.state.last_round = int(reply.get("latest_round", 0))
+            self.state.last_digest = str(reply.get("digest", ""))
+            log.info("joined at round %s from the latest merged model", self.state.last_round)
+        elif not self.state.training_finished:
+            self._sync()  # first sync: every node starts from the same weights
+
+    def on_batch_end(self) -> None:
+        """Called after each training batch: merges every ``sync_frequency`` batches."""
+        self.state.batches += 1
+        self.state.batches_since_sync += 1
+        if self.state.batches_since_sync >= self.sync_frequency and not self.should_stop:
+            self._sync()
+
+    def on_epoch_end(self, epoch: int | None = None) -> None:
+        """Called at the end of each epoch."""
+        self.state.epoch = self.state.epoch + 1 if epoch is None else epoch + 1
+
+    def on_train_end(self) -> None:
+        """Called when local training ends: a last sync, then the end-of-training policy until the
+        swarm's final round; loads the final model every node ends with."""
+        if self.state.batches_since_sync > 0 and not self.should_stop:
+            self._sync()
+        reply, payload = self.client.call(
+            "finish", {"policy": self.policy, "weight": self.weight},
+            self._payload(), timeout=self.timeout,
+        )
+        if payload is not None:
+            self._load(payload)
+        self.state.training_finished = True
+        self.state.final_digest = str(reply.get("digest", ""))
+        self.state.last_round = int(reply.get("round", self.state.last_round))
+
+    # -- state (JSON, never pickle) ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = SwarmState(**json.loads(json.dumps(state)))
+
+    # -- internals --------------------------------------------------------------------------------
+    def _state_cpu(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+
+    def _payload(self) -> bytes:
+        return serde.encode(self._state_cpu())
+
+    def _load(self, payload: bytes) -> None:
+        state = serde.decode(payload, expected_digest=None, spec=None,
+                             max_bytes=len(payload), reject_nonfinite=False)
+        current = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in state.items():
+                current[name].copy_(tensor.to(current[name].device))
+
+    def _sync(self) -> None:
+        loss, metric = self._validate()
+        args: dict[str, Any] = {"weight": self.weight}
+        if loss is not None:
+            args["loss"] = loss
+        if metric is not None:
+            args["metric"] = metric
+        reply, payload = self.client.call("sync", args, self._payload(), timeout=self.timeout)
+        if payload is not None:
+            self._load(payload)
+        self.state.rounds += 1
+        self.state.batches_since_sync = 0
+        self.state.last_round = int(reply.get("round", 0))
+        self.state.last_digest = str(reply.get("digest", ""))
+        self.state.training_finished = bool(reply.get("training_finished", False))
+
+    def _validate(self) -> tuple[float | None, float | None]:
+        """Loss and metric of the local model on the validation data (reported on chain)."""
+        if self.val_data is None:
+            return None, None
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        batches: Iterable[Any] = (
+            [self.val_data] if isinstance(self.val_data, tuple) else self.val_data
+        )
+        outputs, targets = [], []
+        with torch.no_grad():
+            for x, y in batches:
+                outputs.append(self.model(torch.as_tensor(x).to(device)).cpu())
+                targets.append(torch.as_tensor(y).cpu())
+        self.model.train(was_training)
+        out, tgt = torch.cat(outputs), torch.cat(targets)
+        loss = float(self.loss_fn(out, tgt)) if self.loss_fn else None
+        metric = float(self.metric_fn(out, tgt)) if self.metric_fn else None
+        return loss, metric

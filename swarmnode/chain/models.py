@@ -1,0 +1,98 @@
+"""Values read from the SwarmLearning contract: frozen dataclasses, no web3 types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+__all__ = [
+    "ChainEvent",
+    "ContractSettings",
+    "NodeInfo",
+    "RoundInfo",
+    "RoundStatus",
+    "TxResult",
+]
+
+
+class RoundStatus(IntEnum):
+    """A round's stage, as the contract's ``RoundStatus`` enum numbers it."""
+
+    OPEN = 0  # accepting check-ins, no leader yet
+    ELECTED = 1  # leader drawn, merge not committed yet
+    COMMITTED = 2  # merged digest on chain
+    ABANDONED = 3  # every participant failed as leader; the swarm moved on
+
+
+@dataclass(frozen=True)
+class ContractSettings:
+    """The training's fixed settings, pinned at deployment."""
+
+    spec_hash: bytes
+    min_peers: int
+    grace_s: int
+    deadline_s: int
+    admin: str
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node as the contract knows it."""
+
+    address: str
+    fingerprint: bytes  # SHA-256 of the node certificate's DER
+    endpoint: str
+    authorized: bool
+    enrolled: bool
+    revoked: bool
+    finished: bool
+    last_seen: int  # unix time of its last state-changing call
+
+    @property
+    def state(self) -> str:
+        """One word: revoked, finished, active, authorized or unknown."""
+        if self.revoked:
+            return "revoked"
+        if self.finished:
+            return "finished"
+        if self.enrolled:
+            return "active"
+        if self.authorized:
+            return "authorized"
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """One round: its status, leader, participants (in check-in order) and merged digest."""
+
+    round: int
+    status: RoundStatus
+    leader: str | None
+    attempt: int
+    participants: tuple[str, ...]
+    digest: bytes | None
+    elected_at: int
+    first_checkin_at: int
+    is_final: bool
+
+
+@dataclass(frozen=True)
+class ChainEvent:
+    """A decoded contract event (addresses checksummed, bytes as ``bytes``)."""
+
+    name: str
+    args: dict[str, Any] = field(hash=False)
+    block: int
+    tx_hash: str
+    log_index: int
+
+
+@dataclass(frozen=True)
+class TxResult:
+    """A mined, successful transaction."""
+
+    tx_hash: str
+    gas_used: int
+    block: int

@@ -1,0 +1,333 @@
+"""Chain commands: `chain up`, `contract deploy`, `authorize`, `revoke`, `enroll`, `status`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from swarmnode.cli.common import (
+    DEFAULT_RPC_URL,
+    ContractAddress,
+    Format,
+    OutputFormat,
+    RpcUrl,
+    command,
+    console,
+    err_console,
+    print_json,
+)
+from swarmnode.errors import ConfigError, IdentityError
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from swarmnode.chain.client import SwarmContract
+    from swarmnode.chain.overview import Overview
+
+__all__ = ["register"]
+
+KeyIndex = Annotated[
+    int | None,
+    typer.Option("--key-index", help="Dev-mnemonic account (dev chains only; 0 is the admin)."),
+]
+Keystore = Annotated[
+    Path | None, typer.Option("--keystore", help="Ethereum V3 keystore file of the signer.")
+]
+PasswordFile = Annotated[
+    Path | None, typer.Option("--password-file", help="File holding the keystore's password.")
+]
+
+chain_app = typer.Typer(help="Run a local dev chain.", no_args_is_help=True)
+contract_app = typer.Typer(help="Deploy the SwarmLearning contract.", no_args_is_help=True)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _signer(rpc_url: str, key_index: int | None, keystore: Path | None,
+            password_file: Path | None, default_index: int | None) -> tuple[Any, LocalAccount]:
+    from swarmnode.chain.accounts import account_for
+    from swarmnode.chain.client import connect
+
+    w3 = connect(rpc_url)
+    if key_index is None and keystore is None:
+        key_index = default_index
+    if keystore is not None and password_file is None:
+        raise ConfigError(f"--keystore {keystore} needs --password-file")
+    return w3, account_for(w3, key_index=key_index, keystore=keystore, password_file=password_file)
+
+
+def _contract(rpc_url: str, address: str, account: LocalAccount | None = None,
+              w3: Any = None) -> SwarmContract:
+    from swarmnode.chain.client import SwarmContract, connect
+
+    return SwarmContract(w3 if w3 is not None else connect(rpc_url), address, account)
+
+
+def _fingerprint(cert: Path | None, hex_value: str | None) -> bytes:
+    if (cert is None) == (hex_value is None):
+        raise ConfigError("pass exactly one of --cert node.pem or --fingerprint HEX")
+    if hex_value is not None:
+        text = hex_value.strip().lower().removeprefix("0x").replace(":", "")
+        try:
+            value = bytes.fromhex(text)
+        except ValueError:
+            value = b""
+        if len(value) != 32:
+            raise ConfigError(
+                f"--fingerprint {hex_value!r} is not 64 hex digits (the certificate's SHA-256)"
+            )
+        return value
+    assert cert is not None
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    try:
+        data = cert.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read certificate {cert}: {exc.strerror or exc}") from None
+    try:
+        parsed = x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise IdentityError(
+            f"{cert} is not a PEM certificate; pass the node's certificate (node.pem)"
+        ) from None
+    return parsed.fingerprint(hashes.SHA256())
+
+
+def _tx_line(what: str, result: Any) -> None:
+    console.print(
+        f"{what} (tx {result.tx_hash[:12]}…, block {result.block}, gas {result.gas_used})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _short(value: bytes | str | None, n: int = 10) -> str:
+    if value is None:
+        return "-"
+    text = value.hex() if isinstance(value, bytes) else value
+    return text if len(text) <= n + 2 else text[: n + 2] + "…"
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+@chain_app.command("up")
+@command
+def chain_up(
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free).")] = 8545,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    state_file: Annotated[
+        Path | None, typer.Option("--state-file", help="Keep the chain in this file across runs.")
+    ] = None,
+    block_time: Annotated[
+        float | None, typer.Option("--block-time", help="Seconds per block (default: automine).")
+    ] = None,
+) -> None:
+    """Run a local anvil dev chain in the foreground until Ctrl-C or SIGTERM."""
+    from swarmnode.chain.accounts import dev_account
+    from swarmnode.chain.launcher import DevChain
+    from swarmnode.errors import ChainUnavailable
+
+    stop = threading.Event()
+    chain = DevChain(port=port, host=host, state_file=state_file, block_time=block_time)
+    chain.start()
+    try:
+        previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        watcher = threading.Thread(target=lambda: (chain.wait(), stop.set()), daemon=True)
+        watcher.start()
+        table = Table(title="dev accounts (public mnemonic: dev chains only)")
+        table.add_column("--key-index", justify="right")
+        table.add_column("address")
+        table.add_column("role")
+        for i in range(10):
+            table.add_row(str(i), dev_account(i).address, "admin" if i == 0 else "node")
+        console.print(table)
+        mode = f"a block every {block_time:g} s" if block_time else "automine"
+        kept = f", state in {state_file}" if state_file else ""
+        console.print(f"dev chain listening on {chain.url} (chain id {chain.chain_id}, {mode}"
+                      f"{kept})", highlight=False, soft_wrap=True)
+        console.print(f"export SWARMNODE_RPC_URL={chain.url}", highlight=False, soft_wrap=True)
+        console.file.flush()
+        stop.wait()
+        if not chain.running:
+            tail = " | ".join(x for x in chain.output().splitlines()[-3:] if x.strip())
+            raise ChainUnavailable(f"anvil exited unexpectedly: {tail or '(no output)'}")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    finally:
+        chain.stop()
+    saved = f"; state saved in {state_file}" if state_file else ""
+    err_console.print(f"dev chain stopped{saved}", highlight=False, soft_wrap=True)
+
+
+@contract_app.command("deploy")
+@command
+def contract_deploy(
+    spec: Annotated[Path, typer.Option("--spec", help="Training spec JSON file to pin.")],
+    min_peers: Annotated[int, typer.Option("--min-peers", min=1, help="Quorum per round.")],
+    grace: Annotated[int, typer.Option("--grace", min=0, help="Seconds after the first "
+                                       "check-in before a quorum may elect.")],
+    deadline: Annotated[int, typer.Option("--deadline", min=1, help="Seconds a leader has "
+                                          "to commit before re-election.")],
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    key_index: KeyIndex = None,
+    keystore: Keystore = None,
+    password_file: PasswordFile = None,
+    fmt: Format = OutputFormat.table,
+) -> None:
+    """Deploy a SwarmLearning contract for one training; prints its address."""
+    from swarmnode.chain.client import SwarmContract
+
+    try:
+        spec_json = spec.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the training spec {spec}: {exc}") from None
+    try:
+        json.loads(spec_json)
+    except ValueError as exc:
+        raise ConfigError(f"training spec {spec} is not valid JSON: {exc}") from None
+    w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
+    contract = SwarmContract.deploy(w3, admin, spec_json, min_peers, grace, deadline)
+    if fmt is OutputFormat.json:
+        settings = contract.settings()
+        print_json({"address": contract.address, "admin": settings.admin,
+                    "spec_hash": settings.spec_hash.hex(), "min_peers": min_peers,
+                    "grace_s": grace, "deadline_s": deadline, "rpc_url": rpc_url})
+    else:
+        err_console.print(f"SwarmLearning deployed by {admin.address}; "
+                          f"export SWARMNODE_CONTRACT={contract.address}", highlight=False,
+                          soft_wrap=True)
+        console.print(contract.address, highlight=False, soft_wrap=True)
+
+
+@command
+def authorize(
+    address: Annotated[str, typer.Argument(help="The node's chain address.")],
+    contract: ContractAddress,
+    cert: Annotated[
+        Path | None, typer.Option("--cert", help="The node's certificate (PEM).")
+    ] = None,
+    fingerprint: Annotated[
+        str | None, typer.Option("--fingerprint", help="SHA-256 of the certificate's DER (hex).")
+    ] = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    key_index: KeyIndex = None,
+    keystore: Keystore = None,
+    password_file: PasswordFile = None,
+) -> None:
+    """Authorise a node address with its certificate (admin; again to rotate the certificate)."""
+    fp = _fingerprint(cert, fingerprint)
+    w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
+    result = _contract(rpc_url, contract, admin, w3).authorize(address, fp)
+    _tx_line(f"authorized {address} with certificate {fp.hex()[:16]}…", result)
+
+
+@command
+def revoke(
+    address: Annotated[str, typer.Argument(help="The node's chain address.")],
+    contract: ContractAddress,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    key_index: KeyIndex = None,
+    keystore: Keystore = None,
+    password_file: PasswordFile = None,
+) -> None:
+    """Revoke a node (admin): it can take no further part in the training."""
+    w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
+    result = _contract(rpc_url, contract, admin, w3).revoke(address)
+    _tx_line(f"revoked {address}", result)
+
+
+@command
+def enroll(
+    endpoint: Annotated[str, typer.Option("--endpoint", help="This node's peer API host:port.")],
+    contract: ContractAddress,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    key_index: KeyIndex = None,
+    keystore: Keystore = None,
+    password_file: PasswordFile = None,
+) -> None:
+    """Enrol this node (an authorised address) with its peer endpoint."""
+    if key_index is None and keystore is None:
+        raise ConfigError("enroll signs as the node: pass --key-index N (dev chain) or --keystore")
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--endpoint {endpoint!r} is not host:port (e.g. 10.0.0.5:7100)")
+    w3, node = _signer(rpc_url, key_index, keystore, password_file, default_index=None)
+    result = _contract(rpc_url, contract, node, w3).enroll(endpoint)
+    _tx_line(f"enrolled {node.address} at {endpoint}", result)
+
+
+@command
+def status(
+    contract: ContractAddress,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Show the last N rounds.")] = 20,
+    fmt: Format = OutputFormat.table,
+) -> None:
+    """The training on chain: settings, nodes, rounds, final round."""
+    from swarmnode.chain.overview import overview
+
+    view = overview(_contract(rpc_url, contract), last_rounds=rounds)
+    if fmt is OutputFormat.json:
+        print_json(view.to_json())
+    else:
+        _print_overview(view)
+
+
+def _when(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S") if ts else "-"
+
+
+def _print_overview(view: Overview) -> None:
+    s = view.settings
+    final = view.final_round if view.final_round is not None else "not fixed"
+    state = "finished" if view.training_finished else f"round {view.current_round}"
+    console.print(
+        f"[bold]contract[/] {view.contract} on {view.chain}\n"
+        f"spec {s.spec_hash.hex()[:16]}…  min peers {s.min_peers}  grace {s.grace_s} s  "
+        f"deadline {s.deadline_s} s  admin {s.admin}\n"
+        f"training: {state}, final round {final}, {view.active_count} active node(s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    nodes = Table(title="nodes")
+    for col in ("address", "endpoint", "certificate", "state", "last seen (UTC)"):
+        nodes.add_column(col)
+    for n in view.nodes:
+        nodes.add_row(n.address, n.endpoint, _short(n.fingerprint, 12), n.state,
+                      _when(n.last_seen))
+    console.print(nodes)
+    rounds = Table(title="rounds")
+    for col in ("round", "status", "leader", "attempt", "participants", "digest", "loss",
+                "metric"):
+        rounds.add_column(col)
+    for r in view.rounds:
+        i = r.info
+        label = f"{i.round}{' (final)' if i.is_final else ''}"
+        rounds.add_row(
+            label, i.status.name.lower(), _short(i.leader), str(i.attempt or "-"),
+            str(len(i.participants)), _short(i.digest),
+            f"{r.mean_loss:.4f}" if r.mean_loss is not None else "-",
+            f"{r.mean_metric:.4f}" if r.mean_metric is not None else "-",
+        )
+    console.print(rounds)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the chain commands to the ``swarmnode`` app."""
+    app.add_typer(chain_app, name="chain")
+    app.add_typer(contract_app, name="contract")
+    app.command("authorize")(authorize)
+    app.command("revoke")(revoke)
+    app.command("enroll")(enroll)
+    app.command("status")(status)

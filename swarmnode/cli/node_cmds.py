@@ -1,0 +1,98 @@
+"""`swarmnode run` (the node service), `swarmnode demo` and `swarmnode spec`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from swarmnode.cli.common import command, console
+
+__all__ = ["register"]
+
+
+def run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Node config (YAML).")] = None,
+    rpc_url: Annotated[str | None, typer.Option("--rpc-url", help="Chain JSON-RPC URL.")] = None,
+    contract: Annotated[str | None, typer.Option("--contract", help="Contract address.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Node name.")] = None,
+    peer_listen: Annotated[str | None, typer.Option("--peer-listen", help="host:port.")] = None,
+    peer_endpoint: Annotated[str | None, typer.Option("--peer-endpoint")] = None,
+    local_api: Annotated[str | None, typer.Option("--local-api")] = None,
+    key_index: Annotated[int | None, typer.Option("--key-index")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+) -> None:
+    """Run this site's swarm node service until interrupted."""
+
+    @command
+    def body() -> None:
+        from swarmnode.config import load_config
+        from swarmnode.node.service import NodeService
+
+        overrides: dict[str, Any] = dict(
+            rpc_url=rpc_url, contract=contract, name=name, peer_listen=peer_listen,
+            peer_endpoint=peer_endpoint, local_api=local_api, key_index=key_index,
+            data_dir=data_dir, log_level=log_level,
+        )
+        cfg = load_config(config, overrides)
+        logging.basicConfig(
+            level=cfg.log_level.upper(),
+            format=f"%(asctime)s {cfg.name} %(levelname)s %(message)s",
+        )
+        node = NodeService(cfg)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        node.start()
+        try:
+            stop.wait()
+        finally:
+            node.stop()
+
+    body()
+
+
+def demo(
+    nodes: Annotated[int, typer.Option("--nodes", "-n", min=2, max=8, help="Hospitals.")] = 3,
+    merge: Annotated[str, typer.Option("--merge", help="Merge rule.")] = "mean",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary here.")] = None,
+    workdir: Annotated[Path, typer.Option("--workdir", help="Certificates, logs, models.")] = Path(
+        "demo-run"
+    ),
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    kill_leader_round: Annotated[
+        int | None,
+        typer.Option("--kill-leader-round", help="Kill the leader of this round before it commits."),
+    ] = None,
+) -> None:
+    """A whole swarm on this machine: chain, certificates, N node services, N trainers."""
+
+    @command
+    def body() -> None:
+        from swarmnode.demo.orchestrator import DemoOptions, run_demo, show_summary
+
+        summary = run_demo(
+            DemoOptions(nodes=nodes, merge=merge, workdir=workdir, seed=seed,
+                        kill_leader_round=kill_leader_round),
+            console=console,
+        )
+        show_summary(summary, console)
+        if json_path is not None:
+            import json
+
+            json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            console.print(f"summary written to {json_path}")
+        if not summary["all_nodes_agree"]:
+            raise typer.Exit(1)
+
+    body()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.command("demo")(demo)

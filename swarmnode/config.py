@@ -1,0 +1,127 @@
+"""Node service settings: one loader, precedence file < environment < command-line flag.
+
+The file is YAML (or JSON); environment variables are ``SWARMNODE_<FIELD>`` (upper case, e.g.
+``SWARMNODE_RPC_URL``); flags are passed as a dict of overrides. Unknown keys are refused with the
+list of known ones, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from swarmnode.errors import ConfigError
+
+__all__ = ["NodeConfig", "load_config"]
+
+ENV_PREFIX = "SWARMNODE_"
+
+
+class NodeConfig(BaseModel):
+    """Everything `swarmnode run` needs. Paths are relative to the config file's folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Human-readable node name (logs, demo tables).")
+    rpc_url: str = Field("http://127.0.0.1:8545", description="Chain JSON-RPC URL.")
+    contract: str = Field(description="Address of the SwarmLearning contract.")
+    key_index: int | None = Field(None, description="Dev-chain account index (dev chains only).")
+    keystore: Path | None = Field(None, description="Encrypted keystore file (real networks).")
+    keystore_password_file: Path | None = None
+    peer_listen: str = Field("0.0.0.0:30303", description="host:port the peer API binds.")
+    peer_endpoint: str | None = Field(
+        None, description="host:port other sites use to reach this node (default: peer_listen)."
+    )
+    local_api: str | None = Field(
+        None, description="Local API target: unix:///path.sock (default data_dir/node.sock) or host:port."
+    )
+    cert: Path = Field(description="This node's certificate (PEM).")
+    key: Path = Field(description="This node's private key (PEM).")
+    trust: Path = Field(description="Trust bundle: the CA certificates of every organisation.")
+    data_dir: Path = Field(Path("swarm-data"), description="Merged models and node state.")
+    max_update_mb: float = Field(2048.0, gt=0, description="Largest accepted parameter payload.")
+    reject_nonfinite: bool = Field(True, description="Refuse updates holding NaN or Inf.")
+    collect_fraction: float = Field(
+        0.5, gt=0, lt=1, description="Leader waits this fraction of the round deadline for stragglers."
+    )
+    round_timeout_s: float = Field(3600.0, gt=0, description="Give up a round after this long.")
+    poll_s: float = Field(0.05, gt=0, description="Chain polling interval.")
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _account(self) -> NodeConfig:
+        if self.key_index is None and self.keystore is None:
+            raise ValueError("set key_index (dev chain) or keystore (real network)")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return self.peer_endpoint or self.peer_listen
+
+    @property
+    def local_target(self) -> str:
+        return self.local_api or f"unix://{(self.data_dir / 'node.sock').resolve()}"
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    fields = NodeConfig.model_fields
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in fields:
+                out[name] = value
+    return out
+
+
+def load_config(
+    path: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Read the config file, then apply SWARMNODE_* environment variables, then flags."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings")
+        raw.update(loaded)
+        base = Path(path).resolve().parent
+    raw.update(_env_overrides(os.environ if env is None else env))
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(raw) - set(NodeConfig.model_fields))
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, NodeConfig.model_fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown setting {name!r}{hint} in {path or 'settings'}; "
+            f"known settings: {', '.join(sorted(NodeConfig.model_fields))}"
+        )
+    try:
+        cfg = NodeConfig(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        raise ConfigError(f"setting {loc} in {path or 'settings'}: {err['msg']}") from None
+    # Resolve relative paths against the config file's folder.
+    updates = {
+        name: (base / value)
+        for name in ("cert", "key", "trust", "data_dir", "keystore", "keystore_password_file")
+        if isinstance(value := getattr(cfg, name), Path) and not value.is_absolute()
+    }
+    return cfg.model_copy(update=updates)

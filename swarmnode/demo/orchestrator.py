@@ -1,0 +1,169 @@
+"""`swarmnode demo`: a whole swarm on one machine, from nothing but the repo.
+
+It starts a dev chain, makes a consortium CA and one certificate per hospital, deploys the contract
+with the training spec, authorises the hospitals, starts one node service and one trainer process
+per hospital, shows the rounds as they happen, and ends with local-only vs swarm vs central quality
+and the proof that every node holds the model whose digest is on chain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from swarmnode.demo import model as demo_model
+from swarmnode.demo.swarm import LocalSwarm
+from swarmnode.errors import NodeError
+
+__all__ = ["DemoOptions", "run_demo", "show_summary"]
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    nodes: int = 3
+    merge: str = "mean"
+    workdir: Path = Path("demo-run")
+    seed: int = 0
+    sync_frequency: int = 4
+    min_peers: int = 2
+    grace_s: int = 2
+    deadline_s: int = 6
+    kill_leader_round: int | None = None
+    timeout_s: float = 600.0
+    epochs: int | None = None  # None: the demo model's EPOCHS
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    t0 = time.monotonic()
+    with LocalSwarm(opts.workdir, opts.nodes, merge=opts.merge, sync_frequency=opts.sync_frequency,
+                    min_peers=opts.min_peers, grace_s=opts.grace_s, deadline_s=opts.deadline_s,
+                    seed=opts.seed, epochs=opts.epochs) as swarm:
+        console.print(f"[bold]swarmnode demo[/]: {opts.nodes} hospitals, merge rule {opts.merge}, "
+                      f"dev chain at {swarm.rpc_url}, contract {swarm.contract.address}")
+        for i in range(opts.nodes):
+            swarm.start_node(i)
+        swarm.wait_enrolled(list(range(opts.nodes)))
+        console.print(f"{opts.nodes} node services enrolled ({time.monotonic() - t0:.1f} s); "
+                      "training starts")
+        for i in range(opts.nodes):
+            swarm.start_trainer(i)
+        rounds, killed = _follow(swarm, opts, console)
+        return _summary(swarm, rounds, killed, time.monotonic() - t0)
+
+
+def _summary(swarm: LocalSwarm, rounds: list[dict[str, Any]], killed: set[int],
+             seconds: float) -> dict[str, Any]:
+    X_all, y_all = swarm.data.pooled()
+    epochs = swarm.epochs or demo_model.EPOCHS
+    central = demo_model.train_local(X_all, y_all, epochs=epochs, batch_size=demo_model.BATCH_SIZE,
+                                     lr=demo_model.LR, seed=swarm.seed)
+    central_scores = demo_model.evaluate(central, swarm.data.X_test, swarm.data.y_test)
+    results = [swarm.result(i) for i in range(swarm.n) if i not in killed]
+    final_events = swarm.contract.events(names={"TrainingFinished"})
+    chain_digest = final_events[-1].args["digest"].hex() if final_events else ""
+    agree = bool(chain_digest) and all(r["final_digest"] == chain_digest for r in results)
+    return {
+        "nodes": [
+            {"name": r["name"], "samples": r["samples"], "malignant": r["malignant"],
+             "final_digest": r["final_digest"], "local_auc": r["local"]["auc"],
+             "local_accuracy": r["local"]["accuracy"], "swarm_auc": r["swarm"]["auc"],
+             "swarm_accuracy": r["swarm"]["accuracy"], "rounds_joined": r["rounds"],
+             "train_seconds": r["seconds"]}
+            for r in results
+        ],
+        "killed": [swarm.names[i] for i in sorted(killed)],
+        "central_auc": central_scores["auc"],
+        "central_accuracy": central_scores["accuracy"],
+        "chain_final_digest": chain_digest,
+        "all_nodes_agree": agree,
+        "rounds": rounds,
+        "merge": swarm.merge,
+        "contract": swarm.contract.address,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _follow(swarm: LocalSwarm, opts: DemoOptions,
+            console: Console) -> tuple[list[dict[str, Any]], set[int]]:
+    """Print each round as the chain records it, until every trainer has exited."""
+    by_addr = {a.address: n for a, n in zip(swarm.accounts, swarm.names, strict=True)}
+    seen_block = 0
+    rounds: dict[int, dict[str, Any]] = {}
+    killed: set[int] = set()
+    deadline = time.monotonic() + opts.timeout_s
+    while True:
+        for ev in swarm.contract.events(from_block=seen_block):
+            seen_block = max(seen_block, ev.block + 1)
+            a = ev.args
+            if ev.name == "LeaderElected":
+                r = rounds.setdefault(a["round"], {"round": a["round"], "leaders": []})
+                r["leaders"].append(by_addr.get(a["leader"], a["leader"]))
+                if opts.kill_leader_round == a["round"] and not killed:
+                    idx = swarm.names.index(by_addr[a["leader"]])
+                    swarm.kill_node(idx)
+                    killed.add(idx)
+                    console.print(f"[red]round {a['round']}: killed the leader, "
+                                  f"{swarm.names[idx]}'s node service[/]")
+            elif ev.name == "LeaderFailed":
+                console.print(f"round {a['round']}: leader {by_addr.get(a['leader'])} missed the "
+                              "deadline; re-elected on chain")
+            elif ev.name == "MergeCommitted":
+                r = rounds.setdefault(a["round"], {"round": a["round"], "leaders": []})
+                r.update(leader=by_addr.get(a["leader"], a["leader"]), digest=a["digest"].hex(),
+                         members=[by_addr.get(m, m) for m in a["members"]])
+                console.print(f"round {a['round']:>3}: leader {r['leader']:<11} merged "
+                              f"{len(a['members'])} updates, digest {a['digest'].hex()[:12]}")
+            elif ev.name == "NodeFinished":
+                console.print(f"{by_addr.get(a['node'])} finished local training")
+            elif ev.name == "FinalRound":
+                console.print(f"every trainer is done: round {a['round']} is the final round")
+            elif ev.name == "TrainingFinished":
+                console.print(f"[green]training finished at round {a['round']}[/]")
+        live = [i for i in swarm.trainers if i not in killed]
+        if all(swarm.trainers[i].poll() is not None for i in live):
+            break
+        for i in live:
+            if swarm.trainers[i].poll() not in (None, 0):
+                raise NodeError(f"trainer {swarm.names[i]} failed "
+                                f"(exit {swarm.trainers[i].returncode}): "
+                                f"{swarm.tail(i, 'trainer')}; log {swarm.log(i, 'trainer')}")
+        if time.monotonic() > deadline:
+            raise NodeError(f"the demo did not finish within {opts.timeout_s:.0f} s; see the logs "
+                            f"under {swarm.work / 'logs'}")
+        time.sleep(0.2)
+    return [rounds[k] for k in sorted(rounds)], killed
+
+
+def show_summary(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title="Test-set quality: local-only vs swarm vs central")
+    for col in ("hospital", "samples", "malignant", "local AUC", "swarm AUC", "local acc",
+                "swarm acc", "final model digest"):
+        table.add_column(col)
+    for n in summary["nodes"]:
+        table.add_row(n["name"], str(n["samples"]), str(n["malignant"]), f"{n['local_auc']:.4f}",
+                      f"{n['swarm_auc']:.4f}", f"{n['local_accuracy']:.3f}",
+                      f"{n['swarm_accuracy']:.3f}", n["final_digest"][:16])
+    table.add_row("central (pooled)", "", "", f"{summary['central_auc']:.4f}", "",
+                  f"{summary['central_accuracy']:.3f}", "", "")
+    table.add_row("[bold]chain[/]", "", "", "", "", "", "", summary["chain_final_digest"][:16])
+    console.print(table)
+    rt = Table(title=f"{len(summary['rounds'])} rounds")
+    for col in ("round", "leader", "members", "digest"):
+        rt.add_column(col)
+    for r in summary["rounds"]:
+        leaders = r.get("leaders", [])
+        leader = r.get("leader", "-")
+        if len(leaders) > 1:
+            leader = f"{leader} (after {', '.join(leaders[:-1])} failed)"
+        rt.add_row(str(r["round"]), leader, str(len(r.get("members", []))),
+                   r.get("digest", "")[:12])
+    console.print(rt)
+    verdict = ("[green]every node holds the final model whose digest is on chain[/]"
+               if summary["all_nodes_agree"] else "[red]nodes DISAGREE with the chain[/]")
+    console.print(f"{verdict}  ({summary['seconds']} s)")

@@ -1,0 +1,196 @@
+"""A swarm of real, separate processes on one machine: the demo's engine and the e2e tests' harness.
+
+``LocalSwarm`` starts an anvil dev chain, makes a consortium CA and one certificate per hospital,
+writes each hospital's data shard, deploys the contract with the training spec, authorises the
+hospitals, and then starts node services (`swarmnode run`) and trainers
+(`python -m swarmnode.demo.trainer`) on request, each its own process with its own log file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from swarmnode.chain.accounts import dev_account
+from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.chain.launcher import DevChain
+from swarmnode.demo import model as demo_model
+from swarmnode.demo.data import DemoData, hospital_splits, save_shard
+from swarmnode.errors import NodeError
+from swarmnode.identity import create_ca, describe, issue_node_cert, make_bundle
+from swarmnode.spec import TrainingSpec
+
+__all__ = ["LocalSwarm"]
+
+
+class LocalSwarm:
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: int = 3,
+        *,
+        merge: str = "mean",
+        sync_frequency: int = 4,
+        min_peers: int = 2,
+        grace_s: int = 2,
+        deadline_s: int = 6,
+        seed: int = 0,
+        epochs: int | None = None,
+    ) -> None:
+        self.work = Path(workdir).resolve()
+        self.n = nodes
+        self.merge = merge
+        self.sync_frequency = sync_frequency
+        self.min_peers = min_peers
+        self.grace_s = grace_s
+        self.deadline_s = deadline_s
+        self.seed = seed
+        self.epochs = epochs
+        self.names = [f"hospital-{i + 1}" for i in range(nodes)]
+        self.accounts = [dev_account(i + 1) for i in range(nodes)]
+        self.chain = DevChain()
+        self.nodes: dict[int, subprocess.Popen[bytes]] = {}
+        self.trainers: dict[int, subprocess.Popen[bytes]] = {}
+        self.env = dict(os.environ, GRPC_VERBOSITY="ERROR", PYTHONUNBUFFERED="1")
+        self.data: DemoData
+        self.contract: SwarmContract
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def __enter__(self) -> LocalSwarm:
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        (self.work / "logs").mkdir(parents=True)
+        self.chain.start()
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _setup(self) -> None:
+        certs = self.work / "certs"
+        ca_cert, ca_key = create_ca(certs / "ca", "swarm-demo-ca", org="swarmnode demo consortium")
+        self.trust = certs / "trust.pem"
+        make_bundle([ca_cert], self.trust)
+        self.certs = [
+            issue_node_cert(ca_cert, ca_key, certs / name, name, dns=["localhost"],
+                            ips=["127.0.0.1"])
+            for name in self.names
+        ]
+        self.data = hospital_splits(self.n, seed=self.seed)
+        for i, name in enumerate(self.names):
+            save_shard(self.work / f"{name}.npz", *self.data.hospitals[i])
+        save_shard(self.work / "test.npz", self.data.X_test, self.data.y_test)
+        model = demo_model.make_model(self.data.X_test.shape[1], seed=self.seed)
+        self.spec = TrainingSpec.from_state(
+            model.state_dict(), sync_frequency=self.sync_frequency, min_peers=self.min_peers,
+            merge_method=self.merge,
+        )
+        self.w3 = connect(self.chain.url)
+        self.contract = SwarmContract.deploy(
+            self.w3, dev_account(0), self.spec.to_json(), self.min_peers, self.grace_s,
+            self.deadline_s,
+        )
+        for (cert, _key), acct in zip(self.certs, self.accounts, strict=True):
+            self.contract.authorize(acct.address, describe(cert).fingerprint)
+
+    @property
+    def rpc_url(self) -> str:
+        return self.chain.url
+
+    def log(self, i: int, kind: str) -> Path:
+        return self.work / "logs" / f"{self.names[i]}-{kind}.log"
+
+    def socket(self, i: int) -> str:
+        return f"unix://{self.work / self.names[i] / 'data' / 'node.sock'}"
+
+    def _spawn(self, cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+
+    # -- processes --------------------------------------------------------------------------------
+    def start_node(self, i: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        node_dir = self.work / self.names[i]
+        node_dir.mkdir(exist_ok=True)
+        cfg = {
+            "name": self.names[i], "rpc_url": self.rpc_url, "contract": self.contract.address,
+            "key_index": i + 1, "peer_listen": "127.0.0.1:0", "cert": str(self.certs[i][0]),
+            "key": str(self.certs[i][1]), "trust": str(self.trust),
+            "data_dir": str(node_dir / "data"),
+        }
+        (node_dir / "node.yaml").write_text(yaml.safe_dump(cfg))
+        cmd = [sys.executable, "-m", "swarmnode", "run", "--config", str(node_dir / "node.yaml")]
+        self.nodes[i] = self._spawn(cmd, self.log(i, "node"), {**self.env, **(env or {})})
+        return self.nodes[i]
+
+    def wait_enrolled(self, indices: list[int], timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i in indices:
+                if self.nodes[i].poll() is not None:
+                    raise NodeError(f"node service {self.names[i]} exited "
+                                    f"({self.nodes[i].returncode}): {self.tail(i, 'node')}")
+            if all(self.contract.node(self.accounts[i].address).enrolled for i in indices):
+                return
+            time.sleep(0.1)
+        raise NodeError(f"node services did not enrol within {timeout:.0f} s; see {self.work}/logs")
+
+    def start_trainer(self, i: int, epochs: int | None = None) -> subprocess.Popen[bytes]:
+        name = self.names[i]
+        cmd = [sys.executable, "-m", "swarmnode.demo.trainer", "--name", name,
+               "--shard", str(self.work / f"{name}.npz"), "--test", str(self.work / "test.npz"),
+               "--out", str(self.work / f"{name}.json"), "--local-api", self.socket(i),
+               "--sync-frequency", str(self.sync_frequency), "--min-peers", str(self.min_peers),
+               "--merge", self.merge, "--seed", str(self.seed)]
+        epochs = epochs if epochs is not None else self.epochs
+        if epochs is not None:
+            cmd += ["--epochs", str(epochs)]
+        self.trainers[i] = self._spawn(cmd, self.log(i, "trainer"), self.env)
+        return self.trainers[i]
+
+    def kill_node(self, i: int) -> None:
+        self.nodes[i].kill()
+        self.nodes[i].wait()
+
+    def tail(self, i: int, kind: str, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log(i, kind).read_text().strip().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def result(self, i: int) -> dict[str, Any]:
+        out = self.work / f"{self.names[i]}.json"
+        p = self.trainers.get(i)
+        if p is None or p.returncode != 0 or not out.exists():
+            code = None if p is None else p.returncode
+            raise NodeError(f"trainer {self.names[i]} failed (exit {code}): "
+                            f"{self.tail(i, 'trainer')}; log {self.log(i, 'trainer')}")
+        return json.loads(out.read_text())
+
+    def close(self) -> None:
+        procs = list(self.trainers.values()) + list(self.nodes.values())
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.chain.stop()

@@ -1,0 +1,134 @@
+"""Weighted mean of the nodes' parameters: federated averaging (FedAvg).
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
+Networks from Decentralized Data", AISTATS 2017. https://arxiv.org/abs/1602.05629
+
+``mean(updates)`` returns ``sum(w_i * x_i) / sum(w_i)`` per floating tensor. When every weight is 0,
+every update counts equally (plain average). Non-floating tensors (int buffers, bool masks) take
+the elementwise max (logical or). Floating results keep the input dtype; the sums run in float32
+(float64 for float64 tensors).
+
+The leader must not hold every participant's model at once: :class:`StreamingMean` folds updates
+in as they arrive and keeps one accumulator per tensor, so a merge needs two models in memory (the
+accumulator and the update being added). ``mean`` is that fold over a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from swarmnode.errors import MergeError
+from swarmnode.merge._common import (
+    TensorSpec,
+    check_new_node,
+    check_same,
+    check_weight,
+    compute_dtype,
+    spec_of,
+    who,
+)
+from swarmnode.merge.registry import register
+from swarmnode.types import StateDict, Update
+
+__all__ = ["StreamingMean", "mean"]
+
+
+class StreamingMean:
+    """Weighted mean of updates added one at a time; ``result()`` equals ``mean()`` of them all.
+
+    Memory: one accumulator per tensor. While every weight seen so far is 0 the accumulator holds
+    the unweighted sum (the all-zero-weights fallback); the first positive weight replaces it with
+    the weighted sum, since zero-weight updates add nothing to a weighted mean.
+    """
+
+    def __init__(self, rule: str = "mean") -> None:
+        self._rule = rule
+        self._specs: dict[str, TensorSpec] | None = None
+        self._first = ""
+        self._device = torch.device("cpu")
+        self._acc: StateDict = {}
+        self._total = 0.0
+        self._nodes: list[str] = []
+        self._seen: set[str] = set()
+
+    @property
+    def count(self) -> int:
+        """How many updates were added."""
+        return len(self._nodes)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes whose updates were added, in order of arrival."""
+        return tuple(self._nodes)
+
+    @property
+    def total_weight(self) -> float:
+        """The sum of the weights added so far."""
+        return self._total
+
+    def add(self, update: Update) -> None:
+        """Fold one update in; MergeError (state unchanged) if it does not match the first one."""
+        index = self.count
+        weight = check_weight(update, index, self._rule)
+        specs = spec_of(update, index, self._rule)
+        if self._specs is not None:
+            check_same(specs, self._specs, update, index, self._first, self._rule)
+        check_new_node(update, self._seen, self._rule)
+        if self._specs is None:
+            self._specs = specs
+            self._first = who(update, index)
+            tensors = list(update.state.values())
+            self._device = tensors[0].device if tensors else torch.device("cpu")
+        restart = weight > 0 and self._total == 0  # drop the unweighted fallback sum
+        with torch.no_grad():
+            for name, spec in specs.items():
+                x = update.state[name].to(self._device)
+                if not spec.dtype.is_floating_point:
+                    if index == 0:
+                        self._acc[name] = x.clone()
+                    elif spec.dtype == torch.bool:
+                        self._acc[name] = self._acc[name] | x
+                    else:
+                        self._acc[name] = torch.maximum(self._acc[name], x)
+                    continue
+                cdtype = compute_dtype(spec.dtype)
+                if index == 0 or restart:
+                    if weight > 0:
+                        self._acc[name] = x.to(cdtype) * weight
+                    else:
+                        self._acc[name] = x.to(cdtype, copy=True)
+                elif weight > 0:
+                    self._acc[name].add_(x.to(cdtype), alpha=weight)
+                elif self._total == 0:
+                    self._acc[name].add_(x.to(cdtype))
+        self._total += weight
+        self._nodes.append(update.node)
+
+    def result(self) -> StateDict:
+        """The weighted mean of everything added so far (the accumulator is left as it is)."""
+        if self._specs is None:
+            raise MergeError(
+                f"merge '{self._rule}': no updates to merge; at least one node must contribute "
+                "(check min_peers and that the participants reached the leader)"
+            )
+        divisor = self._total if self._total > 0 else float(self.count)
+        out: StateDict = {}
+        with torch.no_grad():
+            for name, spec in self._specs.items():
+                acc = self._acc[name]
+                if spec.dtype.is_floating_point:
+                    out[name] = (acc / divisor).to(spec.dtype)
+                else:
+                    out[name] = acc.clone()
+        return out
+
+
+@register("mean")
+def mean(updates: Sequence[Update]) -> StateDict:
+    """Weighted mean of the updates (equal weights when all weights are 0)."""
+    acc = StreamingMean("mean")
+    for update in updates:
+        acc.add(update)
+    return acc.result()

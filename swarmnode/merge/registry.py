@@ -1,0 +1,85 @@
+"""Merge rules by name: ``register`` adds one, ``get`` looks one up, ``names`` lists them.
+
+A rule is a pure function ``rule(updates: Sequence[Update], **options) -> StateDict``; its options
+are keyword-only parameters with defaults. Names are lower-case; look-ups ignore case and spaces.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from swarmnode.errors import ConfigError
+from swarmnode.types import StateDict
+
+__all__ = ["MergeRule", "check_options", "get", "names", "options_of", "register"]
+
+MergeRule = Callable[..., StateDict]
+
+_RULES: dict[str, MergeRule] = {}
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower()
+
+
+def register(name: str) -> Callable[[MergeRule], MergeRule]:
+    """Decorator: register ``rule`` under ``name`` (lower-case); ConfigError if already taken."""
+    key = _normalise(name)
+    if not key or key != name:
+        raise ConfigError(f"merge rule name {name!r} must be a non-empty lower-case word")
+
+    def decorator(rule: MergeRule) -> MergeRule:
+        if key in _RULES and _RULES[key] is not rule:
+            raise ConfigError(
+                f"merge rule '{key}' is already registered (by {_RULES[key].__module__}); "
+                "pick another name"
+            )
+        _RULES[key] = rule
+        return rule
+
+    return decorator
+
+
+def names() -> list[str]:
+    """The registered rule names, sorted."""
+    return sorted(_RULES)
+
+
+def get(name: str) -> MergeRule:
+    """The rule called ``name``; ConfigError with a "did you mean" and the known rules otherwise."""
+    key = _normalise(str(name))
+    if key in _RULES:
+        return _RULES[key]
+    close = difflib.get_close_matches(key, names(), n=1, cutoff=0.5)
+    hint = f"Did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(
+        f"unknown merge rule {name!r}. {hint}Known rules: {', '.join(names())}. "
+        "Set merge_method to one of them."
+    )
+
+
+def options_of(rule: MergeRule) -> dict[str, Any]:
+    """A rule's options and their defaults (its keyword-only parameters)."""
+    return {
+        p.name: p.default
+        for p in inspect.signature(rule).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """ConfigError naming the option (with a "did you mean") if rule ``name`` does not take it."""
+    known = options_of(get(name))
+    for option in options:
+        if option in known:
+            continue
+        close = difflib.get_close_matches(option, list(known), n=1, cutoff=0.5)
+        hint = f"Did you mean '{close[0]}'? " if close else ""
+        listed = ", ".join(sorted(known)) if known else "none"
+        raise ConfigError(
+            f"merge rule '{_normalise(name)}' has no option '{option}'. {hint}"
+            f"Its options: {listed}. Fix merge_options in the training settings."
+        )

@@ -1,0 +1,78 @@
+"""The leader's side of one round: updates folded in as they arrive, then merged once.
+
+For ``mean`` the updates are folded into a running weighted sum as they arrive (two models in
+memory, whatever the number of nodes); robust rules need every update at once and keep them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+from swarmnode import merge
+from swarmnode.errors import MergeError, PayloadRejected
+from swarmnode.types import StateDict, Update
+
+__all__ = ["Collector", "Collectors"]
+
+
+class Collector:
+    def __init__(self, round: int, attempt: int, method: str, options: Mapping[str, float]) -> None:
+        self.round = round
+        self.attempt = attempt
+        self.method = method
+        self.options = dict(options)
+        self._lock = threading.Lock()
+        self._senders: dict[str, float] = {}
+        self._stream = merge.StreamingMean() if method == "mean" else None
+        self._updates: list[Update] = []
+
+    def add(self, update: Update) -> None:
+        """Fold one participant's update in; a second one from the same sender is a replay."""
+        with self._lock:
+            if update.node in self._senders:
+                raise PayloadRejected(
+                    f"round {self.round}: {update.node} already sent its update; "
+                    "a replayed or duplicate update is refused"
+                )
+            self._senders[update.node] = update.weight
+            if self._stream is not None:
+                self._stream.add(update)
+            else:
+                self._updates.append(update)
+
+    @property
+    def senders(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._senders)
+
+    @property
+    def total_weight(self) -> float:
+        with self._lock:
+            return sum(self._senders.values())
+
+    def result(self) -> StateDict:
+        with self._lock:
+            if not self._senders:
+                raise MergeError(f"round {self.round}: no update arrived to merge")
+            if self._stream is not None:
+                return self._stream.result()
+            return merge.merge(self.method, self._updates, **self.options)
+
+
+class Collectors:
+    """One collector per (round, attempt): a re-elected leader starts afresh."""
+
+    def __init__(self, method: str, options: Mapping[str, float]) -> None:
+        self.method = method
+        self.options = dict(options)
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple[int, int], Collector] = {}
+
+    def get(self, round: int, attempt: int) -> Collector:
+        with self._lock:
+            key = (round, attempt)
+            if key not in self._by_key:
+                self._by_key = {k: v for k, v in self._by_key.items() if k[0] >= round - 1}
+                self._by_key[key] = Collector(round, attempt, self.method, self.options)
+            return self._by_key[key]

@@ -1,0 +1,275 @@
+"""Runs one round for this node: feeds chain observations to the RoundMachine and does its I/O."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from swarmnode.chain.client import RoundInfo, RoundStatus, SwarmContract
+from swarmnode.errors import (
+    ChainError,
+    ContractReverted,
+    PayloadRejected,
+    RoundError,
+    RoundTimeout,
+    SwarmError,
+    TransportError,
+)
+from swarmnode.node.collector import Collectors
+from swarmnode.node.machine import (
+    CheckIn,
+    Done,
+    Elect,
+    Merge,
+    Observation,
+    Pull,
+    Push,
+    Reelect,
+    RoundMachine,
+    Timing,
+    Wait,
+)
+from swarmnode.node.peers import PeerPool
+from swarmnode.node.store import ModelStore, StoredModel
+from swarmnode.transport import serde
+from swarmnode.types import StateDict, Update
+
+__all__ = ["RoundDriver", "RoundOutcome"]
+
+log = logging.getLogger("swarmnode.node")
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round: int
+    leader: str | None
+    digest: bytes | None
+    data: bytes | None  # the merged model's canonical bytes (None if abandoned)
+    abandoned: bool
+    contributed: bool
+    seconds: float
+
+
+class RoundDriver:
+    def __init__(
+        self,
+        me: str,
+        chain: SwarmContract,
+        pool: PeerPool,
+        store: ModelStore,
+        collectors: Collectors,
+        timing: Timing,
+        spec: serde.ParamSpec | None,
+        *,
+        max_bytes: int,
+        round_timeout_s: float,
+        transfer_timeout_s: float = 120.0,
+    ) -> None:
+        self.me = me
+        self.chain = chain
+        self.pool = pool
+        self.store = store
+        self.collectors = collectors
+        self.timing = timing
+        self.spec = spec
+        self.max_bytes = max_bytes
+        self.round_timeout_s = round_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self._weights: dict[tuple[int, str], int] = {}
+        # Fault injection for the failure tests: "ROUND:ATTEMPT" makes this node, as that round's
+        # leader at that attempt, hang before it commits (HPE's "stuck at Merging...").
+        stall = os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "")
+        self._stall = tuple(int(x) for x in stall.split(":")) if stall else None
+
+    # -- observation helpers ----------------------------------------------------------------------
+    def weight_of(self, round: int, node: str) -> int:
+        key = (round, node)
+        if key not in self._weights:
+            w = self.chain.checkin_weight(round, node)
+            if w is None:
+                return -1
+            self._weights[key] = w
+        return self._weights[key]
+
+    def _collected(self, info: RoundInfo) -> frozenset[str]:
+        got = set(self.collectors.get(info.round, info.attempt).senders)
+        got.update(p for p in info.participants if self.weight_of(info.round, p) == 0)
+        return frozenset(got)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run_round(
+        self, round: int, state: StateDict, payload: bytes, weight: int, *, contribute: bool = True
+    ) -> RoundOutcome:
+        """Take part in ``round`` with ``state`` (canonical bytes ``payload``) and ``weight``.
+
+        Returns once this node holds the round's merged model, verified against the chain's digest,
+        or the round was abandoned. ``contribute=False``: only take the merged model.
+        """
+        machine = RoundMachine(self.me, round, weight, self.timing, contribute=contribute)
+        started = time.monotonic()
+        seeded: set[int] = set()
+        while True:
+            if time.monotonic() - started > self.round_timeout_s:
+                raise RoundTimeout(
+                    f"round {round} did not complete within {self.round_timeout_s:.0f} s "
+                    f"(stage {machine.stage.value}); check the other nodes' logs and `swarmnode status`"
+                )
+            info = self.chain.round(round)
+            collected: frozenset[str] = frozenset()
+            if info.status is RoundStatus.ELECTED and info.leader == self.me:
+                if info.attempt not in seeded and self.me in info.participants:
+                    self._seed_own(info, state, weight)
+                    seeded.add(info.attempt)
+                collected = self._collected(info)
+            action = machine.decide(Observation(time.time(), info, collected))
+            if isinstance(action, Wait):
+                time.sleep(action.seconds)
+            elif isinstance(action, CheckIn):
+                self._checkin(machine, action)
+            elif isinstance(action, Elect):
+                self._quiet(lambda: self.chain.elect(round), f"elect round {round}")
+            elif isinstance(action, Push):
+                self._push(machine, action, payload, weight)
+            elif isinstance(action, Merge):
+                self._merge(machine, action, info)
+            elif isinstance(action, Reelect):
+                log.warning(
+                    "round %d: leader %s missed the deadline; asking the contract to re-elect",
+                    round, action.leader,
+                )
+                self.pool.drop(action.leader)
+                self._quiet(lambda: self.chain.reelect(round), f"reelect round {round}")
+            elif isinstance(action, Pull):
+                self._pull(machine, action)
+            elif isinstance(action, Done):
+                stored = self.store.get(round)
+                return RoundOutcome(
+                    round=round,
+                    leader=info.leader,
+                    digest=None if action.abandoned else info.digest,
+                    data=None if action.abandoned or stored is None else stored.data,
+                    abandoned=action.abandoned,
+                    contributed=machine.checked_in and not machine.late,
+                    seconds=time.monotonic() - started,
+                )
+
+    # -- actions ----------------------------------------------------------------------------------
+    def _quiet(self, fn, what: str) -> None:  # type: ignore[no-untyped-def]
+        """Calls that race with other nodes (elect, reelect): a revert just means 'not now'."""
+        try:
+            fn()
+        except ContractReverted as exc:
+            log.debug("%s: %s", what, exc.reason or exc)
+
+    def _checkin(self, machine: RoundMachine, action: CheckIn) -> None:
+        try:
+            self.chain.checkin(action.round, action.weight)
+        except ContractReverted as exc:
+            info = self.chain.round(action.round)
+            if self.me in info.participants:
+                machine.on_checked_in()
+            elif info.status is not RoundStatus.OPEN:
+                log.info("round %d: elected before our check-in; taking the merged model", action.round)
+                machine.on_checkin_too_late()
+            else:
+                raise RoundError(f"round {action.round}: check-in refused: {exc}") from None
+            return
+        machine.on_checked_in()
+        log.info("round %d: checked in with weight %d", action.round, action.weight)
+
+    def _seed_own(self, info: RoundInfo, state: StateDict, weight: int) -> None:
+        log.info("round %d: elected leader (attempt %d)", info.round, info.attempt)
+        try:
+            self.collectors.get(info.round, info.attempt).add(Update(state, float(weight), self.me))
+        except PayloadRejected:
+            pass
+
+    def _push(self, machine: RoundMachine, action: Push, payload: bytes, weight: int) -> None:
+        if weight == 0:  # nothing to add: the leader counts zero-weight participants as in
+            machine.on_pushed(action.attempt)
+            return
+        try:
+            self.pool.client(action.leader).push_update(
+                action.round, weight, payload, timeout=self.transfer_timeout_s
+            )
+        except TransportError as exc:
+            log.warning("round %d: push to leader %s failed: %s", action.round, action.leader, exc)
+            return
+        machine.on_pushed(action.attempt)
+        log.info("round %d: update sent to leader %s", action.round, action.leader)
+
+    def _merge(self, machine: RoundMachine, action: Merge, info: RoundInfo) -> None:
+        if self._stall == (action.round, action.attempt):
+            log.warning("round %d: test fault: hanging before the commit", action.round)
+            threading.Event().wait()
+        collector = self.collectors.get(action.round, action.attempt)
+        if collector.total_weight > 0:
+            merged = collector.result()
+            data = serde.encode(merged)
+            digest = serde.digest(data)
+        else:  # every participant added weight 0: the model stays the latest merged one
+            base = self._latest_committed_before(action.round)
+            if base is None:
+                merged = collector.result()
+                data = serde.encode(merged)
+                digest = serde.digest(data)
+            else:
+                data, digest = base.data, base.digest
+        self.store.put(action.round, digest, data)
+        try:
+            self.chain.commit_merge(action.round, digest, list(action.members))
+        except ContractReverted as exc:
+            log.warning("round %d: commit refused: %s", action.round, exc)
+            return
+        machine.on_merged(action.attempt, digest)
+        log.info(
+            "round %d: merged %d updates, committed %s", action.round, len(action.members),
+            digest.hex()[:12],
+        )
+
+    def _pull(self, machine: RoundMachine, action: Pull) -> None:
+        held = self.store.get(action.round)
+        if held is not None and held.digest == action.digest:
+            machine.on_pulled(action.digest)
+            return
+        errors = []
+        for source in action.sources:
+            try:
+                data = self.pool.client(source).pull_merged(
+                    action.round, timeout=self.transfer_timeout_s
+                )
+                serde.decode(
+                    data, expected_digest=action.digest, spec=self.spec,
+                    max_bytes=self.max_bytes, reject_nonfinite=False,
+                )
+            except SwarmError as exc:
+                errors.append(f"{source}: {exc}")
+                continue
+            self.store.put(action.round, action.digest, data)
+            machine.on_pulled(action.digest)
+            return
+        log.warning("round %d: could not pull the merged model yet: %s", action.round, "; ".join(errors))
+        time.sleep(self.timing.retry_s)
+
+    def _latest_committed_before(self, round: int) -> StoredModel | None:
+        """The newest committed merged model before ``round``, pulled from its members if need be."""
+        for r in range(round - 1, 0, -1):
+            info = self.chain.round(r)
+            if info.status is not RoundStatus.COMMITTED or info.digest is None:
+                continue
+            held = self.store.get(r)
+            if held is not None and held.digest == info.digest:
+                return held
+            latest = self.store.latest()
+            if latest is not None and latest.round == r and latest.digest == info.digest:
+                return latest
+            try:
+                outcome = self.run_round(r, {}, b"", 0, contribute=False)
+            except (ChainError, TransportError, RoundError) as exc:
+                log.warning("round %d: cannot fetch the model of round %d: %s", round, r, exc)
+                return None
+            return self.store.get(outcome.round)
+        return None

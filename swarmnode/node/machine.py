@@ -1,0 +1,244 @@
+"""The round protocol of one node as a state machine, free of I/O.
+
+The node service observes the contract (and, when it leads, which updates have arrived), hands the
+observation to :meth:`RoundMachine.decide`, performs the action it gets back, and reports the
+outcome through the ``on_*`` methods. Unit tests drive the machine with synthetic observations; no
+sockets, no chain. One machine lives for one round of one node::
+
+    CHECKIN -> ELECTION -> PUSH ----------> COMMIT -> PULL -> DONE
+                        \\-> COLLECT (leader) ----------------/
+    (late joiner: COMMIT -> PULL -> DONE;  deadline passed: reelect, back to PUSH/COLLECT)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from swarmnode.chain.client import RoundInfo, RoundStatus
+from swarmnode.errors import RoundError
+
+__all__ = [
+    "Action",
+    "CheckIn",
+    "Done",
+    "Elect",
+    "Merge",
+    "Observation",
+    "Pull",
+    "Push",
+    "Reelect",
+    "RoundMachine",
+    "Stage",
+    "Timing",
+    "Wait",
+]
+
+
+class Stage(Enum):
+    CHECKIN = "checkin"  # the round is open and this node has not checked in yet
+    ELECTION = "election"  # checked in; the contract has not elected a leader yet
+    PUSH = "push"  # a member: its update has to reach the round's leader
+    COLLECT = "collect"  # the leader: waiting for the participants' updates
+    COMMIT = "commit"  # waiting for the merged digest on chain (member or late joiner)
+    PULL = "pull"  # the digest is on chain; fetching the merged model
+    DONE = "done"  # this node holds the round's merged model, or the round was abandoned
+
+
+# -- actions -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckIn:
+    round: int
+    weight: int
+
+
+@dataclass(frozen=True)
+class Elect:
+    round: int
+
+
+@dataclass(frozen=True)
+class Push:
+    round: int
+    leader: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Leader: merge the collected updates and commit the digest with these members."""
+
+    round: int
+    attempt: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reelect:
+    round: int
+    attempt: int
+    leader: str
+
+
+@dataclass(frozen=True)
+class Pull:
+    round: int
+    digest: bytes
+    sources: tuple[str, ...]  # the leader first, then the other participants
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Done:
+    round: int
+    abandoned: bool = False
+
+
+Action = CheckIn | Elect | Push | Merge | Reelect | Pull | Wait | Done
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Protocol timing, in chain seconds. ``collect_s`` < ``deadline_s``: the leader stops waiting
+    for stragglers after ``collect_s`` (if it has a quorum) so it commits before it is re-elected."""
+
+    grace_s: float
+    deadline_s: float
+    collect_s: float
+    min_peers: int
+    poll_s: float = 0.05
+    retry_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class Observation:
+    now: float  # chain time (unix seconds)
+    info: RoundInfo  # the round as the contract holds it
+    collected: frozenset[str] = frozenset()  # leader: participants whose update is in
+
+
+class RoundMachine:
+    """Decides the next step of one node in one round."""
+
+    def __init__(
+        self, me: str, round: int, weight: int, timing: Timing, *, contribute: bool = True
+    ) -> None:
+        self.me = me
+        self.round = round
+        self.weight = weight
+        self.timing = timing
+        self.contribute = contribute
+        self.stage = Stage.CHECKIN if contribute else Stage.COMMIT
+        self.checked_in = False
+        self.late = not contribute
+        self.pushed_attempt: int | None = None
+        self.merged_attempt: int | None = None
+        self.merged_digest: bytes | None = None
+        self._last_try: dict[str, float] = {}
+
+    # -- the decision ----------------------------------------------------------------------------
+    def decide(self, obs: Observation) -> Action:
+        info = obs.info
+        if info.round != self.round:
+            raise RoundError(f"observation of round {info.round} given to the round-{self.round} machine")
+        if info.status is RoundStatus.ABANDONED:
+            self.stage = Stage.DONE
+            return Done(self.round, abandoned=True)
+        if info.status is RoundStatus.COMMITTED:
+            return self._committed(info)
+        if info.status is RoundStatus.OPEN:
+            return self._open(obs)
+        return self._elected(obs)
+
+    def _committed(self, info: RoundInfo) -> Action:
+        assert info.digest is not None
+        if self.merged_digest == info.digest:
+            self.stage = Stage.DONE
+            return Done(self.round)
+        self.stage = Stage.PULL
+        leader = info.leader or ""
+        others = tuple(p for p in info.participants if p not in (leader, self.me))
+        return Pull(self.round, info.digest, ((leader,) if leader else ()) + others)
+
+    def _open(self, obs: Observation) -> Action:
+        info, t = obs.info, self.timing
+        if self.me in info.participants:
+            self.checked_in = True
+        if not self.checked_in and not self.late:
+            self.stage = Stage.CHECKIN
+            return CheckIn(self.round, self.weight)
+        self.stage = Stage.ELECTION if self.checked_in else Stage.COMMIT
+        if self.checked_in and len(info.participants) >= t.min_peers and info.first_checkin_at:
+            ready_at = info.first_checkin_at + t.grace_s
+            if obs.now >= ready_at:
+                if self._may_try("elect", obs.now):
+                    return Elect(self.round)
+            else:
+                return Wait(min(max(ready_at - obs.now, t.poll_s), 1.0), "grace period")
+        return Wait(t.poll_s, "waiting for the election")
+
+    def _elected(self, obs: Observation) -> Action:
+        info, t = obs.info, self.timing
+        if self.me not in info.participants:
+            self.late = True
+            self.stage = Stage.COMMIT
+            return Wait(t.poll_s, "late: waiting for the merged model")
+        self.checked_in = True
+        leader, attempt = info.leader or "", info.attempt
+        if leader == self.me:
+            if self.merged_attempt == attempt:
+                self.stage = Stage.COMMIT
+                return Wait(t.poll_s, "commit sent")
+            self.stage = Stage.COLLECT
+            members = frozenset(info.participants) & (obs.collected | {self.me})
+            everyone = len(members) == len(info.participants)
+            quorum = min(t.min_peers, len(info.participants))
+            late = obs.now >= info.elected_at + t.collect_s
+            if everyone or (late and len(members) >= quorum):
+                return Merge(self.round, attempt, tuple(sorted(members)))
+            return Wait(t.poll_s, f"collecting updates ({len(members)}/{len(info.participants)})")
+        if obs.now >= info.elected_at + t.deadline_s and self._may_try(f"reelect{attempt}", obs.now):
+            return Reelect(self.round, attempt, leader)
+        if self.pushed_attempt != attempt:
+            self.stage = Stage.PUSH
+            if self._may_try(f"push{attempt}", obs.now):
+                return Push(self.round, leader, attempt)
+            return Wait(t.poll_s, "retrying the push soon")
+        self.stage = Stage.COMMIT
+        return Wait(t.poll_s, "waiting for the leader's commit")
+
+    def _may_try(self, key: str, now: float) -> bool:
+        """Rate-limit actions that may fail and be retried (elect, push, reelect)."""
+        last = self._last_try.get(key)
+        if last is not None and now - last < self.timing.retry_s:
+            return False
+        self._last_try[key] = now
+        return True
+
+    # -- outcomes reported by the service ---------------------------------------------------------
+    def on_checked_in(self) -> None:
+        self.checked_in = True
+        self.stage = Stage.ELECTION
+
+    def on_checkin_too_late(self) -> None:
+        """The round was elected before our check-in landed: take the merged model, add nothing."""
+        self.late = True
+        self.stage = Stage.COMMIT
+
+    def on_pushed(self, attempt: int) -> None:
+        self.pushed_attempt = attempt
+        self.stage = Stage.COMMIT
+
+    def on_merged(self, attempt: int, digest: bytes) -> None:
+        self.merged_attempt = attempt
+        self.merged_digest = digest
+        self.stage = Stage.COMMIT
+
+    def on_pulled(self, digest: bytes) -> None:
+        self.merged_digest = digest
+        self.stage = Stage.DONE

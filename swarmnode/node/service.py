@@ -1,0 +1,316 @@
+"""`swarmnode run`: the node service of one site.
+
+It enrols the node if needed, serves the peer API (mTLS, to the other sites) and the local API (to
+its own trainer), and runs rounds for the trainer through :class:`RoundDriver`. Threads: gRPC's
+worker pools serve both APIs; a trainer's ``sync`` call runs its round on the calling worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from swarmnode import merge
+from swarmnode.chain.accounts import account_for
+from swarmnode.chain.client import RoundStatus, SwarmContract, connect
+from swarmnode.config import NodeConfig
+from swarmnode.errors import ConfigError, IdentityError, NodeError, PayloadRejected, RoundError
+from swarmnode.identity import TlsFiles, describe
+from swarmnode.node.collector import Collectors
+from swarmnode.node.driver import RoundDriver, RoundOutcome
+from swarmnode.node.machine import Timing
+from swarmnode.node.peers import ChainAuthority, PeerPool
+from swarmnode.node.store import ModelStore
+from swarmnode.spec import TrainingSpec
+from swarmnode.transport import serde
+from swarmnode.transport.local import LocalServer
+from swarmnode.transport.peer import PeerServer
+from swarmnode.types import StateDict, Update
+
+__all__ = ["END_POLICIES", "NodeService"]
+
+log = logging.getLogger("swarmnode.node")
+
+END_POLICIES = ("inactive", "snapshot", "active")
+
+
+@dataclass
+class _Progress:
+    stage: str = "starting"
+    round: int = 0
+    rounds_done: int = 0
+    last_digest: str = ""
+    finished: bool = False
+
+
+class NodeService:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.tls = TlsFiles(cert=config.cert, key=config.key, trust=config.trust)
+        self.tls.load()  # fails early, naming the file, on a missing or mismatched key
+        w3 = connect(config.rpc_url)
+        account = account_for(
+            w3,
+            key_index=config.key_index,
+            keystore=config.keystore,
+            password_file=config.keystore_password_file,
+        )
+        self.chain = SwarmContract(w3, config.contract, account)
+        self.me = self.chain.account_address
+        self.settings = self.chain.settings()
+        self.spec = TrainingSpec.from_json(self.chain.spec_json(), "the contract's training spec")
+        self.param_spec = serde.ParamSpec(
+            {name: (p.shape, p.dtype) for name, p in self.spec.params.items()}
+        )
+        merge.get(self.spec.merge_method)  # unknown rule: fail now, not in round 1
+        self.max_bytes = int(config.max_update_mb * 1024 * 1024)
+        self.store = ModelStore(config.data_dir)
+        self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options)
+        self.authority = ChainAuthority(self.chain)
+        self.pool = PeerPool(self.chain, self.me, self.tls, self.authority)
+        deadline = float(self.settings.deadline_s)
+        self.timing = Timing(
+            grace_s=float(self.settings.grace_s),
+            deadline_s=deadline,
+            collect_s=deadline * config.collect_fraction,
+            min_peers=self.settings.min_peers,
+            poll_s=config.poll_s,
+        )
+        self.driver = RoundDriver(
+            self.me, self.chain, self.pool, self.store, self.collectors, self.timing,
+            self.param_spec, max_bytes=self.max_bytes, round_timeout_s=config.round_timeout_s,
+        )
+        self.progress = _Progress()
+        self._round_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.peer_server: PeerServer | None = None
+        self.local_server: LocalServer | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.peer_server = PeerServer(
+            self.config.peer_listen, self.tls, self.authority, self,
+            spec=self.param_spec, max_bytes=self.max_bytes,
+            reject_nonfinite=self.config.reject_nonfinite,
+        )
+        port = self.peer_server.start()
+        self._enroll(port)
+        self.local_server = LocalServer(self.config.local_target, _LocalApi(self), tls=None)
+        self.local_server.start()
+        self.progress.stage = "ready"
+        log.info(
+            "node %s (%s) ready: peer API on port %d, local API at %s",
+            self.config.name, self.me, port, self.config.local_target,
+        )
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.local_server:
+            self.local_server.stop()
+        if self.peer_server:
+            self.peer_server.stop(grace=1.0)
+        self.pool.close()
+
+    def serve_forever(self) -> None:
+        self._stopped.wait()
+
+    def _enroll(self, port: int) -> None:
+        info = self.chain.node(self.me)
+        ours = describe(self.config.cert).fingerprint
+        if not info.authorized or info.revoked:
+            state = "was revoked" if info.revoked else "is not authorised"
+            raise IdentityError(
+                f"address {self.me} {state} on contract {self.chain.address}; ask the swarm admin "
+                f"to run `swarmnode authorize {self.me} --cert {self.config.cert}`"
+            )
+        if info.fingerprint != ours:
+            raise IdentityError(
+                f"the contract holds certificate fingerprint {info.fingerprint.hex()[:16]}... for "
+                f"{self.me}, but {self.config.cert} has {ours.hex()[:16]}...; use the certificate "
+                "that was authorised, or ask the admin to authorise this one"
+            )
+        endpoint = self.config.endpoint
+        host, _, cfg_port = endpoint.rpartition(":")
+        if cfg_port == "0":
+            endpoint = f"{host}:{port}"
+        if not info.enrolled:
+            self.chain.enroll(endpoint)
+            log.info("enrolled %s at %s", self.me, endpoint)
+        elif info.endpoint != endpoint:
+            self.chain.update_endpoint(endpoint)
+            log.info("updated endpoint of %s to %s", self.me, endpoint)
+
+    # -- PeerHandler ------------------------------------------------------------------------------
+    def accept_update(
+        self, round: int, sender: str, weight: int, state: StateDict, digest: bytes
+    ) -> None:
+        info = self.chain.round(round)
+        if info.status is not RoundStatus.ELECTED or info.leader != self.me:
+            raise RoundError(
+                f"round {round}: this node is not the round's leader "
+                f"(status {info.status.name.lower()}, leader {info.leader}); push to the leader "
+                "the contract elected"
+            )
+        on_chain = self.driver.weight_of(round, sender)
+        if on_chain != weight:
+            raise PayloadRejected(
+                f"round {round}: {sender} sent weight {weight} but checked in with {on_chain}"
+            )
+        self.collectors.get(round, info.attempt).add(Update(state, float(weight), sender))
+        log.info("round %d: update from %s (weight %d)", round, sender, weight)
+
+    def merged(self, round: int, timeout: float) -> bytes | None:
+        held = self.store.wait(round, timeout)
+        return held.data if held is not None else None
+
+    def health(self) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "address": self.me, "name": self.config.name, "stage": p.stage, "round": p.round,
+            "rounds_done": p.rounds_done, "finished": p.finished,
+        }
+
+    # -- what the trainer asks for ----------------------------------------------------------------
+    def hello(self, trainer_spec: TrainingSpec) -> tuple[dict[str, Any], bytes | None]:
+        self.spec.require_same(trainer_spec, who=f"the trainer of node {self.config.name}")
+        latest = self.latest_merged()
+        info = {
+            "address": self.me, "name": self.config.name,
+            "current_round": self.chain.current_round(),
+            "latest_round": latest.round if latest else 0,
+            "digest": latest.digest.hex() if latest else "",
+            "training_finished": self.chain.training_finished(),
+        }
+        return info, latest.data if latest else None
+
+    def latest_merged(self):  # type: ignore[no-untyped-def]
+        """The newest committed merged model, fetched from its members if this node lacks it."""
+        current = self.chain.current_round()
+        for r in range(current - 1, 0, -1):
+            info = self.chain.round(r)
+            if info.status is RoundStatus.COMMITTED:
+                held = self.store.get(r) or self.store.latest()
+                if held is not None and held.round == r and held.digest == info.digest:
+                    return held
+                outcome = self.driver.run_round(r, {}, b"", 0, contribute=False)
+                return self.store.get(outcome.round)
+        return None
+
+    def sync(
+        self, payload: bytes, weight: int, loss: float | None, metric: float | None
+    ) -> RoundOutcome:
+        state = self._decode_own(payload)
+        with self._round_lock:
+            if self.chain.training_finished():
+                raise RoundError("the swarm's training is over; load the final model instead")
+            r = self.chain.current_round()
+            self.progress.stage, self.progress.round = "round", r
+            outcome = self.driver.run_round(r, state, payload, weight)
+            self._after_round(outcome, loss, metric)
+            return outcome
+
+    def finish(self, payload: bytes, weight: int, policy: str) -> RoundOutcome:
+        """The trainer is done: take part per ``policy`` until the final round, return its model."""
+        if policy not in END_POLICIES:
+            raise ConfigError(
+                f"unknown on_train_end policy {policy!r}; choose one of {', '.join(END_POLICIES)}"
+            )
+        own = self._decode_own(payload)
+        with self._round_lock:
+            if not self.chain.node(self.me).finished and not self.chain.training_finished():
+                self.chain.finish()
+                log.info("trainer finished; policy %s until the final round", policy)
+            self.progress.stage = "finished-waiting"
+            state, data = own, payload
+            while not self.chain.training_finished():
+                r = self.chain.current_round()
+                final = self.chain.final_round()
+                if final == r or policy != "inactive":
+                    w = 0 if policy == "inactive" else weight
+                    if policy == "inactive":
+                        latest = self.store.latest()
+                        if latest is not None:
+                            data = latest.data
+                            state = serde.decode(data, expected_digest=None, spec=self.param_spec,
+                                                 max_bytes=self.max_bytes, reject_nonfinite=False)
+                    self.progress.round = r
+                    outcome = self.driver.run_round(r, state, data, w)
+                    self._after_round(outcome, None, None)
+                    if policy == "active" and outcome.data is not None:
+                        data = outcome.data
+                        state = serde.decode(data, expected_digest=None, spec=self.param_spec,
+                                             max_bytes=self.max_bytes, reject_nonfinite=False)
+                else:
+                    self.chain.wait_for(
+                        lambda r=r: True if (self.chain.current_round() != r
+                                             or self.chain.final_round() == r) else None,
+                        timeout=self.config.round_timeout_s, what=f"round {r} to end",
+                        poll=max(self.config.poll_s, 0.1),
+                    )
+            final_round = self.chain.current_round() - 1
+            info = self.chain.round(final_round)
+            held = self.store.get(final_round)
+            if held is None or held.digest != info.digest:
+                self.driver.run_round(final_round, {}, b"", 0, contribute=False)
+                held = self.store.get(final_round)
+            if held is None:
+                raise NodeError(f"could not obtain the final model of round {final_round}")
+            self.progress.stage, self.progress.finished = "done", True
+            self.progress.last_digest = held.digest.hex()
+            log.info("training finished: final model of round %d, digest %s", final_round,
+                     held.digest.hex()[:12])
+            return RoundOutcome(final_round, info.leader, held.digest, held.data, False, True, 0.0)
+
+    def _decode_own(self, payload: bytes) -> StateDict:
+        return serde.decode(
+            payload, expected_digest=None, spec=self.param_spec, max_bytes=self.max_bytes,
+            reject_nonfinite=self.config.reject_nonfinite,
+        )
+
+    def _after_round(self, outcome: RoundOutcome, loss: float | None, metric: float | None) -> None:
+        self.progress.rounds_done += 1
+        self.progress.stage = "idle"
+        if outcome.digest:
+            self.progress.last_digest = outcome.digest.hex()
+        if loss is not None or metric is not None:
+            try:
+                self.chain.report_metrics(outcome.round, loss or 0.0, metric or 0.0)
+            except Exception as exc:  # metrics are an audit nicety: never fail a round on them
+                log.warning("round %d: could not report metrics: %s", outcome.round, exc)
+
+
+class _LocalApi:
+    """LocalHandler: the methods a trainer's SwarmCallback calls on its node service."""
+
+    def __init__(self, node: NodeService) -> None:
+        self.node = node
+
+    def call(self, method: str, args: dict[str, Any], payload: bytes | None):  # type: ignore[no-untyped-def]
+        if method == "hello":
+            spec = TrainingSpec.from_json(str(args.get("spec", "")), "the trainer's settings")
+            return self.node.hello(spec)
+        if method == "status":
+            return self.node.health(), None
+        if method in ("sync", "finish"):
+            if payload is None:
+                raise PayloadRejected(f"{method}: the trainer sent no parameters")
+            weight = int(args.get("weight", 0))
+            if weight < 0:
+                raise ConfigError(f"{method}: weight must be >= 0, got {weight}")
+            t0 = time.monotonic()
+            if method == "sync":
+                outcome = self.node.sync(payload, weight, args.get("loss"), args.get("metric"))
+            else:
+                outcome = self.node.finish(payload, weight, str(args.get("policy", "inactive")))
+            reply = {
+                "round": outcome.round, "leader": outcome.leader,
+                "digest": outcome.digest.hex() if outcome.digest else "",
+                "abandoned": outcome.abandoned, "contributed": outcome.contributed,
+                "seconds": time.monotonic() - t0,
+                "training_finished": self.node.chain.training_finished(),
+            }
+            return reply, outcome.data if outcome.data is not None else payload
+        raise NodeError(f"unknown local API method {method!r} (hello, sync, finish, status)")

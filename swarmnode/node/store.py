@@ -1,0 +1,87 @@
+"""Merged models this node holds, by round; the latest one survives a restart on disk.
+
+Bytes are the canonical safetensors bytes whose SHA-256 is the digest committed on chain, so what is
+served to peers is exactly what was verified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ModelStore", "StoredModel"]
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    round: int
+    digest: bytes
+    data: bytes
+
+
+class ModelStore:
+    """Thread-safe; keeps the last ``keep`` rounds in memory and the latest on disk."""
+
+    def __init__(self, data_dir: Path, keep: int = 4) -> None:
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+        self._models: dict[int, StoredModel] = {}
+        self._cond = threading.Condition()
+        self._load_latest()
+
+    @property
+    def _meta_path(self) -> Path:
+        return self.dir / "latest.json"
+
+    @property
+    def _data_path(self) -> Path:
+        return self.dir / "latest.safetensors"
+
+    def _load_latest(self) -> None:
+        import hashlib
+
+        try:
+            meta = json.loads(self._meta_path.read_text())
+            data = self._data_path.read_bytes()
+        except (OSError, ValueError):
+            return
+        digest = bytes.fromhex(meta.get("digest", ""))
+        if hashlib.sha256(data).digest() == digest:  # a torn write is ignored, not trusted
+            self._models[int(meta["round"])] = StoredModel(int(meta["round"]), digest, data)
+
+    def put(self, round: int, digest: bytes, data: bytes) -> None:
+        model = StoredModel(round, digest, data)
+        with self._cond:
+            self._models[round] = model
+            for old in sorted(self._models)[: -self.keep]:
+                del self._models[old]
+            is_latest = round == max(self._models)
+            self._cond.notify_all()
+        if is_latest:
+            self._write_latest(model)
+
+    def _write_latest(self, model: StoredModel) -> None:
+        tmp = self._data_path.with_suffix(".tmp")
+        tmp.write_bytes(model.data)
+        os.replace(tmp, self._data_path)
+        meta = {"round": model.round, "digest": model.digest.hex()}
+        tmp = self._meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, self._meta_path)
+
+    def get(self, round: int) -> StoredModel | None:
+        with self._cond:
+            return self._models.get(round)
+
+    def wait(self, round: int, timeout: float) -> StoredModel | None:
+        with self._cond:
+            self._cond.wait_for(lambda: round in self._models, timeout=timeout)
+            return self._models.get(round)
+
+    def latest(self) -> StoredModel | None:
+        with self._cond:
+            return self._models[max(self._models)] if self._models else None

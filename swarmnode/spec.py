@@ -1,0 +1,134 @@
+"""The training spec: the settings every node of one swarm must share.
+
+The spec is canonical JSON (sorted keys, no whitespace); its SHA-256 is pinned in the contract at
+deployment and the full JSON is published in the contract's ``SpecPublished`` event, so any node can
+read the swarm's spec from the chain and compare its own settings field by field. A node whose
+settings differ is refused with a :class:`SpecMismatch` that names the differing setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from swarmnode.errors import ConfigError, SpecMismatch
+
+__all__ = ["TensorSpec", "TrainingSpec", "dtype_name"]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Settings pinned on chain. ``params`` maps each parameter name to its shape and dtype."""
+
+    sync_frequency: int
+    min_peers: int
+    merge_method: str
+    params: Mapping[str, TensorSpec] = field(default_factory=dict)
+    merge_options: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, torch.Tensor],
+        *,
+        sync_frequency: int,
+        min_peers: int,
+        merge_method: str,
+        merge_options: Mapping[str, float] | None = None,
+    ) -> TrainingSpec:
+        params = {
+            name: TensorSpec(tuple(int(d) for d in t.shape), dtype_name(t.dtype))
+            for name, t in state.items()
+        }
+        return cls(sync_frequency, min_peers, merge_method, params, dict(merge_options or {}))
+
+    # -- canonical form ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "swarmnode-spec/1",
+            "sync_frequency": self.sync_frequency,
+            "min_peers": self.min_peers,
+            "merge_method": self.merge_method,
+            "merge_options": dict(sorted(self.merge_options.items())),
+            "params": {
+                name: {"shape": list(p.shape), "dtype": p.dtype}
+                for name, p in sorted(self.params.items())
+            },
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.to_json().encode()).digest()
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "spec") -> TrainingSpec:
+        try:
+            raw = json.loads(text)
+            if raw.get("format") != "swarmnode-spec/1":
+                raise ValueError(f"unknown format {raw.get('format')!r}")
+            params = {
+                name: TensorSpec(tuple(int(d) for d in p["shape"]), str(p["dtype"]))
+                for name, p in raw["params"].items()
+            }
+            return cls(
+                sync_frequency=int(raw["sync_frequency"]),
+                min_peers=int(raw["min_peers"]),
+                merge_method=str(raw["merge_method"]),
+                params=params,
+                merge_options={k: float(v) for k, v in raw.get("merge_options", {}).items()},
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(
+                f"{source} is not a valid swarmnode training spec ({exc}); "
+                "write one with `swarmnode spec` or TrainingSpec.to_json()"
+            ) from None
+
+    # -- comparison -------------------------------------------------------------------------------
+    def differences(self, other: TrainingSpec) -> list[tuple[str, Any, Any]]:
+        """(setting, swarm's value, other's value) for every setting where ``other`` differs."""
+        diffs: list[tuple[str, Any, Any]] = []
+        for name in ("sync_frequency", "min_peers", "merge_method"):
+            if getattr(self, name) != getattr(other, name):
+                diffs.append((name, getattr(self, name), getattr(other, name)))
+        if dict(self.merge_options) != dict(other.merge_options):
+            diffs.append(("merge_options", dict(self.merge_options), dict(other.merge_options)))
+        for name in sorted(set(self.params) | set(other.params)):
+            ours, theirs = self.params.get(name), other.params.get(name)
+            if ours is None or theirs is None:
+                where = "missing from the swarm's spec" if ours is None else "missing in the model"
+                diffs.append((f"params[{name}]", ours, f"{theirs} ({where})"))
+            elif ours != theirs:
+                diffs.append((f"params[{name}]", ours, theirs))
+        return diffs
+
+    def require_same(self, other: TrainingSpec, who: str = "this trainer") -> None:
+        """Raise SpecMismatch naming the first differing setting (and how many differ)."""
+        diffs = self.differences(other)
+        if not diffs:
+            return
+        setting, swarm, mine = diffs[0]
+        more = f" (and {len(diffs) - 1} more differing settings)" if len(diffs) > 1 else ""
+        raise SpecMismatch(
+            f"{who}'s setting {setting} = {mine!r} differs from the swarm's {swarm!r}{more}; "
+            "use the swarm's settings (see `swarmnode status --format json`, field spec)",
+            setting=setting,
+        )

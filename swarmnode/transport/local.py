@@ -1,0 +1,358 @@
+"""The local API: a training script <-> its own node service.
+
+gRPC over a unix socket by default (``unix:///path/node.sock``; the socket is made mode 0600, in a
+directory created with mode 0700, so only the node's user can call it), or over TCP
+(``host:port``) with mutual TLS. TCP without TLS is refused. Over TCP, any client certificate that
+chains to the ``trust`` file is accepted, so give the local API a trust file that holds only the
+CA issuing the trainer's certificate, not the swarm's bundle.
+
+One generic call, so the node can add methods without changing local.proto: the request is a JSON
+header (method, arguments) plus optional payload bytes; the reply a JSON result plus optional
+bytes. Payloads stream as ~1 MiB chunks both ways with the same size limits as the peer API. A
+:class:`SwarmError` raised by the handler reaches the client as the same class with the same
+message (class name in the trailing metadata). Calls may block for minutes (a whole round), so
+the server has enough worker threads that a ``status`` call is never starved by ``sync`` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from swarmnode.errors import (
+    ConfigError,
+    NodeError,
+    PayloadRejected,
+    PeerRefused,
+    SwarmError,
+    error_class,
+)
+from swarmnode.identity import TlsFiles
+from swarmnode.transport import _wire, serde
+from swarmnode.transport._rpc import (
+    abort,
+    channel_options,
+    dumps,
+    error_from_rpc,
+    host_port,
+    loads,
+    server_options,
+    swarm_error_name,
+)
+from swarmnode.transport.proto import local_pb2 as pb
+from swarmnode.transport.tlscheck import probe
+
+__all__ = ["DEFAULT_MAX_BYTES", "LocalClient", "LocalHandler", "LocalServer"]
+
+log = logging.getLogger("swarmnode.transport.local")
+
+DEFAULT_MAX_BYTES = 4 << 30
+_SERVICE = pb.DESCRIPTOR.services_by_name["Local"].full_name  # swarmnode.local.v1.Local
+_METHOD = f"/{_SERVICE}/Call"
+_UNIX_PATH_MAX = 107
+
+
+class LocalHandler(Protocol):
+    def call(
+        self, method: str, args: dict[str, Any], payload: bytes | None
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """Run ``method``; may block for minutes; raise a SwarmError to fail the call."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Target:
+    grpc: str  # what gRPC binds or dials
+    path: Path | None  # the socket file, for unix targets
+
+
+def _parse(target: str, tls: TlsFiles | None) -> _Target:
+    if target.startswith("unix:"):
+        rest = target.removeprefix("unix:")
+        raw = rest[2:] if rest.startswith("//") else rest
+        if not raw:
+            raise ConfigError(f"local API target {target!r} names no socket path")
+        path = Path(raw).absolute()
+        if len(str(path).encode()) > _UNIX_PATH_MAX:
+            raise ConfigError(
+                f"local API socket path {path} is longer than {_UNIX_PATH_MAX} bytes (a unix "
+                "socket limit); choose a shorter local_api or data_dir"
+            )
+        return _Target(f"unix://{path}", path)
+    host_port(target, "local API target")
+    if tls is None:
+        raise ConfigError(
+            f"the local API over TCP ({target}) needs mutual TLS: pass tls (cert, key, trust), or "
+            "use a unix socket target such as unix:///run/swarm/node.sock"
+        )
+    return _Target(target, None)
+
+
+def _prepare_socket(path: Path, target: str) -> None:
+    """Make the socket's directory (0700 if new) and clear a stale socket file."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise NodeError(f"{path} exists and is not a socket; remove it or choose another local_api")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a leftover of a node that died
+        return
+    finally:
+        probe.close()
+    raise NodeError(
+        f"another process already serves the local API at {target}: is a node service already "
+        "running? Stop it or choose another local_api"
+    )
+
+
+class _Servicer:
+    def __init__(self, owner: LocalServer) -> None:
+        self.o = owner
+
+    def _read(self, frames: Iterator[_wire.Piece]) -> tuple[str, dict[str, Any], bytes | None]:
+        first = next(frames, None)
+        h = _wire.header_of(first) if first is not None else None
+        if h is None or not h.method:
+            raise PayloadRejected("local API call without a header naming the method")
+        args = loads(h.json, f"arguments of {h.method!r}")
+        if not h.has_payload:
+            for piece in frames:
+                if _wire.piece_data(piece) is not None:
+                    raise PayloadRejected(f"{h.method}: payload bytes although has_payload=false")
+            return h.method, args, None
+        assembler = serde.Assembler(h.total_bytes, self.o.max_bytes, f"payload of {h.method!r}")
+        for piece in frames:
+            data = _wire.piece_data(piece)
+            if data is None:
+                raise PayloadRejected(f"{h.method}: a second header in the stream")
+            assembler.add(data)
+        return h.method, args, bytes(assembler.finish().data)
+
+    def Call(self, frames: Iterator[_wire.Piece], context: grpc.ServicerContext):
+        method = "?"
+        try:
+            method, args, payload = self._read(frames)
+            result, out = self.o.handler.call(method, args, payload)
+            header = pb.Header(
+                json=dumps(result, f"the result of {method!r}"), has_payload=out is not None,
+                total_bytes=len(out) if out is not None else 0,
+            )
+        except SwarmError as exc:
+            log.info("local API %s failed: %s: %s", method, type(exc).__name__, exc)
+            abort(context, exc)
+        except grpc.RpcError:  # the trainer went away
+            log.info("local API %s: the caller cancelled", method)
+            raise
+        except Exception as exc:
+            log.exception("local API %s failed", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"node error in {method}: {exc!r}")
+        yield pb.Frame(header=header)
+        if out is not None:
+            yield from serde.chunks(out)
+
+
+class LocalServer:
+    """Serves the local API on a unix socket (or TCP with mutual TLS)."""
+
+    def __init__(
+        self,
+        target: str,
+        handler: LocalHandler,
+        tls: TlsFiles | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        *,
+        workers: int = 32,
+    ) -> None:
+        self.target = _parse(target, tls)
+        self.handler, self.tls, self.max_bytes, self.workers = handler, tls, max_bytes, workers
+        self._creds = None
+        if tls is not None and self.target.path is None:
+            cert, key, trust = tls.load()
+            self._creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=trust, require_client_auth=True
+            )
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """The target a client dials (the real port when bound to port 0)."""
+        if self.target.path is not None:
+            return self.target.grpc
+        host, _ = host_port(self.target.grpc)
+        return f"{host}:{self.port}"
+
+    def start(self) -> int:
+        """Start serving; returns the TCP port (0 for a unix socket)."""
+        server = grpc.server(
+            ThreadPoolExecutor(self.workers, thread_name_prefix="local-api"),
+            options=server_options(),
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, {
+            "Call": grpc.stream_stream_rpc_method_handler(
+                _Servicer(self).Call, request_deserializer=_wire.decoder(pb.Frame),
+                response_serializer=_wire.encode,
+            ),
+        }),))
+        path = self.target.path
+        if path is not None:
+            _prepare_socket(path, self.target.grpc)
+        try:
+            if self._creds is not None:
+                port = server.add_secure_port(self.target.grpc, self._creds)
+            else:
+                port = server.add_insecure_port(self.target.grpc)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise ConfigError(
+                f"cannot serve the local API at {self.target.grpc}: address in use or not "
+                "writable; change local_api"
+            )
+        if path is not None:
+            os.chmod(path, 0o600)
+            port = 0
+        server.start()
+        self._server, self.port = server, port
+        log.info("local API listening at %s", self.address)
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._server is None:
+            return
+        self._server.stop(grace).wait()
+        self._server = None
+        if self.target.path is not None:
+            self.target.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> LocalServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)
+
+
+class LocalClient:
+    """The training script's side of the local API."""
+
+    def __init__(
+        self, target: str, tls: TlsFiles | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
+        self.target = target
+        parsed = _parse(target, tls)
+        self.max_bytes, self._tls, self._parsed = max_bytes, tls, parsed
+        options = channel_options() + [
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if parsed.path is None:
+            assert tls is not None
+            cert, key, trust = tls.load()
+            creds = grpc.ssl_channel_credentials(trust, key, cert)
+            self._channel = grpc.secure_channel(parsed.grpc, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(parsed.grpc, options=options)
+        self._call = self._channel.stream_stream(
+            _METHOD, request_serializer=_wire.encode, response_deserializer=_wire.decoder(pb.Frame)
+        )
+
+    def _not_running(self) -> SwarmError:
+        """NodeError, or over TCP the TLS-level reason if the service refused our certificate."""
+        tls = self._tls
+        if tls is not None and self._parsed.path is None:
+            try:
+                probe(self._parsed.grpc, tls.cert, tls.key, tls.trust, timeout=5.0,
+                      who=f"the node service at {self.target}")
+            except PeerRefused as exc:
+                return exc
+            except SwarmError:
+                pass
+        return NodeError(
+            f"no node service at {self.target}: start it with `swarmnode run --config ...`"
+        )
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the node service answers, or raise NodeError after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise self._not_running() from None
+
+    def call(
+        self,
+        method: str,
+        args: dict[str, Any],
+        payload: bytes | None = None,
+        timeout: float | None = None,
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """Run ``method`` on the node; its SwarmError is raised here as the same class."""
+        header = pb.Header(
+            method=method, json=dumps(args, f"the arguments of {method!r}"),
+            has_payload=payload is not None, total_bytes=len(payload) if payload is not None else 0,
+        )
+
+        def frames() -> Iterator[Any]:
+            yield pb.Frame(header=header)
+            if payload is not None:
+                yield from serde.chunks(payload)
+
+        replies = self._call(frames(), timeout=timeout)
+        try:
+            return self._read(method, replies)
+        except grpc.RpcError as err:
+            raise self._error(method, err, timeout) from None
+        finally:
+            replies.cancel()
+
+    def _read(self, method: str, replies: Iterator[_wire.Piece]) -> tuple[dict, bytes | None]:
+        first = next(replies, None)
+        h = _wire.header_of(first) if first is not None else None
+        if h is None:
+            raise NodeError(f"the node's reply to {method!r} has no header")
+        result = loads(h.json, f"the node's reply to {method!r}")
+        if not h.has_payload:
+            return result, None
+        assembler = serde.Assembler(h.total_bytes, self.max_bytes, f"reply to {method!r}")
+        for piece in replies:
+            data = _wire.piece_data(piece)
+            if data is None:
+                raise NodeError(f"the node's reply to {method!r} has a second header")
+            assembler.add(data)
+        return result, bytes(assembler.finish().data)
+
+    def _error(self, method: str, err: grpc.RpcError, timeout: float | None) -> SwarmError:
+        name = swarm_error_name(err)
+        if name is not None:
+            return error_class(name)(err.details() or name)  # type: ignore[attr-defined]
+        code = err.code()  # type: ignore[attr-defined]
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return self._not_running()
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return NodeError(
+                f"the node service at {self.target} did not answer {method!r} within {timeout} s"
+            )
+        return error_from_rpc(err, f"local API {method!r}")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> LocalClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,440 @@
+"""The peer API: node service <-> node service, gRPC with mutual TLS on every connection.
+
+Identity binding. TLS alone proves only that a certificate comes from a CA in the swarm's trust
+bundle; the contract says which certificate belongs to which chain address. So:
+
+* Server side: the caller names its chain address in the call metadata (``swarm-address``). The
+  server takes the caller's certificate from ``context.auth_context()`` and accepts the call only
+  if its SHA-256 equals ``authority.fingerprint_of(address)`` (an enrolled, non-revoked node), and,
+  for ``PushUpdate``/``PullMerged``, ``authority.is_participant(round, address)``. Refusals are
+  PERMISSION_DENIED (UNAUTHENTICATED when no address is claimed) with the reason, and are logged.
+* Client side: gRPC Python cannot show a client the server's certificate. gRPC itself verifies
+  the server's chain against our trust bundle and its SAN against the endpoint's host on every
+  connection. On top of that, before the first call and again every ``pin_ttl`` seconds or after a
+  connection failure, :func:`swarmnode.transport.tlscheck.probe` does a TLS handshake of its own
+  (same certificate, key and bundle) to the same endpoint and compares the server certificate's
+  SHA-256 with the fingerprint the contract holds for the peer we meant to reach; a mismatch
+  raises :class:`PeerRefused` and nothing is sent. The probe and gRPC's connection are two TCP
+  connections, so an attacker who could switch who answers between them would also need a
+  certificate from a trusted CA whose SAN names the peer's host: the SAN check closes that gap as
+  far as the CAs issue SANs per node.
+
+A TLS handshake that the server refuses (no certificate, a foreign CA, an expired certificate)
+never reaches Python on either side: gRPC reports ``UNAVAILABLE: Socket closed``. The client then
+runs the probe, which names the likely reason; the server's gRPC core logs the handshake error
+(``Handshake failed ... certificate has expired``) when ``GRPC_VERBOSITY`` is ``INFO``.
+
+Payloads stream as ~1 MiB chunks (the first chunk carries round, weight, size and SHA-256) into a
+:class:`swarmnode.transport.serde.Assembler`, which refuses a stream as soon as it passes its
+announced size or the limit, then :mod:`serde` checks digest, header, spec and NaN/Inf before the
+handler sees a tensor. A hostile call ends that call only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import torch
+
+from swarmnode.errors import ConfigError, PayloadRejected, PeerRefused, RoundError, SwarmError
+from swarmnode.identity import TlsFiles, fingerprint
+from swarmnode.transport import _wire, serde
+from swarmnode.transport._rpc import (
+    ADDRESS_KEY,
+    abort,
+    channel_options,
+    error_from_rpc,
+    server_options,
+    swarm_error_name,
+)
+from swarmnode.transport.proto import peer_pb2 as pb
+from swarmnode.transport.tlscheck import probe
+
+__all__ = ["DEFAULT_MAX_BYTES", "PeerAuthority", "PeerClient", "PeerHandler", "PeerServer"]
+
+log = logging.getLogger("swarmnode.transport.peer")
+
+DEFAULT_MAX_BYTES = 4 << 30
+T = TypeVar("T")
+_SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name  # swarmnode.peer.v1.Peer
+
+
+class PeerAuthority(Protocol):
+    """Who a peer is, according to the chain."""
+
+    def fingerprint_of(self, address: str) -> bytes | None:
+        """On-chain certificate fingerprint of an enrolled, non-revoked address, else None."""
+        ...
+
+    def is_participant(self, round: int, address: str) -> bool: ...
+
+
+class PeerHandler(Protocol):
+    """What the node service does with peer calls; raise a SwarmError to refuse."""
+
+    def accept_update(
+        self, round: int, sender: str, weight: int, state: dict[str, torch.Tensor], digest: bytes
+    ) -> None: ...
+
+    def merged(self, round: int, timeout: float) -> bytes | None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+class _Unauthenticated(PeerRefused):
+    """A call that names no chain address (travels as PeerRefused, status UNAUTHENTICATED)."""
+
+
+class _Servicer:
+    def __init__(self, owner: PeerServer) -> None:
+        self.o = owner
+        self._digests: dict[int, tuple[bytes, bytes]] = {}  # round -> (data, sha256), last few
+        self._lock = threading.Lock()
+
+    # -- identity --------------------------------------------------------------------------------
+    def _identify(self, context: grpc.ServicerContext) -> str:
+        """The caller's chain address, once its certificate is the one the chain holds for it."""
+        claimed = next((v for k, v in context.invocation_metadata() if k == ADDRESS_KEY), "")
+        if not claimed or not isinstance(claimed, str):
+            raise _Unauthenticated(
+                f"the call names no chain address (metadata {ADDRESS_KEY!r}); use swarmnode's "
+                "PeerClient"
+            )
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            raise _Unauthenticated("the connection carries no client certificate")
+        got = fingerprint(pems[0])
+        expected = self.o.authority.fingerprint_of(claimed)
+        if expected is None:
+            raise PeerRefused(
+                f"{claimed} is not an enrolled node on chain (never enrolled, or revoked); "
+                "its calls are refused"
+            )
+        if got != expected:
+            raise PeerRefused(
+                f"the client certificate (sha256 {got.hex()[:16]}...) is not the one the contract "
+                f"holds for {claimed} ({expected.hex()[:16]}...): the caller is not that node, or "
+                "its certificate was replaced without re-authorising it"
+            )
+        return claimed
+
+    def _participant(self, round: int, address: str) -> None:
+        if not self.o.authority.is_participant(round, address):
+            raise PeerRefused(f"{address} is not a participant of round {round}")
+
+    def _run(self, context: grpc.ServicerContext, rpc: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except SwarmError as exc:
+            err: SwarmError = exc
+        except grpc.RpcError:  # the caller went away mid-stream
+            log.info("peer API %s from %s: the caller cancelled", rpc, context.peer())
+            raise
+        except Exception as exc:
+            log.exception("peer API %s from %s failed", rpc, context.peer())
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        log.warning("peer API %s from %s refused: %s", rpc, context.peer(), err)
+        if isinstance(err, _Unauthenticated):
+            abort(context, err, grpc.StatusCode.UNAUTHENTICATED)
+        abort(context, err)
+
+    # -- RPCs ------------------------------------------------------------------------------------
+    def PushUpdate(self, request_iterator: Iterator[_wire.Piece], context: grpc.ServicerContext):
+        def body() -> pb.PushReply:
+            sender = self._identify(context)
+            first = next(request_iterator, None)
+            h = _wire.header_of(first) if first is not None else None
+            if h is None:
+                raise PayloadRejected(
+                    f"update from {sender}: the first chunk must carry the header (round, weight, "
+                    "total_bytes, digest)"
+                )
+            self._participant(h.round, sender)
+            what = f"update for round {h.round} from {sender}"
+            if len(h.digest) != 32:
+                raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
+            assembler = serde.Assembler(h.total_bytes, self.o.max_bytes, what)
+            for piece in request_iterator:
+                data = _wire.piece_data(piece)
+                if data is None:
+                    raise PayloadRejected(f"{what}: a second header in the stream")
+                assembler.add(data)
+            received = assembler.finish()
+            try:
+                state = received.decode(
+                    expected_digest=h.digest, spec=self.o.spec,
+                    reject_nonfinite=self.o.reject_nonfinite,
+                )
+            except PayloadRejected as exc:
+                raise PayloadRejected(f"{what}: {exc}") from None
+            self.o.handler.accept_update(h.round, sender, h.weight, state, received.digest)
+            return pb.PushReply(message=f"round {h.round}: update accepted")
+
+        return self._run(context, "PushUpdate", body)
+
+    def PullMerged(self, request: pb.PullRequest, context: grpc.ServicerContext):
+        def body() -> tuple[bytes, bytes]:
+            self._participant(request.round, self._identify(context))
+            wait = max(0.0, min(request.wait_s, 3600.0))
+            data = self.o.handler.merged(request.round, wait)
+            if data is None:
+                raise RoundError(
+                    f"this node does not hold the merged model of round {request.round} (yet); "
+                    "pull it from another member of the round"
+                )
+            return data, self._digest(request.round, data)
+
+        data, digest = self._run(context, "PullMerged", body)
+        header = pb.Header(round=request.round, total_bytes=len(data), digest=digest)
+        yield pb.Chunk(header=header)
+        yield from serde.chunks(data)
+
+    def _digest(self, round: int, data: bytes) -> bytes:
+        with self._lock:
+            hit = self._digests.get(round)
+            if hit is not None and hit[0] is data:
+                return hit[1]
+        digest = serde.digest(data)
+        with self._lock:
+            self._digests[round] = (data, digest)
+            for old in sorted(self._digests)[:-2]:
+                del self._digests[old]
+        return digest
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
+        def body() -> pb.HealthReply:
+            self._identify(context)
+            return pb.HealthReply(json=json.dumps(self.o.handler.health(), default=str))
+
+        return self._run(context, "Health", body)
+
+
+def _handlers(servicer: _Servicer) -> grpc.GenericRpcHandler:
+    """The Peer service with the fast chunk codec (same wire bytes as the generated stubs)."""
+    return grpc.method_handlers_generic_handler(_SERVICE, {
+        "PushUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.PushUpdate, request_deserializer=_wire.decoder(pb.Chunk),
+            response_serializer=pb.PushReply.SerializeToString,
+        ),
+        "PullMerged": grpc.unary_stream_rpc_method_handler(
+            servicer.PullMerged, request_deserializer=pb.PullRequest.FromString,
+            response_serializer=_wire.encode,
+        ),
+        "Health": grpc.unary_unary_rpc_method_handler(
+            servicer.Health, request_deserializer=pb.HealthRequest.FromString,
+            response_serializer=pb.HealthReply.SerializeToString,
+        ),
+    })
+
+
+class PeerServer:
+    """Serves the peer API with mutual TLS; ``start()`` returns the bound port."""
+
+    def __init__(
+        self,
+        bind: str,
+        tls: TlsFiles,
+        authority: PeerAuthority,
+        handler: PeerHandler,
+        spec: serde.ParamSpec | None,
+        max_bytes: int,
+        reject_nonfinite: bool = True,
+        *,
+        workers: int = 16,
+    ) -> None:
+        cert, key, trust = tls.load()
+        self.bind, self.authority, self.handler = bind, authority, handler
+        self.spec, self.max_bytes, self.reject_nonfinite = spec, max_bytes, reject_nonfinite
+        self.workers = workers
+        self.port = 0
+        self._creds = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=trust, require_client_auth=True
+        )
+        self._server: grpc.Server | None = None
+
+    def start(self) -> int:
+        server = grpc.server(
+            ThreadPoolExecutor(self.workers, thread_name_prefix="peer-api"),
+            options=server_options(),
+        )
+        server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
+        try:
+            port = server.add_secure_port(self.bind, self._creds)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise ConfigError(
+                f"cannot bind the peer API to {self.bind}: the port is in use or the address is "
+                "not local; change peer_listen"
+            )
+        server.start()
+        self._server, self.port = server, port
+        log.info("peer API listening on %s (port %d), mutual TLS", self.bind, port)
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+
+    def __enter__(self) -> PeerServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(0)
+
+
+class PeerClient:
+    """Calls one peer's API, after checking it is the node the contract says it is."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        tls: TlsFiles,
+        own_address: str,
+        peer_address: str,
+        authority: PeerAuthority,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        pin_ttl: float = 60.0,
+    ) -> None:
+        cert, key, trust = tls.load()
+        self.endpoint, self.tls, self.authority = endpoint, tls, authority
+        self.own_address, self.peer_address = own_address, peer_address
+        self.max_bytes, self.pin_ttl = max_bytes, pin_ttl
+        self.who = f"peer {peer_address} at {endpoint}"
+        creds = grpc.ssl_channel_credentials(trust, key, cert)
+        self._channel = grpc.secure_channel(endpoint, creds, options=channel_options())
+        ch = self._channel
+        self._push = ch.stream_unary(
+            f"/{_SERVICE}/PushUpdate", request_serializer=_wire.encode,
+            response_deserializer=pb.PushReply.FromString,
+        )
+        self._pull = ch.unary_stream(
+            f"/{_SERVICE}/PullMerged", request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=_wire.decoder(pb.Chunk),
+        )
+        self._health = ch.unary_unary(
+            f"/{_SERVICE}/Health", request_serializer=pb.HealthRequest.SerializeToString,
+            response_deserializer=pb.HealthReply.FromString,
+        )
+        self._md = ((ADDRESS_KEY, own_address),)
+        self._pin: tuple[bytes, float] | None = None
+        self._lock = threading.Lock()
+
+    # -- the server's identity -------------------------------------------------------------------
+    def _check_peer(self, timeout: float) -> None:
+        expected = self.authority.fingerprint_of(self.peer_address)
+        if expected is None:
+            raise PeerRefused(
+                f"{self.peer_address} is not an enrolled node on chain (or was revoked): "
+                "not talking to it"
+            )
+        with self._lock:
+            pin = self._pin
+        if pin is not None and pin[0] == expected and time.monotonic() - pin[1] < self.pin_ttl:
+            return
+        got = probe(self.endpoint, self.tls.cert, self.tls.key, self.tls.trust,
+                    timeout=min(timeout, 10.0), who=self.who)
+        if got.fingerprint != expected:
+            raise PeerRefused(
+                f"the server at {self.endpoint} presented certificate {got.subject} (sha256 "
+                f"{got.fingerprint.hex()[:16]}...), but the contract holds "
+                f"{expected.hex()[:16]}... for {self.peer_address}: another node answers at that "
+                "endpoint (stale endpoint or impostor); nothing was sent"
+            )
+        with self._lock:
+            self._pin = (got.fingerprint, time.monotonic())
+
+    def _call(self, what: str, timeout: float, fn: Callable[[], T]) -> T:
+        self._check_peer(timeout)
+        try:
+            return fn()
+        except grpc.RpcError as err:
+            with self._lock:
+                self._pin = None
+            if err.code() is grpc.StatusCode.UNAVAILABLE and swarm_error_name(err) is None:
+                self._check_peer(timeout)  # raises the precise reason when it is TLS or identity
+            raise error_from_rpc(err, f"{self.who}: {what}") from None
+
+    # -- calls -----------------------------------------------------------------------------------
+    def push_update(
+        self,
+        round: int,
+        weight: int,
+        payload: bytes,
+        timeout: float,
+        *,
+        digest: bytes | None = None,
+    ) -> None:
+        """Stream an update (canonical bytes) for ``round`` to the peer; raises if it refuses."""
+        if round < 0 or weight < 0:
+            raise ConfigError(f"round and weight must be >= 0, got round={round} weight={weight}")
+        digest = digest if digest is not None else serde.digest(payload)
+
+        def stream() -> Iterator[pb.Chunk | memoryview]:
+            yield pb.Chunk(header=pb.Header(
+                round=round, weight=weight, total_bytes=len(payload), digest=digest
+            ))
+            yield from serde.chunks(payload)
+
+        self._call(f"push of round {round}", timeout, lambda: self._push(
+            stream(), timeout=timeout, metadata=self._md
+        ))
+
+    def pull_merged(self, round: int, timeout: float) -> bytes:
+        """The merged model of ``round``: canonical bytes, digest checked against the header."""
+
+        def fetch() -> bytes:
+            call = self._pull(
+                pb.PullRequest(round=round, wait_s=timeout * 0.9), timeout=timeout,
+                metadata=self._md,
+            )
+            try:
+                return self._assemble(round, call)
+            finally:
+                call.cancel()
+
+        return self._call(f"pull of round {round}", timeout, fetch)
+
+    def _assemble(self, round: int, call: Iterator[_wire.Piece]) -> bytes:
+        what = f"merged model of round {round} from {self.who}"
+        first = next(call, None)
+        header = _wire.header_of(first) if first is not None else None
+        if header is None:
+            raise PayloadRejected(f"{what}: the stream does not start with a header")
+        assembler = serde.Assembler(header.total_bytes, self.max_bytes, what)
+        for piece in call:
+            data = _wire.piece_data(piece)
+            if data is None:
+                raise PayloadRejected(f"{what}: a second header in the stream")
+            assembler.add(data)
+        received = assembler.finish()
+        try:
+            received.check_digest(header.digest)
+        except PayloadRejected as exc:
+            raise PayloadRejected(f"{what}: {exc}") from None
+        return bytes(received.data)
+
+    def health(self, timeout: float = 10.0) -> dict[str, Any]:
+        reply = self._call("health", timeout, lambda: self._health(
+            pb.HealthRequest(), timeout=timeout, metadata=self._md
+        ))
+        return dict(json.loads(reply.json))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> PeerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

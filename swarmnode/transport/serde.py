@@ -1,0 +1,425 @@
+"""The wire format of model parameters: the only module that knows it.
+
+A state dict travels as *canonical safetensors* bytes: an 8-byte little-endian header length, a
+JSON header (keys sorted, no whitespace, padded with spaces to a multiple of 8 bytes, no
+``__metadata__``), then the tensors' bytes, largest item size first and by name within one item
+size (so every tensor starts aligned), with no holes. The same state always gives the same bytes,
+so :func:`digest` (SHA-256 of those bytes) identifies a model; the contract stores it per round.
+Any conforming safetensors file decodes, not only canonical ones.
+
+:func:`decode` treats its input as hostile: it checks the size, then the digest, then parses and
+validates the header itself (never pickle, never ``torch.load``; a pickle or ``torch.save`` file is
+named as such), then names/shapes/dtypes against a :class:`ParamSpec`, then NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from swarmnode.errors import PayloadRejected
+
+__all__ = [
+    "CHUNK_SIZE",
+    "Assembler",
+    "ParamSpec",
+    "Received",
+    "chunks",
+    "decode",
+    "digest",
+    "encode",
+]
+
+if sys.byteorder != "little":  # safetensors is little-endian; so is every supported platform
+    raise ImportError("swarmnode's wire format needs a little-endian machine")
+
+CHUNK_SIZE = 1 << 20  # bytes per streamed chunk
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPES = {code: dtype for dtype, code in _CODES.items()}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# -- encoding -------------------------------------------------------------------------------------
+def encode(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Canonical safetensors bytes of ``state`` (tensors are copied to contiguous CPU memory)."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not name:
+            raise PayloadRejected(f"cannot encode parameter name {name!r}: names must be strings")
+        if not isinstance(tensor, torch.Tensor):
+            kind = type(tensor).__name__
+            raise PayloadRejected(f"cannot encode {name!r}: a {kind}, not a tensor")
+        if tensor.dtype not in _CODES:
+            raise PayloadRejected(
+                f"cannot encode tensor {name!r}: dtype {_name(tensor.dtype)} has no safetensors "
+                "code; cast it (e.g. to float32) before syncing"
+            )
+        tensors.append((name, tensor.detach().to("cpu").contiguous()))
+    tensors.sort(key=lambda nt: (-nt[1].element_size(), nt[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors:
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    parts: list[Any] = [struct.pack("<Q", len(text)), text]
+    parts.extend(t.reshape(-1).view(torch.uint8).numpy() for _, t in tensors)
+    return b"".join(parts)
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    """SHA-256 (32 bytes) of canonical bytes."""
+    return hashlib.sha256(data).digest()
+
+
+def chunks(data: bytes | bytearray | memoryview, size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+    """``data`` in slices of ``size`` bytes, as memoryviews (no copies)."""
+    if size <= 0:
+        raise ValueError("chunk size must be positive")
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), size):
+        yield view[start : start + size]
+
+
+# -- the training spec's view of a payload ---------------------------------------------------------
+@dataclass(frozen=True)
+class ParamSpec:
+    """Parameter name -> (shape, dtype name such as ``"float32"``) that every payload must match."""
+
+    params: Mapping[str, tuple[tuple[int, ...], str]]
+
+    def __post_init__(self) -> None:
+        norm = {
+            str(name): (tuple(int(d) for d in shape), str(dtype))
+            for name, (shape, dtype) in sorted(self.params.items())
+        }
+        object.__setattr__(self, "params", norm)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.params.items()))
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor]) -> ParamSpec:
+        return cls({name: (tuple(t.shape), _name(t.dtype)) for name, t in state.items()})
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace."""
+        body = {n: {"dtype": dt, "shape": list(shape)} for n, (shape, dt) in self.params.items()}
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> ParamSpec:
+        try:
+            raw = json.loads(text)
+            return cls({n: (tuple(p["shape"]), p["dtype"]) for n, p in raw.items()})
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise PayloadRejected(f"not a parameter spec in JSON ({exc})") from None
+
+    def check(self, state: Mapping[str, torch.Tensor], who: str = "the payload") -> None:
+        """PayloadRejected naming the first tensor whose name, shape or dtype differs."""
+        self._check({n: (tuple(t.shape), _name(t.dtype)) for n, t in state.items()}, who)
+
+    def _check(self, got: Mapping[str, tuple[tuple[int, ...], str]], who: str) -> None:
+        missing = sorted(set(self.params) - set(got))
+        extra = sorted(set(got) - set(self.params))
+        hint = "the sender's model differs from the swarm's training spec"
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks tensor(s) {_few(missing)}")
+            if extra:
+                parts.append(f"has tensor(s) {_few(extra)} that the spec does not name")
+            raise PayloadRejected(f"{who} {' and '.join(parts)}; {hint}")
+        for name, (shape, dtype) in self.params.items():
+            g_shape, g_dtype = got[name]
+            if g_shape != shape:
+                raise PayloadRejected(
+                    f"{who}: tensor {name!r} has shape {list(g_shape)}, the spec says "
+                    f"{list(shape)}; {hint}"
+                )
+            if g_dtype != dtype:
+                raise PayloadRejected(
+                    f"{who}: tensor {name!r} has dtype {g_dtype}, the spec says {dtype}; {hint}"
+                )
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+
+# -- decoding -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _not_safetensors(data: memoryview, why: str) -> PayloadRejected:
+    head = bytes(data[:4])
+    if head[:1] == b"\x80" and head[1:2] and 2 <= head[1] <= 5:
+        what = "a pickle stream (pickle.dumps or old torch.save output)"
+    elif head == b"PK\x03\x04":
+        what = "a zip archive (torch.save output?)"
+    else:
+        return PayloadRejected(
+            f"payload is not safetensors: {why} (random or truncated bytes?); send parameters "
+            "encoded with swarmnode.transport.serde.encode"
+        )
+    return PayloadRejected(
+        f"payload is {what}, not safetensors; refused unread: unpickling a peer's bytes could run "
+        "its code. Send parameters encoded with swarmnode.transport.serde.encode"
+    )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse(view: memoryview) -> tuple[list[_Entry], int]:
+    """Validated header entries (sorted by offset) and where the tensor bytes start."""
+    if len(view) < 8:
+        raise _not_safetensors(view, f"only {len(view)} bytes, less than the 8-byte header length")
+    (hlen,) = struct.unpack("<Q", view[:8])
+    if hlen > min(MAX_HEADER, len(view) - 8):
+        raise _not_safetensors(
+            view, f"the first 8 bytes announce a {hlen}-byte header, {len(view) - 8} bytes follow"
+        )
+    raw = bytes(view[8 : 8 + hlen])
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _not_safetensors(view, f"the header is not JSON ({str(exc)[:80]})") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(view, "the header is not a JSON object")
+    header.pop("__metadata__", None)
+    start, size = 8 + hlen, len(view) - 8 - hlen
+    entries = [_entry(name, spec) for name, spec in header.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    pos = 0
+    for e in entries:
+        if e.begin != pos:
+            what = "overlaps the previous tensor" if e.begin < pos else "leaves a hole before it"
+            raise PayloadRejected(f"safetensors header: tensor {e.name!r} {what}; malformed")
+        pos = e.end
+    if pos != size:
+        raise PayloadRejected(
+            f"safetensors header describes {pos} bytes of tensors but {size} bytes follow it; "
+            "truncated or malformed payload"
+        )
+    return entries, start
+
+
+def _entry(name: str, spec: Any) -> _Entry:
+    bad = f"safetensors header: entry {name!r}"
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise PayloadRejected(f"{bad} needs exactly dtype, shape and data_offsets")
+    dtype = _DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+    if dtype is None:
+        raise PayloadRejected(f"{bad} has unknown dtype {spec['dtype']!r}")
+    shape, offs = spec["shape"], spec["data_offsets"]
+    if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+        raise PayloadRejected(f"{bad} has an invalid shape {shape!r}")
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_uint(o) for o in offs):
+        raise PayloadRejected(f"{bad} has invalid data_offsets {offs!r}")
+    begin, end = offs
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise PayloadRejected(
+            f"{bad}: shape {shape} of {spec['dtype']} needs {nbytes} bytes, data_offsets give "
+            f"{end - begin}"
+        )
+    return _Entry(name, dtype, tuple(shape), begin, end)
+
+
+def _uint(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _materialize(buf: bytearray, base: int, entries: list[_Entry]) -> dict[str, torch.Tensor]:
+    """Tensors viewing ``buf`` (which the caller hands over); misaligned ones get their own copy."""
+    out: dict[str, torch.Tensor] = {}
+    for e in entries:
+        count = e.end - e.begin
+        if count == 0:
+            out[e.name] = torch.empty(e.shape, dtype=e.dtype)
+            continue
+        offset = base + e.begin
+        if offset % e.dtype.itemsize:
+            t = torch.frombuffer(bytearray(buf[offset : offset + count]), dtype=e.dtype)
+        else:
+            t = torch.frombuffer(buf, dtype=e.dtype, count=count // e.dtype.itemsize, offset=offset)
+        if e.dtype == torch.bool and bool((t.view(torch.uint8) > 1).any()):
+            raise PayloadRejected(f"tensor {e.name!r} is bool but holds bytes other than 0 and 1")
+        out[e.name] = t.reshape(e.shape)
+    return out
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _nonfinite(state: Mapping[str, torch.Tensor]) -> None:
+    for name, t in state.items():
+        if t.is_floating_point() and t.numel():
+            if t.dtype in _NUMPY_FLOATS:
+                # Fast exact screen, single-threaded: a NaN or Inf makes the float64 sum NaN/Inf;
+                # a non-finite sum (or float64 overflow) falls through to the exact count.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    total = np.add.reduce(t.numpy().reshape(-1), dtype=np.float64)
+                if math.isfinite(total):
+                    continue
+            bad = ~torch.isfinite(t if t.element_size() > 1 else t.float())
+            n = int(bad.sum())
+            if n:
+                raise PayloadRejected(
+                    f"tensor {name!r} holds {n} NaN/Inf value(s); the sender's training diverged "
+                    "(lower its learning rate) or its parameters were tampered with"
+                )
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    *,
+    expected_digest: bytes | None,
+    spec: ParamSpec | None,
+    max_bytes: int,
+    reject_nonfinite: bool,
+) -> dict[str, torch.Tensor]:
+    """The state dict in ``data``, after size, digest, header, spec and NaN/Inf checks."""
+    view = memoryview(data).cast("B")
+    if len(view) > max_bytes:
+        raise PayloadRejected(
+            f"payload of {len(view)} bytes exceeds the limit of {max_bytes} bytes "
+            "(raise max_update_mb if the model really is that large)"
+        )
+    if expected_digest is not None:
+        _check_digest(digest(view), expected_digest)
+    return _decode_checked(view, None, spec, reject_nonfinite)
+
+
+def _check_digest(got: bytes, expected: bytes | None) -> None:
+    if expected is not None and got != expected:
+        raise PayloadRejected(
+            f"payload digest {got.hex()[:16]}... differs from the expected "
+            f"{expected.hex()[:16]}...; the bytes were altered or truncated in transit"
+        )
+
+
+def _decode_checked(
+    view: memoryview, owned: bytearray | None, spec: ParamSpec | None, reject_nonfinite: bool
+) -> dict[str, torch.Tensor]:
+    entries, start = _parse(view)
+    if spec is not None:
+        spec._check({e.name: (e.shape, _name(e.dtype)) for e in entries}, "the payload")
+    if owned is not None:
+        buf, base = owned, start
+    else:
+        buf, base = bytearray(view[start:]), 0
+    state = _materialize(buf, base, entries)
+    if reject_nonfinite:
+        _nonfinite(state)
+    return dict(sorted(state.items()))
+
+
+# -- receiving a chunk stream ---------------------------------------------------------------------
+class Assembler:
+    """Collects a chunk stream of ``total_bytes`` announced bytes, hashing as it goes.
+
+    Refuses the moment the stream passes the announced size or ``max_bytes`` (an announcement over
+    the limit is refused before any data), and a stream that ends short. Memory grows with the
+    data that actually arrived, not with what the sender announced.
+    """
+
+    def __init__(self, total_bytes: int, max_bytes: int, what: str = "payload") -> None:
+        if total_bytes > max_bytes:
+            raise PayloadRejected(
+                f"{what}: the sender announced {total_bytes} bytes, over the limit of {max_bytes} "
+                "bytes (raise max_update_mb if the model really is that large)"
+            )
+        self.total, self.what = total_bytes, what
+        self._buf = bytearray()
+        self._sha = hashlib.sha256()
+
+    @property
+    def received(self) -> int:
+        return len(self._buf)
+
+    def add(self, data: bytes | memoryview) -> None:
+        if len(self._buf) + len(data) > self.total:
+            raise PayloadRejected(
+                f"{self.what}: the stream carries more than the {self.total} bytes announced in "
+                "its header; refused"
+            )
+        self._buf += data
+        self._sha.update(data)
+
+    def finish(self) -> Received:
+        if len(self._buf) != self.total:
+            raise PayloadRejected(
+                f"{self.what}: the stream ended after {len(self._buf)} of the {self.total} bytes "
+                "announced (truncated: the sender stopped or the connection broke); send it again"
+            )
+        buf, self._buf = self._buf, bytearray()
+        return Received(buf, self._sha.digest())
+
+
+@dataclass(frozen=True, eq=False)
+class Received:
+    """A complete payload and its SHA-256, computed while it arrived."""
+
+    data: bytearray
+    digest: bytes
+
+    def check_digest(self, expected: bytes | None) -> None:
+        _check_digest(self.digest, expected)
+
+    def decode(
+        self, *, expected_digest: bytes | None, spec: ParamSpec | None, reject_nonfinite: bool
+    ) -> dict[str, torch.Tensor]:
+        """Like :func:`decode` (the size was checked on arrival); the tensors view ``data``."""
+        _check_digest(self.digest, expected_digest)
+        return _decode_checked(memoryview(self.data), self.data, spec, reject_nonfinite)

@@ -1,0 +1,91 @@
+"""DevChain: readiness, a state file that survives restarts (even SIGKILL), clean stop, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from swarmnode.chain.accounts import dev_account
+from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.chain.launcher import DevChain, anvil_binary
+from swarmnode.errors import ChainUnavailable, ConfigError
+
+pytestmark = pytest.mark.anvil
+
+
+def wait_until(condition, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_ready_on_start_and_stopped_cleanly() -> None:
+    with DevChain() as chain:
+        assert chain.port != 0 and chain.running
+        w3 = connect(chain.url)  # answers right after start() returns
+        assert w3.eth.chain_id == 31337
+        assert w3.eth.get_balance(dev_account(1).address) > 0
+        pid = chain._proc.pid  # type: ignore[union-attr]
+        url = chain.url
+    assert not chain.running
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone and reaped: no zombie left behind
+    with pytest.raises(ChainUnavailable, match=f"no JSON-RPC answer at {url}"):
+        connect(url, timeout=2)
+    chain.stop()  # idempotent
+
+
+def test_state_file_survives_restart(tmp_path: Path, spec_json: str) -> None:
+    state = tmp_path / "chain" / "state.json"
+    with DevChain(state_file=state) as chain:
+        contract = SwarmContract.deploy(connect(chain.url), dev_account(0), spec_json, 1, 0, 60)
+    assert state.is_file()
+    with DevChain(state_file=state) as chain:
+        again = SwarmContract(connect(chain.url), contract.address)
+        assert again.settings().deadline_s == 60
+        assert again.spec_json() == spec_json  # blocks and logs come back too
+
+
+def test_state_survives_sigkill_thanks_to_the_interval(tmp_path: Path, spec_json: str) -> None:
+    state = tmp_path / "state.json"
+    chain = DevChain(state_file=state).start()
+    try:
+        contract = SwarmContract.deploy(connect(chain.url), dev_account(0), spec_json, 1, 0, 60)
+        needle = contract.address.lower()[2:]
+        wait_until(lambda: state.is_file() and needle in state.read_text().lower(), 10,
+                   "the periodic state dump holds the contract")
+        chain._proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        chain._proc.wait()  # type: ignore[union-attr]
+    finally:
+        chain.stop()
+    with DevChain(state_file=state) as restarted:
+        assert SwarmContract(connect(restarted.url), contract.address).current_round() == 1
+
+
+def test_block_time_mines_without_transactions() -> None:
+    with DevChain(block_time=0.2) as chain:
+        w3 = connect(chain.url)
+        wait_until(lambda: w3.eth.block_number >= 2, 10, "two timed blocks")
+
+
+def test_dead_anvil_reports_its_output() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        match = "anvil exited with code 1: Error: Address already in use .*--port"
+        with pytest.raises(ChainUnavailable, match=match):
+            DevChain(port=port).start()
+
+
+def test_anvil_binary_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert anvil_binary().name == "anvil"
+    monkeypatch.setenv("SWARMNODE_ANVIL", str(tmp_path / "no-anvil"))
+    with pytest.raises(ConfigError, match="SWARMNODE_ANVIL=.* is not an executable file"):
+        anvil_binary()

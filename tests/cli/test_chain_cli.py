@@ -1,0 +1,206 @@
+"""The chain commands against a real anvil: happy paths, `chain up` as a process, error exits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from typer.testing import CliRunner
+
+from swarmnode.chain.accounts import dev_account
+from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.chain.launcher import DevChain
+from swarmnode.cli import app
+
+pytestmark = pytest.mark.anvil
+runner = CliRunner()
+SWARMNODE = Path(sys.executable).with_name("swarmnode")
+
+
+def make_cert(path: Path) -> bytes:
+    """A self-signed EC certificate at ``path``; returns the SHA-256 of its DER."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hospital-1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):  # noqa: ANN201 - typer's Result
+    return runner.invoke(app, list(args), env=env)
+
+
+def assert_one_line_error(result, code: int, *parts: str) -> None:  # noqa: ANN001
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path, spec_json: str) -> Path:
+    path = tmp_path / "spec.json"
+    path.write_text(spec_json)
+    return path
+
+
+@pytest.fixture
+def deployed(anvil: DevChain, spec_file: Path) -> str:
+    result = invoke("contract", "deploy", "--spec", str(spec_file), "--min-peers", "2",
+                    "--grace", "5", "--deadline", "60", "--rpc-url", anvil.url)
+    assert result.exit_code == 0, result.output
+    address = result.stdout.strip()
+    assert f"export SWARMNODE_CONTRACT={address}" in result.stderr
+    return address
+
+
+def test_deploy_authorize_enroll_revoke_status(
+    anvil: DevChain, deployed: str, spec_file: Path, tmp_path: Path, spec_json: str
+) -> None:
+    contract = SwarmContract(connect(anvil.url), deployed)
+    assert contract.spec_json() == spec_json
+    env = {"SWARMNODE_RPC_URL": anvil.url, "SWARMNODE_CONTRACT": deployed}
+    node1, node2 = dev_account(1).address, dev_account(2).address
+
+    fp = make_cert(tmp_path / "node.pem")
+    result = invoke("authorize", node1, "--cert", str(tmp_path / "node.pem"), env=env)
+    assert result.exit_code == 0, result.output
+    assert contract.node(node1).fingerprint == fp
+    result = invoke("authorize", node2, "--fingerprint", "0x" + "ab" * 32, env=env)
+    assert result.exit_code == 0, result.output
+    assert contract.node(node2).fingerprint == bytes.fromhex("ab" * 32)
+
+    result = invoke("enroll", "--endpoint", "127.0.0.1:7101", "--key-index", "1", env=env)
+    assert result.exit_code == 0, result.output
+    assert f"enrolled {node1} at 127.0.0.1:7101" in result.stdout
+    result = invoke("enroll", "--endpoint", "127.0.0.1:7102", "--key-index", "2", env=env)
+    assert result.exit_code == 0, result.output
+    result = invoke("revoke", node2, env=env)
+    assert result.exit_code == 0, result.output
+
+    contract.with_account(dev_account(1)).checkin(1, 7)
+    contract.with_account(dev_account(1)).report_metrics(1, 0.5, 0.75)
+    result = invoke("status", "--format", "json", env=env)
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.stdout)
+    assert status["contract"] == deployed and status["current_round"] == 1
+    assert status["settings"]["min_peers"] == 2 and status["settings"]["grace_s"] == 5
+    assert status["settings"]["spec_hash"] == hashlib.sha256(spec_json.encode()).hexdigest()
+    assert [(n["address"], n["state"], n["endpoint"]) for n in status["nodes"]] == [
+        (node1, "active", "127.0.0.1:7101"), (node2, "revoked", "127.0.0.1:7102")
+    ]
+    assert status["nodes"][0]["fingerprint"] == fp.hex()
+    (r1,) = status["rounds"]
+    # node2 is revoked: node1 is the only enrolled node, fewer than min_peers (2), so its
+    # check-in does not elect
+    assert (r1["round"], r1["status"], r1["participants"]) == (1, "open", [node1])
+    assert (r1["leader"], r1["digest"]) == (None, None)
+    assert (r1["mean_loss"], r1["mean_metric"]) == (0.5, 0.75)
+    assert status["final_round"] is None and status["training_finished"] is False
+
+    result = runner.invoke(app, ["status", "--rpc-url", anvil.url, "--contract", deployed],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for text in (deployed, "nodes", "rounds", node1, "revoked", "open", "0.5000"):
+        assert text in result.stdout
+
+
+def test_deploy_json_output(anvil: DevChain, spec_file: Path) -> None:
+    result = invoke("contract", "deploy", "--spec", str(spec_file), "--min-peers", "1",
+                    "--grace", "0", "--deadline", "30", "--rpc-url", anvil.url, "--format", "json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["admin"] == dev_account(0).address and out["deadline_s"] == 30
+    assert SwarmContract(connect(anvil.url), out["address"]).settings().deadline_s == 30
+
+
+def test_error_exits(anvil: DevChain, deployed: str, tmp_path: Path, spec_file: Path) -> None:
+    node = dev_account(3).address
+    assert_one_line_error(
+        invoke("status", "--rpc-url", "http://127.0.0.1:1", "--contract", deployed),
+        21, "no JSON-RPC answer at http://127.0.0.1:1", "swarmnode chain up",
+    )
+    assert_one_line_error(
+        invoke("status", "--rpc-url", anvil.url, "--contract", dev_account(7).address),
+        22, f"no contract at {dev_account(7).address}",
+    )
+    assert_one_line_error(
+        invoke("status", "--rpc-url", anvil.url, "--contract", "0xnope"), 10, "'0xnope'",
+    )
+    env = {"SWARMNODE_RPC_URL": anvil.url, "SWARMNODE_CONTRACT": deployed}
+    assert_one_line_error(
+        invoke("enroll", "--endpoint", "127.0.0.1:7000", "--key-index", "4", env=env),
+        23, "is not authorised", dev_account(4).address,
+    )
+    assert_one_line_error(
+        invoke("authorize", node, "--key-index", "5", "--fingerprint", "11" * 32, env=env),
+        23, "only the admin",
+    )
+    assert_one_line_error(invoke("enroll", "--endpoint", "127.0.0.1:7000", env=env), 10,
+                          "--key-index")
+    assert_one_line_error(
+        invoke("enroll", "--endpoint", "nohost", "--key-index", "1", env=env), 10, "host:port",
+    )
+    bad_pem = tmp_path / "bad.pem"
+    bad_pem.write_text("not a certificate")
+    assert_one_line_error(invoke("authorize", node, "--cert", str(bad_pem), env=env), 30,
+                          "is not a PEM certificate")
+    assert_one_line_error(invoke("authorize", node, "--fingerprint", "abc", env=env), 10,
+                          "not 64 hex digits")
+    assert_one_line_error(invoke("authorize", node, env=env), 10, "exactly one of --cert")
+    bad_spec = tmp_path / "bad.json"
+    bad_spec.write_text("{not json")
+    assert_one_line_error(
+        invoke("contract", "deploy", "--spec", str(bad_spec), "--min-peers", "1", "--grace",
+               "0", "--deadline", "9", "--rpc-url", anvil.url),
+        10, f"training spec {bad_spec} is not valid JSON",
+    )
+
+
+def test_chain_up_runs_until_sigterm(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    proc = subprocess.Popen(
+        [str(SWARMNODE), "chain", "up", "--port", "0", "--state-file", str(state)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=30)
+            if "dev chain listening on " in line:
+                url = line.split("listening on ")[1].split()[0]
+        w3 = connect(url)
+        assert w3.eth.chain_id == 31337
+        assert w3.eth.get_balance(dev_account(1).address) > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "dev chain stopped; state saved in" in proc.stderr.read()
+        assert state.is_file()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,143 @@
+"""Shared fixtures.
+
+Chain: a session-scoped real anvil (``anvil``), a session-scoped in-process eth-tester chain, a
+``backend`` fixture parametrised over both, time travel on each, and ``make_swarm`` which deploys a
+fresh contract with authorised and enrolled nodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from web3 import EthereumTesterProvider, Web3
+
+from swarmnode.chain.accounts import dev_account
+from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.chain.launcher import DevChain
+
+DEV_ACCOUNTS = 10  # anvil prefunds dev accounts 0..9
+SPEC_JSON = '{"merge_method": "mean", "min_peers": 2, "sync_frequency": 8}'
+
+
+@dataclass
+class Backend:
+    """A chain to run contract tests on, with a way to move its clock forward."""
+
+    name: str
+    w3: Web3
+
+    def advance(self, seconds: int) -> None:
+        """Move block time forward by ``seconds`` and mine a block."""
+        if self.name == "anvil":
+            self.w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
+            self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        else:
+            tester = self.w3.provider.ethereum_tester  # type: ignore[attr-defined]
+            pending = tester.get_block_by_number("pending")["timestamp"]
+            tester.time_travel(pending + seconds)
+
+    def now(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+
+@pytest.fixture(scope="session")
+def anvil() -> Iterator[DevChain]:
+    """A real anvil dev chain on a free port for the whole session."""
+    with DevChain() as chain:
+        yield chain
+
+
+@pytest.fixture(scope="session")
+def anvil_w3(anvil: DevChain) -> Web3:
+    return connect(anvil.url)
+
+
+@pytest.fixture(scope="session")
+def tester_w3() -> Web3:
+    """An in-process eth-tester chain whose dev accounts are funded like anvil's."""
+    w3 = Web3(EthereumTesterProvider())
+    funder = w3.eth.accounts[0]
+    for i in range(DEV_ACCOUNTS):
+        w3.eth.send_transaction(
+            {"from": funder, "to": dev_account(i).address, "value": 1000 * 10**18}
+        )
+    return w3
+
+
+@pytest.fixture(
+    params=[pytest.param("tester"), pytest.param("anvil", marks=pytest.mark.anvil)],
+)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each contract test runs on the in-process tester and on a real anvil."""
+    w3 = request.getfixturevalue(f"{request.param}_w3")
+    return Backend(request.param, w3)
+
+
+def fingerprint_of(address: str) -> bytes:
+    """A stand-in certificate fingerprint, distinct per address."""
+    return hashlib.sha256(f"cert of {address}".encode()).digest()
+
+
+@pytest.fixture
+def spec_json() -> str:
+    """The training spec ``make_swarm`` pins."""
+    return SPEC_JSON
+
+
+@dataclass
+class Swarm:
+    """A freshly deployed contract, the admin's handle and one handle per node."""
+
+    backend: Backend
+    admin: SwarmContract
+    nodes: list[SwarmContract]
+    stranger: SwarmContract  # a funded account that is not authorised
+    spare: list[SwarmContract] = field(default_factory=list)  # authorised, not enrolled
+
+    fingerprint_of = staticmethod(fingerprint_of)
+
+    def handle(self, address: str) -> SwarmContract:
+        for c in [*self.nodes, *self.spare]:
+            if c.account_address == address:
+                return c
+        raise KeyError(address)
+
+    def leader(self, round: int) -> SwarmContract:
+        info = self.admin.round(round)
+        assert info.leader is not None, f"round {round} has no leader"
+        return self.handle(info.leader)
+
+
+@pytest.fixture
+def make_swarm(backend: Backend) -> Callable[..., Swarm]:
+    """``make_swarm(nodes=3, min_peers=2, grace=1000, deadline=1000, enroll=True)``."""
+
+    def make(
+        nodes: int = 3,
+        min_peers: int = 2,
+        grace: int = 1000,
+        deadline: int = 1000,
+        enroll: bool = True,
+        spare: int = 0,
+    ) -> Swarm:
+        assert nodes + spare <= DEV_ACCOUNTS - 2
+        admin = SwarmContract.deploy(backend.w3, dev_account(0), SPEC_JSON, min_peers, grace,
+                                     deadline)
+        handles = [admin.with_account(dev_account(i)) for i in range(1, nodes + spare + 1)]
+        for h in handles:
+            admin.authorize(h.account_address, fingerprint_of(h.account_address))
+        if enroll:
+            for i, h in enumerate(handles[:nodes]):
+                h.enroll(f"127.0.0.1:{7100 + i}")
+        return Swarm(
+            backend=backend,
+            admin=admin,
+            nodes=handles[:nodes],
+            stranger=admin.with_account(dev_account(DEV_ACCOUNTS - 1)),
+            spare=handles[nodes:],
+        )
+
+    return make

@@ -1,0 +1,138 @@
+"""End to end: a real anvil chain, real node-service processes, real trainer processes, mTLS.
+
+Each test starts its own swarm (LocalSwarm) in a temporary folder and tears every process down.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from swarmnode.chain.client import RoundStatus
+from swarmnode.demo.orchestrator import DemoOptions, run_demo
+from swarmnode.demo.swarm import LocalSwarm
+
+pytestmark = [pytest.mark.slow, pytest.mark.anvil]
+
+
+def _wait(predicate, timeout: float, what: str, swarm: LocalSwarm | None = None):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    logs = ""
+    if swarm is not None:
+        logs = "\n".join(f"{n}: {swarm.tail(i, 'node')}" for i, n in enumerate(swarm.names)
+                         if i in swarm.nodes)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
+
+
+def test_demo_every_node_ends_with_the_chains_final_model(tmp_path: Path) -> None:
+    summary = run_demo(DemoOptions(nodes=3, workdir=tmp_path / "demo"))
+    nodes = summary["nodes"]
+    assert len(nodes) == 3
+    assert summary["chain_final_digest"]
+    assert {n["final_digest"] for n in nodes} == {summary["chain_final_digest"]}
+    assert summary["all_nodes_agree"] is True
+    worst_local = min(n["local_auc"] for n in nodes)
+    swarm_auc = nodes[0]["swarm_auc"]
+    assert all(n["swarm_auc"] == swarm_auc for n in nodes)  # the same model everywhere
+    assert swarm_auc > worst_local
+    # Uneven data: the largest hospital joins the most rounds (it trains longest), and it still
+    # ends with the final merged model, like the ones that finished early and waited.
+    biggest = max(nodes, key=lambda n: n["samples"])
+    assert biggest["rounds_joined"] == max(n["rounds_joined"] for n in nodes)
+    assert biggest["rounds_joined"] > min(n["rounds_joined"] for n in nodes)
+    # The chain agrees with the summary's rounds: leaders recorded and the last digest is final.
+    committed = [r for r in summary["rounds"] if "digest" in r]
+    assert committed[-1]["digest"] == summary["chain_final_digest"]
+    assert all(r.get("leader") for r in committed)
+
+
+def test_killed_leader_is_reelected_and_the_round_completes_in_seconds(tmp_path: Path) -> None:
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
+                    epochs=3) as swarm:
+        env = {"SWARMNODE_TEST_STALL_COMMIT": "2:1"}  # round 2's first leader hangs
+        for i in range(3):
+            swarm.start_node(i, env=env)
+        swarm.wait_enrolled([0, 1, 2])
+        for i in range(3):
+            swarm.start_trainer(i)
+        c = swarm.contract
+        info = _wait(lambda: (r := c.round(2)).status is RoundStatus.ELECTED and r, 120,
+                     "round 2's election", swarm)
+        leader = swarm.names.index(next(n for i, n in enumerate(swarm.names)
+                                        if swarm.accounts[i].address == info.leader))
+        swarm.kill_node(leader)
+        killed_at = time.monotonic()
+        _wait(lambda: c.round(2).status is RoundStatus.COMMITTED, 60, "round 2's commit", swarm)
+        recovered_in = time.monotonic() - killed_at
+        after = c.round(2)
+        assert after.leader != info.leader and after.attempt == 2
+        assert recovered_in < swarm.deadline_s + 10, recovered_in
+        failed = [e for e in c.events(names={"LeaderFailed"}) if e.args["round"] == 2]
+        assert [e.args["leader"] for e in failed] == [info.leader]
+        # The survivors finish the training and agree with the chain.
+        survivors = [i for i in range(3) if i != leader]
+        _wait(lambda: all(swarm.trainers[i].poll() is not None for i in survivors), 240,
+              "the surviving trainers", swarm)
+        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
+        for i in survivors:
+            assert swarm.result(i)["final_digest"] == final
+
+
+def test_min_peers_holds_the_first_round_until_enough_nodes_join(tmp_path: Path) -> None:
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=3, grace_s=1, deadline_s=6,
+                    epochs=1) as swarm:
+        for i in (0, 1):
+            swarm.start_node(i)
+        swarm.wait_enrolled([0, 1])
+        for i in (0, 1):
+            swarm.start_trainer(i)
+        c = swarm.contract
+        _wait(lambda: len(c.round(1).participants) == 2, 60, "two check-ins", swarm)
+        first = c.round(1).first_checkin_at
+        # Both nodes try elect() once the grace period is over; the contract refuses: 2 < 3.
+        _wait(lambda: time.time() > first + swarm.grace_s + 3, 30, "the grace period to pass")
+        assert c.round(1).status is RoundStatus.OPEN
+        assert not c.events(names={"LeaderElected"})
+        swarm.start_node(2)
+        swarm.wait_enrolled([2])
+        swarm.start_trainer(2)
+        _wait(lambda: c.round(1).status is RoundStatus.COMMITTED, 60, "round 1's commit", swarm)
+        assert len(c.round(1).participants) == 3
+        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 180,
+              "the trainers", swarm)
+        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
+        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
+
+
+def test_late_joiner_takes_the_merged_model_then_contributes(tmp_path: Path) -> None:
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=6,
+                    epochs=4) as swarm:
+        for i in (0, 1):
+            swarm.start_node(i)
+        swarm.wait_enrolled([0, 1])
+        for i in (0, 1):
+            swarm.start_trainer(i)
+        c = swarm.contract
+        _wait(lambda: c.round(3).status is RoundStatus.COMMITTED, 120, "round 3's commit", swarm)
+        swarm.start_node(2)
+        swarm.wait_enrolled([2])
+        swarm.start_trainer(2)
+        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
+              "the trainers", swarm)
+        late = swarm.result(2)
+        assert late["joined_at_round"] >= 3  # started from the latest merged model
+        me = swarm.accounts[2].address
+        checkins = [e.args["round"] for e in c.events(names={"CheckedIn"}) if e.args["node"] == me]
+        assert checkins and min(checkins) > late["joined_at_round"]
+        merged_with_me = [e.args["round"] for e in c.events(names={"MergeCommitted"})
+                          if me in e.args["members"]]
+        assert merged_with_me, "the late joiner never contributed to a merge"
+        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
+        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}

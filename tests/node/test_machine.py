@@ -1,0 +1,141 @@
+"""The round state machine, driven by synthetic chain observations (no sockets, no chain)."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarmnode.chain.client import RoundInfo, RoundStatus
+from swarmnode.node.machine import (
+    CheckIn,
+    Done,
+    Elect,
+    Merge,
+    Observation,
+    Pull,
+    Push,
+    Reelect,
+    RoundMachine,
+    Stage,
+    Timing,
+    Wait,
+)
+
+A, B, C = "0xA", "0xB", "0xC"
+T = Timing(grace_s=2.0, deadline_s=10.0, collect_s=5.0, min_peers=2, poll_s=0.05, retry_s=0.5)
+D = b"\x11" * 32
+
+
+def info(status=RoundStatus.OPEN, participants=(), leader=None, attempt=0, digest=None,
+         elected_at=0, first=0, round=1) -> RoundInfo:
+    return RoundInfo(round=round, status=status, leader=leader, attempt=attempt,
+                     participants=tuple(participants), digest=digest, elected_at=elected_at,
+                     first_checkin_at=first, is_final=False)
+
+
+def test_member_round_happy_path() -> None:
+    m = RoundMachine(A, 1, weight=10, timing=T)
+    assert m.decide(Observation(100, info())) == CheckIn(1, 10)
+    m.on_checked_in()
+    act = m.decide(Observation(100.1, info(participants=[A], first=100)))
+    assert isinstance(act, Wait) and m.stage is Stage.ELECTION
+    elected = info(RoundStatus.ELECTED, [A, B], leader=B, elected_at=101, first=100)
+    assert m.decide(Observation(101, elected)) == Push(1, B, 0)
+    m.on_pushed(0)
+    assert isinstance(m.decide(Observation(102, elected)), Wait)
+    assert m.stage is Stage.COMMIT
+    committed = info(RoundStatus.COMMITTED, [A, B], leader=B, digest=D, elected_at=101)
+    assert m.decide(Observation(103, committed)) == Pull(1, D, (B,))
+    m.on_pulled(D)
+    assert m.decide(Observation(103, committed)) == Done(1)
+
+
+def test_grace_path_elects_only_after_grace_with_quorum() -> None:
+    m = RoundMachine(A, 1, weight=1, timing=T)
+    m.on_checked_in()
+    alone = info(participants=[A], first=100)
+    assert isinstance(m.decide(Observation(105, alone)), Wait)  # 1 < min_peers, never elects
+    two = info(participants=[A, B], first=100)
+    early = m.decide(Observation(101, two))
+    assert isinstance(early, Wait) and early.reason == "grace period"
+    assert m.decide(Observation(102.0, two)) == Elect(1)
+    # rate-limited: not again within retry_s
+    assert isinstance(m.decide(Observation(102.1, two)), Wait)
+    assert m.decide(Observation(102.6, two)) == Elect(1)
+
+
+def test_leader_merges_when_everyone_is_in_or_quorum_after_collect() -> None:
+    m = RoundMachine(A, 1, weight=1, timing=T)
+    m.on_checked_in()
+    e = info(RoundStatus.ELECTED, [A, B, C], leader=A, elected_at=100, first=99)
+    assert isinstance(m.decide(Observation(101, e, frozenset())), Wait)
+    assert m.stage is Stage.COLLECT
+    assert m.decide(Observation(101, e, frozenset({B, C}))) == Merge(1, 0, (A, B, C))
+    m2 = RoundMachine(A, 1, weight=1, timing=T)
+    m2.on_checked_in()
+    assert isinstance(m2.decide(Observation(104, e, frozenset({B}))), Wait)  # before collect_s
+    assert m2.decide(Observation(105, e, frozenset({B}))) == Merge(1, 0, (A, B))
+    m2.on_merged(0, D)
+    assert isinstance(m2.decide(Observation(105.1, e, frozenset({B}))), Wait)
+    done = info(RoundStatus.COMMITTED, [A, B, C], leader=A, digest=D)
+    assert m2.decide(Observation(106, done)) == Done(1)
+
+
+def test_leader_below_quorum_keeps_waiting() -> None:
+    m = RoundMachine(A, 1, weight=1, timing=T)
+    m.on_checked_in()
+    e = info(RoundStatus.ELECTED, [A, B, C], leader=A, elected_at=100)
+    solo = Timing(2, 10, 5, min_peers=3)
+    m3 = RoundMachine(A, 1, weight=1, timing=solo)
+    m3.on_checked_in()
+    assert isinstance(m3.decide(Observation(109, e, frozenset({B}))), Wait)
+
+
+def test_member_reelects_after_deadline_then_pushes_to_new_leader() -> None:
+    m = RoundMachine(A, 1, weight=5, timing=T)
+    m.on_checked_in()
+    e = info(RoundStatus.ELECTED, [A, B, C], leader=B, elected_at=100)
+    assert m.decide(Observation(100, e)) == Push(1, B, 0)
+    m.on_pushed(0)
+    assert isinstance(m.decide(Observation(109.9, e)), Wait)
+    assert m.decide(Observation(110, e)) == Reelect(1, 0, B)
+    again = info(RoundStatus.ELECTED, [A, B, C], leader=C, attempt=1, elected_at=111)
+    assert m.decide(Observation(111, again)) == Push(1, C, 1)
+
+
+def test_failed_push_is_retried_then_deadline_reelects() -> None:
+    m = RoundMachine(A, 1, weight=5, timing=T)
+    m.on_checked_in()
+    e = info(RoundStatus.ELECTED, [A, B], leader=B, elected_at=100)
+    assert m.decide(Observation(100, e)) == Push(1, B, 0)  # push fails: no on_pushed
+    assert isinstance(m.decide(Observation(100.2, e)), Wait)
+    assert m.decide(Observation(100.6, e)) == Push(1, B, 0)
+    assert m.decide(Observation(110.0, e)) == Reelect(1, 0, B)
+
+
+def test_late_joiner_takes_merged_model_without_contributing() -> None:
+    m = RoundMachine(C, 1, weight=5, timing=T)
+    e = info(RoundStatus.ELECTED, [A, B], leader=A, elected_at=100)
+    act = m.decide(Observation(101, e))
+    assert isinstance(act, Wait) and m.late and m.stage is Stage.COMMIT
+    # a late node never re-elects, even after the deadline
+    assert isinstance(m.decide(Observation(200, e)), Wait)
+    done = info(RoundStatus.COMMITTED, [A, B], leader=A, digest=D)
+    assert m.decide(Observation(201, done)) == Pull(1, D, (A, B))
+
+
+def test_checkin_that_lost_the_race_becomes_late() -> None:
+    m = RoundMachine(C, 1, weight=5, timing=T)
+    assert m.decide(Observation(100, info())) == CheckIn(1, 5)
+    m.on_checkin_too_late()
+    assert isinstance(m.decide(Observation(100, info(RoundStatus.ELECTED, [A, B], A))), Wait)
+
+
+def test_abandoned_round_is_done() -> None:
+    m = RoundMachine(A, 1, weight=5, timing=T)
+    assert m.decide(Observation(1, info(RoundStatus.ABANDONED))) == Done(1, abandoned=True)
+
+
+def test_observation_of_another_round_is_refused() -> None:
+    m = RoundMachine(A, 2, weight=5, timing=T)
+    with pytest.raises(Exception, match="round 1"):
+        m.decide(Observation(1, info(round=1)))
