@@ -357,10 +357,15 @@ class SwarmContract:
                 known = ", ".join(sorted(_EVENTS))
                 raise ConfigError(f"unknown event name(s) {', '.join(unknown)}; known: {known}")
             topics = [[event_abi_to_log_topic(_EVENTS[n]) for n in sorted(names)]]
+        with rpc_guard(self._w3, "reading the block number"):
+            head = self._w3.eth.block_number
+        to_block = head if to_block is None else min(to_block, head)
+        if from_block > to_block:  # nothing mined yet past from_block (anvil refuses the query)
+            return []
         query: dict[str, Any] = {
             "address": self.address,
             "fromBlock": from_block,
-            "toBlock": "latest" if to_block is None else to_block,
+            "toBlock": to_block,
         }
         if topics:
             query["topics"] = topics

@@ -54,8 +54,9 @@ class DevChain:
     """An anvil process: ``with DevChain() as chain: connect(chain.url)``.
 
     ``port=0`` lets anvil pick a free port (read back from its output). ``state_file`` keeps the
-    chain across restarts (saved every second and on stop). ``block_time`` switches from
-    automine to timed blocks.
+    chain across restarts (saved every second and on stop). ``block_time`` adds an empty block
+    every so many seconds while transactions are still mined at once (mixed mining), so that
+    ``block.timestamp`` advances with the wall clock as on a real chain.
     """
 
     def __init__(
@@ -96,7 +97,10 @@ class DevChain:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             cmd += ["--state", str(self.state_file), "--state-interval", "1"]
         if self.block_time is not None:
-            cmd += ["--block-time", f"{self.block_time:g}"]
+            # Mixed mining: a transaction is still mined at once, and an empty block every
+            # block_time seconds moves block.timestamp on, as on a real chain, so time-based
+            # rules (grace period, round deadline) can be met without other traffic.
+            cmd += ["--block-time", f"{self.block_time:g}", "--mixed-mining"]
         return cmd
 
     def start(self) -> DevChain:

@@ -129,8 +129,11 @@ def chain_up(
         Path | None, typer.Option("--state-file", help="Keep the chain in this file across runs.")
     ] = None,
     block_time: Annotated[
-        float | None, typer.Option("--block-time", help="Seconds per block (default: automine).")
-    ] = None,
+        float,
+        typer.Option("--block-time", help="An empty block every S seconds, so that grace periods "
+                     "and round deadlines pass without traffic (transactions are mined at once; "
+                     "0: automine only)."),
+    ] = 1.0,
 ) -> None:
     """Run a local anvil dev chain in the foreground until Ctrl-C or SIGTERM."""
     from swarmnode.chain.accounts import dev_account
@@ -138,7 +141,7 @@ def chain_up(
     from swarmnode.errors import ChainUnavailable
 
     stop = threading.Event()
-    chain = DevChain(port=port, host=host, state_file=state_file, block_time=block_time)
+    chain = DevChain(port=port, host=host, state_file=state_file, block_time=block_time or None)
     chain.start()
     try:
         previous = {sig: signal.signal(sig, lambda *_: stop.set())
@@ -152,7 +155,7 @@ def chain_up(
         for i in range(10):
             table.add_row(str(i), dev_account(i).address, "admin" if i == 0 else "node")
         console.print(table)
-        mode = f"a block every {block_time:g} s" if block_time else "automine"
+        mode = f"automine + a block every {block_time:g} s" if block_time else "automine"
         kept = f", state in {state_file}" if state_file else ""
         console.print(f"dev chain listening on {chain.url} (chain id {chain.chain_id}, {mode}"
                       f"{kept})", highlight=False, soft_wrap=True)

@@ -93,6 +93,43 @@ def demo(
     body()
 
 
+def spec(
+    weights: Annotated[Path, typer.Argument(help="The model's initial weights (.safetensors).")],
+    sync_frequency: Annotated[int, typer.Option("--sync-frequency", min=1)],
+    min_peers: Annotated[int, typer.Option("--min-peers", min=1)],
+    merge_method: Annotated[str, typer.Option("--merge", help="Merge rule.")] = "mean",
+    out: Annotated[Path, typer.Option("--out", help="Where to write the spec JSON.")] = Path(
+        "spec.json"
+    ),
+) -> None:
+    """Write the training spec (for `contract deploy --spec`) from a model's weights file.
+
+    In Python: ``SwarmCallback(model, ...).training_spec().to_json()`` gives the same JSON.
+    """
+
+    @command
+    def body() -> None:
+        from swarmnode import merge
+        from swarmnode.errors import ConfigError
+        from swarmnode.spec import TrainingSpec
+        from swarmnode.transport import serde
+
+        merge.get(merge_method)
+        try:
+            data = weights.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read weights file {weights}: {exc.strerror}") from None
+        state = serde.decode(data, expected_digest=None, spec=None, max_bytes=len(data),
+                             reject_nonfinite=False)
+        ts = TrainingSpec.from_state(state, sync_frequency=sync_frequency, min_peers=min_peers,
+                                     merge_method=merge_method)
+        out.write_text(ts.to_json() + "\n")
+        console.print(f"wrote {out}: {len(ts.params)} tensors, spec hash {ts.digest.hex()}")
+
+    body()
+
+
 def register(app: typer.Typer) -> None:
     app.command("run")(run)
     app.command("demo")(demo)
+    app.command("spec")(spec)

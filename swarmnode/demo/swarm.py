@@ -57,7 +57,7 @@ class LocalSwarm:
         self.epochs = epochs
         self.names = [f"hospital-{i + 1}" for i in range(nodes)]
         self.accounts = [dev_account(i + 1) for i in range(nodes)]
-        self.chain = DevChain()
+        self.chain = DevChain(block_time=1.0)  # time moves on: grace and deadlines can pass
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.trainers: dict[int, subprocess.Popen[bytes]] = {}
         self.env = dict(os.environ, GRPC_VERBOSITY="ERROR", PYTHONUNBUFFERED="1")

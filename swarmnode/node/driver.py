@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from swarmnode.chain.client import RoundInfo, RoundStatus, SwarmContract
 from swarmnode.errors import (
     ChainError,
+    ChainTimeout,
+    ChainUnavailable,
     ContractReverted,
     PayloadRejected,
     RoundError,
@@ -23,6 +25,7 @@ from swarmnode.node.machine import (
     CheckIn,
     Done,
     Elect,
+    MarkAbsent,
     Merge,
     Observation,
     Pull,
@@ -115,46 +118,72 @@ class RoundDriver:
             if time.monotonic() - started > self.round_timeout_s:
                 raise RoundTimeout(
                     f"round {round} did not complete within {self.round_timeout_s:.0f} s "
-                    f"(stage {machine.stage.value}); check the other nodes' logs and `swarmnode status`"
+                    f"(stage {machine.stage.value}); check the other nodes' logs and "
+                    "`swarmnode status`"
                 )
-            info = self.chain.round(round)
-            collected: frozenset[str] = frozenset()
-            if info.status is RoundStatus.ELECTED and info.leader == self.me:
-                if info.attempt not in seeded and self.me in info.participants:
-                    self._seed_own(info, state, weight)
-                    seeded.add(info.attempt)
-                collected = self._collected(info)
-            action = machine.decide(Observation(time.time(), info, collected))
-            if isinstance(action, Wait):
-                time.sleep(action.seconds)
-            elif isinstance(action, CheckIn):
-                self._checkin(machine, action)
-            elif isinstance(action, Elect):
-                self._quiet(lambda: self.chain.elect(round), f"elect round {round}")
-            elif isinstance(action, Push):
-                self._push(machine, action, payload, weight)
-            elif isinstance(action, Merge):
-                self._merge(machine, action, info)
-            elif isinstance(action, Reelect):
-                log.warning(
-                    "round %d: leader %s missed the deadline; asking the contract to re-elect",
-                    round, action.leader,
-                )
-                self.pool.drop(action.leader)
-                self._quiet(lambda: self.chain.reelect(round), f"reelect round {round}")
-            elif isinstance(action, Pull):
-                self._pull(machine, action)
-            elif isinstance(action, Done):
-                stored = self.store.get(round)
+            try:
+                outcome = self._step(machine, state, payload, weight, seeded)
+            except (ChainUnavailable, ChainTimeout) as exc:  # transient: the round goes on
+                log.warning("round %d: chain not answering (%s); retrying", round, exc)
+                time.sleep(self.timing.retry_s)
+                continue
+            if outcome is not None:
                 return RoundOutcome(
-                    round=round,
-                    leader=info.leader,
-                    digest=None if action.abandoned else info.digest,
-                    data=None if action.abandoned or stored is None else stored.data,
-                    abandoned=action.abandoned,
-                    contributed=machine.checked_in and not machine.late,
+                    round=round, leader=outcome[0], digest=outcome[1], data=outcome[2],
+                    abandoned=outcome[1] is None, contributed=machine.checked_in and not machine.late,
                     seconds=time.monotonic() - started,
                 )
+
+    def _step(
+        self, machine: RoundMachine, state: StateDict, payload: bytes, weight: int,
+        seeded: set[int],
+    ) -> tuple[str | None, bytes | None, bytes | None] | None:
+        """Observe, decide, act once; (leader, digest, data) when the round is over for us."""
+        round = machine.round
+        info = self.chain.round(round)
+        collected: frozenset[str] = frozenset()
+        if info.status is RoundStatus.ELECTED and info.leader == self.me:
+            if info.attempt not in seeded and self.me in info.participants:
+                self._seed_own(info, state, weight)
+                seeded.add(info.attempt)
+            collected = self._collected(info)
+        now = time.time()
+        absent: tuple[str, ...] = ()
+        if (info.status is RoundStatus.OPEN and self.me in info.participants
+                and info.first_checkin_at and now >= info.first_checkin_at + self.timing.grace_s):
+            absent = tuple(self.chain.absent_candidates())
+        action = machine.decide(Observation(now, info, collected, absent))
+        if isinstance(action, Wait):
+            time.sleep(action.seconds)
+        elif isinstance(action, CheckIn):
+            self._checkin(machine, action)
+        elif isinstance(action, Elect):
+            self._quiet(lambda: self.chain.elect(round), f"elect round {round}")
+        elif isinstance(action, MarkAbsent):
+            for node in action.nodes:
+                log.warning("round %d: node %s missed the last rounds; marking it absent",
+                            round, node)
+                self._quiet(lambda n=node: self.chain.mark_absent(n), f"mark {node} absent")
+        elif isinstance(action, Push):
+            self._push(machine, action, payload, weight)
+        elif isinstance(action, Merge):
+            self._merge(machine, action, info)
+        elif isinstance(action, Reelect):
+            log.warning(
+                "round %d: leader %s missed the deadline; asking the contract to re-elect",
+                round, action.leader,
+            )
+            self.pool.drop(action.leader)
+            self._quiet(lambda: self.chain.reelect(round), f"reelect round {round}")
+        elif isinstance(action, Pull):
+            self._pull(machine, action)
+        elif isinstance(action, Done):
+            if action.abandoned:
+                log.warning("round %d: abandoned on chain (every leader failed)", round)
+                return info.leader, None, None
+            stored = self.store.get(round)
+            return info.leader, info.digest, None if stored is None else stored.data
+        return None
 
     # -- actions ----------------------------------------------------------------------------------
     def _quiet(self, fn, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ __all__ = [
     "CheckIn",
     "Done",
     "Elect",
+    "MarkAbsent",
     "Merge",
     "Observation",
     "Pull",
@@ -55,6 +56,14 @@ class CheckIn:
 @dataclass(frozen=True)
 class Elect:
     round: int
+
+
+@dataclass(frozen=True)
+class MarkAbsent:
+    """Nodes that missed the last rounds hold the election up: have the contract set them aside."""
+
+    round: int
+    nodes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ class Done:
     abandoned: bool = False
 
 
-Action = CheckIn | Elect | Push | Merge | Reelect | Pull | Wait | Done
+Action = CheckIn | Elect | MarkAbsent | Push | Merge | Reelect | Pull | Wait | Done
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ class Observation:
     now: float  # chain time (unix seconds)
     info: RoundInfo  # the round as the contract holds it
     collected: frozenset[str] = frozenset()  # leader: participants whose update is in
+    absent: tuple[str, ...] = ()  # active nodes that missed the last rounds (after the grace)
 
 
 class RoundMachine:
@@ -173,13 +183,14 @@ class RoundMachine:
             self.stage = Stage.CHECKIN
             return CheckIn(self.round, self.weight)
         self.stage = Stage.ELECTION if self.checked_in else Stage.COMMIT
-        if self.checked_in and len(info.participants) >= t.min_peers and info.first_checkin_at:
+        if self.checked_in and info.first_checkin_at:
             ready_at = info.first_checkin_at + t.grace_s
-            if obs.now >= ready_at:
-                if self._may_try("elect", obs.now):
-                    return Elect(self.round)
-            else:
+            if obs.now < ready_at:
                 return Wait(min(max(ready_at - obs.now, t.poll_s), 1.0), "grace period")
+            if obs.absent and self._may_try("absent", obs.now):
+                return MarkAbsent(self.round, obs.absent)
+            if len(info.participants) >= t.min_peers and self._may_try("elect", obs.now):
+                return Elect(self.round)
         return Wait(t.poll_s, "waiting for the election")
 
     def _elected(self, obs: Observation) -> Action:

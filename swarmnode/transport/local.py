@@ -133,13 +133,14 @@ class _Servicer:
                 if _wire.piece_data(piece) is not None:
                     raise PayloadRejected(f"{h.method}: payload bytes although has_payload=false")
             return h.method, args, None
-        assembler = serde.Assembler(h.total_bytes, self.o.max_bytes, f"payload of {h.method!r}")
-        for piece in frames:
-            data = _wire.piece_data(piece)
-            if data is None:
-                raise PayloadRejected(f"{h.method}: a second header in the stream")
-            assembler.add(data)
-        return h.method, args, bytes(assembler.finish().data)
+        what = f"payload of {h.method!r}"
+        with serde.Assembler(h.total_bytes, self.o.max_bytes, what) as assembler:
+            for piece in frames:
+                data = _wire.piece_data(piece)
+                if data is None:
+                    raise PayloadRejected(f"{h.method}: a second header in the stream")
+                assembler.add(data)
+            return h.method, args, assembler.finish().to_bytes()
 
     def Call(self, frames: Iterator[_wire.Piece], context: grpc.ServicerContext):
         method = "?"
@@ -327,13 +328,13 @@ class LocalClient:
         result = loads(h.json, f"the node's reply to {method!r}")
         if not h.has_payload:
             return result, None
-        assembler = serde.Assembler(h.total_bytes, self.max_bytes, f"reply to {method!r}")
-        for piece in replies:
-            data = _wire.piece_data(piece)
-            if data is None:
-                raise NodeError(f"the node's reply to {method!r} has a second header")
-            assembler.add(data)
-        return result, bytes(assembler.finish().data)
+        with serde.Assembler(h.total_bytes, self.max_bytes, f"reply to {method!r}") as assembler:
+            for piece in replies:
+                data = _wire.piece_data(piece)
+                if data is None:
+                    raise NodeError(f"the node's reply to {method!r} has a second header")
+                assembler.add(data)
+            return result, assembler.finish().to_bytes()
 
     def _error(self, method: str, err: grpc.RpcError, timeout: float | None) -> SwarmError:
         name = swarm_error_name(err)

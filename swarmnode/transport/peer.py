@@ -27,7 +27,9 @@ runs the probe, which names the likely reason; the server's gRPC core logs the h
 Payloads stream as ~1 MiB chunks (the first chunk carries round, weight, size and SHA-256) into a
 :class:`swarmnode.transport.serde.Assembler`, which refuses a stream as soon as it passes its
 announced size or the limit, then :mod:`serde` checks digest, header, spec and NaN/Inf before the
-handler sees a tensor. A hostile call ends that call only.
+handler sees a tensor. A hostile call ends that call only. Data chunks go through
+:mod:`swarmnode.transport._wire` (the same bytes on the wire as the generated ``peer_pb2`` code,
+fewer copies); ``benchmarks/transport.py`` measures the result against a raw socket.
 """
 
 from __future__ import annotations
@@ -160,13 +162,13 @@ class _Servicer:
             what = f"update for round {h.round} from {sender}"
             if len(h.digest) != 32:
                 raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
-            assembler = serde.Assembler(h.total_bytes, self.o.max_bytes, what)
-            for piece in request_iterator:
-                data = _wire.piece_data(piece)
-                if data is None:
-                    raise PayloadRejected(f"{what}: a second header in the stream")
-                assembler.add(data)
-            received = assembler.finish()
+            with serde.Assembler(h.total_bytes, self.o.max_bytes, what) as assembler:
+                for piece in request_iterator:
+                    data = _wire.piece_data(piece)
+                    if data is None:
+                        raise PayloadRejected(f"{what}: a second header in the stream")
+                    assembler.add(data)
+                received = assembler.finish()
             try:
                 state = received.decode(
                     expected_digest=h.digest, spec=self.o.spec,
@@ -276,7 +278,10 @@ class PeerServer:
             )
         server.start()
         self._server, self.port = server, port
-        log.info("peer API listening on %s (port %d), mutual TLS", self.bind, port)
+        log.info(
+            "peer API listening on %s (port %d), mutual TLS; refused TLS handshakes are logged "
+            "by gRPC itself when GRPC_VERBOSITY=INFO", self.bind, port,
+        )
         return port
 
     def stop(self, grace: float | None = None) -> None:
@@ -305,11 +310,12 @@ class PeerClient:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         pin_ttl: float = 60.0,
+        chunk_size: int = serde.CHUNK_SIZE,
     ) -> None:
         cert, key, trust = tls.load()
         self.endpoint, self.tls, self.authority = endpoint, tls, authority
         self.own_address, self.peer_address = own_address, peer_address
-        self.max_bytes, self.pin_ttl = max_bytes, pin_ttl
+        self.max_bytes, self.pin_ttl, self.chunk_size = max_bytes, pin_ttl, chunk_size
         self.who = f"peer {peer_address} at {endpoint}"
         creds = grpc.ssl_channel_credentials(trust, key, cert)
         self._channel = grpc.secure_channel(endpoint, creds, options=channel_options())
@@ -384,7 +390,7 @@ class PeerClient:
             yield pb.Chunk(header=pb.Header(
                 round=round, weight=weight, total_bytes=len(payload), digest=digest
             ))
-            yield from serde.chunks(payload)
+            yield from serde.chunks(payload, self.chunk_size)
 
         self._call(f"push of round {round}", timeout, lambda: self._push(
             stream(), timeout=timeout, metadata=self._md
@@ -411,18 +417,18 @@ class PeerClient:
         header = _wire.header_of(first) if first is not None else None
         if header is None:
             raise PayloadRejected(f"{what}: the stream does not start with a header")
-        assembler = serde.Assembler(header.total_bytes, self.max_bytes, what)
-        for piece in call:
-            data = _wire.piece_data(piece)
-            if data is None:
-                raise PayloadRejected(f"{what}: a second header in the stream")
-            assembler.add(data)
-        received = assembler.finish()
+        with serde.Assembler(header.total_bytes, self.max_bytes, what) as assembler:
+            for piece in call:
+                data = _wire.piece_data(piece)
+                if data is None:
+                    raise PayloadRejected(f"{what}: a second header in the stream")
+                assembler.add(data)
+            received = assembler.finish()
         try:
             received.check_digest(header.digest)
         except PayloadRejected as exc:
             raise PayloadRejected(f"{what}: {exc}") from None
-        return bytes(received.data)
+        return received.to_bytes()
 
     def health(self, timeout: float = 10.0) -> dict[str, Any]:
         reply = self._call("health", timeout, lambda: self._health(

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import struct
 import sys
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ if sys.byteorder != "little":  # safetensors is little-endian; so is every suppo
     raise ImportError("swarmnode's wire format needs a little-endian machine")
 
 CHUNK_SIZE = 1 << 20  # bytes per streamed chunk
+_BACKGROUND_HASH = 8 << 20  # payloads from this size on are hashed on a helper thread
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 _CODES: dict[torch.dtype, str] = {
@@ -211,6 +214,34 @@ def _not_safetensors(data: memoryview, why: str) -> PayloadRejected:
     )
 
 
+MAX_DEPTH = 4  # a safetensors header nests 3 deep: {name: {"shape": [...]}}
+_STEPS = bytes(1 if c in b"[{" else 255 if c in b"]}" else 0 for c in range(256))
+_BLOCK = 1 << 20
+
+
+def _too_deep(raw: bytes) -> bool:
+    """True if the JSON in ``raw`` nests deeper than MAX_DEPTH (brackets in strings not counted).
+
+    Checked before ``json.loads``, whose C parser recurses once per level: in a process whose
+    recursion limit was raised (web3's dependencies raise it to 100000), a header of 100 kB of
+    ``[`` would overflow the C stack and kill the node. Linear time, bounded memory.
+    """
+    # Neutralise escapes left to right as JSON reads them, so that every remaining '"' delimits.
+    clean = raw.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    depth, quotes = 0, 0
+    for start in range(0, len(clean), _BLOCK):
+        block = clean[start : start + _BLOCK]
+        is_quote = np.frombuffer(block, dtype=np.uint8) == 0x22
+        inside = (np.cumsum(is_quote, dtype=np.int64) + quotes) & 1
+        steps = np.frombuffer(block.translate(_STEPS), dtype=np.int8).copy()
+        steps[inside == 1] = 0
+        levels = np.cumsum(steps, dtype=np.int64) + depth
+        if int(levels.max()) > MAX_DEPTH:
+            return True
+        depth, quotes = int(levels[-1]), quotes + int(np.count_nonzero(is_quote))
+    return False
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -230,6 +261,8 @@ def _parse(view: memoryview) -> tuple[list[_Entry], int]:
             view, f"the first 8 bytes announce a {hlen}-byte header, {len(view) - 8} bytes follow"
         )
     raw = bytes(view[8 : 8 + hlen])
+    if _too_deep(raw):
+        raise _not_safetensors(view, f"the header nests deeper than {MAX_DEPTH} levels")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -280,7 +313,9 @@ def _uint(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _materialize(buf: bytearray, base: int, entries: list[_Entry]) -> dict[str, torch.Tensor]:
+def _materialize(
+    buf: bytearray | mmap.mmap, base: int, entries: list[_Entry]
+) -> dict[str, torch.Tensor]:
     """Tensors viewing ``buf`` (which the caller hands over); misaligned ones get their own copy."""
     out: dict[str, torch.Tensor] = {}
     for e in entries:
@@ -350,7 +385,10 @@ def _check_digest(got: bytes, expected: bytes | None) -> None:
 
 
 def _decode_checked(
-    view: memoryview, owned: bytearray | None, spec: ParamSpec | None, reject_nonfinite: bool
+    view: memoryview,
+    owned: bytearray | mmap.mmap | None,
+    spec: ParamSpec | None,
+    reject_nonfinite: bool,
 ) -> dict[str, torch.Tensor]:
     entries, start = _parse(view)
     if spec is not None:
@@ -369,9 +407,12 @@ def _decode_checked(
 class Assembler:
     """Collects a chunk stream of ``total_bytes`` announced bytes, hashing as it goes.
 
-    Refuses the moment the stream passes the announced size or ``max_bytes`` (an announcement over
-    the limit is refused before any data), and a stream that ends short. Memory grows with the
-    data that actually arrived, not with what the sender announced.
+    Refuses the moment the stream passes the announced size, an announcement over ``max_bytes``
+    before any data, and a stream that ends short. Each chunk is copied once, into place, in an
+    anonymous memory map of the announced size, whose pages the kernel commits only as data is
+    written: a lying announcement costs address space, not memory. Payloads of 8 MiB and more
+    are hashed on a helper thread while the next chunks arrive. Use as a context manager (or
+    call :meth:`close`) so that the helper stops when a stream is abandoned.
     """
 
     def __init__(self, total_bytes: int, max_bytes: int, what: str = "payload") -> None:
@@ -381,37 +422,63 @@ class Assembler:
                 "bytes (raise max_update_mb if the model really is that large)"
             )
         self.total, self.what = total_bytes, what
-        self._buf = bytearray()
+        self._buf: mmap.mmap | bytearray = bytearray()
+        if total_bytes:
+            self._buf = mmap.mmap(-1, total_bytes)
+        self._view = memoryview(self._buf)
+        self._n = 0
         self._sha = hashlib.sha256()
+        self._hasher = (
+            ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            if total_bytes >= _BACKGROUND_HASH else None
+        )
 
     @property
     def received(self) -> int:
-        return len(self._buf)
+        return self._n
 
     def add(self, data: bytes | memoryview) -> None:
-        if len(self._buf) + len(data) > self.total:
+        end = self._n + len(data)
+        if end > self.total:
+            self.close()
             raise PayloadRejected(
                 f"{self.what}: the stream carries more than the {self.total} bytes announced in "
                 "its header; refused"
             )
-        self._buf += data
-        self._sha.update(data)
+        self._view[self._n : end] = data
+        if self._hasher is not None:
+            self._hasher.submit(self._sha.update, self._view[self._n : end])
+        else:
+            self._sha.update(data)
+        self._n = end
 
     def finish(self) -> Received:
-        if len(self._buf) != self.total:
+        self.close()
+        if self._n != self.total:
             raise PayloadRejected(
-                f"{self.what}: the stream ended after {len(self._buf)} of the {self.total} bytes "
+                f"{self.what}: the stream ended after {self._n} of the {self.total} bytes "
                 "announced (truncated: the sender stopped or the connection broke); send it again"
             )
-        buf, self._buf = self._buf, bytearray()
-        return Received(buf, self._sha.digest())
+        return Received(self._buf, self._sha.digest())
+
+    def close(self) -> None:
+        """Wait for the hashing helper, if any, and stop it."""
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
+
+    def __enter__(self) -> Assembler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True, eq=False)
 class Received:
     """A complete payload and its SHA-256, computed while it arrived."""
 
-    data: bytearray
+    data: bytearray | mmap.mmap
     digest: bytes
 
     def check_digest(self, expected: bytes | None) -> None:
@@ -423,3 +490,6 @@ class Received:
         """Like :func:`decode` (the size was checked on arrival); the tensors view ``data``."""
         _check_digest(self.digest, expected_digest)
         return _decode_checked(memoryview(self.data), self.data, spec, reject_nonfinite)
+
+    def to_bytes(self) -> bytes:
+        return bytes(self.data)

@@ -82,7 +82,7 @@ def refused_message(who: str, cert: Path | None, trust: Path) -> str:
     )
     return (
         f"{who} closed the TLS handshake: our certificate is not trusted by it (foreign CA?) or "
-        f"expired. {why[0].upper() + why[1:]}"
+        f"expired; {why}"
     )
 
 

@@ -139,3 +139,16 @@ def test_observation_of_another_round_is_refused() -> None:
     m = RoundMachine(A, 2, weight=5, timing=T)
     with pytest.raises(Exception, match="round 1"):
         m.decide(Observation(1, info(round=1)))
+
+
+def test_absent_nodes_are_set_aside_after_the_grace_period() -> None:
+    m = RoundMachine(A, 5, weight=1, timing=T)
+    m.on_checked_in()
+    alone = info(participants=[A], first=100, round=5)
+    early = m.decide(Observation(101, alone, absent=(C,)))
+    assert isinstance(early, Wait) and early.reason == "grace period"
+    from swarmnode.node.machine import MarkAbsent
+
+    assert m.decide(Observation(102, alone, absent=(C,))) == MarkAbsent(5, (C,))
+    # 1 participant < min_peers: no elect() attempt, just wait for the contract to elect
+    assert isinstance(m.decide(Observation(102.1, alone, absent=(C,))), Wait)

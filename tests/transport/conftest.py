@@ -1,45 +1,15 @@
-"""Real certificates in tmp dirs, and in-memory stand-ins for the chain and the node service.
-
-The stand-ins answer the peer API's questions (who holds which certificate fingerprint, who takes
-part in a round) the way the chain-backed ones in ``swarmnode.node`` do; the certificates, the
-gRPC servers and the TLS handshakes are real.
-"""
+"""Fixtures of the transport tests: a CA and trust bundle made in a tmp dir per module."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-import threading
-from dataclasses import dataclass, field
-from pathlib import Path
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # hide the handshake failures we provoke
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+from transport_support import Pki  # noqa: E402
 
-from swarmnode.errors import RoundError  # noqa: E402
-from swarmnode.identity import (  # noqa: E402
-    TlsFiles,
-    create_ca,
-    issue_node_cert,
-    make_bundle,
-)
-
-NOW = dt.datetime.now(dt.UTC)
-
-
-@dataclass
-class Pki:
-    root: Path
-    ca: tuple[Path, Path]
-    trust: Path
-
-    def node(self, name: str, ca: tuple[Path, Path] | None = None, trust: Path | None = None,
-             **kw: object) -> TlsFiles:
-        cert, key = issue_node_cert(*(ca or self.ca), self.root / name, name,
-                                    dns=["localhost"], ips=["127.0.0.1"], **kw)
-        return TlsFiles(cert, key, trust or self.trust)
+from swarmnode.identity import create_ca, make_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,56 +17,3 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
     ca = create_ca(root / "ca", "Swarm CA", org="Consortium")
     return Pki(root, ca, make_bundle([ca[0]], root / "trust.pem"))
-
-
-@dataclass
-class MemoryAuthority:
-    """PeerAuthority over dicts: address -> fingerprint (None: revoked), round -> participants."""
-
-    fingerprints: dict[str, bytes | None] = field(default_factory=dict)
-    participants: dict[int, set[str]] = field(default_factory=dict)
-
-    def fingerprint_of(self, address: str) -> bytes | None:
-        return self.fingerprints.get(address)
-
-    def is_participant(self, round: int, address: str) -> bool:
-        return address in self.participants.get(round, set())
-
-
-@dataclass
-class MemoryHandler:
-    """PeerHandler: accepts one update per sender for the current round, serves merged models."""
-
-    current_round: int = 1
-    updates: dict[tuple[int, str], tuple[int, dict[str, torch.Tensor], bytes]] = field(
-        default_factory=dict
-    )
-    merged_models: dict[int, bytes] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def accept_update(self, round: int, sender: str, weight: int,
-                      state: dict[str, torch.Tensor], digest: bytes) -> None:
-        with self.lock:
-            if round != self.current_round:
-                raise RoundError(
-                    f"round {round} is not the current round {self.current_round}; "
-                    "update refused (stale or replayed)"
-                )
-            if (round, sender) in self.updates:
-                raise RoundError(f"round {round}: {sender} already sent its update (replayed?)")
-            self.updates[(round, sender)] = (weight, state, digest)
-
-    def merged(self, round: int, timeout: float) -> bytes | None:
-        return self.merged_models.get(round)
-
-    def health(self) -> dict[str, object]:
-        return {"round": self.current_round, "stage": "collecting"}
-
-
-def model_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "fc.weight": torch.randn(8, 4, generator=g),
-        "fc.bias": torch.randn(8, generator=g),
-        "bn.num_batches": torch.tensor(3, dtype=torch.int64),
-    }

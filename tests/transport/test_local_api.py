@@ -1,0 +1,170 @@
+"""The local API between a trainer and its node: unix socket by default, TCP with mutual TLS."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transport_support import Pki
+
+from swarmnode.errors import (
+    ConfigError,
+    NodeError,
+    PayloadRejected,
+    PeerRefused,
+    RoundError,
+    SpecMismatch,
+)
+from swarmnode.identity import create_ca, make_bundle
+from swarmnode.transport.local import LocalClient, LocalServer
+
+MiB = 1 << 20
+
+
+class Node:
+    """LocalHandler: echoes, fails on demand, and has a `sync` that blocks until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.waiting = threading.Semaphore(0)
+
+    def call(self, method: str, args: dict[str, Any], payload: bytes | None):  # type: ignore[no-untyped-def]
+        if method == "echo":
+            return {"method": method, "args": args, "size": len(payload or b"")}, payload
+        if method == "status":
+            return {"stage": "round"}, None
+        if method == "sync":
+            self.waiting.release()
+            self.release.wait(30)
+            return {"round": 1}, None
+        if method == "fail":
+            raise {"RoundError": RoundError, "SpecMismatch": SpecMismatch}[args["cls"]](args["msg"])
+        if method == "crash":
+            raise ZeroDivisionError("division by zero")
+        raise NodeError(f"unknown local API method {method!r}")
+
+
+@pytest.fixture()
+def sock(tmp_path: Path) -> str:
+    return f"unix://{tmp_path}/run/node.sock"
+
+
+@pytest.fixture()
+def served(sock: str) -> Iterator[tuple[Node, LocalClient]]:
+    node = Node()
+    with LocalServer(sock, node, max_bytes=64 * MiB), LocalClient(sock) as client:
+        client.wait_ready(5)
+        yield node, client
+        node.release.set()
+
+
+def test_unix_round_trip(served, tmp_path: Path) -> None:
+    _, client = served
+    assert client.call("echo", {"a": [1, "x"], "b": None}) == (
+        {"method": "echo", "args": {"a": [1, "x"], "b": None}, "size": 0}, None)
+    reply, back = client.call("echo", {}, b"\x00\x01" * 10)
+    assert reply["size"] == 20 and back == b"\x00\x01" * 10
+    assert client.call("echo", {}, b"") == ({"method": "echo", "args": {}, "size": 0}, b"")
+    path = tmp_path / "run" / "node.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_big_payload_both_ways(served) -> None:
+    _, client = served
+    data = os.urandom(40 * MiB)
+    reply, back = client.call("echo", {"n": 1}, data, timeout=60)
+    assert reply["size"] == len(data) and back == data
+
+
+def test_payload_over_the_limit(served) -> None:
+    _, client = served
+    with pytest.raises(PayloadRejected, match=r"payload of 'echo'.*over the limit of 67108864"):
+        client.call("echo", {}, bytes(65 * MiB), timeout=60)
+
+
+@pytest.mark.parametrize("cls", [RoundError, SpecMismatch])
+def test_error_class_and_message_reach_the_trainer(served, cls: type) -> None:
+    _, client = served
+    message = f"round 3: the trainer's setting x differs ({cls.__name__}); use the swarm's"
+    with pytest.raises(cls) as err:
+        client.call("fail", {"cls": cls.__name__, "msg": message})
+    assert type(err.value) is cls and str(err.value) == message
+    with pytest.raises(NodeError, match="unknown local API method 'nope'"):
+        client.call("nope", {})
+    with pytest.raises(NodeError, match="failed internally.*ZeroDivisionError"):
+        client.call("crash", {})
+
+
+def test_long_calls_do_not_starve_status(served) -> None:
+    node, client = served
+    blocked = [threading.Thread(target=client.call, args=("sync", {}), kwargs={"timeout": 30})
+               for _ in range(8)]
+    for t in blocked:
+        t.start()
+    try:
+        for _ in blocked:
+            assert node.waiting.acquire(timeout=10)  # all eight sit inside a round
+        assert client.call("status", {}, timeout=5) == ({"stage": "round"}, None)
+    finally:
+        node.release.set()
+        for t in blocked:
+            t.join(10)
+
+
+def test_no_node_service(tmp_path: Path) -> None:
+    target = f"unix://{tmp_path}/nobody.sock"
+    with LocalClient(target) as client:
+        with pytest.raises(NodeError, match=rf"no node service at {target}: start it with "
+                                            r"`swarmnode run --config \.\.\.`"):
+            client.wait_ready(0.3)
+        with pytest.raises(NodeError, match="no node service at"):
+            client.call("status", {}, timeout=2)
+
+
+def test_socket_file_handling(sock: str, tmp_path: Path) -> None:
+    path = tmp_path / "run" / "node.sock"
+    path.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX)  # a socket file nobody listens on: a dead node's
+    stale.bind(str(path))
+    stale.close()
+    with LocalServer(sock, Node()) as server, LocalClient(sock) as client:
+        assert client.call("status", {}) == ({"stage": "round"}, None)
+        with pytest.raises(NodeError, match="already serves the local API"):
+            LocalServer(sock, Node()).start()
+        assert server.address == sock
+    assert not path.exists()  # removed on stop
+    path.write_text("not a socket")
+    with pytest.raises(NodeError, match="exists and is not a socket"):
+        LocalServer(sock, Node()).start()
+    with pytest.raises(ConfigError, match="longer than 107 bytes"):
+        LocalServer(f"unix://{tmp_path}/{'x' * 120}.sock", Node())
+
+
+def test_tcp_needs_and_uses_mutual_tls(pki: Pki) -> None:
+    node_tls, trainer_tls = pki.node("local-node"), pki.node("trainer")
+    with pytest.raises(ConfigError, match=r"over TCP \(127.0.0.1:0\) needs mutual TLS"):
+        LocalServer("127.0.0.1:0", Node())
+    with pytest.raises(ConfigError, match="needs mutual TLS"):
+        LocalClient("127.0.0.1:1")
+    with pytest.raises(ConfigError, match="is not host:port"):
+        LocalServer("localhost", Node(), tls=node_tls)
+    with LocalServer("127.0.0.1:0", Node(), tls=node_tls) as server:
+        assert server.port > 0
+        with LocalClient(server.address, tls=trainer_tls) as client:
+            client.wait_ready(5)
+            data = os.urandom(3 * MiB + 5)
+            reply, back = client.call("echo", {"tcp": True}, data, timeout=30)
+            assert reply["args"] == {"tcp": True} and back == data
+        rogue_ca = create_ca(pki.root / "rogue-ca", "Rogue CA")
+        rogue = pki.node("rogue-trainer", ca=rogue_ca, trust=make_bundle(
+            [pki.ca[0], rogue_ca[0]], pki.root / "rogue-trust.pem"))
+        with LocalClient(server.address, tls=rogue) as client:
+            with pytest.raises(PeerRefused, match="closed the TLS handshake"):
+                client.call("status", {}, timeout=5)
