@@ -7,8 +7,11 @@ pragma solidity ^0.8.24;
 /// the contract elects a merge leader among the checked-in nodes. The leader commits the merged
 /// model's digest; only metadata and digests ever go on chain. Every step emits an event, so the
 /// chain holds an audit log of the whole training.
+/// A node whose process died stays enrolled; once it missed ABSENT_AFTER_ROUNDS rounds any node
+/// may mark it absent (a leader that let its deadline pass is marked at once), and no round waits
+/// for it any more. Checking in again brings it back.
 /// @dev Gas layout: the global counters and the counters of the one open round share one slot
-/// (`_s`); a node's flags, last-seen time and last check-in round share one slot; a round's leader,
+/// (`_s`); a node's flags, last-seen time and rounds share one slot; a round's leader,
 /// attempt, participant count and times share one slot; each participant is one slot holding its
 /// address and weight. A check-in therefore writes one new slot and updates two it has read.
 /// A round's status is derived: before the current round it is Committed (digest set) or
@@ -26,11 +29,13 @@ contract SwarmLearning {
         uint40 lastSeen; // timestamp of the node's last state-changing call
         uint32 lastCheckinRound; // the last round the node checked in for
         uint32 failedRound; // the round in which it last failed as leader
+        uint32 enrolledRound; // the current round when it enrolled
         uint16 index; // position in _nodeList
         bool authorized;
         bool enrolled;
         bool revoked;
         bool finished;
+        bool absent; // marked absent (stopped taking part); a check-in clears it
     }
 
     struct Round {
@@ -46,8 +51,9 @@ contract SwarmLearning {
     struct State {
         uint32 currentRound;
         uint32 finalRound; // 0 = not fixed yet
-        uint16 activeCount; // enrolled, not revoked, not finished
-        uint16 liveCount; // enrolled, not revoked
+        uint16 activeCount; // enrolled, not revoked, not finished, not absent
+        uint16 liveCount; // enrolled, not revoked (absent ones included)
+        uint16 absentCount; // enrolled, not revoked, absent
         uint16 openCount; // participants of the open (current, unelected) round
         uint16 openActive; // ... of which active
         uint32 openFirstAt; // first check-in time of the open round
@@ -56,6 +62,9 @@ contract SwarmLearning {
     }
 
     uint256 private constant MAX_WEIGHT = (1 << 96) - 1;
+    /// A node may be marked absent once the current round is this many rounds past the later of
+    /// its last check-in and its enrolment round.
+    uint32 public constant ABSENT_AFTER_ROUNDS = 2;
 
     bytes32 public immutable specHash;
     uint32 public immutable minPeers;
@@ -85,6 +94,8 @@ contract SwarmLearning {
         uint256 indexed round, address indexed leader, bytes32 digest, address[] members
     );
     event NodeFinished(address indexed node);
+    event NodeAbsent(address indexed node, uint256 lastCheckinRound);
+    event NodeReturned(address indexed node);
     event FinalRound(uint256 indexed round);
     event TrainingFinished(uint256 indexed round, bytes32 digest);
     event MetricsReported(uint256 indexed round, address indexed node, int256 loss, int256 metric);
@@ -153,7 +164,8 @@ contract SwarmLearning {
 
         State memory s = _s;
         s.liveCount--;
-        if (!n.finished) s.activeCount--;
+        if (n.absent) s.absentCount--;
+        else if (!n.finished) s.activeCount--;
         uint256 cur = s.currentRound;
         Round storage rd = _rounds[cur];
         bool open = !s.elected;
@@ -202,6 +214,7 @@ contract SwarmLearning {
         if (_nodeList.length >= type(uint16).max) revert("the swarm is full (65535 nodes)");
         n.index = uint16(_nodeList.length);
         n.enrolled = true;
+        n.enrolledRound = s.currentRound;
         n.lastSeen = uint40(block.timestamp);
         _node[msg.sender] = n;
         _nodeList.push(msg.sender);
@@ -224,7 +237,7 @@ contract SwarmLearning {
     }
 
     /// @notice Check in for the open round with the node's merge weight; elects the leader when
-    /// this check-in completes the set of required nodes.
+    /// this check-in completes the set of required nodes. An absent node returns with it.
     function checkin(uint256 round, uint256 weight) external {
         State memory s = _s;
         if (s.finished) _revertFinished(s);
@@ -249,6 +262,7 @@ contract SwarmLearning {
         if (weight > MAX_WEIGHT) {
             revert(string.concat("weight ", _u(weight), " is too large (at most 2^96-1)"));
         }
+        if (n.absent) _return(msg.sender, n, s);
         n.lastCheckinRound = uint32(round);
         n.lastSeen = uint40(block.timestamp);
         _node[msg.sender] = n;
@@ -337,7 +351,8 @@ contract SwarmLearning {
         _s = s;
     }
 
-    /// @notice After the round deadline, a participant replaces a leader that did not commit.
+    /// @notice After the round deadline, a participant replaces a leader that did not commit; the
+    /// failed leader is marked absent unless it finished.
     function reelect(uint256 round) external {
         State memory s = _s;
         if (s.finished) _revertFinished(s);
@@ -364,8 +379,14 @@ contract SwarmLearning {
             ));
         }
         address old = rd.leader;
-        _node[old].failedRound = uint32(round);
+        NodeState memory on = _node[old];
+        on.failedRound = uint32(round);
         emit LeaderFailed(round, old);
+        // it evidently stopped answering: no later round waits for it (a check-in brings it back)
+        bool gone = on.enrolled && !on.revoked && !on.finished && !on.absent;
+        if (gone) _absent(old, on, s);
+        _node[old] = on;
+        if (gone && s.activeCount == 0 && s.finalRound == 0) _fixFinal(s, false);
 
         uint256 n = rd.count;
         address[] memory candidates = new address[](n);
@@ -387,6 +408,7 @@ contract SwarmLearning {
             _s = s;
             return;
         }
+        if (gone) _s = s;
         uint16 attempt = rd.attempt + 1;
         bytes32 seed = keccak256(abi.encodePacked(blockhash(block.number - 1), round, uint256(attempt)));
         address next = candidates[uint256(seed) % k];
@@ -403,6 +425,7 @@ contract SwarmLearning {
         if (s.finished) _revertFinished(s);
         NodeState memory n = _live(msg.sender);
         if (n.finished) revert(string.concat("node ", _addr(msg.sender), " already finished"));
+        if (n.absent) _return(msg.sender, n, s);
         n.finished = true;
         n.lastSeen = uint40(block.timestamp);
         _node[msg.sender] = n;
@@ -411,6 +434,50 @@ contract SwarmLearning {
         bool open = !s.elected;
         if (open && n.lastCheckinRound == cur) s.openActive--;
         emit NodeFinished(msg.sender);
+        if (s.activeCount == 0 && s.finalRound == 0) _fixFinal(s, open);
+        if (open && _allRequired(s, cur)) _elect(s, _rounds[cur], cur);
+        else _s = s;
+    }
+
+    /// @notice Mark `node` absent: it missed the last ABSENT_AFTER_ROUNDS rounds (its process
+    /// evidently died). It leaves the active nodes, so neither the open rounds nor the final round
+    /// wait for it; if every other node finished, the final round is fixed. Checking in again
+    /// brings it back. Any enrolled, non-revoked node may call it.
+    function markAbsent(address node) external {
+        State memory s = _s;
+        if (s.finished) _revertFinished(s);
+        _live(msg.sender);
+        NodeState memory n = _node[node];
+        if (n.revoked) {
+            revert(string.concat("node ", _addr(node), " is revoked; it is not waited for anyway"));
+        }
+        if (!n.enrolled) revert(string.concat("node ", _addr(node), " is not enrolled"));
+        if (n.finished) {
+            revert(string.concat(
+                "node ", _addr(node), " finished; a finished node cannot be marked absent"
+            ));
+        }
+        if (n.absent) {
+            revert(string.concat(
+                "node ", _addr(node), " is already absent (last check-in: round ",
+                _u(n.lastCheckinRound), ")"
+            ));
+        }
+        uint256 cur = s.currentRound;
+        uint256 since = n.lastCheckinRound > n.enrolledRound ? n.lastCheckinRound : n.enrolledRound;
+        if (cur < since + ABSENT_AFTER_ROUNDS) {
+            string memory what = n.lastCheckinRound != 0
+                ? " last checked in for round "
+                : " enrolled in round ";
+            revert(string.concat(
+                "node ", _addr(node), what, _u(since),
+                "; it can be marked absent from round ", _u(since + ABSENT_AFTER_ROUNDS),
+                " (the current round is ", _u(cur), ")"
+            ));
+        }
+        _absent(node, n, s);
+        _node[node] = n;
+        bool open = !s.elected;
         if (s.activeCount == 0 && s.finalRound == 0) _fixFinal(s, open);
         if (open && _allRequired(s, cur)) _elect(s, _rounds[cur], cur);
         else _s = s;
@@ -443,6 +510,10 @@ contract SwarmLearning {
         return _s.activeCount;
     }
 
+    function absentCount() external view returns (uint256) {
+        return _s.absentCount;
+    }
+
     function nodeList() external view returns (address[] memory) {
         return _nodeList;
     }
@@ -457,12 +528,15 @@ contract SwarmLearning {
             bool enrolled,
             bool revoked,
             bool finished,
-            uint256 lastSeen
+            uint256 lastSeen,
+            bool absent,
+            uint256 lastCheckinRound,
+            uint256 enrolledRound
         )
     {
         NodeState memory n = _node[node];
         return (_fingerprint[node], _endpoint[node], n.authorized, n.enrolled, n.revoked,
-            n.finished, n.lastSeen);
+            n.finished, n.lastSeen, n.absent, n.lastCheckinRound, n.enrolledRound);
     }
 
     function roundInfo(uint256 round)
@@ -525,10 +599,10 @@ contract SwarmLearning {
     }
 
     /// Every node required for `round` has checked in: all active nodes, or in the final round
-    /// every enrolled node that is not revoked.
+    /// every enrolled node that is neither revoked nor absent.
     function _allRequired(State memory s, uint256 round) internal view returns (bool) {
         if (s.openCount == 0) return false;
-        if (round == s.finalRound) return s.openCount >= s.liveCount;
+        if (round == s.finalRound) return s.openCount >= s.liveCount - s.absentCount;
         // min_peers holds here too: while fewer than minPeers nodes are enrolled, every one of
         // them checking in is not enough (finished nodes still count as enrolled, so a swarm
         // whose other trainers are done can go on with its last active node).
@@ -582,6 +656,22 @@ contract SwarmLearning {
                 ));
             }
         }
+    }
+
+    /// `node` (state `n`, written back by the caller) leaves the active nodes as absent.
+    function _absent(address node, NodeState memory n, State memory s) internal {
+        n.absent = true;
+        s.activeCount--;
+        s.absentCount++;
+        emit NodeAbsent(node, n.lastCheckinRound);
+    }
+
+    /// The absent `node` (state `n`, written back by the caller) is back among the active nodes.
+    function _return(address node, NodeState memory n, State memory s) internal {
+        n.absent = false;
+        s.activeCount++;
+        s.absentCount--;
+        emit NodeReturned(node);
     }
 
     function _fixFinal(State memory s, bool currentOpen) internal {

@@ -72,6 +72,9 @@ _HINTS = (
     ("has until", "wait for the round deadline, then re-elect"),
     ("only the admin", "sign with the admin account (the deployer)"),
     ("only its leader", "only the elected leader commits; the others pull its merged model"),
+    ("can be marked absent from round", "wait until that round; the node may still come back"),
+    ("cannot be marked absent", "only a node that neither finished nor was revoked can be"),
+    ("is already absent", "nothing to do; a check-in by that node brings it back"),
 )
 
 
@@ -231,6 +234,15 @@ class SwarmContract:
         """Participant: replace a leader that missed the round deadline."""
         return self._transact("reelect", (round,), f"reelect(round {round})")
 
+    def mark_absent(self, node: str) -> TxResult:
+        """Mark ``node`` absent: it missed the last rounds, so no round waits for it any more.
+
+        Allowed once the current round is ``settings().absent_after_rounds`` past the later of
+        its last check-in and its enrolment round (see :meth:`absent_candidates`).
+        """
+        node = self._address_arg(node, "node")
+        return self._transact("markAbsent", (node,), f"markAbsent({node})")
+
     def finish(self) -> TxResult:
         """This node's trainer is done (the last one fixes the final round)."""
         return self._transact("finish", (), "finish()")
@@ -251,6 +263,7 @@ class SwarmContract:
                 grace_s=int(self._call("graceSeconds")),
                 deadline_s=int(self._call("roundDeadline")),
                 admin=str(self._call("admin")),
+                absent_after_rounds=int(self._call("ABSENT_AFTER_ROUNDS")),
             )
         return self._settings
 
@@ -285,24 +298,45 @@ class SwarmContract:
         return bool(self._call("trainingFinished"))
 
     def active_count(self) -> int:
-        """Enrolled nodes that are neither revoked nor finished."""
+        """Enrolled nodes that are neither revoked, finished nor absent."""
         return int(self._call("activeCount"))
+
+    def absent_count(self) -> int:
+        """Enrolled, non-revoked nodes marked absent."""
+        return int(self._call("absentCount"))
 
     def node(self, address: str) -> NodeInfo:
         """What the contract knows about ``address``."""
         address = self._address_arg(address, "node")
-        fp, endpoint, authorized, enrolled, revoked, finished, last_seen = self._call(
-            "nodeInfo", address
-        )
+        (fp, endpoint, authorized, enrolled, revoked, finished, last_seen, absent, last_checkin,
+         enrolled_round) = self._call("nodeInfo", address)
         return NodeInfo(
             address=address, fingerprint=bytes(fp), endpoint=str(endpoint),
             authorized=bool(authorized), enrolled=bool(enrolled), revoked=bool(revoked),
-            finished=bool(finished), last_seen=int(last_seen),
+            finished=bool(finished), last_seen=int(last_seen), absent=bool(absent),
+            last_checkin_round=int(last_checkin), enrolled_round=int(enrolled_round),
         )
 
     def nodes(self) -> list[NodeInfo]:
         """Every enrolled node, in enrolment order."""
         return [self.node(a) for a in self._call("nodeList")]
+
+    def absent_candidates(self) -> list[str]:
+        """Nodes that :meth:`mark_absent` would accept now, in enrolment order.
+
+        Enrolled, neither revoked, finished nor absent, and the current round is at least
+        ``absent_after_rounds`` past the later of the node's last check-in and enrolment round.
+        Empty once the training finished.
+        """
+        if self.training_finished():
+            return []
+        after = self.settings().absent_after_rounds
+        current = self.current_round()
+        return [
+            n.address for n in self.nodes()
+            if n.enrolled and not (n.revoked or n.finished or n.absent)
+            and current >= max(n.last_checkin_round, n.enrolled_round) + after
+        ]
 
     def round(self, r: int) -> RoundInfo:
         """Round ``r``: status, leader, attempt, participants in check-in order, digest."""

@@ -34,6 +34,7 @@ class ContractSettings:
     grace_s: int
     deadline_s: int
     admin: str
+    absent_after_rounds: int = 2  # markAbsent needs this many rounds since the last check-in
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,19 @@ class NodeInfo:
     revoked: bool
     finished: bool
     last_seen: int  # unix time of its last state-changing call
+    absent: bool = False  # marked absent (stopped taking part); a check-in brings it back
+    last_checkin_round: int = 0  # the last round it checked in for (0: none)
+    enrolled_round: int = 0  # the current round when it enrolled (0: not enrolled)
 
     @property
     def state(self) -> str:
-        """One word: revoked, finished, active, authorized or unknown."""
+        """One word: revoked, finished, absent, active, authorized or unknown."""
         if self.revoked:
             return "revoked"
         if self.finished:
             return "finished"
+        if self.absent:
+            return "absent"
         if self.enrolled:
             return "active"
         if self.authorized:

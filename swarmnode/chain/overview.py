@@ -58,6 +58,7 @@ class Overview:
                     "fingerprint": n.fingerprint.hex(),
                     "state": n.state,
                     "last_seen": n.last_seen,
+                    "last_checkin_round": n.last_checkin_round,
                 }
                 for n in self.nodes
             ],

@@ -295,6 +295,7 @@ def test_reelect_replaces_the_leader_and_abandons_when_none_is_left(
     expected = expected_pick(swarm.backend.w3, result.block, 1, [survivor.account_address], 2)
     assert tx_events(swarm, result) == [
         ("LeaderFailed", {"round": 1, "leader": first.account_address}),
+        ("NodeAbsent", {"node": first.account_address, "lastCheckinRound": 1}),
         ("LeaderElected", {"round": 1, "leader": expected, "attempt": 2, "participantCount": 2}),
     ]
     assert expected == survivor.account_address
@@ -307,6 +308,7 @@ def test_reelect_replaces_the_leader_and_abandons_when_none_is_left(
     result = first.reelect(1)  # a failed leader is still a participant
     assert tx_events(swarm, result) == [
         ("LeaderFailed", {"round": 1, "leader": survivor.account_address}),
+        ("NodeAbsent", {"node": survivor.account_address, "lastCheckinRound": 1}),
         ("RoundAbandoned", {"round": 1}),
     ]
     info = swarm.admin.round(1)
@@ -448,6 +450,197 @@ def test_final_round_follows_an_elected_round_and_closes_enrolment(
     b.checkin(2, 1)
     swarm.leader(2).commit_merge(2, DIGEST, [a.account_address, b.account_address])
     assert swarm.admin.training_finished()
+
+
+# ------------------------------------------------------------------ absent nodes
+
+
+def names(swarm: Swarm, result: TxResult) -> list[str]:
+    return [name for name, _ in tx_events(swarm, result)]
+
+
+def close_round(swarm: Swarm, round: int, nodes: Sequence[SwarmContract]) -> None:
+    """``nodes`` check in for ``round``; elect it (grace path) if needed, and commit it."""
+    for i, node in enumerate(nodes):
+        node.checkin(round, 10 + i)
+    if swarm.admin.round(round).status is RoundStatus.OPEN:
+        swarm.backend.advance(swarm.admin.settings().grace_s)
+        nodes[0].elect(round)
+    parts = swarm.admin.round(round).participants
+    swarm.leader(round).commit_merge(round, DIGEST, parts)
+    assert swarm.admin.current_round() == round + 1
+
+
+def test_mark_absent_rules_and_success(make_swarm: MakeSwarm) -> None:
+    swarm = make_swarm(nodes=5, min_peers=2, grace=0, spare=1)
+    a, b, dead, done, gone = swarm.nodes
+    addr = dead.account_address
+    swarm.admin.revoke(gone.account_address)
+    done.finish()
+    assert swarm.admin.settings().absent_after_rounds == 2
+    with refused(f"node {addr} enrolled in round 1; it can be marked absent from round 3 "
+                 r"\(the current round is 1\)"):
+        a.mark_absent(addr)
+    close_round(swarm, 1, [a, b])
+    close_round(swarm, 2, [a, b])
+    assert swarm.admin.absent_candidates() == [addr]
+    with refused(f"node {a.account_address} last checked in for round 2; it can be marked absent "
+                 r"from round 4 \(the current round is 3\)"):
+        b.mark_absent(a.account_address)
+    with refused(f"node {swarm.stranger.account_address} is not enrolled"):
+        swarm.stranger.mark_absent(addr)
+    with refused(f"node {gone.account_address} is revoked; it can take no further part"):
+        gone.mark_absent(addr)
+    with refused(f"node {gone.account_address} is revoked; it is not waited for"):
+        a.mark_absent(gone.account_address)
+    with refused(f"node {done.account_address} finished; a finished node cannot be marked"):
+        a.mark_absent(done.account_address)
+    with refused(f"node {swarm.spare[0].account_address} is not enrolled"):
+        a.mark_absent(swarm.spare[0].account_address)
+
+    assert swarm.admin.active_count() == 3
+    result = done.mark_absent(addr)  # a finished node may mark too
+    assert tx_events(swarm, result) == [("NodeAbsent", {"node": addr, "lastCheckinRound": 0})]
+    info = swarm.admin.node(addr)
+    assert (info.absent, info.state, info.last_checkin_round, info.enrolled_round) == (
+        True, "absent", 0, 1)
+    assert (swarm.admin.active_count(), swarm.admin.absent_count()) == (2, 1)
+    assert swarm.admin.absent_candidates() == []
+    with refused(f"node {addr} is already absent"):
+        b.mark_absent(addr)
+    a.checkin(3, 1)
+    last = b.checkin(3, 1)  # every active node is in: no grace wait for the absent one
+    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    swarm.admin.revoke(addr)  # revoking an absent node leaves the counts consistent
+    assert (swarm.admin.active_count(), swarm.admin.absent_count()) == (2, 0)
+    assert swarm.admin.node(addr).state == "revoked"
+
+
+def test_mark_absent_unblocks_the_last_active_node(make_swarm: MakeSwarm) -> None:
+    swarm = make_swarm(nodes=3, min_peers=2, grace=1000)
+    a, b, dead = swarm.nodes
+    close_round(swarm, 1, [a, b, dead])
+    close_round(swarm, 2, [a, b])  # the dead node is gone since round 2
+    b.finish()
+    a.checkin(3, 1)  # 1 of 2 min peers, and the dead node never checks in: the swarm hangs
+    swarm.backend.advance(1000)
+    with refused("round 3: 1 of 2 min peers checked in"):
+        a.elect(3)
+    assert swarm.admin.round(3).status is RoundStatus.OPEN
+
+    result = b.mark_absent(dead.account_address)
+    assert tx_events(swarm, result) == [
+        ("NodeAbsent", {"node": dead.account_address, "lastCheckinRound": 1}),
+        ("LeaderElected", {"round": 3, "leader": a.account_address, "attempt": 1,
+                           "participantCount": 1}),
+    ]
+    a.commit_merge(3, DIGEST, [a.account_address])
+    result = a.finish()
+    assert tx_events(swarm, result) == [("NodeFinished", {"node": a.account_address}),
+                                        ("FinalRound", {"round": 4})]
+    a.checkin(4, 1)
+    last = b.checkin(4, 1)  # the final round does not wait for the absent node
+    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    swarm.leader(4).commit_merge(4, DIGEST, [a.account_address, b.account_address])
+    assert swarm.admin.training_finished()
+
+
+def test_marking_the_last_active_node_fixes_a_final_round_without_it(
+    make_swarm: MakeSwarm,
+) -> None:
+    swarm = make_swarm(nodes=3, min_peers=2, grace=0)
+    a, b, dead = swarm.nodes
+    close_round(swarm, 1, [a, b, dead])
+    a.finish()
+    b.finish()
+    close_round(swarm, 2, [a, b])  # only finished nodes left: no final round while dead is active
+    assert swarm.admin.final_round() is None
+    result = a.mark_absent(dead.account_address)
+    assert tx_events(swarm, result) == [
+        ("NodeAbsent", {"node": dead.account_address, "lastCheckinRound": 1}),
+        ("FinalRound", {"round": 3}),
+    ]
+    a.checkin(3, 1)
+    last = b.checkin(3, 1)
+    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    swarm.leader(3).commit_merge(3, DIGEST, [a.account_address, b.account_address])
+    assert swarm.admin.training_finished()
+
+
+def test_failed_leader_is_marked_absent_and_returns_by_checking_in(
+    make_swarm: MakeSwarm,
+) -> None:
+    swarm = make_swarm(nodes=3, min_peers=2, deadline=60)
+    checkin_all(swarm, 1)
+    failed = swarm.leader(1)
+    others = [n for n in swarm.nodes if n is not failed]
+    swarm.backend.advance(60)
+    result = others[0].reelect(1)
+    assert names(swarm, result) == ["LeaderFailed", "NodeAbsent", "LeaderElected"]
+    assert tx_events(swarm, result)[1] == (
+        "NodeAbsent", {"node": failed.account_address, "lastCheckinRound": 1})
+    assert swarm.admin.node(failed.account_address).state == "absent"
+    assert (swarm.admin.active_count(), swarm.admin.absent_count()) == (2, 1)
+    swarm.leader(1).commit_merge(1, DIGEST, [n.account_address for n in others])
+    others[0].checkin(2, 1)
+    last = others[1].checkin(2, 1)  # round 2 no longer waits for the failed leader
+    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    swarm.leader(2).commit_merge(2, DIGEST, [n.account_address for n in others])
+
+    result = failed.checkin(3, 7)
+    assert tx_events(swarm, result) == [
+        ("NodeReturned", {"node": failed.account_address}),
+        ("CheckedIn", {"round": 3, "node": failed.account_address, "weight": 7}),
+    ]
+    info = swarm.admin.node(failed.account_address)
+    assert (info.absent, info.state, info.last_checkin_round) == (False, "active", 3)
+    assert (swarm.admin.active_count(), swarm.admin.absent_count()) == (3, 0)
+    others[0].checkin(3, 1)
+    assert swarm.admin.round(3).status is RoundStatus.OPEN  # it is required again
+    last = others[1].checkin(3, 1)
+    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+
+
+def test_failed_leader_that_finished_is_not_marked_absent(make_swarm: MakeSwarm) -> None:
+    swarm = make_swarm(nodes=3, min_peers=2, deadline=60)
+    checkin_all(swarm, 1)
+    failed = swarm.leader(1)
+    caller = next(n for n in swarm.nodes if n is not failed)
+    failed.finish()
+    swarm.backend.advance(60)
+    assert names(swarm, caller.reelect(1)) == ["LeaderFailed", "LeaderElected"]
+    assert swarm.admin.node(failed.account_address).state == "finished"
+    assert swarm.admin.absent_count() == 0
+
+
+def test_failed_last_active_leader_fixes_the_final_round(make_swarm: MakeSwarm) -> None:
+    swarm = make_swarm(nodes=3, min_peers=2, deadline=60)
+    checkin_all(swarm, 1)
+    failed = swarm.leader(1)
+    others = [n for n in swarm.nodes if n is not failed]
+    for n in others:
+        n.finish()
+    swarm.backend.advance(60)
+    result = others[0].reelect(1)
+    assert names(swarm, result) == ["LeaderFailed", "NodeAbsent", "FinalRound", "LeaderElected"]
+    assert swarm.admin.final_round() == 2
+    swarm.leader(1).commit_merge(1, DIGEST, [n.account_address for n in others])
+    others[0].checkin(2, 1)
+    last = others[1].checkin(2, 1)  # the final round without the absent leader
+    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+
+
+def test_absent_node_that_finishes_returns_first(make_swarm: MakeSwarm) -> None:
+    swarm = make_swarm(nodes=3, min_peers=2, grace=0)
+    a, b, dead = swarm.nodes
+    close_round(swarm, 1, [a, b])
+    close_round(swarm, 2, [a, b])
+    a.mark_absent(dead.account_address)
+    assert swarm.admin.active_count() == 2
+    result = dead.finish()
+    assert names(swarm, result) == ["NodeReturned", "NodeFinished"]
+    assert (swarm.admin.active_count(), swarm.admin.absent_count()) == (2, 0)
+    assert swarm.admin.node(dead.account_address).state == "finished"
 
 
 # ------------------------------------------------------------------ metrics
