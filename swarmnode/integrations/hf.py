@@ -47,12 +47,12 @@ class SwarmTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc,n
         return self._stop_if_over(control)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        """Called after each optimizer step: merges every ``sync_frequency`` steps."""
+        """Called when an optimizer step ends: merges every ``sync_frequency`` steps."""
         self._lazy.started("on_step_end").on_batch_end()
         return self._stop_if_over(control)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        """Called at the end of each epoch."""
+        """Called when an epoch ends."""
         swarm = self._lazy.started("on_epoch_end")
         swarm.on_epoch_end(max(math.ceil(state.epoch or 0) - 1, 0))  # Trainer: epoch 0 ends at 1.0
         return self._stop_if_over(control)

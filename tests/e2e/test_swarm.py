@@ -112,18 +112,19 @@ def test_min_peers_holds_the_first_round_until_enough_nodes_join(tmp_path: Path)
 
 
 def test_late_joiner_takes_the_merged_model_then_contributes(tmp_path: Path) -> None:
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=6,
-                    epochs=4) as swarm:
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=6) as swarm:
         for i in (0, 1):
             swarm.start_node(i)
         swarm.wait_enrolled([0, 1])
+        # The early two train long enough (>= 20 rounds) that the late one, which needs a few
+        # seconds to start, joins while they still train; it trains briefly itself.
         for i in (0, 1):
-            swarm.start_trainer(i)
+            swarm.start_trainer(i, epochs=10)
         c = swarm.contract
         _wait(lambda: c.round(3).status is RoundStatus.COMMITTED, 120, "round 3's commit", swarm)
         swarm.start_node(2)
         swarm.wait_enrolled([2])
-        swarm.start_trainer(2)
+        swarm.start_trainer(2, epochs=2)
         _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
               "the trainers", swarm)
         late = swarm.result(2)

@@ -61,6 +61,19 @@ def chain_final_digest(swarm: LocalSwarm) -> str:
     return bytes(finished[-1].args["digest"]).hex()
 
 
+def chain_final_round(swarm: LocalSwarm) -> int:
+    finished = swarm.contract.events(names={"TrainingFinished"})
+    assert finished, "no TrainingFinished event on chain"
+    return int(finished[-1].args["round"])
+
+
+def checkins_of(swarm: LocalSwarm, i: int) -> list[tuple[int, int]]:
+    """Site ``i``'s check-ins on chain as (round, weight), in chain order."""
+    me = swarm.accounts[i].address
+    return [(int(e.args["round"]), int(e.args["weight"]))
+            for e in swarm.contract.events(names={"CheckedIn"}) if e.args["node"] == me]
+
+
 def write_result(out: Path, model: torch.nn.Module, result: dict[str, Any]) -> None:
     """What a peer process reports: its final parameters (safetensors) and its counters."""
     out.mkdir(parents=True, exist_ok=True)

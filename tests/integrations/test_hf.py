@@ -7,7 +7,6 @@ Both talk to real node services (anvil chain, mTLS between the sites).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +20,9 @@ import torch
 from integration_support import (
     BATCH_SIZE,
     PeerResult,
+    chain_final_digest,
+    chain_final_round,
+    checkins_of,
     cpu_state,
     expected_rounds,
     peer_process,
@@ -106,9 +108,7 @@ def training(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Training]:
 
 
 def test_both_sites_end_with_the_final_model_recorded_on_chain(training: Training) -> None:
-    final = training.swarm.contract.events(names={"TrainingFinished"})
-    assert final, "the chain recorded no end of training"
-    chain_digest = bytes(final[-1].args["digest"]).hex()
+    chain_digest = chain_final_digest(training.swarm)
     mine = cpu_state(training.model)
     assert mine.keys() == training.peer.state.keys()
     for name, tensor in mine.items():
@@ -133,12 +133,13 @@ def test_one_sync_per_sync_frequency_optimizer_steps(training: Training) -> None
     assert peer["batches"] == peer["steps"] and peer["rounds"] == expected_rounds(peer["steps"])
     # Site 1 was configured with HPE names: they reached SwarmCallback unchanged.
     assert (peer["sync_frequency"], peer["min_peers"], peer["node_weight"]) == (4, 2, 1.0)
-    # Every sync of site 0 is a check-in on chain (site 1's node adds its own while it waits).
-    me = training.swarm.accounts[0].address
-    checkins = [e for e in training.swarm.contract.events(names={"CheckedIn"})
-                if e.args["node"] == me]
-    print("CHECKINS", [(e.args["round"], e.args["weight"]) for e in training.swarm.contract.events(names={"CheckedIn"})], training.swarm.contract.events(names={"TrainingFinished"}), training.swarm.contract.final_round())
-    assert len(checkins) == swarm.state.rounds
+    # On chain: each sync is one check-in with the site's weight, in consecutive rounds; then both
+    # sites join the final round with weight 0 (the default "inactive" end-of-training policy).
+    final_round = chain_final_round(training.swarm)
+    assert checkins_of(training.swarm, 0) == (
+        [(r, training.samples) for r in range(1, swarm.state.rounds + 1)] + [(final_round, 0)])
+    assert checkins_of(training.swarm, 1) == (
+        [(r, peer["num_samples"]) for r in range(1, peer["rounds"] + 1)] + [(final_round, 0)])
 
 
 def test_a_trainer_started_after_the_swarm_finished_stops_and_takes_the_final_model(
@@ -191,7 +192,7 @@ def _peer_main() -> None:
         "steps": trainer.state.global_step, "batches": swarm.state.batches,
         "rounds": swarm.state.rounds, "final_digest": swarm.state.final_digest,
         "sync_frequency": swarm.sync_frequency, "min_peers": swarm.min_peers,
-        "node_weight": swarm.node_weight, "pid": os.getpid(),
+        "node_weight": swarm.node_weight, "num_samples": swarm.num_samples,
     }
     write_result(a.out, model, result)
 
