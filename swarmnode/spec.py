@@ -104,7 +104,9 @@ class TrainingSpec:
 
     # -- comparison -------------------------------------------------------------------------------
     def differences(self, other: TrainingSpec) -> list[tuple[str, Any, Any]]:
-        """(setting, swarm's value, other's value) for every setting where ``other`` differs."""
+        """(setting, swarm's value, other's value) for every setting where ``other`` differs.
+
+        Parameters appear as ``params[NAME]`` with ``dtype[shape]`` values (None: absent)."""
         diffs: list[tuple[str, Any, Any]] = []
         for name in ("sync_frequency", "min_peers", "merge_method"):
             if getattr(self, name) != getattr(other, name):
@@ -113,11 +115,8 @@ class TrainingSpec:
             diffs.append(("merge_options", dict(self.merge_options), dict(other.merge_options)))
         for name in sorted(set(self.params) | set(other.params)):
             ours, theirs = self.params.get(name), other.params.get(name)
-            if ours is None or theirs is None:
-                where = "missing from the swarm's spec" if ours is None else "missing in the model"
-                diffs.append((f"params[{name}]", ours, f"{theirs} ({where})"))
-            elif ours != theirs:
-                diffs.append((f"params[{name}]", ours, theirs))
+            if ours != theirs:
+                diffs.append((f"params[{name}]", _show(ours), _show(theirs)))
         return diffs
 
     def require_same(self, other: TrainingSpec, who: str = "this trainer") -> None:
@@ -127,8 +126,18 @@ class TrainingSpec:
             return
         setting, swarm, mine = diffs[0]
         more = f" (and {len(diffs) - 1} more differing settings)" if len(diffs) > 1 else ""
+        if setting.startswith("params[") and swarm is None:
+            what = f"{who}'s model has tensor {setting[7:-1]} ({mine}), which the swarm's has not"
+        elif setting.startswith("params[") and mine is None:
+            what = f"{who}'s model lacks tensor {setting[7:-1]} ({swarm}) of the swarm's model"
+        else:
+            what = f"{who}'s setting {setting} = {mine!r} differs from the swarm's {swarm!r}"
         raise SpecMismatch(
-            f"{who}'s setting {setting} = {mine!r} differs from the swarm's {swarm!r}{more}; "
-            "use the swarm's settings (see `swarmnode status --format json`, field spec)",
+            f"{what}{more}; use the swarm's settings and model (see `swarmnode status "
+            "--format json`, field spec)",
             setting=setting,
         )
+
+
+def _show(p: TensorSpec | None) -> str | None:
+    return None if p is None else f"{p.dtype}[{', '.join(map(str, p.shape))}]"

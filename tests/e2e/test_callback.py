@@ -32,15 +32,13 @@ def _model(swarm: LocalSwarm) -> torch.nn.Module:
 def test_a_trainer_with_other_settings_is_refused_naming_the_setting(one_node: LocalSwarm) -> None:
     cb = SwarmCallback(_model(one_node), sync_frequency=5, min_peers=2, num_samples=10,
                        local_api=one_node.socket(0), timeout=30)
-    with pytest.raises(SpecMismatch, match="sync_frequency = 5 differs from the swarm's 4") as exc:
+    with pytest.raises(SpecMismatch, match="sync_frequency = 5 differs from the swarm's 4"):
         cb.on_train_begin()
-    assert exc.value.setting == "sync_frequency"
     wrong_model = torch.nn.Sequential(torch.nn.Linear(30, 2))
     cb = SwarmCallback(wrong_model, sync_frequency=4, min_peers=2, num_samples=10,
                        local_api=one_node.socket(0), timeout=30)
-    with pytest.raises(SpecMismatch, match=r"params\[") as exc:
+    with pytest.raises(SpecMismatch, match=r"model has tensor 0.bias \(float32\[2\]\), which the swarm's has not"):
         cb.on_train_begin()
-    assert exc.value.setting.startswith("params[")
 
 
 def test_hpe_aliases_port_an_hpe_script(one_node: LocalSwarm) -> None:
