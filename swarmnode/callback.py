@@ -13,9 +13,9 @@
     swarm.on_train_end()      # waits for the swarm's final round; loads the final model
 
 The callback only talks to its own node service (the local API: a unix socket by default, from
-``local_api`` or the ``SWARMNODE_LOCAL_API`` environment variable). Parameters travel as safetensors,
-never pickle. HPE Swarm Learning's parameter names are accepted as aliases (``syncFrequency``,
-``minPeers``, ``mergeMethod``, ``nodeWeightage``, ``checkinModelOnTrainEnd``, ``adsValData``,
+``local_api`` or the ``SWARMNODE_LOCAL_API`` environment variable). Parameters travel as
+safetensors, never pickle. HPE Swarm Learning's parameter names are accepted as aliases
+(``syncFrequency``, ``minPeers``, ``mergeMethod``, ``nodeWeightage``, ``checkinModelOnTrainEnd``, ``adsValData``,
 ``valData``, ``totalEpochs``, ``lossFunction``, ``metricFunction``), so an HPE script ports by
 changing its import.
 """

@@ -39,7 +39,8 @@ class NodeConfig(BaseModel):
         None, description="host:port other sites use to reach this node (default: peer_listen)."
     )
     local_api: str | None = Field(
-        None, description="Local API target: unix:///path.sock (default data_dir/node.sock) or host:port."
+        None,
+        description="Local API: unix:///path.sock (default data_dir/node.sock) or host:port.",
     )
     cert: Path = Field(description="This node's certificate (PEM).")
     key: Path = Field(description="This node's private key (PEM).")
@@ -48,7 +49,7 @@ class NodeConfig(BaseModel):
     max_update_mb: float = Field(2048.0, gt=0, description="Largest accepted parameter payload.")
     reject_nonfinite: bool = Field(True, description="Refuse updates holding NaN or Inf.")
     collect_fraction: float = Field(
-        0.5, gt=0, lt=1, description="Leader waits this fraction of the round deadline for stragglers."
+        0.5, gt=0, lt=1, description="Leader waits this share of the round deadline for stragglers."
     )
     round_timeout_s: float = Field(3600.0, gt=0, description="Give up a round after this long.")
     poll_s: float = Field(0.05, gt=0, description="Chain polling interval.")

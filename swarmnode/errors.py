@@ -15,7 +15,7 @@ numbered band, so the CLI (and scripts around it) can tell failures apart::
     ├── IdentityError (30)          certificates, keys, trust bundles
     ├── TransportError (40)         the peer or local API failed
     │   ├── PeerUnavailable (41)    a peer could not be reached                   [ConnectionError]
-    │   ├── PeerRefused (42)        a peer's identity was refused (TLS/chain binding)  [PermissionError]
+    │   ├── PeerRefused (42)        a peer's identity was refused (TLS/chain) [PermissionError]
     │   └── PayloadRejected (43)    parameter bytes failed a check (digest, spec, size, NaN)
     ├── MergeError (50)             a merge rule could not be applied
     ├── RoundError (60)             the round protocol could not go on

@@ -14,7 +14,7 @@ import typer
 
 app = typer.Typer(
     name="swarmnode",
-    help="Swarm learning without a central server: chain-coordinated rounds, mTLS parameter exchange.",
+    help="Swarm learning without a central server: chain-coordinated rounds, mTLS exchange.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -16,7 +16,9 @@ __all__ = ["register"]
 
 
 def run(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Node config (YAML).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Node config (YAML).")] = (
+        None
+    ),
     rpc_url: Annotated[str | None, typer.Option("--rpc-url", help="Chain JSON-RPC URL.")] = None,
     contract: Annotated[str | None, typer.Option("--contract", help="Contract address.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Node name.")] = None,
@@ -60,14 +62,14 @@ def run(
 def demo(
     nodes: Annotated[int, typer.Option("--nodes", "-n", min=2, max=8, help="Hospitals.")] = 3,
     merge: Annotated[str, typer.Option("--merge", help="Merge rule.")] = "mean",
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary here.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary.")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="Certificates, logs, models.")] = Path(
         "demo-run"
     ),
     seed: Annotated[int, typer.Option("--seed")] = 0,
     kill_leader_round: Annotated[
         int | None,
-        typer.Option("--kill-leader-round", help="Kill the leader of this round before it commits."),
+        typer.Option("--kill-leader-round", help="Kill this round's leader before it commits."),
     ] = None,
 ) -> None:
     """A whole swarm on this machine: chain, certificates, N node services, N trainers."""

@@ -141,28 +141,39 @@ def _follow(swarm: LocalSwarm, opts: DemoOptions,
 
 
 def show_summary(summary: dict[str, Any], console: Console) -> None:
-    table = Table(title="Test-set quality: local-only vs swarm vs central")
-    for col in ("hospital", "samples", "malignant", "local AUC", "swarm AUC", "local acc",
+    if not console.is_terminal:  # piped or logged: do not squeeze the tables into 80 columns
+        console = Console(width=120)
+    table = Table(title="Test-set quality on one shared test set: local-only vs swarm vs central")
+    for col in ("site", "samples", "malignant", "local AUC", "swarm AUC", "local acc",
                 "swarm acc", "final model digest"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for n in summary["nodes"]:
         table.add_row(n["name"], str(n["samples"]), str(n["malignant"]), f"{n['local_auc']:.4f}",
                       f"{n['swarm_auc']:.4f}", f"{n['local_accuracy']:.3f}",
                       f"{n['swarm_accuracy']:.3f}", n["final_digest"][:16])
+    for name in summary.get("killed", []):
+        table.add_row(name, "", "", "", "", "", "", "(node killed)")
     table.add_row("central (pooled)", "", "", f"{summary['central_auc']:.4f}", "",
                   f"{summary['central_accuracy']:.3f}", "", "")
-    table.add_row("[bold]chain[/]", "", "", "", "", "", "", summary["chain_final_digest"][:16])
+    table.add_row("[bold]on chain[/]", "", "", "", "", "", "", summary["chain_final_digest"][:16])
     console.print(table)
-    rt = Table(title=f"{len(summary['rounds'])} rounds")
-    for col in ("round", "leader", "members", "digest"):
-        rt.add_column(col)
-    for r in summary["rounds"]:
+    rounds = summary["rounds"]
+    per_row = 4
+    rt = Table(title=f"{len(rounds)} rounds: leader (members merged) digest")
+    for _ in range(per_row):
+        rt.add_column("#", justify="right", no_wrap=True)
+        rt.add_column("leader", no_wrap=True)
+    cells = []
+    for r in rounds:
         leaders = r.get("leaders", [])
         leader = r.get("leader", "-")
         if len(leaders) > 1:
-            leader = f"{leader} (after {', '.join(leaders[:-1])} failed)"
-        rt.add_row(str(r["round"]), leader, str(len(r.get("members", []))),
-                   r.get("digest", "")[:12])
+            leader = f"{leader} (re-elected)"
+        cells += [str(r["round"]),
+                  f"{leader} ({len(r.get('members', []))}) {r.get('digest', '')[:6]}"]
+    for i in range(0, len(cells), 2 * per_row):
+        row = cells[i:i + 2 * per_row]
+        rt.add_row(*(row + [""] * (2 * per_row - len(row))))
     console.print(rt)
     verdict = ("[green]every node holds the final model whose digest is on chain[/]"
                if summary["all_nodes_agree"] else "[red]nodes DISAGREE with the chain[/]")

@@ -130,7 +130,8 @@ class RoundDriver:
             if outcome is not None:
                 return RoundOutcome(
                     round=round, leader=outcome[0], digest=outcome[1], data=outcome[2],
-                    abandoned=outcome[1] is None, contributed=machine.checked_in and not machine.late,
+                    abandoned=outcome[1] is None,
+                    contributed=machine.checked_in and not machine.late,
                     seconds=time.monotonic() - started,
                 )
 
@@ -201,7 +202,8 @@ class RoundDriver:
             if self.me in info.participants:
                 machine.on_checked_in()
             elif info.status is not RoundStatus.OPEN:
-                log.info("round %d: elected before our check-in; taking the merged model", action.round)
+                log.info("round %d: elected before our check-in; taking the merged model",
+                         action.round)
                 machine.on_checkin_too_late()
             else:
                 raise RoundError(f"round {action.round}: check-in refused: {exc}") from None
@@ -280,11 +282,13 @@ class RoundDriver:
             self.store.put(action.round, action.digest, data)
             machine.on_pulled(action.digest)
             return
-        log.warning("round %d: could not pull the merged model yet: %s", action.round, "; ".join(errors))
+        log.warning("round %d: could not pull the merged model yet: %s", action.round,
+                    "; ".join(errors))
         time.sleep(self.timing.retry_s)
 
     def _latest_committed_before(self, round: int) -> StoredModel | None:
-        """The newest committed merged model before ``round``, pulled from its members if need be."""
+        """The newest committed merged model before ``round``, pulled from its members if need
+        be."""
         for r in range(round - 1, 0, -1):
             info = self.chain.round(r)
             if info.status is not RoundStatus.COMMITTED or info.digest is None:

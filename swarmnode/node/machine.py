@@ -114,7 +114,8 @@ Action = CheckIn | Elect | MarkAbsent | Push | Merge | Reelect | Pull | Wait | D
 @dataclass(frozen=True)
 class Timing:
     """Protocol timing, in chain seconds. ``collect_s`` < ``deadline_s``: the leader stops waiting
-    for stragglers after ``collect_s`` (if it has a quorum) so it commits before it is re-elected."""
+    for stragglers after ``collect_s`` (if it has a quorum), so it commits before it is
+    re-elected."""
 
     grace_s: float
     deadline_s: float
@@ -155,7 +156,9 @@ class RoundMachine:
     def decide(self, obs: Observation) -> Action:
         info = obs.info
         if info.round != self.round:
-            raise RoundError(f"observation of round {info.round} given to the round-{self.round} machine")
+            raise RoundError(
+                f"observation of round {info.round} given to the round-{self.round} machine"
+            )
         if info.status is RoundStatus.ABANDONED:
             self.stage = Stage.DONE
             return Done(self.round, abandoned=True)
@@ -213,7 +216,8 @@ class RoundMachine:
             if everyone or (late and len(members) >= quorum):
                 return Merge(self.round, attempt, tuple(sorted(members)))
             return Wait(t.poll_s, f"collecting updates ({len(members)}/{len(info.participants)})")
-        if obs.now >= info.elected_at + t.deadline_s and self._may_try(f"reelect{attempt}", obs.now):
+        overdue = obs.now >= info.elected_at + t.deadline_s
+        if overdue and self._may_try(f"reelect{attempt}", obs.now):
             return Reelect(self.round, attempt, leader)
         if self.pushed_attempt != attempt:
             self.stage = Stage.PUSH

@@ -1,4 +1,4 @@
-"""SwarmCallback against a real node service process (anvil, mTLS peer API, unix-socket local API)."""
+"""SwarmCallback against a real node service process (anvil, mTLS peers, unix-socket local API)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_a_trainer_with_other_settings_is_refused_naming_the_setting(one_node: L
     wrong_model = torch.nn.Sequential(torch.nn.Linear(30, 2))
     cb = SwarmCallback(wrong_model, sync_frequency=4, min_peers=2, num_samples=10,
                        local_api=one_node.socket(0), timeout=30)
-    with pytest.raises(SpecMismatch, match=r"model has tensor 0.bias \(float32\[2\]\), which the swarm's has not"):
+    expected = r"model has tensor 0.bias \(float32\[2\]\), which the swarm's has not"
+    with pytest.raises(SpecMismatch, match=expected):
         cb.on_train_begin()
 
 
