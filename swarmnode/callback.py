@@ -15,9 +15,9 @@
 The callback only talks to its own node service (the local API: a unix socket by default, from
 ``local_api`` or the ``SWARMNODE_LOCAL_API`` environment variable). Parameters travel as
 safetensors, never pickle. HPE Swarm Learning's parameter names are accepted as aliases
-(``syncFrequency``, ``minPeers``, ``mergeMethod``, ``nodeWeightage``, ``checkinModelOnTrainEnd``, ``adsValData``,
-``valData``, ``totalEpochs``, ``lossFunction``, ``metricFunction``), so an HPE script ports by
-changing its import.
+(``syncFrequency``, ``minPeers``, ``mergeMethod``, ``nodeWeightage``, ``checkinModelOnTrainEnd``,
+``adsValData``, ``valData``, ``totalEpochs``, ``lossFunction``, ``metricFunction``), so an HPE
+script ports by changing its import.
 """
 
 from __future__ import annotations
