@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from swarmnode.errors import ConfigError
+from swarmnode.errors import ConfigError, NodeUnavailable
 from swarmnode.spec import TrainingSpec
 from swarmnode.transport import serde
 from swarmnode.transport.local import LocalClient
@@ -88,6 +88,7 @@ class SwarmCallback:
         merge_options: dict[str, float] | None = None,
         local_api: str | None = None,
         timeout: float | None = None,
+        reconnect_s: float = 600.0,
         **aliases: Any,
     ) -> None:
         given = dict(
@@ -125,6 +126,7 @@ class SwarmCallback:
         self.merge_options = dict(merge_options or {})
         self.num_samples = num_samples
         self.timeout = timeout
+        self.reconnect_s = reconnect_s
         target = local_api or os.environ.get("SWARMNODE_LOCAL_API")
         if not target:
             raise ConfigError(
@@ -158,8 +160,8 @@ class SwarmCallback:
     def on_train_begin(self) -> None:
         """Called when training starts: joins the swarm and starts from the swarm's weights."""
         self.client.wait_ready(timeout=self.timeout or 120.0)
-        reply, payload = self.client.call(
-            "hello", {"spec": self.training_spec().to_json()}, timeout=self.timeout or 600.0
+        reply, payload = self._call(
+            "hello", {"spec": self.training_spec().to_json()}, None, self.timeout or 600.0
         )
         self.node_info = reply
         if reply.get("training_finished"):
@@ -188,9 +190,8 @@ class SwarmCallback:
         swarm's final round; loads the final model every node ends with."""
         if self.state.batches_since_sync > 0 and not self.should_stop:
             self._sync()
-        reply, payload = self.client.call(
-            "finish", {"policy": self.policy, "weight": self.weight},
-            self._payload(), timeout=self.timeout,
+        reply, payload = self._call(
+            "finish", {"policy": self.policy, "weight": self.weight}, self._payload(), self.timeout
         )
         if payload is not None:
             self._load(payload)
@@ -220,6 +221,20 @@ class SwarmCallback:
             for name, tensor in state.items():
                 current[name].copy_(tensor.to(current[name].device))
 
+    def _call(
+        self, method: str, args: dict[str, Any], payload: bytes | None, timeout: float | None
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """One local API call; if the node service is down (restarting), wait for it and retry,
+        for up to ``reconnect_s`` seconds, so a node restart does not end the training."""
+        try:
+            return self.client.call(method, args, payload, timeout=timeout)
+        except NodeUnavailable as exc:
+            if self.reconnect_s <= 0:
+                raise
+            log.warning("%s; waiting up to %.0f s for it to come back", exc, self.reconnect_s)
+        self.client.wait_ready(timeout=self.reconnect_s)
+        return self.client.call(method, args, payload, timeout=timeout)
+
     def _sync(self) -> None:
         loss, metric = self._validate()
         args: dict[str, Any] = {"weight": self.weight}
@@ -227,7 +242,7 @@ class SwarmCallback:
             args["loss"] = loss
         if metric is not None:
             args["metric"] = metric
-        reply, payload = self.client.call("sync", args, self._payload(), timeout=self.timeout)
+        reply, payload = self._call("sync", args, self._payload(), self.timeout)
         if payload is not None:
             self._load(payload)
         self.state.rounds += 1

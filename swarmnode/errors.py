@@ -20,7 +20,8 @@ numbered band, so the CLI (and scripts around it) can tell failures apart::
     ├── MergeError (50)             a merge rule could not be applied
     ├── RoundError (60)             the round protocol could not go on
     │   └── RoundTimeout (61)       a round step did not finish in time           [TimeoutError]
-    └── NodeError (70)              the node service failed or is not running
+    └── NodeError (70)              the node service failed
+        └── NodeUnavailable (71)    no node service answers at the local API      [ConnectionError]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "IdentityError",
     "MergeError",
     "NodeError",
+    "NodeUnavailable",
     "PayloadRejected",
     "PeerRefused",
     "PeerUnavailable",
@@ -140,6 +142,11 @@ class RoundTimeout(RoundError, TimeoutError):
 class NodeError(SwarmError):
     exit_code = 70
     help = "the node service failed or is not running"
+
+
+class NodeUnavailable(NodeError, ConnectionError):
+    exit_code = 71
+    help = "no node service answers at the local API (not started, or restarting)"
 
 
 def error_class(name: str) -> type[SwarmError]:

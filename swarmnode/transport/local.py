@@ -31,6 +31,7 @@ import grpc
 from swarmnode.errors import (
     ConfigError,
     NodeError,
+    NodeUnavailable,
     PayloadRejected,
     PeerRefused,
     SwarmError,
@@ -283,7 +284,7 @@ class LocalClient:
                 return exc
             except SwarmError:
                 pass
-        return NodeError(
+        return NodeUnavailable(
             f"no node service at {self.target}: start it with `swarmnode run --config ...`"
         )
 

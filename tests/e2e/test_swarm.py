@@ -137,3 +137,26 @@ def test_late_joiner_takes_the_merged_model_then_contributes(tmp_path: Path) -> 
         assert merged_with_me, "the late joiner never contributed to a merge"
         final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
         assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
+
+
+def test_a_restarted_node_service_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL a node service mid-training and start it again: its trainer waits for it, goes on,
+    and every site still ends with the chain's final model."""
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
+                    epochs=4) as swarm:
+        for i in range(3):
+            swarm.start_node(i)
+        swarm.wait_enrolled([0, 1, 2])
+        for i in range(3):
+            swarm.start_trainer(i)
+        c = swarm.contract
+        _wait(lambda: c.round(3).status is RoundStatus.COMMITTED, 120, "round 3's commit", swarm)
+        swarm.kill_node(0)  # the largest site: it trains longest
+        swarm.start_node(0)
+        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
+              "the trainers", swarm)
+        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
+        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
+        me = swarm.accounts[0].address
+        rounds = [e.args["round"] for e in c.events(names={"CheckedIn"}) if e.args["node"] == me]
+        assert max(rounds) > 4  # it went on contributing after the restart
