@@ -131,7 +131,56 @@ def spec(
     body()
 
 
+def audit(
+    contract: Annotated[str, typer.Option("--contract", envvar="SWARMNODE_CONTRACT")],
+    rpc_url: Annotated[str, typer.Option("--rpc-url", envvar="SWARMNODE_RPC_URL")] = (
+        "http://127.0.0.1:8545"
+    ),
+    model: Annotated[
+        Path | None, typer.Option("--model", help="A .safetensors file to check against the final digest.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """Replay the training's on-chain audit log and check it (and optionally a model file)."""
+
+    @command
+    def body() -> None:
+        from swarmnode.chain.audit import audit as run_audit
+        from swarmnode.chain.client import SwarmContract, connect
+        from swarmnode.errors import ConfigError
+        from swarmnode.transport import serde
+
+        digest = None
+        if model is not None:
+            try:
+                digest = serde.digest(model.read_bytes())
+            except OSError as exc:
+                raise ConfigError(f"cannot read model file {model}: {exc.strerror}") from None
+        report = run_audit(SwarmContract(connect(rpc_url), contract), digest)
+        if fmt == "json":
+            import json
+
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            final = report.final_digest.hex() if report.final_digest else "-"
+            console.print(f"rounds committed {report.rounds_committed}, abandoned "
+                          f"{report.rounds_abandoned}, re-elections {report.reelections}; "
+                          f"final round {report.final_round or '-'}, digest {final}")
+            if report.model_matches is not None:
+                console.print(f"{model}: " + ("[green]is the swarm's final model[/]"
+                                              if report.model_matches
+                                              else "[red]is NOT the swarm's final model[/]"))
+            for p in report.problems:
+                console.print(f"[red]problem:[/] {p}")
+            console.print("[green]audit log consistent[/]" if report.ok else "[red]audit failed[/]")
+        if not report.ok:
+            raise typer.Exit(1)
+
+    body()
+
+
 def register(app: typer.Typer) -> None:
+    app.command("audit")(audit)
     app.command("run")(run)
     app.command("demo")(demo)
     app.command("spec")(spec)

@@ -5,14 +5,19 @@ Each test starts its own swarm (LocalSwarm) in a temporary folder and tears ever
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
 from swarmnode.chain.client import RoundStatus
+from swarmnode.cli import app
 from swarmnode.demo.orchestrator import DemoOptions, run_demo
 from swarmnode.demo.swarm import LocalSwarm
+from swarmnode.transport import serde
 
 pytestmark = [pytest.mark.slow, pytest.mark.anvil]
 
@@ -157,6 +162,19 @@ def test_a_restarted_node_service_loses_nothing(tmp_path: Path) -> None:
               "the trainers", swarm)
         final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
         assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
+        # Anyone can replay the audit log and prove a site's stored model is the final one.
+        stored = swarm.work / swarm.names[0] / "data" / "latest.safetensors"
+        out = CliRunner().invoke(app, ["audit", "--contract", c.address, "--rpc-url",
+                                       swarm.rpc_url, "--model", str(stored), "--format", "json"])
+        assert out.exit_code == 0, out.output
+        report = json.loads(out.stdout)
+        assert report["ok"] and report["model_matches_final_digest"] is True
+        assert report["final_digest"] == final and report["rounds_committed"] >= 4
+        foreign = tmp_path / "other.safetensors"
+        foreign.write_bytes(serde.encode({"w": torch.zeros(2)}))
+        out = CliRunner().invoke(app, ["audit", "--contract", c.address, "--rpc-url",
+                                       swarm.rpc_url, "--model", str(foreign)])
+        assert out.exit_code == 1 and "NOT the swarm's final model" in out.stdout
         me = swarm.accounts[0].address
         rounds = [e.args["round"] for e in c.events(names={"CheckedIn"}) if e.args["node"] == me]
         assert max(rounds) > 4  # it went on contributing after the restart
