@@ -137,7 +137,8 @@ def audit(
         "http://127.0.0.1:8545"
     ),
     model: Annotated[
-        Path | None, typer.Option("--model", help="A .safetensors file to check against the final digest.")
+        Path | None,
+        typer.Option("--model", help="A .safetensors file to check against the final digest."),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
 ) -> None:
