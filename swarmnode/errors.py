@@ -17,6 +17,7 @@ numbered band, so the CLI (and scripts around it) can tell failures apart::
     │   ├── PeerUnavailable (41)    a peer could not be reached                   [ConnectionError]
     │   ├── PeerRefused (42)        a peer's identity was refused (TLS/chain) [PermissionError]
     │   └── PayloadRejected (43)    parameter bytes failed a check (digest, spec, size, NaN)
+    │       └── DuplicateUpdate (44)  the leader already holds this sender's update
     ├── MergeError (50)             a merge rule could not be applied
     ├── RoundError (60)             the round protocol could not go on
     │   └── RoundTimeout (61)       a round step did not finish in time           [TimeoutError]
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "ContractNotFound",
     "ContractReverted",
+    "DuplicateUpdate",
     "IdentityError",
     "MergeError",
     "NodeError",
@@ -122,6 +124,11 @@ class PeerRefused(TransportError, PermissionError):
 class PayloadRejected(TransportError):
     exit_code = 43
     help = "parameter bytes failed a check (digest, spec, size, NaN/Inf)"
+
+
+class DuplicateUpdate(PayloadRejected):
+    exit_code = 44
+    help = "the leader already holds this sender's update for the round (a replay or a retry)"
 
 
 class MergeError(SwarmError):

@@ -149,13 +149,17 @@ class LocalSwarm:
             time.sleep(0.1)
         raise NodeError(f"node services did not enrol within {timeout:.0f} s; see {self.work}/logs")
 
-    def start_trainer(self, i: int, epochs: int | None = None) -> subprocess.Popen[bytes]:
+    def start_trainer(
+        self, i: int, epochs: int | None = None, policy: str = "inactive",
+        batch_delay: float = 0.0,
+    ) -> subprocess.Popen[bytes]:
         name = self.names[i]
         cmd = [sys.executable, "-m", "swarmnode.demo.trainer", "--name", name,
                "--shard", str(self.work / f"{name}.npz"), "--test", str(self.work / "test.npz"),
                "--out", str(self.work / f"{name}.json"), "--local-api", self.socket(i),
                "--sync-frequency", str(self.sync_frequency), "--min-peers", str(self.min_peers),
-               "--merge", self.merge, "--seed", str(self.seed)]
+               "--merge", self.merge, "--seed", str(self.seed), "--on-train-end", policy,
+               "--batch-delay", str(batch_delay)]
         epochs = epochs if epochs is not None else self.epochs
         if epochs is not None:
             cmd += ["--epochs", str(epochs)]

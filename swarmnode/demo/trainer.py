@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=demo_model.BATCH_SIZE)
     p.add_argument("--lr", type=float, default=demo_model.LR)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-delay", type=float, default=0.0,
+                   help="Seconds of extra work per batch (tests: a slower, larger site).")
+    p.add_argument("--on-train-end", default="inactive", choices=["inactive", "snapshot", "active"])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s trainer-{args.name} %(message)s")
     torch.manual_seed(args.seed)
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         merge_method=args.merge, num_samples=len(y), local_api=args.local_api,
         val_data=(torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)),
         loss_fn=demo_model.loss_fn, metric_fn=demo_model.accuracy_fn,
+        on_train_end_policy=args.on_train_end,
     )
     loader = demo_model.make_loader(X, y, args.batch_size, args.seed)
     started = time.monotonic()
@@ -65,7 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     for epoch in range(args.epochs):
         if swarm.should_stop:
             break
-        demo_model.train_epoch(model, loader, optimizer, on_batch_end=swarm.on_batch_end,
+        def on_batch_end() -> None:
+            if args.batch_delay:
+                time.sleep(args.batch_delay)
+            swarm.on_batch_end()
+
+        demo_model.train_epoch(model, loader, optimizer, on_batch_end=on_batch_end,
                                should_stop=lambda: swarm.should_stop)
         swarm.on_epoch_end(epoch)
     swarm.on_train_end()

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Mapping
 
 from swarmnode import merge
-from swarmnode.errors import MergeError, PayloadRejected
+from swarmnode.errors import DuplicateUpdate, MergeError, RoundError
 from swarmnode.types import StateDict, Update
 
 __all__ = ["Collector", "Collectors"]
@@ -26,14 +26,20 @@ class Collector:
         self._senders: dict[str, float] = {}
         self._stream = merge.StreamingMean() if method == "mean" else None
         self._updates: list[Update] = []
+        self._sealed: tuple[StateDict | None, frozenset[str], float] | None = None
 
     def add(self, update: Update) -> None:
         """Fold one participant's update in; a second one from the same sender is a replay."""
         with self._lock:
             if update.node in self._senders:
-                raise PayloadRejected(
+                raise DuplicateUpdate(
                     f"round {self.round}: {update.node} already sent its update; "
                     "a replayed or duplicate update is refused"
+                )
+            if self._sealed is not None:
+                raise RoundError(
+                    f"round {self.round}: the leader has already merged (attempt {self.attempt}); "
+                    "this update came too late and takes the merged model instead"
                 )
             self._senders[update.node] = update.weight
             if self._stream is not None:
@@ -51,13 +57,26 @@ class Collector:
         with self._lock:
             return sum(self._senders.values())
 
+    def seal(self) -> tuple[StateDict | None, frozenset[str], float]:
+        """Merge once and refuse later updates: (merged state or None if the total weight is 0,
+        the senders merged, their total weight). Later calls return the same result."""
+        with self._lock:
+            if self._sealed is None:
+                total = sum(self._senders.values())
+                merged = self._merge_locked() if total > 0 else None
+                self._sealed = (merged, frozenset(self._senders), total)
+            return self._sealed
+
     def result(self) -> StateDict:
         with self._lock:
-            if not self._senders:
-                raise MergeError(f"round {self.round}: no update arrived to merge")
-            if self._stream is not None:
-                return self._stream.result()
-            return merge.merge(self.method, self._updates, **self.options)
+            return self._merge_locked()
+
+    def _merge_locked(self) -> StateDict:
+        if not self._senders:
+            raise MergeError(f"round {self.round}: no update arrived to merge")
+        if self._stream is not None:
+            return self._stream.result()
+        return merge.merge(self.method, self._updates, **self.options)
 
 
 class Collectors:

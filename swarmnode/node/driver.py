@@ -14,6 +14,7 @@ from swarmnode.errors import (
     ChainTimeout,
     ChainUnavailable,
     ContractReverted,
+    DuplicateUpdate,
     PayloadRejected,
     RoundError,
     RoundTimeout,
@@ -82,6 +83,7 @@ class RoundDriver:
         self.round_timeout_s = round_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self._weights: dict[tuple[int, str], int] = {}
+        self._merged: dict[tuple[int, int], tuple[bytes, bytes, list[str]]] = {}
         # Fault injection for the failure tests: "ROUND:ATTEMPT" makes this node, as that round's
         # leader at that attempt, hang before it commits (HPE's "stuck at Merging...").
         stall = os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "")
@@ -104,14 +106,23 @@ class RoundDriver:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run_round(
-        self, round: int, state: StateDict, payload: bytes, weight: int, *, contribute: bool = True
+        self,
+        round: int,
+        state: StateDict,
+        payload: bytes,
+        weight: int,
+        *,
+        contribute: bool = True,
+        drive: bool = True,
     ) -> RoundOutcome:
         """Take part in ``round`` with ``state`` (canonical bytes ``payload``) and ``weight``.
 
         Returns once this node holds the round's merged model, verified against the chain's digest,
         or the round was abandoned. ``contribute=False``: only take the merged model.
         """
-        machine = RoundMachine(self.me, round, weight, self.timing, contribute=contribute)
+        machine = RoundMachine(self.me, round, weight, self.timing, contribute=contribute,
+                               drive=drive)
+        self._weights = {k: v for k, v in self._weights.items() if k[0] >= round - 1}
         started = time.monotonic()
         seeded: set[int] = set()
         while True:
@@ -215,7 +226,7 @@ class RoundDriver:
         log.info("round %d: elected leader (attempt %d)", info.round, info.attempt)
         try:
             self.collectors.get(info.round, info.attempt).add(Update(state, float(weight), self.me))
-        except PayloadRejected:
+        except (PayloadRejected, RoundError):  # already in, or already sealed
             pass
 
     def _push(self, machine: RoundMachine, action: Push, payload: bytes, weight: int) -> None:
@@ -226,7 +237,9 @@ class RoundDriver:
             self.pool.client(action.leader).push_update(
                 action.round, weight, payload, timeout=self.transfer_timeout_s
             )
-        except TransportError as exc:
+        except DuplicateUpdate:  # our earlier push arrived; only its reply was lost
+            pass
+        except SwarmError as exc:  # the leader is down, not yet aware, or already merged
             log.warning("round %d: push to leader %s failed: %s", action.round, action.leader, exc)
             return
         machine.on_pushed(action.attempt)
@@ -236,30 +249,31 @@ class RoundDriver:
         if self._stall == (action.round, action.attempt):
             log.warning("round %d: test fault: hanging before the commit", action.round)
             threading.Event().wait()
-        collector = self.collectors.get(action.round, action.attempt)
-        if collector.total_weight > 0:
-            merged = collector.result()
-            data = serde.encode(merged)
-            digest = serde.digest(data)
-        else:  # every participant added weight 0: the model stays the latest merged one
-            base = self._latest_committed_before(action.round)
-            if base is None:
-                merged = collector.result()
-                data = serde.encode(merged)
-                digest = serde.digest(data)
-            else:
+        key = (action.round, action.attempt)
+        if key not in self._merged:
+            collector = self.collectors.get(action.round, action.attempt)
+            merged, senders, _total = collector.seal()  # later pushes are refused from here on
+            base = None if merged is not None else self._latest_committed_before(action.round)
+            if base is not None:  # every participant added weight 0: the model stays as it was
                 data, digest = base.data, base.digest
-        self.store.put(action.round, digest, data)
+            else:
+                data = serde.encode(merged if merged is not None else collector.result())
+                digest = serde.digest(data)
+            zero = {p for p in info.participants if self.weight_of(action.round, p) == 0}
+            members = [p for p in info.participants
+                       if (p in senders or p in zero) and not self.chain.node(p).revoked]
+            self._merged = {k: v for k, v in self._merged.items() if k[0] >= action.round}
+            self._merged[key] = (data, digest, members)
+            self.store.put(action.round, digest, data)
+        data, digest, members = self._merged[key]
         try:
-            self.chain.commit_merge(action.round, digest, list(action.members))
+            self.chain.commit_merge(action.round, digest, members)
         except ContractReverted as exc:
             log.warning("round %d: commit refused: %s", action.round, exc)
             return
         machine.on_merged(action.attempt, digest)
-        log.info(
-            "round %d: merged %d updates, committed %s", action.round, len(action.members),
-            digest.hex()[:12],
-        )
+        log.info("round %d: merged %d updates, committed %s", action.round, len(members),
+                 digest.hex()[:12])
 
     def _pull(self, machine: RoundMachine, action: Pull) -> None:
         held = self.store.get(action.round)

@@ -137,13 +137,23 @@ class RoundMachine:
     """Decides the next step of one node in one round."""
 
     def __init__(
-        self, me: str, round: int, weight: int, timing: Timing, *, contribute: bool = True
+        self,
+        me: str,
+        round: int,
+        weight: int,
+        timing: Timing,
+        *,
+        contribute: bool = True,
+        drive: bool = True,
     ) -> None:
+        """``drive=False``: never elect or mark others absent (a node whose trainer is done must
+        not turn rounds over by itself while another site still trains)."""
         self.me = me
         self.round = round
         self.weight = weight
         self.timing = timing
         self.contribute = contribute
+        self.drive = drive
         self.stage = Stage.CHECKIN if contribute else Stage.COMMIT
         self.checked_in = False
         self.late = not contribute
@@ -186,7 +196,7 @@ class RoundMachine:
             self.stage = Stage.CHECKIN
             return CheckIn(self.round, self.weight)
         self.stage = Stage.ELECTION if self.checked_in else Stage.COMMIT
-        if self.checked_in and info.first_checkin_at:
+        if self.checked_in and self.drive and info.first_checkin_at:
             ready_at = info.first_checkin_at + t.grace_s
             if obs.now < ready_at:
                 return Wait(min(max(ready_at - obs.now, t.poll_s), 1.0), "grace period")
@@ -213,7 +223,9 @@ class RoundMachine:
             everyone = len(members) == len(info.participants)
             quorum = min(t.min_peers, len(info.participants))
             late = obs.now >= info.elected_at + t.collect_s
-            if everyone or (late and len(members) >= quorum):
+            if (everyone or (late and len(members) >= quorum)) and self._may_try(
+                f"merge{attempt}", obs.now
+            ):
                 return Merge(self.round, attempt, tuple(sorted(members)))
             return Wait(t.poll_s, f"collecting updates ({len(members)}/{len(info.participants)})")
         overdue = obs.now >= info.elected_at + t.deadline_s

@@ -17,7 +17,15 @@ from swarmnode import merge
 from swarmnode.chain.accounts import account_for
 from swarmnode.chain.client import RoundStatus, SwarmContract, connect
 from swarmnode.config import NodeConfig
-from swarmnode.errors import ConfigError, IdentityError, NodeError, PayloadRejected, RoundError
+from swarmnode.errors import (
+    ChainTimeout,
+    ChainUnavailable,
+    ConfigError,
+    IdentityError,
+    NodeError,
+    PayloadRejected,
+    RoundError,
+)
 from swarmnode.identity import TlsFiles, describe
 from swarmnode.node.collector import Collectors
 from swarmnode.node.driver import RoundDriver, RoundOutcome
@@ -155,6 +163,8 @@ class NodeService:
                 "the contract elected"
             )
         on_chain = self.driver.weight_of(round, sender)
+        if on_chain < 0:
+            raise RoundError(f"round {round}: {sender} did not check in, so it cannot contribute")
         if on_chain != weight:
             raise PayloadRejected(
                 f"round {round}: {sender} sent weight {weight} but checked in with {on_chain}"
@@ -163,7 +173,9 @@ class NodeService:
         log.info("round %d: update from %s (weight %d)", round, sender, weight)
 
     def merged(self, round: int, timeout: float) -> bytes | None:
-        held = self.store.wait(round, timeout)
+        # Pulls come after the commit: a node that holds the model answers at once, one that
+        # does not should not hold a server thread (and the puller) for long.
+        held = self.store.wait(round, min(timeout, 2.0))
         return held.data if held is not None else None
 
     def health(self) -> dict[str, Any]:
@@ -209,6 +221,15 @@ class NodeService:
             r = self.chain.current_round()
             self.progress.stage, self.progress.round = "round", r
             outcome = self.driver.run_round(r, state, payload, weight)
+            if not outcome.contributed and not outcome.abandoned and weight > 0:
+                # Round r was elected before we checked in: rather than drop the trainer's work,
+                # contribute it to the next round (which opens now), unless training is over.
+                self._after_round(outcome, None, None)
+                if self.chain.training_finished():
+                    return outcome
+                log.info("round %d: missed; contributing to round %d instead", r, r + 1)
+                outcome = self.driver.run_round(self.chain.current_round(), state, payload,
+                                                weight)
             self._after_round(outcome, loss, metric)
             return outcome
 
@@ -237,19 +258,25 @@ class NodeService:
                             state = serde.decode(data, expected_digest=None, spec=self.param_spec,
                                                  max_bytes=self.max_bytes, reject_nonfinite=False)
                     self.progress.round = r
-                    outcome = self.driver.run_round(r, state, data, w)
+                    # Before the final round a finished node only follows: it must not turn rounds
+                    # over (elect, mark others absent) while another site still trains.
+                    outcome = self.driver.run_round(r, state, data, w, drive=final == r)
                     self._after_round(outcome, None, None)
                     if policy == "active" and outcome.data is not None:
                         data = outcome.data
                         state = serde.decode(data, expected_digest=None, spec=self.param_spec,
                                              max_bytes=self.max_bytes, reject_nonfinite=False)
                 else:
-                    self.chain.wait_for(
-                        lambda r=r: True if (self.chain.current_round() != r
-                                             or self.chain.final_round() == r) else None,
-                        timeout=self.config.round_timeout_s, what=f"round {r} to end",
-                        poll=max(self.config.poll_s, 0.1),
-                    )
+                    try:
+                        self.chain.wait_for(
+                            lambda r=r: True if (self.chain.current_round() != r
+                                                 or self.chain.final_round() == r) else None,
+                            timeout=60.0, what=f"round {r} to end",
+                            poll=max(self.config.poll_s, 0.1),
+                        )
+                    except (ChainTimeout, ChainUnavailable):  # others still train: keep waiting
+                        log.info("waiting for the final round: %d node(s) still training",
+                                 self.chain.active_count())
             final_round = self.chain.current_round() - 1
             info = self.chain.round(final_round)
             held = self.store.get(final_round)
@@ -312,5 +339,10 @@ class _LocalApi:
                 "seconds": time.monotonic() - t0,
                 "training_finished": self.node.chain.training_finished(),
             }
+            if outcome.data is None and not outcome.abandoned:
+                raise NodeError(
+                    f"round {outcome.round} committed {reply['digest'][:12]}, but this node holds "
+                    "no verified copy of it; check the node's log for failed pulls"
+                )
             return reply, outcome.data if outcome.data is not None else payload
         raise NodeError(f"unknown local API method {method!r} (hello, sync, finish, status)")

@@ -31,6 +31,8 @@ class ModelStore:
         self.keep = keep
         self._models: dict[int, StoredModel] = {}
         self._cond = threading.Condition()
+        self._write_lock = threading.Lock()
+        self._written = 0
         self._load_latest()
 
     @property
@@ -52,10 +54,14 @@ class ModelStore:
         digest = bytes.fromhex(meta.get("digest", ""))
         if hashlib.sha256(data).digest() == digest:  # a torn write is ignored, not trusted
             self._models[int(meta["round"])] = StoredModel(int(meta["round"]), digest, data)
+            self._written = int(meta["round"])
 
     def put(self, round: int, digest: bytes, data: bytes) -> None:
         model = StoredModel(round, digest, data)
         with self._cond:
+            held = self._models.get(round)
+            if held is not None and held.digest == digest:
+                return
             self._models[round] = model
             for old in sorted(self._models)[: -self.keep]:
                 del self._models[old]
@@ -65,13 +71,22 @@ class ModelStore:
             self._write_latest(model)
 
     def _write_latest(self, model: StoredModel) -> None:
-        tmp = self._data_path.with_suffix(".tmp")
-        tmp.write_bytes(model.data)
-        os.replace(tmp, self._data_path)
-        meta = {"round": model.round, "digest": model.digest.hex()}
-        tmp = self._meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self._meta_path)
+        """Data first, then its metadata, each by an atomic rename; an older round never
+        overwrites a newer one (two threads may finish rounds out of order)."""
+        with self._write_lock:
+            if model.round < self._written:
+                return
+            tmp = self.dir / "latest.safetensors.tmp"
+            with open(tmp, "wb") as f:
+                f.write(model.data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._data_path)
+            meta = {"round": model.round, "digest": model.digest.hex()}
+            tmp = self.dir / "latest.json.tmp"
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, self._meta_path)
+            self._written = model.round
 
     def get(self, round: int) -> StoredModel | None:
         with self._cond:

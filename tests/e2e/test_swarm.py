@@ -178,3 +178,29 @@ def test_a_restarted_node_service_loses_nothing(tmp_path: Path) -> None:
         me = swarm.accounts[0].address
         rounds = [e.args["round"] for e in c.events(names={"CheckedIn"}) if e.args["node"] == me]
         assert max(rounds) > 4  # it went on contributing after the restart
+
+
+@pytest.mark.parametrize("policy", ["snapshot", "active"])
+def test_sites_that_finish_early_follow_until_the_longest_one_is_done(
+    tmp_path: Path, policy: str
+) -> None:
+    """With snapshot/active, the sites that finished keep contributing but never turn rounds over
+    by themselves: the final round comes only after the largest site has finished training."""
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4) as swarm:
+        for i in range(3):
+            swarm.start_node(i)
+        swarm.wait_enrolled([0, 1, 2])
+        # hospital-1 (the most data) is slow: 4 batches per sync x 0.35 s > the 1 s grace period
+        swarm.start_trainer(0, epochs=2, policy=policy, batch_delay=0.35)
+        for i in (1, 2):
+            swarm.start_trainer(i, epochs=2, policy=policy)
+        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
+              "the trainers", swarm)
+        c = swarm.contract
+        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
+        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
+        events = c.events(names={"NodeFinished", "FinalRound", "NodeAbsent"})
+        order = [(e.name, e.args.get("node")) for e in events]
+        biggest = swarm.accounts[0].address  # hospital-1 has the most data
+        assert ("NodeAbsent", biggest) not in order
+        assert order.index(("NodeFinished", biggest)) < order.index(("FinalRound", None))

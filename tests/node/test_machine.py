@@ -152,3 +152,21 @@ def test_absent_nodes_are_set_aside_after_the_grace_period() -> None:
     assert m.decide(Observation(102, alone, absent=(C,))) == MarkAbsent(5, (C,))
     # 1 participant < min_peers: no elect() attempt, just wait for the contract to elect
     assert isinstance(m.decide(Observation(102.1, alone, absent=(C,))), Wait)
+
+
+def test_a_follower_never_turns_rounds_over() -> None:
+    """drive=False (a finished site before the final round): no elect, no markAbsent."""
+    m = RoundMachine(A, 5, weight=1, timing=T, drive=False)
+    m.on_checked_in()
+    two = info(participants=[A, B], first=100, round=5)
+    for now in (103, 104, 110):
+        assert isinstance(m.decide(Observation(now, two, absent=(C,))), Wait)
+
+
+def test_a_failed_commit_is_retried_but_rate_limited() -> None:
+    m = RoundMachine(A, 1, weight=1, timing=T)
+    m.on_checked_in()
+    e = info(RoundStatus.ELECTED, [A, B], leader=A, elected_at=100)
+    assert m.decide(Observation(101, e, frozenset({B}))) == Merge(1, 0, (A, B))
+    assert isinstance(m.decide(Observation(101.1, e, frozenset({B}))), Wait)
+    assert m.decide(Observation(101.6, e, frozenset({B}))) == Merge(1, 0, (A, B))

@@ -1,0 +1,66 @@
+"""The leader's collector (sealing, replays) and the node's model store (restart, ordering)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarmnode.errors import DuplicateUpdate, RoundError
+from swarmnode.node.collector import Collector
+from swarmnode.node.store import ModelStore
+from swarmnode.transport import serde
+from swarmnode.types import Update
+
+
+def _u(value: float, weight: float, node: str) -> Update:
+    return Update({"w": torch.full((3,), value)}, weight, node)
+
+
+@pytest.mark.parametrize("method", ["mean", "coordmedian"])
+def test_seal_merges_once_and_refuses_later_updates(method: str) -> None:
+    c = Collector(1, 1, method, {})
+    c.add(_u(1.0, 1, "a"))
+    c.add(_u(3.0, 3, "b"))
+    with pytest.raises(DuplicateUpdate, match="already sent its update"):
+        c.add(_u(9.0, 3, "b"))
+    merged, senders, total = c.seal()
+    assert senders == {"a", "b"} and total == 4
+    expected = 2.5 if method == "mean" else 3.0
+    assert merged is not None and torch.allclose(merged["w"], torch.full((3,), expected))
+    with pytest.raises(RoundError, match="already merged"):
+        c.add(_u(5.0, 1, "c"))
+    assert c.seal()[1] == senders  # idempotent: the same members every time
+
+
+def test_seal_with_only_zero_weights_gives_no_model() -> None:
+    c = Collector(1, 1, "mean", {})
+    c.add(_u(1.0, 0, "a"))
+    merged, senders, total = c.seal()
+    assert merged is None and senders == {"a"} and total == 0
+
+
+def _blob(value: float) -> tuple[bytes, bytes]:
+    data = serde.encode({"w": torch.full((2,), value)})
+    return data, serde.digest(data)
+
+
+def test_store_survives_a_restart_and_never_goes_back(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    d5, h5 = _blob(5.0)
+    d4, h4 = _blob(4.0)
+    store.put(5, h5, d5)
+    store.put(4, h4, d4)  # an older round finishing later must not replace the latest on disk
+    again = ModelStore(tmp_path)
+    latest = again.latest()
+    assert latest is not None and (latest.round, latest.digest) == (5, h5)
+
+
+def test_store_ignores_a_torn_write(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    d, h = _blob(1.0)
+    store.put(3, h, d)
+    (tmp_path / "latest.json").write_text(json.dumps({"round": 3, "digest": "00" * 32}))
+    assert ModelStore(tmp_path).latest() is None
