@@ -475,6 +475,15 @@ contract SwarmLearning {
                 " (the current round is ", _u(cur), ")"
             ));
         }
+        // Rounds alone are not enough: a live site slower than the grace period misses rounds
+        // too. Absent also means silent (no check-in) for longer than the round deadline.
+        uint256 quietUntil = uint256(n.lastSeen) + roundDeadline;
+        if (block.timestamp < quietUntil) {
+            revert(string.concat(
+                "node ", _addr(node), " was last seen at ", _u(n.lastSeen),
+                "; it can be marked absent from ", _u(quietUntil), " (now ", _u(block.timestamp), ")"
+            ));
+        }
         _absent(node, n, s);
         _node[node] = n;
         bool open = !s.elected;

@@ -324,18 +324,21 @@ class SwarmContract:
     def absent_candidates(self) -> list[str]:
         """Nodes that :meth:`mark_absent` would accept now, in enrolment order.
 
-        Enrolled, neither revoked, finished nor absent, and the current round is at least
-        ``absent_after_rounds`` past the later of the node's last check-in and enrolment round.
+        Enrolled, neither revoked, finished nor absent, the current round at least
+        ``absent_after_rounds`` past the later of the node's last check-in and enrolment round,
+        and silent for at least the round deadline.
         Empty once the training finished.
         """
         if self.training_finished():
             return []
-        after = self.settings().absent_after_rounds
-        current = self.current_round()
+        settings = self.settings()
+        since = self.current_round() - settings.absent_after_rounds
+        now = max(self.block_timestamp(), int(time.time()))
         return [
             n.address for n in self.nodes()
             if n.enrolled and not (n.revoked or n.finished or n.absent)
-            and current >= max(n.last_checkin_round, n.enrolled_round) + after
+            and max(n.last_checkin_round, n.enrolled_round) <= since
+            and now >= n.last_seen + settings.deadline_s
         ]
 
     def round(self, r: int) -> RoundInfo:

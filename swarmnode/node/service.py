@@ -216,8 +216,9 @@ class NodeService:
     ) -> RoundOutcome:
         state = self._decode_own(payload)
         with self._round_lock:
-            if self.chain.training_finished():
-                raise RoundError("the swarm's training is over; load the final model instead")
+            if self.chain.training_finished():  # the callback loads it and sets should_stop
+                log.info("the swarm's training is over; handing the final model to the trainer")
+                return self._final_outcome()
             r = self.chain.current_round()
             self.progress.stage, self.progress.round = "round", r
             outcome = self.driver.run_round(r, state, payload, weight)
@@ -277,19 +278,24 @@ class NodeService:
                     except (ChainTimeout, ChainUnavailable):  # others still train: keep waiting
                         log.info("waiting for the final round: %d node(s) still training",
                                  self.chain.active_count())
-            final_round = self.chain.current_round() - 1
-            info = self.chain.round(final_round)
+            return self._final_outcome()
+
+    def _final_outcome(self) -> RoundOutcome:
+        """The final round's merged model (pulled if this node lacks it), verified on chain."""
+        final_round = self.chain.current_round() - 1
+        info = self.chain.round(final_round)
+        held = self.store.get(final_round)
+        if held is None or held.digest != info.digest:
+            self.driver.run_round(final_round, {}, b"", 0, contribute=False)
             held = self.store.get(final_round)
-            if held is None or held.digest != info.digest:
-                self.driver.run_round(final_round, {}, b"", 0, contribute=False)
-                held = self.store.get(final_round)
-            if held is None:
-                raise NodeError(f"could not obtain the final model of round {final_round}")
-            self.progress.stage, self.progress.finished = "done", True
-            self.progress.last_digest = held.digest.hex()
-            log.info("training finished: final model of round %d, digest %s", final_round,
-                     held.digest.hex()[:12])
-            return RoundOutcome(final_round, info.leader, held.digest, held.data, False, True, 0.0)
+        if held is None or held.digest != info.digest:
+            raise NodeError(f"could not obtain the final model of round {final_round}; check "
+                            "the node's log for failed pulls")
+        self.progress.stage, self.progress.finished = "done", True
+        self.progress.last_digest = held.digest.hex()
+        log.info("training finished: final model of round %d, digest %s", final_round,
+                 held.digest.hex()[:12])
+        return RoundOutcome(final_round, info.leader, held.digest, held.data, False, True, 0.0)
 
     def _decode_own(self, payload: bytes) -> StateDict:
         return serde.decode(
