@@ -188,7 +188,8 @@ class NodeService:
     # -- what the trainer asks for ----------------------------------------------------------------
     def hello(self, trainer_spec: TrainingSpec) -> tuple[dict[str, Any], bytes | None]:
         self.spec.require_same(trainer_spec, who=f"the trainer of node {self.config.name}")
-        latest = self.latest_merged()
+        with self._round_lock:
+            latest = self.latest_merged()
         info = {
             "address": self.me, "name": self.config.name,
             "current_round": self.chain.current_round(),
