@@ -44,9 +44,14 @@ def test_demo_every_node_ends_with_the_chains_final_model(tmp_path: Path) -> Non
     assert {n["final_digest"] for n in nodes} == {summary["chain_final_digest"]}
     assert summary["all_nodes_agree"] is True
     worst_local = min(n["local_auc"] for n in nodes)
+    best_local = max(n["local_auc"] for n in nodes)
     swarm_auc = nodes[0]["swarm_auc"]
     assert all(n["swarm_auc"] == swarm_auc for n in nodes)  # the same model everywhere
-    assert swarm_auc > worst_local
+    # The demo's quality promise (issue 4, one seeded run): clearly above the weakest hospital,
+    # at most 0.01 below the best one, within 0.02 of the model trained on the pooled data.
+    assert swarm_auc > worst_local + 0.005
+    assert swarm_auc >= best_local - 0.01
+    assert abs(swarm_auc - summary["central_auc"]) <= 0.02
     # Uneven data: the largest hospital joins the most rounds (it trains longest), and it still
     # ends with the final merged model, like the ones that finished early and waited.
     biggest = max(nodes, key=lambda n: n["samples"])
