@@ -253,7 +253,7 @@ class RoundDriver:
         if key not in self._merged:
             collector = self.collectors.get(action.round, action.attempt)
             merged, senders, _total = collector.seal()  # later pushes are refused from here on
-            base = None if merged is not None else self._latest_committed_before(action.round)
+            base = None if merged is not None else self._base_model(action.round)
             if base is not None:  # every participant added weight 0: the model stays as it was
                 data, digest = base.data, base.digest
             else:
@@ -274,6 +274,14 @@ class RoundDriver:
         machine.on_merged(action.attempt, digest)
         log.info("round %d: merged %d updates, committed %s", action.round, len(members),
                  digest.hex()[:12])
+
+    def _base_model(self, round: int) -> StoredModel | None:
+        """The model a round with no positive weight re-commits; None: merge equally instead."""
+        try:
+            return self.latest_committed_before(round)
+        except (ChainError, TransportError, RoundError) as exc:
+            log.warning("round %d: cannot fetch the previous merged model: %s", round, exc)
+            return None
 
     def _pull(self, machine: RoundMachine, action: Pull) -> None:
         held = self.store.get(action.round)
@@ -300,23 +308,16 @@ class RoundDriver:
                     "; ".join(errors))
         time.sleep(self.timing.retry_s)
 
-    def _latest_committed_before(self, round: int) -> StoredModel | None:
-        """The newest committed merged model before ``round``, pulled from its members if need
-        be."""
+    def latest_committed_before(self, round: int) -> StoredModel | None:
+        """The newest committed merged model before ``round`` (None if no round committed yet),
+        pulled from that round's members if this node does not hold it."""
         for r in range(round - 1, 0, -1):
             info = self.chain.round(r)
             if info.status is not RoundStatus.COMMITTED or info.digest is None:
                 continue
-            held = self.store.get(r)
-            if held is not None and held.digest == info.digest:
-                return held
-            latest = self.store.latest()
-            if latest is not None and latest.round == r and latest.digest == info.digest:
-                return latest
-            try:
-                outcome = self.run_round(r, {}, b"", 0, contribute=False)
-            except (ChainError, TransportError, RoundError) as exc:
-                log.warning("round %d: cannot fetch the model of round %d: %s", round, r, exc)
-                return None
+            for held in (self.store.get(r), self.store.latest()):
+                if held is not None and held.round == r and held.digest == info.digest:
+                    return held
+            outcome = self.run_round(r, {}, b"", 0, contribute=False)
             return self.store.get(outcome.round)
         return None

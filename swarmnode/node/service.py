@@ -31,7 +31,7 @@ from swarmnode.node.collector import Collectors
 from swarmnode.node.driver import RoundDriver, RoundOutcome
 from swarmnode.node.machine import Timing
 from swarmnode.node.peers import ChainAuthority, PeerPool
-from swarmnode.node.store import ModelStore
+from swarmnode.node.store import ModelStore, StoredModel
 from swarmnode.spec import TrainingSpec
 from swarmnode.transport import serde
 from swarmnode.transport.local import LocalServer
@@ -199,18 +199,9 @@ class NodeService:
         }
         return info, latest.data if latest else None
 
-    def latest_merged(self):  # type: ignore[no-untyped-def]
+    def latest_merged(self) -> StoredModel | None:
         """The newest committed merged model, fetched from its members if this node lacks it."""
-        current = self.chain.current_round()
-        for r in range(current - 1, 0, -1):
-            info = self.chain.round(r)
-            if info.status is RoundStatus.COMMITTED:
-                held = self.store.get(r) or self.store.latest()
-                if held is not None and held.round == r and held.digest == info.digest:
-                    return held
-                outcome = self.driver.run_round(r, {}, b"", 0, contribute=False)
-                return self.store.get(outcome.round)
-        return None
+        return self.driver.latest_committed_before(self.chain.current_round())
 
     def sync(
         self, payload: bytes, weight: int, loss: float | None, metric: float | None

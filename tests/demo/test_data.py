@@ -61,7 +61,7 @@ def test_shard_sizes_are_uneven_and_the_smallest_has_almost_no_malignant_cases(
     assert sizes[0] >= 2 * sizes[-1]
     scarce = data.hospitals[data.scarce]
     assert data.scarce == n_hospitals - 1 and len(scarce.y) == min(sizes)
-    assert 1 <= scarce.malignant <= 3
+    assert scarce.malignant in range(1, 4)  # almost no malignant cases, but not none
     for i, h in enumerate(data.hospitals):
         if i != data.scarce:  # the others see plenty of both classes
             assert 0.3 < h.malignant / len(h.y) < 0.6
