@@ -10,7 +10,7 @@ NPMSTAMP := node_modules/.installed
 export GRPC_VERBOSITY ?= ERROR
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test setup lint bench gas artifact clean
+.PHONY: demo test setup lint bench gas artifact images clean
 
 setup: $(STAMP) $(NPMSTAMP)
 
@@ -31,7 +31,13 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check swarmnode tests benchmarks
+	$(VENV)/bin/ruff check swarmnode tests benchmarks examples
+	$(VENV)/bin/hadolint docker/*/Dockerfile
+
+# The site images (node, ml, chain), offline: a Debian base image, a wheelhouse from
+# requirements.lock, then docker build; starts a Docker engine when none runs; cached.
+images: setup
+	$(PY) -m swarmnode.containers.images
 
 bench: setup
 	$(PY) benchmarks/gas.py

@@ -1,3 +1,3 @@
-from swarmnode.cli import main
+from swarmnode._entry import main
 
 main()

@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from swarmnode.errors import ConfigError
 
-__all__ = ["NodeConfig", "load_config"]
+__all__ = ["DEFAULT_PEER_PORT", "NodeConfig", "load_config"]
 
 ENV_PREFIX = "SWARMNODE_"
+DEFAULT_PEER_PORT = 7441  # the peer API's own port (not geth's 30303)
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
 
 
 class NodeConfig(BaseModel):
@@ -34,13 +36,31 @@ class NodeConfig(BaseModel):
     key_index: int | None = Field(None, description="Dev-chain account index (dev chains only).")
     keystore: Path | None = Field(None, description="Encrypted keystore file (real networks).")
     keystore_password_file: Path | None = None
-    peer_listen: str = Field("0.0.0.0:30303", description="host:port the peer API binds.")
+    peer_listen: str = Field(
+        f"0.0.0.0:{DEFAULT_PEER_PORT}", description="host:port the peer API binds."
+    )
     peer_endpoint: str | None = Field(
-        None, description="host:port other sites use to reach this node (default: peer_listen)."
+        None,
+        description="host:port other sites use to reach this node (enrolled on chain); required "
+        "when peer_listen binds every interface.",
     )
     local_api: str | None = Field(
         None,
         description="Local API: unix:///path.sock (default data_dir/node.sock) or host:port.",
+    )
+    local_api_mode: str = Field(
+        "0600",
+        pattern=r"^0?[0-7]{3}$",
+        description="Permissions of the local API socket (octal); 0660 lets the socket's group "
+        "(the trainer container's user) call it. Never world-accessible.",
+    )
+    local_api_group: str | None = Field(
+        None, description="Group (name or gid) that owns the local API socket."
+    )
+    start_timeout_s: float = Field(
+        600.0, gt=0,
+        description="At start-up, wait this long for the chain, the contract and this node's "
+        "authorisation before giving up.",
     )
     cert: Path = Field(description="This node's certificate (PEM).")
     key: Path = Field(description="This node's private key (PEM).")
@@ -61,9 +81,39 @@ class NodeConfig(BaseModel):
             raise ValueError("set key_index (dev chain) or keystore (real network)")
         return self
 
+    @model_validator(mode="after")
+    def _socket_mode(self) -> NodeConfig:
+        if int(self.local_api_mode, 8) & 0o007:
+            raise ValueError(
+                f"local_api_mode {self.local_api_mode} gives every user on the machine access "
+                "to the local API; use 0600 (owner) or 0660 (owner and local_api_group)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _reachable_endpoint(self) -> NodeConfig:
+        if self.peer_endpoint is None:
+            host = self.peer_listen.rpartition(":")[0]
+            if host in _WILDCARD_HOSTS:
+                raise ValueError(
+                    f"peer_listen {self.peer_listen} binds every interface, so it is not an "
+                    "address other sites can reach; set peer_endpoint (SWARMNODE_PEER_ENDPOINT) "
+                    f"to the host:port they dial, e.g. hospital-a.example.org:{DEFAULT_PEER_PORT}"
+                )
+        elif self.peer_endpoint.rpartition(":")[0] in _WILDCARD_HOSTS:
+            raise ValueError(
+                f"peer_endpoint {self.peer_endpoint} is not an address other sites can reach; "
+                "use the DNS name or IP they dial"
+            )
+        return self
+
     @property
     def endpoint(self) -> str:
         return self.peer_endpoint or self.peer_listen
+
+    @property
+    def socket_mode(self) -> int:
+        return int(self.local_api_mode, 8)
 
     @property
     def local_target(self) -> str:
@@ -76,7 +126,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for key, value in env.items():
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower()
-            if name in fields:
+            if name in fields and value != "":  # an empty variable means "not set"
                 out[name] = value
     return out
 

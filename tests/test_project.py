@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ruff_is_clean() -> None:
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "swarmnode", "tests",
-                          "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+                          "benchmarks", "examples"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -40,3 +40,37 @@ def test_no_pickle_or_unsafe_torch_load_in_the_package() -> None:
             if re.search(r"pickle\.loads?\(|torch\.load\((?!.*weights_only=True)", line):
                 bad.append(f"{path.relative_to(ROOT)}:{n}")
     assert not bad, bad
+
+
+def test_the_training_side_loads_no_chain_or_cli_code() -> None:
+    """`pip install swarmnode` (no extra) is the training side: the callback, the adapters and
+    the local API client must import without web3, solc, the contract code or the CLI's
+    packages, which only the node extra installs."""
+    code = (
+        "import sys, swarmnode.callback, swarmnode.healthcheck\n"
+        "own = {'web3', 'eth_account', 'eth_tester', 'solcx', 'typer', 'rich', 'yaml', "
+        "'pydantic', 'docker'}\n"
+        "bad = {m for m in sys.modules if m.split('.')[0] in own}\n"
+        # the adapters load their framework (which brings its own yaml or rich), nothing of ours
+        "import swarmnode.integrations.hf, swarmnode.integrations.lightning\n"
+        "bad |= {m for m in sys.modules if m.split('.')[0] in {'web3', 'solcx', 'typer', "
+        "'docker'} or m.startswith(('swarmnode.chain', 'swarmnode.cli', 'swarmnode.node'))}\n"
+        "print(','.join(sorted(bad)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"the training side imports {out.stdout.strip()}"
+
+
+def test_the_training_side_dependencies_are_only_those_it_imports() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in project["dependencies"]}
+    assert names == {"torch", "numpy", "safetensors", "grpcio", "protobuf", "cryptography"}
+    lock = {line.split("==")[0].lower() for line in (ROOT / "requirements.lock").read_text()
+            .splitlines() if "==" in line}
+    for extra, deps in project["optional-dependencies"].items():
+        for dep in deps:
+            name = re.split(r"[<>=\[ ]", dep)[0].lower()
+            assert name == "swarmnode" or name in lock, f"{extra}: {name} is not pinned in the lock"

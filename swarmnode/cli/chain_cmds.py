@@ -187,9 +187,15 @@ def contract_deploy(
     keystore: Keystore = None,
     password_file: PasswordFile = None,
     fmt: Format = OutputFormat.table,
+    record: Annotated[Path | None, typer.Option(
+        "--record", help="Write the deployment here (JSON); when it already names a contract "
+        "on this chain, deploy nothing and print that one (a re-run is a no-op).")] = None,
 ) -> None:
     """Deploy a SwarmLearning contract for one training; prints its address."""
+    import os
+
     from swarmnode.chain.client import SwarmContract
+    from swarmnode.errors import ContractNotFound
 
     try:
         spec_json = spec.read_text(encoding="utf-8")
@@ -200,7 +206,25 @@ def contract_deploy(
     except ValueError as exc:
         raise ConfigError(f"training spec {spec} is not valid JSON: {exc}") from None
     w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
-    contract = SwarmContract.deploy(w3, admin, spec_json, min_peers, grace, deadline)
+    contract = None
+    if record is not None and record.exists():
+        try:
+            previous = json.loads(record.read_text())["address"]
+            contract = SwarmContract(w3, previous, admin)
+            err_console.print(f"{record} names the contract {previous}, deployed on this chain; "
+                              "nothing to deploy", highlight=False, soft_wrap=True)
+        except (OSError, ValueError, KeyError, TypeError, ContractNotFound):
+            contract = None  # not on this chain (a new dev chain): deploy afresh
+    if contract is None:
+        contract = SwarmContract.deploy(w3, admin, spec_json, min_peers, grace, deadline)
+        if record is not None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"address": contract.address, "rpc_url": rpc_url}))
+    expected = os.environ.get("SWARMNODE_CONTRACT")
+    if expected and expected.lower() != contract.address.lower():
+        err_console.print(f"warning: SWARMNODE_CONTRACT is {expected}, but the contract is at "
+                          f"{contract.address}: set CONTRACT={contract.address} in every site's "
+                          ".env", highlight=False, soft_wrap=True)
     if fmt is OutputFormat.json:
         settings = contract.settings()
         print_json({"address": contract.address, "admin": settings.admin,

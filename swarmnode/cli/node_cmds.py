@@ -34,7 +34,7 @@ def run(
     @command
     def body() -> None:
         from swarmnode.config import load_config
-        from swarmnode.node.service import NodeService
+        from swarmnode.node.service import NodeService, StartupInterrupted
 
         overrides: dict[str, Any] = dict(
             rpc_url=rpc_url, contract=contract, name=name, peer_listen=peer_listen,
@@ -46,11 +46,15 @@ def run(
             level=cfg.log_level.upper(),
             format=f"%(asctime)s {cfg.name} %(levelname)s %(message)s",
         )
-        node = NodeService(cfg)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        node.start()
+        try:  # waits for the chain, the contract and its authorisation; SIGTERM ends the wait
+            node = NodeService(cfg, stop)
+            node.start()
+        except StartupInterrupted as exc:
+            logging.getLogger("swarmnode.node").info("%s; exiting", exc)
+            return
         try:
             stop.wait()
         finally:
@@ -71,14 +75,23 @@ def demo(
         int | None,
         typer.Option("--kill-leader-round", help="Kill this round's leader before it commits."),
     ] = None,
+    containers: Annotated[bool, typer.Option(
+        "--containers", help="Run each hospital as containers (compose/hospital.yaml) on a Docker "
+        "engine, the sentinel's chain too; needs a checkout of the repository.")] = False,
 ) -> None:
     """A whole swarm on this machine: chain, certificates, N node services, N trainers."""
 
     @command
     def body() -> None:
-        from swarmnode.demo.orchestrator import DemoOptions, run_demo, show_summary
+        from swarmnode.demo.orchestrator import (
+            DemoOptions,
+            run_demo,
+            run_demo_containers,
+            show_summary,
+        )
 
-        summary = run_demo(
+        run = run_demo_containers if containers else run_demo
+        summary = run(
             DemoOptions(nodes=nodes, merge=merge, workdir=workdir, seed=seed,
                         kill_leader_round=kill_leader_round),
             console=console,

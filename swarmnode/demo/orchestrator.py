@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -20,7 +20,48 @@ from swarmnode.demo import model as demo_model
 from swarmnode.demo.swarm import LocalSwarm
 from swarmnode.errors import NodeError
 
-__all__ = ["DemoOptions", "run_demo", "show_summary"]
+__all__ = [
+    "NODE_KEYS",
+    "SUMMARY_KEYS",
+    "DemoOptions",
+    "SwarmHarness",
+    "run_demo",
+    "run_demo_containers",
+    "show_summary",
+    "summarize",
+]
+
+
+# The summary `swarmnode demo --json` writes, with processes or with containers.
+SUMMARY_KEYS = frozenset({
+    "nodes", "killed", "central_auc", "central_accuracy", "chain_final_digest", "all_nodes_agree",
+    "rounds", "merge", "contract", "seconds",
+})
+NODE_KEYS = frozenset({
+    "name", "samples", "malignant", "final_digest", "local_auc", "local_accuracy", "swarm_auc",
+    "swarm_accuracy", "rounds_joined", "train_seconds",
+})
+
+
+class SwarmHarness(Protocol):
+    """What the demo needs of a swarm: processes (:class:`LocalSwarm`) or containers
+    (:class:`swarmnode.containers.consortium.ContainerConsortium`)."""
+
+    n: int
+    names: list[str]
+    accounts: list[Any]
+    contract: Any
+    data: Any
+    seed: int
+    epochs: int | None
+    merge: str
+    work: Path
+
+    def trainer_indices(self) -> list[int]: ...
+    def trainer_exit(self, i: int) -> int | None: ...
+    def trainer_failure(self, i: int) -> str: ...
+    def kill_node(self, i: int) -> None: ...
+    def result(self, i: int) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -53,11 +94,44 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any
                       "training starts")
         for i in range(opts.nodes):
             swarm.start_trainer(i)
-        rounds, killed = _follow(swarm, opts, console)
-        return _summary(swarm, rounds, killed, time.monotonic() - t0)
+        return summarize(swarm, opts, console, t0)
 
 
-def _summary(swarm: LocalSwarm, rounds: list[dict[str, Any]], killed: set[int],
+def run_demo_containers(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
+    """The same demo with each hospital as containers (``compose/hospital.yaml``: ml + node) and
+    the sentinel's chain, on a Docker engine (installed and started when none runs)."""
+    from swarmnode.containers.consortium import ContainerConsortium
+    from swarmnode.containers.engine import ensure_engine
+    from swarmnode.containers.images import build_images
+
+    console = console or Console()
+    t0 = time.monotonic()
+    engine = ensure_engine()
+    try:
+        for img in build_images():
+            console.print(f"image {img.tag}: {img.size / 1e6:.0f} MB"
+                          f"{' (built)' if img.built else ''}")
+        with ContainerConsortium(opts.workdir, opts.nodes, merge=opts.merge, seed=opts.seed,
+                                 sync_frequency=opts.sync_frequency, min_peers=opts.min_peers,
+                                 grace_s=opts.grace_s, deadline_s=opts.deadline_s) as swarm:
+            console.print(f"[bold]swarmnode demo --containers[/]: {opts.nodes} hospitals "
+                          f"(compose projects {swarm.project(0)}..), merge rule {opts.merge}")
+            swarm.up()
+            console.print(f"{opts.nodes} hospitals up, nodes enrolled and healthy, contract "
+                          f"{swarm.contract.address} ({time.monotonic() - t0:.1f} s); training")
+            return summarize(swarm, opts, console, t0)
+    finally:
+        engine.stop()
+
+
+def summarize(swarm: SwarmHarness, opts: DemoOptions, console: Console,
+              t0: float) -> dict[str, Any]:
+    """Follow the rounds until every trainer is done, then the demo's summary."""
+    rounds, killed = _follow(swarm, opts, console)
+    return _summary(swarm, rounds, killed, time.monotonic() - t0)
+
+
+def _summary(swarm: SwarmHarness, rounds: list[dict[str, Any]], killed: set[int],
              seconds: float) -> dict[str, Any]:
     X_all, y_all = swarm.data.pooled()
     epochs = swarm.epochs or demo_model.EPOCHS
@@ -68,7 +142,7 @@ def _summary(swarm: LocalSwarm, rounds: list[dict[str, Any]], killed: set[int],
     final_events = swarm.contract.events(names={"TrainingFinished"})
     chain_digest = final_events[-1].args["digest"].hex() if final_events else ""
     agree = bool(chain_digest) and all(r["final_digest"] == chain_digest for r in results)
-    return {
+    summary = {
         "nodes": [
             {"name": r["name"], "samples": r["samples"], "malignant": r["malignant"],
              "final_digest": r["final_digest"], "local_auc": r["local"]["auc"],
@@ -87,9 +161,11 @@ def _summary(swarm: LocalSwarm, rounds: list[dict[str, Any]], killed: set[int],
         "contract": swarm.contract.address,
         "seconds": round(seconds, 1),
     }
+    assert set(summary) == SUMMARY_KEYS and all(set(n) == NODE_KEYS for n in summary["nodes"])
+    return summary
 
 
-def _follow(swarm: LocalSwarm, opts: DemoOptions,
+def _follow(swarm: SwarmHarness, opts: DemoOptions,
             console: Console) -> tuple[list[dict[str, Any]], set[int]]:
     """Print each round as the chain records it, until every trainer has exited."""
     by_addr = {a.address: n for a, n in zip(swarm.accounts, swarm.names, strict=True)}
@@ -125,14 +201,13 @@ def _follow(swarm: LocalSwarm, opts: DemoOptions,
                 console.print(f"every trainer is done: round {a['round']} is the final round")
             elif ev.name == "TrainingFinished":
                 console.print(f"[green]training finished at round {a['round']}[/]")
-        live = [i for i in swarm.trainers if i not in killed]
-        if all(swarm.trainers[i].poll() is not None for i in live):
+        exits = {i: swarm.trainer_exit(i) for i in swarm.trainer_indices() if i not in killed}
+        if all(code is not None for code in exits.values()):
             break
-        for i in live:
-            if swarm.trainers[i].poll() not in (None, 0):
-                raise NodeError(f"trainer {swarm.names[i]} failed "
-                                f"(exit {swarm.trainers[i].returncode}): "
-                                f"{swarm.tail(i, 'trainer')}; log {swarm.log(i, 'trainer')}")
+        for i, code in exits.items():
+            if code not in (None, 0):
+                raise NodeError(f"trainer {swarm.names[i]} failed (exit {code}): "
+                                f"{swarm.trainer_failure(i)}")
         if time.monotonic() > deadline:
             raise NodeError(f"the demo did not finish within {opts.timeout_s:.0f} s; see the logs "
                             f"under {swarm.work / 'logs'}")

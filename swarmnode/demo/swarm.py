@@ -166,6 +166,15 @@ class LocalSwarm:
         self.trainers[i] = self._spawn(cmd, self.log(i, "trainer"), self.env)
         return self.trainers[i]
 
+    def trainer_indices(self) -> list[int]:
+        return list(self.trainers)
+
+    def trainer_exit(self, i: int) -> int | None:
+        return self.trainers[i].poll()
+
+    def trainer_failure(self, i: int) -> str:
+        return f"{self.tail(i, 'trainer')}; log {self.log(i, 'trainer')}"
+
     def kill_node(self, i: int) -> None:
         self.nodes[i].kill()
         self.nodes[i].wait()

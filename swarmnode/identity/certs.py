@@ -89,6 +89,13 @@ def load_certs(path: Path, what: str = "certificate") -> list[x509.Certificate]:
         raise IdentityError(
             f"{what} file {path} does not exist; create it with `swarmnode certs`"
         ) from None
+    except PermissionError:
+        uid = os.getuid()
+        raise IdentityError(
+            f"cannot read {what} file {path}: permission denied for uid {uid}, the user this "
+            f"process runs as; make it readable by that user (`chown {uid} {path}` on the host "
+            "for a compose secret; the mode stays 0600)"
+        ) from None
     except OSError as exc:
         raise IdentityError(f"cannot read {what} file {path}: {exc.strerror}") from None
     try:

@@ -7,7 +7,9 @@ worker pools serve both APIs; a trainer's ``sync`` call runs its round on the ca
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -21,11 +23,13 @@ from swarmnode.errors import (
     ChainTimeout,
     ChainUnavailable,
     ConfigError,
+    ContractNotFound,
     IdentityError,
     NodeError,
     PayloadRejected,
     RoundError,
 )
+from swarmnode.healthcheck import HEALTH_FILE
 from swarmnode.identity import TlsFiles, describe
 from swarmnode.node.collector import Collectors
 from swarmnode.node.driver import RoundDriver, RoundOutcome
@@ -38,11 +42,47 @@ from swarmnode.transport.local import LocalServer
 from swarmnode.transport.peer import PeerServer
 from swarmnode.types import StateDict, Update
 
-__all__ = ["END_POLICIES", "NodeService"]
+__all__ = ["END_POLICIES", "NodeService", "StartupInterrupted"]
 
 log = logging.getLogger("swarmnode.node")
 
 END_POLICIES = ("inactive", "snapshot", "active")
+_WAIT_LOG_S = 10.0  # how often a wait says what it is waiting for
+_TRANSIENT = (ChainUnavailable, ChainTimeout)
+
+
+class StartupInterrupted(NodeError):
+    """The service was asked to stop while it waited for the chain, the contract or its
+    authorisation at start-up."""
+
+    exit_code = 0
+
+
+class _Waiter:
+    """Retry ``fn`` while it fails with one of ``errors``, saying every few seconds what is missing,
+    until ``timeout`` passes (then the last error, with how long was waited) or ``stop`` is set."""
+
+    def __init__(self, stop: threading.Event, timeout: float, setting: str) -> None:
+        self.stop, self.timeout, self.setting = stop, timeout, setting
+
+    def __call__(self, fn, errors: tuple[type[Exception], ...], what: str):  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        said = 0.0
+        while True:
+            try:
+                return fn()
+            except errors as exc:
+                waited = time.monotonic() - started
+                if waited >= self.timeout:
+                    raise type(exc)(
+                        f"{exc} (waited {waited:.0f} s for {what}; raise {self.setting} to wait "
+                        "longer)"
+                    ) from None
+                if waited - said >= _WAIT_LOG_S or said == 0.0:
+                    log.warning("waiting for %s: %s", what, exc)
+                    said = max(waited, 1e-9)
+            if self.stop.wait(min(1.0, max(0.05, self.timeout - waited))):
+                raise StartupInterrupted(f"stopped while waiting for {what}")
 
 
 @dataclass
@@ -55,20 +95,34 @@ class _Progress:
 
 
 class NodeService:
-    def __init__(self, config: NodeConfig) -> None:
+    """One site's node service. Construction waits (up to ``start_timeout_s``) for the chain to
+    answer and the contract to be deployed, since in containers neither is guaranteed to be up
+    first; setting ``stop`` ends the wait with :class:`StartupInterrupted`."""
+
+    def __init__(self, config: NodeConfig, stop: threading.Event | None = None) -> None:
         self.config = config
+        self._stopped = stop or threading.Event()
         self.tls = TlsFiles(cert=config.cert, key=config.key, trust=config.trust)
         self.tls.load()  # fails early, naming the file, on a missing or mismatched key
-        w3 = connect(config.rpc_url)
-        account = account_for(
-            w3,
-            key_index=config.key_index,
-            keystore=config.keystore,
-            password_file=config.keystore_password_file,
+        self._start_wait = _Waiter(self._stopped, config.start_timeout_s, "start_timeout_s")
+        self._chain_wait = _Waiter(self._stopped, config.round_timeout_s, "round_timeout_s")
+
+        def attach() -> tuple[SwarmContract, Any]:
+            w3 = connect(config.rpc_url)
+            account = account_for(
+                w3,
+                key_index=config.key_index,
+                keystore=config.keystore,
+                password_file=config.keystore_password_file,
+            )
+            chain = SwarmContract(w3, config.contract, account)
+            return chain, chain.settings()
+
+        self.chain, self.settings = self._start_wait(
+            attach, (*_TRANSIENT, ContractNotFound),
+            f"the chain at {config.rpc_url} and contract {config.contract}",
         )
-        self.chain = SwarmContract(w3, config.contract, account)
         self.me = self.chain.account_address
-        self.settings = self.chain.settings()
         self.spec = TrainingSpec.from_json(self.chain.spec_json(), "the contract's training spec")
         self.param_spec = serde.ParamSpec(
             {name: (p.shape, p.dtype) for name, p in self.spec.params.items()}
@@ -93,7 +147,6 @@ class NodeService:
         )
         self.progress = _Progress()
         self._round_lock = threading.Lock()
-        self._stopped = threading.Event()
         self.peer_server: PeerServer | None = None
         self.local_server: LocalServer | None = None
 
@@ -106,15 +159,31 @@ class NodeService:
         )
         port = self.peer_server.start()
         self._enroll(port)
-        self.local_server = LocalServer(self.config.local_target, _LocalApi(self), tls=None)
+        self.local_server = LocalServer(
+            self.config.local_target, _LocalApi(self), tls=None, mode=self.config.socket_mode,
+            group=self.config.local_api_group,
+        )
         self.local_server.start()
         self.progress.stage = "ready"
+        self._write_health(port)
         log.info(
             "node %s (%s) ready: peer API on port %d, local API at %s",
             self.config.name, self.me, port, self.config.local_target,
         )
 
+    def _write_health(self, port: int) -> None:
+        """health.json: read by `python -m swarmnode.healthcheck` (the container healthcheck)."""
+        path = self.config.data_dir / HEALTH_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
+            "pid": os.getpid(), "address": self.me, "name": self.config.name,
+            "peer_port": port, "endpoint": self.config.endpoint, "enrolled": True,
+        }))
+        tmp.replace(path)
+
     def stop(self) -> None:
+        (self.config.data_dir / HEALTH_FILE).unlink(missing_ok=True)
         self._stopped.set()
         if self.local_server:
             self.local_server.stop()
@@ -125,15 +194,26 @@ class NodeService:
     def serve_forever(self) -> None:
         self._stopped.wait()
 
-    def _enroll(self, port: int) -> None:
+    def _authorised(self):  # type: ignore[no-untyped-def]
         info = self.chain.node(self.me)
-        ours = describe(self.config.cert).fingerprint
-        if not info.authorized or info.revoked:
-            state = "was revoked" if info.revoked else "is not authorised"
+        if info.revoked:
             raise IdentityError(
-                f"address {self.me} {state} on contract {self.chain.address}; ask the swarm admin "
-                f"to run `swarmnode authorize {self.me} --cert {self.config.cert}`"
+                f"address {self.me} was revoked on contract {self.chain.address}; ask the swarm "
+                f"admin to authorise it again with `swarmnode authorize {self.me} --cert "
+                f"{self.config.cert}`"
             )
+        if not info.authorized:
+            raise _NotYetAuthorised(
+                f"address {self.me} is not authorised on contract {self.chain.address}; ask the "
+                f"swarm admin to run `swarmnode authorize {self.me} --cert {self.config.cert}`"
+            )
+        return info
+
+    def _enroll(self, port: int) -> None:
+        # The admin may authorise this node after it starts (compose starts everything at once).
+        info = self._start_wait(self._authorised, (*_TRANSIENT, _NotYetAuthorised),
+                                f"{self.me} to be authorised")
+        ours = describe(self.config.cert).fingerprint
         if info.fingerprint != ours:
             raise IdentityError(
                 f"the contract holds certificate fingerprint {info.fingerprint.hex()[:16]}... for "
@@ -186,43 +266,48 @@ class NodeService:
         }
 
     # -- what the trainer asks for ----------------------------------------------------------------
+    def _read(self, fn):  # type: ignore[no-untyped-def]
+        """A chain read outside a round: a chain outage is waited out (up to round_timeout_s,
+        saying so in the log), never passed to the trainer as a failure."""
+        return self._chain_wait(fn, _TRANSIENT, "the chain to answer again")
+
     def hello(self, trainer_spec: TrainingSpec) -> tuple[dict[str, Any], bytes | None]:
         self.spec.require_same(trainer_spec, who=f"the trainer of node {self.config.name}")
         with self._round_lock:
             latest = self.latest_merged()
         info = {
             "address": self.me, "name": self.config.name,
-            "current_round": self.chain.current_round(),
+            "current_round": self._read(self.chain.current_round),
             "latest_round": latest.round if latest else 0,
             "digest": latest.digest.hex() if latest else "",
-            "training_finished": self.chain.training_finished(),
+            "training_finished": self._read(self.chain.training_finished),
         }
         return info, latest.data if latest else None
 
     def latest_merged(self) -> StoredModel | None:
         """The newest committed merged model, fetched from its members if this node lacks it."""
-        return self.driver.latest_committed_before(self.chain.current_round())
+        return self.driver.latest_committed_before(self._read(self.chain.current_round))
 
     def sync(
         self, payload: bytes, weight: int, loss: float | None, metric: float | None
     ) -> RoundOutcome:
         state = self._decode_own(payload)
         with self._round_lock:
-            if self.chain.training_finished():  # the callback loads it and sets should_stop
+            if self._read(self.chain.training_finished):  # the callback loads it, should_stop
                 log.info("the swarm's training is over; handing the final model to the trainer")
                 return self._final_outcome()
-            r = self.chain.current_round()
+            r = self._read(self.chain.current_round)
             self.progress.stage, self.progress.round = "round", r
             outcome = self.driver.run_round(r, state, payload, weight)
             if not outcome.contributed and not outcome.abandoned and weight > 0:
                 # Round r was elected before we checked in: rather than drop the trainer's work,
                 # contribute it to the next round (which opens now), unless training is over.
                 self._after_round(outcome, None, None)
-                if self.chain.training_finished():
+                if self._read(self.chain.training_finished):
                     return outcome
                 log.info("round %d: missed; contributing to round %d instead", r, r + 1)
-                outcome = self.driver.run_round(self.chain.current_round(), state, payload,
-                                                weight)
+                outcome = self.driver.run_round(self._read(self.chain.current_round), state,
+                                                payload, weight)
             self._after_round(outcome, loss, metric)
             return outcome
 
@@ -234,14 +319,15 @@ class NodeService:
             )
         own = self._decode_own(payload)
         with self._round_lock:
-            if not self.chain.node(self.me).finished and not self.chain.training_finished():
-                self.chain.finish()
+            me = self._read(lambda: self.chain.node(self.me))
+            if not me.finished and not self._read(self.chain.training_finished):
+                self._read(self.chain.finish)
                 log.info("trainer finished; policy %s until the final round", policy)
             self.progress.stage = "finished-waiting"
             state, data = own, payload
-            while not self.chain.training_finished():
-                r = self.chain.current_round()
-                final = self.chain.final_round()
+            while not self._read(self.chain.training_finished):
+                r = self._read(self.chain.current_round)
+                final = self._read(self.chain.final_round)
                 if final == r or policy != "inactive":
                     w = 0 if policy == "inactive" else weight
                     if policy == "inactive":
@@ -269,13 +355,13 @@ class NodeService:
                         )
                     except (ChainTimeout, ChainUnavailable):  # others still train: keep waiting
                         log.info("waiting for the final round: %d node(s) still training",
-                                 self.chain.active_count())
+                                 self._read(self.chain.active_count))
             return self._final_outcome()
 
     def _final_outcome(self) -> RoundOutcome:
         """The final round's merged model (pulled if this node lacks it), verified on chain."""
-        final_round = self.chain.current_round() - 1
-        info = self.chain.round(final_round)
+        final_round = self._read(self.chain.current_round) - 1
+        info = self._read(lambda: self.chain.round(final_round))
         held = self.store.get(final_round)
         if held is None or held.digest != info.digest:
             self.driver.run_round(final_round, {}, b"", 0, contribute=False)
@@ -307,6 +393,10 @@ class NodeService:
                 log.warning("round %d: could not report metrics: %s", outcome.round, exc)
 
 
+class _NotYetAuthorised(IdentityError):
+    pass
+
+
 class _LocalApi:
     """LocalHandler: the methods a trainer's SwarmCallback calls on its node service."""
 
@@ -335,7 +425,7 @@ class _LocalApi:
                 "digest": outcome.digest.hex() if outcome.digest else "",
                 "abandoned": outcome.abandoned, "contributed": outcome.contributed,
                 "seconds": time.monotonic() - t0,
-                "training_finished": self.node.chain.training_finished(),
+                "training_finished": self.node._read(self.node.chain.training_finished),
             }
             if outcome.data is None and not outcome.abandoned:
                 raise NodeError(

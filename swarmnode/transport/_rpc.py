@@ -128,7 +128,7 @@ def host_port(endpoint: str, what: str = "endpoint") -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{what} {endpoint!r} is not host:port (e.g. node1.example.org:30303)")
+        raise ConfigError(f"{what} {endpoint!r} is not host:port (e.g. node1.example.org:7441)")
     return host, int(port)
 
 

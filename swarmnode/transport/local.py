@@ -1,7 +1,9 @@
 """The local API: a training script <-> its own node service.
 
 gRPC over a unix socket by default (``unix:///path/node.sock``; the socket is made mode 0600, in a
-directory created with mode 0700, so only the node's user can call it), or over TCP
+directory created with mode 0700, so only the node's user can call it; with ``mode=0o660`` and a
+``group`` the trainer's user in that group can call it too, as in the containers, where the socket
+lives on a volume that only the ``ml`` and ``node`` containers mount), or over TCP
 (``host:port``) with mutual TLS. TCP without TLS is refused. Over TCP, any client certificate that
 chains to the ``trust`` file is accepted, so give the local API a trust file that holds only the
 CA issuing the trainer's certificate, not the swarm's bundle.
@@ -98,9 +100,28 @@ def _parse(target: str, tls: TlsFiles | None) -> _Target:
     return _Target(target, None)
 
 
-def _prepare_socket(path: Path, target: str) -> None:
-    """Make the socket's directory (0700 if new) and clear a stale socket file."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _gid(group: str | int | None) -> int | None:
+    if group is None or group == "":
+        return None
+    if isinstance(group, int) or str(group).isdigit():
+        return int(group)
+    import grp
+
+    try:
+        return grp.getgrnam(str(group)).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"local_api_group {group!r} is not a group on this machine; create it or give a gid"
+        ) from None
+
+
+def _prepare_socket(path: Path, target: str, mode: int = 0o600, gid: int | None = None) -> None:
+    """Make the socket's directory (0700 if new, 0750 when the group may call) and clear a stale
+    socket file."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o750 if mode & 0o070 else 0o700, parents=True, exist_ok=True)
+        if gid is not None:
+            os.chown(path.parent, -1, gid)
     if not os.path.lexists(path):
         return
     if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -177,8 +198,13 @@ class LocalServer:
         max_bytes: int = DEFAULT_MAX_BYTES,
         *,
         workers: int = 32,
+        mode: int = 0o600,
+        group: str | int | None = None,
     ) -> None:
+        if mode & 0o007:
+            raise ConfigError(f"local API socket mode {mode:o} would let every user call it")
         self.target = _parse(target, tls)
+        self.mode, self.gid = mode, _gid(group)
         self.handler, self.tls, self.max_bytes, self.workers = handler, tls, max_bytes, workers
         self._creds = None
         if tls is not None and self.target.path is None:
@@ -211,7 +237,7 @@ class LocalServer:
         }),))
         path = self.target.path
         if path is not None:
-            _prepare_socket(path, self.target.grpc)
+            _prepare_socket(path, self.target.grpc, self.mode, self.gid)
         try:
             if self._creds is not None:
                 port = server.add_secure_port(self.target.grpc, self._creds)
@@ -225,7 +251,9 @@ class LocalServer:
                 "writable; change local_api"
             )
         if path is not None:
-            os.chmod(path, 0o600)
+            if self.gid is not None:
+                os.chown(path, -1, self.gid)
+            os.chmod(path, self.mode)
             port = 0
         server.start()
         self._server, self.port = server, port

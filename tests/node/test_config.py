@@ -13,7 +13,7 @@ from swarmnode.config import load_config
 from swarmnode.errors import ConfigError
 
 BASE = {"name": "a", "contract": "0x" + "11" * 20, "key_index": 1, "cert": "c.pem",
-        "key": "c.key", "trust": "t.pem"}
+        "key": "c.key", "trust": "t.pem", "peer_endpoint": "a.example.org:7441"}
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
@@ -24,7 +24,8 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     path = _write(tmp_path, BASE | {"poll_s": 0.5, "rpc_url": "http://file:1"})
-    env = {"SWARMNODE_POLL_S": "0.2", "SWARMNODE_RPC_URL": "http://env:2", "OTHER": "x"}
+    env = {"SWARMNODE_POLL_S": "0.2", "SWARMNODE_RPC_URL": "http://env:2", "OTHER": "x",
+           "SWARMNODE_KEYSTORE": ""}  # empty (as compose passes an unset ${VAR:-}): not set
     cfg = load_config(path, {"rpc_url": "http://flag:3", "name": None}, env=env)
     assert (cfg.poll_s, cfg.rpc_url, cfg.name) == (0.2, "http://flag:3", "a")
 
@@ -47,6 +48,12 @@ def test_unknown_setting_suggests_the_right_one(tmp_path: Path) -> None:
         ({"key_index": None}, "set key_index .* or keystore"),
         ({"collect_fraction": 1.5}, "setting collect_fraction"),
         ({"name": None, "contract": None}, "setting (name|contract)"),
+        # the enrolled endpoint must be one other sites can dial, never a wildcard bind address
+        ({"peer_endpoint": None}, "binds every interface.*set peer_endpoint"),
+        ({"peer_endpoint": "0.0.0.0:7441"}, "peer_endpoint 0.0.0.0:7441 is not an address"),
+        # the local API socket is never world-accessible
+        ({"local_api_mode": "0666"}, "gives every user on the machine access"),
+        ({"local_api_mode": "rw"}, "setting local_api_mode"),
     ],
 )
 def test_bad_settings_name_the_setting(tmp_path: Path, change: dict, message: str) -> None:
@@ -72,3 +79,14 @@ def test_run_with_a_bad_config_is_one_line_and_exit_code_10(tmp_path: Path) -> N
     assert result.exit_code == 10
     assert "Traceback" not in result.output
     assert "cannot read config file" in result.output
+
+
+def test_defaults_fit_containers(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, BASE | {"local_api_mode": "0660",
+                                               "local_api_group": "swarm"}), env={})
+    assert cfg.peer_listen == "0.0.0.0:7441"  # the peer API's own port, not geth's 30303
+    assert cfg.endpoint == "a.example.org:7441"
+    assert (cfg.socket_mode, cfg.local_api_group) == (0o660, "swarm")
+    local = load_config(_write(tmp_path, BASE | {"peer_listen": "127.0.0.1:0",
+                                                 "peer_endpoint": None}), env={})
+    assert local.endpoint == "127.0.0.1:0"  # a loopback bind needs no separate endpoint

@@ -168,3 +168,51 @@ def test_tcp_needs_and_uses_mutual_tls(pki: Pki) -> None:
         with LocalClient(server.address, tls=rogue) as client:
             with pytest.raises(PeerRefused, match="closed the TLS handshake"):
                 client.call("status", {}, timeout=5)
+
+
+_CONNECT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    print("connected")
+except OSError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to other users needs root")
+def test_group_socket_lets_only_the_group_call(tmp_path_factory) -> None:
+    """As in the containers: the node's socket is 0660 with the trainer's group; the trainer's
+    user (another uid, in that group) can call it, a user outside the group cannot."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="swarmnode-sock-"))
+    os.chmod(base, 0o755)  # traversable by the other users, as a volume's mount point is
+    sock = f"unix://{base}/run/node.sock"
+    gid = 47011
+    try:
+        with LocalServer(sock, Node(), mode=0o660, group=gid):
+            path = base / "run" / "node.sock"
+            st = path.stat()
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+            assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
+            # The connect() is where the kernel checks the socket's permissions, for gRPC too.
+            # The system Python: the venv's may live in a folder other users cannot enter.
+            python = shutil.which("python3", path="/usr/bin:/usr/local/bin") or sys.executable
+            run = lambda uid, g: subprocess.run(  # noqa: E731
+                [python, "-c", _CONNECT, str(path)], user=uid, group=g, extra_groups=[g],
+                capture_output=True, text=True, timeout=60, cwd=base,
+            ).stdout.strip()
+            assert run(47012, gid) == "connected"
+            assert run(47013, 47013).startswith("refused: [Errno 13]")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_world_accessible_socket_is_refused(sock: str) -> None:
+    with pytest.raises(ConfigError, match="every user"):
+        LocalServer(sock, Node(), mode=0o666)

@@ -1,0 +1,325 @@
+"""A consortium of hospitals as containers on one Docker engine, each run as the hospital runs it.
+
+Every hospital is its own compose project of ``compose/hospital.yaml`` with its own ``.env``
+(written here, as a site admin writes it); the first hospital is also the sentinel
+(``--profile sentinel``: the dev chain and the contract deployment). On one host the hospitals
+share one consortium network, made here and declared external in every project; each hospital's
+ml <-> node traffic stays on its own internal network and socket volume.
+
+The Docker SDK drives what a person would otherwise type: it finds the containers, reads the
+chain's published port, kills, pauses, restarts and disconnects containers (the fault tests), and
+reads the trainers' results from their own volumes. ``close`` takes every project down with its
+volumes and removes the network, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from swarmnode import __version__
+from swarmnode.chain.accounts import dev_account
+from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.containers.engine import compose_binary
+from swarmnode.containers.images import repo_root
+from swarmnode.demo import model as demo_model
+from swarmnode.demo.data import DemoData, hospital_splits, save_shard
+from swarmnode.errors import NodeError
+from swarmnode.identity import create_ca, issue_node_cert, make_bundle
+from swarmnode.spec import TrainingSpec
+
+__all__ = ["NODE_UID", "ContainerConsortium", "contract_address_for"]
+
+log = logging.getLogger("swarmnode.containers")
+
+NODE_UID = 10001  # the node image's user: it must be able to read the node's key (a secret)
+PEER_PORT = 7441
+_LABEL = "org.swarmnode.consortium"
+
+
+def contract_address_for(deployer: str, nonce: int = 0) -> str:
+    """The address a contract deployed by ``deployer`` with ``nonce`` gets (CREATE)."""
+    import rlp
+    from eth_utils import keccak, to_canonical_address, to_checksum_address
+
+    return to_checksum_address(keccak(rlp.encode([to_canonical_address(deployer), nonce]))[12:])
+
+
+class ContainerConsortium:
+    """``nodes`` hospitals (``ml`` + ``node`` each) and the sentinel's chain, as containers.
+
+    Use as a context manager: ``__enter__`` writes certificates, data and each site's ``.env``
+    under ``workdir``; :meth:`up` starts the projects; ``__exit__`` tears everything down.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: int = 3,
+        *,
+        prefix: str = "swarmnode",
+        merge: str = "mean",
+        sync_frequency: int = demo_model.SYNC_FREQUENCY,
+        min_peers: int = 2,
+        grace_s: int = 2,
+        deadline_s: int = 6,
+        seed: int = 0,
+        example: str = "breast_cancer",
+    ) -> None:
+        import docker
+
+        self.work = Path(workdir).resolve()
+        self.n, self.prefix, self.merge, self.seed = nodes, prefix, merge, seed
+        self.sync_frequency, self.min_peers = sync_frequency, min_peers
+        self.grace_s, self.deadline_s = grace_s, deadline_s
+        self.epochs: int | None = None  # the example script's own EPOCHS
+        self.names = [f"hospital-{i + 1}" for i in range(nodes)]
+        self.accounts = [dev_account(i + 1) for i in range(nodes)]
+        self.root = repo_root()
+        self.compose_file = self.root / "compose" / "hospital.yaml"
+        self.script_dir = self.root / "examples" / example
+        self.network = f"{prefix}-consortium"
+        self.docker = docker.from_env(timeout=300)
+        self.contract_address = contract_address_for(dev_account(0).address)
+        self.data: DemoData
+        self.contract: SwarmContract
+        self.rpc_url = ""
+        self._results: dict[int, dict[str, Any]] = {}
+
+    # -- naming -----------------------------------------------------------------------------------
+    def project(self, i: int) -> str:
+        return f"{self.prefix}-{self.names[i]}"
+
+    def env_file(self, i: int) -> Path:
+        return self.work / self.names[i] / ".env"
+
+    def container(self, i: int, service: str):  # type: ignore[no-untyped-def]
+        """The container of ``service`` (node, ml, chain, deploy) in hospital ``i``'s project."""
+        found = self.docker.containers.list(all=True, filters={"label": [
+            f"com.docker.compose.project={self.project(i)}",
+            f"com.docker.compose.service={service}",
+        ]})
+        if not found:
+            raise NodeError(f"no {service} container in compose project {self.project(i)}")
+        return found[0]
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def __enter__(self) -> ContainerConsortium:
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        (self.work / "logs").mkdir(parents=True)
+        try:
+            self._write_sites()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write_sites(self) -> None:
+        consortium = self.work / "consortium"  # what the sentinel's deploy step reads
+        certs = self.work / "admin" / "ca"
+        ca_cert, ca_key = create_ca(certs, "swarm-consortium-ca", org="swarmnode consortium")
+        trust = make_bundle([ca_cert], consortium / "trust.pem")
+        self.data = hospital_splits(self.n, seed=self.seed)
+        rows = ["name,address,cert"]
+        for i, name in enumerate(self.names):
+            site = self.work / name
+            # Each site's key is made in its own folder; only its certificate leaves it.
+            cert, key = issue_node_cert(ca_cert, ca_key, site / "certs", name, dns=[name],
+                                        ips=[])
+            os.chown(key, NODE_UID, -1)  # the node container's user reads it (mode stays 0600)
+            shutil.copy(cert, consortium / f"{name}.pem")
+            rows.append(f"{name},{self.accounts[i].address},{name}.pem")
+            save_shard(site / "data" / "train.npz", *self.data.hospitals[i])
+            save_shard(site / "data" / "test.npz", self.data.X_test, self.data.y_test)
+            env = {
+                "SITE": name,
+                "SWARMNODE_VERSION": __version__,
+                "RPC_URL": "http://chain:8545",
+                "CONTRACT": self.contract_address,
+                "KEY_INDEX": str(i + 1),
+                "PEER_ENDPOINT": f"{name}:{PEER_PORT}",
+                "CERT_FILE": str(cert),
+                "KEY_FILE": str(key),
+                "TRUST_FILE": str(trust),
+                "DATA_DIR": str(site / "data"),
+                "SCRIPT_DIR": str(self.script_dir),
+                "TRAIN_SEED": str(self.seed),
+                "CONSORTIUM_NETWORK": self.network,
+                "CONSORTIUM_EXTERNAL": "true",
+                # the sentinel's settings (read by its chain and deploy services only)
+                "CONSORTIUM_DIR": str(consortium),
+                "MIN_PEERS": str(self.min_peers),
+                "GRACE_S": str(self.grace_s),
+                "DEADLINE_S": str(self.deadline_s),
+            }
+            self.env_file(i).write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        (consortium / "sites.csv").write_text("\n".join(rows) + "\n")
+        model = demo_model.make_model(self.data.X_test.shape[1], seed=self.seed)
+        self.spec = TrainingSpec.from_state(
+            model.state_dict(), sync_frequency=self.sync_frequency, min_peers=self.min_peers,
+            merge_method=self.merge,
+        )
+        (consortium / "spec.json").write_text(self.spec.to_json())
+
+    def compose(self, i: int, *args: str, check: bool = True,
+                timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """``docker-compose`` for hospital ``i``'s project, as its admin would run it."""
+        cmd = [compose_binary(), "-p", self.project(i), "--env-file", str(self.env_file(i)),
+               "-f", str(self.compose_file)]
+        if i == 0:
+            cmd += ["--profile", "sentinel"]
+        done = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise NodeError(f"`docker-compose -p {self.project(i)} {' '.join(args)}` failed: "
+                            f"{(done.stderr or done.stdout).strip()[-1500:]}")
+        return done
+
+    # -- running ----------------------------------------------------------------------------------
+    def up(self, timeout: float = 600) -> None:
+        """Start every hospital's project (the sentinel first); returns once every node is
+        healthy (enrolled, serving) and every trainer started."""
+        self.docker.networks.create(self.network, driver="bridge", labels={_LABEL: self.prefix})
+        self.compose(0, "up", "-d", "chain")
+        self.rpc_url = self._chain_url()
+        errors: list[BaseException] = []
+
+        def up_one(i: int) -> None:
+            try:
+                self.compose(i, "up", "-d", timeout=timeout)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=up_one, args=(i,)) for i in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.save_logs()
+            raise errors[0]
+        self.contract = SwarmContract(connect(self.rpc_url), self.contract_address)
+
+    def _chain_url(self, timeout: float = 60.0) -> str:
+        chain = self.container(0, "chain")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chain.reload()
+            ports = (chain.attrs["NetworkSettings"]["Ports"] or {}).get("8545/tcp")
+            if ports:
+                return f"http://127.0.0.1:{ports[0]['HostPort']}"
+            time.sleep(0.2)
+        raise NodeError("the chain container publishes no port for 8545")
+
+    def trainer_indices(self) -> list[int]:
+        return list(range(self.n))
+
+    def trainer_exit(self, i: int) -> int | None:
+        ml = self.container(i, "ml")
+        ml.reload()
+        if ml.status in ("exited", "dead"):
+            return int(ml.attrs["State"]["ExitCode"])
+        return None
+
+    def trainer_failure(self, i: int) -> str:
+        tail = self.container(i, "ml").logs(tail=8).decode(errors="replace").strip()
+        return f"{' | '.join(tail.splitlines())}; logs under {self.work / 'logs'}"
+
+    def wait_trainers(self, timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            codes = [self.trainer_exit(i) for i in range(self.n)]
+            bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                self.save_logs()
+                raise NodeError(f"trainer of {self.names[bad[0]]} failed (exit {codes[bad[0]]}): "
+                                f"{self.trainer_failure(bad[0])}")
+            if all(c == 0 for c in codes):
+                return
+            time.sleep(1.0)
+        self.save_logs()
+        raise NodeError(f"the trainers did not finish within {timeout:.0f} s; logs under "
+                        f"{self.work / 'logs'}")
+
+    def health(self, i: int, service: str = "node") -> str:
+        """The container's health status (starting, healthy, unhealthy) or its state."""
+        box = self.container(i, service)
+        state = box.attrs["State"]
+        return str(state.get("Health", {}).get("Status") or state.get("Status"))
+
+    # -- faults (the Docker SDK, as a person would use docker kill / start / pause) ---------------
+    def kill_node(self, i: int) -> None:
+        self.container(i, "node").kill()
+
+    def start_node(self, i: int) -> None:
+        self.container(i, "node").start()
+
+    def pause(self, i: int, service: str = "node") -> None:
+        self.container(i, service).pause()
+
+    def unpause(self, i: int, service: str = "node") -> None:
+        self.container(i, service).unpause()
+
+    def disconnect(self, i: int) -> None:
+        """Cut hospital ``i``'s node off the consortium network (peers and chain)."""
+        self.docker.networks.get(self.network).disconnect(self.container(i, "node"))
+
+    def reconnect(self, i: int) -> None:
+        self.docker.networks.get(self.network).connect(
+            self.container(i, "node"), aliases=[self.names[i]])
+
+    # -- results ----------------------------------------------------------------------------------
+    def read_file(self, i: int, service: str, path: str) -> bytes:
+        """A file from a (running or stopped) container of hospital ``i``, volumes included."""
+        stream, _ = self.container(i, service).get_archive(path)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                raise NodeError(f"{path} in {self.project(i)}'s {service} is not a file")
+            data = tar.extractfile(member)
+            assert data is not None
+            return data.read()
+
+    def result(self, i: int) -> dict[str, Any]:
+        if i not in self._results:
+            self._results[i] = json.loads(self.read_file(i, "ml", "/workspace/out/scores.json"))
+        return self._results[i]
+
+    def save_logs(self) -> None:
+        for i in range(self.n):
+            for service in ("node", "ml", "chain", "deploy"):
+                try:
+                    logs = self.container(i, service).logs()
+                except Exception:  # noqa: BLE001 - a service this hospital does not run
+                    continue
+                (self.work / "logs" / f"{self.names[i]}-{service}.log").write_bytes(logs)
+
+    def close(self) -> None:
+        """Take every project down with its volumes and remove the consortium network."""
+        try:
+            self.save_logs()
+        except Exception as exc:  # noqa: BLE001 - teardown goes on regardless
+            log.warning("could not save the container logs: %s", exc)
+        for i in reversed(range(self.n)):
+            try:
+                self.compose(i, "down", "-v", "--remove-orphans", "-t", "5", check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log.warning("docker-compose down of %s failed: %s", self.project(i), exc)
+        for net in self.docker.networks.list(filters={"label": f"{_LABEL}={self.prefix}"}):
+            try:
+                net.remove()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not remove network %s: %s", net.name, exc)
+        self.docker.close()

