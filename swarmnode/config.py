@@ -168,6 +168,11 @@ def load_config(
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "missing":
+            raise ConfigError(
+                f"setting {loc} is required: set it in the config file, as "
+                f"{ENV_PREFIX}{loc.upper()} in the environment, or with --{loc.replace('_', '-')}"
+            ) from None
         raise ConfigError(f"setting {loc} in {path or 'settings'}: {err['msg']}") from None
     # Resolve relative paths against the config file's folder.
     updates = {

@@ -40,4 +40,4 @@ _load()
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    app(prog_name="swarmnode")

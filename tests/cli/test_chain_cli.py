@@ -204,3 +204,26 @@ def test_chain_up_runs_until_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_deploy_with_a_record_is_idempotent(anvil: DevChain, spec_file: Path,
+                                            tmp_path: Path) -> None:
+    """What the sentinel's compose `deploy` service relies on: a re-run deploys nothing."""
+    record = tmp_path / "state" / "contract.json"
+    args = ("contract", "deploy", "--spec", str(spec_file), "--min-peers", "1", "--grace", "0",
+            "--deadline", "30", "--rpc-url", anvil.url, "--record", str(record))
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    address = first.stdout.strip()
+    assert json.loads(record.read_text())["address"] == address
+    again = invoke(*args, env={"SWARMNODE_CONTRACT": address})
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip() == address and "nothing to deploy" in again.stderr
+    assert "warning" not in again.stderr
+    # a record naming a contract this chain does not have (a fresh dev chain): deploy afresh,
+    # and say so when the address differs from the one the sites were given
+    record.write_text(json.dumps({"address": "0x" + "ab" * 20}))
+    fresh = invoke(*args, env={"SWARMNODE_CONTRACT": address})
+    assert fresh.exit_code == 0, fresh.output
+    assert fresh.stdout.strip() != address
+    assert f"set CONTRACT={fresh.stdout.strip()}" in fresh.stderr

@@ -12,7 +12,7 @@ import pytest
 
 from swarmnode.demo.orchestrator import NODE_KEYS, SUMMARY_KEYS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def test_demo_containers_writes_the_demo_summary(images, tmp_path: Path) -> None:

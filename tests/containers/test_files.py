@@ -141,3 +141,26 @@ def test_a_wrong_wiring_is_named(example: Path, tmp_path: Path, change, named: s
     assert done.returncode == 0, done.stderr
     problems = check_wiring(json.loads(done.stdout))
     assert any(named in p for p in problems), problems
+
+
+def test_keystore_override_signs_with_the_sites_keystore(example: Path, tmp_path: Path) -> None:
+    """A site on a real network: KEY_INDEX empty, its keystore and password as secrets."""
+    (tmp_path / "key.json").write_text("{}")
+    (tmp_path / "password").write_text("x")
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(
+        line + "\n" for line in (example / ".env").read_text().splitlines()
+        if not line.startswith("KEY_INDEX=")
+    ) + f"KEYSTORE_FILE={tmp_path / 'key.json'}\nKEYSTORE_PASSWORD_FILE={tmp_path / 'password'}\n")
+    done = subprocess.run([compose_binary(), "--project-directory", str(example), "--env-file",
+                           str(env_file), "-f", str(HOSPITAL), "-f",
+                           str(ROOT / "compose" / "keystore.yaml"), "config", "--format", "json"],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    cfg = json.loads(done.stdout)
+    env = cfg["services"]["node"]["environment"]
+    assert env["SWARMNODE_KEYSTORE"] == "/run/secrets/keystore"
+    assert env.get("SWARMNODE_KEY_INDEX", "") == ""  # empty: not set (the loader skips it)
+    assert {s["source"] for s in cfg["services"]["node"]["secrets"]} == {
+        "node_cert", "node_key", "trust", "keystore", "keystore_password"}
+    assert check_wiring(cfg) == []
