@@ -136,6 +136,7 @@ class SwarmCallback:
         self.client = LocalClient(target)
         self.state = SwarmState()
         self.node_info: dict[str, Any] = {}
+        self.last_reply: dict[str, Any] = {}  # the node's answer to the last sync (timings too)
 
     # -- settings ---------------------------------------------------------------------------------
     def training_spec(self) -> TrainingSpec:
@@ -243,6 +244,7 @@ class SwarmCallback:
         if metric is not None:
             args["metric"] = metric
         reply, payload = self._call("sync", args, self._payload(), self.timeout)
+        self.last_reply = reply
         if payload is not None:
             self._load(payload)
         self.state.rounds += 1

@@ -30,7 +30,7 @@ from swarmnode.chain.models import (
     RoundStatus,
     TxResult,
 )
-from swarmnode.chain.rpc import chain_id, connect, describe, revert_reason, rpc_guard
+from swarmnode.chain.rpc import chain_id, connect, describe, revert_reason, rpc_calls, rpc_guard
 from swarmnode.chain.tx import TxSender, require_account
 from swarmnode.errors import (
     ChainError,
@@ -173,6 +173,11 @@ class SwarmContract:
                               receipt_timeout=self.receipt_timeout, _checked=True)
         other._settings = self._settings
         return other
+
+    @property
+    def rpc_calls(self) -> int:
+        """JSON-RPC requests this client has sent so far."""
+        return rpc_calls(self._w3)
 
     @property
     def account_address(self) -> str | None:
@@ -364,6 +369,10 @@ class SwarmContract:
         self._round_arg(r)
         checked, weight = self._call("checkinWeight", r, self._address_arg(node, "node"))
         return int(weight) if checked else None
+
+    def block_number(self) -> int:
+        with rpc_guard(self._w3, "reading the block number"):
+            return int(self._w3.eth.block_number)
 
     def block_timestamp(self) -> int:
         """The latest block's timestamp (the contract's clock)."""

@@ -93,6 +93,9 @@ class DevChain:
     def command(self) -> list[str]:
         cmd = [str(anvil_binary()), "--host", self.host, "--port", str(self.port)]
         cmd += ["--chain-id", str(self.chain_id)]
+        # Fund every dev account a node may use (swarmnode.chain.accounts: indexes 0..99), not
+        # only anvil's default ten: swarms of 32 sites and more.
+        cmd += ["--accounts", "100"]
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             cmd += ["--state", str(self.state_file), "--state-interval", "1"]

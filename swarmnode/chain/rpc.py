@@ -16,7 +16,7 @@ from web3.exceptions import ContractLogicError, ProviderConnectionError, TimeExh
 
 from swarmnode.errors import ChainError, ChainTimeout, ChainUnavailable, ConfigError
 
-__all__ = ["chain_id", "connect", "describe", "revert_reason", "rpc_guard"]
+__all__ = ["chain_id", "connect", "describe", "revert_reason", "rpc_calls", "rpc_guard"]
 
 _REVERT_PREFIXES = ("execution reverted: ", "execution reverted:", "VM Exception while processing")
 
@@ -26,6 +26,21 @@ except ImportError:  # pragma: no cover - the lock installs it
     _TesterFailed = None
 
 
+class _CountingProvider(HTTPProvider):
+    """An HTTPProvider that counts its JSON-RPC requests (the round benchmark reports them)."""
+
+    calls = 0
+
+    def make_request(self, method, params):  # type: ignore[no-untyped-def,override]
+        self.calls += 1
+        return super().make_request(method, params)
+
+
+def rpc_calls(w3: Web3) -> int:
+    """JSON-RPC requests sent through ``w3`` so far (0 for other providers)."""
+    return int(getattr(w3.provider, "calls", 0))
+
+
 def connect(rpc_url: str, timeout: float = 10.0) -> Web3:
     """A Web3 on ``rpc_url`` (http or https) after checking that the chain answers."""
     parsed = urlparse(rpc_url)
@@ -33,7 +48,7 @@ def connect(rpc_url: str, timeout: float = 10.0) -> Web3:
         raise ConfigError(
             f"RPC URL {rpc_url!r} is not an http(s) URL; pass e.g. --rpc-url http://127.0.0.1:8545"
         )
-    provider = HTTPProvider(
+    provider = _CountingProvider(
         rpc_url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None
     )
     w3 = Web3(provider)

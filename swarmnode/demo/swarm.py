@@ -45,7 +45,10 @@ class LocalSwarm:
         deadline_s: int = 6,
         seed: int = 0,
         epochs: int | None = None,
+        state_file: bool = False,
     ) -> None:
+        """``state_file``: the chain keeps its state in a file, so it can be stopped and started
+        again (an outage) without losing the swarm."""
         self.work = Path(workdir).resolve()
         self.n = nodes
         self.merge = merge
@@ -57,7 +60,9 @@ class LocalSwarm:
         self.epochs = epochs
         self.names = [f"hospital-{i + 1}" for i in range(nodes)]
         self.accounts = [dev_account(i + 1) for i in range(nodes)]
-        self.chain = DevChain(block_time=1.0)  # time moves on: grace and deadlines can pass
+        # block_time: time moves on, so grace periods and deadlines can pass
+        self.chain = DevChain(block_time=1.0,
+                              state_file=self.work / "chain-state.json" if state_file else None)
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.trainers: dict[int, subprocess.Popen[bytes]] = {}
         self.env = dict(os.environ, GRPC_VERBOSITY="ERROR", PYTHONUNBUFFERED="1")

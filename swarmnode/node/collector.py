@@ -7,7 +7,7 @@ memory, whatever the number of nodes); robust rules need every update at once an
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from swarmnode import merge
 from swarmnode.errors import DuplicateUpdate, MergeError, RoundError
@@ -17,7 +17,8 @@ __all__ = ["Collector", "Collectors"]
 
 
 class Collector:
-    def __init__(self, round: int, attempt: int, method: str, options: Mapping[str, float]) -> None:
+    def __init__(self, round: int, attempt: int, method: str, options: Mapping[str, float],
+                 on_add: Callable[[], None] | None = None) -> None:
         self.round = round
         self.attempt = attempt
         self.method = method
@@ -27,6 +28,7 @@ class Collector:
         self._stream = merge.StreamingMean() if method == "mean" else None
         self._updates: list[Update] = []
         self._sealed: tuple[StateDict | None, frozenset[str], float] | None = None
+        self._on_add = on_add
 
     def add(self, update: Update) -> None:
         """Fold one participant's update in; a second one from the same sender is a replay."""
@@ -46,6 +48,8 @@ class Collector:
                 self._stream.add(update)
             else:
                 self._updates.append(update)
+        if self._on_add is not None:
+            self._on_add()  # the leader's round loop looks again at once
 
     @property
     def senders(self) -> frozenset[str]:
@@ -82,9 +86,11 @@ class Collector:
 class Collectors:
     """One collector per (round, attempt): a re-elected leader starts afresh."""
 
-    def __init__(self, method: str, options: Mapping[str, float]) -> None:
+    def __init__(self, method: str, options: Mapping[str, float],
+                 on_add: Callable[[], None] | None = None) -> None:
         self.method = method
         self.options = dict(options)
+        self.on_add = on_add
         self._lock = threading.Lock()
         self._by_key: dict[tuple[int, int], Collector] = {}
 
@@ -93,5 +99,6 @@ class Collectors:
             key = (round, attempt)
             if key not in self._by_key:
                 self._by_key = {k: v for k, v in self._by_key.items() if k[0] >= round - 1}
-                self._by_key[key] = Collector(round, attempt, self.method, self.options)
+                self._by_key[key] = Collector(round, attempt, self.method, self.options,
+                                              self.on_add)
             return self._by_key[key]

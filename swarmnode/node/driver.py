@@ -6,9 +6,10 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swarmnode.chain.client import RoundInfo, RoundStatus, SwarmContract
+from swarmnode.chain.watch import BlockWatcher
 from swarmnode.errors import (
     ChainError,
     ChainTimeout,
@@ -46,6 +47,9 @@ __all__ = ["RoundDriver", "RoundOutcome"]
 log = logging.getLogger("swarmnode.node")
 
 
+_EVENT_WAIT_S = 0.5  # with a block watcher, the longest a round sleeps between looks
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     round: int
@@ -55,6 +59,9 @@ class RoundOutcome:
     abandoned: bool
     contributed: bool
     seconds: float
+    # seconds this node spent per stage of the round (checkin, election, push, collect, merge,
+    # commit_tx, commit, pull): what `benchmarks/round.py` reports
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 class RoundDriver:
@@ -71,8 +78,12 @@ class RoundDriver:
         max_bytes: int,
         round_timeout_s: float,
         transfer_timeout_s: float = 120.0,
+        watcher: BlockWatcher | None = None,
     ) -> None:
+        """``watcher``: waits end at the next block (or update) instead of after a fixed
+        interval; without one the round polls every ``timing.poll_s``."""
         self.me = me
+        self.watcher = watcher
         self.chain = chain
         self.pool = pool
         self.store = store
@@ -84,6 +95,7 @@ class RoundDriver:
         self.transfer_timeout_s = transfer_timeout_s
         self._weights: dict[tuple[int, str], int] = {}
         self._merged: dict[tuple[int, int], tuple[bytes, bytes, list[str]]] = {}
+        self._stages: dict[str, float] = {}
         # Fault injection for the failure tests: "ROUND:ATTEMPT" makes this node, as that round's
         # leader at that attempt, hang before it commits (HPE's "stuck at Merging...").
         stall = os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "")
@@ -125,6 +137,7 @@ class RoundDriver:
         self._weights = {k: v for k, v in self._weights.items() if k[0] >= round - 1}
         started = time.monotonic()
         seeded: set[int] = set()
+        self._stages = stages = {}
         while True:
             if time.monotonic() - started > self.round_timeout_s:
                 raise RoundTimeout(
@@ -132,18 +145,23 @@ class RoundDriver:
                     f"(stage {machine.stage.value}); check the other nodes' logs and "
                     "`swarmnode status`"
                 )
+            stage, t0 = machine.stage.value, time.monotonic()
             try:
                 outcome = self._step(machine, state, payload, weight, seeded)
             except (ChainUnavailable, ChainTimeout) as exc:  # transient: the round goes on
                 log.warning("round %d: chain not answering (%s); retrying", round, exc)
                 time.sleep(self.timing.retry_s)
                 continue
+            finally:
+                stages[stage] = stages.get(stage, 0.0) + time.monotonic() - t0
             if outcome is not None:
+                if "collect" in stages:  # the leader's merge and commit are reported apart
+                    stages["collect"] -= stages.get("merge", 0.0) + stages.get("commit_tx", 0.0)
                 return RoundOutcome(
                     round=round, leader=outcome[0], digest=outcome[1], data=outcome[2],
                     abandoned=outcome[1] is None,
                     contributed=machine.checked_in and not machine.late,
-                    seconds=time.monotonic() - started,
+                    seconds=time.monotonic() - started, stages=dict(stages),
                 )
 
     def _step(
@@ -152,6 +170,7 @@ class RoundDriver:
     ) -> tuple[str | None, bytes | None, bytes | None] | None:
         """Observe, decide, act once; (leader, digest, data) when the round is over for us."""
         round = machine.round
+        mark = self.watcher.mark() if self.watcher is not None else 0  # before the read
         info = self.chain.round(round)
         collected: frozenset[str] = frozenset()
         if info.status is RoundStatus.ELECTED and info.leader == self.me:
@@ -166,7 +185,10 @@ class RoundDriver:
             absent = tuple(self.chain.absent_candidates())
         action = machine.decide(Observation(now, info, collected, absent))
         if isinstance(action, Wait):
-            time.sleep(action.seconds)
+            if self.watcher is None:
+                time.sleep(action.seconds)
+            else:  # what a round waits for comes with a block (or an update): wake then
+                self.watcher.wait(mark, max(action.seconds, _EVENT_WAIT_S))
         elif isinstance(action, CheckIn):
             self._checkin(machine, action)
         elif isinstance(action, Elect):
@@ -250,6 +272,7 @@ class RoundDriver:
             log.warning("round %d: test fault: hanging before the commit", action.round)
             threading.Event().wait()
         key = (action.round, action.attempt)
+        t0, stages = time.monotonic(), self._stages
         if key not in self._merged:
             collector = self.collectors.get(action.round, action.attempt)
             merged, senders, _total = collector.seal()  # later pushes are refused from here on
@@ -266,11 +289,15 @@ class RoundDriver:
             self._merged[key] = (data, digest, members)
             self.store.put(action.round, digest, data)
         data, digest, members = self._merged[key]
+        t1 = time.monotonic()
         try:
             self.chain.commit_merge(action.round, digest, members)
         except ContractReverted as exc:
             log.warning("round %d: commit refused: %s", action.round, exc)
             return
+        finally:  # the leader's merge and its commit transaction, apart from collecting
+            stages["merge"] = stages.get("merge", 0.0) + t1 - t0
+            stages["commit_tx"] = stages.get("commit_tx", 0.0) + time.monotonic() - t1
         machine.on_merged(action.attempt, digest)
         log.info("round %d: merged %d updates, committed %s", action.round, len(members),
                  digest.hex()[:12])

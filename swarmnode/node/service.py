@@ -12,12 +12,14 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from swarmnode import merge
 from swarmnode.chain.accounts import account_for
 from swarmnode.chain.client import RoundStatus, SwarmContract, connect
+from swarmnode.chain.watch import BlockWatcher
 from swarmnode.config import NodeConfig
 from swarmnode.errors import (
     ChainTimeout,
@@ -130,7 +132,10 @@ class NodeService:
         merge.get(self.spec.merge_method)  # unknown rule: fail now, not in round 1
         self.max_bytes = int(config.max_update_mb * 1024 * 1024)
         self.store = ModelStore(config.data_dir)
-        self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options)
+        # Rounds wait for the next block (or an arriving update), never on fixed sleeps.
+        self.watcher = BlockWatcher(config.rpc_url, self.chain.block_number, config.poll_s)
+        self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
+                                     on_add=self.watcher.notify)
         self.authority = ChainAuthority(self.chain)
         self.pool = PeerPool(self.chain, self.me, self.tls, self.authority)
         deadline = float(self.settings.deadline_s)
@@ -144,7 +149,10 @@ class NodeService:
         self.driver = RoundDriver(
             self.me, self.chain, self.pool, self.store, self.collectors, self.timing,
             self.param_spec, max_bytes=self.max_bytes, round_timeout_s=config.round_timeout_s,
+            watcher=self.watcher,
         )
+        # Metrics go on chain after the round, off its critical path, one at a time in order.
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="metrics")
         self.progress = _Progress()
         self._round_lock = threading.Lock()
         self.peer_server: PeerServer | None = None
@@ -185,6 +193,8 @@ class NodeService:
     def stop(self) -> None:
         (self.config.data_dir / HEALTH_FILE).unlink(missing_ok=True)
         self._stopped.set()
+        self.watcher.close()
+        self._background.shutdown(wait=False, cancel_futures=True)
         if self.local_server:
             self.local_server.stop()
         if self.peer_server:
@@ -263,6 +273,7 @@ class NodeService:
         return {
             "address": self.me, "name": self.config.name, "stage": p.stage, "round": p.round,
             "rounds_done": p.rounds_done, "finished": p.finished,
+            "rpc_calls": self.chain.rpc_calls,
         }
 
     # -- what the trainer asks for ----------------------------------------------------------------
@@ -387,10 +398,13 @@ class NodeService:
         if outcome.digest:
             self.progress.last_digest = outcome.digest.hex()
         if loss is not None or metric is not None:
-            try:
-                self.chain.report_metrics(outcome.round, loss or 0.0, metric or 0.0)
-            except Exception as exc:  # metrics are an audit nicety: never fail a round on them
-                log.warning("round %d: could not report metrics: %s", outcome.round, exc)
+            self._background.submit(self._report_metrics, outcome.round, loss, metric)
+
+    def _report_metrics(self, round: int, loss: float | None, metric: float | None) -> None:
+        try:
+            self.chain.report_metrics(round, loss or 0.0, metric or 0.0)
+        except Exception as exc:  # metrics are an audit nicety: never fail a round on them
+            log.warning("round %d: could not report metrics: %s", round, exc)
 
 
 class _NotYetAuthorised(IdentityError):
@@ -425,6 +439,7 @@ class _LocalApi:
                 "digest": outcome.digest.hex() if outcome.digest else "",
                 "abandoned": outcome.abandoned, "contributed": outcome.contributed,
                 "seconds": time.monotonic() - t0,
+                "stages": {k: round(v, 6) for k, v in outcome.stages.items()},
                 "training_finished": self.node._read(self.node.chain.training_finished),
             }
             if outcome.data is None and not outcome.abandoned:

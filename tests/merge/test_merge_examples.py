@@ -163,7 +163,11 @@ def test_low_precision_inputs_keep_their_dtype(rule: str, dtype: torch.dtype) ->
     expected = merge(rule, as_float32)["w"]  # the same values, computed and kept in float32
     assert got.dtype == dtype
     if dtype == torch.float64:  # computed in float64: closer than float32 can say
-        torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=1e-6)
+        # geomedian iterates (Weiszfeld) until the step is below tol; in float32 it stops early
+        # (float32 cannot resolve tol=1e-7), so its float32 reference is only near the optimum
+        tight = rule != "geomedian"
+        torch.testing.assert_close(got.float(), expected, rtol=1e-5 if tight else 1e-2,
+                                   atol=1e-6 if tight else 1e-3)
     else:  # computed in float32, rounded once at the end
         torch.testing.assert_close(got, expected.to(dtype), rtol=0, atol=0)
 

@@ -1,0 +1,234 @@
+"""Round benchmark: real anvil, real node services and trainers as separate processes over mTLS.
+
+    python benchmarks/round.py [--configs 1M:2,1M:4,25M:4] [--rounds 6] [--out results/round.json]
+
+Per configuration (P float32 parameters, N sites, R rounds) it reports, with medians over rounds
+2..R of every trainer's syncs:
+
+* ``median_round_s``: the trainer's whole sync (hand the parameters over, the round, take the
+  merged model back), and its split into stages: ``upload_handback`` (trainer <-> node, the local
+  API) and the node's own stages (``checkin``, ``election``, ``push``, ``collect``, ``merge``,
+  ``commit_tx``, ``commit`` (waiting for the leader's commit), ``pull``);
+* ``raw_bound_s``: moving 2*N*P*4 bytes over loopback TCP in the same run (every update to the
+  leader and the merged model back to every site);
+* ``leader_growth_over_model``: the largest (peak RSS during the rounds - RSS before the first
+  round) / model bytes over the node services (each leads some rounds), ``member_growth`` the
+  smallest; peak RSS is VmHWM, reset before the first round (``/proc/PID/clear_refs``);
+* CPU seconds per node service and trainer; ``rpc_calls_per_round``: JSON-RPC requests of all
+  node services per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import yaml  # noqa: E402
+
+from swarmnode.chain.accounts import dev_account  # noqa: E402
+from swarmnode.chain.client import SwarmContract, connect  # noqa: E402
+from swarmnode.chain.launcher import DevChain  # noqa: E402
+from swarmnode.identity import create_ca, describe, issue_node_cert, make_bundle  # noqa: E402
+from swarmnode.spec import TrainingSpec  # noqa: E402
+from swarmnode.transport.local import LocalClient  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_CONFIGS = "1M:2,1M:4,1M:8,25M:2,25M:4,25M:8,1M:16,1M:32"
+
+
+def _size(text: str) -> int:
+    return int(float(text[:-1]) * 1_000_000) if text[-1] in "Mm" else int(text)
+
+
+def _proc_status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_bound(nbytes: int) -> float:
+    """Seconds to move ``nbytes`` through one loopback TCP connection into a reused buffer."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    chunk = 4 << 20
+
+    def receive() -> None:
+        conn, _ = srv.accept()
+        buf = bytearray(chunk)
+        view, left = memoryview(buf), nbytes
+        while left:
+            got = conn.recv_into(view[:min(chunk, left)])
+            if not got:
+                break
+            left -= got
+        conn.sendall(b"k")
+        conn.close()
+
+    t = threading.Thread(target=receive)
+    t.start()
+    data = memoryview(bytes(chunk))
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        t0 = time.perf_counter()
+        left = nbytes
+        while left:
+            n = min(chunk, left)
+            c.sendall(data[:n])
+            left -= n
+        c.recv(1)
+        seconds = time.perf_counter() - t0
+    t.join()
+    srv.close()
+    return seconds
+
+
+def _spec(params: int, nodes: int) -> TrainingSpec:
+    sys.path.insert(0, str(HERE))
+    from round_trainer import Synthetic
+
+    return TrainingSpec.from_state(Synthetic(params).state_dict(), sync_frequency=1,
+                                   min_peers=nodes, merge_method="mean")
+
+
+def run_config(params: int, nodes: int, rounds: int, work: Path) -> dict[str, Any]:
+    work.mkdir(parents=True)
+    env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1"}
+    ca_cert, ca_key = create_ca(work / "ca", "bench-ca", org="bench")
+    trust = make_bundle([ca_cert], work / "trust.pem")
+    model_bytes = params * 4
+    procs: list[subprocess.Popen[bytes]] = []
+    with DevChain(block_time=1.0) as chain:
+        w3 = connect(chain.url)
+        contract = SwarmContract.deploy(w3, dev_account(0), _spec(params, nodes).to_json(),
+                                        nodes, 2, 120)
+        nodes_p, socks = [], []
+        for i in range(nodes):
+            name = f"site-{i + 1}"
+            cert, key = issue_node_cert(ca_cert, ca_key, work / name, name, dns=["localhost"],
+                                        ips=["127.0.0.1"])
+            contract.authorize(dev_account(i + 1).address, describe(cert).fingerprint)
+            cfg = {"name": name, "rpc_url": chain.url, "contract": contract.address,
+                   "key_index": i + 1, "peer_listen": "127.0.0.1:0", "cert": str(cert),
+                   "key": str(key), "trust": str(trust), "data_dir": str(work / name / "data"),
+                   "max_update_mb": max(64.0, model_bytes * 1.2 / 2**20)}
+            (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+            log = open(work / f"{name}-node.log", "wb")  # noqa: SIM115
+            p = subprocess.Popen([sys.executable, "-m", "swarmnode", "run", "--config",
+                                  str(work / f"{name}.yaml")], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            procs.append(p)
+            nodes_p.append(p)
+            socks.append(f"unix://{work / name / 'data' / 'node.sock'}")
+        try:
+            deadline = time.monotonic() + 120 + 5 * nodes
+            while not all(contract.node(dev_account(i + 1).address).enrolled
+                          for i in range(nodes)):
+                if time.monotonic() > deadline or any(p.poll() is not None for p in nodes_p):
+                    raise RuntimeError(f"node services did not enrol; logs in {work}")
+                time.sleep(0.2)
+            status0 = [LocalClient(s).call("status", {})[0] for s in socks]
+            rss0 = []
+            for p in nodes_p:
+                rss0.append(_proc_status(p.pid, "VmRSS"))
+                Path(f"/proc/{p.pid}/clear_refs").write_text("5")  # reset VmHWM
+            trainers = []
+            for i in range(nodes):
+                log = open(work / f"site-{i + 1}-trainer.log", "wb")  # noqa: SIM115
+                t = subprocess.Popen(
+                    [sys.executable, str(HERE / "round_trainer.py"), "--local-api", socks[i],
+                     "--params", str(params), "--nodes", str(nodes), "--rounds", str(rounds),
+                     "--index", str(i), "--out", str(work / f"t{i}.json")],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                procs.append(t)
+                trainers.append(t)
+            t_start = time.monotonic()
+            cpu_t = [0.0] * nodes
+            while any(t.poll() is None for t in trainers):
+                for i, t in enumerate(trainers):
+                    if t.poll() is None:
+                        cpu_t[i] = _cpu_s(t.pid)
+                if any(t.poll() not in (None, 0) for t in trainers):
+                    raise RuntimeError(f"a trainer failed; logs in {work}")
+                if time.monotonic() - t_start > 600 + rounds * 60:
+                    raise RuntimeError(f"timed out; logs in {work}")
+                time.sleep(0.2)
+            hwm = [_proc_status(p.pid, "VmHWM") for p in nodes_p]
+            cpu_n = [_cpu_s(p.pid) for p in nodes_p]
+            status1 = [LocalClient(s).call("status", {})[0] for s in socks]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        syncs = [s for i in range(nodes)
+                 for s in json.loads((work / f"t{i}.json").read_text())["syncs"]]
+        played = len({s["round"] for s in syncs})
+        rpc = sum(b.get("rpc_calls", 0) - a.get("rpc_calls", 0)
+                  for a, b in zip(status0, status1, strict=True))
+    stage_names = sorted({k for s in syncs for k in s["stages"]})
+    stages = {k: statistics.median(s["stages"].get(k, 0.0) for s in syncs) for k in stage_names}
+    stages["upload_handback"] = statistics.median(s["total_s"] - s["node_s"] for s in syncs)
+    bound = statistics.median(raw_bound(2 * nodes * model_bytes) for _ in range(3))
+    median_round = statistics.median(s["total_s"] for s in syncs)
+    growth = [(h - r) / model_bytes for h, r in zip(hwm, rss0, strict=True)]
+    return {
+        "params": params, "nodes": nodes, "rounds": rounds, "rounds_completed": played + 1,
+        "median_round_s": round(median_round, 4), "raw_bound_s": round(bound, 4),
+        "round_over_bound": round(median_round / bound, 2),
+        "leader_growth_over_model": round(max(growth), 2),
+        "member_growth_over_model": round(min(growth), 2),
+        "rpc_calls_per_round": round(rpc / max(played + 2, 1), 1),  # + round 1 and the final
+        "stages_s": {k: round(v, 4) for k, v in stages.items()},
+        "cpu_s_per_node": [round(c, 2) for c in cpu_n],
+        "cpu_s_per_trainer": [round(c, 2) for c in cpu_t],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help="comma-separated PARAMS:NODES, PARAMS like 1M or 25M")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "round.json")
+    a = p.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="swarmnode-round-") as tmp:
+        for n, spec in enumerate(a.configs.split(",")):
+            params, nodes = spec.split(":")
+            run = run_config(_size(params), int(nodes), a.rounds, Path(tmp) / str(n))
+            runs.append(run)
+            print(f"P={params:>4} N={int(nodes):>2}: round {run['median_round_s']:.3f} s, "
+                  f"raw bound {run['raw_bound_s']:.3f} s ({run['round_over_bound']}x), "
+                  f"leader growth {run['leader_growth_over_model']}x, "
+                  f"{run['rpc_calls_per_round']} RPC calls/round, stages {run['stages_s']}",
+                  flush=True)
+    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+           "runs": runs}
+    a.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

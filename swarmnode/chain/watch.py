@@ -1,0 +1,122 @@
+"""New blocks as events: a round waits for the next block instead of sleeping on fixed intervals.
+
+Everything a round waits for on chain (an election, a commit, the end of a grace period or a
+deadline in chain time) arrives with a new block, so a node re-reads the contract once per block
+at most, and wakes as soon as the block that matters is there. :class:`BlockWatcher` learns of new
+blocks over a websocket ``eth_subscribe("newHeads")`` where the chain's RPC offers one on the same
+address (anvil does; geth with ``--ws``), and otherwise by asking ``eth_blockNumber`` (one small
+call) every ``poll_s``. Other wake-ups (an update arriving at the leader) go through
+:meth:`BlockWatcher.notify`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import urlparse
+
+__all__ = ["BlockWatcher"]
+
+log = logging.getLogger("swarmnode.chain")
+
+
+class BlockWatcher:
+    """A background thread that knows the latest block number and wakes waiting threads."""
+
+    def __init__(self, rpc_url: str, block_number: Callable[[], int], poll_s: float = 0.05,
+                 *, websocket: bool = True) -> None:
+        self._url = rpc_url
+        self._block_number = block_number
+        self.poll_s = poll_s
+        self._cond = threading.Condition()
+        self._block = -1
+        self._events = 0  # bumped by every new block and every notify()
+        self._stop = threading.Event()
+        self.mode = "starting"
+        self._thread = threading.Thread(target=self._run, name="block-watcher", daemon=True)
+        self._use_ws = websocket
+        self._thread.start()
+
+    @property
+    def block(self) -> int:
+        return self._block
+
+    def mark(self) -> int:
+        """A token for :meth:`wait`: wake on anything that happens after this call."""
+        with self._cond:
+            return self._events
+
+    def notify(self) -> None:
+        """Wake waiting threads (something other than a block happened: an update arrived)."""
+        with self._cond:
+            self._events += 1
+            self._cond.notify_all()
+
+    def wait(self, mark: int, timeout: float) -> bool:
+        """Block until a new block or :meth:`notify` after ``mark``, or ``timeout``; True if
+        something happened."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._events != mark or self._stop.is_set(),
+                                       timeout=max(0.0, timeout))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.notify()
+        self._thread.join(timeout=5)
+
+    # -- the thread -------------------------------------------------------------------------------
+    def _saw(self, number: int) -> None:
+        with self._cond:
+            if number != self._block:
+                self._block = number
+                self._events += 1
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._use_ws:
+                try:
+                    self._subscribe()
+                except Exception as exc:  # noqa: BLE001 - no websocket here: poll instead
+                    if self.mode == "websocket":
+                        log.info("block subscription ended (%s); polling", exc)
+                    else:
+                        log.debug("no websocket at %s (%s); polling eth_blockNumber", self._url,
+                                  exc)
+            self._poll(until=time.monotonic() + 30.0 if self._use_ws else float("inf"))
+
+    def _ws_url(self) -> str:
+        u = urlparse(self._url)
+        return u._replace(scheme="wss" if u.scheme == "https" else "ws").geturl()
+
+    def _subscribe(self) -> None:
+        from websockets.sync.client import connect
+
+        with connect(self._ws_url(), open_timeout=3, close_timeout=1) as ws:
+            ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe",
+                                "params": ["newHeads"]}))
+            reply = json.loads(ws.recv(timeout=3))
+            if "result" not in reply:
+                raise ConnectionError(f"eth_subscribe refused: {reply.get('error')}")
+            self.mode = "websocket"
+            self._saw(self._block_number())  # blocks mined before the subscription
+            while not self._stop.is_set():
+                try:
+                    msg = json.loads(ws.recv(timeout=1.0))
+                except TimeoutError:
+                    continue
+                head = msg.get("params", {}).get("result", {})
+                if "number" in head:
+                    self._saw(int(head["number"], 16))
+
+    def _poll(self, until: float) -> None:
+        self.mode = "polling"
+        while not self._stop.is_set() and time.monotonic() < until:
+            try:
+                self._saw(self._block_number())
+            except Exception as exc:  # noqa: BLE001 - the chain is away: keep trying
+                log.debug("eth_blockNumber failed: %s", exc)
+            self._stop.wait(self.poll_s)
