@@ -65,7 +65,7 @@ class _NullHandler:
     def accept_update(self, round, sender, weight, state, digest) -> None:  # type: ignore[no-untyped-def]
         pass
 
-    def merged(self, round: int, timeout: float) -> bytes | None:
+    def merged(self, round: int, timeout: float, to: str | None = None) -> bytes | None:
         return None
 
     def health(self) -> dict[str, object]:

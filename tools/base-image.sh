@@ -14,6 +14,7 @@ if docker image inspect "$image" >/dev/null 2>&1; then
 fi
 command -v debootstrap >/dev/null || {
   echo "installing debootstrap (Debian package)" >&2
+  apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
 }
 # The mirror this machine's apt already uses (no other network is assumed).

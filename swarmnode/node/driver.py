@@ -59,8 +59,9 @@ class RoundOutcome:
     abandoned: bool
     contributed: bool
     seconds: float
-    # seconds this node spent per stage of the round (checkin, election, push, collect, merge,
-    # commit_tx, commit, pull): what `benchmarks/round.py` reports
+    # seconds this node spent per step of the round: each action (checkin, elect, push, merge,
+    # commit_tx, pull, ...) and each wait by what it waits for (wait_election, wait_collect,
+    # wait_commit, ...); what `benchmarks/round.py` reports
     stages: dict[str, float] = field(default_factory=dict)
 
 
@@ -96,6 +97,14 @@ class RoundDriver:
         self._weights: dict[tuple[int, str], int] = {}
         self._merged: dict[tuple[int, int], tuple[bytes, bytes, list[str]]] = {}
         self._stages: dict[str, float] = {}
+        self._action = "observe"
+        # Members fetch the merged model as soon as the leader has it (before the commit), and
+        # the leader commits once a member holds a copy (or after replicate_s): the pull overlaps
+        # the commit, and a leader that dies right after committing is not the only holder.
+        self._prefetched: dict[int, bytes] = {}
+        self._served: dict[int, set[str]] = {}
+        self._replica = threading.Condition()
+        self.replicate_s = min(5.0, timing.deadline_s * 0.25)
         # Fault injection for the failure tests: "ROUND:ATTEMPT" makes this node, as that round's
         # leader at that attempt, hang before it commits (HPE's "stuck at Merging...").
         stall = os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "")
@@ -145,7 +154,8 @@ class RoundDriver:
                     f"(stage {machine.stage.value}); check the other nodes' logs and "
                     "`swarmnode status`"
                 )
-            stage, t0 = machine.stage.value, time.monotonic()
+            t0 = time.monotonic()
+            self._action = "observe"
             try:
                 outcome = self._step(machine, state, payload, weight, seeded)
             except (ChainUnavailable, ChainTimeout) as exc:  # transient: the round goes on
@@ -153,10 +163,10 @@ class RoundDriver:
                 time.sleep(self.timing.retry_s)
                 continue
             finally:
-                stages[stage] = stages.get(stage, 0.0) + time.monotonic() - t0
+                stages[self._action] = stages.get(self._action, 0.0) + time.monotonic() - t0
             if outcome is not None:
-                if "collect" in stages:  # the leader's merge and commit are reported apart
-                    stages["collect"] -= stages.get("merge", 0.0) + stages.get("commit_tx", 0.0)
+                if "merge" in stages:  # the leader's merge and commit are reported apart
+                    stages["merge"] -= stages.get("commit_tx", 0.0)
                 return RoundOutcome(
                     round=round, leader=outcome[0], digest=outcome[1], data=outcome[2],
                     abandoned=outcome[1] is None,
@@ -184,6 +194,9 @@ class RoundDriver:
                 and info.first_checkin_at and now >= info.first_checkin_at + self.timing.grace_s):
             absent = tuple(self.chain.absent_candidates())
         action = machine.decide(Observation(now, info, collected, absent))
+        # what this step's time is reported as: the action, or what a wait waits for
+        self._action = (f"wait_{machine.stage.value}" if isinstance(action, Wait)
+                        else type(action).__name__.lower())
         if isinstance(action, Wait):
             if self.watcher is None:
                 time.sleep(action.seconds)
@@ -266,13 +279,56 @@ class RoundDriver:
             return
         machine.on_pushed(action.attempt)
         log.info("round %d: update sent to leader %s", action.round, action.leader)
+        threading.Thread(target=self._prefetch, args=(action.round, action.leader),
+                         name=f"prefetch-{action.round}", daemon=True).start()
+
+    def _prefetch(self, round: int, leader: str) -> None:
+        """Fetch round ``round``'s merged model from its leader as soon as it has merged (long
+        polls), before the commit; it is verified against the chain's digest when it is used."""
+        until = time.monotonic() + self.timing.deadline_s
+        while time.monotonic() < until and round not in self._prefetched:
+            if self.store.get(round) is not None:
+                return
+            asked = time.monotonic()
+            try:
+                data = self.pool.client(leader).pull_merged(round, timeout=self.transfer_timeout_s)
+            except RoundError:  # not merged yet: ask again (the leader holds each ask up to 2 s)
+                if time.monotonic() - asked < 0.5:
+                    time.sleep(0.2)
+                continue
+            except SwarmError as exc:
+                log.debug("round %d: prefetch from %s failed: %s", round, leader, exc)
+                return
+            self._prefetched = {r: d for r, d in self._prefetched.items() if r >= round - 1}
+            self._prefetched[round] = data
+            return
+
+    def note_served(self, round: int, to: str) -> None:
+        """The peer API handed ``round``'s merged model to ``to`` (a member now holds a copy)."""
+        with self._replica:
+            self._served.setdefault(round, set()).add(to)
+            self._served = {r: v for r, v in self._served.items() if r >= round - 2}
+            self._replica.notify_all()
+
+    def _await_replica(self, round: int, others: set[str]) -> None:
+        """Leader, before committing: wait (up to replicate_s) until one of ``others`` holds the
+        merged model, so the swarm does not depend on this node alone once the digest is on
+        chain."""
+        if not others:
+            return
+        with self._replica:
+            got = self._replica.wait_for(lambda: bool(self._served.get(round, set()) & others),
+                                         timeout=self.replicate_s)
+        if not got:
+            log.info("round %d: no member fetched the merged model within %.1f s; committing",
+                     round, self.replicate_s)
 
     def _merge(self, machine: RoundMachine, action: Merge, info: RoundInfo) -> None:
         if self._stall == (action.round, action.attempt):
             log.warning("round %d: test fault: hanging before the commit", action.round)
             threading.Event().wait()
         key = (action.round, action.attempt)
-        t0, stages = time.monotonic(), self._stages
+        stages = self._stages
         if key not in self._merged:
             collector = self.collectors.get(action.round, action.attempt)
             merged, senders, _total = collector.seal()  # later pushes are refused from here on
@@ -289,6 +345,8 @@ class RoundDriver:
             self._merged[key] = (data, digest, members)
             self.store.put(action.round, digest, data)
         data, digest, members = self._merged[key]
+        pushed = self.collectors.get(action.round, action.attempt).senders - {self.me}
+        self._await_replica(action.round, set(pushed))
         t1 = time.monotonic()
         try:
             self.chain.commit_merge(action.round, digest, members)
@@ -296,7 +354,6 @@ class RoundDriver:
             log.warning("round %d: commit refused: %s", action.round, exc)
             return
         finally:  # the leader's merge and its commit transaction, apart from collecting
-            stages["merge"] = stages.get("merge", 0.0) + t1 - t0
             stages["commit_tx"] = stages.get("commit_tx", 0.0) + time.monotonic() - t1
         machine.on_merged(action.attempt, digest)
         log.info("round %d: merged %d updates, committed %s", action.round, len(members),
@@ -315,6 +372,18 @@ class RoundDriver:
         if held is not None and held.digest == action.digest:
             machine.on_pulled(action.digest)
             return
+        early = self._prefetched.pop(action.round, None)
+        if early is not None:
+            try:
+                serde.decode(early, expected_digest=action.digest, spec=self.spec,
+                             max_bytes=self.max_bytes, reject_nonfinite=False)
+            except SwarmError as exc:  # not what was committed: pull it as usual
+                log.warning("round %d: the model fetched before the commit is not the "
+                            "committed one: %s", action.round, exc)
+            else:
+                self.store.put(action.round, action.digest, early)
+                machine.on_pulled(action.digest)
+                return
         errors = []
         for source in action.sources:
             try:

@@ -262,11 +262,15 @@ class NodeService:
         self.collectors.get(round, info.attempt).add(Update(state, float(weight), sender))
         log.info("round %d: update from %s (weight %d)", round, sender, weight)
 
-    def merged(self, round: int, timeout: float) -> bytes | None:
-        # Pulls come after the commit: a node that holds the model answers at once, one that
-        # does not should not hold a server thread (and the puller) for long.
+    def merged(self, round: int, timeout: float, to: str | None = None) -> bytes | None:
+        # Members ask right after pushing (before the commit) and after the commit: a node that
+        # holds the model answers at once, one that does not holds the puller at most 2 s.
         held = self.store.wait(round, min(timeout, 2.0))
-        return held.data if held is not None else None
+        if held is None:
+            return None
+        if to is not None:
+            self.driver.note_served(round, to)
+        return held.data
 
     def health(self) -> dict[str, Any]:
         p = self.progress

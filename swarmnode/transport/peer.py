@@ -85,7 +85,10 @@ class PeerHandler(Protocol):
         self, round: int, sender: str, weight: int, state: dict[str, torch.Tensor], digest: bytes
     ) -> None: ...
 
-    def merged(self, round: int, timeout: float) -> bytes | None: ...
+    def merged(self, round: int, timeout: float, to: str | None = None) -> bytes | None:
+        """The merged model of ``round`` (waiting up to ``timeout``), None if not held; ``to``
+        is the caller's chain address."""
+        ...
 
     def health(self) -> dict[str, Any]: ...
 
@@ -183,9 +186,10 @@ class _Servicer:
 
     def PullMerged(self, request: pb.PullRequest, context: grpc.ServicerContext):
         def body() -> tuple[bytes, bytes]:
-            self._participant(request.round, self._identify(context))
+            caller = self._identify(context)
+            self._participant(request.round, caller)
             wait = max(0.0, min(request.wait_s, 3600.0))
-            data = self.o.handler.merged(request.round, wait)
+            data = self.o.handler.merged(request.round, wait, caller)
             if data is None:
                 raise RoundError(
                     f"this node does not hold the merged model of round {request.round} (yet); "

@@ -70,7 +70,7 @@ class MemoryHandler:
                 raise RoundError(f"round {round}: {sender} already sent its update (replayed?)")
             self.updates[(round, sender)] = (weight, state, digest)
 
-    def merged(self, round: int, timeout: float) -> bytes | None:
+    def merged(self, round: int, timeout: float, to: str | None = None) -> bytes | None:
         return self.merged_models.get(round)
 
     def health(self) -> dict[str, object]:
