@@ -97,6 +97,66 @@ class _Unauthenticated(PeerRefused):
     """A call that names no chain address (travels as PeerRefused, status UNAUTHENTICATED)."""
 
 
+class _StreamGuard:
+    """Limits a shared server needs on every stream: at most ``per_peer`` streams at a time from
+    one node (checked right after the caller is identified, before any payload byte is read), a
+    server-side deadline, and a minimum progress rate once ``grace_s`` has passed. A stream that
+    breaks a limit is cancelled by a monitor thread, which frees its worker thread: idle streams,
+    or a header announcing a size followed by empty chunks, cannot starve honest peers."""
+
+    def __init__(self, per_peer: int, deadline_s: float, min_rate: float, grace_s: float) -> None:
+        self.per_peer, self.deadline_s = per_peer, deadline_s
+        self.min_rate, self.grace_s = min_rate, grace_s
+        self._lock = threading.Lock()
+        self._streams: dict[int, list] = {}  # id -> [peer, context, started, bytes, rpc]
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="peer-stream-guard",
+                                         daemon=True)
+        self._monitor.start()
+
+    def enter(self, peer: str, context: grpc.ServicerContext, rpc: str) -> list:
+        with self._lock:
+            busy = sum(1 for r in self._streams.values() if r[0] == peer)
+            if busy >= self.per_peer:
+                raise PeerRefused(
+                    f"{peer} already has {busy} {rpc}/pull stream(s) open to this node (the "
+                    f"limit is {self.per_peer}); finish or cancel them first"
+                )
+            record = [peer, context, time.monotonic(), 0, rpc]
+            self._streams[id(record)] = record
+            return record
+
+    def progress(self, record: list, nbytes: int) -> None:
+        record[3] += nbytes
+
+    def leave(self, record: list) -> None:
+        with self._lock:
+            self._streams.pop(id(record), None)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                records = list(self._streams.values())
+            for peer, context, started, nbytes, rpc in records:
+                age = now - started
+                if age > self.deadline_s:
+                    why = f"it ran past the server's {self.deadline_s:g} s stream deadline"
+                elif age > self.grace_s and nbytes < self.min_rate * (age - self.grace_s):
+                    why = (f"it moved {nbytes} bytes in {age:.1f} s, below the minimum rate of "
+                           f"{self.min_rate:g} B/s")
+                else:
+                    continue
+                log.warning("peer API %s from %s cut off: %s", rpc, peer, why)
+                context.cancel()
+                with self._lock:
+                    self._streams.pop(next((k for k, v in self._streams.items()
+                                            if v[1] is context), -1), None)
+
+
 class _Servicer:
     def __init__(self, owner: PeerServer) -> None:
         self.o = owner
@@ -154,6 +214,13 @@ class _Servicer:
     def PushUpdate(self, request_iterator: Iterator[_wire.Piece], context: grpc.ServicerContext):
         def body() -> pb.PushReply:
             sender = self._identify(context)
+            stream = self.o.guard.enter(sender, context, "PushUpdate")
+            try:
+                return receive(sender, stream)
+            finally:
+                self.o.guard.leave(stream)
+
+        def receive(sender: str, stream: list) -> pb.PushReply:
             first = next(request_iterator, None)
             h = _wire.header_of(first) if first is not None else None
             if h is None:
@@ -170,6 +237,7 @@ class _Servicer:
                     data = _wire.piece_data(piece)
                     if data is None:
                         raise PayloadRejected(f"{what}: a second header in the stream")
+                    self.o.guard.progress(stream, len(data))
                     assembler.add(data)
                 received = assembler.finish()
             try:
@@ -185,22 +253,32 @@ class _Servicer:
         return self._run(context, "PushUpdate", body)
 
     def PullMerged(self, request: pb.PullRequest, context: grpc.ServicerContext):
-        def body() -> tuple[bytes, bytes]:
+        def body() -> tuple[bytes, bytes, list]:
             caller = self._identify(context)
             self._participant(request.round, caller)
-            wait = max(0.0, min(request.wait_s, 3600.0))
-            data = self.o.handler.merged(request.round, wait, caller)
-            if data is None:
-                raise RoundError(
-                    f"this node does not hold the merged model of round {request.round} (yet); "
-                    "pull it from another member of the round"
-                )
-            return data, self._digest(request.round, data)
+            stream = self.o.guard.enter(caller, context, "PullMerged")
+            try:
+                wait = max(0.0, min(request.wait_s, 3600.0))
+                data = self.o.handler.merged(request.round, wait, caller)
+                if data is None:
+                    raise RoundError(
+                        f"this node does not hold the merged model of round {request.round} "
+                        "(yet); pull it from another member of the round"
+                    )
+                return data, self._digest(request.round, data), stream
+            except BaseException:
+                self.o.guard.leave(stream)
+                raise
 
-        data, digest = self._run(context, "PullMerged", body)
-        header = pb.Header(round=request.round, total_bytes=len(data), digest=digest)
-        yield pb.Chunk(header=header)
-        yield from serde.chunks(data)
+        data, digest, stream = self._run(context, "PullMerged", body)
+        try:
+            yield pb.Chunk(header=pb.Header(round=request.round, total_bytes=len(data),
+                                            digest=digest))
+            for chunk in serde.chunks(data):
+                yield chunk
+                self.o.guard.progress(stream, len(chunk))
+        finally:
+            self.o.guard.leave(stream)
 
     def _digest(self, round: int, data: bytes) -> bytes:
         with self._lock:
@@ -253,12 +331,20 @@ class PeerServer:
         max_bytes: int,
         reject_nonfinite: bool = True,
         *,
-        workers: int = 16,
+        workers: int = 64,
+        per_peer_streams: int = 4,
+        stream_deadline_s: float = 900.0,
+        min_rate_bytes_s: float = 256 * 1024,
+        rate_grace_s: float = 10.0,
     ) -> None:
+        """The stream limits: see :class:`_StreamGuard`. ``rate_grace_s`` covers a pull's wait
+        for the merged model (up to 2 s) and the slowest honest start of a stream."""
         cert, key, trust = tls.load()
         self.bind, self.authority, self.handler = bind, authority, handler
         self.spec, self.max_bytes, self.reject_nonfinite = spec, max_bytes, reject_nonfinite
         self.workers = workers
+        self.guard = _StreamGuard(per_peer_streams, stream_deadline_s, min_rate_bytes_s,
+                                  rate_grace_s)
         self.port = 0
         self._creds = grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=trust, require_client_auth=True
@@ -289,6 +375,7 @@ class PeerServer:
         return port
 
     def stop(self, grace: float | None = None) -> None:
+        self.guard.close()
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
