@@ -370,9 +370,11 @@ class SwarmContract:
         checked, weight = self._call("checkinWeight", r, self._address_arg(node, "node"))
         return int(weight) if checked else None
 
-    def block_number(self) -> int:
-        with rpc_guard(self._w3, "reading the block number"):
-            return int(self._w3.eth.block_number)
+    def latest_block(self) -> tuple[int, int]:
+        """The latest block's number and timestamp."""
+        with rpc_guard(self._w3, "reading the latest block"):
+            block = self._w3.eth.get_block("latest")
+        return int(block["number"]), int(block["timestamp"])
 
     def block_timestamp(self) -> int:
         """The latest block's timestamp (the contract's clock)."""

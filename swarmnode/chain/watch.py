@@ -4,9 +4,10 @@ Everything a round waits for on chain (an election, a commit, the end of a grace
 deadline in chain time) arrives with a new block, so a node re-reads the contract once per block
 at most, and wakes as soon as the block that matters is there. :class:`BlockWatcher` learns of new
 blocks over a websocket ``eth_subscribe("newHeads")`` where the chain's RPC offers one on the same
-address (anvil does; geth with ``--ws``), and otherwise by asking ``eth_blockNumber`` (one small
-call) every ``poll_s``. Other wake-ups (an update arriving at the leader) go through
-:meth:`BlockWatcher.notify`.
+address (anvil does; geth with ``--ws``), and otherwise by asking for the latest block every
+``poll_s``. It also keeps chain time (:meth:`BlockWatcher.now`), which the round compares with
+the contract's grace periods and deadlines instead of the host's clock. Other wake-ups (an update
+arriving at the leader) go through :meth:`BlockWatcher.notify`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ log = logging.getLogger("swarmnode.chain")
 class BlockWatcher:
     """A background thread that knows the latest block number and wakes waiting threads."""
 
-    def __init__(self, rpc_url: str, block_number: Callable[[], int], poll_s: float = 0.05,
-                 *, websocket: bool = True) -> None:
+    def __init__(self, rpc_url: str, latest: Callable[[], tuple[int, int]],
+                 poll_s: float = 0.05, *, websocket: bool = True) -> None:
+        """``latest()``: the latest block's (number, timestamp)."""
         self._url = rpc_url
-        self._block_number = block_number
+        self._latest = latest
         self.poll_s = poll_s
         self._cond = threading.Condition()
         self._block = -1
+        self._block_time = 0.0  # the latest block's timestamp (chain time)
+        self._seen_at = 0.0  # time.monotonic() when that block was seen
         self._events = 0  # bumped by every new block and every notify()
         self._stop = threading.Event()
         self.mode = "starting"
@@ -43,6 +47,15 @@ class BlockWatcher:
     @property
     def block(self) -> int:
         return self._block
+
+    def now(self) -> float:
+        """Chain time: the latest block's timestamp plus the time since it arrived. Grace periods
+        and deadlines are the contract's, in chain time, so a host whose clock is off still
+        waits exactly as long as the contract does. Host time until the first block is seen."""
+        with self._cond:
+            if self._block < 0:
+                return time.time()
+            return self._block_time + (time.monotonic() - self._seen_at)
 
     def mark(self) -> int:
         """A token for :meth:`wait`: wake on anything that happens after this call."""
@@ -68,10 +81,11 @@ class BlockWatcher:
         self._thread.join(timeout=5)
 
     # -- the thread -------------------------------------------------------------------------------
-    def _saw(self, number: int) -> None:
+    def _saw(self, number: int, timestamp: int) -> None:
         with self._cond:
             if number != self._block:
-                self._block = number
+                self._block, self._block_time = number, float(timestamp)
+                self._seen_at = time.monotonic()
                 self._events += 1
                 self._cond.notify_all()
 
@@ -102,21 +116,21 @@ class BlockWatcher:
             if "result" not in reply:
                 raise ConnectionError(f"eth_subscribe refused: {reply.get('error')}")
             self.mode = "websocket"
-            self._saw(self._block_number())  # blocks mined before the subscription
+            self._saw(*self._latest())  # blocks mined before the subscription
             while not self._stop.is_set():
                 try:
                     msg = json.loads(ws.recv(timeout=1.0))
                 except TimeoutError:
                     continue
                 head = msg.get("params", {}).get("result", {})
-                if "number" in head:
-                    self._saw(int(head["number"], 16))
+                if "number" in head and "timestamp" in head:
+                    self._saw(int(head["number"], 16), int(head["timestamp"], 16))
 
     def _poll(self, until: float) -> None:
         self.mode = "polling"
         while not self._stop.is_set() and time.monotonic() < until:
             try:
-                self._saw(self._block_number())
+                self._saw(*self._latest())
             except Exception as exc:  # noqa: BLE001 - the chain is away: keep trying
-                log.debug("eth_blockNumber failed: %s", exc)
+                log.debug("reading the latest block failed: %s", exc)
             self._stop.wait(self.poll_s)

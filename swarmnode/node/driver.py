@@ -188,7 +188,8 @@ class RoundDriver:
                 self._seed_own(info, state, weight)
                 seeded.add(info.attempt)
             collected = self._collected(info)
-        now = time.time()
+        # chain time (the contract's clock for grace and deadlines), not this host's clock
+        now = self.watcher.now() if self.watcher is not None else time.time()
         absent: tuple[str, ...] = ()
         if (info.status is RoundStatus.OPEN and self.me in info.participants
                 and info.first_checkin_at and now >= info.first_checkin_at + self.timing.grace_s):

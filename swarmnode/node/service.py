@@ -133,7 +133,7 @@ class NodeService:
         self.max_bytes = int(config.max_update_mb * 1024 * 1024)
         self.store = ModelStore(config.data_dir)
         # Rounds wait for the next block (or an arriving update), never on fixed sleeps.
-        self.watcher = BlockWatcher(config.rpc_url, self.chain.block_number, config.poll_s)
+        self.watcher = BlockWatcher(config.rpc_url, self.chain.latest_block, config.poll_s)
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
                                      on_add=self.watcher.notify)
         self.authority = ChainAuthority(self.chain)

@@ -209,3 +209,26 @@ def test_sites_that_finish_early_follow_until_the_longest_one_is_done(
         biggest = swarm.accounts[0].address  # hospital-1 has the most data
         assert ("NodeAbsent", biggest) not in order
         assert order.index(("NodeFinished", biggest)) < order.index(("FinalRound", None))
+
+
+def test_deadlines_follow_chain_time_not_the_host_clock(tmp_path: Path) -> None:
+    """The chain's clock runs an hour ahead of every host's: a leader that hangs is still
+    re-elected one deadline (chain time) after its election, not an hour later."""
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
+                    epochs=2) as swarm:
+        swarm.w3.provider.make_request("evm_increaseTime", [3600])  # type: ignore[arg-type]
+        swarm.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        env = {"SWARMNODE_TEST_STALL_COMMIT": "2:1"}  # round 2's first leader hangs (paused)
+        for i in range(3):
+            swarm.start_node(i, env=env)
+        swarm.wait_enrolled([0, 1, 2])
+        for i in range(3):
+            swarm.start_trainer(i)
+        c = swarm.contract
+        info = _wait(lambda: (r := c.round(2)).status is RoundStatus.ELECTED and r, 120,
+                     "round 2's election", swarm)
+        assert info.elected_at > time.time() + 3000  # the chain is an hour ahead of this host
+        elected = time.monotonic()
+        _wait(lambda: c.round(2).status is RoundStatus.COMMITTED, 60, "round 2's commit", swarm)
+        assert time.monotonic() - elected < swarm.deadline_s + 10
+        assert c.round(2).attempt == 2 and c.round(2).leader != info.leader
