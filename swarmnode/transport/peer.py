@@ -141,7 +141,8 @@ class _StreamGuard:
             now = time.monotonic()
             with self._lock:
                 records = list(self._streams.values())
-            for peer, context, started, nbytes, rpc in records:
+            for record in records:
+                peer, context, started, nbytes, rpc = record
                 age = now - started
                 if age > self.deadline_s:
                     why = f"it ran past the server's {self.deadline_s:g} s stream deadline"
@@ -152,9 +153,7 @@ class _StreamGuard:
                     continue
                 log.warning("peer API %s from %s cut off: %s", rpc, peer, why)
                 context.cancel()
-                with self._lock:
-                    self._streams.pop(next((k for k, v in self._streams.items()
-                                            if v[1] is context), -1), None)
+                self.leave(record)
 
 
 class _Servicer:

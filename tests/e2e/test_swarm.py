@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from swarmnode.chain.client import RoundStatus
+from swarmnode.chain.client import RoundInfo, RoundStatus
 from swarmnode.cli import app
 from swarmnode.demo.orchestrator import DemoOptions, run_demo
 from swarmnode.demo.swarm import LocalSwarm
@@ -63,18 +63,25 @@ def test_demo_every_node_ends_with_the_chains_final_model(tmp_path: Path) -> Non
     assert all(r.get("leader") for r in committed)
 
 
+def _start_with_a_stalled_leader(swarm: LocalSwarm) -> RoundInfo:
+    """Start three nodes whose round-2 leader hangs before committing, and their trainers;
+    round 2 as elected."""
+    env = {"SWARMNODE_TEST_STALL_COMMIT": "2:1"}  # round 2's first leader hangs (paused)
+    for i in range(3):
+        swarm.start_node(i, env=env)
+    swarm.wait_enrolled([0, 1, 2])
+    for i in range(3):
+        swarm.start_trainer(i)
+    c = swarm.contract
+    return _wait(lambda: (r := c.round(2)).status is RoundStatus.ELECTED and r, 120,
+                 "round 2's election", swarm)
+
+
 def test_killed_leader_is_reelected_and_the_round_completes_in_seconds(tmp_path: Path) -> None:
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
                     epochs=3) as swarm:
-        env = {"SWARMNODE_TEST_STALL_COMMIT": "2:1"}  # round 2's first leader hangs
-        for i in range(3):
-            swarm.start_node(i, env=env)
-        swarm.wait_enrolled([0, 1, 2])
-        for i in range(3):
-            swarm.start_trainer(i)
+        info = _start_with_a_stalled_leader(swarm)
         c = swarm.contract
-        info = _wait(lambda: (r := c.round(2)).status is RoundStatus.ELECTED and r, 120,
-                     "round 2's election", swarm)
         leader = swarm.names.index(next(n for i, n in enumerate(swarm.names)
                                         if swarm.accounts[i].address == info.leader))
         swarm.kill_node(leader)
@@ -218,15 +225,8 @@ def test_deadlines_follow_chain_time_not_the_host_clock(tmp_path: Path) -> None:
                     epochs=2) as swarm:
         swarm.w3.provider.make_request("evm_increaseTime", [3600])  # type: ignore[arg-type]
         swarm.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
-        env = {"SWARMNODE_TEST_STALL_COMMIT": "2:1"}  # round 2's first leader hangs (paused)
-        for i in range(3):
-            swarm.start_node(i, env=env)
-        swarm.wait_enrolled([0, 1, 2])
-        for i in range(3):
-            swarm.start_trainer(i)
+        info = _start_with_a_stalled_leader(swarm)
         c = swarm.contract
-        info = _wait(lambda: (r := c.round(2)).status is RoundStatus.ELECTED and r, 120,
-                     "round 2's election", swarm)
         assert info.elected_at > time.time() + 3000  # the chain is an hour ahead of this host
         elected = time.monotonic()
         _wait(lambda: c.round(2).status is RoundStatus.COMMITTED, 60, "round 2's commit", swarm)
