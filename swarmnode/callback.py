@@ -211,20 +211,21 @@ class SwarmCallback:
     def _state_cpu(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
 
-    def _payload(self) -> bytes:
-        return serde.encode(self._state_cpu())
+    def _payload(self) -> serde.Encoded:
+        """The parameters laid out for the node, written straight from the tensors when sent."""
+        return serde.Encoded(self._state_cpu())
 
-    def _load(self, payload: bytes) -> None:
-        state = serde.decode(payload, expected_digest=None, spec=None,
-                             max_bytes=len(payload), reject_nonfinite=False)
+    def _load(self, payload: serde.Buffer) -> None:
+        state = serde.view_state(payload, spec=None, reject_nonfinite=False)
         current = self.model.state_dict()
         with torch.no_grad():
             for name, tensor in state.items():
                 current[name].copy_(tensor.to(current[name].device))
 
     def _call(
-        self, method: str, args: dict[str, Any], payload: bytes | None, timeout: float | None
-    ) -> tuple[dict[str, Any], bytes | None]:
+        self, method: str, args: dict[str, Any], payload: serde.Encoded | None,
+        timeout: float | None,
+    ) -> tuple[dict[str, Any], serde.Buffer | None]:
         """One local API call; if the node service is down (restarting), wait for it and retry,
         for up to ``reconnect_s`` seconds, so a node restart does not end the training."""
         try:

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from swarmnode.chain.client import RoundInfo, RoundStatus, SwarmContract
@@ -55,7 +56,7 @@ class RoundOutcome:
     round: int
     leader: str | None
     digest: bytes | None
-    data: bytes | None  # the merged model's canonical bytes (None if abandoned)
+    data: serde.Buffer | None  # the merged model's canonical bytes (None if abandoned)
     abandoned: bool
     contributed: bool
     seconds: float
@@ -101,7 +102,9 @@ class RoundDriver:
         # Members fetch the merged model as soon as the leader has it (before the commit), and
         # the leader commits once a member holds a copy (or after replicate_s): the pull overlaps
         # the commit, and a leader that dies right after committing is not the only holder.
-        self._prefetched: dict[int, bytes] = {}
+        self._prefetched: dict[int, serde.Received] = {}
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="digest")
+        self._own: tuple[object, Future[bytes]] | None = None
         self._served: dict[int, set[str]] = {}
         self._replica = threading.Condition()
         self.replicate_s = min(5.0, timing.deadline_s * 0.25)
@@ -109,6 +112,19 @@ class RoundDriver:
         # leader at that attempt, hang before it commits (HPE's "stuck at Merging...").
         stall = os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "")
         self._stall = tuple(int(x) for x in stall.split(":")) if stall else None
+
+    def prehash(self, payload: serde.Buffer) -> None:
+        """Start hashing this node's update now (a helper thread), for the push that follows."""
+        self._own = (payload, self._hasher.submit(serde.digest, payload))
+
+    def _own_digest(self, payload: serde.Buffer) -> bytes:
+        own = self._own
+        if own is not None and own[0] is payload:
+            return own[1].result()
+        return serde.digest(payload)
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     # -- observation helpers ----------------------------------------------------------------------
     def weight_of(self, round: int, node: str) -> int:
@@ -130,7 +146,7 @@ class RoundDriver:
         self,
         round: int,
         state: StateDict,
-        payload: bytes,
+        payload: serde.Buffer,
         weight: int,
         *,
         contribute: bool = True,
@@ -175,9 +191,9 @@ class RoundDriver:
                 )
 
     def _step(
-        self, machine: RoundMachine, state: StateDict, payload: bytes, weight: int,
+        self, machine: RoundMachine, state: StateDict, payload: serde.Buffer, weight: int,
         seeded: set[int],
-    ) -> tuple[str | None, bytes | None, bytes | None] | None:
+    ) -> tuple[str | None, bytes | None, serde.Buffer | None] | None:
         """Observe, decide, act once; (leader, digest, data) when the round is over for us."""
         round = machine.round
         mark = self.watcher.mark() if self.watcher is not None else 0  # before the read
@@ -265,13 +281,16 @@ class RoundDriver:
         except (PayloadRejected, RoundError):  # already in, or already sealed
             pass
 
-    def _push(self, machine: RoundMachine, action: Push, payload: bytes, weight: int) -> None:
+    def _push(
+        self, machine: RoundMachine, action: Push, payload: serde.Buffer, weight: int
+    ) -> None:
         if weight == 0:  # nothing to add: the leader counts zero-weight participants as in
             machine.on_pushed(action.attempt)
             return
         try:
             self.pool.client(action.leader).push_update(
-                action.round, weight, payload, timeout=self.transfer_timeout_s
+                action.round, weight, payload, timeout=self.transfer_timeout_s,
+                digest=self._own_digest(payload),
             )
         except DuplicateUpdate:  # our earlier push arrived; only its reply was lost
             pass
@@ -292,7 +311,7 @@ class RoundDriver:
                 return
             asked = time.monotonic()
             try:
-                data = self.pool.client(leader).pull_merged(round, timeout=self.transfer_timeout_s)
+                data = self.pool.client(leader).pull(round, timeout=self.transfer_timeout_s)
             except RoundError:  # not merged yet: ask again (the leader holds each ask up to 2 s)
                 if time.monotonic() - asked < 0.5:
                     time.sleep(0.2)
@@ -376,34 +395,34 @@ class RoundDriver:
         early = self._prefetched.pop(action.round, None)
         if early is not None:
             try:
-                serde.decode(early, expected_digest=action.digest, spec=self.spec,
-                             max_bytes=self.max_bytes, reject_nonfinite=False)
+                self._verify(early, action.digest)
             except SwarmError as exc:  # not what was committed: pull it as usual
                 log.warning("round %d: the model fetched before the commit is not the "
                             "committed one: %s", action.round, exc)
             else:
-                self.store.put(action.round, action.digest, early)
+                self.store.put(action.round, action.digest, early.data)
                 machine.on_pulled(action.digest)
                 return
         errors = []
         for source in action.sources:
             try:
-                data = self.pool.client(source).pull_merged(
-                    action.round, timeout=self.transfer_timeout_s
-                )
-                serde.decode(
-                    data, expected_digest=action.digest, spec=self.spec,
-                    max_bytes=self.max_bytes, reject_nonfinite=False,
-                )
+                got = self.pool.client(source).pull(action.round, timeout=self.transfer_timeout_s)
+                self._verify(got, action.digest)
             except SwarmError as exc:
                 errors.append(f"{source}: {exc}")
                 continue
-            self.store.put(action.round, action.digest, data)
+            self.store.put(action.round, action.digest, got.data)
             machine.on_pulled(action.digest)
             return
         log.warning("round %d: could not pull the merged model yet: %s", action.round,
                     "; ".join(errors))
         time.sleep(self.timing.retry_s)
+
+    def _verify(self, got: serde.Received, digest: bytes) -> None:
+        """A pulled model is the committed one: its digest (hashed as it arrived) is the chain's,
+        and its header matches the training spec (parsed, not copied)."""
+        got.check_digest(digest)
+        serde.view_state(got.data, spec=self.spec, reject_nonfinite=False)
 
     def latest_committed_before(self, round: int) -> StoredModel | None:
         """The newest committed merged model before ``round`` (None if no round committed yet),

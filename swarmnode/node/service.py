@@ -195,6 +195,8 @@ class NodeService:
         self._stopped.set()
         self.watcher.close()
         self._background.shutdown(wait=False, cancel_futures=True)
+        self.driver.close()
+        self.store.close()
         if self.local_server:
             self.local_server.stop()
         if self.peer_server:
@@ -262,7 +264,9 @@ class NodeService:
         self.collectors.get(round, info.attempt).add(Update(state, float(weight), sender))
         log.info("round %d: update from %s (weight %d)", round, sender, weight)
 
-    def merged(self, round: int, timeout: float, to: str | None = None) -> bytes | None:
+    def merged(
+        self, round: int, timeout: float, to: str | None = None
+    ) -> tuple[serde.Buffer, bytes] | None:
         # Members ask right after pushing (before the commit) and after the commit: a node that
         # holds the model answers at once, one that does not holds the puller at most 2 s.
         held = self.store.wait(round, min(timeout, 2.0))
@@ -270,7 +274,7 @@ class NodeService:
             return None
         if to is not None:
             self.driver.note_served(round, to)
-        return held.data
+        return held.data, held.digest
 
     def health(self) -> dict[str, Any]:
         p = self.progress
@@ -304,9 +308,11 @@ class NodeService:
         return self.driver.latest_committed_before(self._read(self.chain.current_round))
 
     def sync(
-        self, payload: bytes, weight: int, loss: float | None, metric: float | None
+        self, payload: serde.Buffer, weight: int, loss: float | None, metric: float | None
     ) -> RoundOutcome:
         state = self._decode_own(payload)
+        # the digest a push announces, hashed while the round checks in (off its critical path)
+        self.driver.prehash(payload)
         with self._round_lock:
             if self._read(self.chain.training_finished):  # the callback loads it, should_stop
                 log.info("the swarm's training is over; handing the final model to the trainer")
@@ -326,7 +332,7 @@ class NodeService:
             self._after_round(outcome, loss, metric)
             return outcome
 
-    def finish(self, payload: bytes, weight: int, policy: str) -> RoundOutcome:
+    def finish(self, payload: serde.Buffer, weight: int, policy: str) -> RoundOutcome:
         """The trainer is done: take part per ``policy`` until the final round, return its model."""
         if policy not in END_POLICIES:
             raise ConfigError(
@@ -349,8 +355,8 @@ class NodeService:
                         latest = self.store.latest()
                         if latest is not None:
                             data = latest.data
-                            state = serde.decode(data, expected_digest=None, spec=self.param_spec,
-                                                 max_bytes=self.max_bytes, reject_nonfinite=False)
+                            state = serde.view_state(data, spec=self.param_spec,
+                                                     reject_nonfinite=False)
                     self.progress.round = r
                     # Before the final round a finished node only follows: it must not turn rounds
                     # over (elect, mark others absent) while another site still trains.
@@ -358,8 +364,8 @@ class NodeService:
                     self._after_round(outcome, None, None)
                     if policy == "active" and outcome.data is not None:
                         data = outcome.data
-                        state = serde.decode(data, expected_digest=None, spec=self.param_spec,
-                                             max_bytes=self.max_bytes, reject_nonfinite=False)
+                        state = serde.view_state(data, spec=self.param_spec,
+                                                 reject_nonfinite=False)
                 else:
                     try:
                         self.chain.wait_for(
@@ -384,17 +390,17 @@ class NodeService:
         if held is None or held.digest != info.digest:
             raise NodeError(f"could not obtain the final model of round {final_round}; check "
                             "the node's log for failed pulls")
+        self.store.flush()  # the final model is on disk (for `swarmnode audit --model`) first
         self.progress.stage, self.progress.finished = "done", True
         self.progress.last_digest = held.digest.hex()
         log.info("training finished: final model of round %d, digest %s", final_round,
                  held.digest.hex()[:12])
         return RoundOutcome(final_round, info.leader, held.digest, held.data, False, True, 0.0)
 
-    def _decode_own(self, payload: bytes) -> StateDict:
-        return serde.decode(
-            payload, expected_digest=None, spec=self.param_spec, max_bytes=self.max_bytes,
-            reject_nonfinite=self.config.reject_nonfinite,
-        )
+    def _decode_own(self, payload: serde.Buffer) -> StateDict:
+        """The trainer's parameters, viewing ``payload`` (read under max_update_mb)."""
+        return serde.view_state(payload, spec=self.param_spec,
+                                reject_nonfinite=self.config.reject_nonfinite)
 
     def _after_round(self, outcome: RoundOutcome, loss: float | None, metric: float | None) -> None:
         self.progress.rounds_done += 1
@@ -421,7 +427,7 @@ class _LocalApi:
     def __init__(self, node: NodeService) -> None:
         self.node = node
 
-    def call(self, method: str, args: dict[str, Any], payload: bytes | None):  # type: ignore[no-untyped-def]
+    def call(self, method: str, args: dict[str, Any], payload: serde.Buffer | None):  # type: ignore[no-untyped-def]
         if method == "hello":
             spec = TrainingSpec.from_json(str(args.get("spec", "")), "the trainer's settings")
             return self.node.hello(spec)

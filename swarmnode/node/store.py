@@ -1,7 +1,8 @@
 """Merged models this node holds, by round; the latest one survives a restart on disk.
 
 Bytes are the canonical safetensors bytes whose SHA-256 is the digest committed on chain, so what is
-served to peers is exactly what was verified.
+served to peers is exactly what was verified. The copy on disk is written by a helper thread, off
+the round's critical path; a newer round's model replaces a pending older one unwritten.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["ModelStore", "StoredModel"]
 
@@ -19,7 +21,7 @@ __all__ = ["ModelStore", "StoredModel"]
 class StoredModel:
     round: int
     digest: bytes
-    data: bytes
+    data: Any  # bytes-like: bytes, bytearray or mmap; never changed once stored
 
 
 class ModelStore:
@@ -33,6 +35,8 @@ class ModelStore:
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()
         self._written = 0
+        self._pending: StoredModel | None = None
+        self._writer: threading.Thread | None = None
         self._load_latest()
 
     @property
@@ -56,7 +60,7 @@ class ModelStore:
             self._models[int(meta["round"])] = StoredModel(int(meta["round"]), digest, data)
             self._written = int(meta["round"])
 
-    def put(self, round: int, digest: bytes, data: bytes) -> None:
+    def put(self, round: int, digest: bytes, data: Any) -> None:
         model = StoredModel(round, digest, data)
         with self._cond:
             held = self._models.get(round)
@@ -67,8 +71,36 @@ class ModelStore:
                 del self._models[old]
             is_latest = round == max(self._models)
             self._cond.notify_all()
-        if is_latest:
-            self._write_latest(model)
+            if is_latest:
+                self._pending = model
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_pending,
+                                                    name="store-writer", daemon=True)
+                    self._writer.start()
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._cond:
+                model, self._pending = self._pending, None
+                if model is None:
+                    self._writer = None
+                    self._cond.notify_all()
+                    return
+            try:
+                self._write_latest(model)
+            except OSError as exc:  # the in-memory copy still serves; say why the disk did not
+                import logging
+
+                logging.getLogger("swarmnode.node").warning(
+                    "could not save round %d's model to %s: %s", model.round, self.dir, exc)
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until the latest model is on disk (False if still writing after ``timeout``)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._writer is None, timeout=timeout)
+
+    def close(self) -> None:
+        self.flush()
 
     def _write_latest(self, model: StoredModel) -> None:
         """Data first, then its metadata, each by an atomic rename; an older round never

@@ -10,7 +10,14 @@ CA issuing the trainer's certificate, not the swarm's bundle.
 
 One generic call, so the node can add methods without changing local.proto: the request is a JSON
 header (method, arguments) plus optional payload bytes; the reply a JSON result plus optional
-bytes. Payloads stream as ~1 MiB chunks both ways with the same size limits as the peer API. A
+bytes. Over a unix socket, payloads (whole models) do not go through the socket: the trainer
+writes its parameters straight from the tensors into its own file in ``xfer/`` beside the socket
+(rewritten in place every round, so its pages stay warm) and names it in the call; the node reads
+it once into memory of its own (a trainer cannot change or truncate bytes the node works on) and
+writes its reply payload into the trainer's reply file, which the trainer maps. That replaces a
+socket round trip through gRPC's copies with one copy per direction (see ``xfer`` below). Over TCP,
+or when ``xfer/`` is not writable, payloads stream as ~1 MiB chunks both ways with the same size
+limits as the peer API. A
 :class:`SwarmError` raised by the handler reaches the client as the same class with the same
 message (class name in the trailing metadata). Calls may block for minutes (a whole round), so
 the server has enough worker threads that a ``status`` call is never starved by ``sync`` calls.
@@ -18,10 +25,14 @@ the server has enough worker threads that a ``status`` call is never starved by 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import secrets
 import socket
 import stat
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,13 +73,17 @@ DEFAULT_MAX_BYTES = 4 << 30
 _SERVICE = pb.DESCRIPTOR.services_by_name["Local"].full_name  # swarmnode.local.v1.Local
 _METHOD = f"/{_SERVICE}/Call"
 _UNIX_PATH_MAX = 107
+_XFER = "__xfer__"  # reserved key in the JSON of a call and its reply: the exchange files
+_XFER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 class LocalHandler(Protocol):
     def call(
-        self, method: str, args: dict[str, Any], payload: bytes | None
-    ) -> tuple[dict[str, Any], bytes | None]:
-        """Run ``method``; may block for minutes; raise a SwarmError to fail the call."""
+        self, method: str, args: dict[str, Any], payload: serde.Buffer | None
+    ) -> tuple[dict[str, Any], serde.Buffer | None]:
+        """Run ``method``; may block for minutes; raise a SwarmError to fail the call. The
+        payload is the handler's to keep (memory of its own, not shared with the caller)."""
         ...
 
 
@@ -140,16 +155,108 @@ def _prepare_socket(path: Path, target: str, mode: int = 0o600, gid: int | None 
     )
 
 
+def _xfer_dir(path: Path) -> Path:
+    """Where a socket's exchange files live: ``xfer/`` beside the socket."""
+    return path.parent / "xfer"
+
+
+def _open_regular(path: Path, flags: int, what: str, mode: int = 0o600) -> int:
+    """Open ``path`` without following a symlink or blocking on a FIFO; PayloadRejected unless it
+    is a regular file."""
+    try:
+        fd = os.open(path, flags | _OPEN_FLAGS, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PayloadRejected(f"{what}: {path.name} is a symlink; refused") from None
+        raise PayloadRejected(f"{what}: cannot open {path.name}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PayloadRejected(f"{what}: {path.name} is not a regular file; refused")
+    return fd
+
+
+def _xfer_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _XFER_NAME.fullmatch(value):
+        raise PayloadRejected(f"{what}: invalid exchange file name {value!r}")
+    return value
+
+
 class _Servicer:
     def __init__(self, owner: LocalServer) -> None:
         self.o = owner
 
-    def _read(self, frames: Iterator[_wire.Piece]) -> tuple[str, dict[str, Any], bytes | None]:
+    def _read(
+        self, frames: Iterator[_wire.Piece]
+    ) -> tuple[str, dict[str, Any], serde.Buffer | None, str | None]:
+        """(method, arguments, payload, the caller's reply file name or None)."""
         first = next(frames, None)
         h = _wire.header_of(first) if first is not None else None
         if h is None or not h.method:
             raise PayloadRejected("local API call without a header naming the method")
         args = loads(h.json, f"arguments of {h.method!r}")
+        xfer = args.pop(_XFER, None) if isinstance(args, dict) else None
+        if xfer is not None:
+            return self._read_xfer(h, args, xfer, frames)
+        return (*self._read_stream(h, args, frames), None)
+
+    def _read_xfer(
+        self, h: Any, args: dict[str, Any], xfer: Any, frames: Iterator[_wire.Piece]
+    ) -> tuple[str, dict[str, Any], serde.Buffer | None, str | None]:
+        what = f"payload of {h.method!r}"
+        folder = self.o.xfer
+        if folder is None or not isinstance(xfer, dict):
+            raise PayloadRejected(f"{h.method}: exchange files are only offered over a unix socket")
+        for piece in frames:
+            if _wire.piece_data(piece) is not None:
+                raise PayloadRejected(f"{h.method}: payload bytes beside an exchange file")
+        reply = _xfer_name(xfer["down"], what) if "down" in xfer else None
+        if "up" not in xfer:
+            return h.method, args, None, reply
+        name = _xfer_name(xfer["up"], what)
+        nbytes = xfer.get("bytes")
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise PayloadRejected(f"{what}: invalid byte count {nbytes!r}")
+        fd = _open_regular(folder / name, os.O_RDONLY, what)
+        try:
+            payload = serde.read_file(fd, nbytes, self.o.max_bytes, what)
+        finally:
+            os.close(fd)
+        return h.method, args, payload, reply
+
+    def _write_reply(self, name: str, out: serde.Buffer, method: str) -> None:
+        """Write ``out`` into the caller's reply file, created by this server: a file that is not
+        ours (a link planted by someone else) is replaced, never written through."""
+        assert self.o.xfer is not None
+        path = self.o.xfer / name
+        mode = 0o660 if self.o.mode & 0o070 else 0o600
+        try:
+            fd: int | None = None
+            try:
+                fd = os.open(path, os.O_WRONLY | _OPEN_FLAGS)
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                    os.close(fd)
+                    fd = None
+            except OSError:  # missing, a symlink (ELOOP), a FIFO without reader (ENXIO), ...
+                fd = None
+            if fd is None:
+                path.unlink(missing_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, mode)
+            try:
+                os.fchmod(fd, mode)
+                view = memoryview(out).cast("B")
+                pos = 0
+                while pos < len(view):
+                    pos += os.pwrite(fd, view[pos:], pos)
+                os.ftruncate(fd, pos)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise NodeError(f"cannot write the reply of {method!r} to {path}: {exc}") from None
+
+    def _read_stream(
+        self, h: Any, args: dict[str, Any], frames: Iterator[_wire.Piece]
+    ) -> tuple[str, dict[str, Any], serde.Buffer | None]:
         if not h.has_payload:
             for piece in frames:
                 if _wire.piece_data(piece) is not None:
@@ -162,13 +269,17 @@ class _Servicer:
                 if data is None:
                     raise PayloadRejected(f"{h.method}: a second header in the stream")
                 assembler.add(data)
-            return h.method, args, assembler.finish().to_bytes()
+            return h.method, args, assembler.finish().data
 
     def Call(self, frames: Iterator[_wire.Piece], context: grpc.ServicerContext):
         method = "?"
         try:
-            method, args, payload = self._read(frames)
+            method, args, payload, reply_file = self._read(frames)
             result, out = self.o.handler.call(method, args, payload)
+            if reply_file is not None and out is not None:
+                self._write_reply(reply_file, out, method)
+                result = {**result, _XFER: {"bytes": len(out)}}
+                out = None
             header = pb.Header(
                 json=dumps(result, f"the result of {method!r}"), has_payload=out is not None,
                 total_bytes=len(out) if out is not None else 0,
@@ -205,6 +316,7 @@ class LocalServer:
             raise ConfigError(f"local API socket mode {mode:o} would let every user call it")
         self.target = _parse(target, tls)
         self.mode, self.gid = mode, _gid(group)
+        self.xfer = _xfer_dir(self.target.path) if self.target.path is not None else None
         self.handler, self.tls, self.max_bytes, self.workers = handler, tls, max_bytes, workers
         self._creds = None
         if tls is not None and self.target.path is None:
@@ -238,6 +350,7 @@ class LocalServer:
         path = self.target.path
         if path is not None:
             _prepare_socket(path, self.target.grpc, self.mode, self.gid)
+            self._prepare_xfer()
         try:
             if self._creds is not None:
                 port = server.add_secure_port(self.target.grpc, self._creds)
@@ -259,6 +372,27 @@ class LocalServer:
         self._server, self.port = server, port
         log.info("local API listening at %s", self.address)
         return port
+
+    def _prepare_xfer(self) -> None:
+        """``xfer/``: the exchange files of this server's callers. Writable by the group that may
+        call (setgid, so files keep that group). Files already there are left alone: they may
+        belong to a trainer that outlives this service (a restart); each client removes its own
+        files when it closes."""
+        folder = self.xfer
+        assert folder is not None
+        group = bool(self.mode & 0o070)
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            st = folder.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                raise NodeError(f"{folder} is not a directory of this user; remove it")
+            if self.gid is not None:
+                os.chown(folder, -1, self.gid)
+            os.chmod(folder, 0o2770 if group else 0o700)
+        except OSError as exc:
+            log.warning("local API: cannot prepare %s (%s); payloads will stream over the "
+                        "socket", folder, exc)
+            self.xfer = None
 
     def stop(self, grace: float | None = None) -> None:
         if self._server is None:
@@ -300,6 +434,36 @@ class LocalClient:
         self._call = self._channel.stream_stream(
             _METHOD, request_serializer=_wire.encode, response_deserializer=_wire.decoder(pb.Frame)
         )
+        # Exchange files (unix sockets only): ours to write, the node's reply file to read.
+        self._xfer = _xfer_dir(parsed.path) if parsed.path is not None else None
+        token = secrets.token_hex(8)
+        self._up_name, self._down_name = f"up-{token}", f"down-{token}"
+        self._up_fd: int | None = None
+        self._xfer_lock = threading.Lock()  # one exchange at a time: the files are per client
+
+    def _up_file(self) -> int | None:
+        """Our upload file, created on first use; None (stream instead) if xfer/ is not
+        writable for us."""
+        if self._up_fd is not None and self._xfer is not None:
+            try:  # still ours under that name (a node's restart or an operator may remove it)
+                here = os.stat(self._xfer / self._up_name, follow_symlinks=False)
+                mine = os.fstat(self._up_fd)
+                if (here.st_ino, here.st_dev) != (mine.st_ino, mine.st_dev):
+                    raise FileNotFoundError
+            except OSError:
+                os.close(self._up_fd)
+                self._up_fd = None
+                (self._xfer / self._up_name).unlink(missing_ok=True)
+        if self._up_fd is None and self._xfer is not None:
+            try:
+                self._up_fd = os.open(self._xfer / self._up_name,
+                                      os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o660)
+                os.fchmod(self._up_fd, 0o660)
+            except OSError as exc:
+                log.info("local API: cannot write exchange files in %s (%s); payloads stream "
+                         "over the socket", self._xfer, exc)
+                self._xfer = None
+        return self._up_fd
 
     def _not_running(self) -> SwarmError:
         """NodeError, or over TCP the TLS-level reason if the service refused our certificate."""
@@ -327,10 +491,56 @@ class LocalClient:
         self,
         method: str,
         args: dict[str, Any],
-        payload: bytes | None = None,
+        payload: serde.Buffer | serde.Encoded | None = None,
         timeout: float | None = None,
-    ) -> tuple[dict[str, Any], bytes | None]:
-        """Run ``method`` on the node; its SwarmError is raised here as the same class."""
+    ) -> tuple[dict[str, Any], serde.Buffer | None]:
+        """Run ``method`` on the node; its SwarmError is raised here as the same class. A
+        :class:`serde.Encoded` payload is written straight from its tensors."""
+        # One exchange at a time uses the files; a call made meanwhile (another thread) streams.
+        if self._xfer is not None and self._xfer_lock.acquire(blocking=False):
+            try:
+                fd = self._up_file()
+                if fd is not None:
+                    return self._call_xfer(method, args, payload, timeout, fd)
+            finally:
+                self._xfer_lock.release()
+        data = payload.to_bytes() if isinstance(payload, serde.Encoded) else payload
+        return self._roundtrip(method, args, data, timeout)
+
+    def _call_xfer(
+        self, method: str, args: dict[str, Any], payload: serde.Buffer | serde.Encoded | None,
+        timeout: float | None, fd: int,
+    ) -> tuple[dict[str, Any], serde.Buffer | None]:
+        xfer: dict[str, Any] = {"down": self._down_name}
+        if payload is not None:
+            if isinstance(payload, serde.Encoded):
+                payload.write_to(fd)
+                xfer["bytes"] = payload.nbytes
+            else:
+                view = memoryview(payload).cast("B")
+                pos = 0
+                while pos < len(view):
+                    pos += os.pwrite(fd, view[pos:], pos)
+                os.ftruncate(fd, pos)
+                xfer["bytes"] = pos
+            xfer["up"] = self._up_name
+        result, out = self._roundtrip(method, {**args, _XFER: xfer}, None, timeout)
+        sent = result.pop(_XFER, None)
+        if sent is None:
+            return result, out
+        assert self._xfer is not None
+        path = self._xfer / self._down_name
+        down = _open_regular(path, os.O_RDONLY, f"the node's reply to {method!r}")
+        try:
+            return result, serde.read_file(down, int(sent["bytes"]), self.max_bytes,
+                                           f"the node's reply to {method!r}")
+        finally:
+            os.close(down)
+
+    def _roundtrip(
+        self, method: str, args: dict[str, Any], payload: serde.Buffer | None,
+        timeout: float | None,
+    ) -> tuple[dict[str, Any], serde.Buffer | None]:
         header = pb.Header(
             method=method, json=dumps(args, f"the arguments of {method!r}"),
             has_payload=payload is not None, total_bytes=len(payload) if payload is not None else 0,
@@ -349,7 +559,9 @@ class LocalClient:
         finally:
             replies.cancel()
 
-    def _read(self, method: str, replies: Iterator[_wire.Piece]) -> tuple[dict, bytes | None]:
+    def _read(
+        self, method: str, replies: Iterator[_wire.Piece]
+    ) -> tuple[dict, serde.Buffer | None]:
         first = next(replies, None)
         h = _wire.header_of(first) if first is not None else None
         if h is None:
@@ -363,7 +575,7 @@ class LocalClient:
                 if data is None:
                     raise NodeError(f"the node's reply to {method!r} has a second header")
                 assembler.add(data)
-            return result, assembler.finish().to_bytes()
+            return result, assembler.finish().data
 
     def _error(self, method: str, err: grpc.RpcError, timeout: float | None) -> SwarmError:
         name = swarm_error_name(err)
@@ -380,6 +592,13 @@ class LocalClient:
 
     def close(self) -> None:
         self._channel.close()
+        with self._xfer_lock:
+            if self._up_fd is not None:
+                os.close(self._up_fd)
+                self._up_fd = None
+            if self._xfer is not None:
+                for name in (self._up_name, self._down_name):
+                    (self._xfer / name).unlink(missing_ok=True)
 
     def __enter__(self) -> LocalClient:
         return self

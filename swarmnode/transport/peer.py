@@ -85,9 +85,12 @@ class PeerHandler(Protocol):
         self, round: int, sender: str, weight: int, state: dict[str, torch.Tensor], digest: bytes
     ) -> None: ...
 
-    def merged(self, round: int, timeout: float, to: str | None = None) -> bytes | None:
-        """The merged model of ``round`` (waiting up to ``timeout``), None if not held; ``to``
-        is the caller's chain address."""
+    def merged(
+        self, round: int, timeout: float, to: str | None = None
+    ) -> serde.Buffer | tuple[serde.Buffer, bytes] | None:
+        """The merged model of ``round`` (waiting up to ``timeout``), None if not held; with its
+        SHA-256 when the handler knows it (else the server hashes it once per round); ``to`` is
+        the caller's chain address."""
         ...
 
     def health(self) -> dict[str, Any]: ...
@@ -159,7 +162,7 @@ class _StreamGuard:
 class _Servicer:
     def __init__(self, owner: PeerServer) -> None:
         self.o = owner
-        self._digests: dict[int, tuple[bytes, bytes]] = {}  # round -> (data, sha256), last few
+        self._digests: dict[int, tuple[serde.Buffer, bytes]] = {}  # round -> (data, sha256)
         self._lock = threading.Lock()
 
     # -- identity --------------------------------------------------------------------------------
@@ -252,19 +255,21 @@ class _Servicer:
         return self._run(context, "PushUpdate", body)
 
     def PullMerged(self, request: pb.PullRequest, context: grpc.ServicerContext):
-        def body() -> tuple[bytes, bytes, list]:
+        def body() -> tuple[serde.Buffer, bytes, list]:
             caller = self._identify(context)
             self._participant(request.round, caller)
             stream = self.o.guard.enter(caller, context, "PullMerged")
             try:
                 wait = max(0.0, min(request.wait_s, 3600.0))
-                data = self.o.handler.merged(request.round, wait, caller)
-                if data is None:
+                held = self.o.handler.merged(request.round, wait, caller)
+                if held is None:
                     raise RoundError(
                         f"this node does not hold the merged model of round {request.round} "
                         "(yet); pull it from another member of the round"
                     )
-                return data, self._digest(request.round, data), stream
+                if isinstance(held, tuple):
+                    return held[0], held[1], stream
+                return held, self._digest(request.round, held), stream
             except BaseException:
                 self.o.guard.leave(stream)
                 raise
@@ -279,7 +284,7 @@ class _Servicer:
         finally:
             self.o.guard.leave(stream)
 
-    def _digest(self, round: int, data: bytes) -> bytes:
+    def _digest(self, round: int, data: serde.Buffer) -> bytes:
         with self._lock:
             hit = self._digests.get(round)
             if hit is not None and hit[0] is data:
@@ -466,7 +471,7 @@ class PeerClient:
         self,
         round: int,
         weight: int,
-        payload: bytes,
+        payload: serde.Buffer,
         timeout: float,
         *,
         digest: bytes | None = None,
@@ -488,8 +493,13 @@ class PeerClient:
 
     def pull_merged(self, round: int, timeout: float) -> bytes:
         """The merged model of ``round``: canonical bytes, digest checked against the header."""
+        return self.pull(round, timeout).to_bytes()
 
-        def fetch() -> bytes:
+    def pull(self, round: int, timeout: float) -> serde.Received:
+        """The merged model of ``round`` in memory of its own, with the SHA-256 computed as it
+        arrived (checked against the stream's header; compare it with the chain's digest)."""
+
+        def fetch() -> serde.Received:
             call = self._pull(
                 pb.PullRequest(round=round, wait_s=timeout * 0.9), timeout=timeout,
                 metadata=self._md,
@@ -501,7 +511,7 @@ class PeerClient:
 
         return self._call(f"pull of round {round}", timeout, fetch)
 
-    def _assemble(self, round: int, call: Iterator[_wire.Piece]) -> bytes:
+    def _assemble(self, round: int, call: Iterator[_wire.Piece]) -> serde.Received:
         what = f"merged model of round {round} from {self.who}"
         first = next(call, None)
         header = _wire.header_of(first) if first is not None else None
@@ -518,7 +528,7 @@ class PeerClient:
             received.check_digest(header.digest)
         except PayloadRejected as exc:
             raise PayloadRejected(f"{what}: {exc}") from None
-        return received.to_bytes()
+        return received
 
     def health(self, timeout: float = 10.0) -> dict[str, Any]:
         reply = self._call("health", timeout, lambda: self._health(

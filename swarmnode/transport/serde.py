@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import struct
 import sys
 from collections.abc import Iterator, Mapping
@@ -33,12 +34,16 @@ from swarmnode.errors import PayloadRejected
 __all__ = [
     "CHUNK_SIZE",
     "Assembler",
+    "Buffer",
+    "Encoded",
     "ParamSpec",
     "Received",
     "chunks",
     "decode",
     "digest",
     "encode",
+    "read_file",
+    "view_state",
 ]
 
 if sys.byteorder != "little":  # safetensors is little-endian; so is every supported platform
@@ -73,37 +78,113 @@ def _name(dtype: torch.dtype) -> str:
 
 
 # -- encoding -------------------------------------------------------------------------------------
+Buffer = bytes | bytearray | memoryview | mmap.mmap  # canonical bytes, owned or viewed
+
+
+class Encoded:
+    """A state dict laid out as canonical safetensors, not yet written anywhere: ``nbytes``,
+    :meth:`to_bytes`, :meth:`into` a caller's buffer and :meth:`write_to` a file write each byte
+    once, straight from the tensors' memory (no intermediate ``bytes``)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        tensors: list[tuple[str, torch.Tensor]] = []
+        for name, tensor in state.items():
+            if not isinstance(name, str) or not name:
+                raise PayloadRejected(
+                    f"cannot encode parameter name {name!r}: names must be strings")
+            if not isinstance(tensor, torch.Tensor):
+                kind = type(tensor).__name__
+                raise PayloadRejected(f"cannot encode {name!r}: a {kind}, not a tensor")
+            if tensor.dtype not in _CODES:
+                raise PayloadRejected(
+                    f"cannot encode tensor {name!r}: dtype {_name(tensor.dtype)} has no "
+                    "safetensors code; cast it (e.g. to float32) before syncing"
+                )
+            tensors.append((name, tensor.detach().to("cpu").contiguous()))
+        tensors.sort(key=lambda nt: (-nt[1].element_size(), nt[0]))
+        header: dict[str, Any] = {}
+        offset = 0
+        for name, t in tensors:
+            size = t.numel() * t.element_size()
+            header[name] = {
+                "dtype": _CODES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self.head = struct.pack("<Q", len(text)) + text
+        self.tensors = tensors
+        self.nbytes = len(self.head) + offset
+
+    def _parts(self) -> Iterator[Any]:
+        yield self.head
+        for _, t in self.tensors:
+            if t.numel():
+                yield t.reshape(-1).view(torch.uint8).numpy()
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self._parts())
+
+    def into(self, buf: bytearray | mmap.mmap | memoryview) -> None:
+        """Write the canonical bytes into ``buf`` (at least ``nbytes`` long)."""
+        view = memoryview(buf).cast("B")
+        pos = 0
+        for part in self._parts():
+            n = len(part) if isinstance(part, bytes) else part.nbytes
+            view[pos : pos + n] = part if isinstance(part, bytes) else memoryview(part).cast("B")
+            pos += n
+
+    def write_to(self, fd: int) -> None:
+        """Write the canonical bytes at offset 0 of the open file ``fd`` and cut it to size.
+        Rewriting the same file every round reuses its pages (no page faults after the first)."""
+        pos = 0
+        for part in self._parts():
+            view = memoryview(part).cast("B")
+            while len(view):
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+        os.ftruncate(fd, pos)
+
+
 def encode(state: Mapping[str, torch.Tensor]) -> bytes:
     """Canonical safetensors bytes of ``state`` (tensors are copied to contiguous CPU memory)."""
-    tensors: list[tuple[str, torch.Tensor]] = []
-    for name, tensor in state.items():
-        if not isinstance(name, str) or not name:
-            raise PayloadRejected(f"cannot encode parameter name {name!r}: names must be strings")
-        if not isinstance(tensor, torch.Tensor):
-            kind = type(tensor).__name__
-            raise PayloadRejected(f"cannot encode {name!r}: a {kind}, not a tensor")
-        if tensor.dtype not in _CODES:
+    return Encoded(state).to_bytes()
+
+
+def read_file(
+    fd: int, nbytes: int, max_bytes: int, what: str = "payload"
+) -> mmap.mmap | bytearray:
+    """The ``nbytes`` bytes of the open file ``fd`` in fresh anonymous memory that the caller
+    owns (a copy: the file's writer cannot change them afterwards); PayloadRejected if the file
+    is not exactly ``nbytes`` long or ``nbytes`` is over ``max_bytes``."""
+    if nbytes > max_bytes:
+        raise PayloadRejected(
+            f"{what}: {nbytes} bytes, over the limit of {max_bytes} bytes (raise max_update_mb "
+            "if the model really is that large)"
+        )
+    size = os.fstat(fd).st_size
+    if size != nbytes:
+        raise PayloadRejected(
+            f"{what}: the file holds {size} bytes but {nbytes} were announced (it was changed "
+            "while being read, or truncated); send it again"
+        )
+    if nbytes == 0:
+        return bytearray()
+    buf = mmap.mmap(-1, nbytes)
+    view = memoryview(buf)
+    pos = 0
+    while pos < nbytes:
+        n = os.preadv(fd, [view[pos:]], pos)
+        if n <= 0:
             raise PayloadRejected(
-                f"cannot encode tensor {name!r}: dtype {_name(tensor.dtype)} has no safetensors "
-                "code; cast it (e.g. to float32) before syncing"
+                f"{what}: the file ended after {pos} of {nbytes} bytes (truncated while being "
+                "read); send it again"
             )
-        tensors.append((name, tensor.detach().to("cpu").contiguous()))
-    tensors.sort(key=lambda nt: (-nt[1].element_size(), nt[0]))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, t in tensors:
-        size = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _CODES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    parts: list[Any] = [struct.pack("<Q", len(text)), text]
-    parts.extend(t.reshape(-1).view(torch.uint8).numpy() for _, t in tensors)
-    return b"".join(parts)
+        pos += n
+    view.release()
+    return buf
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:
@@ -374,6 +455,24 @@ def decode(
     if expected_digest is not None:
         _check_digest(digest(view), expected_digest)
     return _decode_checked(view, None, spec, reject_nonfinite)
+
+
+def view_state(
+    data: Buffer,
+    *,
+    spec: ParamSpec | None,
+    reject_nonfinite: bool,
+    expected_digest: bytes | None = None,
+) -> dict[str, torch.Tensor]:
+    """Like :func:`decode`, with tensors that view ``data`` instead of a copy of it when ``data``
+    is a writable buffer (a ``bytearray`` or ``mmap``) that the caller hands over and does not
+    change afterwards; read-only data (``bytes``) is copied. No size limit is applied: the
+    caller read ``data`` under one."""
+    view = memoryview(data).cast("B")
+    if expected_digest is not None:
+        _check_digest(digest(view), expected_digest)
+    owned = data if isinstance(data, (bytearray, mmap.mmap)) else None
+    return _decode_checked(view, owned, spec, reject_nonfinite)
 
 
 def _check_digest(got: bytes, expected: bytes | None) -> None:

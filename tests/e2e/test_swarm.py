@@ -159,8 +159,10 @@ def test_late_joiner_takes_the_merged_model_then_contributes(tmp_path: Path) -> 
 def test_a_restarted_node_service_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL a node service mid-training and start it again: its trainer waits for it, goes on,
     and every site still ends with the chain's final model."""
+    # enough epochs that the other two sites are still training when node 0 is back (rounds take
+    # well under a second; a restart a few seconds)
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
-                    epochs=4) as swarm:
+                    epochs=8) as swarm:
         for i in range(3):
             swarm.start_node(i)
         swarm.wait_enrolled([0, 1, 2])

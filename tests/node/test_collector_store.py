@@ -53,6 +53,7 @@ def test_store_survives_a_restart_and_never_goes_back(tmp_path: Path) -> None:
     d4, h4 = _blob(4.0)
     store.put(5, h5, d5)
     store.put(4, h4, d4)  # an older round finishing later must not replace the latest on disk
+    assert store.flush()  # the disk copy is written off the round's critical path
     again = ModelStore(tmp_path)
     latest = again.latest()
     assert latest is not None and (latest.round, latest.digest) == (5, h5)
@@ -62,5 +63,6 @@ def test_store_ignores_a_torn_write(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     d, h = _blob(1.0)
     store.put(3, h, d)
+    assert store.flush()
     (tmp_path / "latest.json").write_text(json.dumps({"round": 3, "digest": "00" * 32}))
     assert ModelStore(tmp_path).latest() is None

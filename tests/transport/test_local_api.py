@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from transport_support import Pki
 
 from swarmnode.errors import (
@@ -22,6 +23,7 @@ from swarmnode.errors import (
     SpecMismatch,
 )
 from swarmnode.identity import create_ca, make_bundle
+from swarmnode.transport import serde
 from swarmnode.transport.local import LocalClient, LocalServer
 
 MiB = 1 << 20
@@ -69,7 +71,7 @@ def test_unix_round_trip(served, tmp_path: Path) -> None:
     assert client.call("echo", {"a": [1, "x"], "b": None}) == (
         {"method": "echo", "args": {"a": [1, "x"], "b": None}, "size": 0}, None)
     reply, back = client.call("echo", {}, b"\x00\x01" * 10)
-    assert reply["size"] == 20 and back == b"\x00\x01" * 10
+    assert reply["size"] == 20 and bytes(back) == b"\x00\x01" * 10
     assert client.call("echo", {}, b"") == ({"method": "echo", "args": {}, "size": 0}, b"")
     path = tmp_path / "run" / "node.sock"
     assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -80,7 +82,7 @@ def test_big_payload_both_ways(served) -> None:
     _, client = served
     data = os.urandom(40 * MiB)
     reply, back = client.call("echo", {"n": 1}, data, timeout=60)
-    assert reply["size"] == len(data) and back == data
+    assert reply["size"] == len(data) and bytes(back) == data
 
 
 def test_payload_over_the_limit(served) -> None:
@@ -161,7 +163,7 @@ def test_tcp_needs_and_uses_mutual_tls(pki: Pki) -> None:
             client.wait_ready(5)
             data = os.urandom(3 * MiB + 5)
             reply, back = client.call("echo", {"tcp": True}, data, timeout=30)
-            assert reply["args"] == {"tcp": True} and back == data
+            assert reply["args"] == {"tcp": True} and bytes(back) == data
         rogue_ca = create_ca(pki.root / "rogue-ca", "Rogue CA")
         rogue = pki.node("rogue-trainer", ca=rogue_ca, trust=make_bundle(
             [pki.ca[0], rogue_ca[0]], pki.root / "rogue-trust.pem"))
@@ -216,3 +218,69 @@ def test_group_socket_lets_only_the_group_call(tmp_path_factory) -> None:
 def test_world_accessible_socket_is_refused(sock: str) -> None:
     with pytest.raises(ConfigError, match="every user"):
         LocalServer(sock, Node(), mode=0o666)
+
+
+# -- exchange files (unix sockets): payloads beside the socket, not through it -------------------
+def test_payloads_travel_as_exchange_files(served, tmp_path: Path) -> None:
+    _, client = served
+    xfer = tmp_path / "run" / "xfer"
+    state = {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4), "n": torch.tensor([7])}
+    reply, back = client.call("echo", {}, serde.Encoded(state), timeout=30)
+    assert reply["size"] == serde.Encoded(state).nbytes and bytes(back) == serde.encode(state)
+    ups = [p for p in xfer.iterdir() if p.name.startswith("up-")]
+    downs = [p for p in xfer.iterdir() if p.name.startswith("down-")]
+    assert len(ups) == 1 and ups[0].read_bytes() == serde.encode(state)
+    assert len(downs) == 1 and downs[0].read_bytes() == serde.encode(state)
+    assert stat.S_IMODE(xfer.stat().st_mode) == 0o700  # owner-only socket: owner-only files
+    client.close()
+    assert list(xfer.iterdir()) == []
+
+
+def _raw(client: LocalClient, xfer: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A call that names exchange files as a hostile local caller would."""
+    return client._roundtrip("echo", {"__xfer__": xfer}, None, 10)
+
+
+def test_exchange_files_refuse_links_fifos_and_bad_names(served, tmp_path: Path) -> None:
+    _, client = served
+    xfer = tmp_path / "run" / "xfer"
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"do not overwrite")
+    (xfer / "planted").symlink_to(secret)
+    os.mkfifo(xfer / "fifo")
+    (xfer / "short").write_bytes(b"12345")
+    with pytest.raises(PayloadRejected, match="symlink"):
+        _raw(client, {"up": "planted", "bytes": 16})
+    with pytest.raises(PayloadRejected, match="not a regular file"):
+        _raw(client, {"up": "fifo", "bytes": 16})  # would block a plain open forever
+    with pytest.raises(PayloadRejected, match="holds 5 bytes but 9 were announced"):
+        _raw(client, {"up": "short", "bytes": 9})
+    with pytest.raises(PayloadRejected, match="invalid exchange file name"):
+        _raw(client, {"up": "../secret", "bytes": 16})
+    with pytest.raises(PayloadRejected, match="over the limit"):
+        _raw(client, {"up": "short", "bytes": 65 * MiB})
+    # A reply into a planted link replaces the link; the file it pointed at is untouched.
+    (xfer / "up-x").write_bytes(b"abc")
+    reply, out = _raw(client, {"up": "up-x", "bytes": 3, "down": "planted"})
+    assert out is None and reply["__xfer__"] == {"bytes": 3}
+    assert secret.read_bytes() == b"do not overwrite"
+    assert not (xfer / "planted").is_symlink() and (xfer / "planted").read_bytes() == b"abc"
+
+
+def test_payloads_stream_when_the_exchange_folder_is_not_writable(sock: str,
+                                                                  tmp_path: Path) -> None:
+    node = Node()
+    with LocalServer(sock, node, max_bytes=64 * MiB):
+        xfer = tmp_path / "run" / "xfer"
+        xfer.chmod(0o500)
+        try:
+            with LocalClient(sock) as client:
+                client.wait_ready(5)
+                if os.access(xfer, os.W_OK):  # root ignores modes: take the folder away
+                    xfer.chmod(0o700)
+                    xfer.rmdir()
+                reply, back = client.call("echo", {}, b"abc" * 1000, timeout=30)
+                assert reply["size"] == 3000 and bytes(back) == b"abc" * 1000
+        finally:
+            if xfer.exists():
+                xfer.chmod(0o700)
