@@ -124,6 +124,8 @@ class SwarmContract:
         self._contract = w3.eth.contract(address=self.address, abi=ABI)
         self._sender: TxSender | None = None
         self._settings: ContractSettings | None = None
+        # participants of elected rounds (fixed from the election on): one read per round
+        self._fixed_participants: dict[int, tuple[str, ...]] = {}
         if not _checked:
             self._check_code()
 
@@ -352,12 +354,20 @@ class SwarmContract:
         status, leader, attempt, elected_at, first_at, digest, _count, is_final = self._call(
             "roundInfo", r
         )
+        state = RoundStatus(int(status))
+        participants = self._fixed_participants.get(r)
+        if participants is None:
+            participants = tuple(str(a) for a in self._call("participants", r))
+            if state is not RoundStatus.OPEN:  # fixed at the election
+                self._fixed_participants[r] = participants
+                for old in sorted(self._fixed_participants)[:-8]:
+                    del self._fixed_participants[old]
         return RoundInfo(
             round=r,
-            status=RoundStatus(int(status)),
+            status=state,
             leader=None if leader == ZERO_ADDRESS else str(leader),
             attempt=int(attempt),
-            participants=tuple(str(a) for a in self._call("participants", r)),
+            participants=participants,
             digest=None if not any(digest) else bytes(digest),
             elected_at=int(elected_at),
             first_checkin_at=int(first_at),

@@ -52,6 +52,14 @@ def connect(rpc_url: str, timeout: float = 10.0) -> Web3:
         rpc_url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None
     )
     w3 = Web3(provider)
+    # web3's validation middleware asks for the chain id before and after every call (3 RPCs per
+    # contract read); transactions are signed here with the chain id read once (chain.tx), and
+    # addresses are never ENS names. Without both, one read is one RPC.
+    for name in ("validation", "ens_name_to_address"):
+        try:
+            w3.middleware_onion.remove(name)
+        except ValueError:
+            pass
     with rpc_guard(w3, "asking for the chain id"):
         w3.eth.chain_id  # noqa: B018 - readiness probe
     return w3

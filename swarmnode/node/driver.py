@@ -49,6 +49,7 @@ log = logging.getLogger("swarmnode.node")
 
 
 _EVENT_WAIT_S = 0.5  # with a block watcher, the longest a round sleeps between looks
+_ABSENT_CHECK_S = 2.0  # how often an open round's participant looks for absent nodes
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class RoundDriver:
         self.round_timeout_s = round_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self._weights: dict[tuple[int, str], int] = {}
+        self.seen: dict[int, RoundInfo] = {}  # the last observation of recent rounds
+        self._absent_checked = 0.0
         self._merged: dict[tuple[int, int], tuple[bytes, bytes, list[str]]] = {}
         self._stages: dict[str, float] = {}
         self._action = "observe"
@@ -105,6 +108,7 @@ class RoundDriver:
         self._prefetched: dict[int, serde.Received] = {}
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="digest")
         self._own: tuple[object, Future[bytes]] | None = None
+        self._fetching: dict[int, threading.Thread] = {}
         self._served: dict[int, set[str]] = {}
         self._replica = threading.Condition()
         self.replicate_s = min(5.0, timing.deadline_s * 0.25)
@@ -198,6 +202,9 @@ class RoundDriver:
         round = machine.round
         mark = self.watcher.mark() if self.watcher is not None else 0  # before the read
         info = self.chain.round(round)
+        self.seen[round] = info
+        if len(self.seen) > 4:
+            del self.seen[min(self.seen)]
         collected: frozenset[str] = frozenset()
         if info.status is RoundStatus.ELECTED and info.leader == self.me:
             if info.attempt not in seeded and self.me in info.participants:
@@ -207,8 +214,11 @@ class RoundDriver:
         # chain time (the contract's clock for grace and deadlines), not this host's clock
         now = self.watcher.now() if self.watcher is not None else time.time()
         absent: tuple[str, ...] = ()
-        if (info.status is RoundStatus.OPEN and self.me in info.participants
-                and info.first_checkin_at and now >= info.first_checkin_at + self.timing.grace_s):
+        if (info.status is RoundStatus.OPEN and machine.drive and self.me in info.participants
+                and info.first_checkin_at and now >= info.first_checkin_at + self.timing.grace_s
+                and now >= self._absent_checked + _ABSENT_CHECK_S):
+            # reads every node: at most every few seconds, not on every block
+            self._absent_checked = now
             absent = tuple(self.chain.absent_candidates())
         action = machine.decide(Observation(now, info, collected, absent))
         # what this step's time is reported as: the action, or what a wait waits for
@@ -299,8 +309,11 @@ class RoundDriver:
             return
         machine.on_pushed(action.attempt)
         log.info("round %d: update sent to leader %s", action.round, action.leader)
-        threading.Thread(target=self._prefetch, args=(action.round, action.leader),
-                         name=f"prefetch-{action.round}", daemon=True).start()
+        fetch = threading.Thread(target=self._prefetch, args=(action.round, action.leader),
+                                 name=f"prefetch-{action.round}", daemon=True)
+        self._fetching = {r: t for r, t in self._fetching.items() if t.is_alive()}
+        self._fetching[action.round] = fetch
+        fetch.start()
 
     def _prefetch(self, round: int, leader: str) -> None:
         """Fetch round ``round``'s merged model from its leader as soon as it has merged (long
@@ -308,6 +321,9 @@ class RoundDriver:
         until = time.monotonic() + self.timing.deadline_s
         while time.monotonic() < until and round not in self._prefetched:
             if self.store.get(round) is not None:
+                return
+            seen = self.seen.get(round)
+            if seen is not None and seen.leader != leader:  # re-elected: this leader is out
                 return
             asked = time.monotonic()
             try:
@@ -360,7 +376,7 @@ class RoundDriver:
                 digest = serde.digest(data)
             zero = {p for p in info.participants if self.weight_of(action.round, p) == 0}
             members = [p for p in info.participants
-                       if (p in senders or p in zero) and not self.chain.node(p).revoked]
+                       if (p in senders or p in zero) and not self.pool.authority.node(p).revoked]
             self._merged = {k: v for k, v in self._merged.items() if k[0] >= action.round}
             self._merged[key] = (data, digest, members)
             self.store.put(action.round, digest, data)
@@ -392,6 +408,9 @@ class RoundDriver:
         if held is not None and held.digest == action.digest:
             machine.on_pulled(action.digest)
             return
+        fetch = self._fetching.pop(action.round, None)
+        if fetch is not None:  # a prefetch is under way: let it finish rather than pull twice
+            fetch.join(self.transfer_timeout_s)
         early = self._prefetched.pop(action.round, None)
         if early is not None:
             try:

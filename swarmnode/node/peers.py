@@ -6,6 +6,7 @@ import threading
 import time
 
 from swarmnode.chain.client import RoundStatus, SwarmContract
+from swarmnode.chain.models import NodeInfo
 from swarmnode.errors import PeerUnavailable
 from swarmnode.identity import TlsFiles
 from swarmnode.transport.peer import PeerClient
@@ -17,34 +18,57 @@ class ChainAuthority:
     """Answers the peer API's identity questions from the contract (PeerAuthority protocol).
 
     A certificate is accepted for an address only while the contract holds its fingerprint for an
-    enrolled, non-revoked node. Short caches keep a busy round from hammering the RPC node; a
-    revocation takes effect within ``ttl`` seconds.
+    enrolled, non-revoked node. Caches keep a busy round from hammering the RPC node (one read per
+    node per ``ttl``, not one per call): a revocation takes effect within ``ttl`` seconds. A
+    round's participants are read once it is elected (they are fixed from then on).
     """
 
-    def __init__(self, chain: SwarmContract, ttl: float = 1.0) -> None:
+    def __init__(self, chain: SwarmContract, ttl: float = 5.0) -> None:
         self.chain = chain
         self.ttl = ttl
         self._lock = threading.Lock()
-        self._nodes: dict[str, tuple[float, bytes | None]] = {}
+        self._nodes: dict[str, tuple[float, NodeInfo]] = {}
+        self._rounds: dict[int, tuple[RoundStatus, frozenset[str]]] = {}
 
-    def fingerprint_of(self, address: str) -> bytes | None:
+    def node(self, address: str) -> NodeInfo:
+        """The contract's record of ``address``, at most ``ttl`` seconds old."""
         now = time.monotonic()
+        key = address.lower()
         with self._lock:
-            hit = self._nodes.get(address.lower())
+            hit = self._nodes.get(key)
         if hit and now - hit[0] < self.ttl:
             return hit[1]
         info = self.chain.node(address)
-        fp = info.fingerprint if info.enrolled and not info.revoked else None
         with self._lock:
-            self._nodes[address.lower()] = (now, fp)
-        return fp
+            self._nodes[key] = (now, info)
+        return info
+
+    def forget(self, address: str) -> None:
+        """Read ``address`` afresh next time (after a failed connection, say)."""
+        with self._lock:
+            self._nodes.pop(address.lower(), None)
+
+    def fingerprint_of(self, address: str) -> bytes | None:
+        info = self.node(address)
+        return info.fingerprint if info.enrolled and not info.revoked else None
 
     def is_participant(self, round: int, address: str) -> bool:
         """A participant of ``round``; once it is committed, any enrolled node may pull it."""
-        info = self.chain.round(round)
-        if any(p.lower() == address.lower() for p in info.participants):
+        with self._lock:
+            hit = self._rounds.get(round)
+        if hit is not None and address.lower() in hit[1]:
             return True
-        return info.status is RoundStatus.COMMITTED and self.fingerprint_of(address) is not None
+        if hit is None or hit[0] is not RoundStatus.COMMITTED:
+            info = self.chain.round(round)
+            hit = (info.status, frozenset(p.lower() for p in info.participants))
+            if info.status is not RoundStatus.OPEN:
+                with self._lock:
+                    self._rounds[round] = hit
+                    for old in sorted(self._rounds)[:-8]:
+                        del self._rounds[old]
+        if address.lower() in hit[1]:
+            return True
+        return hit[0] is RoundStatus.COMMITTED and self.fingerprint_of(address) is not None
 
 
 class PeerPool:
@@ -56,7 +80,7 @@ class PeerPool:
         self._clients: dict[str, tuple[str, PeerClient]] = {}
 
     def client(self, address: str) -> PeerClient:
-        info = self.chain.node(address)
+        info = self.authority.node(address)
         if not info.enrolled or info.revoked:
             raise PeerUnavailable(f"node {address} is not enrolled or was revoked on chain")
         with self._lock:
@@ -70,6 +94,7 @@ class PeerPool:
             return client
 
     def drop(self, address: str) -> None:
+        self.authority.forget(address)
         with self._lock:
             cached = self._clients.pop(address, None)
         if cached:

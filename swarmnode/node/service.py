@@ -247,7 +247,9 @@ class NodeService:
     def accept_update(
         self, round: int, sender: str, weight: int, state: StateDict, digest: bytes
     ) -> None:
-        info = self.chain.round(round)
+        info = self.driver.seen.get(round)  # what this node's round loop saw last
+        if info is None or info.status is not RoundStatus.ELECTED or info.leader != self.me:
+            info = self.chain.round(round)
         if info.status is not RoundStatus.ELECTED or info.leader != self.me:
             raise RoundError(
                 f"round {round}: this node is not the round's leader "

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -495,7 +496,8 @@ class LocalClient:
         timeout: float | None = None,
     ) -> tuple[dict[str, Any], serde.Buffer | None]:
         """Run ``method`` on the node; its SwarmError is raised here as the same class. A
-        :class:`serde.Encoded` payload is written straight from its tensors."""
+        :class:`serde.Encoded` payload is written straight from its tensors. A reply payload
+        that came as an exchange file is a private mapping of it: use it before the next call."""
         # One exchange at a time uses the files; a call made meanwhile (another thread) streams.
         if self._xfer is not None and self._xfer_lock.acquire(blocking=False):
             try:
@@ -530,10 +532,19 @@ class LocalClient:
             return result, out
         assert self._xfer is not None
         path = self._xfer / self._down_name
-        down = _open_regular(path, os.O_RDONLY, f"the node's reply to {method!r}")
+        what = f"the node's reply to {method!r}"
+        nbytes = sent.get("bytes") if isinstance(sent, dict) else None
+        if not isinstance(nbytes, int) or not 0 <= nbytes <= self.max_bytes:
+            raise NodeError(f"{what}: invalid or oversized reply size {nbytes!r}")
+        down = _open_regular(path, os.O_RDONLY, what)
         try:
-            return result, serde.read_file(down, int(sent["bytes"]), self.max_bytes,
-                                           f"the node's reply to {method!r}")
+            if os.fstat(down).st_size != nbytes:
+                raise NodeError(f"{what}: the reply file does not hold the {nbytes} bytes named")
+            if nbytes == 0:
+                return result, bytearray()
+            # Mapped, not copied: the node rewrites this file only during our next exchange.
+            return result, mmap.mmap(down, nbytes, flags=mmap.MAP_PRIVATE,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(down)
 
