@@ -218,7 +218,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="swarmnode-round-") as tmp:
         for n, spec in enumerate(a.configs.split(",")):
             params, nodes = spec.split(":")
-            run = run_config(_size(params), int(nodes), a.rounds, Path(tmp) / str(n))
+            work = Path(os.environ["KEEP"]) / str(n) if os.environ.get("KEEP") else Path(tmp) / str(n)
+            run = run_config(_size(params), int(nodes), a.rounds, work)
             runs.append(run)
             print(f"P={params:>4} N={int(nodes):>2}: round {run['median_round_s']:.3f} s, "
                   f"raw bound {run['raw_bound_s']:.3f} s ({run['round_over_bound']}x), "

@@ -106,6 +106,24 @@ class StreamingMean:
         self._total += weight
         self._nodes.append(update.node)
 
+    def result_in_place(self) -> StateDict:
+        """Like :meth:`result`, computed inside the accumulator where the dtype allows (a model's
+        worth of memory less at the leader); the accumulator is spent: add nothing afterwards."""
+        if self._specs is None:
+            return self.result()
+        divisor = self._total if self._total > 0 else float(self.count)
+        out: StateDict = {}
+        with torch.no_grad():
+            for name, spec in self._specs.items():
+                acc = self._acc.pop(name)
+                if spec.dtype.is_floating_point:
+                    acc.div_(divisor)
+                    out[name] = acc if acc.dtype == spec.dtype else acc.to(spec.dtype)
+                else:
+                    out[name] = acc
+        self._specs = None
+        return out
+
     def result(self) -> StateDict:
         """The weighted mean of everything added so far (the accumulator is left as it is)."""
         if self._specs is None:

@@ -28,6 +28,7 @@ class Collector:
         self._stream = merge.StreamingMean() if method == "mean" else None
         self._updates: list[Update] = []
         self._sealed: tuple[StateDict | None, frozenset[str], float] | None = None
+        self._sealing = False
         self._on_add = on_add
 
     def add(self, update: Update) -> None:
@@ -67,7 +68,10 @@ class Collector:
         with self._lock:
             if self._sealed is None:
                 total = sum(self._senders.values())
+                self._sealing = True
                 merged = self._merge_locked() if total > 0 else None
+                if merged is not None:
+                    self._stream = None  # spent by the in-place merge
                 self._sealed = (merged, frozenset(self._senders), total)
             return self._sealed
 
@@ -75,10 +79,20 @@ class Collector:
         with self._lock:
             return self._merge_locked()
 
+    def release(self) -> None:
+        """Free the merged tensors and the accumulator once the merged model is encoded (they
+        are a model's worth of memory each); :meth:`seal` then returns no state."""
+        with self._lock:
+            if self._sealed is not None:
+                self._sealed = (None, self._sealed[1], self._sealed[2])
+            self._stream, self._updates = None, []
+
     def _merge_locked(self) -> StateDict:
         if not self._senders:
             raise MergeError(f"round {self.round}: no update arrived to merge")
         if self._stream is not None:
+            if self._sealed is None and self._sealing:
+                return self._stream.result_in_place()  # sealed: nothing is added any more
             return self._stream.result()
         return merge.merge(self.method, self._updates, **self.options)
 

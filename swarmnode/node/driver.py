@@ -109,6 +109,7 @@ class RoundDriver:
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="digest")
         self._own: tuple[object, Future[bytes]] | None = None
         self._fetching: dict[int, threading.Thread] = {}
+        self._model_bytes = spec.nbytes if spec is not None else None
         self._served: dict[int, set[str]] = {}
         self._replica = threading.Condition()
         self.replicate_s = min(5.0, timing.deadline_s * 0.25)
@@ -126,6 +127,10 @@ class RoundDriver:
         if own is not None and own[0] is payload:
             return own[1].result()
         return serde.digest(payload)
+
+    def forget_own(self) -> None:
+        """The trainer's update is no longer needed (its sync returned): let its memory go."""
+        self._own = None
 
     def close(self) -> None:
         self._hasher.shutdown(wait=False, cancel_futures=True)
@@ -164,6 +169,8 @@ class RoundDriver:
         machine = RoundMachine(self.me, round, weight, self.timing, contribute=contribute,
                                drive=drive)
         self._weights = {k: v for k, v in self._weights.items() if k[0] >= round - 1}
+        # what earlier rounds left behind (a model's worth each): the store keeps what is served
+        self._merged = {k: v for k, v in self._merged.items() if k[0] >= round}
         started = time.monotonic()
         seeded: set[int] = set()
         self._stages = stages = {}
@@ -327,7 +334,8 @@ class RoundDriver:
                 return
             asked = time.monotonic()
             try:
-                data = self.pool.client(leader).pull(round, timeout=self.transfer_timeout_s)
+                data = self.pool.client(leader).pull(round, timeout=self.transfer_timeout_s,
+                                                     size_hint=self._model_bytes)
             except RoundError:  # not merged yet: ask again (the leader holds each ask up to 2 s)
                 if time.monotonic() - asked < 0.5:
                     time.sleep(0.2)
@@ -372,8 +380,10 @@ class RoundDriver:
             if base is not None:  # every participant added weight 0: the model stays as it was
                 data, digest = base.data, base.digest
             else:
-                data = serde.encode(merged if merged is not None else collector.result())
-                digest = serde.digest(data)
+                data, digest = serde.Encoded(
+                    merged if merged is not None else collector.result()).to_buffer()
+                del merged
+            collector.release()  # the bytes are all that is kept
             zero = {p for p in info.participants if self.weight_of(action.round, p) == 0}
             members = [p for p in info.participants
                        if (p in senders or p in zero) and not self.pool.authority.node(p).revoked]
@@ -425,7 +435,8 @@ class RoundDriver:
         errors = []
         for source in action.sources:
             try:
-                got = self.pool.client(source).pull(action.round, timeout=self.transfer_timeout_s)
+                got = self.pool.client(source).pull(action.round, timeout=self.transfer_timeout_s,
+                                                    size_hint=self._model_bytes)
                 self._verify(got, action.digest)
             except SwarmError as exc:
                 errors.append(f"{source}: {exc}")

@@ -27,7 +27,7 @@ class StoredModel:
 class ModelStore:
     """Thread-safe; keeps the last ``keep`` rounds in memory and the latest on disk."""
 
-    def __init__(self, data_dir: Path, keep: int = 4) -> None:
+    def __init__(self, data_dir: Path, keep: int = 2) -> None:
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep

@@ -45,7 +45,14 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import torch
 
-from swarmnode.errors import ConfigError, PayloadRejected, PeerRefused, RoundError, SwarmError
+from swarmnode.errors import (
+    ConfigError,
+    PayloadRejected,
+    PeerRefused,
+    PeerUnavailable,
+    RoundError,
+    SwarmError,
+)
 from swarmnode.identity import TlsFiles, fingerprint
 from swarmnode.transport import _wire, serde
 from swarmnode.transport._rpc import (
@@ -56,6 +63,7 @@ from swarmnode.transport._rpc import (
     server_options,
     swarm_error_name,
 )
+from swarmnode.transport.dataplane import DataClient, DataServer
 from swarmnode.transport.proto import peer_pb2 as pb
 from swarmnode.transport.tlscheck import probe
 
@@ -299,7 +307,10 @@ class _Servicer:
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         def body() -> pb.HealthReply:
             self._identify(context)
-            return pb.HealthReply(json=json.dumps(self.o.handler.health(), default=str))
+            info = dict(self.o.handler.health())
+            if self.o.data is not None:
+                info["data_port"] = self.o.data.port  # where this node takes model bytes
+            return pb.HealthReply(json=json.dumps(info, default=str))
 
         return self._run(context, "Health", body)
 
@@ -340,9 +351,13 @@ class PeerServer:
         stream_deadline_s: float = 900.0,
         min_rate_bytes_s: float = 256 * 1024,
         rate_grace_s: float = 10.0,
+        data_port: int | None = None,
     ) -> None:
         """The stream limits: see :class:`_StreamGuard`. ``rate_grace_s`` covers a pull's wait
-        for the merged model (up to 2 s) and the slowest honest start of a stream."""
+        for the merged model (up to 2 s) and the slowest honest start of a stream.
+        ``data_port``: the bulk data plane's port (:mod:`dataplane`, same host as ``bind``); by
+        default the peer port + 1, or any free port when the peer port is 0; -1: no data plane
+        (models then stream over gRPC)."""
         cert, key, trust = tls.load()
         self.bind, self.authority, self.handler = bind, authority, handler
         self.spec, self.max_bytes, self.reject_nonfinite = spec, max_bytes, reject_nonfinite
@@ -354,6 +369,12 @@ class PeerServer:
             [(key, cert)], root_certificates=trust, require_client_auth=True
         )
         self._server: grpc.Server | None = None
+        self.data: DataServer | None = None
+        self._data_port = data_port
+        self._data_args = dict(tls=tls, authority=authority, handler=handler, spec=spec,
+                               max_bytes=max_bytes, reject_nonfinite=reject_nonfinite,
+                               per_peer=max(8, per_peer_streams * 2), deadline_s=stream_deadline_s,
+                               min_rate=min_rate_bytes_s, grace_s=rate_grace_s)
 
     def start(self) -> int:
         server = grpc.server(
@@ -370,6 +391,20 @@ class PeerServer:
                 f"cannot bind the peer API to {self.bind}: the port is in use or the address is "
                 "not local; change peer_listen"
             )
+        if self._data_port != -1:
+            host = self.bind.rpartition(":")[0].strip("[]") or "0.0.0.0"
+            want = self._data_port if self._data_port is not None else (port + 1 if
+                                                                         _fixed(self.bind) else 0)
+            data = DataServer(host, want, **self._data_args)  # type: ignore[arg-type]
+            try:
+                data.start()
+            except OSError as exc:
+                server.stop(0)
+                raise ConfigError(
+                    f"cannot bind the data plane to {host}:{want} ({exc.strerror or exc}); free "
+                    "that port or set data_port"
+                ) from None
+            self.data = data
         server.start()
         self._server, self.port = server, port
         log.info(
@@ -379,6 +414,9 @@ class PeerServer:
         return port
 
     def stop(self, grace: float | None = None) -> None:
+        if self.data is not None:
+            self.data.stop()
+            self.data = None
         self.guard.close()
         if self._server is not None:
             self._server.stop(grace).wait()
@@ -392,8 +430,14 @@ class PeerServer:
         self.stop(0)
 
 
+def _fixed(bind: str) -> bool:
+    """True when ``bind`` names a port other than 0."""
+    return bind.rpartition(":")[2] not in ("", "0")
+
+
 class PeerClient:
-    """Calls one peer's API, after checking it is the node the contract says it is."""
+    """Calls one peer's API, after checking it is the node the contract says it is. Model bytes
+    go over the peer's data plane (:mod:`dataplane`) when its Health names one, else over gRPC."""
 
     def __init__(
         self,
@@ -406,6 +450,7 @@ class PeerClient:
         max_bytes: int = DEFAULT_MAX_BYTES,
         pin_ttl: float = 60.0,
         chunk_size: int = serde.CHUNK_SIZE,
+        stripes: int = 4,
     ) -> None:
         cert, key, trust = tls.load()
         self.endpoint, self.tls, self.authority = endpoint, tls, authority
@@ -430,6 +475,33 @@ class PeerClient:
         self._md = ((ADDRESS_KEY, own_address),)
         self._pin: tuple[bytes, float] | None = None
         self._lock = threading.Lock()
+        self.stripes = stripes
+        self._data: DataClient | None = None
+        self._data_checked = 0.0
+
+    def _data_plane(self, timeout: float) -> DataClient | None:
+        """The peer's data plane, learnt from its Health (asked again every minute while it
+        names none or cannot be reached)."""
+        if self._data is not None or time.monotonic() - self._data_checked < 60.0:
+            return self._data
+        self._data_checked = time.monotonic()
+        try:
+            port = self.health(min(timeout, 10.0)).get("data_port")
+        except SwarmError:
+            return None
+        if isinstance(port, int) and 0 < port < 65536:
+            host = self.endpoint.rpartition(":")[0].strip("[]")
+            self._data = DataClient(
+                host, port, self.tls, self.own_address,
+                lambda: self.authority.fingerprint_of(self.peer_address), self.who,
+                stripes=self.stripes, max_bytes=self.max_bytes,
+            )
+        return self._data
+
+    def _no_data_plane(self, exc: SwarmError) -> None:
+        log.warning("%s: data plane unreachable (%s); using gRPC", self.who, exc)
+        self._data = None
+        self._data_checked = time.monotonic()
 
     # -- the server's identity -------------------------------------------------------------------
     def _check_peer(self, timeout: float) -> None:
@@ -480,6 +552,12 @@ class PeerClient:
         if round < 0 or weight < 0:
             raise ConfigError(f"round and weight must be >= 0, got round={round} weight={weight}")
         digest = digest if digest is not None else serde.digest(payload)
+        data = self._data_plane(timeout)
+        if data is not None:
+            try:
+                return data.push(round, weight, payload, digest, timeout)
+            except PeerUnavailable as exc:
+                self._no_data_plane(exc)
 
         def stream() -> Iterator[pb.Chunk | memoryview]:
             yield pb.Chunk(header=pb.Header(
@@ -495,9 +573,15 @@ class PeerClient:
         """The merged model of ``round``: canonical bytes, digest checked against the header."""
         return self.pull(round, timeout).to_bytes()
 
-    def pull(self, round: int, timeout: float) -> serde.Received:
+    def pull(self, round: int, timeout: float, size_hint: int | None = None) -> serde.Received:
         """The merged model of ``round`` in memory of its own, with the SHA-256 computed as it
         arrived (checked against the stream's header; compare it with the chain's digest)."""
+        data = self._data_plane(timeout)
+        if data is not None:
+            try:
+                return data.pull(round, timeout, wait_s=timeout * 0.9, size_hint=size_hint)
+            except PeerUnavailable as exc:
+                self._no_data_plane(exc)
 
         def fetch() -> serde.Received:
             call = self._pull(

@@ -102,18 +102,7 @@ class Encoded:
                 )
             tensors.append((name, tensor.detach().to("cpu").contiguous()))
         tensors.sort(key=lambda nt: (-nt[1].element_size(), nt[0]))
-        header: dict[str, Any] = {}
-        offset = 0
-        for name, t in tensors:
-            size = t.numel() * t.element_size()
-            header[name] = {
-                "dtype": _CODES[t.dtype],
-                "shape": list(t.shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
+        text, offset = _header([(n, t.shape, t.dtype) for n, t in tensors])
         self.head = struct.pack("<Q", len(text)) + text
         self.tensors = tensors
         self.nbytes = len(self.head) + offset
@@ -136,6 +125,26 @@ class Encoded:
             view[pos : pos + n] = part if isinstance(part, bytes) else memoryview(part).cast("B")
             pos += n
 
+    def to_buffer(self) -> tuple[mmap.mmap | bytearray, bytes]:
+        """The canonical bytes in fresh memory of their own, and their SHA-256: a helper thread
+        hashes each tensor while the next one is copied, so the digest is ready with the bytes."""
+        if not self.nbytes:
+            return bytearray(), digest(b"")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        buf = mmap.mmap(-1, self.nbytes, flags=flags)
+        view = memoryview(buf)
+        sha = hashlib.sha256()
+        with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:  # runs in order
+            pos = 0
+            for part in self._parts():
+                src = memoryview(part).cast("B")
+                n = len(src)
+                view[pos : pos + n] = src
+                hasher.submit(sha.update, view[pos : pos + n])
+                pos += n
+        view.release()
+        return buf, sha.digest()
+
     def write_to(self, fd: int) -> None:
         """Write the canonical bytes at offset 0 of the open file ``fd`` and cut it to size.
         Rewriting the same file every round reuses its pages (no page faults after the first)."""
@@ -146,6 +155,23 @@ class Encoded:
                 n = os.pwrite(fd, view, pos)
                 view, pos = view[n:], pos + n
         os.ftruncate(fd, pos)
+
+
+def _header(items: list[tuple[str, Any, torch.dtype]]) -> tuple[bytes, int]:
+    """Canonical JSON header (padded to 8 bytes) of tensors already in canonical order, and the
+    tensors' total bytes."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape, dtype in items:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": _CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % 8), offset
 
 
 def encode(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -217,6 +243,20 @@ class ParamSpec:
 
     def __hash__(self) -> int:
         return hash(tuple(self.params.items()))
+
+    @property
+    def nbytes(self) -> int:
+        """The tensors' bytes (a payload is this plus its header)."""
+        return sum(math.prod(shape) * getattr(torch, dtype).itemsize
+                   for shape, dtype in self.params.values())
+
+    @property
+    def payload_bytes(self) -> int:
+        """The size of a canonical payload of this spec (what :func:`encode` makes)."""
+        items = [(n, shape, getattr(torch, dtype)) for n, (shape, dtype) in self.params.items()]
+        items.sort(key=lambda it: (-it[2].itemsize, it[0]))
+        text, offset = _header(items)
+        return 8 + len(text) + offset
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> ParamSpec:

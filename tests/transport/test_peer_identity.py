@@ -65,7 +65,9 @@ def still_serving(swarm: Swarm) -> Iterator[None]:
 
 def test_good_client(swarm: Swarm) -> None:
     with swarm.client(ALICE) as client:
-        assert client.health(timeout=5) == {"round": 1, "stage": "collecting"}
+        health = client.health(timeout=5)
+        assert health.pop("data_port") == swarm.server.data.port  # where model bytes go
+        assert health == {"round": 1, "stage": "collecting"}
         assert client.pull_merged(1, timeout=5) == swarm.handler.merged_models[1]
 
 

@@ -1,0 +1,718 @@
+"""The bulk data plane: whole models between node services over mutual-TLS sockets, striped.
+
+gRPC carries the control calls (identity checks, health); model bytes go here, because gRPC
+Python copies every received message twice under the GIL and once more on sending, which caps a
+stream at ~0.4 GB/s where a TLS socket that decrypts straight into its destination (``recv_into``)
+reaches ~1 GB/s per connection. Each transfer is cut into ``stripes`` contiguous ranges, one TLS
+connection each, received in parallel straight into one buffer of the announced size.
+
+Security is the peer API's, on every connection:
+
+* TLS 1.2+ with client certificates required, both sides verifying the chain against the swarm's
+  trust bundle. The server then binds the connection to a chain address: the client names its
+  address in the request, and the SHA-256 of the certificate it presented on *this* connection must
+  be the fingerprint the contract holds for that enrolled, non-revoked address. The client checks
+  the server's certificate on the same connection against the contract's fingerprint for the peer
+  it meant to reach before it sends a byte of payload (no second probe connection, no gap).
+* A request is one bounded JSON frame (at most 64 KiB, read with a deadline), checked (identity,
+  participant of the round, announced size under the limit, stripe geometry) before any payload
+  byte is read; the buffer is an anonymous mapping whose pages the kernel commits only as data
+  arrives, so a lying size costs address space, not memory.
+* Limits of a shared server: at most ``per_peer`` connections per chain address at a time, a
+  server-side deadline per connection, and a minimum progress rate after a grace period (a peer
+  that announces a size and then sends nothing, or a trickle, is cut off); each connection has its
+  own thread from a bounded pool, so idle connections cannot starve honest peers of threads.
+* An update counts only when every stripe arrived, its SHA-256 equals the announced digest, and it
+  passes the same checks as any payload (:mod:`serde`: header, spec, NaN/Inf; never pickle).
+
+Wire format (little-endian): a frame is a 4-byte length then UTF-8 JSON. Push: request frame
+``{"op": "push", "address", "round", "weight", "total_bytes", "digest" (hex), "stripe",
+"stripes"}`` then the stripe's bytes; the reply frame ``{"ok": true}`` or ``{"ok": false,
+"error": class name, "message"}`` comes once the whole update was accepted or refused. Pull:
+``{"op": "pull", "address", "round", "stripe", "stripes", "wait_s"}``; the reply frame
+``{"ok": true, "total_bytes", "digest"}`` then the stripe's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarmnode.errors import (
+    PayloadRejected,
+    PeerRefused,
+    PeerUnavailable,
+    RoundError,
+    SwarmError,
+    TransportError,
+    error_class,
+)
+from swarmnode.identity import TlsFiles
+from swarmnode.transport import serde
+
+__all__ = ["DataClient", "DataServer", "stripe_range"]
+
+log = logging.getLogger("swarmnode.transport.data")
+
+MAX_FRAME = 64 * 1024
+MAX_STRIPES = 16
+STRIPE_MIN = 16 << 20  # bytes: smaller transfers use fewer stripes
+_IO_BLOCK = 4 << 20  # bytes per recv_into/send call: progress is checked between blocks
+_HANDSHAKE_S = 10.0
+
+
+def stripe_range(total: int, index: int, count: int) -> tuple[int, int]:
+    """Byte range [start, end) of stripe ``index`` of ``count`` over ``total`` bytes: equal
+    parts, boundaries on 4 KiB (whole pages, and whole tensors' elements of any dtype)."""
+    step = -(-total // count)
+    step = -(-step // 4096) * 4096
+    start = min(total, index * step)
+    return start, min(total, start + step)
+
+
+def _send_frame(sock: ssl.SSLSocket, obj: dict[str, Any]) -> None:
+    raw = json.dumps(obj, separators=(",", ":")).encode()
+    sock.sendall(struct.pack("<I", len(raw)) + raw)
+
+
+def _recv_exact(sock: ssl.SSLSocket, n: int, what: str) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    while pos < n:
+        got = sock.recv_into(view[pos:])
+        if not got:
+            raise TransportError(f"{what}: the connection closed after {pos} of {n} bytes")
+        pos += got
+    return bytes(buf)
+
+
+def _recv_frame(sock: ssl.SSLSocket, what: str) -> dict[str, Any]:
+    (n,) = struct.unpack("<I", _recv_exact(sock, 4, what))
+    if n > MAX_FRAME:
+        raise PayloadRejected(f"{what}: a {n}-byte request frame, over the {MAX_FRAME} limit")
+    try:
+        obj = json.loads(_recv_exact(sock, n, what))
+    except (UnicodeDecodeError, ValueError):
+        raise PayloadRejected(f"{what}: the request frame is not JSON") from None
+    if not isinstance(obj, dict):
+        raise PayloadRejected(f"{what}: the request frame is not a JSON object")
+    return obj
+
+
+def _int(obj: dict[str, Any], key: str, what: str, low: int = 0, high: int = 1 << 62) -> int:
+    v = obj.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+        raise PayloadRejected(f"{what}: field {key!r} must be an integer in [{low}, {high}]")
+    return v
+
+
+def _context(tls: TlsFiles, server: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(tls.trust))
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if not server:
+        # The peer is pinned by the fingerprint the contract holds (checked on this connection),
+        # which is stronger than a host name; endpoints may be IPs without SANs.
+        ctx.check_hostname = False
+    return ctx
+
+
+class _OrderedHash:
+    """SHA-256 of a buffer that several stripes fill at once, computed in order by a helper
+    thread as the bytes arrive (hashlib releases the GIL): the digest is ready moments after the
+    last byte, instead of one more pass over the model afterwards."""
+
+    def __init__(self, buf: mmap.mmap | bytearray, total: int, stripes: int) -> None:
+        self._view = memoryview(buf)
+        self._ranges = [stripe_range(total, i, stripes) for i in range(stripes)]
+        self._filled = [0] * stripes
+        self._cond = threading.Condition()
+        self._cancelled = False
+        self._sha = hashlib.sha256()
+        self._thread = threading.Thread(target=self._run, name="data-plane-hash", daemon=True)
+        self._thread.start()
+
+    def advance(self, stripe: int, filled: int) -> None:
+        with self._cond:
+            self._filled[stripe] = filled
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def result(self) -> bytes:
+        self._thread.join()
+        return self._sha.digest()
+
+    def _run(self) -> None:
+        try:
+            for i, (start, end) in enumerate(self._ranges):
+                done = 0
+                while done < end - start:
+                    with self._cond:
+                        self._cond.wait_for(lambda i=i, d=done: self._filled[i] > d
+                                            or self._cancelled)
+                        if self._cancelled:
+                            return
+                        upto = self._filled[i]
+                    self._sha.update(self._view[start + done : start + upto])
+                    done = upto
+        finally:
+            self._view.release()
+
+
+def _buffer(total: int, populate: bool) -> mmap.mmap | bytearray:
+    """Anonymous memory for ``total`` bytes; ``populate``: fault it in at once (one syscall
+    instead of a page fault per 4 KiB as data arrives), for sizes already bounded by the spec."""
+    if not total:
+        return bytearray()
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, total, flags=flags)
+
+
+# -- server ---------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class _Inbound:
+    """One update arriving over ``stripes`` connections into one buffer."""
+
+    sender: str
+    round: int
+    weight: int
+    digest: bytes
+    total: int
+    stripes: int
+    buf: Any = None  # mmap | bytearray, once admitted
+    hasher: Any = None  # _OrderedHash, once admitted
+    ready: threading.Event = field(default_factory=threading.Event)
+    admitted: bool = False
+    done_stripes: set[int] = field(default_factory=set)
+    claimed: set[int] = field(default_factory=set)
+    finished: threading.Event = field(default_factory=threading.Event)
+    error: SwarmError | None = None
+
+
+class DataServer:
+    """Serves pushes and pulls of whole models; ``start()`` returns the bound port."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: TlsFiles,
+        authority: Any,
+        handler: Any,
+        spec: serde.ParamSpec | None,
+        max_bytes: int,
+        reject_nonfinite: bool = True,
+        *,
+        workers: int = 64,
+        per_peer: int = 8,
+        inflight: int = 1,
+        deadline_s: float = 900.0,
+        min_rate: float = 256 * 1024,
+        grace_s: float = 10.0,
+        idle_s: float = 10.0,
+    ) -> None:
+        self.host, self.port = host, port
+        self.authority, self.handler, self.spec = authority, handler, spec
+        self.max_bytes, self.reject_nonfinite = max_bytes, reject_nonfinite
+        # A payload of the spec's model is its canonical size; a non-canonical header may be
+        # larger. Anything beyond is refused before a byte is read (and memory is committed).
+        self.size_limit = max_bytes
+        if spec is not None:
+            canonical = spec.payload_bytes
+            self.size_limit = min(max_bytes, 2 * canonical - spec.nbytes + 65536)
+        self.per_peer, self.deadline_s = per_peer, deadline_s
+        self.min_rate, self.grace_s, self.idle_s = min_rate, grace_s, idle_s
+        self._ctx = _context(tls, server=True)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="data-plane")
+        self._workers = workers
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._per_peer: dict[str, int] = {}
+        self._inbound: dict[tuple[str, int, bytes], _Inbound] = {}
+        # Updates received at once: each is a model's worth of memory until it is folded in,
+        # so the others wait (before their first byte is read) instead of all arriving together.
+        self._admit = threading.BoundedSemaphore(max(1, inflight))
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> int:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        listener.listen(128)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        threading.Thread(target=self._accept, name="data-plane-accept", daemon=True).start()
+        log.info("data plane listening on %s:%d (mutual TLS)", self.host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                full = self._busy >= self._workers
+                if not full:
+                    self._busy += 1
+            if full:  # every worker busy: refuse now rather than queue behind idle streams
+                conn.close()
+                continue
+            self._pool.submit(self._serve, conn, f"{peer[0]}:{peer[1]}")
+
+    # -- one connection ---------------------------------------------------------------------------
+    def _serve(self, conn: socket.socket, where: str) -> None:
+        sender = ""
+        started = time.monotonic()
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(_HANDSHAKE_S)
+            with self._ctx.wrap_socket(conn, server_side=True) as tls:
+                try:
+                    hdr = _recv_frame(tls, f"data plane request from {where}")
+                    sender = self._identify(tls, hdr)
+                    self._enter(sender)
+                except SwarmError as exc:
+                    log.warning("data plane: refused %s: %s", where, exc)
+                    self._reply_error(tls, exc)
+                    return
+                try:
+                    tls.settimeout(self.idle_s)
+                    op = hdr.get("op")
+                    if op == "push":
+                        self._push(tls, sender, hdr, started)
+                    elif op == "pull":
+                        self._pull(tls, sender, hdr, started)
+                    else:
+                        raise PayloadRejected(f"unknown data plane operation {op!r}")
+                except SwarmError as exc:
+                    log.warning("data plane %s from %s refused: %s", hdr.get("op"), sender, exc)
+                    self._reply_error(tls, exc)
+                finally:
+                    self._leave(sender)
+        except (OSError, ssl.SSLError) as exc:  # handshake refused, peer gone, timeouts
+            log.info("data plane connection from %s (%s) ended: %s", where, sender or "?", exc)
+        finally:
+            with self._lock:
+                self._busy -= 1
+            conn.close()
+
+    def _reply_error(self, tls: ssl.SSLSocket, exc: SwarmError) -> None:
+        try:
+            _send_frame(tls, {"ok": False, "error": type(exc).__name__, "message": str(exc)})
+        except (OSError, ssl.SSLError):
+            pass
+
+    def _identify(self, tls: ssl.SSLSocket, hdr: dict[str, Any]) -> str:
+        claimed = hdr.get("address")
+        if not isinstance(claimed, str) or not claimed:
+            raise PeerRefused("the request names no chain address")
+        der = tls.getpeercert(binary_form=True)
+        if not der:
+            raise PeerRefused("the connection carries no client certificate")
+        got = hashlib.sha256(der).digest()
+        expected = self.authority.fingerprint_of(claimed)
+        if expected is None:
+            raise PeerRefused(f"{claimed} is not an enrolled node on chain (never enrolled, or "
+                              "revoked); its calls are refused")
+        if got != expected:
+            raise PeerRefused(
+                f"the client certificate (sha256 {got.hex()[:16]}...) is not the one the contract "
+                f"holds for {claimed} ({expected.hex()[:16]}...)")
+        return claimed
+
+    def _enter(self, peer: str) -> None:
+        with self._lock:
+            busy = self._per_peer.get(peer, 0)
+            if busy >= self.per_peer:
+                raise PeerRefused(f"{peer} already has {busy} data plane connection(s) open to "
+                                  f"this node (the limit is {self.per_peer}); finish them first")
+            self._per_peer[peer] = busy + 1
+
+    def _leave(self, peer: str) -> None:
+        with self._lock:
+            left = self._per_peer.get(peer, 1) - 1
+            if left > 0:
+                self._per_peer[peer] = left
+            else:
+                self._per_peer.pop(peer, None)
+
+    def _check_rate(self, started: float, moved: int, who: str) -> None:
+        age = time.monotonic() - started
+        if age > self.deadline_s:
+            raise TransportError(f"{who}: ran past the server's {self.deadline_s:g} s deadline")
+        if age > self.grace_s and moved < self.min_rate * (age - self.grace_s):
+            raise TransportError(f"{who}: moved {moved} bytes in {age:.1f} s, below the minimum "
+                                 f"rate of {self.min_rate:g} B/s")
+
+    # -- push -------------------------------------------------------------------------------------
+    def _push(self, tls: ssl.SSLSocket, sender: str, hdr: dict[str, Any], started: float) -> None:
+        rnd = _int(hdr, "round", "push")
+        what = f"update for round {rnd} from {sender}"
+        if not self.authority.is_participant(rnd, sender):
+            raise PeerRefused(f"{sender} is not a participant of round {rnd}")
+        total = _int(hdr, "total_bytes", what)
+        if total > self.max_bytes:
+            raise PayloadRejected(
+                f"{what}: the sender announced {total} bytes, over the limit of {self.max_bytes} "
+                "bytes (raise max_update_mb if the model really is that large)")
+        if total > self.size_limit:
+            raise PayloadRejected(
+                f"{what}: the sender announced {total} bytes, more than a model of the training "
+                f"spec takes ({self.spec.payload_bytes if self.spec else '?'} bytes as canonical "
+                "safetensors); the sender's model differs from the swarm's training spec")
+        weight = _int(hdr, "weight", what)
+        stripes = _int(hdr, "stripes", what, 1, MAX_STRIPES)
+        index = _int(hdr, "stripe", what, 0, stripes - 1)
+        try:
+            digest = bytes.fromhex(str(hdr.get("digest", "")))
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
+        inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what)
+        started = time.monotonic()  # waiting for admission does not count against the rate
+        try:
+            start, end = stripe_range(total, index, stripes)
+            view = memoryview(inbound.buf)[start:end]
+            pos = 0
+            while pos < len(view):
+                n = tls.recv_into(view[pos : pos + _IO_BLOCK])
+                if not n:
+                    raise TransportError(f"{what}: the stream ended after {pos} of "
+                                         f"{end - start} bytes of stripe {index}")
+                pos += n
+                inbound.hasher.advance(index, pos)
+                self._check_rate(started, pos, what)
+            view.release()
+        except BaseException as exc:
+            self._fail(inbound, exc if isinstance(exc, SwarmError)
+                       else TransportError(f"{what}: stripe {index} broke off: {exc}"))
+            raise
+        self._stripe_done(inbound, index)
+        # Stripes that started are cut by their own limits; one that never starts is waited for
+        # idle_s at most, so an unfinished set of stripes cannot hold this thread.
+        until = time.monotonic() + self.idle_s
+        while not inbound.finished.wait(0.25):
+            if time.monotonic() > until and len(inbound.claimed) < inbound.stripes:
+                self._fail(inbound, TransportError(
+                    f"{what}: only {len(inbound.claimed)} of {inbound.stripes} stripes arrived"))
+            elif time.monotonic() - started > self.deadline_s:
+                self._fail(inbound, TransportError(f"{what}: ran past the deadline"))
+        if inbound.error is not None:
+            raise inbound.error
+        _send_frame(tls, {"ok": True})
+
+    def _join(self, sender: str, rnd: int, weight: int, digest: bytes, total: int, stripes: int,
+              index: int, what: str) -> _Inbound:
+        """The update this stripe belongs to, with its buffer, once it is admitted."""
+        key = (sender, rnd, digest)
+        with self._lock:
+            inbound = self._inbound.get(key)
+            creator = inbound is None or inbound.finished.is_set()
+            if creator:
+                inbound = _Inbound(sender, rnd, weight, digest, total, stripes)
+                self._inbound[key] = inbound
+            assert inbound is not None
+            if (inbound.weight, inbound.total, inbound.stripes) != (weight, total, stripes):
+                raise PayloadRejected(f"{what}: stripe {index} disagrees with the others on "
+                                      "weight, size or stripe count")
+            if index in inbound.claimed:
+                raise PayloadRejected(f"{what}: stripe {index} sent twice")
+            inbound.claimed.add(index)
+        if creator:
+            if not self._admit.acquire(timeout=self.deadline_s):
+                self._fail(inbound, TransportError(f"{what}: not admitted in time"))
+            else:
+                with self._lock:
+                    inbound.admitted = True
+                inbound.buf = _buffer(total, populate=self.spec is not None)
+                inbound.hasher = _OrderedHash(inbound.buf, total, stripes)
+            inbound.ready.set()
+        elif not inbound.ready.wait(self.deadline_s):
+            self._fail(inbound, TransportError(f"{what}: not admitted in time"))
+        if inbound.error is not None:
+            raise inbound.error
+        return inbound
+
+    def _finish(self, inbound: _Inbound) -> None:
+        """The update is done (accepted or refused): let the next one in."""
+        with self._lock:
+            release, inbound.admitted = inbound.admitted, False
+        inbound.finished.set()
+        if release:
+            self._admit.release()
+
+    def _fail(self, inbound: _Inbound, exc: SwarmError) -> None:
+        if inbound.hasher is not None:
+            inbound.hasher.cancel()
+        with self._lock:
+            if inbound.error is None and not inbound.finished.is_set():
+                inbound.error = exc
+            if self._inbound.get((inbound.sender, inbound.round, inbound.digest)) is inbound:
+                del self._inbound[(inbound.sender, inbound.round, inbound.digest)]
+        inbound.ready.set()
+        self._finish(inbound)
+
+    def _stripe_done(self, inbound: _Inbound, index: int) -> None:
+        with self._lock:
+            inbound.done_stripes.add(index)
+            complete = len(inbound.done_stripes) == inbound.stripes
+            if complete and self._inbound.get((inbound.sender, inbound.round,
+                                               inbound.digest)) is inbound:
+                del self._inbound[(inbound.sender, inbound.round, inbound.digest)]
+        if not complete:
+            return
+        what = f"update for round {inbound.round} from {inbound.sender}"
+        try:
+            try:
+                serde.Received(inbound.buf, inbound.hasher.result()).check_digest(inbound.digest)
+                state = serde.view_state(inbound.buf, spec=self.spec,
+                                         reject_nonfinite=self.reject_nonfinite)
+            except PayloadRejected as exc:
+                raise PayloadRejected(f"{what}: {exc}") from None
+            self.handler.accept_update(inbound.round, inbound.sender, inbound.weight, state,
+                                       inbound.digest)
+        except SwarmError as exc:
+            inbound.error = exc
+        except Exception as exc:  # a bug: refuse the update, keep serving
+            log.exception("data plane: %s failed", what)
+            inbound.error = TransportError(f"{what}: {type(exc).__name__}: {exc}")
+        inbound.buf = None  # the handler folded what it needed; the memory goes now
+        self._finish(inbound)
+
+    # -- pull -------------------------------------------------------------------------------------
+    def _pull(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any], started: float) -> None:
+        rnd = _int(hdr, "round", "pull")
+        if not self.authority.is_participant(rnd, caller):
+            raise PeerRefused(f"{caller} is not a participant of round {rnd}")
+        stripes = _int(hdr, "stripes", "pull", 1, MAX_STRIPES)
+        index = _int(hdr, "stripe", "pull", 0, stripes - 1)
+        wait = hdr.get("wait_s", 0.0)
+        wait = max(0.0, min(float(wait), 3600.0)) if isinstance(wait, int | float) else 0.0
+        held = self.handler.merged(rnd, wait, caller)
+        if held is None:
+            raise RoundError(f"this node does not hold the merged model of round {rnd} (yet); "
+                             "pull it from another member of the round")
+        data, digest = held if isinstance(held, tuple) else (held, serde.digest(held))
+        view = memoryview(data).cast("B")
+        _send_frame(tls, {"ok": True, "total_bytes": len(view), "digest": digest.hex()})
+        start, end = stripe_range(len(view), index, stripes)
+        pos = start
+        while pos < end:
+            n = tls.send(view[pos : min(end, pos + _IO_BLOCK)])
+            pos += n
+            self._check_rate(started, pos - start, f"pull of round {rnd} by {caller}")
+
+
+# -- client ---------------------------------------------------------------------------------------
+class DataClient:
+    """Pushes to and pulls from one peer's data plane, ``stripes`` connections per transfer."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tls: TlsFiles,
+        own_address: str,
+        expected_fingerprint: Callable[[], bytes | None],
+        who: str,
+        *,
+        stripes: int = 4,
+        max_bytes: int = 4 << 30,
+    ) -> None:
+        self.host, self.port, self.own_address = host, port, own_address
+        self.expected, self.who = expected_fingerprint, who
+        self.stripes, self.max_bytes = max(1, min(stripes, MAX_STRIPES)), max_bytes
+        self._ctx = _context(tls, server=False)
+
+    def _connect(self, timeout: float) -> ssl.SSLSocket:
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=min(timeout, 10.0))
+        except OSError as exc:
+            raise PeerUnavailable(f"cannot reach the data plane of {self.who} at "
+                                  f"{self.host}:{self.port}: {exc.strerror or exc}") from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            tls = self._ctx.wrap_socket(raw, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            raw.close()
+            raise PeerRefused(f"{self.who} presented a certificate we do not trust: "
+                              f"{exc.verify_message}") from None
+        except (ssl.SSLError, OSError) as exc:
+            raw.close()
+            raise PeerRefused(f"TLS handshake with the data plane of {self.who} failed: "
+                              f"{exc}") from None
+        der = tls.getpeercert(binary_form=True) or b""
+        expected = self.expected()
+        got = hashlib.sha256(der).digest()
+        if expected is None or got != expected:
+            tls.close()
+            raise PeerRefused(
+                f"the data plane at {self.host}:{self.port} presented certificate sha256 "
+                f"{got.hex()[:16]}..., not the one the contract holds for {self.who}; nothing "
+                "was sent")
+        tls.settimeout(timeout)
+        return tls
+
+    @staticmethod
+    def _verdict(reply: dict[str, Any], what: str) -> None:
+        if reply.get("ok") is True:
+            return
+        cls = error_class(str(reply.get("error", "SwarmError")))
+        raise cls(f"{what}: {reply.get('message', 'refused')}")
+
+    def _parallel(self, fn: Callable[[int], Any], count: int) -> list[Any]:
+        if count == 1:
+            return [fn(0)]
+        results: list[Any] = [None] * count
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                results[i] = fn(i)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True)
+                   for i in range(1, count)]
+        for t in threads:
+            t.start()
+        run(0)
+        for t in threads:
+            t.join()
+        if errors:
+            swarm = [e for e in errors if isinstance(e, SwarmError)]
+            raise (swarm or errors)[0]
+        return results
+
+    def push(self, round: int, weight: int, payload: serde.Buffer, digest: bytes,
+             timeout: float) -> None:
+        view = memoryview(payload).cast("B")
+        total = len(view)
+        what = f"push of round {round} to {self.who}"
+        count = self.stripes_for(total)
+
+        def stripe(i: int) -> None:
+            with self._connect(timeout) as tls:
+                _send_frame(tls, {"op": "push", "address": self.own_address, "round": round,
+                                  "weight": weight, "total_bytes": total, "digest": digest.hex(),
+                                  "stripe": i, "stripes": count})
+                start, end = stripe_range(total, i, count)
+                try:
+                    pos = start
+                    while pos < end:
+                        pos += tls.send(view[pos : min(end, pos + _IO_BLOCK)])
+                except (OSError, ssl.SSLError) as exc:  # refused early: read the reason
+                    try:
+                        self._verdict(_recv_frame(tls, what), what)
+                    except (OSError, ssl.SSLError, SwarmError) as err:
+                        if isinstance(err, SwarmError):
+                            raise
+                    raise TransportError(f"{what}: the connection broke: {exc}") from None
+                try:
+                    reply = _recv_frame(tls, what)
+                except (OSError, ssl.SSLError) as exc:
+                    raise TransportError(f"{what}: no verdict: {exc}") from None
+                self._verdict(reply, what)
+
+        self._parallel(stripe, count)
+
+    def stripes_for(self, total: int) -> int:
+        """Stripes for ``total`` bytes: one per STRIPE_MIN bytes, at most ``stripes`` (a TLS
+        handshake costs more than it saves on a small model)."""
+        return max(1, min(self.stripes, total // STRIPE_MIN))
+
+    def pull(self, round: int, timeout: float, wait_s: float,
+             size_hint: int | None = None) -> serde.Received:
+        """``size_hint``: the model's size if known (the training spec), to choose the stripes."""
+        what = f"merged model of round {round} from {self.who}"
+        count = self.stripes if size_hint is None else self.stripes_for(size_hint)
+        lock = threading.Lock()
+        shared: dict[str, Any] = {}
+
+        def stripe(i: int) -> None:
+            with self._connect(timeout) as tls:
+                _send_frame(tls, {"op": "pull", "address": self.own_address, "round": round,
+                                  "stripe": i, "stripes": count, "wait_s": wait_s})
+                try:
+                    reply = _recv_frame(tls, what)
+                except (OSError, ssl.SSLError) as exc:
+                    raise TransportError(f"{what}: no answer: {exc}") from None
+                self._verdict(reply, what)
+                total = _int(reply, "total_bytes", what)
+                with lock:
+                    if "buf" not in shared:
+                        if total > self.max_bytes:
+                            raise PayloadRejected(f"{what}: {total} bytes, over the limit of "
+                                                  f"{self.max_bytes} bytes")
+                        shared["total"], shared["digest"] = total, str(reply.get("digest", ""))
+                        expected = size_hint is not None and total <= size_hint + (1 << 20)
+                        shared["buf"] = _buffer(total, populate=expected)
+                        shared["hash"] = _OrderedHash(shared["buf"], total, count)
+                    if (total, str(reply.get("digest", ""))) != (shared["total"],
+                                                                  shared["digest"]):
+                        raise PayloadRejected(f"{what}: the stripes disagree on size or digest")
+                    buf, hasher = shared["buf"], shared["hash"]
+                start, end = stripe_range(total, i, count)
+                view = memoryview(buf)[start:end]
+                pos = 0
+                try:
+                    while pos < len(view):
+                        n = tls.recv_into(view[pos : pos + _IO_BLOCK])
+                        if not n:
+                            raise TransportError(f"{what}: the stream ended after {pos} of "
+                                                 f"{len(view)} bytes of stripe {i}")
+                        pos += n
+                        hasher.advance(i, pos)
+                except (OSError, ssl.SSLError) as exc:
+                    raise TransportError(f"{what}: the connection broke: {exc}") from None
+                finally:
+                    view.release()
+
+        try:
+            self._parallel(stripe, count)
+        except BaseException:
+            if "hash" in shared:
+                shared["hash"].cancel()
+            raise
+        buf = shared["buf"]
+        received = serde.Received(buf, shared["hash"].result())
+        try:
+            received.check_digest(bytes.fromhex(shared["digest"]))
+        except (ValueError, PayloadRejected) as exc:
+            raise PayloadRejected(f"{what}: {exc}") from None
+        return received
