@@ -44,6 +44,15 @@ class NodeConfig(BaseModel):
         description="host:port other sites use to reach this node (enrolled on chain); required "
         "when peer_listen binds every interface.",
     )
+    data_port: int | None = Field(
+        None,
+        ge=-1,
+        le=65535,
+        description="Port of the bulk data plane (models between sites, mutual TLS, same host as "
+        "peer_listen); other sites learn it from the peer API. Default: the peer port + 1 (any "
+        "free port when the peer port is 0); -1: none (models then travel over gRPC, slower). "
+        "Reachable at this number: publish it 1:1.",
+    )
     local_api: str | None = Field(
         None,
         description="Local API: unix:///path.sock (default data_dir/node.sock) or host:port.",

@@ -179,7 +179,7 @@ class NodeService:
         self.peer_server = PeerServer(
             self.config.peer_listen, self.tls, self.authority, self,
             spec=self.param_spec, max_bytes=self.max_bytes,
-            reject_nonfinite=self.config.reject_nonfinite,
+            reject_nonfinite=self.config.reject_nonfinite, data_port=self.config.data_port,
         )
         port = self.peer_server.start()
         self._enroll(port)

@@ -70,6 +70,7 @@ MAX_STRIPES = 16
 STRIPE_MIN = 16 << 20  # bytes: smaller transfers use fewer stripes
 _IO_BLOCK = 4 << 20  # bytes per recv_into/send call: progress is checked between blocks
 _HANDSHAKE_S = 10.0
+_STALL_S = 5.0  # seconds an admitted push may go without a byte
 
 
 def stripe_range(total: int, index: int, count: int) -> tuple[int, int]:
@@ -405,6 +406,9 @@ class DataServer:
             raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
         inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what)
         started = time.monotonic()  # waiting for admission does not count against the rate
+        # An admitted sender was blocked sending: its bytes flow at once. One that stalls holds
+        # memory and the admission others wait for, so it is cut sooner than an idle request.
+        tls.settimeout(min(self.idle_s, _STALL_S))
         try:
             start, end = stripe_range(total, index, stripes)
             view = memoryview(inbound.buf)[start:end]
@@ -443,6 +447,10 @@ class DataServer:
         with self._lock:
             inbound = self._inbound.get(key)
             creator = inbound is None or inbound.finished.is_set()
+            if creator and any(k[0] == sender and k[1] == rnd and not v.finished.is_set()
+                               for k, v in self._inbound.items()):
+                raise PeerRefused(f"{what}: {sender} is already sending another update for "
+                                  f"round {rnd}; one at a time")
             if creator:
                 inbound = _Inbound(sender, rnd, weight, digest, total, stripes)
                 self._inbound[key] = inbound

@@ -374,7 +374,8 @@ class PeerServer:
         self._data_args = dict(tls=tls, authority=authority, handler=handler, spec=spec,
                                max_bytes=max_bytes, reject_nonfinite=reject_nonfinite,
                                per_peer=max(8, per_peer_streams * 2), deadline_s=stream_deadline_s,
-                               min_rate=min_rate_bytes_s, grace_s=rate_grace_s)
+                               min_rate=min_rate_bytes_s, grace_s=rate_grace_s,
+                               idle_s=rate_grace_s)
 
     def start(self) -> int:
         server = grpc.server(
