@@ -43,8 +43,12 @@ class StreamingMean:
     the weighted sum, since zero-weight updates add nothing to a weighted mean.
     """
 
-    def __init__(self, rule: str = "mean") -> None:
+    def __init__(self, rule: str = "mean", into: dict[str, torch.Tensor] | None = None) -> None:
+        """``into``: tensors to accumulate in instead of fresh memory (views of the output
+        buffer, so the merged model is computed where it is sent from); used for a name when its
+        dtype is the accumulator's (float32, float64, integers, bool) and its shape matches."""
         self._rule = rule
+        self._into = dict(into or {})
         self._specs: dict[str, TensorSpec] | None = None
         self._first = ""
         self._device = torch.device("cpu")
@@ -87,24 +91,33 @@ class StreamingMean:
                 x = update.state[name].to(self._device)
                 if not spec.dtype.is_floating_point:
                     if index == 0:
-                        self._acc[name] = x.clone()
+                        self._acc[name] = self._fresh(name, x, x.dtype)
                     elif spec.dtype == torch.bool:
-                        self._acc[name] = self._acc[name] | x
+                        torch.logical_or(self._acc[name], x, out=self._acc[name])
                     else:
-                        self._acc[name] = torch.maximum(self._acc[name], x)
+                        torch.maximum(self._acc[name], x, out=self._acc[name])
                     continue
                 cdtype = compute_dtype(spec.dtype)
                 if index == 0 or restart:
+                    acc = self._fresh(name, x, cdtype)
                     if weight > 0:
-                        self._acc[name] = x.to(cdtype) * weight
-                    else:
-                        self._acc[name] = x.to(cdtype, copy=True)
+                        acc.mul_(weight)
+                    self._acc[name] = acc
                 elif weight > 0:
                     self._acc[name].add_(x.to(cdtype), alpha=weight)
                 elif self._total == 0:
                     self._acc[name].add_(x.to(cdtype))
         self._total += weight
         self._nodes.append(update.node)
+
+    def _fresh(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A copy of ``x`` as ``dtype``: in the caller's tensor for ``name`` when it fits."""
+        into = self._into.get(name)
+        if (into is not None and into.dtype == dtype and into.shape == x.shape
+                and into.device == x.device):
+            into.copy_(x)
+            return into
+        return x.to(dtype, copy=True)
 
     def result_in_place(self) -> StateDict:
         """Like :meth:`result`, computed inside the accumulator where the dtype allows (a model's

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
 
 from swarmnode import merge
 from swarmnode.errors import DuplicateUpdate, MergeError, RoundError
+from swarmnode.transport import serde
 from swarmnode.types import StateDict, Update
 
 __all__ = ["Collector", "Collectors"]
@@ -18,13 +22,19 @@ __all__ = ["Collector", "Collectors"]
 
 class Collector:
     def __init__(self, round: int, attempt: int, method: str, options: Mapping[str, float],
-                 on_add: Callable[[], None] | None = None) -> None:
+                 on_add: Callable[[], None] | None = None,
+                 spec: serde.ParamSpec | None = None) -> None:
+        """With the training ``spec``, ``mean`` accumulates inside a canonical payload of the
+        spec (one model's worth of memory for the sum and the merged bytes together)."""
         self.round = round
         self.attempt = attempt
         self.method = method
         self.options = dict(options)
         self._lock = threading.Lock()
         self._senders: dict[str, float] = {}
+        self._spec = spec
+        self._out: Any = None  # the canonical payload the mean accumulates in
+        self._views: dict[str, torch.Tensor] = {}
         self._stream = merge.StreamingMean() if method == "mean" else None
         self._updates: list[Update] = []
         self._sealed: tuple[StateDict | None, frozenset[str], float] | None = None
@@ -44,11 +54,14 @@ class Collector:
                     f"round {self.round}: the leader has already merged (attempt {self.attempt}); "
                     "this update came too late and takes the merged model instead"
                 )
-            self._senders[update.node] = update.weight
+            if self._stream is not None and self._spec is not None and self._out is None:
+                self._out, self._views = self._spec.allocate()
+                self._stream = merge.StreamingMean(into=self._views)
             if self._stream is not None:
-                self._stream.add(update)
+                self._stream.add(update)  # MergeError leaves it unchanged
             else:
                 self._updates.append(update)
+            self._senders[update.node] = update.weight
         if self._on_add is not None:
             self._on_add()  # the leader's round loop looks again at once
 
@@ -79,6 +92,19 @@ class Collector:
         with self._lock:
             return self._merge_locked()
 
+    def encoded(self) -> tuple[Any, bytes] | None:
+        """After :meth:`seal`: the merged model as canonical bytes and their SHA-256, when the
+        mean was accumulated in place (else None: encode the merged state)."""
+        with self._lock:
+            if self._sealed is None or self._sealed[0] is None or self._out is None:
+                return None
+            with torch.no_grad():
+                for name, tensor in self._sealed[0].items():
+                    view = self._views[name]
+                    if tensor.data_ptr() != view.data_ptr() and view.numel():
+                        view.copy_(tensor)  # a float16/bfloat16 mean, computed in float32
+            return self._out, serde.digest(self._out)
+
     def release(self) -> None:
         """Free the merged tensors and the accumulator once the merged model is encoded (they
         are a model's worth of memory each); :meth:`seal` then returns no state."""
@@ -86,6 +112,7 @@ class Collector:
             if self._sealed is not None:
                 self._sealed = (None, self._sealed[1], self._sealed[2])
             self._stream, self._updates = None, []
+            self._out, self._views = None, {}
 
     def _merge_locked(self) -> StateDict:
         if not self._senders:
@@ -101,7 +128,9 @@ class Collectors:
     """One collector per (round, attempt): a re-elected leader starts afresh."""
 
     def __init__(self, method: str, options: Mapping[str, float],
-                 on_add: Callable[[], None] | None = None) -> None:
+                 on_add: Callable[[], None] | None = None,
+                 spec: serde.ParamSpec | None = None) -> None:
+        self.spec = spec
         self.method = method
         self.options = dict(options)
         self.on_add = on_add
@@ -114,5 +143,5 @@ class Collectors:
             if key not in self._by_key:
                 self._by_key = {k: v for k, v in self._by_key.items() if k[0] >= round - 1}
                 self._by_key[key] = Collector(round, attempt, self.method, self.options,
-                                              self.on_add)
+                                              self.on_add, self.spec)
             return self._by_key[key]

@@ -380,9 +380,10 @@ class RoundDriver:
             if base is not None:  # every participant added weight 0: the model stays as it was
                 data, digest = base.data, base.digest
             else:
-                data, digest = serde.Encoded(
+                done = collector.encoded()  # the mean, already in place as canonical bytes
+                data, digest = done if done is not None else serde.Encoded(
                     merged if merged is not None else collector.result()).to_buffer()
-                del merged
+                del merged, done
             collector.release()  # the bytes are all that is kept
             zero = {p for p in info.participants if self.weight_of(action.round, p) == 0}
             members = [p for p in info.participants

@@ -151,7 +151,7 @@ class NodeService:
         # Rounds wait for the next block (or an arriving update), never on fixed sleeps.
         self.watcher = BlockWatcher(config.rpc_url, self.chain.latest_block, config.poll_s)
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
-                                     on_add=self.watcher.notify)
+                                     on_add=self.watcher.notify, spec=self.param_spec)
         self.authority = ChainAuthority(self.chain)
         self.pool = PeerPool(self.chain, self.me, self.tls, self.authority)
         deadline = float(self.settings.deadline_s)

@@ -250,13 +250,36 @@ class ParamSpec:
         return sum(math.prod(shape) * getattr(torch, dtype).itemsize
                    for shape, dtype in self.params.values())
 
+    def _canonical(self) -> tuple[bytes, list[tuple[str, tuple[int, ...], torch.dtype]]]:
+        items = [(n, shape, getattr(torch, dtype)) for n, (shape, dtype) in self.params.items()]
+        items.sort(key=lambda it: (-it[2].itemsize, it[0]))
+        text, _ = _header(items)
+        return struct.pack("<Q", len(text)) + text, items
+
     @property
     def payload_bytes(self) -> int:
         """The size of a canonical payload of this spec (what :func:`encode` makes)."""
-        items = [(n, shape, getattr(torch, dtype)) for n, (shape, dtype) in self.params.items()]
-        items.sort(key=lambda it: (-it[2].itemsize, it[0]))
-        text, offset = _header(items)
-        return 8 + len(text) + offset
+        head, _ = self._canonical()
+        return len(head) + self.nbytes
+
+    def allocate(self) -> tuple[mmap.mmap, dict[str, torch.Tensor]]:
+        """A canonical payload of this spec to fill in: fresh memory with the header written,
+        and one tensor per parameter viewing its place (what :func:`encode` would put there)."""
+        head, items = self._canonical()
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        buf = mmap.mmap(-1, max(1, len(head) + self.nbytes), flags=flags)
+        buf[: len(head)] = head
+        views: dict[str, torch.Tensor] = {}
+        pos = len(head)
+        for name, shape, dtype in items:
+            count = math.prod(shape)
+            if count:
+                views[name] = torch.frombuffer(buf, dtype=dtype, count=count,
+                                               offset=pos).reshape(shape)
+            else:
+                views[name] = torch.empty(shape, dtype=dtype)
+            pos += count * dtype.itemsize
+        return buf, views
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor]) -> ParamSpec:

@@ -66,3 +66,34 @@ def test_store_ignores_a_torn_write(tmp_path: Path) -> None:
     assert store.flush()
     (tmp_path / "latest.json").write_text(json.dumps({"round": 3, "digest": "00" * 32}))
     assert ModelStore(tmp_path).latest() is None
+
+
+def _mixed(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"fc.weight": torch.randn(6, 5, generator=g),
+            "fc.half": torch.randn(7, generator=g).half(),
+            "fc.double": torch.randn(3, generator=g, dtype=torch.float64),
+            "bn.count": torch.randint(0, 9, (2,), generator=g),
+            "mask": torch.rand(4, generator=g) > 0.5}
+
+
+@pytest.mark.parametrize("weights", [(1, 3, 2), (0, 5, 1), (0, 0, 0)])
+def test_the_mean_accumulated_in_place_is_the_mean_encoded(weights: tuple[int, ...]) -> None:
+    """With the training spec the leader sums inside the merged payload itself: the bytes it
+    commits are exactly serde.encode(mean(updates)), for every dtype and the zero-weight cases."""
+    from swarmnode import merge
+
+    updates = [Update(_mixed(i), float(w), f"n{i}") for i, w in enumerate(weights)]
+    c = Collector(1, 1, "mean", {}, spec=serde.ParamSpec.from_state(_mixed(0)))
+    for u in updates:
+        c.add(u)
+    merged, _, total = c.seal()
+    if total == 0:  # no positive weight: the leader re-commits or merges equally (driver)
+        assert merged is None and c.encoded() is None
+        assert serde.encode(c.result()) == serde.encode(merge.mean(updates))
+        return
+    data, digest = c.encoded()
+    expected = serde.encode(merge.mean(updates))
+    assert bytes(data) == expected and digest == serde.digest(expected)
+    c.release()
+    assert c.encoded() is None and bytes(data) == expected  # the bytes outlive the collector
