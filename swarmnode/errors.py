@@ -126,6 +126,10 @@ class PayloadRejected(TransportError):
     help = "parameter bytes failed a check (digest, spec, size, NaN/Inf)"
 
 
+class NonFiniteValues(PayloadRejected):
+    """Parameters hold NaN or Inf (a diverged or hostile sender, or an overflowing merge)."""
+
+
 class DuplicateUpdate(PayloadRejected):
     exit_code = 44
     help = "the leader already holds this sender's update for the round (a replay or a retry)"

@@ -13,11 +13,29 @@ from typing import Any
 import torch
 
 from swarmnode import merge
-from swarmnode.errors import DuplicateUpdate, MergeError, RoundError
+from swarmnode.errors import DuplicateUpdate, MergeError, NonFiniteValues, RoundError
 from swarmnode.transport import serde
 from swarmnode.types import StateDict, Update
 
-__all__ = ["Collector", "Collectors"]
+__all__ = ["SAFE_SUM", "Collector", "Collectors"]
+
+# What a merge may sum at most: float32 overflows to Inf above 3.4e38. Updates whose weighted
+# largest values would push the sum past this are refused, naming their sender.
+SAFE_SUM = 1e38
+
+
+def _largest(state: StateDict) -> float:
+    """The largest absolute value among the floating tensors of ``state`` (NaN if any NaN)."""
+    top = 0.0
+    with torch.no_grad():
+        for t in state.values():
+            if t.is_floating_point() and t.numel():
+                low, high = torch.aminmax(t)  # one pass, no temporary
+                m = max(-float(low), float(high))
+                if float(low) != float(low) or float(high) != float(high):
+                    return float("nan")
+                top = max(top, m)
+    return top
 
 
 class Collector:
@@ -33,6 +51,7 @@ class Collector:
         self._lock = threading.Lock()
         self._senders: dict[str, float] = {}
         self._spec = spec
+        self._bound = 0.0  # sum of weight x largest |value| over the updates added
         self._out: Any = None  # the canonical payload the mean accumulates in
         self._views: dict[str, torch.Tensor] = {}
         self._stream = merge.StreamingMean() if method == "mean" else None
@@ -54,6 +73,14 @@ class Collector:
                     f"round {self.round}: the leader has already merged (attempt {self.attempt}); "
                     "this update came too late and takes the merged model instead"
                 )
+            amax = _largest(update.state)
+            share = update.weight if update.weight > 0 else 1.0
+            if not amax <= (SAFE_SUM - self._bound) / share:  # also catches NaN/Inf
+                raise NonFiniteValues(
+                    f"round {self.round}: the update of {update.node} holds values up to "
+                    f"{amax:.3g}; with its weight {update.weight:g} the leader's float32 sum "
+                    "would overflow to Inf, so it is refused (a diverged or hostile trainer)"
+                )
             if self._stream is not None and self._spec is not None and self._out is None:
                 self._out, self._views = self._spec.allocate()
                 self._stream = merge.StreamingMean(into=self._views)
@@ -62,6 +89,7 @@ class Collector:
             else:
                 self._updates.append(update)
             self._senders[update.node] = update.weight
+            self._bound += share * amax
         if self._on_add is not None:
             self._on_add()  # the leader's round loop looks again at once
 

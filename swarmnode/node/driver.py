@@ -17,6 +17,7 @@ from swarmnode.errors import (
     ChainUnavailable,
     ContractReverted,
     DuplicateUpdate,
+    NonFiniteValues,
     PayloadRejected,
     RoundError,
     RoundTimeout,
@@ -82,11 +83,13 @@ class RoundDriver:
         round_timeout_s: float,
         transfer_timeout_s: float = 120.0,
         watcher: BlockWatcher | None = None,
+        reject_nonfinite: bool = True,
     ) -> None:
         """``watcher``: waits end at the next block (or update) instead of after a fixed
         interval; without one the round polls every ``timing.poll_s``."""
         self.me = me
         self.watcher = watcher
+        self.reject_nonfinite = reject_nonfinite
         self.chain = chain
         self.pool = pool
         self.store = store
@@ -260,7 +263,8 @@ class RoundDriver:
             self._pull(machine, action)
         elif isinstance(action, Done):
             if action.abandoned:
-                log.warning("round %d: abandoned on chain (every leader failed)", round)
+                if machine.refused_digest is None:
+                    log.warning("round %d: abandoned on chain (every leader failed)", round)
                 return info.leader, None, None
             stored = self.store.get(round)
             return info.leader, info.digest, None if stored is None else stored.data
@@ -384,6 +388,13 @@ class RoundDriver:
                 data, digest = done if done is not None else serde.Encoded(
                     merged if merged is not None else collector.result()).to_buffer()
                 del merged, done
+                try:  # never commit what members must refuse
+                    serde.view_state(data, spec=self.spec, reject_nonfinite=True)
+                except NonFiniteValues as exc:
+                    log.error("round %d: the merge of %s holds NaN/Inf (%s); not committing it",
+                              action.round, ", ".join(sorted(senders)), exc)
+                    collector.release()
+                    return
             collector.release()  # the bytes are all that is kept
             zero = {p for p in info.participants if self.weight_of(action.round, p) == 0}
             members = [p for p in info.participants
@@ -426,6 +437,8 @@ class RoundDriver:
         if early is not None:
             try:
                 self._verify(early, action.digest)
+            except NonFiniteValues:  # poison: the pull below says so and refuses it
+                pass
             except SwarmError as exc:  # not what was committed: pull it as usual
                 log.warning("round %d: the model fetched before the commit is not the "
                             "committed one: %s", action.round, exc)
@@ -439,6 +452,13 @@ class RoundDriver:
                 got = self.pool.client(source).pull(action.round, timeout=self.transfer_timeout_s,
                                                     size_hint=self._model_bytes)
                 self._verify(got, action.digest)
+            except NonFiniteValues as exc:  # what the chain committed is poison: no source helps
+                log.error("round %d: the committed merged model (digest %s, leader %s) is "
+                          "refused: %s; this site keeps its own parameters", action.round,
+                          action.digest.hex()[:12], action.sources[0] if action.sources else "?",
+                          exc)
+                machine.on_refused(action.digest)
+                return
             except SwarmError as exc:
                 errors.append(f"{source}: {exc}")
                 continue
@@ -451,9 +471,10 @@ class RoundDriver:
 
     def _verify(self, got: serde.Received, digest: bytes) -> None:
         """A pulled model is the committed one: its digest (hashed as it arrived) is the chain's,
-        and its header matches the training spec (parsed, not copied)."""
+        its header matches the training spec (parsed, not copied), and it holds no NaN/Inf (a
+        leader's poison is refused like a member's)."""
         got.check_digest(digest)
-        serde.view_state(got.data, spec=self.spec, reject_nonfinite=False)
+        serde.view_state(got.data, spec=self.spec, reject_nonfinite=self.reject_nonfinite)
 
     def latest_committed_before(self, round: int) -> StoredModel | None:
         """The newest committed merged model before ``round`` (None if no round committed yet),

@@ -160,6 +160,7 @@ class RoundMachine:
         self.pushed_attempt: int | None = None
         self.merged_attempt: int | None = None
         self.merged_digest: bytes | None = None
+        self.refused_digest: bytes | None = None
         self._last_try: dict[str, float] = {}
 
     # -- the decision ----------------------------------------------------------------------------
@@ -180,6 +181,9 @@ class RoundMachine:
 
     def _committed(self, info: RoundInfo) -> Action:
         assert info.digest is not None
+        if self.refused_digest == info.digest:  # a poisoned merge: keep this site's own model
+            self.stage = Stage.DONE
+            return Done(self.round, abandoned=True)
         if self.merged_digest == info.digest:
             self.stage = Stage.DONE
             return Done(self.round)
@@ -268,4 +272,10 @@ class RoundMachine:
 
     def on_pulled(self, digest: bytes) -> None:
         self.merged_digest = digest
+        self.stage = Stage.DONE
+
+    def on_refused(self, digest: bytes) -> None:
+        """The committed merged model is unusable (NaN/Inf in it): the round ends for this node
+        without it, as an abandoned round does (the trainer keeps its own parameters)."""
+        self.refused_digest = digest
         self.stage = Stage.DONE

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from swarmnode.errors import PayloadRejected
+from swarmnode.errors import NonFiniteValues, PayloadRejected
 
 __all__ = [
     "CHUNK_SIZE",
@@ -494,7 +494,7 @@ def _nonfinite(state: Mapping[str, torch.Tensor]) -> None:
             bad = ~torch.isfinite(t if t.element_size() > 1 else t.float())
             n = int(bad.sum())
             if n:
-                raise PayloadRejected(
+                raise NonFiniteValues(
                     f"tensor {name!r} holds {n} NaN/Inf value(s); the sender's training diverged "
                     "(lower its learning rate) or its parameters were tampered with"
                 )
