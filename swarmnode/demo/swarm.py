@@ -156,10 +156,13 @@ class LocalSwarm:
 
     def start_trainer(
         self, i: int, epochs: int | None = None, policy: str = "inactive",
-        batch_delay: float = 0.0,
+        batch_delay: float = 0.0, script: Path | None = None,
     ) -> subprocess.Popen[bytes]:
+        """``script``: a program taking the demo trainer's arguments, run instead of it (the
+        failure tests run misbehaving trainers this way)."""
         name = self.names[i]
-        cmd = [sys.executable, "-m", "swarmnode.demo.trainer", "--name", name,
+        program = [str(script)] if script is not None else ["-m", "swarmnode.demo.trainer"]
+        cmd = [sys.executable, *program, "--name", name,
                "--shard", str(self.work / f"{name}.npz"), "--test", str(self.work / "test.npz"),
                "--out", str(self.work / f"{name}.json"), "--local-api", self.socket(i),
                "--sync-frequency", str(self.sync_frequency), "--min-peers", str(self.min_peers),

@@ -234,3 +234,31 @@ def test_deadlines_follow_chain_time_not_the_host_clock(tmp_path: Path) -> None:
         _wait(lambda: c.round(2).status is RoundStatus.COMMITTED, 60, "round 2's commit", swarm)
         assert time.monotonic() - elected < swarm.deadline_s + 10
         assert c.round(2).attempt == 2 and c.round(2).leader != info.leader
+
+
+def test_a_member_sending_huge_values_cannot_overflow_the_merge(tmp_path: Path) -> None:
+    """A site whose update would overflow the leader's float32 sum (finite values near 1e37 x its
+    weight) is refused by name; no merge overflows to Inf, and every site ends with the chain's
+    final model, which is finite. (Steering the mean with large finite values is what norm
+    clipping and the robust rules are for.)"""
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
+                    epochs=2) as swarm:
+        for i in range(3):
+            swarm.start_node(i)
+        swarm.wait_enrolled([0, 1, 2])
+        swarm.start_trainer(0)
+        swarm.start_trainer(1)
+        swarm.start_trainer(2, script=Path(__file__).with_name("poisoning_trainer.py"))
+        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
+              "the trainers", swarm)
+        c = swarm.contract
+        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
+        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
+        hostile = swarm.accounts[2].address
+        logs = "".join(swarm.log(i, "node").read_text() for i in range(3))
+        assert f"the update of {hostile} holds values up to" in logs
+        assert "would overflow to Inf" in logs
+        stored = swarm.work / swarm.names[0] / "data" / "latest.safetensors"
+        state = serde.decode(stored.read_bytes(), expected_digest=None, spec=None,
+                             max_bytes=1 << 30, reject_nonfinite=True)  # finite, or raises
+        assert serde.digest(stored.read_bytes()).hex() == final and state
