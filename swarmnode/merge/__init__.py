@@ -38,7 +38,15 @@ from swarmnode.merge.clip import clip_updates, update_norm
 from swarmnode.merge.coordmedian import coordmedian
 from swarmnode.merge.geomedian import geomedian
 from swarmnode.merge.mean import StreamingMean, mean
-from swarmnode.merge.registry import MergeRule, check_options, get, names, options_of, register
+from swarmnode.merge.registry import (
+    MergeRule,
+    check_options,
+    coerce_options,
+    get,
+    names,
+    options_of,
+    register,
+)
 from swarmnode.merge.trimmedmean import trimmedmean
 from swarmnode.types import StateDict, Update
 
@@ -46,6 +54,7 @@ __all__ = [
     "MergeRule",
     "StreamingMean",
     "check_options",
+    "coerce_options",
     "clip_updates",
     "coordmedian",
     "geomedian",
@@ -74,7 +83,7 @@ def merge(
     is first scaled to L2 norm <= ``clip_norm``.
     """
     rule = get(name)
-    check_options(name, options)
+    options = coerce_options(name, options)
     items = list(updates)
     if clip_norm is not None:
         if reference is None:

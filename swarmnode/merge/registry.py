@@ -83,3 +83,30 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
             f"merge rule '{_normalise(name)}' has no option '{option}'. {hint}"
             f"Its options: {listed}. Fix merge_options in the training settings."
         )
+
+
+def coerce_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with each value of the type of the rule's default: the training spec travels
+    as JSON, where ``max_iter: 10`` may arrive as ``10.0``. ConfigError for an option the rule
+    does not take, or a fractional value for an integer option."""
+    check_options(name, options)
+    known = options_of(get(name))
+    out: dict[str, Any] = {}
+    for option, value in options.items():
+        default = known[option]
+        if isinstance(default, bool):
+            out[option] = bool(value)
+        elif isinstance(default, int):
+            number = float(value)
+            if not number.is_integer():
+                raise ConfigError(
+                    f"merge rule '{_normalise(name)}': option '{option}' must be a whole number, "
+                    f"got {value!r}. Fix merge_options in the training settings."
+                )
+            out[option] = int(number)
+        elif isinstance(default, float):
+            out[option] = float(value)
+        else:
+            out[option] = value
+    return out
+

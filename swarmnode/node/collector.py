@@ -54,10 +54,15 @@ class Collector:
         self._bound = 0.0  # sum of weight x largest |value| over the updates added
         self._out: Any = None  # the canonical payload the mean accumulates in
         self._views: dict[str, torch.Tensor] = {}
-        self._stream = merge.StreamingMean() if method == "mean" else None
+        # clip_norm clips each update's change from the round's starting model (given to seal)
+        self.clip_norm = self.options.pop("clip_norm", None)
+        self.options = merge.coerce_options(method, self.options)
+        streaming = method == "mean" and self.clip_norm is None
+        self._stream = merge.StreamingMean() if streaming else None
         self._updates: list[Update] = []
         self._sealed: tuple[StateDict | None, frozenset[str], float] | None = None
         self._sealing = False
+        self._reference: StateDict | None = None
         self._on_add = on_add
 
     def add(self, update: Update) -> None:
@@ -103,10 +108,14 @@ class Collector:
         with self._lock:
             return sum(self._senders.values())
 
-    def seal(self) -> tuple[StateDict | None, frozenset[str], float]:
+    def seal(
+        self, reference: StateDict | None = None
+    ) -> tuple[StateDict | None, frozenset[str], float]:
         """Merge once and refuse later updates: (merged state or None if the total weight is 0,
-        the senders merged, their total weight). Later calls return the same result."""
+        the senders merged, their total weight). Later calls return the same result.
+        ``reference``: the model the round started from, for ``clip_norm``."""
         with self._lock:
+            self._reference = reference
             if self._sealed is None:
                 total = sum(self._senders.values())
                 self._sealing = True
@@ -149,6 +158,9 @@ class Collector:
             if self._sealed is None and self._sealing:
                 return self._stream.result_in_place()  # sealed: nothing is added any more
             return self._stream.result()
+        if self.clip_norm is not None and self._reference is not None:
+            return merge.merge(self.method, self._updates, clip_norm=float(self.clip_norm),
+                               reference=self._reference, **self.options)
         return merge.merge(self.method, self._updates, **self.options)
 
 

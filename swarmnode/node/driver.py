@@ -24,7 +24,7 @@ from swarmnode.errors import (
     SwarmError,
     TransportError,
 )
-from swarmnode.node.collector import Collectors
+from swarmnode.node.collector import Collector, Collectors
 from swarmnode.node.machine import (
     CheckIn,
     Done,
@@ -379,7 +379,7 @@ class RoundDriver:
         stages = self._stages
         if key not in self._merged:
             collector = self.collectors.get(action.round, action.attempt)
-            merged, senders, _total = collector.seal()  # later pushes are refused from here on
+            merged, senders, _total = collector.seal(self._reference(collector, action.round))
             base = None if merged is not None else self._base_model(action.round)
             if base is not None:  # every participant added weight 0: the model stays as it was
                 data, digest = base.data, base.digest
@@ -416,6 +416,18 @@ class RoundDriver:
         machine.on_merged(action.attempt, digest)
         log.info("round %d: merged %d updates, committed %s", action.round, len(members),
                  digest.hex()[:12])
+
+    def _reference(self, collector: Collector, round: int) -> StateDict | None:
+        """For clip_norm: the model this round started from (the latest merged one). The first
+        round has none: its updates are merged unclipped (they all start from one model)."""
+        if collector.clip_norm is None:
+            return None
+        base = self._base_model(round)
+        if base is None:
+            log.warning("round %d: no earlier merged model to clip against; merging unclipped",
+                        round)
+            return None
+        return serde.view_state(base.data, spec=self.spec, reject_nonfinite=False)
 
     def _base_model(self, round: int) -> StoredModel | None:
         """The model a round with no positive weight re-commits; None: merge equally instead."""

@@ -145,7 +145,9 @@ class NodeService:
         self.param_spec = serde.ParamSpec(
             {name: (p.shape, p.dtype) for name, p in self.spec.params.items()}
         )
-        merge.get(self.spec.merge_method)  # unknown rule: fail now, not in round 1
+        merge.get(self.spec.merge_method)  # unknown rule or options: fail now, not in round 1
+        merge.coerce_options(self.spec.merge_method, {
+            k: v for k, v in self.spec.merge_options.items() if k != "clip_norm"})
         self.max_bytes = int(config.max_update_mb * 1024 * 1024)
         self.store = ModelStore(config.data_dir)
         # Rounds wait for the next block (or an arriving update), never on fixed sleeps.

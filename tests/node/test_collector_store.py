@@ -97,3 +97,52 @@ def test_the_mean_accumulated_in_place_is_the_mean_encoded(weights: tuple[int, .
     assert bytes(data) == expected and digest == serde.digest(expected)
     c.release()
     assert c.encoded() is None and bytes(data) == expected  # the bytes outlive the collector
+
+
+def test_merge_options_keep_their_types_from_the_spec_json() -> None:
+    """The spec's JSON turns max_iter=10 into 10.0; geomedian still gets an int (it failed at every
+    leader before), and a fractional count is refused with the option named."""
+    from swarmnode.errors import ConfigError
+    from swarmnode.spec import TrainingSpec
+
+    spec = TrainingSpec.from_state(_mixed(0), sync_frequency=1, min_peers=2,
+                                   merge_method="geomedian", merge_options={"max_iter": 10})
+    options = TrainingSpec.from_json(spec.to_json(), "test").merge_options
+    c = Collector(1, 1, "geomedian", options)
+    for i in range(3):
+        c.add(Update({"w": torch.full((3,), float(i))}, 1.0, f"n{i}"))
+    merged, _, _ = c.seal()
+    assert merged is not None and torch.allclose(merged["w"], torch.full((3,), 1.0), atol=1e-3)
+    with pytest.raises(ConfigError, match="'max_iter' must be a whole number"):
+        Collector(1, 1, "geomedian", {"max_iter": 2.5})
+
+
+def test_clip_norm_clips_against_the_rounds_starting_model() -> None:
+    from swarmnode import merge
+
+    reference = {"w": torch.zeros(4)}
+    updates = [Update({"w": torch.full((4,), 0.1)}, 1.0, "a"),
+               Update({"w": torch.full((4,), 100.0)}, 1.0, "b")]  # a far-away update
+    c = Collector(2, 1, "mean", {"clip_norm": 1.0})
+    for u in updates:
+        c.add(u)
+    merged, _, _ = c.seal(reference)
+    expected = merge.merge("mean", updates, clip_norm=1.0, reference=reference)
+    assert merged is not None and torch.equal(merged["w"], expected["w"])
+    assert float(merged["w"].norm()) < 1.0  # b's pull is bounded by the clip, not 100
+    first = Collector(1, 1, "mean", {"clip_norm": 1.0})  # round 1: nothing to clip against
+    for u in updates:
+        first.add(u)
+    assert torch.allclose(first.seal()[0]["w"], torch.full((4,), 50.05))
+
+
+def test_an_update_that_would_overflow_the_sum_is_refused_by_name() -> None:
+    from swarmnode.errors import NonFiniteValues
+
+    c = Collector(1, 1, "mean", {})
+    c.add(Update({"w": torch.full((3,), 1e36)}, 10.0, "ok"))
+    with pytest.raises(NonFiniteValues, match="the update of evil holds values up to 3e"):
+        c.add(Update({"w": torch.full((3,), 3e37)}, 100.0, "evil"))
+    c.add(Update({"w": torch.full((3,), 2.0)}, 10.0, "fine"))
+    merged, senders, _ = c.seal()
+    assert senders == {"ok", "fine"} and bool(torch.isfinite(merged["w"]).all())

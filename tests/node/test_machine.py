@@ -170,3 +170,15 @@ def test_a_failed_commit_is_retried_but_rate_limited() -> None:
     assert m.decide(Observation(101, e, frozenset({B}))) == Merge(1, 0, (A, B))
     assert isinstance(m.decide(Observation(101.1, e, frozenset({B}))), Wait)
     assert m.decide(Observation(101.6, e, frozenset({B}))) == Merge(1, 0, (A, B))
+
+
+def test_a_refused_merged_model_ends_the_round_without_it() -> None:
+    """The committed model holds NaN/Inf (a hostile leader): the member does not pull it again
+    and again; the round ends for it as an abandoned one (its trainer keeps its parameters)."""
+    m = RoundMachine(A, 1, weight=10, timing=T)
+    m.on_checked_in()
+    m.on_pushed(0)
+    committed = info(RoundStatus.COMMITTED, [A, B], leader=B, digest=D, elected_at=101)
+    assert m.decide(Observation(103, committed)) == Pull(1, D, (B,))
+    m.on_refused(D)
+    assert m.decide(Observation(103.5, committed)) == Done(1, abandoned=True)
