@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -13,6 +14,9 @@ import typer
 from swarmnode.cli.common import command, console
 
 __all__ = ["register"]
+
+
+STOP_GRACE_S = 8.0  # SIGTERM to exit, at most (docker stop waits 10 s before SIGKILL)
 
 
 def run(
@@ -58,6 +62,12 @@ def run(
         try:
             stop.wait()
         finally:
+            # Rounds in progress end at their next step; a call blocked on a peer or the chain
+            # must not keep the process: whatever still runs after STOP_GRACE_S is cut short
+            # (the latest model is on disk by then: stop() flushes the store first).
+            watchdog = threading.Timer(STOP_GRACE_S, os._exit, (0,))
+            watchdog.daemon = True
+            watchdog.start()
             node.stop()
 
     body()

@@ -17,6 +17,7 @@ from swarmnode.errors import (
     ChainUnavailable,
     ContractReverted,
     DuplicateUpdate,
+    NodeUnavailable,
     NonFiniteValues,
     PayloadRejected,
     RoundError,
@@ -84,12 +85,14 @@ class RoundDriver:
         transfer_timeout_s: float = 120.0,
         watcher: BlockWatcher | None = None,
         reject_nonfinite: bool = True,
+        stop: threading.Event | None = None,
     ) -> None:
         """``watcher``: waits end at the next block (or update) instead of after a fixed
         interval; without one the round polls every ``timing.poll_s``."""
         self.me = me
         self.watcher = watcher
         self.reject_nonfinite = reject_nonfinite
+        self.stop = stop or threading.Event()  # set: the service is stopping; rounds end now
         self.chain = chain
         self.pool = pool
         self.store = store
@@ -178,6 +181,11 @@ class RoundDriver:
         seeded: set[int] = set()
         self._stages = stages = {}
         while True:
+            if self.stop.is_set():
+                raise NodeUnavailable(
+                    f"the node service is stopping (round {round}, stage {machine.stage.value}); "
+                    "the trainer waits for it to come back"
+                )
             if time.monotonic() - started > self.round_timeout_s:
                 raise RoundTimeout(
                     f"round {round} did not complete within {self.round_timeout_s:.0f} s "

@@ -167,7 +167,7 @@ class NodeService:
         self.driver = RoundDriver(
             self.me, self.chain, self.pool, self.store, self.collectors, self.timing,
             self.param_spec, max_bytes=self.max_bytes, round_timeout_s=config.round_timeout_s,
-            watcher=self.watcher, reject_nonfinite=config.reject_nonfinite,
+            watcher=self.watcher, reject_nonfinite=config.reject_nonfinite, stop=self._stopped,
         )
         # Metrics go on chain after the round, off its critical path, one at a time in order.
         self._background = ThreadPoolExecutor(1, thread_name_prefix="metrics")

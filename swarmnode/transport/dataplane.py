@@ -226,7 +226,7 @@ class DataServer:
         *,
         workers: int = 64,
         per_peer: int = 8,
-        inflight: int = 1,
+        inflight: int = 2,
         deadline_s: float = 900.0,
         min_rate: float = 256 * 1024,
         grace_s: float = 10.0,

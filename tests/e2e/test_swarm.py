@@ -262,3 +262,32 @@ def test_a_member_sending_huge_values_cannot_overflow_the_merge(tmp_path: Path) 
         state = serde.decode(stored.read_bytes(), expected_digest=None, spec=None,
                              max_bytes=1 << 30, reject_nonfinite=True)  # finite, or raises
         assert serde.digest(stored.read_bytes()).hex() == final and state
+
+
+def test_sigterm_during_a_sync_stops_the_node_promptly_and_a_restart_resumes(
+        tmp_path: Path) -> None:
+    """SIGTERM while its trainer is inside a sync (a round in progress): the node service exits
+    within 10 s (docker stop's grace), its trainer waits, and after a restart every site ends with
+    the chain's final model."""
+    import signal
+
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
+                    epochs=8) as swarm:
+        for i in range(3):
+            swarm.start_node(i)
+        swarm.wait_enrolled([0, 1, 2])
+        for i in range(3):
+            swarm.start_trainer(i, batch_delay=0.02)
+        c = swarm.contract
+        _wait(lambda: c.round(3).status is RoundStatus.COMMITTED, 120, "round 3's commit", swarm)
+        t0 = time.monotonic()
+        swarm.nodes[0].send_signal(signal.SIGTERM)
+        code = swarm.nodes[0].wait(timeout=30)
+        took = time.monotonic() - t0
+        assert took < 10, f"the node took {took:.1f} s to stop after SIGTERM"
+        assert code == 0
+        swarm.start_node(0)
+        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
+              "the trainers", swarm)
+        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
+        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
