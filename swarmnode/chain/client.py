@@ -380,6 +380,14 @@ class SwarmContract:
         checked, weight = self._call("checkinWeight", r, self._address_arg(node, "node"))
         return int(weight) if checked else None
 
+    def log_filter(self, *names: str) -> dict[str, Any]:
+        """An ``eth_subscribe("logs")`` filter for this contract's events called ``names``."""
+        from eth_utils import event_abi_to_log_topic
+
+        topics = ["0x" + event_abi_to_log_topic(e).hex() for e in ABI
+                  if e.get("type") == "event" and e.get("name") in names]
+        return {"address": self.address, "topics": [topics]}
+
     def latest_block(self) -> tuple[int, int]:
         """The latest block's number and timestamp."""
         with rpc_guard(self._w3, "reading the latest block"):

@@ -28,9 +28,17 @@ class BlockWatcher:
     """A background thread that knows the latest block number and wakes waiting threads."""
 
     def __init__(self, rpc_url: str, latest: Callable[[], tuple[int, int]],
-                 poll_s: float = 0.05, *, websocket: bool = True) -> None:
-        """``latest()``: the latest block's (number, timestamp)."""
+                 poll_s: float = 0.05, *, websocket: bool = True,
+                 log_filter: dict | None = None) -> None:
+        """``latest()``: the latest block's (number, timestamp). ``log_filter``: contract logs
+        (``{"address", "topics"}``) that are *signals*: over a websocket they are subscribed to,
+        and :meth:`wait_signal` wakes on them (and on :meth:`notify`) rather than on every
+        block, so a node waiting for an election or a commit reads the chain once per event
+        instead of once per block (a block per check-in makes that N reads per node per round)."""
         self._url = rpc_url
+        self._log_filter = log_filter
+        self._signals = 0  # bumped by every signal log and every notify()
+        self.signals_live = False  # a logs subscription is active
         self._latest = latest
         self.poll_s = poll_s
         self._cond = threading.Condition()
@@ -66,7 +74,19 @@ class BlockWatcher:
         """Wake waiting threads (something other than a block happened: an update arrived)."""
         with self._cond:
             self._events += 1
+            self._signals += 1
             self._cond.notify_all()
+
+    def signal_mark(self) -> int:
+        """A token for :meth:`wait_signal`."""
+        with self._cond:
+            return self._signals
+
+    def wait_signal(self, mark: int, timeout: float) -> bool:
+        """Block until a signal log or :meth:`notify` after ``mark``, or ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._signals != mark or self._stop.is_set(),
+                                       timeout=max(0.0, timeout))
 
     def wait(self, mark: int, timeout: float) -> bool:
         """Block until a new block or :meth:`notify` after ``mark``, or ``timeout``; True if
@@ -115,16 +135,41 @@ class BlockWatcher:
             reply = json.loads(ws.recv(timeout=3))
             if "result" not in reply:
                 raise ConnectionError(f"eth_subscribe refused: {reply.get('error')}")
+            heads = reply["result"]
+            logs = None
+            if self._log_filter is not None:
+                ws.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "eth_subscribe",
+                                    "params": ["logs", self._log_filter]}))
+                answer = json.loads(ws.recv(timeout=3))
+                logs = answer.get("result")
             self.mode = "websocket"
+            with self._cond:
+                self.signals_live = logs is not None
+                self._signals += 1  # whatever happened before the subscription: look again
+                self._cond.notify_all()
             self._saw(*self._latest())  # blocks mined before the subscription
-            while not self._stop.is_set():
-                try:
-                    msg = json.loads(ws.recv(timeout=1.0))
-                except TimeoutError:
-                    continue
-                head = msg.get("params", {}).get("result", {})
-                if "number" in head and "timestamp" in head:
-                    self._saw(int(head["number"], 16), int(head["timestamp"], 16))
+            try:
+                while not self._stop.is_set():
+                    try:
+                        msg = json.loads(ws.recv(timeout=1.0))
+                    except TimeoutError:
+                        continue
+                    params = msg.get("params", {})
+                    if logs is not None and params.get("subscription") == logs:
+                        with self._cond:
+                            self._signals += 1
+                            self._events += 1
+                            self._cond.notify_all()
+                        continue
+                    head = params.get("result", {})
+                    if params.get("subscription", heads) == heads and "number" in head \
+                            and "timestamp" in head:
+                        self._saw(int(head["number"], 16), int(head["timestamp"], 16))
+            finally:
+                with self._cond:
+                    self.signals_live = False
+                    self._signals += 1
+                    self._cond.notify_all()
 
     def _poll(self, until: float) -> None:
         self.mode = "polling"

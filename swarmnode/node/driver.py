@@ -37,6 +37,7 @@ from swarmnode.node.machine import (
     Push,
     Reelect,
     RoundMachine,
+    Stage,
     Timing,
     Wait,
 )
@@ -52,6 +53,8 @@ log = logging.getLogger("swarmnode.node")
 
 _EVENT_WAIT_S = 0.5  # with a block watcher, the longest a round sleeps between looks
 _ABSENT_CHECK_S = 2.0  # how often an open round's participant looks for absent nodes
+_SIGNAL_FALLBACK_S = 2.0  # with event signals, the longest a waiting round goes without a look
+_SIGNAL_STAGES = (Stage.ELECTION, Stage.COMMIT, Stage.COLLECT)
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ class RoundDriver:
         """Observe, decide, act once; (leader, digest, data) when the round is over for us."""
         round = machine.round
         mark = self.watcher.mark() if self.watcher is not None else 0  # before the read
+        smark = self.watcher.signal_mark() if self.watcher is not None else 0
         info = self.chain.round(round)
         self.seen[round] = info
         if len(self.seen) > 4:
@@ -245,6 +249,10 @@ class RoundDriver:
         if isinstance(action, Wait):
             if self.watcher is None:
                 time.sleep(action.seconds)
+            elif self.watcher.signals_live and machine.stage in _SIGNAL_STAGES:
+                # waiting for others (an election, a commit, updates): wake on their events or
+                # when one of the round's own deadlines comes, not on every block
+                self.watcher.wait_signal(smark, self._next_deadline(info, now))
             else:  # what a round waits for comes with a block (or an update): wake then
                 self.watcher.wait(mark, max(action.seconds, _EVENT_WAIT_S))
         elif isinstance(action, CheckIn):
@@ -277,6 +285,21 @@ class RoundDriver:
             stored = self.store.get(round)
             return info.leader, info.digest, None if stored is None else stored.data
         return None
+
+    def _next_deadline(self, info: RoundInfo, now: float) -> float:
+        """Seconds until the next moment the round's decisions change by time alone (the grace
+        period's end, the collect window, the leader's deadline), at most _SIGNAL_FALLBACK_S;
+        past them, retry_s (elections and re-elections are retried that often)."""
+        t = self.timing
+        ahead: list[float] = []
+        if info.status is RoundStatus.OPEN and info.first_checkin_at:
+            ahead.append(info.first_checkin_at + t.grace_s - now)
+        elif info.status is RoundStatus.ELECTED:
+            ahead += [info.elected_at + t.collect_s - now, info.elected_at + t.deadline_s - now]
+        future = [a for a in ahead if a > 0]
+        if future:
+            return min(_SIGNAL_FALLBACK_S, min(future) + 0.02)
+        return t.retry_s if ahead or info.status is RoundStatus.OPEN else _SIGNAL_FALLBACK_S
 
     # -- actions ----------------------------------------------------------------------------------
     def _quiet(self, fn, what: str) -> None:  # type: ignore[no-untyped-def]

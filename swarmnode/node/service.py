@@ -51,6 +51,10 @@ log = logging.getLogger("swarmnode.node")
 END_POLICIES = ("inactive", "snapshot", "active")
 _WAIT_LOG_S = 10.0  # how often a wait says what it is waiting for
 _TRANSIENT = (ChainUnavailable, ChainTimeout)
+# Contract events that move a round on for the nodes waiting in it (check-ins are not among
+# them: a waiting node needs the election, not each of the N check-ins before it).
+SIGNAL_EVENTS = ("LeaderElected", "LeaderFailed", "RoundAbandoned", "MergeCommitted",
+                 "FinalRound", "TrainingFinished", "NodeFinished", "NodeAbsent")
 
 
 def _return_freed_memory() -> None:
@@ -151,7 +155,10 @@ class NodeService:
         self.max_bytes = int(config.max_update_mb * 1024 * 1024)
         self.store = ModelStore(config.data_dir)
         # Rounds wait for the next block (or an arriving update), never on fixed sleeps.
-        self.watcher = BlockWatcher(config.rpc_url, self.chain.latest_block, config.poll_s)
+        self.watcher = BlockWatcher(
+            config.rpc_url, self.chain.latest_block, config.poll_s,
+            log_filter=self.chain.log_filter(*SIGNAL_EVENTS),
+        )
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
                                      on_add=self.watcher.notify, spec=self.param_spec)
         self.authority = ChainAuthority(self.chain)
