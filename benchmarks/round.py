@@ -188,6 +188,10 @@ def run_config(params: int, nodes: int, rounds: int, work: Path) -> dict[str, An
         played = len({s["round"] for s in syncs})
         rpc = sum(b.get("rpc_calls", 0) - a.get("rpc_calls", 0)
                   for a, b in zip(status0, status1, strict=True))
+        methods: dict[str, float] = {}
+        for a, b in zip(status0, status1, strict=True):
+            for m, n in b.get("rpc_by_method", {}).items():
+                methods[m] = methods.get(m, 0) + n - a.get("rpc_by_method", {}).get(m, 0)
     stage_names = sorted({k for s in syncs for k in s["stages"]})
     stages = {k: statistics.median(s["stages"].get(k, 0.0) for s in syncs) for k in stage_names}
     stages["upload_handback"] = statistics.median(s["total_s"] - s["node_s"] for s in syncs)
@@ -201,6 +205,8 @@ def run_config(params: int, nodes: int, rounds: int, work: Path) -> dict[str, An
         "leader_growth_over_model": round(max(growth), 2),
         "member_growth_over_model": round(min(growth), 2),
         "rpc_calls_per_round": round(rpc / max(played + 2, 1), 1),  # + round 1 and the final
+        "rpc_calls_per_round_by_method": {m: round(n / max(played + 2, 1), 1)
+                                          for m, n in sorted(methods.items())},
         "stages_s": {k: round(v, 4) for k, v in stages.items()},
         "cpu_s_per_node": [round(c, 2) for c in cpu_n],
         "cpu_s_per_trainer": [round(c, 2) for c in cpu_t],
@@ -218,7 +224,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="swarmnode-round-") as tmp:
         for n, spec in enumerate(a.configs.split(",")):
             params, nodes = spec.split(":")
-            work = Path(os.environ["KEEP"]) / str(n) if os.environ.get("KEEP") else Path(tmp) / str(n)
+            keep = os.environ.get("SWARMNODE_BENCH_KEEP")  # a folder: keep the logs there
+            work = (Path(keep) if keep else Path(tmp)) / str(n)
             run = run_config(_size(params), int(nodes), a.rounds, work)
             runs.append(run)
             print(f"P={params:>4} N={int(nodes):>2}: round {run['median_round_s']:.3f} s, "

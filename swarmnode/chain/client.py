@@ -30,7 +30,15 @@ from swarmnode.chain.models import (
     RoundStatus,
     TxResult,
 )
-from swarmnode.chain.rpc import chain_id, connect, describe, revert_reason, rpc_calls, rpc_guard
+from swarmnode.chain.rpc import (
+    chain_id,
+    connect,
+    describe,
+    revert_reason,
+    rpc_calls,
+    rpc_calls_by_method,
+    rpc_guard,
+)
 from swarmnode.chain.tx import TxSender, require_account
 from swarmnode.errors import (
     ChainError,
@@ -180,6 +188,11 @@ class SwarmContract:
     def rpc_calls(self) -> int:
         """JSON-RPC requests this client has sent so far."""
         return rpc_calls(self._w3)
+
+    @property
+    def rpc_calls_by_method(self) -> dict[str, int]:
+        """JSON-RPC requests this client sent, by method (eth_call, eth_sendRawTransaction...)."""
+        return rpc_calls_by_method(self._w3)
 
     @property
     def account_address(self) -> str | None:

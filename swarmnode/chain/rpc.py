@@ -33,12 +33,19 @@ class _CountingProvider(HTTPProvider):
 
     def make_request(self, method, params):  # type: ignore[no-untyped-def,override]
         self.calls += 1
+        by = self.__dict__.setdefault("by_method", {})
+        by[str(method)] = by.get(str(method), 0) + 1
         return super().make_request(method, params)
 
 
 def rpc_calls(w3: Web3) -> int:
     """JSON-RPC requests sent through ``w3`` so far (0 for other providers)."""
     return int(getattr(w3.provider, "calls", 0))
+
+
+def rpc_calls_by_method(w3: Web3) -> dict[str, int]:
+    """JSON-RPC requests sent through ``w3`` so far, by method."""
+    return dict(getattr(w3.provider, "by_method", {}))
 
 
 def connect(rpc_url: str, timeout: float = 10.0) -> Web3:

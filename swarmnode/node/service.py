@@ -308,7 +308,7 @@ class NodeService:
         return {
             "address": self.me, "name": self.config.name, "stage": p.stage, "round": p.round,
             "rounds_done": p.rounds_done, "finished": p.finished,
-            "rpc_calls": self.chain.rpc_calls,
+            "rpc_calls": self.chain.rpc_calls, "rpc_by_method": self.chain.rpc_calls_by_method,
         }
 
     # -- what the trainer asks for ----------------------------------------------------------------
