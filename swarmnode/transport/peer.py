@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -451,7 +452,7 @@ class PeerClient:
         max_bytes: int = DEFAULT_MAX_BYTES,
         pin_ttl: float = 60.0,
         chunk_size: int = serde.CHUNK_SIZE,
-        stripes: int = 4,
+        stripes: int | None = None,
     ) -> None:
         cert, key, trust = tls.load()
         self.endpoint, self.tls, self.authority = endpoint, tls, authority
@@ -476,7 +477,8 @@ class PeerClient:
         self._md = ((ADDRESS_KEY, own_address),)
         self._pin: tuple[bytes, float] | None = None
         self._lock = threading.Lock()
-        self.stripes = stripes
+        # connections per transfer: parallel TLS work and TCP windows, up to one per core
+        self.stripes = stripes if stripes is not None else max(1, min(4, os.cpu_count() or 1))
         self._data: DataClient | None = None
         self._data_checked = 0.0
 
