@@ -17,7 +17,8 @@ numbered band, so the CLI (and scripts around it) can tell failures apart::
     │   ├── PeerUnavailable (41)    a peer could not be reached                   [ConnectionError]
     │   ├── PeerRefused (42)        a peer's identity was refused (TLS/chain) [PermissionError]
     │   └── PayloadRejected (43)    parameter bytes failed a check (digest, spec, size, NaN)
-    │       └── DuplicateUpdate (44)  the leader already holds this sender's update
+    │       ├── DuplicateUpdate (44)  the leader already holds this sender's update
+    │       └── NonFiniteValues (45)  parameters hold NaN/Inf, or would overflow the merge
     ├── MergeError (50)             a merge rule could not be applied
     ├── RoundError (60)             the round protocol could not go on
     │   └── RoundTimeout (61)       a round step did not finish in time           [TimeoutError]
@@ -39,6 +40,7 @@ __all__ = [
     "MergeError",
     "NodeError",
     "NodeUnavailable",
+    "NonFiniteValues",
     "PayloadRejected",
     "PeerRefused",
     "PeerUnavailable",
@@ -128,6 +130,9 @@ class PayloadRejected(TransportError):
 
 class NonFiniteValues(PayloadRejected):
     """Parameters hold NaN or Inf (a diverged or hostile sender, or an overflowing merge)."""
+
+    exit_code = 45
+    help = "parameters hold NaN/Inf, or values so large that the merge would overflow"
 
 
 class DuplicateUpdate(PayloadRejected):

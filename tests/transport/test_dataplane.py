@@ -224,3 +224,25 @@ def test_a_pull_checks_the_digest_the_server_announced(plane) -> None:
         handler.merged_models[1] = good
     with pytest.raises(PeerRefused, match="not a participant of round 9"):
         client.pull(9, timeout=10, wait_s=0)
+
+
+def test_a_peer_whose_data_plane_is_unreachable_gets_models_over_grpc(pki: Pki) -> None:
+    """A site that cannot open its data port (firewall, data_port=-1, or the listener gone):
+    pushes and pulls still work, over the peer API."""
+    tls = {LEADER: pki.node("f-leader"), ALICE: pki.node("f-alice")}
+    authority = MemoryAuthority(fingerprints={a: t.fingerprint() for a, t in tls.items()},
+                                participants={1: {LEADER, ALICE}})
+    handler = MemoryHandler(merged_models={1: serde.encode(model_state(7))})
+    srv = PeerServer("127.0.0.1:0", tls[LEADER], authority, handler,
+                     serde.ParamSpec.from_state(model_state()), max_bytes=1 << 24)
+    port = srv.start()
+    try:
+        assert srv.data is not None
+        srv.data.stop()  # advertised in Health, but nobody listens there any more
+        with PeerClient(f"127.0.0.1:{port}", tls[ALICE], ALICE, LEADER, authority) as alice:
+            alice.push_update(1, 5, serde.encode(model_state(3)), timeout=20)
+            assert bytes(alice.pull(1, timeout=20).data) == serde.encode(model_state(7))
+            assert alice._data is None  # it fell back to gRPC and said so in the log
+        assert (1, ALICE) in handler.updates
+    finally:
+        srv.stop(0)
