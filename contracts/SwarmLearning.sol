@@ -61,7 +61,6 @@ contract SwarmLearning {
         bool finished; // the final round is committed
     }
 
-    uint256 private constant MAX_WEIGHT = (1 << 96) - 1;
     /// A node may be marked absent once the current round is this many rounds past the later of
     /// its last check-in and its enrolment round.
     uint32 public constant ABSENT_AFTER_ROUNDS = 2;
@@ -71,6 +70,8 @@ contract SwarmLearning {
     uint32 public immutable graceSeconds;
     uint32 public immutable roundDeadline;
     address public immutable admin;
+    /// @notice The largest weight a node may check in with (the spec's max_weight; 2^96-1: none).
+    uint96 public immutable maxWeight;
 
     State private _s;
     address[] private _nodeList;
@@ -105,7 +106,8 @@ contract SwarmLearning {
         string memory specJson,
         uint32 minPeers_,
         uint32 graceSeconds_,
-        uint32 roundDeadlineSeconds_
+        uint32 roundDeadlineSeconds_,
+        uint96 maxWeight_
     ) {
         bytes32 actual = sha256(bytes(specJson));
         if (actual != specHash_) {
@@ -116,6 +118,8 @@ contract SwarmLearning {
         }
         if (minPeers_ < 1) revert("minPeers is 0; it must be at least 1");
         if (roundDeadlineSeconds_ < 1) revert("roundDeadlineSeconds is 0; it must be at least 1");
+        if (maxWeight_ < 1) revert("maxWeight is 0; it must be at least 1");
+        maxWeight = maxWeight_;
         specHash = specHash_;
         minPeers = minPeers_;
         graceSeconds = graceSeconds_;
@@ -259,8 +263,11 @@ contract SwarmLearning {
                 "node ", _addr(msg.sender), " already checked in for round ", _u(round)
             ));
         }
-        if (weight > MAX_WEIGHT) {
-            revert(string.concat("weight ", _u(weight), " is too large (at most 2^96-1)"));
+        if (weight > maxWeight) {
+            revert(string.concat(
+                "weight ", _u(weight), " is over this training's maximum weight ", _u(maxWeight),
+                " (the spec's max_weight): no node may weigh more"
+            ));
         }
         if (n.absent) _return(msg.sender, n, s);
         n.lastCheckinRound = uint32(round);

@@ -41,6 +41,10 @@ class TrainingSpec:
     merge_method: str
     params: Mapping[str, TensorSpec] = field(default_factory=dict)
     merge_options: Mapping[str, float] = field(default_factory=dict)
+    # The largest weight (sample count x node_weight) one node may contribute with; None: no cap.
+    # A swarm policy set at deployment (the contract refuses heavier check-ins), not a trainer
+    # setting: trainers are not compared on it.
+    max_weight: int | None = None
 
     @classmethod
     def from_state(
@@ -70,7 +74,7 @@ class TrainingSpec:
                 name: {"shape": list(p.shape), "dtype": p.dtype}
                 for name, p in sorted(self.params.items())
             },
-        }
+        } | ({"max_weight": self.max_weight} if self.max_weight is not None else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -95,6 +99,7 @@ class TrainingSpec:
                 merge_method=str(raw["merge_method"]),
                 params=params,
                 merge_options={k: float(v) for k, v in raw.get("merge_options", {}).items()},
+                max_weight=_max_weight(raw.get("max_weight")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
@@ -141,3 +146,16 @@ class TrainingSpec:
 
 def _show(p: TensorSpec | None) -> str | None:
     return None if p is None else f"{p.dtype}[{', '.join(map(str, p.shape))}]"
+
+
+MAX_WEIGHT = (1 << 96) - 1  # what the contract can hold
+
+
+def _max_weight(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ValueError(f"max_weight must be a whole number, got {value!r}")
+    if not 1 <= int(value) <= MAX_WEIGHT:
+        raise ValueError(f"max_weight must be between 1 and 2^96-1, got {value!r}")
+    return int(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -94,6 +95,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _spec_max_weight(spec_json: str) -> int:
+    """The spec's max_weight (the contract's cap on a check-in's weight); 2^96-1 when it sets
+    none. ConfigError for a value the contract cannot hold."""
+    from swarmnode.spec import MAX_WEIGHT
+
+    try:
+        raw = json.loads(spec_json)
+    except ValueError:
+        return MAX_WEIGHT
+    value = raw.get("max_weight") if isinstance(raw, dict) else None
+    if value is None:
+        return MAX_WEIGHT
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WEIGHT:
+        raise ConfigError(f"the spec's max_weight {value!r} must be a whole number in 1..2^96-1")
+    return value
+
+
 def _hint(reason: str) -> str:
     for needle, hint in _HINTS:
         if needle in reason:
@@ -157,11 +175,12 @@ class SwarmContract:
             if not isinstance(value, int) or not 0 <= value <= UINT32_MAX:
                 raise ConfigError(f"{name}={value!r} must be an integer in 0..{UINT32_MAX}")
         spec_hash = hashlib.sha256(spec_json.encode("utf-8")).digest()
+        max_weight = _spec_max_weight(spec_json)
         what = f"deploy(min_peers={min_peers}, grace={grace_s}s, deadline={deadline_s}s)"
         try:
             factory = w3.eth.contract(abi=ABI, bytecode=BYTECODE)
             data = factory.constructor(
-                spec_hash, spec_json, min_peers, grace_s, deadline_s
+                spec_hash, spec_json, min_peers, grace_s, deadline_s, max_weight
             ).data_in_transaction
         except (Web3ValidationError, Web3TypeError, Web3ValueError, OverflowError) as exc:
             raise ConfigError(f"{what}: an argument does not fit the constructor: {exc}") from None
@@ -284,6 +303,7 @@ class SwarmContract:
                 deadline_s=int(self._call("roundDeadline")),
                 admin=str(self._call("admin")),
                 absent_after_rounds=int(self._call("ABSENT_AFTER_ROUNDS")),
+                max_weight=int(self._call("maxWeight")),
             )
         return self._settings
 

@@ -35,6 +35,7 @@ class ContractSettings:
     deadline_s: int
     admin: str
     absent_after_rounds: int = 2  # markAbsent needs this many rounds since the last check-in
+    max_weight: int = (1 << 96) - 1  # the largest weight a check-in may carry
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,9 @@ def spec(
     out: Annotated[Path, typer.Option("--out", help="Where to write the spec JSON.")] = Path(
         "spec.json"
     ),
+    max_weight: Annotated[int | None, typer.Option(
+        "--max-weight", min=1, help="The largest weight (samples x node_weight) one site may "
+        "check in with; the contract refuses heavier check-ins. Default: no cap.")] = None,
 ) -> None:
     """Write the training spec (for `contract deploy --spec`) from a model's weights file.
 
@@ -148,6 +151,11 @@ def spec(
                              reject_nonfinite=False)
         ts = TrainingSpec.from_state(state, sync_frequency=sync_frequency, min_peers=min_peers,
                                      merge_method=merge_method)
+        if max_weight is not None:
+            import dataclasses
+
+            ts = TrainingSpec.from_json(
+                dataclasses.replace(ts, max_weight=max_weight).to_json(), "--max-weight")
         out.write_text(ts.to_json() + "\n")
         console.print(f"wrote {out}: {len(ts.params)} tensors, spec hash {ts.digest.hex()}")
 

@@ -467,6 +467,11 @@ class _LocalApi:
             weight = int(args.get("weight", 0))
             if weight < 0:
                 raise ConfigError(f"{method}: weight must be >= 0, got {weight}")
+            cap = self.node.settings.max_weight
+            if weight > cap:  # the contract would refuse the check-in: contribute at the cap
+                log.warning("the trainer's weight %d is over the swarm's max_weight %d; it "
+                            "counts as %d", weight, cap, cap)
+                weight = cap
             t0 = time.monotonic()
             if method == "sync":
                 outcome = self.node.sync(payload, weight, args.get("loss"), args.get("metric"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -72,12 +73,16 @@ def test_constructor_checks_spec_hash_and_settings(backend: Backend, spec_json: 
     assert exc.value.reason == "minPeers is 0; it must be at least 1"
     with refused("roundDeadlineSeconds is 0"):
         SwarmContract.deploy(backend.w3, dev_account(0), spec_json, 1, 5, 0)
-    wrong = backend.w3.eth.contract(abi=ABI, bytecode=BYTECODE).constructor(
-        b"\x01" * 32, spec_json, 1, 0, 10
-    ).data_in_transaction
+    factory = backend.w3.eth.contract(abi=ABI, bytecode=BYTECODE)
+    wrong = factory.constructor(b"\x01" * 32, spec_json, 1, 0, 10, 5).data_in_transaction
     sender = TxSender(backend.w3, dev_account(0))
     with refused("is not the SHA-256 of specJson"):
         sender.send({"data": wrong}, "deploy", lambda r: ContractReverted(r, reason=r))
+    no_weight = factory.constructor(
+        hashlib.sha256(spec_json.encode()).digest(), spec_json, 1, 0, 10, 0
+    ).data_in_transaction
+    with refused("maxWeight is 0; it must be at least 1"):
+        sender.send({"data": no_weight}, "deploy", lambda r: ContractReverted(r, reason=r))
 
 
 def test_authorize_enroll_update_and_rotate(make_swarm: MakeSwarm) -> None:
@@ -158,7 +163,7 @@ def test_checkin_rules_and_weights(make_swarm: MakeSwarm) -> None:
     assert swarm.admin.checkin_weight(1, swarm.nodes[2].account_address) is None
     with pytest.raises(ConfigError, match="round 0 does not exist"):
         swarm.admin.round(0)
-    with refused("too large"):
+    with refused("is over this training's maximum weight"):
         swarm.nodes[2].checkin(1, 2**96)
 
 
@@ -667,3 +672,24 @@ def test_report_metrics(make_swarm: MakeSwarm) -> None:
         node.report_metrics(0, 0.1, 0.1)
     with pytest.raises(ConfigError, match="not a finite number"):
         node.report_metrics(1, float("nan"), 0.1)
+
+
+def test_the_specs_max_weight_caps_every_checkin(backend: Backend) -> None:
+    """A member that declares an enormous weight cannot set the merged model alone: the spec's
+    max_weight is pinned in the contract at deployment and a heavier check-in is refused."""
+    from conftest import fingerprint_of
+
+    spec = '{"max_weight": 100, "merge_method": "mean", "min_peers": 1, "sync_frequency": 8}'
+    admin = SwarmContract.deploy(backend.w3, dev_account(0), spec, 1, 1000, 1000)
+    assert admin.settings().max_weight == 100
+    node = admin.with_account(dev_account(1))
+    admin.authorize(node.account_address, fingerprint_of(node.account_address))
+    node.enroll("127.0.0.1:7100")
+    with refused("weight 101 is over this training's maximum weight 100 .the spec's max_weight."):
+        node.checkin(1, 101)
+    node.checkin(1, 100)
+    assert admin.checkin_weight(1, node.account_address) == 100
+    with pytest.raises(ConfigError, match="max_weight 0 must be a whole number in 1..2"):
+        SwarmContract.deploy(backend.w3, dev_account(0), spec.replace("100", "0"), 1, 1000, 1000)
+    uncapped = SwarmContract.deploy(backend.w3, dev_account(0), '{"a": 1}', 1, 1000, 1000)
+    assert uncapped.settings().max_weight == 2**96 - 1

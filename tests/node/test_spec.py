@@ -55,3 +55,18 @@ def test_tensor_messages_read_well() -> None:
         _spec().require_same(_spec(state={"w": torch.zeros(3, 3), "b": torch.zeros(2)}))
     with pytest.raises(SpecMismatch, match=r"lacks tensor b \(float32\[2\]\)"):
         _spec().require_same(_spec(state={"w": torch.zeros(3, 2)}))
+
+
+def test_max_weight_is_a_swarm_policy_not_a_trainer_setting() -> None:
+    """max_weight travels in the spec JSON (pinned on chain) when set, leaves the JSON (and so
+    the hash) of specs without it unchanged, and is not compared with a trainer's settings."""
+    import dataclasses
+
+    base = _spec()
+    capped = dataclasses.replace(base, max_weight=500)
+    assert "max_weight" not in base.to_json() and '"max_weight":500' in capped.to_json()
+    assert TrainingSpec.from_json(capped.to_json()).max_weight == 500
+    capped.require_same(base)  # the trainer does not know the cap: no mismatch
+    for bad in ("0", "2.5", "true", str(2**96)):
+        with pytest.raises(ConfigError, match="max_weight"):
+            TrainingSpec.from_json(base.to_json()[:-1] + f',"max_weight":{bad}}}')
