@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -234,8 +235,16 @@ class SwarmCallback:
             if self.reconnect_s <= 0:
                 raise
             log.warning("%s; waiting up to %.0f s for it to come back", exc, self.reconnect_s)
-        self.client.wait_ready(timeout=self.reconnect_s)
-        return self.client.call(method, args, payload, timeout=timeout)
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            # the channel may still look ready just after the node died: retry until it answers
+            self.client.wait_ready(timeout=max(0.1, deadline - time.monotonic()))
+            try:
+                return self.client.call(method, args, payload, timeout=timeout)
+            except NodeUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
     def _sync(self) -> None:
         loss, metric = self._validate()
