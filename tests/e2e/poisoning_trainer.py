@@ -1,5 +1,5 @@
-"""The demo trainer, turned hostile: every parameter it sends is scaled by 1e37 (finite values,
-but enough, times its sample-count weight, to overflow a float32 sum to Inf)."""
+"""The demo trainer, turned hostile: every floating parameter it sends is +-1e37 (finite, but
+enough, times its sample-count weight, to overflow a float32 sum to Inf)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ _honest = callback.SwarmCallback._state_cpu
 
 
 def _poisoned(self: callback.SwarmCallback) -> dict[str, torch.Tensor]:
-    return {k: v * 1e37 if v.is_floating_point() else v for k, v in _honest(self).items()}
+    return {k: torch.where(v >= 0, 1e37, -1e37).to(v.dtype) if v.is_floating_point() else v
+            for k, v in _honest(self).items()}
 
 
 callback.SwarmCallback._state_cpu = _poisoned  # type: ignore[method-assign]
