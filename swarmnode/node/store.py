@@ -8,6 +8,7 @@ the round's critical path; a newer round's model replaces a pending older one un
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ModelStore", "StoredModel"]
+
+log = logging.getLogger("swarmnode.node")
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,7 @@ class ModelStore:
             try:
                 self._write_latest(model)
             except OSError as exc:  # the in-memory copy still serves; say why the disk did not
-                import logging
-
-                logging.getLogger("swarmnode.node").warning(
+                log.warning(
                     "could not save round %d's model to %s: %s", model.round, self.dir, exc)
 
     def flush(self, timeout: float = 60.0) -> bool:

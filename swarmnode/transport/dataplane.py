@@ -35,6 +35,7 @@ Wire format (little-endian): a frame is a 4-byte length then UTF-8 JSON. Push: r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -58,10 +59,10 @@ from swarmnode.errors import (
     TransportError,
     error_class,
 )
-from swarmnode.identity import TlsFiles
+from swarmnode.identity import TlsFiles, fingerprint
 from swarmnode.transport import serde
 
-__all__ = ["DataClient", "DataServer", "stripe_range"]
+__all__ = ["DataClient", "DataServer", "bind_address", "stripe_range"]
 
 log = logging.getLogger("swarmnode.transport.data")
 
@@ -117,6 +118,39 @@ def _int(obj: dict[str, Any], key: str, what: str, low: int = 0, high: int = 1 <
     if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
         raise PayloadRejected(f"{what}: field {key!r} must be an integer in [{low}, {high}]")
     return v
+
+
+def bind_address(authority: Any, claimed: str, certificate: bytes) -> str:
+    """``claimed``, once ``certificate`` (PEM or DER, the one presented on this connection) is
+    the one the contract holds for that enrolled, non-revoked address; PeerRefused otherwise.
+    Both servers (the peer API and the data plane) bind callers this way."""
+    got = fingerprint(certificate)
+    expected = authority.fingerprint_of(claimed)
+    if expected is None:
+        raise PeerRefused(
+            f"{claimed} is not an enrolled node on chain (never enrolled, or revoked); "
+            "its calls are refused"
+        )
+    if got != expected:
+        raise PeerRefused(
+            f"the client certificate (sha256 {got.hex()[:16]}...) is not the one the contract "
+            f"holds for {claimed} ({expected.hex()[:16]}...): the caller is not that node, or "
+            "its certificate was replaced without re-authorising it"
+        )
+    return claimed
+
+
+def _recv_range(tls: ssl.SSLSocket, view: memoryview, what: str,
+                progress: Callable[[int], None]) -> None:
+    """Fill ``view`` from ``tls`` (decrypted straight into it), calling ``progress(bytes so
+    far)`` after every read; TransportError if the stream ends first."""
+    pos = 0
+    while pos < len(view):
+        n = tls.recv_into(view[pos : pos + _IO_BLOCK])
+        if not n:
+            raise TransportError(f"{what}: the stream ended after {pos} of {len(view)} bytes")
+        pos += n
+        progress(pos)
 
 
 def _context(tls: TlsFiles, server: bool) -> ssl.SSLContext:
@@ -344,16 +378,7 @@ class DataServer:
         der = tls.getpeercert(binary_form=True)
         if not der:
             raise PeerRefused("the connection carries no client certificate")
-        got = hashlib.sha256(der).digest()
-        expected = self.authority.fingerprint_of(claimed)
-        if expected is None:
-            raise PeerRefused(f"{claimed} is not an enrolled node on chain (never enrolled, or "
-                              "revoked); its calls are refused")
-        if got != expected:
-            raise PeerRefused(
-                f"the client certificate (sha256 {got.hex()[:16]}...) is not the one the contract "
-                f"holds for {claimed} ({expected.hex()[:16]}...)")
-        return claimed
+        return bind_address(self.authority, claimed, der)
 
     def _enter(self, peer: str) -> None:
         with self._lock:
@@ -411,17 +436,13 @@ class DataServer:
         tls.settimeout(min(self.idle_s, _STALL_S))
         try:
             start, end = stripe_range(total, index, stripes)
-            view = memoryview(inbound.buf)[start:end]
-            pos = 0
-            while pos < len(view):
-                n = tls.recv_into(view[pos : pos + _IO_BLOCK])
-                if not n:
-                    raise TransportError(f"{what}: the stream ended after {pos} of "
-                                         f"{end - start} bytes of stripe {index}")
-                pos += n
+
+            def progress(pos: int) -> None:
                 inbound.hasher.advance(index, pos)
                 self._check_rate(started, pos, what)
-            view.release()
+
+            with memoryview(inbound.buf)[start:end] as view:
+                _recv_range(tls, view, f"{what}, stripe {index}", progress)
         except BaseException as exc:
             self._fail(inbound, exc if isinstance(exc, SwarmError)
                        else TransportError(f"{what}: stripe {index} broke off: {exc}"))
@@ -586,7 +607,7 @@ class DataClient:
                               f"{exc}") from None
         der = tls.getpeercert(binary_form=True) or b""
         expected = self.expected()
-        got = hashlib.sha256(der).digest()
+        got = fingerprint(der)
         if expected is None or got != expected:
             tls.close()
             raise PeerRefused(
@@ -644,12 +665,9 @@ class DataClient:
                     pos = start
                     while pos < end:
                         pos += tls.send(view[pos : min(end, pos + _IO_BLOCK)])
-                except (OSError, ssl.SSLError) as exc:  # refused early: read the reason
-                    try:
+                except (OSError, ssl.SSLError) as exc:  # refused early: raise its reason
+                    with contextlib.suppress(OSError, ssl.SSLError):
                         self._verdict(_recv_frame(tls, what), what)
-                    except (OSError, ssl.SSLError, SwarmError) as err:
-                        if isinstance(err, SwarmError):
-                            raise
                     raise TransportError(f"{what}: the connection broke: {exc}") from None
                 try:
                     reply = _recv_frame(tls, what)
@@ -696,20 +714,12 @@ class DataClient:
                         raise PayloadRejected(f"{what}: the stripes disagree on size or digest")
                     buf, hasher = shared["buf"], shared["hash"]
                 start, end = stripe_range(total, i, count)
-                view = memoryview(buf)[start:end]
-                pos = 0
                 try:
-                    while pos < len(view):
-                        n = tls.recv_into(view[pos : pos + _IO_BLOCK])
-                        if not n:
-                            raise TransportError(f"{what}: the stream ended after {pos} of "
-                                                 f"{len(view)} bytes of stripe {i}")
-                        pos += n
-                        hasher.advance(i, pos)
+                    with memoryview(buf)[start:end] as view:
+                        _recv_range(tls, view, f"{what}, stripe {i}",
+                                    lambda pos: hasher.advance(i, pos))
                 except (OSError, ssl.SSLError) as exc:
                     raise TransportError(f"{what}: the connection broke: {exc}") from None
-                finally:
-                    view.release()
 
         try:
             self._parallel(stripe, count)

@@ -54,7 +54,7 @@ from swarmnode.errors import (
     RoundError,
     SwarmError,
 )
-from swarmnode.identity import TlsFiles, fingerprint
+from swarmnode.identity import TlsFiles
 from swarmnode.transport import _wire, serde
 from swarmnode.transport._rpc import (
     ADDRESS_KEY,
@@ -64,7 +64,7 @@ from swarmnode.transport._rpc import (
     server_options,
     swarm_error_name,
 )
-from swarmnode.transport.dataplane import DataClient, DataServer
+from swarmnode.transport.dataplane import DataClient, DataServer, bind_address
 from swarmnode.transport.proto import peer_pb2 as pb
 from swarmnode.transport.tlscheck import probe
 
@@ -186,20 +186,7 @@ class _Servicer:
         pems = context.auth_context().get("x509_pem_cert")
         if not pems:
             raise _Unauthenticated("the connection carries no client certificate")
-        got = fingerprint(pems[0])
-        expected = self.o.authority.fingerprint_of(claimed)
-        if expected is None:
-            raise PeerRefused(
-                f"{claimed} is not an enrolled node on chain (never enrolled, or revoked); "
-                "its calls are refused"
-            )
-        if got != expected:
-            raise PeerRefused(
-                f"the client certificate (sha256 {got.hex()[:16]}...) is not the one the contract "
-                f"holds for {claimed} ({expected.hex()[:16]}...): the caller is not that node, or "
-                "its certificate was replaced without re-authorising it"
-            )
-        return claimed
+        return bind_address(self.o.authority, claimed, pems[0])
 
     def _participant(self, round: int, address: str) -> None:
         if not self.o.authority.is_participant(round, address):

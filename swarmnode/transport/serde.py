@@ -82,9 +82,9 @@ Buffer = bytes | bytearray | memoryview | mmap.mmap  # canonical bytes, owned or
 
 
 class Encoded:
-    """A state dict laid out as canonical safetensors, not yet written anywhere: ``nbytes``,
-    :meth:`to_bytes`, :meth:`into` a caller's buffer and :meth:`write_to` a file write each byte
-    once, straight from the tensors' memory (no intermediate ``bytes``)."""
+    """A state dict laid out as canonical safetensors, not yet written anywhere: ``nbytes``;
+    :meth:`to_bytes`, :meth:`to_buffer` (fresh memory, with its digest) and :meth:`write_to` (a
+    file) write each byte once, straight from the tensors' memory."""
 
     def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
         tensors: list[tuple[str, torch.Tensor]] = []
@@ -115,15 +115,6 @@ class Encoded:
 
     def to_bytes(self) -> bytes:
         return b"".join(self._parts())
-
-    def into(self, buf: bytearray | mmap.mmap | memoryview) -> None:
-        """Write the canonical bytes into ``buf`` (at least ``nbytes`` long)."""
-        view = memoryview(buf).cast("B")
-        pos = 0
-        for part in self._parts():
-            n = len(part) if isinstance(part, bytes) else part.nbytes
-            view[pos : pos + n] = part if isinstance(part, bytes) else memoryview(part).cast("B")
-            pos += n
 
     def to_buffer(self) -> tuple[mmap.mmap | bytearray, bytes]:
         """The canonical bytes in fresh memory of their own, and their SHA-256: a helper thread

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -156,20 +158,28 @@ def test_late_joiner_takes_the_merged_model_then_contributes(tmp_path: Path) -> 
         assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
 
 
-def test_a_restarted_node_service_loses_nothing(tmp_path: Path) -> None:
-    """SIGKILL a node service mid-training and start it again: its trainer waits for it, goes on,
-    and every site still ends with the chain's final model."""
-    # enough epochs that the other two sites are still training when node 0 is back (rounds take
-    # well under a second; a restart a few seconds)
+@contextmanager
+def _training_past_round_3(tmp_path: Path, batch_delay: float = 0.0) -> Iterator[LocalSwarm]:
+    """Three sites training (8 epochs: the other two are still training when a node restarted
+    after round 3 is back; rounds take well under a second, a restart a few seconds), once
+    round 3 is committed."""
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
                     epochs=8) as swarm:
         for i in range(3):
             swarm.start_node(i)
         swarm.wait_enrolled([0, 1, 2])
         for i in range(3):
-            swarm.start_trainer(i)
+            swarm.start_trainer(i, batch_delay=batch_delay)
         c = swarm.contract
         _wait(lambda: c.round(3).status is RoundStatus.COMMITTED, 120, "round 3's commit", swarm)
+        yield swarm
+
+
+def test_a_restarted_node_service_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL a node service mid-training and start it again: its trainer waits for it, goes on,
+    and every site still ends with the chain's final model."""
+    with _training_past_round_3(tmp_path) as swarm:
+        c = swarm.contract
         swarm.kill_node(0)  # the largest site: it trains longest
         swarm.start_node(0)
         _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
@@ -271,15 +281,8 @@ def test_sigterm_during_a_sync_stops_the_node_promptly_and_a_restart_resumes(
     the chain's final model."""
     import signal
 
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
-                    epochs=8) as swarm:
-        for i in range(3):
-            swarm.start_node(i)
-        swarm.wait_enrolled([0, 1, 2])
-        for i in range(3):
-            swarm.start_trainer(i, batch_delay=0.02)
+    with _training_past_round_3(tmp_path, batch_delay=0.02) as swarm:
         c = swarm.contract
-        _wait(lambda: c.round(3).status is RoundStatus.COMMITTED, 120, "round 3's commit", swarm)
         t0 = time.monotonic()
         swarm.nodes[0].send_signal(signal.SIGTERM)
         code = swarm.nodes[0].wait(timeout=30)
