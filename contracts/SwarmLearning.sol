@@ -57,8 +57,9 @@ contract SwarmLearning {
         uint16 openCount; // participants of the open (current, unelected) round
         uint16 openActive; // ... of which active
         uint32 openFirstAt; // first check-in time of the open round
-        bool elected; // the current round has a leader
+        bool elected; // the current round's participants are fixed and its leader is drawn
         bool finished; // the final round is committed
+        uint32 drawBlock; // the block whose hash draws the current round's leader; 0: pinned
     }
 
     /// A node may be marked absent once the current round is this many rounds past the later of
@@ -86,6 +87,11 @@ contract SwarmLearning {
     event Enrolled(address indexed node, string endpoint, bytes32 fingerprint);
     event EndpointUpdated(address indexed node, string endpoint);
     event CheckedIn(uint256 indexed round, address indexed node, uint256 weight);
+    /// The round's participants (attempt 1) or candidates (re-election) are fixed; its leader is
+    /// drawn from the hash of block `drawBlock` (this transaction's block), known once it is mined.
+    event RoundClosed(
+        uint256 indexed round, uint256 attempt, uint256 participantCount, uint256 drawBlock
+    );
     event LeaderElected(
         uint256 indexed round, address indexed leader, uint256 attempt, uint256 participantCount
     );
@@ -254,8 +260,9 @@ contract SwarmLearning {
         }
         if (s.elected) {
             revert(string.concat(
-                "round ", _u(round), " is already elected (leader ", _addr(_rounds[round].leader),
-                "); take its merged model and check in for round ", _u(round + 1)
+                "round ", _u(round), " is already elected (leader ",
+                _addr(_leaderOf(s, _rounds[round], round)), "); take its merged model and check in",
+                " for round ", _u(round + 1)
             ));
         }
         if (n.lastCheckinRound == round) {
@@ -297,7 +304,7 @@ contract SwarmLearning {
         Round storage rd = _rounds[round];
         if (s.elected) {
             revert(string.concat(
-                "round ", _u(round), " is already elected (leader ", _addr(rd.leader), ")"
+                "round ", _u(round), " is already elected (leader ", _addr(_leaderOf(s, rd, round)), ")"
             ));
         }
         if (s.openCount < minPeers) {
@@ -328,7 +335,8 @@ contract SwarmLearning {
                 "; only an elected, uncommitted round can be committed"
             ));
         }
-        address leader = rd.leader;
+        address leader = _pin(s, rd, round);
+        if (leader == address(0)) _revertUndrawn(s, round);
         if (msg.sender != leader) {
             revert(string.concat(
                 "round ", _u(round), ": only its leader ", _addr(leader), " (attempt ",
@@ -381,11 +389,18 @@ contract SwarmLearning {
         uint256 due = uint256(rd.electedAt) + roundDeadline;
         if (block.timestamp < due) {
             revert(string.concat(
-                "round ", _u(round), ": leader ", _addr(rd.leader), " has until ", _u(due),
-                " to commit (now ", _u(block.timestamp), ")"
+                "round ", _u(round), ": leader ", _addr(_leaderOf(s, rd, round)), " has until ",
+                _u(due), " to commit (now ", _u(block.timestamp), ")"
             ));
         }
-        address old = rd.leader;
+        address old = _pin(s, rd, round);
+        if (old == address(0)) {
+            // the draw block's hash is gone (over 256 blocks without a transaction for this
+            // round): nobody failed yet; draw again from this block
+            if (block.number <= s.drawBlock) _revertUndrawn(s, round);
+            _close(s, rd, round, rd.attempt, rd.count);
+            return;
+        }
         NodeState memory on = _node[old];
         on.failedRound = uint32(round);
         emit LeaderFailed(round, old);
@@ -396,13 +411,7 @@ contract SwarmLearning {
         if (gone && s.activeCount == 0 && s.finalRound == 0) _fixFinal(s, false);
 
         uint256 n = rd.count;
-        address[] memory candidates = new address[](n);
-        uint256 k;
-        for (uint256 i = 0; i < n; i++) {
-            address p = address(uint160(rd.entries[i]));
-            NodeState memory pn = _node[p];
-            if (pn.failedRound != round && !pn.revoked) candidates[k++] = p;
-        }
+        (, uint256 k) = _candidates(rd, round, n);
         if (k == 0) {
             rd.leader = address(0);
             emit RoundAbandoned(round);
@@ -415,14 +424,31 @@ contract SwarmLearning {
             _s = s;
             return;
         }
-        if (gone) _s = s;
-        uint16 attempt = rd.attempt + 1;
-        bytes32 seed = keccak256(abi.encodePacked(blockhash(block.number - 1), round, uint256(attempt)));
-        address next = candidates[uint256(seed) % k];
-        rd.leader = next;
-        rd.attempt = attempt;
-        rd.electedAt = uint32(block.timestamp);
-        emit LeaderElected(round, next, attempt, n);
+        _close(s, rd, round, rd.attempt + 1, n);
+    }
+
+    /// @notice Pin the current round's leader once the hash of its draw block is known (any later
+    /// block). Nodes read the drawn leader from `roundInfo` without it; this records it (and emits
+    /// LeaderElected) for chains whose next block only comes with a transaction. Any enrolled node.
+    function draw(uint256 round) external {
+        State memory s = _s;
+        if (s.finished) _revertFinished(s);
+        _live(msg.sender);
+        Round storage rd = _rounds[round];
+        RoundStatus st = _status(s, rd, round);
+        if (st != RoundStatus.Elected) {
+            revert(string.concat(
+                "round ", _u(round), " is ", _statusName(st), "; only an elected round has a draw"
+            ));
+        }
+        if (rd.leader != address(0)) {
+            revert(string.concat(
+                "round ", _u(round), ": leader ", _addr(rd.leader), " is already drawn"
+            ));
+        }
+        if (block.number <= s.drawBlock) _revertUndrawn(s, round);
+        if (_pin(s, rd, round) == address(0)) _close(s, rd, round, rd.attempt, rd.count);
+        else _s = s;
     }
 
     /// @notice The calling node's trainer is done. When no active node is left the final round
@@ -446,7 +472,8 @@ contract SwarmLearning {
         else _s = s;
     }
 
-    /// @notice Mark `node` absent: it missed the last ABSENT_AFTER_ROUNDS rounds (its process
+    /// @notice Mark `node` absent: it missed the last ABSENT_AFTER_ROUNDS rounds and was silent
+    /// for a round deadline, or silent for ABSENT_AFTER_ROUNDS + 1 deadlines (its process
     /// evidently died). It leaves the active nodes, so neither the open rounds nor the final round
     /// wait for it; if every other node finished, the final round is fixed. Checking in again
     /// brings it back. Any enrolled, non-revoked node may call it.
@@ -471,15 +498,21 @@ contract SwarmLearning {
             ));
         }
         uint256 cur = s.currentRound;
+        if (n.lastCheckinRound == cur) {
+            revert(string.concat("node ", _addr(node), " checked in for the current round"));
+        }
         uint256 since = n.lastCheckinRound > n.enrolledRound ? n.lastCheckinRound : n.enrolledRound;
-        if (cur < since + ABSENT_AFTER_ROUNDS) {
+        // Silent for ABSENT_AFTER_ROUNDS + 1 deadlines is enough on its own: rounds stop moving
+        // on when every other site finished and only waits for a dead one.
+        uint256 silentUntil = uint256(n.lastSeen) + uint256(roundDeadline) * (ABSENT_AFTER_ROUNDS + 1);
+        if (cur < since + ABSENT_AFTER_ROUNDS && block.timestamp < silentUntil) {
             string memory what = n.lastCheckinRound != 0
                 ? " last checked in for round "
                 : " enrolled in round ";
             revert(string.concat(
                 "node ", _addr(node), what, _u(since),
                 "; it can be marked absent from round ", _u(since + ABSENT_AFTER_ROUNDS),
-                " (the current round is ", _u(cur), ")"
+                " (the current round is ", _u(cur), "), or once silent until ", _u(silentUntil)
             ));
         }
         // Rounds alone are not enough: a live site slower than the grace period misses rounds
@@ -505,6 +538,19 @@ contract SwarmLearning {
         NodeState storage n = _node[msg.sender];
         if (n.revoked || !n.enrolled) _live(msg.sender);
         if (round == 0) revert("round 0 does not exist; rounds are numbered from 1");
+        Round storage rd = _rounds[round];
+        if (rd.digest == 0) {
+            revert(string.concat(
+                "round ", _u(round), " has no merged model on chain (not played, not committed ",
+                "yet, or abandoned); metrics are recorded for committed rounds only"
+            ));
+        }
+        if (n.lastCheckinRound != round && !_isParticipant(rd, msg.sender)) {
+            revert(string.concat(
+                "node ", _addr(msg.sender), " did not take part in round ", _u(round),
+                "; only its participants report its metrics"
+            ));
+        }
         emit MetricsReported(round, msg.sender, loss, metric);
     }
 
@@ -573,7 +619,7 @@ contract SwarmLearning {
         State memory s = _s;
         Round storage rd = _rounds[round];
         status = _status(s, rd, round);
-        leader = rd.leader;
+        leader = _leaderOf(s, rd, round);
         attempt = rd.attempt;
         electedAt = rd.electedAt;
         digest = rd.digest;
@@ -625,22 +671,93 @@ contract SwarmLearning {
         return s.activeCount != 0 && s.openActive >= s.activeCount && s.liveCount >= minPeers;
     }
 
-    /// Draw the leader of the open round `round` among its participants (in check-in order).
+    /// Close the open round `round`: its participants are fixed (in check-in order) and its
+    /// leader is drawn from this block's hash, which no participant knows when it sends its
+    /// transaction (a draw from the previous block's hash let the last node to check in wait for
+    /// a block that made it leader).
     function _elect(State memory s, Round storage rd, uint256 round) internal {
         uint256 n = s.openCount;
-        bytes32 seed = keccak256(abi.encodePacked(blockhash(block.number - 1), round));
-        address leader = address(uint160(rd.entries[uint256(seed) % n]));
-        rd.leader = leader;
-        rd.attempt = 1;
         rd.count = uint16(n);
-        rd.electedAt = uint32(block.timestamp);
         rd.firstCheckinAt = s.openFirstAt;
         s.openCount = 0;
         s.openActive = 0;
         s.openFirstAt = 0;
         s.elected = true;
+        _close(s, rd, round, 1, n);
+    }
+
+    /// Start draw `attempt` of the elected round: the leader is unknown until this block is mined.
+    function _close(State memory s, Round storage rd, uint256 round, uint256 attempt, uint256 n)
+        internal
+    {
+        rd.leader = address(0);
+        rd.attempt = uint16(attempt);
+        rd.electedAt = uint32(block.timestamp);
+        s.drawBlock = uint32(block.number);
         _s = s;
-        emit LeaderElected(round, leader, 1, n);
+        emit RoundClosed(round, attempt, n, block.number);
+    }
+
+    /// The leader of `round`: pinned, or drawn from the draw block's hash once that is known
+    /// (address 0 before, and if the hash is older than the 256 blocks the EVM keeps).
+    function _leaderOf(State memory s, Round storage rd, uint256 round)
+        internal
+        view
+        returns (address)
+    {
+        address pinned = rd.leader;
+        if (pinned != address(0) || round != s.currentRound || !s.elected) return pinned;
+        if (block.number <= s.drawBlock) return address(0);
+        bytes32 h = blockhash(s.drawBlock);
+        if (h == 0) return address(0);
+        uint256 attempt = rd.attempt;
+        uint256 seed = uint256(keccak256(abi.encodePacked(h, round, attempt)));
+        uint256 n = rd.count;
+        if (attempt == 1) return address(uint160(rd.entries[seed % n]));
+        (address[] memory candidates, uint256 k) = _candidates(rd, round, n);
+        return k == 0 ? address(0) : candidates[seed % k];
+    }
+
+    /// Record the drawn leader of `round` (state `s`, written back by the caller) if it is not
+    /// recorded yet; address 0 when it cannot be drawn now.
+    function _pin(State memory s, Round storage rd, uint256 round) internal returns (address) {
+        address leader = rd.leader;
+        if (leader != address(0)) return leader;
+        leader = _leaderOf(s, rd, round);
+        if (leader == address(0)) return leader;
+        rd.leader = leader;
+        s.drawBlock = 0;
+        emit LeaderElected(round, leader, rd.attempt, rd.count);
+        return leader;
+    }
+
+    /// The participants of `round` that may still lead it (not failed in it, not revoked).
+    function _candidates(Round storage rd, uint256 round, uint256 n)
+        internal
+        view
+        returns (address[] memory candidates, uint256 k)
+    {
+        candidates = new address[](n);
+        for (uint256 i = 0; i < n; i++) {
+            address p = address(uint160(rd.entries[i]));
+            NodeState memory pn = _node[p];
+            if (pn.failedRound != round && !pn.revoked) candidates[k++] = p;
+        }
+    }
+
+    function _isParticipant(Round storage rd, address who) internal view returns (bool) {
+        uint256 n = rd.count;
+        for (uint256 i = 0; i < n; i++) {
+            if (address(uint160(rd.entries[i])) == who) return true;
+        }
+        return false;
+    }
+
+    function _revertUndrawn(State memory s, uint256 round) internal pure {
+        revert(string.concat(
+            "round ", _u(round), ": its leader is drawn from the hash of block ", _u(s.drawBlock),
+            ", not known yet; try again from a later block"
+        ));
     }
 
     /// Every member checked in for `round` (the current round), is not revoked, and is listed once.

@@ -39,6 +39,13 @@ class Backend:
             pending = tester.get_block_by_number("pending")["timestamp"]
             tester.time_travel(pending + seconds)
 
+    def mine(self) -> None:
+        """Mine one empty block."""
+        if self.name == "anvil":
+            self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        else:
+            self.w3.provider.ethereum_tester.mine_blocks(1)  # type: ignore[attr-defined]
+
     def now(self) -> int:
         return int(self.w3.eth.get_block("latest")["timestamp"])
 
@@ -106,7 +113,11 @@ class Swarm:
         raise KeyError(address)
 
     def leader(self, round: int) -> SwarmContract:
+        """The round's leader, drawn (pinned by a draw transaction) if it is not yet."""
         info = self.admin.round(round)
+        if info.leader is None:
+            self.nodes[0].draw(round)
+            info = self.admin.round(round)
         assert info.leader is not None, f"round {round} has no leader"
         return self.handle(info.leader)
 

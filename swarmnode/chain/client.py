@@ -63,6 +63,7 @@ __all__ = [
 
 T = TypeVar("T")
 ZERO_ADDRESS = "0x" + "0" * 40
+DRAW_GAS = 800_000
 FIXED_POINT = 1_000_000  # reportMetrics values are fixed-point x1e6
 UINT32_MAX = 2**32 - 1
 
@@ -269,6 +270,14 @@ class SwarmContract:
             f"commitMerge(round {round}, {len(addrs)} members)",
         )
 
+    def draw(self, round: int) -> TxResult:
+        """Pin the elected round's leader, drawn from the hash of the block that closed the round
+        (needs a later block; ``round()`` shows the drawn leader without it where one exists)."""
+        # not estimated: in the latest block the draw block's hash is not known yet (on a chain
+        # that mines on transactions the draw itself brings the next block). The gas covers a
+        # re-election's draw among 100 participants; what it does not use is not charged.
+        return self._transact("draw", (round,), f"draw(round {round})", gas=DRAW_GAS)
+
     def reelect(self, round: int) -> TxResult:
         """Participant: replace a leader that missed the round deadline."""
         return self._transact("reelect", (round,), f"reelect(round {round})")
@@ -366,19 +375,24 @@ class SwarmContract:
 
         Enrolled, neither revoked, finished nor absent, the current round at least
         ``absent_after_rounds`` past the later of the node's last check-in and enrolment round,
-        and silent for at least the round deadline.
+        and silent for at least the round deadline; or silent for ``absent_after_rounds + 1``
+        round deadlines (rounds no longer move on when only a dead site is left training).
         Empty once the training finished.
         """
         if self.training_finished():
             return []
         settings = self.settings()
-        since = self.current_round() - settings.absent_after_rounds
+        current = self.current_round()
+        since = current - settings.absent_after_rounds
         now = max(self.block_timestamp(), int(time.time()))
+        silent = settings.deadline_s * (settings.absent_after_rounds + 1)
         return [
             n.address for n in self.nodes()
             if n.enrolled and not (n.revoked or n.finished or n.absent)
-            and max(n.last_checkin_round, n.enrolled_round) <= since
-            and now >= n.last_seen + settings.deadline_s
+            and n.last_checkin_round != current
+            and ((max(n.last_checkin_round, n.enrolled_round) <= since
+                  and now >= n.last_seen + settings.deadline_s)
+                 or now >= n.last_seen + silent)
         ]
 
     def round(self, r: int) -> RoundInfo:
@@ -554,7 +568,9 @@ class SwarmContract:
             reason=reason,
         )
 
-    def _transact(self, fn: str, args: tuple[Any, ...], what: str) -> TxResult:
+    def _transact(
+        self, fn: str, args: tuple[Any, ...], what: str, gas: int | None = None
+    ) -> TxResult:
         try:
             data = self._contract.encode_abi(fn, args=list(args))
         except (Web3ValidationError, Web3TypeError, Web3ValueError, OverflowError) as exc:
@@ -565,10 +581,16 @@ class SwarmContract:
             self._sender = TxSender(self._w3, require_account(self._account, what),
                                     self.receipt_timeout)
         receipt = self._sender.send(
-            {"to": self.address, "data": data}, what, lambda r: self._refused(what, r)
+            {"to": self.address, "data": data}, what, lambda r: self._refused(what, r),
+            gas=gas,
         )
+        mine = self.address.lower()
         return TxResult(
             tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
             gas_used=int(receipt["gasUsed"]),
             block=int(receipt["blockNumber"]),
+            events=tuple(
+                _TOPICS.get(bytes(lg["topics"][0]), "?") for lg in receipt.get("logs", ())
+                if lg["topics"] and str(lg["address"]).lower() == mine
+            ),
         )

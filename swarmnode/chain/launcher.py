@@ -56,7 +56,8 @@ class DevChain:
     ``port=0`` lets anvil pick a free port (read back from its output). ``state_file`` keeps the
     chain across restarts (saved every second and on stop). ``block_time`` adds an empty block
     every so many seconds while transactions are still mined at once (mixed mining), so that
-    ``block.timestamp`` advances with the wall clock as on a real chain.
+    ``block.timestamp`` advances with the wall clock as on a real chain. ``instant=False`` (with
+    ``block_time``): transactions wait for the next block, as on geth or a PoA network.
     """
 
     def __init__(
@@ -66,12 +67,14 @@ class DevChain:
         state_file: Path | None = None,
         block_time: float | None = None,
         chain_id: int = DEV_CHAIN_ID,
+        instant: bool = True,
         start_timeout: float = 20.0,
     ) -> None:
         self.host = host
         self.port = port
         self.state_file = Path(state_file) if state_file is not None else None
         self.block_time = block_time
+        self.instant = instant
         self.chain_id = chain_id
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[str] | None = None
@@ -103,7 +106,9 @@ class DevChain:
             # Mixed mining: a transaction is still mined at once, and an empty block every
             # block_time seconds moves block.timestamp on, as on a real chain, so time-based
             # rules (grace period, round deadline) can be met without other traffic.
-            cmd += ["--block-time", f"{self.block_time:g}", "--mixed-mining"]
+            cmd += ["--block-time", f"{self.block_time:g}"]
+            if self.instant:
+                cmd.append("--mixed-mining")
         return cmd
 
     def start(self) -> DevChain:

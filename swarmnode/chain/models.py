@@ -103,3 +103,4 @@ class TxResult:
     tx_hash: str
     gas_used: int
     block: int
+    events: tuple[str, ...] = ()  # names of the contract's events it emitted, in order

@@ -52,24 +52,29 @@ class TxSender:
         fields: dict[str, Any],
         what: str,
         refused: Callable[[str], ContractReverted],
+        *,
+        gas: int | None = None,
     ) -> Any:
         """Send a transaction with ``fields`` (``data`` and ``to``, none for a deployment).
 
         Returns the receipt of the successful transaction; a revert raises ``refused(reason)``.
+        ``gas``: send with this gas limit, without estimating (a revert then shows in the receipt).
         """
         w3, account = self.w3, self.account
         tx: dict[str, Any] = {"from": account.address, "value": 0, **fields}
         with rpc_guard(w3, what):
             if self._chain_id is None:
                 self._chain_id = int(w3.eth.chain_id)
-            try:
-                estimate = w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
-            except Exception as exc:
-                reason = revert_reason(exc)
-                if reason is None:
-                    raise
-                raise refused(reason) from None
-            tx["gas"] = int(estimate * GAS_MARGIN) + GAS_HEADROOM
+            if gas is None:
+                try:
+                    estimate = w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
+                except Exception as exc:
+                    reason = revert_reason(exc)
+                    if reason is None:
+                        raise
+                    raise refused(reason) from None
+                gas = int(estimate * GAS_MARGIN) + GAS_HEADROOM
+            tx["gas"] = gas
             tx["gasPrice"] = int(w3.eth.gas_price)
             tx["chainId"] = self._chain_id
             with self._lock:

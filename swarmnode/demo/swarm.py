@@ -46,9 +46,12 @@ class LocalSwarm:
         seed: int = 0,
         epochs: int | None = None,
         state_file: bool = False,
+        block_time: float = 1.0,
+        instant_mining: bool = True,
     ) -> None:
         """``state_file``: the chain keeps its state in a file, so it can be stopped and started
-        again (an outage) without losing the swarm."""
+        again (an outage) without losing the swarm. ``instant_mining=False``: transactions wait
+        for the next block (every ``block_time`` s), as on a chain that is not anvil's."""
         self.work = Path(workdir).resolve()
         self.n = nodes
         self.merge = merge
@@ -61,7 +64,7 @@ class LocalSwarm:
         self.names = [f"hospital-{i + 1}" for i in range(nodes)]
         self.accounts = [dev_account(i + 1) for i in range(nodes)]
         # block_time: time moves on, so grace periods and deadlines can pass
-        self.chain = DevChain(block_time=1.0,
+        self.chain = DevChain(block_time=block_time, instant=instant_mining,
                               state_file=self.work / "chain-state.json" if state_file else None)
         self.nodes: dict[int, subprocess.Popen[bytes]] = {}
         self.trainers: dict[int, subprocess.Popen[bytes]] = {}
@@ -187,6 +190,17 @@ class LocalSwarm:
         self.nodes[i].kill()
         self.nodes[i].wait()
 
+    def pause_node(self, i: int) -> None:
+        """Freeze the node service (SIGSTOP): alive, holding its sockets, answering nothing."""
+        self.nodes[i].send_signal(signal.SIGSTOP)
+
+    def resume_node(self, i: int) -> None:
+        self.nodes[i].send_signal(signal.SIGCONT)
+
+    def index_of(self, address: str) -> int:
+        """The site whose node signs with ``address``."""
+        return next(i for i, a in enumerate(self.accounts) if a.address == address)
+
     def tail(self, i: int, kind: str, lines: int = 5) -> str:
         try:
             return " | ".join(self.log(i, kind).read_text().strip().splitlines()[-lines:])
@@ -206,6 +220,7 @@ class LocalSwarm:
         procs = list(self.trainers.values()) + list(self.nodes.values())
         for p in procs:
             if p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a paused one must be able to stop
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         for p in procs:

@@ -29,6 +29,7 @@ from swarmnode.node.collector import Collector, Collectors
 from swarmnode.node.machine import (
     CheckIn,
     Done,
+    Draw,
     Elect,
     MarkAbsent,
     Merge,
@@ -54,6 +55,7 @@ log = logging.getLogger("swarmnode.node")
 _EVENT_WAIT_S = 0.5  # with a block watcher, the longest a round sleeps between looks
 _ABSENT_CHECK_S = 2.0  # how often an open round's participant looks for absent nodes
 _SIGNAL_FALLBACK_S = 2.0  # with event signals, the longest a waiting round goes without a look
+_MIN_TRANSFER_S = 5.0  # the shortest time a push is given, whatever the deadline says
 _SIGNAL_STAGES = (Stage.ELECTION, Stage.COMMIT, Stage.COLLECT)
 
 
@@ -122,10 +124,18 @@ class RoundDriver:
         self._served: dict[int, set[str]] = {}
         self._replica = threading.Condition()
         self.replicate_s = min(5.0, timing.deadline_s * 0.25)
-        # Fault injection for the failure tests: "ROUND:ATTEMPT" makes this node, as that round's
-        # leader at that attempt, hang before it commits (HPE's "stuck at Merging...").
-        stall = os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "")
-        self._stall = tuple(int(x) for x in stall.split(":")) if stall else None
+        # Fault injection for the failure tests: "ROUND:ATTEMPT[:SECONDS]" makes this node, as
+        # that round's leader at that attempt, hang before it commits (HPE's "stuck at
+        # Merging..."), for good or for SECONDS.
+        stall = [int(x) for x in os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "").split(":") if x]
+        self._stall = tuple(stall[:2]) if stall else None
+        self._stall_s = float(stall[2]) if len(stall) > 2 else None
+        # ... "POINT:ROUND" makes the process die (exit 137, no clean-up) at that point of that
+        # round ("POINT:ROUND+": of that round or the first later one that gets there):
+        # before-push, after-push (a member), after-commit (the leader).
+        point, _, at = os.environ.get("SWARMNODE_TEST_EXIT", "").partition(":")
+        self._exit_at = (point, int(at.rstrip("+")), at.endswith("+")) if at else None
+        self._unpullable_since: dict[int, float] = {}
 
     def prehash(self, payload: serde.Buffer) -> None:
         """Start hashing this node's update now (a helper thread), for the push that follows."""
@@ -236,7 +246,7 @@ class RoundDriver:
         # chain time (the contract's clock for grace and deadlines), not this host's clock
         now = self.watcher.now() if self.watcher is not None else time.time()
         absent: tuple[str, ...] = ()
-        if (info.status is RoundStatus.OPEN and machine.drive and self.me in info.participants
+        if (info.status is RoundStatus.OPEN and self.me in info.participants
                 and info.first_checkin_at and now >= info.first_checkin_at + self.timing.grace_s
                 and now >= self._absent_checked + _ABSENT_CHECK_S):
             # reads every node: at most every few seconds, not on every block
@@ -258,14 +268,19 @@ class RoundDriver:
         elif isinstance(action, CheckIn):
             self._checkin(machine, action)
         elif isinstance(action, Elect):
-            self._quiet(lambda: self.chain.elect(round), f"elect round {round}")
+            self._quiet(lambda: self.chain.elect(round), f"elect round {round}", machine)
         elif isinstance(action, MarkAbsent):
             for node in action.nodes:
                 log.warning("round %d: node %s missed the last rounds; marking it absent",
                             round, node)
-                self._quiet(lambda n=node: self.chain.mark_absent(n), f"mark {node} absent")
+                self._quiet(lambda n=node: self.chain.mark_absent(n), f"mark {node} absent",
+                            machine)
         elif isinstance(action, Push):
-            self._push(machine, action, payload, weight)
+            # a push is moot once the leader's deadline passed (the member re-elects then): a
+            # leader that froze mid-transfer holds this node no longer than that
+            left = info.elected_at + self.timing.deadline_s - now
+            timeout = min(self.transfer_timeout_s, max(_MIN_TRANSFER_S, left + 2.0))
+            self._push(machine, action, payload, weight, timeout)
         elif isinstance(action, Merge):
             self._merge(machine, action, info)
         elif isinstance(action, Reelect):
@@ -274,7 +289,10 @@ class RoundDriver:
                 round, action.leader,
             )
             self.pool.drop(action.leader)
-            self._quiet(lambda: self.chain.reelect(round), f"reelect round {round}")
+            self._quiet(lambda: self.chain.reelect(round), f"reelect round {round}", machine)
+        elif isinstance(action, Draw):
+            self._quiet(lambda: self.chain.draw(round), f"draw round {round}")
+            machine.on_drawn()
         elif isinstance(action, Pull):
             self._pull(machine, action)
         elif isinstance(action, Done):
@@ -294,6 +312,8 @@ class RoundDriver:
         ahead: list[float] = []
         if info.status is RoundStatus.OPEN and info.first_checkin_at:
             ahead.append(info.first_checkin_at + t.grace_s - now)
+        elif info.status is RoundStatus.ELECTED and info.leader is None:
+            ahead.append(info.elected_at + t.draw_wait_s - now)
         elif info.status is RoundStatus.ELECTED:
             ahead += [info.elected_at + t.collect_s - now, info.elected_at + t.deadline_s - now]
         future = [a for a in ahead if a > 0]
@@ -302,16 +322,20 @@ class RoundDriver:
         return t.retry_s if ahead or info.status is RoundStatus.OPEN else _SIGNAL_FALLBACK_S
 
     # -- actions ----------------------------------------------------------------------------------
-    def _quiet(self, fn, what: str) -> None:  # type: ignore[no-untyped-def]
-        """Calls that race with other nodes (elect, reelect): a revert just means 'not now'."""
+    def _quiet(self, fn, what: str, machine: RoundMachine | None = None) -> None:  # type: ignore[no-untyped-def]
+        """Calls that race with other nodes (elect, reelect): a revert just means 'not now'.
+        A call that closed the round makes this node the one to draw its leader next."""
         try:
-            fn()
+            result = fn()
         except ContractReverted as exc:
             log.debug("%s: %s", what, exc.reason or exc)
+            return
+        if machine is not None and "RoundClosed" in result.events:
+            machine.on_closed()
 
     def _checkin(self, machine: RoundMachine, action: CheckIn) -> None:
         try:
-            self.chain.checkin(action.round, action.weight)
+            result = self.chain.checkin(action.round, action.weight)
         except ContractReverted as exc:
             info = self.chain.round(action.round)
             if self.me in info.participants:
@@ -324,6 +348,8 @@ class RoundDriver:
                 raise RoundError(f"round {action.round}: check-in refused: {exc}") from None
             return
         machine.on_checked_in()
+        if "RoundClosed" in result.events:
+            machine.on_closed()
         log.info("round %d: checked in with weight %d", action.round, action.weight)
 
     def _seed_own(self, info: RoundInfo, state: StateDict, weight: int) -> None:
@@ -333,15 +359,26 @@ class RoundDriver:
         except (PayloadRejected, RoundError):  # already in, or already sealed
             pass
 
+    def _die_at(self, point: str, round: int) -> None:
+        if self._exit_at is None or self._exit_at[0] != point:
+            return
+        _, at, later = self._exit_at
+        if round == at or (later and round > at):
+            log.warning("round %d: test fault: the process dies %s", round, point)
+            logging.shutdown()
+            os._exit(137)
+
     def _push(
-        self, machine: RoundMachine, action: Push, payload: serde.Buffer, weight: int
+        self, machine: RoundMachine, action: Push, payload: serde.Buffer, weight: int,
+        timeout: float,
     ) -> None:
+        self._die_at("before-push", action.round)
         if weight == 0:  # nothing to add: the leader counts zero-weight participants as in
             machine.on_pushed(action.attempt)
             return
         try:
             self.pool.client(action.leader).push_update(
-                action.round, weight, payload, timeout=self.transfer_timeout_s,
+                action.round, weight, payload, timeout=timeout,
                 digest=self._own_digest(payload),
             )
         except DuplicateUpdate:  # our earlier push arrived; only its reply was lost
@@ -350,6 +387,7 @@ class RoundDriver:
             log.warning("round %d: push to leader %s failed: %s", action.round, action.leader, exc)
             return
         machine.on_pushed(action.attempt)
+        self._die_at("after-push", action.round)
         log.info("round %d: update sent to leader %s", action.round, action.leader)
         fetch = threading.Thread(target=self._prefetch, args=(action.round, action.leader),
                                  name=f"prefetch-{action.round}", daemon=True)
@@ -405,7 +443,7 @@ class RoundDriver:
     def _merge(self, machine: RoundMachine, action: Merge, info: RoundInfo) -> None:
         if self._stall == (action.round, action.attempt):
             log.warning("round %d: test fault: hanging before the commit", action.round)
-            threading.Event().wait()
+            threading.Event().wait(self._stall_s)
         key = (action.round, action.attempt)
         stages = self._stages
         if key not in self._merged:
@@ -447,6 +485,7 @@ class RoundDriver:
         machine.on_merged(action.attempt, digest)
         log.info("round %d: merged %d updates, committed %s", action.round, len(members),
                  digest.hex()[:12])
+        self._die_at("after-commit", action.round)
 
     def _reference(self, collector: Collector, round: int) -> StateDict | None:
         """For clip_norm: the model this round started from (the latest merged one). The first
@@ -506,7 +545,19 @@ class RoundDriver:
                 errors.append(f"{source}: {exc}")
                 continue
             self.store.put(action.round, action.digest, got.data)
+            self._unpullable_since.pop(action.round, None)
             machine.on_pulled(action.digest)
+            return
+        since = self._unpullable_since.setdefault(action.round, time.monotonic())
+        if time.monotonic() - since > self.timing.deadline_s:
+            # the leader died before any member held a copy: the digest is on chain, the model
+            # nowhere. Waiting longer cannot help; the next round merges the sites again.
+            log.error("round %d: no participant can serve the committed merged model (digest %s) "
+                      "for %.0f s: %s; this site keeps its own parameters for this round",
+                      action.round, action.digest.hex()[:12], self.timing.deadline_s,
+                      "; ".join(errors))
+            self._unpullable_since.pop(action.round, None)
+            machine.on_refused(action.digest)
             return
         log.warning("round %d: could not pull the merged model yet: %s", action.round,
                     "; ".join(errors))

@@ -5,9 +5,15 @@ observation to :meth:`RoundMachine.decide`, performs the action it gets back, an
 outcome through the ``on_*`` methods. Unit tests drive the machine with synthetic observations; no
 sockets, no chain. One machine lives for one round of one node::
 
-    CHECKIN -> ELECTION -> PUSH ----------> COMMIT -> PULL -> DONE
-                        \\-> COLLECT (leader) ----------------/
-    (late joiner: COMMIT -> PULL -> DONE;  deadline passed: reelect, back to PUSH/COLLECT)
+    CHECKIN -> ELECTION -> (draw) -> PUSH ----------> COMMIT -> PULL -> DONE
+                                  \\-> COLLECT (leader) ----------------/
+    (late joiner: COMMIT -> PULL -> DONE;  deadline passed: reelect, back to the draw)
+
+The contract draws each round's leader from the hash of the block that closed the round (no
+participant knows it when it sends its transaction), so an elected round has no leader until a
+later block exists. The node whose transaction closed the round sends ``draw`` at once (on a chain
+that mines only on transactions, nothing else would bring that block); the others send it when
+the leader is still unknown ``draw_wait_s`` after the close.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ __all__ = [
     "Action",
     "CheckIn",
     "Done",
+    "Draw",
     "Elect",
     "MarkAbsent",
     "Merge",
@@ -55,6 +62,13 @@ class CheckIn:
 
 @dataclass(frozen=True)
 class Elect:
+    round: int
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Have the contract pin the elected round's leader (its draw block is mined)."""
+
     round: int
 
 
@@ -108,7 +122,7 @@ class Done:
     abandoned: bool = False
 
 
-Action = CheckIn | Elect | MarkAbsent | Push | Merge | Reelect | Pull | Wait | Done
+Action = CheckIn | Elect | Draw | MarkAbsent | Push | Merge | Reelect | Pull | Wait | Done
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,7 @@ class Timing:
     min_peers: int
     poll_s: float = 0.05
     retry_s: float = 0.5
+    draw_wait_s: float = 2.0  # a leader still undrawn this long after the close: draw it
 
 
 @dataclass(frozen=True)
@@ -146,8 +161,8 @@ class RoundMachine:
         contribute: bool = True,
         drive: bool = True,
     ) -> None:
-        """``drive=False``: never elect or mark others absent (a node whose trainer is done must
-        not turn rounds over by itself while another site still trains)."""
+        """``drive=False``: never elect (a node whose trainer is done must not turn rounds over
+        by itself while another site still trains); it still sets silent sites aside."""
         self.me = me
         self.round = round
         self.weight = weight
@@ -161,6 +176,7 @@ class RoundMachine:
         self.merged_attempt: int | None = None
         self.merged_digest: bytes | None = None
         self.refused_digest: bytes | None = None
+        self.closer = False  # this node's transaction closed the round (or re-elected)
         self._last_try: dict[str, float] = {}
 
     # -- the decision ----------------------------------------------------------------------------
@@ -200,13 +216,16 @@ class RoundMachine:
             self.stage = Stage.CHECKIN
             return CheckIn(self.round, self.weight)
         self.stage = Stage.ELECTION if self.checked_in else Stage.COMMIT
-        if self.checked_in and self.drive and info.first_checkin_at:
+        if self.checked_in and info.first_checkin_at:
             ready_at = info.first_checkin_at + t.grace_s
             if obs.now < ready_at:
                 return Wait(min(max(ready_at - obs.now, t.poll_s), 1.0), "grace period")
+            # a follower sets dead sites aside too (the contract only lets silent ones go):
+            # once every live site finished, nobody else would, and the final round waits
             if obs.absent and self._may_try("absent", obs.now):
                 return MarkAbsent(self.round, obs.absent)
-            if len(info.participants) >= t.min_peers and self._may_try("elect", obs.now):
+            if (self.drive and len(info.participants) >= t.min_peers
+                    and self._may_try("elect", obs.now)):
                 return Elect(self.round)
         return Wait(t.poll_s, "waiting for the election")
 
@@ -218,6 +237,12 @@ class RoundMachine:
             return Wait(t.poll_s, "late: waiting for the merged model")
         self.checked_in = True
         leader, attempt = info.leader or "", info.attempt
+        if not leader:  # closed, the draw block not mined yet (or no transaction since)
+            self.stage = Stage.ELECTION
+            due = self.closer or (self.drive and obs.now >= info.elected_at + t.draw_wait_s)
+            if due and self._may_try(f"draw{attempt}", obs.now):
+                return Draw(self.round)
+            return Wait(t.poll_s, "waiting for the leader draw")
         if leader == self.me:
             if self.merged_attempt == attempt:
                 self.stage = Stage.COMMIT
@@ -255,6 +280,13 @@ class RoundMachine:
     def on_checked_in(self) -> None:
         self.checked_in = True
         self.stage = Stage.ELECTION
+
+    def on_closed(self) -> None:
+        """This node's transaction closed the round or re-elected its leader: draw it next."""
+        self.closer = True
+
+    def on_drawn(self) -> None:
+        self.closer = False
 
     def on_checkin_too_late(self) -> None:
         """The round was elected before our check-in landed: take the merged model, add nothing."""

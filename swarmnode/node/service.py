@@ -26,6 +26,7 @@ from swarmnode.errors import (
     ChainUnavailable,
     ConfigError,
     ContractNotFound,
+    ContractReverted,
     IdentityError,
     NodeError,
     PayloadRejected,
@@ -53,7 +54,7 @@ _WAIT_LOG_S = 10.0  # how often a wait says what it is waiting for
 _TRANSIENT = (ChainUnavailable, ChainTimeout)
 # Contract events that move a round on for the nodes waiting in it (check-ins are not among
 # them: a waiting node needs the election, not each of the N check-ins before it).
-SIGNAL_EVENTS = ("LeaderElected", "LeaderFailed", "RoundAbandoned", "MergeCommitted",
+SIGNAL_EVENTS = ("RoundClosed", "LeaderElected", "LeaderFailed", "RoundAbandoned", "MergeCommitted",
                  "FinalRound", "TrainingFinished", "NodeFinished", "NodeAbsent")
 
 
@@ -370,8 +371,10 @@ class NodeService:
         with self._round_lock:
             me = self._read(lambda: self.chain.node(self.me))
             if not me.finished and not self._read(self.chain.training_finished):
-                self._read(self.chain.finish)
+                done = self._read(self.chain.finish)
                 log.info("trainer finished; policy %s until the final round", policy)
+                if "RoundClosed" in done.events:  # it closed the open round: draw its leader
+                    self._draw_quietly(self._read(self.chain.current_round))
             self.progress.stage = "finished-waiting"
             state, data = own, payload
             while not self._read(self.chain.training_finished):
@@ -399,12 +402,13 @@ class NodeService:
                         self.chain.wait_for(
                             lambda r=r: True if (self.chain.current_round() != r
                                                  or self.chain.final_round() == r) else None,
-                            timeout=60.0, what=f"round {r} to end",
+                            timeout=self._idle_check_s, what=f"round {r} to end",
                             poll=max(self.config.poll_s, 0.1),
                         )
                     except (ChainTimeout, ChainUnavailable):  # others still train: keep waiting
                         log.info("waiting for the final round: %d node(s) still training",
                                  self._read(self.chain.active_count))
+                        self._set_silent_aside()
             return self._final_outcome()
 
     def _final_outcome(self) -> RoundOutcome:
@@ -435,8 +439,39 @@ class NodeService:
         self.progress.stage = "idle"
         if outcome.digest:
             self.progress.last_digest = outcome.digest.hex()
-        if loss is not None or metric is not None:
+        # metrics are recorded for committed rounds, by their participants only
+        if (loss is not None or metric is not None) and outcome.digest and outcome.contributed:
             self._background.submit(self._report_metrics, outcome.round, loss, metric)
+
+    @property
+    def _idle_check_s(self) -> float:
+        """How often a finished node waiting for the final round looks for dead sites."""
+        return min(60.0, max(5.0, float(self.chain.settings().deadline_s)))
+
+    def _set_silent_aside(self) -> None:
+        """Mark sites absent that the contract lets go (silent for several deadlines): when the
+        only site still 'training' is a dead one, nobody else would, and the final round would
+        wait for it forever."""
+        try:
+            silent = self.chain.absent_candidates()
+        except (ChainTimeout, ChainUnavailable):
+            return
+        for node in silent:
+            log.warning("node %s has been silent for several round deadlines; marking it absent",
+                        node)
+            try:
+                result = self.chain.mark_absent(node)
+            except ContractReverted as exc:
+                log.debug("mark %s absent: %s", node, exc.reason or exc)
+                continue
+            if "RoundClosed" in result.events:
+                self._draw_quietly(self.chain.current_round())
+
+    def _draw_quietly(self, round: int) -> None:
+        try:
+            self.chain.draw(round)
+        except ContractReverted as exc:  # another node drew it first
+            log.debug("draw round %d: %s", round, exc.reason or exc)
 
     def _report_metrics(self, round: int, loss: float | None, metric: float | None) -> None:
         try:

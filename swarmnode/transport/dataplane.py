@@ -72,6 +72,10 @@ STRIPE_MIN = 16 << 20  # bytes: smaller transfers use fewer stripes
 _IO_BLOCK = 4 << 20  # bytes per recv_into/send call: progress is checked between blocks
 _HANDSHAKE_S = 10.0
 _STALL_S = 5.0  # seconds an admitted push may go without a byte
+# Client: seconds one send or receive may go without progress (a peer that froze: SIGSTOP, a
+# hung host) before the transfer fails, whatever the transfer's overall timeout. Long enough for
+# a push queued behind others for admission, and for a leader's 2 s hold of a pull.
+_PROGRESS_S = 30.0
 
 
 def stripe_range(total: int, index: int, count: int) -> tuple[int, int]:
@@ -614,7 +618,7 @@ class DataClient:
                 f"the data plane at {self.host}:{self.port} presented certificate sha256 "
                 f"{got.hex()[:16]}..., not the one the contract holds for {self.who}; nothing "
                 "was sent")
-        tls.settimeout(timeout)
+        tls.settimeout(min(timeout, _PROGRESS_S))
         return tls
 
     @staticmethod

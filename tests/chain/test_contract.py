@@ -29,13 +29,17 @@ def tx_events(swarm: Swarm, result: TxResult) -> list[tuple[str, dict]]:
 
 
 def expected_pick(w3: Web3, block: int, round: int, candidates: Sequence[str],
-                  attempt: int | None = None) -> str:
-    """The contract's draw, recomputed: keccak256(blockhash(block-1), round[, attempt]) % n."""
-    prev = bytes(w3.eth.get_block(block - 1)["hash"])
-    data = prev + round.to_bytes(32, "big")
-    if attempt is not None:
-        data += attempt.to_bytes(32, "big")
+                  attempt: int = 1) -> str:
+    """The contract's draw, recomputed: keccak256(blockhash(block), round, attempt) % n, where
+    ``block`` is the block of the transaction that closed the round (or re-elected)."""
+    closing = bytes(w3.eth.get_block(block)["hash"])
+    data = closing + round.to_bytes(32, "big") + attempt.to_bytes(32, "big")
     return candidates[int.from_bytes(Web3.keccak(data), "big") % len(candidates)]
+
+
+def drawn(swarm: Swarm, round: int, by: SwarmContract | None = None) -> TxResult:
+    """Pin the round's leader (a transaction in a later block than the close)."""
+    return (by or swarm.nodes[0]).draw(round)
 
 
 def refused(reason_part: str) -> pytest.RaisesExc:
@@ -171,11 +175,22 @@ def test_all_active_checkin_elects_deterministically(make_swarm: MakeSwarm) -> N
     swarm = make_swarm(nodes=3, min_peers=3)
     last = checkin_all(swarm, 1, [5, 6, 7])
     events = tx_events(swarm, last)
-    assert [name for name, _ in events] == ["CheckedIn", "LeaderElected"]
+    assert events[1] == ("RoundClosed", {"round": 1, "attempt": 1, "participantCount": 3,
+                                         "drawBlock": last.block})
     info = swarm.admin.round(1)
-    expected = expected_pick(swarm.backend.w3, last.block, 1, info.participants)
-    assert events[1][1] == {"round": 1, "leader": expected, "attempt": 1, "participantCount": 3}
     assert info.status is RoundStatus.ELECTED
+    expected = expected_pick(swarm.backend.w3, last.block, 1, info.participants)
+    if swarm.backend.name == "anvil":  # calls run in the latest block: the closing one
+        assert info.leader is None  # its hash is not known inside it
+        with refused(f"round 1: its leader is drawn from the hash of block {last.block}, not"):
+            swarm.handle(expected).commit_merge(1, DIGEST, info.participants)
+    pinned = drawn(swarm, 1)
+    assert tx_events(swarm, pinned) == [
+        ("LeaderElected", {"round": 1, "leader": expected, "attempt": 1, "participantCount": 3})
+    ]
+    with refused(f"round 1: leader {expected} is already drawn"):
+        drawn(swarm, 1)
+    info = swarm.admin.round(1)
     assert (info.leader, info.attempt) == (expected, 1)
     assert info.elected_at == swarm.backend.w3.eth.get_block(last.block)["timestamp"]
     assert swarm.admin.elect_ready_at(1) is None
@@ -194,7 +209,31 @@ def test_all_active_path_waits_until_min_peers_are_enrolled(make_swarm: MakeSwar
     (c,) = swarm.spare
     c.enroll("127.0.0.1:7199")
     result = c.checkin(1, 3)
-    assert [name for name, _ in tx_events(swarm, result)] == ["CheckedIn", "LeaderElected"]
+    assert [name for name, _ in tx_events(swarm, result)] == ["CheckedIn", "RoundClosed"]
+
+
+def test_the_last_node_to_check_in_cannot_choose_to_lead(make_swarm: MakeSwarm) -> None:
+    """The attack on a draw from the previous block's hash: the last node to check in knows that
+    hash before it sends, so it waits (here: has blocks mined) until the hash makes it leader,
+    then checks in. It won every round. Drawn from the hash of the block its check-in lands in,
+    it wins a fair share (1/3 per round here; all 8 rounds by chance: p = 0.00015)."""
+    swarm = make_swarm(nodes=3, min_peers=3)
+    a, b, attacker = swarm.nodes
+    w3 = swarm.backend.w3
+    wins = 0
+    for r in range(1, 9):
+        a.checkin(r, 1)
+        b.checkin(r, 1)
+        for _ in range(100):  # wait for a block whose hash would make it leader
+            seen = bytes(w3.eth.get_block("latest")["hash"])
+            if int.from_bytes(Web3.keccak(seen + r.to_bytes(32, "big")), "big") % 3 == 2:
+                break
+            swarm.backend.mine()
+        attacker.checkin(r, 1)
+        leader = swarm.leader(r)
+        wins += leader is attacker
+        leader.commit_merge(r, DIGEST, swarm.admin.round(r).participants)
+    assert wins < 8, "the last node to check in chose to lead every round"
 
 
 def test_quorum_and_grace_path(make_swarm: MakeSwarm) -> None:
@@ -217,6 +256,10 @@ def test_quorum_and_grace_path(make_swarm: MakeSwarm) -> None:
     assert info.participants == (a.account_address, b.account_address)
     expected = expected_pick(swarm.backend.w3, result.block, 1, info.participants)
     assert tx_events(swarm, result) == [
+        ("RoundClosed", {"round": 1, "attempt": 1, "participantCount": 2,
+                         "drawBlock": result.block})
+    ]
+    assert tx_events(swarm, drawn(swarm, 1, by=c)) == [
         ("LeaderElected", {"round": 1, "leader": expected, "attempt": 1, "participantCount": 2})
     ]
     with refused("round 1 is already elected"):
@@ -301,6 +344,10 @@ def test_reelect_replaces_the_leader_and_abandons_when_none_is_left(
     assert tx_events(swarm, result) == [
         ("LeaderFailed", {"round": 1, "leader": first.account_address}),
         ("NodeAbsent", {"node": first.account_address, "lastCheckinRound": 1}),
+        ("RoundClosed", {"round": 1, "attempt": 2, "participantCount": 2,
+                         "drawBlock": result.block}),
+    ]
+    assert tx_events(swarm, drawn(swarm, 1, by=survivor)) == [
         ("LeaderElected", {"round": 1, "leader": expected, "attempt": 2, "participantCount": 2}),
     ]
     assert expected == survivor.account_address
@@ -335,9 +382,13 @@ def test_reelected_leader_excludes_failed_one_and_commits(make_swarm: MakeSwarm)
     result = caller.reelect(1)
     candidates = [p for p in parts if p != first.account_address]
     expected = expected_pick(swarm.backend.w3, result.block, 1, candidates, 2)
-    assert swarm.admin.round(1).leader == expected != first.account_address
+    assert expected != first.account_address
     second = swarm.handle(expected)
-    second.commit_merge(1, DIGEST, [p for p in parts if p != first.account_address])
+    # no draw transaction: the leader's commit pins the draw (any later block reveals it)
+    swarm.backend.advance(1)
+    assert swarm.admin.round(1).leader == expected
+    commit = second.commit_merge(1, DIGEST, [p for p in parts if p != first.account_address])
+    assert [n for n, _ in tx_events(swarm, commit)] == ["LeaderElected", "MergeCommitted"]
     info = swarm.admin.round(1)
     assert (info.status, info.attempt, info.leader) == (RoundStatus.COMMITTED, 2, expected)
 
@@ -367,7 +418,7 @@ def test_revoked_node_can_do_nothing(make_swarm: MakeSwarm) -> None:
         swarm.admin.revoke(swarm.stranger.account_address)
     b.checkin(1, 1)
     last = c.checkin(1, 1)  # the two remaining active nodes complete the round
-    assert [n for n, _ in tx_events(swarm, last)] == ["CheckedIn", "LeaderElected"]
+    assert [n for n, _ in tx_events(swarm, last)] == ["CheckedIn", "RoundClosed"]
     assert swarm.admin.round(1).participants == (b.account_address, c.account_address)
 
 
@@ -377,8 +428,8 @@ def test_revoking_the_missing_node_elects(make_swarm: MakeSwarm) -> None:
     a.checkin(1, 1)
     b.checkin(1, 1)
     result = swarm.admin.revoke(c.account_address)
-    assert [n for n, _ in tx_events(swarm, result)] == ["Revoked", "LeaderElected"]
-    assert swarm.admin.round(1).leader in (a.account_address, b.account_address)
+    assert [n for n, _ in tx_events(swarm, result)] == ["Revoked", "RoundClosed"]
+    assert swarm.leader(1).account_address in (a.account_address, b.account_address)
 
 
 # ------------------------------------------------------------------ end of training
@@ -397,7 +448,7 @@ def test_finish_fixes_the_final_round_that_every_node_joins(make_swarm: MakeSwar
         a.finish()
     b.checkin(2, 1)
     last = c.checkin(2, 1)  # a finished node is not required outside the final round
-    assert [n for n, _ in tx_events(swarm, last)] == ["CheckedIn", "LeaderElected"]
+    assert [n for n, _ in tx_events(swarm, last)] == ["CheckedIn", "RoundClosed"]
     swarm.leader(2).commit_merge(2, DIGEST, [b.account_address, c.account_address])
 
     b.finish()
@@ -410,7 +461,7 @@ def test_finish_fixes_the_final_round_that_every_node_joins(make_swarm: MakeSwar
     assert swarm.admin.round(3).status is RoundStatus.OPEN  # the final round waits for all
     assert swarm.admin.round(3).is_final
     last = c.checkin(3, 4)
-    assert [n for n, _ in tx_events(swarm, last)] == ["CheckedIn", "LeaderElected"]
+    assert [n for n, _ in tx_events(swarm, last)] == ["CheckedIn", "RoundClosed"]
     final_digest = bytes(32 * [9])
     parts = list(swarm.admin.round(3).participants)
     result = swarm.leader(3).commit_merge(3, final_digest, parts)
@@ -432,10 +483,11 @@ def test_finishing_node_completes_the_quorum(make_swarm: MakeSwarm) -> None:
     a.checkin(1, 1)
     b.checkin(1, 1)
     result = c.finish()
-    assert [n for n, _ in tx_events(swarm, result)] == ["NodeFinished", "LeaderElected"]
+    assert [n for n, _ in tx_events(swarm, result)] == ["NodeFinished", "RoundClosed"]
     info = swarm.admin.round(1)
     assert info.participants == (a.account_address, b.account_address)
-    assert info.leader == expected_pick(swarm.backend.w3, result.block, 1, info.participants)
+    assert swarm.leader(1).account_address == expected_pick(swarm.backend.w3, result.block, 1,
+                                                            info.participants)
 
 
 def test_final_round_follows_an_elected_round_and_closes_enrolment(
@@ -474,6 +526,27 @@ def close_round(swarm: Swarm, round: int, nodes: Sequence[SwarmContract]) -> Non
     parts = swarm.admin.round(round).participants
     swarm.leader(round).commit_merge(round, DIGEST, parts)
     assert swarm.admin.current_round() == round + 1
+
+
+def test_a_site_silent_for_several_deadlines_can_be_set_aside_without_missed_rounds(
+    make_swarm: MakeSwarm,
+) -> None:
+    """Rounds stop moving on when every live site finished and only a dead one is left: then
+    silence alone (ABSENT_AFTER_ROUNDS + 1 deadlines) lets it go, and the final round is fixed."""
+    swarm = make_swarm(nodes=3, min_peers=2, grace=0, deadline=100)
+    a, b, dead = swarm.nodes
+    close_round(swarm, 1, [a, b, dead])  # the dead site took part in round 1, then died
+    a.finish()
+    b.finish()  # round 2 is open and nobody will check in: it never ends
+    seen = swarm.admin.node(dead.account_address).last_seen
+    with refused(f"it can be marked absent from round 3 .the current round is 2., or once "
+                 f"silent until {seen + 300}"):
+        a.mark_absent(dead.account_address)
+    swarm.backend.advance(300)
+    assert swarm.admin.absent_candidates() == [dead.account_address]
+    result = a.mark_absent(dead.account_address)
+    assert [n for n, _ in tx_events(swarm, result)] == ["NodeAbsent", "FinalRound"]
+    assert swarm.admin.final_round() == 2
 
 
 def test_mark_absent_rules_and_success(make_swarm: MakeSwarm) -> None:
@@ -520,7 +593,7 @@ def test_mark_absent_rules_and_success(make_swarm: MakeSwarm) -> None:
         b.mark_absent(addr)
     a.checkin(3, 1)
     last = b.checkin(3, 1)  # every active node is in: no grace wait for the absent one
-    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    assert names(swarm, last) == ["CheckedIn", "RoundClosed"]
     swarm.admin.revoke(addr)  # revoking an absent node leaves the counts consistent
     assert (swarm.admin.active_count(), swarm.admin.absent_count()) == (2, 0)
     assert swarm.admin.node(addr).state == "revoked"
@@ -541,16 +614,16 @@ def test_mark_absent_unblocks_the_last_active_node(make_swarm: MakeSwarm) -> Non
     result = b.mark_absent(dead.account_address)
     assert tx_events(swarm, result) == [
         ("NodeAbsent", {"node": dead.account_address, "lastCheckinRound": 1}),
-        ("LeaderElected", {"round": 3, "leader": a.account_address, "attempt": 1,
-                           "participantCount": 1}),
+        ("RoundClosed", {"round": 3, "attempt": 1, "participantCount": 1,
+                         "drawBlock": result.block}),
     ]
-    a.commit_merge(3, DIGEST, [a.account_address])
+    swarm.leader(3).commit_merge(3, DIGEST, [a.account_address])
     result = a.finish()
     assert tx_events(swarm, result) == [("NodeFinished", {"node": a.account_address}),
                                         ("FinalRound", {"round": 4})]
     a.checkin(4, 1)
     last = b.checkin(4, 1)  # the final round does not wait for the absent node
-    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    assert names(swarm, last) == ["CheckedIn", "RoundClosed"]
     swarm.leader(4).commit_merge(4, DIGEST, [a.account_address, b.account_address])
     assert swarm.admin.training_finished()
 
@@ -573,7 +646,7 @@ def test_marking_the_last_active_node_fixes_a_final_round_without_it(
     ]
     a.checkin(3, 1)
     last = b.checkin(3, 1)
-    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    assert names(swarm, last) == ["CheckedIn", "RoundClosed"]
     swarm.leader(3).commit_merge(3, DIGEST, [a.account_address, b.account_address])
     assert swarm.admin.training_finished()
 
@@ -587,7 +660,7 @@ def test_failed_leader_is_marked_absent_and_returns_by_checking_in(
     others = [n for n in swarm.nodes if n is not failed]
     swarm.backend.advance(60)
     result = others[0].reelect(1)
-    assert names(swarm, result) == ["LeaderFailed", "NodeAbsent", "LeaderElected"]
+    assert names(swarm, result) == ["LeaderFailed", "NodeAbsent", "RoundClosed"]
     assert tx_events(swarm, result)[1] == (
         "NodeAbsent", {"node": failed.account_address, "lastCheckinRound": 1})
     assert swarm.admin.node(failed.account_address).state == "absent"
@@ -595,7 +668,7 @@ def test_failed_leader_is_marked_absent_and_returns_by_checking_in(
     swarm.leader(1).commit_merge(1, DIGEST, [n.account_address for n in others])
     others[0].checkin(2, 1)
     last = others[1].checkin(2, 1)  # round 2 no longer waits for the failed leader
-    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    assert names(swarm, last) == ["CheckedIn", "RoundClosed"]
     swarm.leader(2).commit_merge(2, DIGEST, [n.account_address for n in others])
 
     result = failed.checkin(3, 7)
@@ -609,7 +682,7 @@ def test_failed_leader_is_marked_absent_and_returns_by_checking_in(
     others[0].checkin(3, 1)
     assert swarm.admin.round(3).status is RoundStatus.OPEN  # it is required again
     last = others[1].checkin(3, 1)
-    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    assert names(swarm, last) == ["CheckedIn", "RoundClosed"]
 
 
 def test_failed_leader_that_finished_is_not_marked_absent(make_swarm: MakeSwarm) -> None:
@@ -619,7 +692,7 @@ def test_failed_leader_that_finished_is_not_marked_absent(make_swarm: MakeSwarm)
     caller = next(n for n in swarm.nodes if n is not failed)
     failed.finish()
     swarm.backend.advance(60)
-    assert names(swarm, caller.reelect(1)) == ["LeaderFailed", "LeaderElected"]
+    assert names(swarm, caller.reelect(1)) == ["LeaderFailed", "RoundClosed"]
     assert swarm.admin.node(failed.account_address).state == "finished"
     assert swarm.admin.absent_count() == 0
 
@@ -633,12 +706,12 @@ def test_failed_last_active_leader_fixes_the_final_round(make_swarm: MakeSwarm) 
         n.finish()
     swarm.backend.advance(60)
     result = others[0].reelect(1)
-    assert names(swarm, result) == ["LeaderFailed", "NodeAbsent", "FinalRound", "LeaderElected"]
+    assert names(swarm, result) == ["LeaderFailed", "NodeAbsent", "FinalRound", "RoundClosed"]
     assert swarm.admin.final_round() == 2
     swarm.leader(1).commit_merge(1, DIGEST, [n.account_address for n in others])
     others[0].checkin(2, 1)
     last = others[1].checkin(2, 1)  # the final round without the absent leader
-    assert names(swarm, last) == ["CheckedIn", "LeaderElected"]
+    assert names(swarm, last) == ["CheckedIn", "RoundClosed"]
 
 
 def test_absent_node_that_finishes_returns_first(make_swarm: MakeSwarm) -> None:
@@ -659,8 +732,22 @@ def test_absent_node_that_finishes_returns_first(make_swarm: MakeSwarm) -> None:
 
 
 def test_report_metrics(make_swarm: MakeSwarm) -> None:
-    swarm = make_swarm(nodes=1)
-    node = swarm.nodes[0]
+    """Metrics are recorded for played (committed) rounds, by their participants only."""
+    swarm = make_swarm(nodes=3, min_peers=2, grace=1000)
+    node, other, outsider = swarm.nodes
+    with refused("round 1 has no merged model on chain .not played"):
+        node.report_metrics(1, 0.25, -1.5)  # a round that never happened
+    node.checkin(1, 1)
+    other.checkin(1, 1)
+    with refused("round 1 has no merged model on chain"):
+        node.report_metrics(1, 0.25, -1.5)  # not committed yet
+    swarm.backend.advance(1000)
+    outsider.elect(1)
+    swarm.leader(1).commit_merge(1, DIGEST, [node.account_address, other.account_address])
+    with refused(f"node {outsider.account_address} did not take part in round 1"):
+        outsider.report_metrics(1, 0.25, -1.5)
+    other.checkin(2, 1)  # checked in since: membership is read from the round itself
+    other.report_metrics(1, 0.5, 0.5)
     result = node.report_metrics(1, 0.25, -1.5)
     assert tx_events(swarm, result) == [
         ("MetricsReported", {"round": 1, "node": node.account_address, "loss": 250_000,

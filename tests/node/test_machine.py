@@ -8,7 +8,9 @@ from swarmnode.chain.client import RoundInfo, RoundStatus
 from swarmnode.node.machine import (
     CheckIn,
     Done,
+    Draw,
     Elect,
+    MarkAbsent,
     Merge,
     Observation,
     Pull,
@@ -47,6 +49,32 @@ def test_member_round_happy_path() -> None:
     assert m.decide(Observation(103, committed)) == Pull(1, D, (B,))
     m.on_pulled(D)
     assert m.decide(Observation(103, committed)) == Done(1)
+
+
+def test_the_closer_draws_the_leader_at_once_the_others_only_if_it_does_not() -> None:
+    """An elected round has no leader until the block after its close is mined: the node whose
+    transaction closed it sends the draw; the others wait on events, then draw themselves if the
+    leader is still unknown draw_wait_s after the close (the closer died in between)."""
+    undrawn = info(RoundStatus.ELECTED, [A, B, C], leader=None, attempt=1, elected_at=100,
+                   first=99)
+    closer = RoundMachine(A, 1, weight=1, timing=T)
+    closer.on_checked_in()
+    closer.on_closed()
+    assert closer.decide(Observation(100, undrawn)) == Draw(1)
+    closer.on_drawn()
+    assert isinstance(closer.decide(Observation(100.1, undrawn)), Wait)
+    other = RoundMachine(B, 1, weight=1, timing=T)
+    other.on_checked_in()
+    waiting = other.decide(Observation(100.5, undrawn))
+    assert isinstance(waiting, Wait) and waiting.reason == "waiting for the leader draw"
+    assert other.stage is Stage.ELECTION
+    assert other.decide(Observation(100 + T.draw_wait_s, undrawn)) == Draw(1)
+    assert isinstance(other.decide(Observation(100.1 + T.draw_wait_s, undrawn)), Wait)  # limited
+    follower = RoundMachine(C, 1, weight=1, timing=T, drive=False)  # a finished node's: never
+    follower.on_checked_in()
+    assert isinstance(follower.decide(Observation(100 + 10 * T.draw_wait_s, undrawn)), Wait)
+    drawn = info(RoundStatus.ELECTED, [A, B, C], leader=C, attempt=1, elected_at=100, first=99)
+    assert other.decide(Observation(103, drawn)) == Push(1, C, 1)
 
 
 def test_grace_path_elects_only_after_grace_with_quorum() -> None:
@@ -155,12 +183,15 @@ def test_absent_nodes_are_set_aside_after_the_grace_period() -> None:
 
 
 def test_a_follower_never_turns_rounds_over() -> None:
-    """drive=False (a finished site before the final round): no elect, no markAbsent."""
+    """drive=False (a finished site before the final round): no elect; but it sets sites the
+    contract lets go aside (once all live sites finished, nobody else would)."""
     m = RoundMachine(A, 5, weight=1, timing=T, drive=False)
     m.on_checked_in()
     two = info(participants=[A, B], first=100, round=5)
     for now in (103, 104, 110):
-        assert isinstance(m.decide(Observation(now, two, absent=(C,))), Wait)
+        assert isinstance(m.decide(Observation(now, two)), Wait)
+    assert m.decide(Observation(111, two, absent=(C,))) == MarkAbsent(5, (C,))
+    assert isinstance(m.decide(Observation(111.1, two, absent=(C,))), Wait)
 
 
 def test_a_failed_commit_is_retried_but_rate_limited() -> None:
