@@ -82,6 +82,16 @@ class NodeConfig(BaseModel):
     )
     round_timeout_s: float = Field(3600.0, gt=0, description="Give up a round after this long.")
     poll_s: float = Field(0.05, gt=0, description="Chain polling interval.")
+    tx_bump_after_s: float = Field(
+        30.0, gt=0,
+        description="Replace a transaction still pending after this long with one paying a "
+        "higher fee (same nonce); never queue another behind it.",
+    )
+    confirmations: int = Field(
+        0, ge=0, le=64,
+        description="Blocks on top of a transaction's block before the node counts it as done "
+        "(0 on anvil and PoA chains with instant finality).",
+    )
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -136,8 +136,12 @@ class SwarmContract:
         account: LocalAccount | None = None,
         *,
         receipt_timeout: float = 30.0,
+        bump_after_s: float = 30.0,
+        confirmations: int = 0,
         _checked: bool = False,
     ) -> None:
+        """``bump_after_s``: replace a transaction still pending this long with a higher fee;
+        ``confirmations``: blocks on top of a transaction's block before it counts as done."""
         try:
             self.address: str = Web3.to_checksum_address(address)
         except (ValueError, TypeError):
@@ -148,6 +152,8 @@ class SwarmContract:
         self._w3 = w3
         self._account = account
         self.receipt_timeout = receipt_timeout
+        self.bump_after_s = bump_after_s
+        self.confirmations = confirmations
         self._contract = w3.eth.contract(address=self.address, abi=ABI)
         self._sender: TxSender | None = None
         self._settings: ContractSettings | None = None
@@ -200,7 +206,9 @@ class SwarmContract:
     def with_account(self, account: LocalAccount) -> SwarmContract:
         """The same contract, signing as ``account``."""
         other = SwarmContract(self._w3, self.address, account,
-                              receipt_timeout=self.receipt_timeout, _checked=True)
+                              receipt_timeout=self.receipt_timeout,
+                              bump_after_s=self.bump_after_s, confirmations=self.confirmations,
+                              _checked=True)
         other._settings = self._settings
         return other
 
@@ -579,7 +587,8 @@ class SwarmContract:
             ) from None
         if self._sender is None:
             self._sender = TxSender(self._w3, require_account(self._account, what),
-                                    self.receipt_timeout)
+                                    self.receipt_timeout, bump_after_s=self.bump_after_s,
+                                    confirmations=self.confirmations)
         receipt = self._sender.send(
             {"to": self.address, "data": data}, what, lambda r: self._refused(what, r),
             gas=gas,

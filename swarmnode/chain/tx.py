@@ -7,6 +7,7 @@ several threads can share one account. Works with any node (anvil, geth) and wit
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,10 @@ GAS_MARGIN = 1.2
 # first; this headroom covers that path (unused gas is refunded).
 GAS_HEADROOM = 60_000
 
+log = logging.getLogger(__name__)
+
 _locks: dict[str, threading.Lock] = {}
+_nonces: dict[str, int] = {}  # the next nonce per (chain, account), known after its first mined tx
 _locks_guard = threading.Lock()
 
 
@@ -36,16 +40,36 @@ def _account_lock(key: str) -> threading.Lock:
 
 
 class TxSender:
-    """Sends transactions signed by ``account`` on ``w3`` and waits for their receipts."""
+    """Sends transactions signed by ``account`` on ``w3`` and waits for their receipts.
 
-    def __init__(self, w3: Web3, account: LocalAccount, receipt_timeout: float = 30.0) -> None:
+    One transaction per account is in flight at a time (the account lock is held until its
+    receipt): a later one is never queued behind one that is stuck. A transaction still pending
+    after ``bump_after_s`` is replaced (same nonce, gas price raised by a quarter, as geth
+    requires at least a tenth), again every ``bump_after_s``, until one of them is mined; a
+    transaction this account left pending before (a restarted process) is replaced the same way
+    rather than queued behind. ``confirmations``: the receipt is returned once that many blocks
+    are on top of it.
+    """
+
+    def __init__(
+        self, w3: Web3, account: LocalAccount, receipt_timeout: float = 30.0, *,
+        bump_after_s: float = 30.0, confirmations: int = 0,
+    ) -> None:
+        if confirmations < 0:
+            raise ConfigError(f"confirmations={confirmations} must be 0 or more")
+        if bump_after_s <= 0:
+            raise ConfigError(f"bump_after_s={bump_after_s} must be positive")
         self.w3 = w3
         self.account = account
         self.receipt_timeout = receipt_timeout
+        self.bump_after_s = bump_after_s
+        self.confirmations = confirmations
+        self.replaced = 0  # transactions replaced with a higher fee, for logs and tests
         self._chain_id: int | None = None
         # one lock per (chain, account): by URL over HTTP, by provider object in-process
         where = getattr(w3.provider, "endpoint_uri", None) or f"in-process {id(w3.provider)}"
-        self._lock = _account_lock(f"{where}|{account.address}")
+        self._key = f"{where}|{account.address}"
+        self._lock = _account_lock(self._key)
 
     def send(
         self,
@@ -75,46 +99,109 @@ class TxSender:
                     raise refused(reason) from None
                 gas = int(estimate * GAS_MARGIN) + GAS_HEADROOM
             tx["gas"] = gas
-            tx["gasPrice"] = int(w3.eth.gas_price)
             tx["chainId"] = self._chain_id
             with self._lock:
-                tx["nonce"] = w3.eth.get_transaction_count(account.address, "pending")
-                unsigned = {k: v for k, v in tx.items() if k != "from"}
-                signed = account.sign_transaction(unsigned)
-                try:
-                    tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
-                except Exception as exc:
-                    reason = revert_reason(exc)
-                    if reason is None:
-                        raise
-                    raise refused(reason) from None
-            receipt = self._receipt(tx_hash)
+                price = int(w3.eth.gas_price)
+                cached = _nonces.pop(self._key, None)
+                while True:
+                    tx["gasPrice"], nonce = price, cached
+                    if nonce is None:
+                        nonce = w3.eth.get_transaction_count(account.address, "latest")
+                        if w3.eth.get_transaction_count(account.address, "pending") > nonce:
+                            # left pending by an earlier run: take its nonce over, priced to
+                            # replace it
+                            log.warning("%s: account %s has a pending transaction (nonce %d); "
+                                        "replacing it", what, account.address, nonce)
+                            tx["gasPrice"] = _bumped(price * 2)
+                    tx["nonce"] = nonce
+                    try:
+                        receipt = self._mine(tx, what, refused)
+                    except Exception as exc:
+                        # another process signed with this account since: read the nonce again
+                        if cached is not None and "nonce" in str(exc).lower():
+                            cached = None
+                            continue
+                        raise  # the nonce is read again next time
+                    _nonces[self._key] = nonce + 1
+                    break
+            self._confirm(receipt)
         if receipt["status"] != 1:
             raise refused(self._replay_reason(tx, receipt))
         return receipt
 
-    def _receipt(self, tx_hash: Any) -> Any:
-        """Wait for the receipt, asking at 20 ms at first and then less and less often (at most
-        every 250 ms): an instant-mining chain answers the first ask, a busy one is not asked
-        dozens of times per transaction (32 nodes checking in at once did that)."""
-        from web3.exceptions import TransactionNotFound
+    def _submit(self, tx: dict[str, Any], refused: Callable[[str], ContractReverted]) -> Any:
+        unsigned = {k: v for k, v in tx.items() if k != "from"}
+        signed = self.account.sign_transaction(unsigned)
+        try:
+            return self.w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Exception as exc:
+            reason = revert_reason(exc)
+            if reason is None:
+                raise
+            raise refused(reason) from None
 
+    def _mine(self, tx: dict[str, Any], what: str,
+              refused: Callable[[str], ContractReverted]) -> Any:
+        """Submit ``tx`` and wait for a receipt of it or of a replacement (same nonce, higher
+        fee) sent each time ``bump_after_s`` passes without one."""
+        hashes = [self._submit(tx, refused)]
         deadline = time.monotonic() + self.receipt_timeout
-        delay = 0.02
         while True:
-            try:
-                receipt = self.w3.eth.get_transaction_receipt(tx_hash)
-                if receipt is not None:
-                    return receipt
-            except TransactionNotFound:
-                pass
+            bump_at = min(deadline, time.monotonic() + self.bump_after_s)
+            receipt = self._receipt(hashes, bump_at)
+            if receipt is not None:
+                return receipt
             if time.monotonic() >= deadline:
                 raise TimeExhausted(
-                    f"transaction 0x{bytes(tx_hash).hex()} is not in a block after "
-                    f"{self.receipt_timeout:.0f} s"
+                    f"{what}: no transaction of nonce {tx['nonce']} is in a block after "
+                    f"{self.receipt_timeout:.0f} s ({len(hashes)} sent, the last at gas price "
+                    f"{tx['gasPrice']}); the chain may not be producing blocks"
                 )
-            time.sleep(delay)
+            tx["gasPrice"] = _bumped(tx["gasPrice"])
+            try:
+                hashes.append(self._submit(tx, refused))
+            except Exception as exc:  # noqa: BLE001 - e.g. "nonce too low": one was just mined
+                log.info("%s: replacement not accepted (%s); waiting for the earlier one",
+                         what, exc)
+                continue
+            self.replaced += 1
+            log.warning("%s: still pending after %.0f s; replaced it with gas price %d",
+                        what, self.bump_after_s, tx["gasPrice"])
+
+    def _receipt(self, hashes: list[Any], until: float) -> Any:
+        """The receipt of any of ``hashes``, asking at 20 ms at first and then less and less
+        often (at most every 250 ms): an instant-mining chain answers the first ask, a busy one
+        is not asked dozens of times per transaction (32 nodes checking in at once did that).
+        None at ``until``."""
+        from web3.exceptions import TransactionNotFound
+
+        delay = 0.02
+        while True:
+            for tx_hash in reversed(hashes):
+                try:
+                    receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+                    if receipt is not None:
+                        return receipt
+                except TransactionNotFound:
+                    pass
+            if time.monotonic() >= until:
+                return None
+            time.sleep(min(delay, max(0.0, until - time.monotonic())))
             delay = min(delay * 1.5, 0.25)
+
+    def _confirm(self, receipt: Any) -> None:
+        """Wait until ``confirmations`` blocks are on top of the receipt's block."""
+        if not self.confirmations:
+            return
+        target = int(receipt["blockNumber"]) + self.confirmations
+        deadline = time.monotonic() + self.receipt_timeout + self.confirmations * 60
+        while int(self.w3.eth.block_number) < target:
+            if time.monotonic() >= deadline:
+                raise TimeExhausted(
+                    f"block {receipt['blockNumber']} did not get {self.confirmations} "
+                    "confirmations in time; the chain may not be producing blocks"
+                )
+            time.sleep(0.25)
 
     def _replay_reason(self, tx: dict[str, Any], receipt: Any) -> str:
         """Why a mined transaction failed: replay it as a call on the state after its block."""
@@ -132,6 +219,11 @@ class TxSender:
             f"transaction 0x{bytes(receipt['transactionHash']).hex()} failed in block "
             f"{receipt['blockNumber']} (gas used {receipt['gasUsed']} of {tx['gas']})"
         )
+
+
+def _bumped(price: int) -> int:
+    """A gas price that replaces ``price`` (geth wants at least 10% more; this gives 25%)."""
+    return max(price + 1, price * 5 // 4)
 
 
 def require_account(account: LocalAccount | None, what: str) -> LocalAccount:

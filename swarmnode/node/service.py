@@ -138,7 +138,9 @@ class NodeService:
                 keystore=config.keystore,
                 password_file=config.keystore_password_file,
             )
-            chain = SwarmContract(w3, config.contract, account)
+            chain = SwarmContract(w3, config.contract, account,
+                                  bump_after_s=config.tx_bump_after_s,
+                                  confirmations=config.confirmations)
             return chain, chain.settings()
 
         self.chain, self.settings = self._start_wait(
