@@ -73,6 +73,8 @@ contract SwarmLearning {
     address public immutable admin;
     /// @notice The largest weight a node may check in with (the spec's max_weight; 2^96-1: none).
     uint96 public immutable maxWeight;
+    /// @notice The block this contract was deployed in: its event log starts there.
+    uint256 public immutable deployedBlock;
 
     State private _s;
     address[] private _nodeList;
@@ -126,6 +128,7 @@ contract SwarmLearning {
         if (roundDeadlineSeconds_ < 1) revert("roundDeadlineSeconds is 0; it must be at least 1");
         if (maxWeight_ < 1) revert("maxWeight is 0; it must be at least 1");
         maxWeight = maxWeight_;
+        deployedBlock = block.number;
         specHash = specHash_;
         minPeers = minPeers_;
         graceSeconds = graceSeconds_;

@@ -8,6 +8,7 @@ mnemonic is public knowledge, so :func:`account_for` only hands one out on a dev
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "DEV_MNEMONIC",
     "account_for",
     "dev_account",
+    "dev_mnemonic",
     "load_keystore",
     "read_password_file",
 ]
@@ -31,13 +33,26 @@ DEV_CHAIN_IDS = frozenset({31337, 1337})
 _DEV_ACCOUNTS = 100
 
 
-@lru_cache(maxsize=_DEV_ACCOUNTS)
+def dev_mnemonic() -> str:
+    """The dev chain's mnemonic: ``SWARMNODE_DEV_MNEMONIC`` (a geth --dev or Hardhat network,
+    an anvil started with --mnemonic), else anvil's default."""
+    return os.environ.get("SWARMNODE_DEV_MNEMONIC", "").strip() or DEV_MNEMONIC
+
+
 def dev_account(index: int) -> LocalAccount:
-    """Account ``index`` of the dev mnemonic (0 = admin, 1.. = nodes), as anvil prefunds them."""
+    """Account ``index`` of the dev mnemonic (0 = admin, 1.. = nodes)."""
     if not 0 <= index < _DEV_ACCOUNTS:
         raise ConfigError(f"dev key index {index} is out of range; use 0..{_DEV_ACCOUNTS - 1}")
+    return _derive(dev_mnemonic(), index)
+
+
+@lru_cache(maxsize=4 * _DEV_ACCOUNTS)
+def _derive(mnemonic: str, index: int) -> LocalAccount:
     Account.enable_unaudited_hdwallet_features()
-    return Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}")
+    try:
+        return Account.from_mnemonic(mnemonic, account_path=f"m/44'/60'/0'/0/{index}")
+    except Exception as exc:  # noqa: BLE001 - eth_account raises several kinds
+        raise ConfigError(f"SWARMNODE_DEV_MNEMONIC is not a valid BIP-39 mnemonic: {exc}") from None
 
 
 def load_keystore(path: Path | str, password: str) -> LocalAccount:

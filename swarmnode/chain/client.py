@@ -64,6 +64,7 @@ __all__ = [
 T = TypeVar("T")
 ZERO_ADDRESS = "0x" + "0" * 40
 DRAW_GAS = 800_000
+LOG_RANGE = 5_000  # blocks per eth_getLogs query
 FIXED_POINT = 1_000_000  # reportMetrics values are fixed-point x1e6
 UINT32_MAX = 2**32 - 1
 
@@ -321,6 +322,7 @@ class SwarmContract:
                 admin=str(self._call("admin")),
                 absent_after_rounds=int(self._call("ABSENT_AFTER_ROUNDS")),
                 max_weight=int(self._call("maxWeight")),
+                deployed_block=int(self._call("deployedBlock")),
             )
         return self._settings
 
@@ -466,11 +468,17 @@ class SwarmContract:
 
     def events(
         self,
-        from_block: int = 0,
+        from_block: int | None = None,
         to_block: int | None = None,
         names: set[str] | None = None,
     ) -> list[ChainEvent]:
-        """The contract's events in chain order, optionally only those called ``names``."""
+        """The contract's events in chain order, optionally only those called ``names``.
+
+        From the contract's deployment block unless ``from_block`` says otherwise (never from
+        block 0 of a long chain), asked for in ranges of ``LOG_RANGE`` blocks (public RPC
+        providers refuse wider queries)."""
+        if from_block is None:
+            from_block = self.settings().deployed_block
         topics: list[Any] = []
         if names is not None:
             unknown = sorted(set(names) - set(_EVENTS))
@@ -483,15 +491,17 @@ class SwarmContract:
         to_block = head if to_block is None else min(to_block, head)
         if from_block > to_block:  # nothing mined yet past from_block (anvil refuses the query)
             return []
-        query: dict[str, Any] = {
-            "address": self.address,
-            "fromBlock": from_block,
-            "toBlock": to_block,
-        }
-        if topics:
-            query["topics"] = topics
-        with rpc_guard(self._w3, "reading contract events"):
-            logs = self._w3.eth.get_logs(query)  # type: ignore[arg-type]
+        logs: list[Any] = []
+        for start in range(from_block, to_block + 1, LOG_RANGE):
+            query: dict[str, Any] = {
+                "address": self.address,
+                "fromBlock": start,
+                "toBlock": min(to_block, start + LOG_RANGE - 1),
+            }
+            if topics:
+                query["topics"] = topics
+            with rpc_guard(self._w3, "reading contract events"):
+                logs += self._w3.eth.get_logs(query)  # type: ignore[arg-type]
         out = []
         for log in logs:
             name = _TOPICS.get(bytes(log["topics"][0])) if log["topics"] else None

@@ -68,6 +68,7 @@ class DevChain:
         block_time: float | None = None,
         chain_id: int = DEV_CHAIN_ID,
         instant: bool = True,
+        mnemonic: str | None = None,
         start_timeout: float = 20.0,
     ) -> None:
         self.host = host
@@ -75,6 +76,7 @@ class DevChain:
         self.state_file = Path(state_file) if state_file is not None else None
         self.block_time = block_time
         self.instant = instant
+        self.mnemonic = mnemonic
         self.chain_id = chain_id
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[str] | None = None
@@ -99,6 +101,8 @@ class DevChain:
         # Fund every dev account a node may use (swarmnode.chain.accounts: indexes 0..99), not
         # only anvil's default ten: swarms of 32 sites and more.
         cmd += ["--accounts", "100"]
+        if self.mnemonic is not None:
+            cmd += ["--mnemonic", self.mnemonic]
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             cmd += ["--state", str(self.state_file), "--state-interval", "1"]

@@ -36,6 +36,7 @@ class ContractSettings:
     admin: str
     absent_after_rounds: int = 2  # markAbsent needs this many rounds since the last check-in
     max_weight: int = (1 << 96) - 1  # the largest weight a check-in may carry
+    deployed_block: int = 0  # the contract's event log starts in this block
 
 
 @dataclass(frozen=True)

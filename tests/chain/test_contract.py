@@ -212,6 +212,26 @@ def test_all_active_path_waits_until_min_peers_are_enrolled(make_swarm: MakeSwar
     assert [name for name, _ in tx_events(swarm, result)] == ["CheckedIn", "RoundClosed"]
 
 
+def test_the_event_log_is_read_from_the_deployment_block_in_ranges(
+    make_swarm: MakeSwarm, backend: Backend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a long chain, reading from block 0 is slow and public RPC providers refuse wide log
+    queries: events are read from the block the contract was deployed in, a range at a time."""
+    import swarmnode.chain.client as client
+
+    for _ in range(3):
+        backend.mine()  # earlier blocks that hold nothing of this contract
+    swarm = make_swarm(nodes=2, min_peers=2)
+    w3 = swarm.backend.w3
+    spec_events = swarm.admin.events(from_block=0, names={"SpecPublished"})
+    assert swarm.admin.settings().deployed_block == spec_events[0].block > 1
+    everything = swarm.admin.events(from_block=0)
+    assert swarm.admin.events() == everything
+    monkeypatch.setattr(client, "LOG_RANGE", 2)
+    assert swarm.admin.events() == everything  # the same, asked for two blocks at a time
+    assert everything[-1].block == w3.eth.block_number
+
+
 def test_the_last_node_to_check_in_cannot_choose_to_lead(make_swarm: MakeSwarm) -> None:
     """The attack on a draw from the previous block's hash: the last node to check in knows that
     hash before it sends, so it waits (here: has blocks mined) until the hash makes it leader,

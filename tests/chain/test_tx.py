@@ -15,7 +15,7 @@ from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.launcher import DevChain
 from swarmnode.chain.rpc import connect
 from swarmnode.chain.tx import TxSender
-from swarmnode.errors import ContractReverted
+from swarmnode.errors import ConfigError, ContractReverted
 
 pytestmark = pytest.mark.anvil
 
@@ -120,3 +120,29 @@ def test_a_receipt_counts_once_it_has_its_confirmations(manual_chain: Web3) -> N
     thread.join(30)
     assert "error" not in out, out.get("error")
     assert w3.eth.block_number >= out["receipt"]["blockNumber"] + 2
+
+
+def test_dev_accounts_come_from_the_chains_own_mnemonic(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dev network funded from another mnemonic than anvil's default (SWARMNODE_DEV_MNEMONIC):
+    the admin deploys and a node enrols with the accounts that network funded."""
+    import hashlib
+
+    from swarmnode.chain.client import SwarmContract
+
+    words = "abandon " * 11 + "about"
+    with DevChain(mnemonic=words) as chain:
+        w3 = connect(chain.url)
+        default_admin = dev_account(0)
+        assert w3.eth.get_balance(default_admin.address) == 0  # anvil's usual keys hold nothing
+        monkeypatch.setenv("SWARMNODE_DEV_MNEMONIC", words)
+        admin_key, node_key = dev_account(0), dev_account(1)
+        assert admin_key.address != default_admin.address
+        admin = SwarmContract.deploy(w3, admin_key, '{"a": 1}', 1, 10, 10)
+        node = admin.with_account(node_key)
+        admin.authorize(node.account_address, hashlib.sha256(b"its cert").digest())
+        node.enroll("127.0.0.1:7100")
+        assert admin.node(node.account_address).enrolled
+    monkeypatch.setenv("SWARMNODE_DEV_MNEMONIC", "not a mnemonic")
+    with pytest.raises(ConfigError, match="SWARMNODE_DEV_MNEMONIC is not a valid BIP-39"):
+        dev_account(2)

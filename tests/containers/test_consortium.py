@@ -1,7 +1,8 @@
 """A consortium as containers on a real Docker engine, brought up with the compose file each
 hospital runs: three hospitals (ml + node each) and the sentinel's chain train the bundled example
 to the end; one hospital's node container is killed mid-training and started again through the
-Docker SDK; every hospital's final model file, read from the containers' own volumes, has the
+Docker SDK, then another is cut off the consortium network for 15 s (a partition) and reconnected;
+every hospital's final model file, read from the containers' own volumes, has the
 digest on chain. Then everything is torn down, leaving no container, network or volume."""
 
 from __future__ import annotations
@@ -74,6 +75,23 @@ def test_consortium_trains_to_the_end_and_survives_a_killed_node(images, workdir
         c.start_node(1)
         _wait("hospital-2's node healthy again", lambda: c.health(1) == "healthy", 180)
         restarted_at = c.contract.current_round()
+
+        # A network partition: hospital-3's node is cut off the consortium network (its peers
+        # and the chain) for 15 s, more than two round deadlines, then reconnected.
+        c.disconnect(2)
+        cut_at = c.contract.current_round()
+        time.sleep(15)
+        c.reconnect(2)
+        reconnected = time.monotonic()
+        back_at = c.contract.current_round()
+        me3 = c.accounts[2].address
+
+        def merged_again() -> bool:
+            return any(me3 in ev.args["members"] and ev.args["round"] > back_at
+                       for ev in c.contract.events(names={"MergeCommitted"}))
+
+        _wait("hospital-3 merged again after the partition", merged_again, 120)
+        rejoined_s = time.monotonic() - reconnected
         c.wait_trainers(timeout=900)
         total_s = time.monotonic() - t0
 
@@ -93,5 +111,9 @@ def test_consortium_trains_to_the_end_and_survives_a_killed_node(images, workdir
         record("consortium_e2e", {"up_s": round(up_s, 1), "total_s": round(total_s, 1),
                                   "rounds": finished[-1].args["round"],
                                   "killed_node_at_round": killed_at,
-                                  "restarted_at_round": restarted_at})
+                                  "restarted_at_round": restarted_at,
+                                  "partitioned_at_round": cut_at,
+                                  "reconnected_at_round": back_at,
+                                  "partition_s": 15,
+                                  "merged_again_after_s": round(rejoined_s, 1)})
     assert _leftovers(c) == []
