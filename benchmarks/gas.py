@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         "nodes": results,
         "budget_per_node_per_round": BUDGET,
         "notes": "gas_used per transaction; per_node_per_round = (sum of check-ins incl. the "
-                 "electing one + sum of reportMetrics + draw + commitMerge) / nodes; round_wall_s = "
+                 "electing one + sum of reportMetrics + draw + commitMerge) / nodes; "
+                 "round_wall_s = "
                  "median wall time of one round's chain calls made sequentially from one "
                  "process against anvil with automine",
         "compiler": artifact["compiler"],
