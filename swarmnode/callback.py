@@ -14,10 +14,18 @@
 
 The callback only talks to its own node service (the local API: a unix socket by default, from
 ``local_api`` or the ``SWARMNODE_LOCAL_API`` environment variable). Parameters travel as
-safetensors, never pickle. HPE Swarm Learning's parameter names are accepted as aliases
-(``syncFrequency``, ``minPeers``, ``mergeMethod``, ``nodeWeightage``, ``checkinModelOnTrainEnd``,
-``adsValData``, ``valData``, ``totalEpochs``, ``lossFunction``, ``metricFunction``), so an HPE
-script ports by changing its import.
+safetensors, never pickle.
+
+HPE Swarm Learning scripts port by changing their import (``from swarmnode.pyt import
+SwarmCallback``): HPE's parameter names are accepted (``syncFrequency``, ``minPeers``,
+``mergeMethod``, ``nodeWeightage``, ``checkinModelOnTrainEnd``, ``adsValData``, ``valData``,
+``totalEpochs``, ``lossFunction`` and ``metricFunction`` as class names with their
+``lossFunctionArgs`` / ``metricFunctionArgs``, ``model=``), its call patterns work
+(``on_batch_end(batch)``, ``on_epoch_end(epoch)``, ``.logger``), a callback built the HPE way ends
+training as HPE does (``snapshot``), and ``num_samples`` is optional (without it every site weighs
+``nodeWeightage``, as in HPE). Options with no counterpart are named when given
+(``useAdaptiveSync=True`` warns that syncs stay at ``syncFrequency``); a misspelt name or value is
+refused at construction, saying what to use.
 """
 
 from __future__ import annotations
@@ -53,8 +61,14 @@ HPE_ALIASES = {
     "totalEpochs": "total_epochs",
     "lossFunction": "loss_fn",
     "metricFunction": "metric_fn",
+    "lossFunctionArgs": "loss_fn_args",
+    "metricFunctionArgs": "metric_fn_args",
 }
-_IGNORED_HPE = {"useAdaptiveSync", "adsValBatchSize", "valBatchSize", "trainingContract", "logger"}
+# HPE options that change nothing here: the validation batch size (validation runs on what
+# adsValData yields) and the training contract's name (one contract per training)
+_IGNORED_HPE = {"adsValBatchSize", "valBatchSize", "trainingContract"}
+POLICIES = ("inactive", "snapshot", "active")
+_HPE_DEFAULT_POLICY = "snapshot"  # HPE's default for checkinModelOnTrainEnd
 
 
 @dataclass
@@ -90,13 +104,20 @@ class SwarmCallback:
         local_api: str | None = None,
         timeout: float | None = None,
         reconnect_s: float = 600.0,
+        logger: logging.Logger | None = None,
         **aliases: Any,
     ) -> None:
-        given = dict(
+        given: dict[str, Any] = dict(
             sync_frequency=sync_frequency, min_peers=min_peers, merge_method=merge_method,
             node_weight=node_weight, on_train_end_policy=on_train_end_policy, val_data=val_data,
-            total_epochs=total_epochs, loss_fn=loss_fn, metric_fn=metric_fn,
+            total_epochs=total_epochs, loss_fn=loss_fn, metric_fn=metric_fn, loss_fn_args=None,
+            metric_fn_args=None,
         )
+        hpe_style = bool(aliases)
+        adaptive = aliases.pop("useAdaptiveSync", False)
+        if adaptive:
+            warnings.warn("SwarmCallback: useAdaptiveSync is not implemented in swarmnode; the "
+                          "swarm syncs every syncFrequency batches", stacklevel=2)
         for name, value in aliases.items():
             if name in _IGNORED_HPE:
                 warnings.warn(f"SwarmCallback: HPE option {name!r} has no effect in swarmnode",
@@ -105,9 +126,24 @@ class SwarmCallback:
                 given[HPE_ALIASES[name]] = value
             else:
                 raise ConfigError(
-                    f"SwarmCallback got an unknown parameter {name!r}; known HPE aliases: "
-                    f"{', '.join(sorted(HPE_ALIASES))}"
+                    f"SwarmCallback got an unknown parameter {name!r}; known HPE names: "
+                    f"{', '.join(sorted([*HPE_ALIASES, *_IGNORED_HPE, 'useAdaptiveSync']))}; "
+                    "swarmnode's own: sync_frequency, min_peers, merge_method, node_weight, "
+                    "num_samples, on_train_end_policy, val_data, total_epochs, loss_fn, "
+                    "metric_fn, merge_options, local_api, timeout, reconnect_s, logger"
                 )
+        if hpe_style and "checkinModelOnTrainEnd" not in aliases \
+                and on_train_end_policy == "inactive":
+            given["on_train_end_policy"] = _HPE_DEFAULT_POLICY  # as HPE ends a training
+        policy = given["on_train_end_policy"]
+        if policy not in POLICIES:
+            raise ConfigError(
+                f"SwarmCallback: on_train_end_policy / checkinModelOnTrainEnd {policy!r} is not "
+                f"one of {', '.join(POLICIES)} (HPE's default is {_HPE_DEFAULT_POLICY})"
+            )
+        self.loss_fn_name = given["loss_fn"] if isinstance(given["loss_fn"], str) else None
+        given["loss_fn"] = resolve_loss(given["loss_fn"], given["loss_fn_args"])
+        given["metric_fn"] = resolve_metric(given["metric_fn"], given["metric_fn_args"])
         if given["sync_frequency"] is None or int(given["sync_frequency"]) < 1:
             raise ConfigError("SwarmCallback needs sync_frequency >= 1 (batches between merges)")
         if given["min_peers"] is None or int(given["min_peers"]) < 1:
@@ -135,6 +171,7 @@ class SwarmCallback:
                 "SWARMNODE_LOCAL_API (e.g. unix:///run/swarm/node.sock)"
             )
         self.client = LocalClient(target)
+        self.logger = logger or _hpe_logger()
         self.state = SwarmState()
         self.node_info: dict[str, Any] = {}
         self.last_reply: dict[str, Any] = {}  # the node's answer to the last sync (timings too)
@@ -149,8 +186,10 @@ class SwarmCallback:
 
     @property
     def weight(self) -> int:
+        """This site's merge weight: ``num_samples x node_weight``; without ``num_samples``
+        (HPE has none) the node weight alone, so every site weighs the same by default."""
         if self.num_samples is None:
-            raise ConfigError("SwarmCallback needs num_samples (the local training-set size)")
+            return int(round(self.node_weight))
         return int(round(self.num_samples * self.node_weight))
 
     @property
@@ -176,16 +215,21 @@ class SwarmCallback:
         elif not self.state.training_finished:
             self._sync()  # first sync: every node starts from the same weights
 
-    def on_batch_end(self) -> None:
-        """Called after each training batch: merges every ``sync_frequency`` batches."""
+    def on_batch_end(self, batch: int | None = None, logs: Any = None) -> None:
+        """Called after each training batch: merges every ``sync_frequency`` batches. ``batch``
+        and ``logs`` (HPE's and Keras' signature) are accepted and not needed."""
         self.state.batches += 1
         self.state.batches_since_sync += 1
         if self.state.batches_since_sync >= self.sync_frequency and not self.should_stop:
             self._sync()
 
-    def on_epoch_end(self, epoch: int | None = None) -> None:
-        """Called at the end of each epoch."""
+    def on_epoch_end(self, epoch: int | None = None, logs: Any = None) -> None:
+        """Called at the end of each epoch (``epoch`` as the script counts it, from 0 or 1)."""
         self.state.epoch = self.state.epoch + 1 if epoch is None else epoch + 1
+        done = epoch if epoch is not None and epoch >= 1 else self.state.epoch
+        total = f"/{self.total_epochs}" if self.total_epochs else ""
+        self.logger.info("epoch %d%s done, %d merges so far (round %d)", done, total,
+                         self.state.rounds, self.state.last_round)
 
     def on_train_end(self) -> None:
         """Called when local training ends: a last sync, then the end-of-training policy until the
@@ -282,4 +326,111 @@ class SwarmCallback:
         out, tgt = torch.cat(outputs), torch.cat(targets)
         loss = float(self.loss_fn(out, tgt)) if self.loss_fn else None
         metric = float(self.metric_fn(out, tgt)) if self.metric_fn else None
+        if loss is not None or metric is not None:
+            self.logger.info("validation: loss %s, metric %s", loss, metric)
         return loss, metric
+
+
+def _hpe_logger() -> logging.Logger:
+    """``swarmCallback.logger``: HPE scripts set its level to see the swarm's progress, so it
+    prints (to stderr) when the application configured no logging of its own."""
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s swarm %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def resolve_loss(loss: Any, args: dict[str, Any] | None) -> Callable[..., Any] | None:
+    """A loss given by name (HPE: a ``torch.nn`` class name such as "CrossEntropyLoss", with its
+    keyword arguments), built now so a wrong name fails here, not at the first sync."""
+    if not isinstance(loss, str):
+        if args:
+            raise ConfigError("lossFunctionArgs are given but lossFunction is not a class name; "
+                              "pass the arguments to your own loss function instead")
+        return loss
+    cls = getattr(torch.nn, loss, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.modules.loss._Loss)):
+        known = sorted(n for n in dir(torch.nn) if n.endswith("Loss"))
+        raise ConfigError(f"lossFunction {loss!r} is not a torch.nn loss class; use one of "
+                          f"{', '.join(known)}, or pass a callable as loss_fn")
+    try:
+        return cls(**(args or {}))
+    except TypeError as exc:
+        raise ConfigError(f"lossFunctionArgs {args!r} do not fit torch.nn.{loss}: {exc}") from None
+
+
+def resolve_metric(metric: Any, args: dict[str, Any] | None) -> Callable[..., Any] | None:
+    """A metric given by name (HPE: a ``torchmetrics`` class name such as "F1Score", with its
+    keyword arguments): the torchmetrics class when it is installed, else swarmnode's own for
+    the common names (Accuracy, F1Score, MeanSquaredError, MeanAbsoluteError)."""
+    if not isinstance(metric, str):
+        if args:
+            raise ConfigError("metricFunctionArgs are given but metricFunction is not a class "
+                              "name; pass the arguments to your own metric function instead")
+        return metric
+    try:
+        import torchmetrics  # type: ignore[import-not-found]
+    except ImportError:
+        torchmetrics = None
+    if torchmetrics is not None and isinstance(getattr(torchmetrics, metric, None), type):
+        try:
+            built = getattr(torchmetrics, metric)(**(args or {}))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"metricFunctionArgs {args!r} do not fit torchmetrics.{metric}: "
+                              f"{exc}") from None
+        return lambda out, tgt: float(built(out, tgt))
+    if torchmetrics is not None and metric not in _BUILTIN_METRICS:
+        raise ConfigError(f"metricFunction {metric!r} is not a torchmetrics class; use one of its "
+                          "metric classes (e.g. Accuracy, F1Score, AUROC), or pass a callable as "
+                          "metric_fn")
+    return _builtin_metric(metric, dict(args or {}))
+
+
+_BUILTIN_METRICS = ("Accuracy", "F1Score", "MeanSquaredError", "MeanAbsoluteError")
+
+
+def _builtin_metric(name: str, args: dict[str, Any]) -> Callable[..., float]:
+    if name not in _BUILTIN_METRICS:
+        raise ConfigError(
+            f"metricFunction {name!r}: torchmetrics is not installed and swarmnode has no "
+            f"built-in {name}; install torchmetrics, use one of {', '.join(_BUILTIN_METRICS)}, "
+            "or pass a callable as metric_fn"
+        )
+    task = str(args.pop("task", "multiclass" if name in ("Accuracy", "F1Score") else ""))
+    args.pop("num_classes", None)
+    average = str(args.pop("average", "micro" if task != "binary" else "binary"))
+    threshold = float(args.pop("threshold", 0.5))
+    if args:
+        raise ConfigError(f"metricFunctionArgs {sorted(args)} are not supported by swarmnode's "
+                          f"built-in {name}; install torchmetrics to use them")
+    if task not in ("binary", "multiclass", ""):
+        raise ConfigError(f"metricFunctionArgs task={task!r}: the built-in {name} knows "
+                          "'binary' and 'multiclass'; install torchmetrics for others")
+
+    def labels(out: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if task == "binary" or out.dim() == 1 or out.shape[-1] == 1:
+            p = out.reshape(-1).float()
+            if p.min() < 0 or p.max() > 1:  # logits, as torchmetrics treats them
+                p = torch.sigmoid(p)
+            return (p >= threshold).long(), tgt.reshape(-1).long()
+        return out.argmax(dim=-1), tgt.reshape(-1).long()
+
+    def metric(out: torch.Tensor, tgt: torch.Tensor) -> float:
+        if name == "MeanSquaredError":
+            return float(((out.reshape(tgt.shape).float() - tgt.float()) ** 2).mean())
+        if name == "MeanAbsoluteError":
+            return float((out.reshape(tgt.shape).float() - tgt.float()).abs().mean())
+        pred, true = labels(out, tgt)
+        if name == "Accuracy" or (name == "F1Score" and average == "micro"):
+            return float((pred == true).float().mean())  # micro F1 = accuracy (single label)
+        classes = [1] if task == "binary" else sorted(set(true.tolist()) | set(pred.tolist()))
+        scores = []
+        for c in classes:
+            tp = float(((pred == c) & (true == c)).sum())
+            fp = float(((pred == c) & (true != c)).sum())
+            fn = float(((pred != c) & (true == c)).sum())
+            scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+        return sum(scores) / len(scores)
+
+    return metric

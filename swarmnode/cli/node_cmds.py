@@ -179,16 +179,28 @@ def audit(
     def body() -> None:
         from swarmnode.chain.audit import audit as run_audit
         from swarmnode.chain.client import SwarmContract, connect
-        from swarmnode.errors import ConfigError
+        from swarmnode.errors import ConfigError, SwarmError
         from swarmnode.transport import serde
 
         digest = None
         if model is not None:
             try:
-                digest = serde.digest(model.read_bytes())
+                raw = model.read_bytes()
             except OSError as exc:
                 raise ConfigError(f"cannot read model file {model}: {exc.strerror}") from None
+            digest = serde.digest(raw)
         report = run_audit(SwarmContract(connect(rpc_url), contract), digest)
+        if model is not None and report.model_matches is False and report.final_digest:
+            # the same tensors written by another writer (safetensors.torch.save_file, another
+            # header order or metadata): compare the tensors, through the canonical layout
+            try:
+                state = serde.decode(raw, expected_digest=None, spec=None, max_bytes=len(raw),
+                                     reject_nonfinite=False)
+            except SwarmError as exc:
+                report.problems.append(f"the model file is not a readable safetensors file: "
+                                       f"{exc}")
+            else:
+                report.model_matches = serde.digest(serde.encode(state)) == report.final_digest
         if fmt == "json":
             import json
 

@@ -48,10 +48,13 @@ class LocalSwarm:
         state_file: bool = False,
         block_time: float = 1.0,
         instant_mining: bool = True,
+        initial_state: dict[str, Any] | None = None,
     ) -> None:
         """``state_file``: the chain keeps its state in a file, so it can be stopped and started
         again (an outage) without losing the swarm. ``instant_mining=False``: transactions wait
-        for the next block (every ``block_time`` s), as on a chain that is not anvil's."""
+        for the next block (every ``block_time`` s), as on a chain that is not anvil's.
+        ``initial_state``: the model (state dict) of a training script other than the demo's;
+        the training spec is made from it."""
         self.work = Path(workdir).resolve()
         self.n = nodes
         self.merge = merge
@@ -61,6 +64,7 @@ class LocalSwarm:
         self.deadline_s = deadline_s
         self.seed = seed
         self.epochs = epochs
+        self.initial_state = initial_state
         self.names = [f"hospital-{i + 1}" for i in range(nodes)]
         self.accounts = [dev_account(i + 1) for i in range(nodes)]
         # block_time: time moves on, so grace periods and deadlines can pass
@@ -102,9 +106,11 @@ class LocalSwarm:
         for i, name in enumerate(self.names):
             save_shard(self.work / f"{name}.npz", *self.data.hospitals[i])
         save_shard(self.work / "test.npz", self.data.X_test, self.data.y_test)
-        model = demo_model.make_model(self.data.X_test.shape[1], seed=self.seed)
+        state = self.initial_state
+        if state is None:
+            state = demo_model.make_model(self.data.X_test.shape[1], seed=self.seed).state_dict()
         self.spec = TrainingSpec.from_state(
-            model.state_dict(), sync_frequency=self.sync_frequency, min_peers=self.min_peers,
+            state, sync_frequency=self.sync_frequency, min_peers=self.min_peers,
             merge_method=self.merge,
         )
         self.w3 = connect(self.chain.url)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from swarmnode.callback import SwarmCallback
+from swarmnode.callback import SwarmCallback as _PlainSwarmCallback
 from swarmnode.integrations import LazySwarm, dataset_length, require
 
 transformers = require("transformers", "transformers", "SwarmTrainerCallback")
 
-__all__ = ["SwarmTrainerCallback"]
+__all__ = ["SwarmCallback", "SwarmTrainerCallback"]
 
 
 class SwarmTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc,name-defined]
@@ -35,7 +35,7 @@ class SwarmTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc,n
         self._lazy = LazySwarm(args, kwargs)
 
     @property
-    def swarm(self) -> SwarmCallback | None:
+    def swarm(self) -> _PlainSwarmCallback | None:
         """The wrapped SwarmCallback, once training has started."""
         return self._lazy.swarm
 
@@ -74,3 +74,8 @@ class SwarmTrainerCallback(transformers.TrainerCallback):  # type: ignore[misc,n
         if self._lazy.swarm is not None and self._lazy.swarm.should_stop:
             control.should_training_stop = True
         return control
+
+
+# `from swarmnode.integrations.hf import SwarmCallback` is this adapter, not the plain
+# callback (which the framework would never call)
+SwarmCallback = SwarmTrainerCallback

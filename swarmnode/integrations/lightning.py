@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from swarmnode.callback import SwarmCallback
+from swarmnode.callback import SwarmCallback as _PlainSwarmCallback
 from swarmnode.integrations import LazySwarm, dataset_length, require
 
 pl = require("lightning.pytorch", "lightning", "SwarmLightningCallback")
 
-__all__ = ["SwarmLightningCallback"]
+__all__ = ["SwarmCallback", "SwarmLightningCallback"]
 
 
 class SwarmLightningCallback(pl.Callback):  # type: ignore[misc,name-defined]
@@ -37,7 +37,7 @@ class SwarmLightningCallback(pl.Callback):  # type: ignore[misc,name-defined]
         self._last_step = 0
 
     @property
-    def swarm(self) -> SwarmCallback | None:
+    def swarm(self) -> _PlainSwarmCallback | None:
         """The wrapped SwarmCallback, once training has started."""
         return self._lazy.swarm
 
@@ -78,3 +78,8 @@ class SwarmLightningCallback(pl.Callback):  # type: ignore[misc,name-defined]
     def _stop_if_over(self, trainer: Any) -> None:
         if self._lazy.swarm is not None and self._lazy.swarm.should_stop:
             trainer.should_stop = True
+
+
+# `from swarmnode.integrations.lightning import SwarmCallback` is this adapter, not the plain
+# callback (which the framework would never call)
+SwarmCallback = SwarmLightningCallback

@@ -48,13 +48,13 @@ def test_hpe_aliases_port_an_hpe_script(one_node: LocalSwarm) -> None:
         cb = SwarmCallback(
             model=_model(one_node), syncFrequency=4, minPeers=2, mergeMethod="mean",
             nodeWeightage=50, checkinModelOnTrainEnd="snapshot", adsValData=None,
-            totalEpochs=3, useAdaptiveSync=False, local_api=one_node.socket(0), num_samples=10,
+            totalEpochs=3, useAdaptiveSync=True, local_api=one_node.socket(0), num_samples=10,
         )
     assert (cb.sync_frequency, cb.min_peers, cb.merge_method) == (4, 2, "mean")
     assert (cb.node_weight, cb.policy, cb.total_epochs) == (50.0, "snapshot", 3)
     assert cb.weight == 500
     assert any("useAdaptiveSync" in str(w.message) for w in caught)
-    with pytest.raises(ConfigError, match="unknown parameter 'syncFreq'"):
+    with pytest.raises(ConfigError, match="unknown parameter 'syncFreq'; known HPE names: "):
         SwarmCallback(_model(one_node), syncFreq=4, minPeers=2, local_api=one_node.socket(0))
 
 
