@@ -183,7 +183,9 @@ def _peer_main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
+    # HPE's default end of training is snapshot; this site asks for inactive, as site 0 has
     callback = SwarmTrainerCallback(syncFrequency=4, minPeers=2, nodeWeightage=1,
+                                    checkinModelOnTrainEnd="inactive",
                                     local_api=a.local_api, timeout=120)
     model, trainer = train(a.shard, a.out, callback)
     swarm = callback.swarm

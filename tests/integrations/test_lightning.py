@@ -180,7 +180,9 @@ def _peer_main() -> None:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
+    # HPE's default end of training is snapshot; this site asks for inactive, as site 0 has
     callback = SwarmLightningCallback(syncFrequency=4, minPeers=2, nodeWeightage=1,
+                                      checkinModelOnTrainEnd="inactive",
                                       local_api=a.local_api, timeout=120)
     module, trainer = train(a.shard, a.out, callback, accumulate=2)
     swarm = callback.swarm
