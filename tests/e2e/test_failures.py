@@ -57,13 +57,14 @@ def _all_end_with_the_final_model(swarm: LocalSwarm, sites: list[int]) -> str:
 
 
 def test_a_paused_leader_is_replaced_and_catches_up_when_it_wakes(tmp_path: Path) -> None:
-    """The leader freezes (SIGSTOP: alive, its sockets open, answering nothing) before it merges;
+    """The leader freezes (SIGSTOP: alive, its sockets open, answering nothing) before it commits;
     the members re-elect one deadline later and the round completes without it. Woken up, it
     takes the committed model and goes on: every site, the frozen one too, ends with the final
     model."""
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
                     epochs=3) as swarm:
-        _start(swarm)
+        # round 2's leader holds its commit back 20 s, so the freeze surely lands before it
+        _start(swarm, {i: {"SWARMNODE_TEST_STALL_COMMIT": "2:1:20"} for i in range(3)})
         info = _drawn(swarm, 2)
         leader = swarm.index_of(info.leader)
         swarm.pause_node(leader)
