@@ -2,14 +2,59 @@
 
 from __future__ import annotations
 
+import csv
+import ipaddress
+import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from swarmnode.chain.client import FIXED_POINT, SwarmContract
 from swarmnode.chain.models import ContractSettings, NodeInfo, RoundInfo, RoundStatus
+from swarmnode.errors import ConfigError
 
-__all__ = ["Overview", "RoundSummary", "overview"]
+__all__ = ["Overview", "RoundSummary", "Waiting", "overview", "read_names", "site_name"]
+
+
+def read_names(path: Path) -> dict[str, str]:
+    """Site names by address from a CSV with ``name`` and ``address`` columns (the consortium's
+    ``sites.csv``)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the site names file {path}: {exc.strerror}") from None
+    if rows and not {"name", "address"} <= set(rows[0]):
+        raise ConfigError(f"{path} needs the columns name and address (has {', '.join(rows[0])})")
+    return {r["address"].strip().lower(): r["name"].strip() for r in rows if r.get("address")}
+
+
+def site_name(node: NodeInfo, names: dict[str, str] | None = None) -> str:
+    """What to call a site: its name from ``names``, else the host of its endpoint when that is a
+    DNS name (containers: the site's name), else its address."""
+    if names and node.address.lower() in names:
+        return names[node.address.lower()]
+    host = node.endpoint.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host and host != "localhost":
+            return host
+    return node.address
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """What the current round waits for, and since when (chain time)."""
+
+    round: int
+    stage: str  # check-in, draw, merge, finished
+    waiting_for: tuple[str, ...]  # site names
+    since: int | None
+    deadline: int | None = None
+    checked_in: tuple[str, ...] = field(default_factory=tuple)
+    leader: str | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +78,12 @@ class Overview:
     active_count: int
     nodes: tuple[NodeInfo, ...]
     rounds: tuple[RoundSummary, ...]
+    names: dict[str, str] = field(default_factory=dict)  # address -> site name
+    waiting: Waiting | None = None
+    now: int = 0  # the chain's time when read
+
+    def name(self, address: str | None) -> str | None:
+        return None if address is None else self.names.get(address, address)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types: bytes as hex, statuses as lower-case names."""
@@ -51,8 +102,20 @@ class Overview:
             "final_round": self.final_round,
             "training_finished": self.training_finished,
             "active_count": self.active_count,
+            "now": self.now,
+            "waiting": None if self.waiting is None else {
+                "round": self.waiting.round,
+                "stage": self.waiting.stage,
+                "waiting_for": list(self.waiting.waiting_for),
+                "since": self.waiting.since,
+                "seconds": None if self.waiting.since is None else self.now - self.waiting.since,
+                "deadline": self.waiting.deadline,
+                "checked_in": list(self.waiting.checked_in),
+                "leader": self.waiting.leader,
+            },
             "nodes": [
                 {
+                    "name": self.names.get(n.address, n.address),
                     "address": n.address,
                     "endpoint": n.endpoint,
                     "fingerprint": n.fingerprint.hex(),
@@ -67,8 +130,10 @@ class Overview:
                     "round": r.info.round,
                     "status": r.info.status.name.lower(),
                     "leader": r.info.leader,
+                    "leader_name": self.name(r.info.leader),
                     "attempt": r.info.attempt,
                     "participants": list(r.info.participants),
+                    "participant_names": [self.name(p) for p in r.info.participants],
                     "digest": r.info.digest.hex() if r.info.digest else None,
                     "is_final": r.info.is_final,
                     "mean_loss": r.mean_loss,
@@ -80,8 +145,34 @@ class Overview:
         }
 
 
-def overview(contract: SwarmContract, last_rounds: int = 20) -> Overview:
-    """Read the contract's views (and its metric events) into one :class:`Overview`."""
+def _waiting(current: RoundSummary | None, nodes: tuple[NodeInfo, ...], names: dict[str, str],
+             deadline_s: int, finished: bool) -> Waiting | None:
+    if current is None:
+        return None
+    info = current.info
+    if finished:
+        return Waiting(info.round, "finished", (), None)
+    name = lambda a: names.get(a, a)  # noqa: E731
+    joined = tuple(name(p) for p in info.participants)
+    if info.status is RoundStatus.OPEN:
+        # every active site that has not checked in yet (the grace period may elect without them)
+        missing = tuple(name(n.address) for n in nodes
+                        if n.state == "active" and n.address not in info.participants)
+        return Waiting(info.round, "check-in", missing, info.first_checkin_at or None,
+                       checked_in=joined)
+    if info.status is RoundStatus.ELECTED and info.leader is None:
+        return Waiting(info.round, "draw", (), info.elected_at, checked_in=joined)
+    if info.status is RoundStatus.ELECTED:
+        return Waiting(info.round, "merge", (name(info.leader),), info.elected_at,
+                       deadline=info.elected_at + deadline_s, checked_in=joined,
+                       leader=name(info.leader))
+    return None
+
+
+def overview(contract: SwarmContract, last_rounds: int = 20,
+             names: dict[str, str] | None = None) -> Overview:
+    """Read the contract's views (and its metric events) into one :class:`Overview`; ``names``:
+    site names by address (lower case), else names from the sites' endpoints."""
     current = contract.current_round()
     finished = contract.training_finished()
     # After the final commit the current round is one past the final round: nothing to show.
@@ -103,14 +194,22 @@ def overview(contract: SwarmContract, last_rounds: int = 20) -> Overview:
             mean_metric=sum(y for _, y in reported) / n / FIXED_POINT if n else None,
             reports=n,
         ))
+    nodes = tuple(contract.nodes())
+    named = {n.address: site_name(n, names) for n in nodes}
+    settings = contract.settings()
+    now_round = next((r for r in rounds if r.info.round == current), None)
     return Overview(
         contract=contract.address,
         chain=contract.chain,
-        settings=contract.settings(),
+        settings=settings,
         current_round=current,
         final_round=contract.final_round(),
         training_finished=finished,
         active_count=contract.active_count(),
-        nodes=tuple(contract.nodes()),
+        nodes=nodes,
         rounds=tuple(rounds),
+        names=named,
+        waiting=_waiting(now_round if not finished else (rounds[-1] if rounds else None), nodes,
+                         named, settings.deadline_s, finished),
+        now=max(contract.block_timestamp(), 0) or int(time.time()),
     )

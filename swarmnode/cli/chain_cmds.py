@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -300,15 +301,36 @@ def status(
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Show the last N rounds.")] = 20,
     fmt: Format = OutputFormat.table,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="Refresh until Ctrl-C (JSON: one object per line per refresh).")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.1,
+                                            help="Seconds between refreshes.")] = 2.0,
+    count: Annotated[int, typer.Option(
+        "--count", min=0, help="With --watch: stop after N refreshes (0: never).")] = 0,
+    names: Annotated[Path | None, typer.Option(
+        "--names", help="CSV with name and address columns (the consortium's sites.csv): "
+        "sites by name. Without it, a site is named by its endpoint's host.")] = None,
 ) -> None:
-    """The training on chain: settings, nodes, rounds, final round."""
-    from swarmnode.chain.overview import overview
+    """The training on chain: settings, sites, rounds, and what the current round waits for."""
+    from swarmnode.chain.overview import overview, read_names
 
-    view = overview(_contract(rpc_url, contract), last_rounds=rounds)
-    if fmt is OutputFormat.json:
-        print_json(view.to_json())
-    else:
-        _print_overview(view)
+    by_address = read_names(names) if names is not None else None
+    chain = _contract(rpc_url, contract)
+    shown = 0
+    while True:
+        view = overview(chain, last_rounds=rounds, names=by_address)
+        if fmt is OutputFormat.json and watch:
+            print(json.dumps(view.to_json(), separators=(",", ":")), flush=True)
+        elif fmt is OutputFormat.json:
+            print_json(view.to_json())
+        else:
+            if watch:
+                console.clear()
+            _print_overview(view)
+        shown += 1
+        if not watch or (count and shown >= count) or (view.training_finished and shown > 1):
+            return
+        time.sleep(interval)
 
 
 def _when(ts: int) -> str:
@@ -327,12 +349,22 @@ def _print_overview(view: Overview) -> None:
         highlight=False,
         soft_wrap=True,
     )
-    nodes = Table(title="nodes")
-    for col in ("address", "endpoint", "certificate", "state", "last seen (UTC)"):
+    w = view.waiting
+    if w is not None and w.stage != "finished":
+        since = f" for {view.now - w.since} s" if w.since else ""
+        what = {"check-in": f"check-ins from {', '.join(w.waiting_for) or 'nobody (grace)'}",
+                "draw": "the leader draw (the next block)",
+                "merge": f"the merge and commit of leader {w.leader}"
+                         f" (deadline {_when(w.deadline or 0)})"}[w.stage]
+        joined = f"; checked in: {', '.join(w.checked_in)}" if w.checked_in else ""
+        console.print(f"round {w.round} waits{since} for {what}{joined}", highlight=False,
+                      soft_wrap=True)
+    nodes = Table(title="sites")
+    for col in ("site", "address", "endpoint", "certificate", "state", "last seen (UTC)"):
         nodes.add_column(col)
     for n in view.nodes:
-        nodes.add_row(n.address, n.endpoint, _short(n.fingerprint, 12), n.state,
-                      _when(n.last_seen))
+        nodes.add_row(view.names.get(n.address, n.address), n.address, n.endpoint,
+                      _short(n.fingerprint, 12), n.state, _when(n.last_seen))
     console.print(nodes)
     rounds = Table(title="rounds")
     for col in ("round", "status", "leader", "attempt", "participants", "digest", "loss",
@@ -342,7 +374,7 @@ def _print_overview(view: Overview) -> None:
         i = r.info
         label = f"{i.round}{' (final)' if i.is_final else ''}"
         rounds.add_row(
-            label, i.status.name.lower(), _short(i.leader), str(i.attempt or "-"),
+            label, i.status.name.lower(), view.name(i.leader) or "-", str(i.attempt or "-"),
             str(len(i.participants)), _short(i.digest),
             f"{r.mean_loss:.4f}" if r.mean_loss is not None else "-",
             f"{r.mean_metric:.4f}" if r.mean_metric is not None else "-",

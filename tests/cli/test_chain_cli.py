@@ -121,7 +121,7 @@ def test_deploy_authorize_enroll_revoke_status(
     result = runner.invoke(app, ["status", "--rpc-url", anvil.url, "--contract", deployed],
                            env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for text in (deployed, "nodes", "rounds", node1, "revoked", "open"):
+    for text in (deployed, "sites", "rounds", node1, "revoked", "open"):
         assert text in result.stdout
 
 
@@ -226,3 +226,56 @@ def test_deploy_with_a_record_is_idempotent(anvil: DevChain, spec_file: Path,
     assert fresh.exit_code == 0, fresh.output
     assert fresh.stdout.strip() != address
     assert f"set CONTRACT={fresh.stdout.strip()}" in fresh.stderr
+
+
+def test_status_names_the_sites_and_what_the_round_waits_for(
+        anvil: DevChain, deployed: str, tmp_path: Path) -> None:
+    """`status` names each site (by its endpoint's host, or from a names file) and says what the
+    current round waits for: the check-ins still missing, then the leader draw, then the
+    leader's merge with its deadline; `--watch --format json` prints one object per refresh."""
+    admin = SwarmContract(connect(anvil.url), deployed, dev_account(0))
+    sites = [admin.with_account(dev_account(i)) for i in (4, 5, 6)]
+    for i, site in enumerate(sites):
+        admin.authorize(site.account_address, hashlib.sha256(f"cert {i}".encode()).digest())
+        site.enroll(f"hospital-{'abc'[i]}.example.org:7441")
+    sites[0].checkin(1, 10)
+    sites[1].checkin(1, 20)  # hospital-c is stopped: it never checks in
+    env = {"SWARMNODE_CONTRACT": deployed, "SWARMNODE_RPC_URL": anvil.url}
+
+    def status(*extra: str) -> dict:
+        result = invoke("status", "--format", "json", *extra, env=env)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    out = status()
+    names = {n["address"]: n["name"] for n in out["nodes"]}
+    assert [names[s.account_address] for s in sites] == [
+        "hospital-a.example.org", "hospital-b.example.org", "hospital-c.example.org"]
+    waiting = out["waiting"]
+    assert (waiting["round"], waiting["stage"]) == (1, "check-in")
+    assert waiting["waiting_for"] == ["hospital-c.example.org"]
+    assert waiting["checked_in"] == ["hospital-a.example.org", "hospital-b.example.org"]
+    assert waiting["seconds"] >= 0
+
+    csv_file = tmp_path / "sites.csv"
+    csv_file.write_text("name,address,cert\n" + "".join(
+        f"site-{i},{s.account_address},x.pem\n" for i, s in enumerate(sites)))
+    assert status("--names", str(csv_file))["waiting"]["waiting_for"] == ["site-2"]
+    watched = invoke("status", "--format", "json", "--watch", "--count", "2", "--interval",
+                     "0.1", "--names", str(csv_file), env=env)
+    assert watched.exit_code == 0, watched.output
+    lines = watched.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(json.loads(x)["waiting"]["stage"] == "check-in" for x in lines)
+    table = runner.invoke(app, ["status", "--names", str(csv_file)], env={**env, "COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    assert "round 1 waits" in table.stdout and "check-ins from site-2" in table.stdout
+
+    # the stopped site is set aside by the grace path: the round closes without it
+    anvil_w3 = connect(anvil.url)
+    anvil_w3.provider.make_request("evm_increaseTime", [10])  # type: ignore[arg-type]
+    anvil_w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    sites[0].elect(1)
+    sites[0].draw(1)
+    waiting = status("--names", str(csv_file))["waiting"]
+    assert waiting["stage"] == "merge" and waiting["leader"] in ("site-0", "site-1")
+    assert waiting["waiting_for"] == [waiting["leader"]] and waiting["deadline"] is not None
