@@ -327,7 +327,7 @@ class SwarmCallback:
         loss = float(self.loss_fn(out, tgt)) if self.loss_fn else None
         metric = float(self.metric_fn(out, tgt)) if self.metric_fn else None
         if loss is not None or metric is not None:
-            self.logger.info("validation: loss %s, metric %s", loss, metric)
+            self.logger.debug("validation: loss %s, metric %s", loss, metric)
         return loss, metric
 
 

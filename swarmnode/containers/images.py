@@ -144,6 +144,12 @@ def _label(tag: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _image_id(tag: str) -> str | None:
+    done = subprocess.run(["docker", "image", "inspect", tag, "--format", "{{.Id}}"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
 def _size(tag: str) -> int:
     out = subprocess.run(["docker", "image", "inspect", tag, "--format", "{{.Size}}"],
                          capture_output=True, text=True).stdout.strip()
@@ -176,10 +182,15 @@ def build_images(names: Iterable[str] = IMAGES, base: str | None = None) -> list
             build_swarmnode_wheel(root)
             wheel_built = True
         log.info("building %s", tag)
+        previous = _image_id(tag)
         env = dict(os.environ, DOCKER_BUILDKIT="0")  # the classic builder: no registry needed
         _run(["docker", "build", "-q", "-f", f"docker/{name}/Dockerfile", "--build-arg",
               f"BASE={base}", "--build-arg", f"INPUTS={inputs}", "-t", tag, "."],
              f"docker build of {tag}", root, env)
+        if previous and previous != _image_id(tag):
+            # the image this one replaces, and its untagged build steps: each rebuild would
+            # otherwise leave about a gigabyte behind (vfs keeps every layer in full)
+            subprocess.run(["docker", "image", "rm", previous], capture_output=True, text=True)
         out.append(BuiltImage(name, tag, _size(tag), built=True))
     return out
 
