@@ -9,4 +9,5 @@ the frozen values of :mod:`swarmnode.chain.models` and :mod:`swarmnode.errors`.
 - :mod:`~swarmnode.chain.launcher`: ``DevChain``, an anvil process (the only anvil-aware module)
 - :mod:`~swarmnode.chain.compile`: solc via ``tools/solc.js``; ``load_artifact()``
 - :mod:`~swarmnode.chain.overview`: the read-only summary behind ``swarmnode status``
+- :mod:`~swarmnode.chain.report`: per-round metrics by site, CSV and plot (``swarmnode report``)
 """

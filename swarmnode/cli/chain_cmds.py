@@ -1,4 +1,5 @@
-"""Chain commands: `chain up`, `contract deploy`, `authorize`, `revoke`, `enroll`, `status`."""
+"""Chain commands: `chain up`, `contract deploy`, `authorize`, `revoke`, `enroll`, `status`,
+`report`."""
 
 from __future__ import annotations
 
@@ -333,6 +334,84 @@ def status(
         time.sleep(interval)
 
 
+NODE_CONFIG_NAMES = ("node.yaml", "node.yml")
+
+
+def _from_data_dir(data_dir: Path) -> tuple[str | None, str | None]:
+    """The chain RPC URL and contract address in the node config (``node.yaml``) of a node's data
+    dir: in that folder, or in its parent (``swarmnode demo`` keeps ``<site>/node.yaml`` next to
+    ``<site>/data``). None for what the config does not set."""
+    import yaml
+
+    if not data_dir.is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is not a folder")
+    candidates = [d / n for d in (data_dir, data_dir.resolve().parent) for n in NODE_CONFIG_NAMES]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise ConfigError(
+            f"no node config ({' or '.join(NODE_CONFIG_NAMES)}) in {data_dir} or its parent; "
+            "pass --contract and --rpc-url instead"
+        )
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read the node config {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"node config {path} must hold a mapping of settings")
+    rpc_url, contract = loaded.get("rpc_url"), loaded.get("contract")
+    return (str(rpc_url) if rpc_url else None, str(contract) if contract else None)
+
+
+@command
+def report(
+    contract: Annotated[str | None, typer.Option(
+        "--contract", envvar="SWARMNODE_CONTRACT",
+        help="Address of the SwarmLearning contract (else the one in --data-dir's node config).",
+    )] = None,
+    rpc_url: Annotated[str | None, typer.Option(
+        "--rpc-url", envvar="SWARMNODE_RPC_URL",
+        help=f"Chain JSON-RPC URL (else --data-dir's node config, else {DEFAULT_RPC_URL}).",
+    )] = None,
+    names: Annotated[Path | None, typer.Option(
+        "--names", help="CSV with name and address columns (the consortium's sites.csv): "
+        "sites by name. Without it, a site is named by its endpoint's host.")] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder for report.csv and report.png (created if needed).")] = Path(
+        "swarm-report"),
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="A node's data dir: take the chain and contract from its node config "
+        "(node.yaml there or in its parent) when --rpc-url / --contract are not given.")] = None,
+) -> None:
+    """The swarm's convergence: validation loss and metric per round and site, as report.csv
+    and report.png."""
+    from swarmnode.chain.overview import read_names
+    from swarmnode.chain.report import collect, summarize
+    from swarmnode.chain.report import report as write_report
+
+    if data_dir is not None and (contract is None or rpc_url is None):
+        dir_rpc, dir_contract = _from_data_dir(data_dir)
+        contract = contract or dir_contract
+        rpc_url = rpc_url or dir_rpc
+    if contract is None:
+        where = f" and the node config of {data_dir} names none" if data_dir is not None else ""
+        raise ConfigError(f"no contract given{where}: pass --contract ADDR (or set "
+                          "SWARMNODE_CONTRACT), or --data-dir of a node")
+    by_address = read_names(names) if names is not None else None
+    chain = _contract(rpc_url or DEFAULT_RPC_URL, contract)
+    rows = collect(chain, by_address)
+    csv_path, png_path = write_report(chain, out, names=by_address, rows=rows)
+    console.print(f"{csv_path}\n{png_path}", highlight=False, markup=False, soft_wrap=True)
+    table = Table(title=f"{len({r.round for r in rows})} round(s) with metrics")
+    for col in ("site", "rounds", "first round", "loss", "metric", "last round", "loss",
+                "metric"):
+        table.add_column(col)
+    for s in summarize(rows):
+        table.add_row(s.site, str(s.rounds), str(s.first.round), f"{s.first.loss:.4f}",
+                      f"{s.first.metric:.4f}", str(s.last.round), f"{s.last.loss:.4f}",
+                      f"{s.last.metric:.4f}")
+    console.print(table)
+
+
 def _when(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S") if ts else "-"
 
@@ -390,3 +469,4 @@ def register(app: typer.Typer) -> None:
     app.command("revoke")(revoke)
     app.command("enroll")(enroll)
     app.command("status")(status)
+    app.command("report")(report)

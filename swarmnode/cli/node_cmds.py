@@ -81,6 +81,10 @@ def demo(
         "demo-run"
     ),
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    example: Annotated[str | None, typer.Option(
+        "--example", help="What the hospitals train: digits (a CNN; each hospital holds only "
+        "some of the digits; the default) or breast-cancer (tabular; the container demo's)."
+    )] = None,
     kill_leader_round: Annotated[
         int | None,
         typer.Option("--kill-leader-round", help="Kill this round's leader before it commits."),
@@ -101,9 +105,10 @@ def demo(
         )
 
         run = run_demo_containers if containers else run_demo
+        chosen = example or ("breast-cancer" if containers else "digits")
         summary = run(
             DemoOptions(nodes=nodes, merge=merge, workdir=workdir, seed=seed,
-                        kill_leader_round=kill_leader_round),
+                        kill_leader_round=kill_leader_round, example=chosen),
             console=console,
         )
         show_summary(summary, console)

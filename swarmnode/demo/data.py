@@ -38,6 +38,7 @@ __all__ = [
     "SCARCE_MALIGNANT",
     "DemoData",
     "Shard",
+    "class_ratio_splits",
     "hospital_splits",
     "load_shard",
     "preprocess",
@@ -159,6 +160,39 @@ def hospital_splits(n_hospitals: int = 3, seed: int = 0, test_fraction: float = 
         scarce=scarce,
         feature_names=tuple(str(f) for f in bunch.feature_names),
     )
+
+
+def class_ratio_splits(n_hospitals: int = 3, seed: int = 0,
+                       test_fraction: float = 0.25) -> DemoData:
+    """The sizes of :func:`hospital_splits`, with uneven case mixes: the largest hospital (a
+    screening programme) has few malignant cases (12% of its samples), the smallest has one, and
+    the hospitals between take the rest of the malignant cases (a referral centre's mix)."""
+    base = hospital_splits(n_hospitals, seed=seed, test_fraction=test_fraction)
+    X = np.concatenate([h.X for h in base.hospitals])
+    y = np.concatenate([h.y for h in base.hospitals])
+    sizes = [len(h.y) for h in base.hospitals]
+    rng = np.random.default_rng(seed + 1)
+    malignant = rng.permutation(np.flatnonzero(y == MALIGNANT))
+    benign = rng.permutation(np.flatnonzero(y != MALIGNANT))
+    middle = list(range(1, n_hospitals - 1)) if n_hospitals > 2 else [1]
+    counts = [0] * n_hospitals
+    counts[0] = round(0.12 * sizes[0])
+    if n_hospitals > 2:
+        counts[-1] = SCARCE_MALIGNANT
+    rest = len(malignant) - sum(counts)
+    share = _apportion(rest, [float(sizes[i]) for i in middle])
+    for i, k in zip(middle, share, strict=True):
+        counts[i] = min(k, sizes[i] - 2)  # at least two benign cases everywhere
+    counts[0] += len(malignant) - sum(counts)  # what the middle hospitals could not take
+    shards = []
+    m_at = b_at = 0
+    for size, m in zip(sizes, counts, strict=True):
+        idx = np.concatenate([malignant[m_at:m_at + m], benign[b_at:b_at + size - m]])
+        m_at, b_at = m_at + m, b_at + size - m
+        idx = rng.permutation(idx)
+        shards.append(Shard(X[idx], y[idx]))
+    return DemoData(hospitals=tuple(shards), X_test=base.X_test, y_test=base.y_test,
+                    names=base.names, scarce=base.scarce, feature_names=base.feature_names)
 
 
 def save_shard(path: str | Path, X: np.ndarray, y: np.ndarray) -> Path:

@@ -120,20 +120,22 @@ def train_epoch(
     *,
     on_batch_end: Callable[[], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """One pass over ``loader``; the mean training loss per sample.
 
-    ``on_batch_end`` is called after every optimizer step (where ``SwarmCallback.on_batch_end``
+    ``loss``: the task's loss (default: this model's :func:`loss_fn`). ``on_batch_end`` is called
+    after every optimizer step (where ``SwarmCallback.on_batch_end``
     goes); the epoch ends early once ``should_stop()`` is true.
     """
     model.train()
     total, count = 0.0, 0
     for X, y in loader:
         optimizer.zero_grad()
-        loss = loss_fn(model(X), y)
-        loss.backward()
+        value = (loss or loss_fn)(model(X), y)
+        value.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(y)
+        total += float(value.detach()) * len(y)
         count += len(y)
         if on_batch_end is not None:
             on_batch_end()

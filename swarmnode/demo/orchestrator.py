@@ -16,9 +16,9 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.table import Table
 
-from swarmnode.demo import model as demo_model
 from swarmnode.demo.swarm import LocalSwarm
-from swarmnode.errors import NodeError
+from swarmnode.demo.tasks import DEFAULT_TASK, get_task
+from swarmnode.errors import ConfigError, NodeError
 
 __all__ = [
     "NODE_KEYS",
@@ -35,10 +35,11 @@ __all__ = [
 # The summary `swarmnode demo --json` writes, with processes or with containers.
 SUMMARY_KEYS = frozenset({
     "nodes", "killed", "central_auc", "central_accuracy", "chain_final_digest", "all_nodes_agree",
-    "rounds", "merge", "contract", "seconds",
+    "rounds", "merge", "contract", "seconds", "example", "headline", "swarm_vs_best_local",
+    "report",
 })
 NODE_KEYS = frozenset({
-    "name", "samples", "malignant", "final_digest", "local_auc", "local_accuracy", "swarm_auc",
+    "name", "samples", "labels", "final_digest", "local_auc", "local_accuracy", "swarm_auc",
     "swarm_accuracy", "rounds_joined", "train_seconds",
 })
 
@@ -70,23 +71,30 @@ class DemoOptions:
     merge: str = "mean"
     workdir: Path = Path("demo-run")
     seed: int = 0
-    sync_frequency: int = 4
+    sync_frequency: int | None = None  # None: the example's
     min_peers: int = 2
     grace_s: int = 2
     deadline_s: int = 6
     kill_leader_round: int | None = None
     timeout_s: float = 600.0
-    epochs: int | None = None  # None: the demo model's EPOCHS
+    epochs: int | None = None  # None: the example's
+    example: str = DEFAULT_TASK  # digits or breast-cancer (swarmnode.demo.tasks)
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     t0 = time.monotonic()
-    with LocalSwarm(opts.workdir, opts.nodes, merge=opts.merge, sync_frequency=opts.sync_frequency,
+    task = get_task(opts.example)
+    sync_frequency = opts.sync_frequency or task.sync_frequency
+    with LocalSwarm(opts.workdir, opts.nodes, merge=opts.merge, sync_frequency=sync_frequency,
                     min_peers=opts.min_peers, grace_s=opts.grace_s, deadline_s=opts.deadline_s,
-                    seed=opts.seed, epochs=opts.epochs) as swarm:
-        console.print(f"[bold]swarmnode demo[/]: {opts.nodes} hospitals, merge rule {opts.merge}, "
-                      f"dev chain at {swarm.rpc_url}, contract {swarm.contract.address}")
+                    seed=opts.seed, epochs=opts.epochs, task=task.name) as swarm:
+        console.print(f"[bold]swarmnode demo[/]: {opts.nodes} hospitals, example {task.name} "
+                      f"({task.default_split} split), merge rule {opts.merge}, dev chain at "
+                      f"{swarm.rpc_url}, contract {swarm.contract.address}")
+        for i, name in enumerate(swarm.names):
+            shard = swarm.data.hospitals[i]
+            console.print(f"  {name}: {len(shard.y)} samples, {task.describe_labels(shard.y)}")
         for i in range(opts.nodes):
             swarm.start_node(i)
         swarm.wait_enrolled(list(range(opts.nodes)))
@@ -105,6 +113,10 @@ def run_demo_containers(opts: DemoOptions, console: Console | None = None) -> di
     from swarmnode.containers.images import build_images
 
     console = console or Console()
+    if opts.example != "breast-cancer":
+        raise ConfigError(f"the container demo runs the breast-cancer example (its ml image trains "
+                          f"examples/breast_cancer/train.py), not {opts.example}; use "
+                          "--example breast-cancer with --containers")
     t0 = time.monotonic()
     engine = ensure_engine()
     try:
@@ -112,7 +124,8 @@ def run_demo_containers(opts: DemoOptions, console: Console | None = None) -> di
             console.print(f"image {img.tag}: {img.size / 1e6:.0f} MB"
                           f"{' (built)' if img.built else ''}")
         with ContainerConsortium(opts.workdir, opts.nodes, merge=opts.merge, seed=opts.seed,
-                                 sync_frequency=opts.sync_frequency, min_peers=opts.min_peers,
+                                 sync_frequency=opts.sync_frequency or 4,
+                                 min_peers=opts.min_peers,
                                  grace_s=opts.grace_s, deadline_s=opts.deadline_s) as swarm:
             console.print(f"[bold]swarmnode demo --containers[/]: {opts.nodes} hospitals "
                           f"(compose projects {swarm.project(0)}..), merge rule {opts.merge}")
@@ -133,18 +146,30 @@ def summarize(swarm: SwarmHarness, opts: DemoOptions, console: Console,
 
 def _summary(swarm: SwarmHarness, rounds: list[dict[str, Any]], killed: set[int],
              seconds: float) -> dict[str, Any]:
+    task = get_task(getattr(swarm, "task", get_task("breast-cancer")).name)
     X_all, y_all = swarm.data.pooled()
-    epochs = swarm.epochs or demo_model.EPOCHS
-    central = demo_model.train_local(X_all, y_all, epochs=epochs, batch_size=demo_model.BATCH_SIZE,
-                                     lr=demo_model.LR, seed=swarm.seed)
-    central_scores = demo_model.evaluate(central, swarm.data.X_test, swarm.data.y_test)
+    central = task.train_local(X_all, y_all, seed=swarm.seed, epochs=swarm.epochs)
+    central_scores = task.evaluate(central, swarm.data.X_test, swarm.data.y_test)
     results = [swarm.result(i) for i in range(swarm.n) if i not in killed]
+    head = task.headline
+    best_local = max((r["local"][head] for r in results), default=0.0)
+    swarm_score = results[0]["swarm"][head] if results else 0.0
+    report_dir = swarm.work / "report"
+    try:
+        from swarmnode.chain.report import report
+
+        csv_path, _png = report(swarm.contract, report_dir, names={
+            a.address.lower(): n for a, n in zip(swarm.accounts, swarm.names, strict=True)})
+        report_path = str(csv_path.parent)
+    except Exception as exc:  # the plot is a convenience: never fail the demo over it
+        report_path = f"(no report: {exc})"
     final_events = swarm.contract.events(names={"TrainingFinished"})
     chain_digest = final_events[-1].args["digest"].hex() if final_events else ""
     agree = bool(chain_digest) and all(r["final_digest"] == chain_digest for r in results)
     summary = {
         "nodes": [
-            {"name": r["name"], "samples": r["samples"], "malignant": r["malignant"],
+            {"name": r["name"], "samples": r["samples"],
+             "labels": r.get("labels") or f"{r['malignant']} malignant",
              "final_digest": r["final_digest"], "local_auc": r["local"]["auc"],
              "local_accuracy": r["local"]["accuracy"], "swarm_auc": r["swarm"]["auc"],
              "swarm_accuracy": r["swarm"]["accuracy"], "rounds_joined": r["rounds"],
@@ -160,6 +185,10 @@ def _summary(swarm: SwarmHarness, rounds: list[dict[str, Any]], killed: set[int]
         "merge": swarm.merge,
         "contract": swarm.contract.address,
         "seconds": round(seconds, 1),
+        "example": task.name,
+        "headline": head,
+        "swarm_vs_best_local": swarm_score - best_local,
+        "report": report_path,
     }
     assert set(summary) == SUMMARY_KEYS and all(set(n) == NODE_KEYS for n in summary["nodes"])
     return summary
@@ -219,11 +248,11 @@ def show_summary(summary: dict[str, Any], console: Console) -> None:
     if not console.is_terminal:  # piped or logged: do not squeeze the tables into 80 columns
         console = Console(width=120)
     table = Table(title="Test-set quality on one shared test set: local-only vs swarm vs central")
-    for col in ("site", "samples", "malignant", "local AUC", "swarm AUC", "local acc",
+    for col in ("site", "samples", "labels", "local AUC", "swarm AUC", "local acc",
                 "swarm acc", "final model digest"):
         table.add_column(col, no_wrap=True)
     for n in summary["nodes"]:
-        table.add_row(n["name"], str(n["samples"]), str(n["malignant"]), f"{n['local_auc']:.4f}",
+        table.add_row(n["name"], str(n["samples"]), n["labels"], f"{n['local_auc']:.4f}",
                       f"{n['swarm_auc']:.4f}", f"{n['local_accuracy']:.3f}",
                       f"{n['swarm_accuracy']:.3f}", n["final_digest"][:16])
     for name in summary.get("killed", []):
@@ -252,4 +281,9 @@ def show_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(rt)
     verdict = ("[green]every node holds the final model whose digest is on chain[/]"
                if summary["all_nodes_agree"] else "[red]nodes DISAGREE with the chain[/]")
+    head = {"auc": "AUC", "accuracy": "accuracy"}.get(summary["headline"], summary["headline"])
+    gap = summary["swarm_vs_best_local"]
+    console.print(f"{summary['example']}: swarm {head} {'+' if gap >= 0 else ''}{gap:.4f} against "
+                  "the best hospital's own model")
+    console.print(f"per-round validation loss and metric of every site: {summary['report']}")
     console.print(f"{verdict}  ({summary['seconds']} s)")

@@ -23,8 +23,8 @@ import yaml
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract, connect
 from swarmnode.chain.launcher import DevChain
-from swarmnode.demo import model as demo_model
-from swarmnode.demo.data import DemoData, hospital_splits, save_shard
+from swarmnode.demo.data import DemoData, save_shard
+from swarmnode.demo.tasks import get_task
 from swarmnode.errors import NodeError
 from swarmnode.identity import create_ca, describe, issue_node_cert, make_bundle
 from swarmnode.spec import TrainingSpec
@@ -49,12 +49,15 @@ class LocalSwarm:
         block_time: float = 1.0,
         instant_mining: bool = True,
         initial_state: dict[str, Any] | None = None,
+        task: str = "breast-cancer",
+        split: str | None = None,
     ) -> None:
         """``state_file``: the chain keeps its state in a file, so it can be stopped and started
         again (an outage) without losing the swarm. ``instant_mining=False``: transactions wait
         for the next block (every ``block_time`` s), as on a chain that is not anvil's.
         ``initial_state``: the model (state dict) of a training script other than the demo's;
-        the training spec is made from it."""
+        the training spec is made from it. ``task``/``split``: the demo example the trainers
+        train (:mod:`swarmnode.demo.tasks`) and its data split (default: the task's first)."""
         self.work = Path(workdir).resolve()
         self.n = nodes
         self.merge = merge
@@ -65,6 +68,8 @@ class LocalSwarm:
         self.seed = seed
         self.epochs = epochs
         self.initial_state = initial_state
+        self.task = get_task(task)
+        self.split = split
         self.names = [f"hospital-{i + 1}" for i in range(nodes)]
         self.accounts = [dev_account(i + 1) for i in range(nodes)]
         # block_time: time moves on, so grace periods and deadlines can pass
@@ -102,13 +107,13 @@ class LocalSwarm:
                             ips=["127.0.0.1"])
             for name in self.names
         ]
-        self.data = hospital_splits(self.n, seed=self.seed)
+        self.data = self.task.split(self.n, self.seed, self.split)
         for i, name in enumerate(self.names):
             save_shard(self.work / f"{name}.npz", *self.data.hospitals[i])
         save_shard(self.work / "test.npz", self.data.X_test, self.data.y_test)
         state = self.initial_state
         if state is None:
-            state = demo_model.make_model(self.data.X_test.shape[1], seed=self.seed).state_dict()
+            state = self.task.make_model(self.data.X_test.shape[1], self.seed).state_dict()
         self.spec = TrainingSpec.from_state(
             state, sync_frequency=self.sync_frequency, min_peers=self.min_peers,
             merge_method=self.merge,
@@ -180,6 +185,8 @@ class LocalSwarm:
         epochs = epochs if epochs is not None else self.epochs
         if epochs is not None:
             cmd += ["--epochs", str(epochs)]
+        if self.task.name != "breast-cancer":  # the trainer's default (scripts in tests lack it)
+            cmd += ["--task", self.task.name]
         self.trainers[i] = self._spawn(cmd, self.log(i, "trainer"), self.env)
         return self.trainers[i]
 

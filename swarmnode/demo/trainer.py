@@ -20,6 +20,7 @@ import torch
 from swarmnode.callback import SwarmCallback
 from swarmnode.demo import model as demo_model
 from swarmnode.demo.data import load_shard
+from swarmnode.demo.tasks import get_task
 from swarmnode.transport import serde
 
 
@@ -33,14 +34,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sync-frequency", type=int, default=4)
     p.add_argument("--min-peers", type=int, default=2)
     p.add_argument("--merge", default="mean")
-    p.add_argument("--epochs", type=int, default=demo_model.EPOCHS)
-    p.add_argument("--batch-size", type=int, default=demo_model.BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=demo_model.LR)
+    p.add_argument("--task", default="breast-cancer", help="The demo example: digits or "
+                   "breast-cancer (its model, loss, scores and default settings).")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-delay", type=float, default=0.0,
                    help="Seconds of extra work per batch (tests: a slower, larger site).")
     p.add_argument("--on-train-end", default="inactive", choices=["inactive", "snapshot", "active"])
     args = p.parse_args(argv)
+    task = get_task(args.task)
+    epochs = task.epochs if args.epochs is None else args.epochs
+    batch_size = task.batch_size if args.batch_size is None else args.batch_size
+    lr = task.lr if args.lr is None else args.lr
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s trainer-{args.name} %(message)s")
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
@@ -49,24 +56,23 @@ def main(argv: list[str] | None = None) -> None:
     X_test, y_test = load_shard(args.test)
 
     # The local-only baseline: this hospital alone.
-    local = demo_model.train_local(X, y, epochs=args.epochs, batch_size=args.batch_size,
-                                   lr=args.lr, seed=args.seed)
-    local_scores = demo_model.evaluate(local, X_test, y_test)
+    local = task.train_local(X, y, seed=args.seed, epochs=epochs)
+    local_scores = task.evaluate(local, X_test, y_test)
 
     # The same loop with the swarm.
-    model = demo_model.make_model(X.shape[1], seed=args.seed)
-    optimizer = demo_model.make_optimizer(model, lr=args.lr)
+    model = task.make_model(X.shape[1], args.seed)
+    optimizer = task.make_optimizer(model, lr=lr)
     swarm = SwarmCallback(
         model, sync_frequency=args.sync_frequency, min_peers=args.min_peers,
         merge_method=args.merge, num_samples=len(y), local_api=args.local_api,
         val_data=(torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)),
-        loss_fn=demo_model.loss_fn, metric_fn=demo_model.accuracy_fn,
+        loss_fn=task.loss_fn, metric_fn=task.accuracy_fn,
         on_train_end_policy=args.on_train_end,
     )
-    loader = demo_model.make_loader(X, y, args.batch_size, args.seed)
+    loader = demo_model.make_loader(X, y, batch_size, args.seed)
     started = time.monotonic()
     swarm.on_train_begin()
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         if swarm.should_stop:
             break
         def on_batch_end() -> None:
@@ -74,16 +80,17 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(args.batch_delay)
             swarm.on_batch_end()
 
-        demo_model.train_epoch(model, loader, optimizer, on_batch_end=on_batch_end,
-                               should_stop=lambda: swarm.should_stop)
+        task.train_epoch(model, loader, optimizer, on_batch_end=on_batch_end,
+                         should_stop=lambda: swarm.should_stop)
         swarm.on_epoch_end(epoch)
     swarm.on_train_end()
-    swarm_scores = demo_model.evaluate(model, X_test, y_test)
+    swarm_scores = task.evaluate(model, X_test, y_test)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     result = {
         "name": args.name,
         "samples": int(len(y)),
         "malignant": int((y == demo_model.MALIGNANT).sum()),
+        "labels": task.describe_labels(y),
         "local": local_scores,
         "swarm": swarm_scores,
         "final_digest": serde.digest(serde.encode(state)).hex(),

@@ -56,6 +56,8 @@ class StreamingMean:
         self._total = 0.0
         self._nodes: list[str] = []
         self._seen: set[str] = set()
+        self._checked: dict[str, TensorSpec] | None = None  # the first update :meth:`check` saw
+        self._checked_first = ""
 
     @property
     def count(self) -> int:
@@ -71,6 +73,20 @@ class StreamingMean:
     def total_weight(self) -> float:
         """The sum of the weights added so far."""
         return self._total
+
+    def check(self, update: Update, index: int | None = None) -> None:
+        """MergeError if :meth:`add` would refuse ``update`` (bad weight, or tensors that do not
+        match the first update checked or added); changes nothing. A caller that folds updates
+        later, in its own order, checks each one as it arrives."""
+        index = self.count if index is None else index
+        check_weight(update, index, self._rule)
+        specs = spec_of(update, index, self._rule)
+        reference = self._specs if self._specs is not None else self._checked
+        if reference is None:
+            self._checked, self._checked_first = specs, who(update, index)
+        else:
+            first = self._first if self._specs is not None else self._checked_first
+            check_same(specs, reference, update, index, first, self._rule)
 
     def add(self, update: Update) -> None:
         """Fold one update in; MergeError (state unchanged) if it does not match the first one."""

@@ -1,13 +1,19 @@
 """The leader's side of one round: updates folded in as they arrive, then merged once.
 
-For ``mean`` the updates are folded into a running weighted sum as they arrive (two models in
-memory, whatever the number of nodes); robust rules need every update at once and keep them.
+For ``mean`` the updates are folded into a running weighted sum (two models in memory, whatever the
+number of nodes); robust rules need every update at once and keep them.
+
+The fold order is fixed: by site (node address), never by arrival, so the same updates give the
+same merged bytes on every run, whoever leads and whatever the network did (float32 sums depend on
+their order). Once the leader knows the round's contributors (:meth:`Collector.expect`) an update
+is folded as soon as every contributor before it in that order is in; one that arrives early waits
+(its received buffer is held) until then, and :meth:`Collector.seal` folds whatever still waits.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +28,11 @@ __all__ = ["SAFE_SUM", "Collector", "Collectors"]
 # What a merge may sum at most: float32 overflows to Inf above 3.4e38. Updates whose weighted
 # largest values would push the sum past this are refused, naming their sender.
 SAFE_SUM = 1e38
+
+
+def _fold_key(node: str) -> str:
+    """The fold order: by node address, case-insensitive (checksummed or not)."""
+    return node.lower()
 
 
 def _largest(state: StateDict) -> float:
@@ -60,6 +71,9 @@ class Collector:
         streaming = method == "mean" and self.clip_norm is None
         self._stream = merge.StreamingMean() if streaming else None
         self._updates: list[Update] = []
+        self._pending: dict[str, Update] = {}  # arrived, waiting for its turn in the fold order
+        self._order: list[str] | None = None  # the contributors, in fold order
+        self._folded = 0  # how many of _order are folded
         self._sealed: tuple[StateDict | None, frozenset[str], float] | None = None
         self._sealing = False
         self._reference: StateDict | None = None
@@ -86,17 +100,42 @@ class Collector:
                     f"{amax:.3g}; with its weight {update.weight:g} the leader's float32 sum "
                     "would overflow to Inf, so it is refused (a diverged or hostile trainer)"
                 )
-            if self._stream is not None and self._spec is not None and self._out is None:
-                self._out, self._views = self._spec.allocate()
-                self._stream = merge.StreamingMean(into=self._views)
             if self._stream is not None:
-                self._stream.add(update)  # MergeError leaves it unchanged
+                self._stream.check(update, len(self._senders))  # MergeError: refused, no change
+                self._pending[update.node] = update
             else:
                 self._updates.append(update)
             self._senders[update.node] = update.weight
             self._bound += share * amax
+            self._drain_locked()
         if self._on_add is not None:
             self._on_add()  # the leader's round loop looks again at once
+
+    def expect(self, contributors: Iterable[str]) -> None:
+        """The round's contributors (participants with a weight): updates fold in their order
+        from now on. The first call counts; the set is fixed once the round is elected."""
+        with self._lock:
+            if self._order is None:
+                self._order = sorted(set(contributors), key=_fold_key)
+                self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        """Fold the waiting updates whose turn has come."""
+        if self._stream is None or self._order is None:
+            return
+        while self._folded < len(self._order):
+            update = self._pending.pop(self._order[self._folded], None)
+            if update is None:
+                return
+            self._fold_locked(update)
+            self._folded += 1
+
+    def _fold_locked(self, update: Update) -> None:
+        assert self._stream is not None
+        if self._spec is not None and self._out is None:
+            self._out, self._views = self._spec.allocate()
+            self._stream = merge.StreamingMean(into=self._views)
+        self._stream.add(update)
 
     @property
     def senders(self) -> frozenset[str]:
@@ -118,6 +157,9 @@ class Collector:
             self._reference = reference
             if self._sealed is None:
                 total = sum(self._senders.values())
+                if self._stream is not None:  # whatever still waits, in the fold order
+                    for node in sorted(self._pending, key=_fold_key):
+                        self._fold_locked(self._pending.pop(node))
                 self._sealing = True
                 merged = self._merge_locked() if total > 0 else None
                 if merged is not None:
@@ -148,7 +190,7 @@ class Collector:
         with self._lock:
             if self._sealed is not None:
                 self._sealed = (None, self._sealed[1], self._sealed[2])
-            self._stream, self._updates = None, []
+            self._stream, self._updates, self._pending = None, [], {}
             self._out, self._views = None, {}
 
     def _merge_locked(self) -> StateDict:
@@ -158,10 +200,11 @@ class Collector:
             if self._sealed is None and self._sealing:
                 return self._stream.result_in_place()  # sealed: nothing is added any more
             return self._stream.result()
+        updates = sorted(self._updates, key=lambda u: _fold_key(u.node))
         if self.clip_norm is not None and self._reference is not None:
-            return merge.merge(self.method, self._updates, clip_norm=float(self.clip_norm),
+            return merge.merge(self.method, updates, clip_norm=float(self.clip_norm),
                                reference=self._reference, **self.options)
-        return merge.merge(self.method, self._updates, **self.options)
+        return merge.merge(self.method, updates, **self.options)
 
 
 class Collectors:

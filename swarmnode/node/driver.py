@@ -164,8 +164,15 @@ class RoundDriver:
             self._weights[key] = w
         return self._weights[key]
 
+    def collector(self, info: RoundInfo) -> Collector:
+        """The leader's collector of an elected round, told the round's contributors (the
+        participants with a weight), whose order it folds their updates in."""
+        collector = self.collectors.get(info.round, info.attempt)
+        collector.expect(p for p in info.participants if self.weight_of(info.round, p) > 0)
+        return collector
+
     def _collected(self, info: RoundInfo) -> frozenset[str]:
-        got = set(self.collectors.get(info.round, info.attempt).senders)
+        got = set(self.collector(info).senders)
         got.update(p for p in info.participants if self.weight_of(info.round, p) == 0)
         return frozenset(got)
 
@@ -355,7 +362,7 @@ class RoundDriver:
     def _seed_own(self, info: RoundInfo, state: StateDict, weight: int) -> None:
         log.info("round %d: elected leader (attempt %d)", info.round, info.attempt)
         try:
-            self.collectors.get(info.round, info.attempt).add(Update(state, float(weight), self.me))
+            self.collector(info).add(Update(state, float(weight), self.me))
         except (PayloadRejected, RoundError):  # already in, or already sealed
             pass
 

@@ -291,7 +291,7 @@ class NodeService:
             raise PayloadRejected(
                 f"round {round}: {sender} sent weight {weight} but checked in with {on_chain}"
             )
-        self.collectors.get(round, info.attempt).add(Update(state, float(weight), sender))
+        self.driver.collector(info).add(Update(state, float(weight), sender))
         log.info("round %d: update from %s (weight %d)", round, sender, weight)
 
     def merged(

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarmnode.errors import DuplicateUpdate, RoundError
+from swarmnode import merge
+from swarmnode.errors import DuplicateUpdate, MergeError, RoundError
 from swarmnode.node.collector import Collector
 from swarmnode.node.store import ModelStore
 from swarmnode.transport import serde
@@ -146,3 +147,86 @@ def test_an_update_that_would_overflow_the_sum_is_refused_by_name() -> None:
     c.add(Update({"w": torch.full((3,), 2.0)}, 10.0, "fine"))
     merged, senders, _ = c.seal()
     assert senders == {"ok", "fine"} and bool(torch.isfinite(merged["w"]).all())
+
+
+# ---------------------------------------------------------------- fold order (reproducible rounds)
+
+
+def _order_sensitive(seed: int) -> list[Update]:
+    """Five updates whose float32 weighted sum depends on the order it is taken in: values of
+    very different magnitudes, so a different order rounds differently."""
+    g = torch.Generator().manual_seed(seed)
+    nodes = ["0xE1", "0xa2", "0xC3", "0xb4", "0x05"]
+    out = []
+    for i, node in enumerate(nodes):
+        scale = 10.0 ** (4 * (i % 3) - 4)
+        state = {"w": torch.randn(4096, generator=g) * scale, "b": torch.randn(7, generator=g)}
+        out.append(Update(state, float(3 + 7 * i), node))
+    return out
+
+
+def _merged_bytes(updates: list[Update], arrival: list[int], method: str = "mean",
+                  expect: bool = True, expect_after: int = 0) -> bytes:
+    c = Collector(1, 1, method, {}, spec=serde.ParamSpec.from_state(updates[0].state))
+    for k, i in enumerate(arrival):
+        if expect and k == expect_after:
+            c.expect(u.node for u in updates)
+        c.add(updates[i])
+    merged, _, _ = c.seal()
+    done = c.encoded()
+    if done is not None:
+        return bytes(done[0])
+    assert merged is not None
+    return serde.encode(merged)
+
+
+@pytest.mark.parametrize("method", ["mean", "trimmedmean", "coordmedian"])
+def test_the_merged_bytes_do_not_depend_on_the_order_updates_arrive_in(method: str) -> None:
+    updates = _order_sensitive(1)
+    by_site = sorted(range(5), key=lambda i: updates[i].node.lower())
+    expected = _merged_bytes(updates, by_site, method)
+    g = torch.Generator().manual_seed(7)
+    for trial in range(12):
+        arrival = torch.randperm(5, generator=g).tolist()
+        # the contributors become known before, during, or never before the seal
+        got = _merged_bytes(updates, arrival, method, expect=trial % 3 != 2,
+                            expect_after=trial % 3 * 2)
+        assert got == expected, (method, arrival)
+
+
+def test_the_order_matters_to_float32_so_the_fixed_order_is_what_makes_it_reproducible() -> None:
+    # The check above can fail: folding the same updates by arrival gives other bytes.
+    updates = _order_sensitive(1)
+    results = set()
+    for arrival in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 4, 1, 3]):
+        acc = merge.StreamingMean()
+        for i in arrival:
+            acc.add(updates[i])
+        results.add(serde.encode(acc.result()))
+    assert len(results) > 1
+
+
+def test_an_early_update_waits_for_its_turn_and_the_seal_folds_what_still_waits() -> None:
+    a, b, c = (Update({"w": torch.full((2,), float(v))}, 1.0, n)
+               for v, n in ((1, "0xa"), (2, "0xb"), (4, "0xc")))
+    col = Collector(1, 1, "mean", {})
+    col.expect(["0xc", "0xa", "0xb"])
+    col.add(c)
+    assert col._stream is not None and col._stream.count == 0  # 0xc waits for 0xa and 0xb
+    col.add(a)
+    assert col._stream.nodes == ("0xa",)
+    assert col.senders == {"0xa", "0xc"}  # accepted, whether folded yet or not
+    merged, senders, total = col.seal()  # 0xb never came: the seal folds 0xc
+    assert senders == {"0xa", "0xc"} and total == 2
+    assert merged is not None and torch.equal(merged["w"], torch.full((2,), 2.5))
+
+
+def test_a_mismatching_update_is_refused_when_it_arrives_not_when_its_turn_comes() -> None:
+    col = Collector(1, 1, "mean", {})
+    col.expect(["0xa", "0xb"])
+    col.add(Update({"w": torch.ones(2)}, 1.0, "0xb"))  # waits for 0xa
+    with pytest.raises(MergeError, match="0xa"):
+        col.add(Update({"w": torch.ones(3)}, 1.0, "0xa"))
+    assert col.senders == {"0xb"}
+    merged, senders, _ = col.seal()
+    assert senders == {"0xb"} and merged is not None and torch.equal(merged["w"], torch.ones(2))

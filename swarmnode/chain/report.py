@@ -1,0 +1,223 @@
+"""The swarm's convergence from the chain: per-round metrics by site as CSV and a plot
+(``swarmnode report``).
+
+Each node reports its validation loss and metric for every committed round it took part in
+(``MetricsReported`` events, fixed point x1e6); the leader, the participant count and the merged
+digest of each round come from the ``RoundClosed`` and ``MergeCommitted`` events. Everything is
+read with one log query, never one call per round. matplotlib is imported only by
+:func:`write_png`, so the base install imports this module without it.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from swarmnode.chain.client import FIXED_POINT, SwarmContract
+from swarmnode.chain.overview import site_name
+from swarmnode.errors import ConfigError
+
+__all__ = [
+    "CSV_COLUMNS",
+    "Row",
+    "SiteSummary",
+    "collect",
+    "report",
+    "summarize",
+    "write_csv",
+    "write_png",
+]
+
+CSV_COLUMNS = ("round", "site", "address", "loss", "metric", "leader", "leader_address",
+               "participants", "digest")
+_EVENTS = {"MetricsReported", "MergeCommitted", "RoundClosed"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One site's validation loss and metric in one round, with that round's facts."""
+
+    round: int
+    site: str
+    address: str
+    loss: float
+    metric: float
+    leader: str | None = None  # the committing leader's site name
+    leader_address: str | None = None
+    participants: int | None = None  # nodes that checked in for the round
+    digest: str | None = None  # the merged model's SHA-256 (hex)
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """A site's first and last reported round."""
+
+    site: str
+    address: str
+    rounds: int
+    first: Row
+    last: Row
+
+
+def collect(contract: SwarmContract, names: dict[str, str] | None = None) -> list[Row]:
+    """Every metric report on chain, one :class:`Row` per site and round, ordered by round then
+    by enrolment; ``names``: site names by address (lower case, e.g. from
+    :func:`~swarmnode.chain.overview.read_names`), else the site's endpoint host, else its
+    address. A site reporting a round twice counts with its last report. Empty when no site has
+    reported yet."""
+    reports: dict[tuple[int, str], tuple[int, int]] = {}
+    commits: dict[int, dict[str, Any]] = {}
+    counts: dict[int, int] = {}
+    for event in contract.events(names=_EVENTS):
+        r = int(event.args["round"])
+        if event.name == "MetricsReported":
+            reports[(r, str(event.args["node"]))] = (int(event.args["loss"]),
+                                                     int(event.args["metric"]))
+        elif event.name == "MergeCommitted":
+            commits[r] = event.args
+        else:  # RoundClosed: the last (re-)election's participant count
+            counts[r] = int(event.args["participantCount"])
+    if not reports:
+        return []
+    nodes = contract.nodes()
+    order = {n.address: i for i, n in enumerate(nodes)}
+    named = {n.address: site_name(n, names) for n in nodes}
+
+    def name(address: str) -> str:
+        return named.get(address) or (names or {}).get(address.lower(), address)
+
+    rows = []
+    for (r, address), (loss, metric) in sorted(
+            reports.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)), kv[0][1])):
+        commit = commits.get(r)
+        leader = str(commit["leader"]) if commit else None
+        rows.append(Row(
+            round=r,
+            site=name(address),
+            address=address,
+            loss=loss / FIXED_POINT,
+            metric=metric / FIXED_POINT,
+            leader=name(leader) if leader else None,
+            leader_address=leader,
+            participants=counts.get(r, len(commit["members"]) if commit else None),
+            digest=bytes(commit["digest"]).hex() if commit else None,
+        ))
+    return rows
+
+
+def summarize(rows: Iterable[Row]) -> list[SiteSummary]:
+    """Per site (in the order sites first appear): its first and last reported round."""
+    by_site: dict[str, list[Row]] = {}
+    for row in rows:
+        by_site.setdefault(row.address, []).append(row)
+    out = []
+    for address, mine in by_site.items():
+        mine.sort(key=lambda x: x.round)
+        out.append(SiteSummary(site=mine[0].site, address=address, rounds=len(mine),
+                               first=mine[0], last=mine[-1]))
+    return out
+
+
+def _fixed(value: float) -> str:
+    return f"{value:.6f}"  # the chain's fixed point: exact, no float noise
+
+
+def write_csv(rows: Sequence[Row], path: Path | str) -> Path:
+    """Write ``rows`` as CSV (columns :data:`CSV_COLUMNS`, loss and metric with 6 decimals, the
+    chain's precision; empty cells where the chain has no value)."""
+    path = Path(path)
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow(CSV_COLUMNS)
+            for row in rows:
+                out.writerow([
+                    row.round, row.site, row.address, _fixed(row.loss), _fixed(row.metric),
+                    row.leader or "", row.leader_address or "",
+                    "" if row.participants is None else row.participants, row.digest or "",
+                ])
+    except OSError as exc:
+        raise ConfigError(f"cannot write the report {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _mean_by_round(rows: Sequence[Row], value: str) -> tuple[list[int], list[float]]:
+    sums: dict[int, list[float]] = {}
+    for row in rows:
+        sums.setdefault(row.round, []).append(getattr(row, value))
+    rounds = sorted(sums)
+    return rounds, [sum(sums[r]) / len(sums[r]) for r in rounds]
+
+
+def write_png(rows: Sequence[Row], path: Path | str, title: str = "swarm convergence") -> Path:
+    """Plot validation loss (top) and metric (bottom) per round: one line per site and the
+    swarm's mean (dashed). Headless (Agg canvas, no pyplot state); needs matplotlib."""
+    if not rows:
+        raise ConfigError("no metrics to plot: no site has reported metrics yet")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise ConfigError(
+            "the report's plot needs matplotlib, which is not installed: "
+            "pip install 'swarmnode[demo]' (or pip install matplotlib)"
+        ) from None
+    path = Path(path)
+    sites = summarize(rows)
+    by_site: dict[str, list[Row]] = {s.address: [] for s in sites}
+    for row in rows:
+        by_site[row.address].append(row)
+    many = len({r.round for r in rows}) > 40
+    fig = Figure(figsize=(9, 7), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for ax, value, label in ((top, "loss", "validation loss"), (bottom, "metric", "metric")):
+        for summary in sites:
+            mine = sorted(by_site[summary.address], key=lambda x: x.round)
+            ax.plot([r.round for r in mine], [getattr(r, value) for r in mine],
+                    marker=None if many else "o", markersize=3, linewidth=1.2, alpha=0.85,
+                    label=summary.site)
+        rounds, means = _mean_by_round(rows, value)
+        ax.plot(rounds, means, color="black", linestyle="--", linewidth=2,
+                marker=None if many else "s", markersize=4, label="swarm mean")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top.set_title(title)
+    bottom.set_xlabel("round")
+    top.legend(loc="best", fontsize="small", ncols=2 if len(sites) > 6 else 1)
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def report(contract: SwarmContract, out_dir: Path | str, names: dict[str, str] | None = None,
+           *, rows: Sequence[Row] | None = None) -> tuple[Path, Path]:
+    """Write ``report.csv`` and ``report.png`` into ``out_dir`` (created if needed); returns
+    their paths. ``rows``: what :func:`collect` already read (else it is read now). ConfigError
+    when no site has reported metrics yet."""
+    if rows is None:
+        rows = collect(contract, names)
+    if not rows:
+        raise ConfigError(
+            f"no site has reported metrics yet on contract {contract.address} ({contract.chain}); "
+            "nodes report after each committed round: see `swarmnode status` for the rounds"
+        )
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
+    csv_path = write_csv(rows, out / "report.csv")
+    try:
+        png_path = write_png(rows, out / "report.png",
+                             title=f"swarm convergence: contract {contract.address[:10]}…")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} ({csv_path} was written)") from None
+    return csv_path, png_path
