@@ -85,6 +85,22 @@ class SwarmState:
     final_digest: str = ""
 
 
+def _logits(output: Any) -> torch.Tensor:
+    """A model's prediction tensor: the output itself, a Hugging Face ``ModelOutput``'s
+    ``logits``, or the first element of a tuple/list output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ConfigError(
+        f"the model returned {type(output).__name__}, not a tensor; validation needs logits "
+        "(a tensor, an output with .logits, or a tuple whose first element is the prediction)"
+    )
+
+
 class SwarmCallback:
     def __init__(
         self,
@@ -320,7 +336,7 @@ class SwarmCallback:
         outputs, targets = [], []
         with torch.no_grad():
             for x, y in batches:
-                outputs.append(self.model(torch.as_tensor(x).to(device)).cpu())
+                outputs.append(_logits(self.model(torch.as_tensor(x).to(device))).cpu())
                 targets.append(torch.as_tensor(y).cpu())
         self.model.train(was_training)
         out, tgt = torch.cat(outputs), torch.cat(targets)
