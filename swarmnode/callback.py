@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from swarmnode.errors import ConfigError, NodeUnavailable
+from swarmnode.errors import ConfigError, NodeUnavailable, SwarmError
 from swarmnode.spec import TrainingSpec
 from swarmnode.transport import serde
 from swarmnode.transport.local import LocalClient
@@ -99,6 +100,50 @@ def _logits(output: Any) -> torch.Tensor:
         f"the model returned {type(output).__name__}, not a tensor; validation needs logits "
         "(a tensor, an output with .logits, or a tuple whose first element is the prediction)"
     )
+
+
+class _WaitReporter:
+    """While a sync/finish call waits longer than ``SWARMNODE_WAIT_LOG_S`` seconds (default 5;
+    0: never), log every ``SWARMNODE_WAIT_LOG_EVERY_S`` (default 10) what the round waits for:
+    the round, the stage, the sites it waits for (the node reads it from the chain)."""
+
+    def __init__(self, client: LocalClient, method: str) -> None:
+        self.client, self.method = client, method
+        self.after_s = float(os.environ.get("SWARMNODE_WAIT_LOG_S", "5") or 0)
+        self.every_s = max(float(os.environ.get("SWARMNODE_WAIT_LOG_EVERY_S", "10") or 10), 0.2)
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+
+    def __enter__(self) -> _WaitReporter:
+        if self.method in ("sync", "finish") and self.after_s > 0:
+            self._t0 = time.monotonic()
+            self._thread = threading.Thread(target=self._run, name="swarm-wait-log", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        if self._done.wait(self.after_s):
+            return
+        while not self._done.is_set():
+            waited = time.monotonic() - self._t0
+            try:
+                status, _ = self.client.call("status", {"waiting": True}, None, timeout=10.0)
+            except SwarmError as exc:
+                log.info("%s has waited %.0f s; the node service does not answer: %s",
+                         self.method, waited, exc)
+            else:
+                if self._done.is_set():
+                    return
+                w = status.get("waiting") or {}
+                line = w.get("line") or w.get("error") or w.get("stage") or "unknown"
+                log.info("%s has waited %.0f s (node stage %s, round %s): %s", self.method,
+                         waited, status.get("stage"), status.get("round"), line)
+            if self._done.wait(self.every_s):
+                return
 
 
 class SwarmCallback:
@@ -288,7 +333,15 @@ class SwarmCallback:
         timeout: float | None,
     ) -> tuple[dict[str, Any], serde.Buffer | None]:
         """One local API call; if the node service is down (restarting), wait for it and retry,
-        for up to ``reconnect_s`` seconds, so a node restart does not end the training."""
+        for up to ``reconnect_s`` seconds, so a node restart does not end the training. A call
+        that waits longer than ``SWARMNODE_WAIT_LOG_S`` (5 s) logs what the round waits for."""
+        with _WaitReporter(self.client, method):
+            return self._call_once(method, args, payload, timeout)
+
+    def _call_once(
+        self, method: str, args: dict[str, Any], payload: serde.Encoded | None,
+        timeout: float | None,
+    ) -> tuple[dict[str, Any], serde.Buffer | None]:
         try:
             return self.client.call(method, args, payload, timeout=timeout)
         except NodeUnavailable as exc:

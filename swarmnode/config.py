@@ -11,7 +11,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -93,6 +93,9 @@ class NodeConfig(BaseModel):
         "(0 on anvil and PoA chains with instant finality).",
     )
     log_level: str = "INFO"
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="Log lines: plain text or one JSON object per line, each with the "
+        "site, round and stage.")
 
     @model_validator(mode="after")
     def _account(self) -> NodeConfig:

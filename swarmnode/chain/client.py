@@ -586,6 +586,26 @@ class SwarmContract:
             reason=reason,
         )
 
+    def _tx_sender(self, what: str) -> TxSender:
+        if self._sender is None:
+            self._sender = TxSender(self._w3, require_account(self._account, what),
+                                    self.receipt_timeout, bump_after_s=self.bump_after_s,
+                                    confirmations=self.confirmations)
+        return self._sender
+
+    def fund(self, address: str, wei: int) -> TxResult:
+        """Send ``wei`` from this client's account to ``address`` (a dev chain's admin funds
+        the accounts sites made themselves: they start with nothing to pay gas with)."""
+        what = f"funding {address}"
+        if not Web3.is_address(address):
+            raise ConfigError(f"{what}: {address!r} is not a chain address")
+        receipt = self._tx_sender(what).send(
+            {"to": Web3.to_checksum_address(address), "value": int(wei)}, what,
+            lambda r: ContractReverted(f"{what} failed: {r}"), gas=21_000)
+        return TxResult(tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
+                        gas_used=int(receipt["gasUsed"]), block=int(receipt["blockNumber"]),
+                        events=())
+
     def _transact(
         self, fn: str, args: tuple[Any, ...], what: str, gas: int | None = None
     ) -> TxResult:
@@ -595,11 +615,7 @@ class SwarmContract:
             raise ConfigError(
                 f"{what}: an argument does not fit the contract's types: {exc}"
             ) from None
-        if self._sender is None:
-            self._sender = TxSender(self._w3, require_account(self._account, what),
-                                    self.receipt_timeout, bump_after_s=self.bump_after_s,
-                                    confirmations=self.confirmations)
-        receipt = self._sender.send(
+        receipt = self._tx_sender(what).send(
             {"to": self.address, "data": data}, what, lambda r: self._refused(what, r),
             gas=gas,
         )

@@ -56,6 +56,34 @@ class Waiting:
     checked_in: tuple[str, ...] = field(default_factory=tuple)
     leader: str | None = None
 
+    def to_json(self, now: int) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "stage": self.stage,
+            "waiting_for": list(self.waiting_for),
+            "since": self.since,
+            "seconds": None if self.since is None else now - self.since,
+            "deadline": self.deadline,
+            "checked_in": list(self.checked_in),
+            "leader": self.leader,
+        }
+
+    def describe(self, now: int) -> str:
+        """One line for a log: what the round waits for, and for how long."""
+        waited = "" if self.since is None else f" for {max(now - self.since, 0)} s"
+        if self.stage == "check-in":
+            who = ", ".join(self.waiting_for) or "nobody (the grace period)"
+            joined = ", ".join(self.checked_in) or "none yet"
+            return (f"round {self.round} waits{waited} for check-ins from {who} "
+                    f"(checked in: {joined})")
+        if self.stage == "draw":
+            return f"round {self.round} waits{waited} for its leader to be drawn"
+        if self.stage == "merge":
+            left = "" if self.deadline is None else f", deadline in {self.deadline - now} s"
+            return (f"round {self.round} waits{waited} for leader {self.leader} to merge and "
+                    f"commit{left}")
+        return f"round {self.round}: {self.stage}"
+
 
 @dataclass(frozen=True)
 class RoundSummary:
@@ -103,16 +131,7 @@ class Overview:
             "training_finished": self.training_finished,
             "active_count": self.active_count,
             "now": self.now,
-            "waiting": None if self.waiting is None else {
-                "round": self.waiting.round,
-                "stage": self.waiting.stage,
-                "waiting_for": list(self.waiting.waiting_for),
-                "since": self.waiting.since,
-                "seconds": None if self.waiting.since is None else self.now - self.waiting.since,
-                "deadline": self.waiting.deadline,
-                "checked_in": list(self.waiting.checked_in),
-                "leader": self.waiting.leader,
-            },
+            "waiting": None if self.waiting is None else self.waiting.to_json(self.now),
             "nodes": [
                 {
                     "name": self.names.get(n.address, n.address),
@@ -167,6 +186,22 @@ def _waiting(current: RoundSummary | None, nodes: tuple[NodeInfo, ...], names: d
                        deadline=info.elected_at + deadline_s, checked_in=joined,
                        leader=name(info.leader))
     return None
+
+
+def waiting_now(contract: SwarmContract,
+                names: dict[str, str] | None = None) -> tuple[Waiting | None, int]:
+    """What the current round waits for, from a few views (no event scan), and the chain's
+    time: what a node tells its waiting trainer."""
+    finished = contract.training_finished()
+    current = contract.current_round()
+    r = current - 1 if finished else current
+    now = max(contract.block_timestamp(), 0) or int(time.time())
+    if r < 1:
+        return None, now
+    nodes = tuple(contract.nodes())
+    named = {n.address: site_name(n, names) for n in nodes}
+    summary = RoundSummary(info=contract.round(r), mean_loss=None, mean_metric=None, reports=0)
+    return _waiting(summary, nodes, named, contract.settings().deadline_s, finished), now
 
 
 def overview(contract: SwarmContract, last_rounds: int = 20,

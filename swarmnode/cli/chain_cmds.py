@@ -253,11 +253,17 @@ def authorize(
     key_index: KeyIndex = None,
     keystore: Keystore = None,
     password_file: PasswordFile = None,
+    fund: Annotated[float, typer.Option(
+        "--fund", min=0, help="First send this many ETH from the admin's account to the node "
+        "(dev chains: a site that made its own account has nothing to pay gas with).")] = 0.0,
 ) -> None:
     """Authorise a node address with its certificate (admin; again to rotate the certificate)."""
     fp = _fingerprint(cert, fingerprint)
     w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
-    result = _contract(rpc_url, contract, admin, w3).authorize(address, fp)
+    chain = _contract(rpc_url, contract, admin, w3)
+    if fund > 0:  # before authorising: an authorised node enrols at once and needs the gas
+        _tx_line(f"sent {fund:g} ETH to {address}", chain.fund(address, int(fund * 10**18)))
+    result = chain.authorize(address, fp)
     _tx_line(f"authorized {address} with certificate {fp.hex()[:16]}…", result)
 
 

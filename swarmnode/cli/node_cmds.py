@@ -32,29 +32,31 @@ def run(
     key_index: Annotated[int | None, typer.Option("--key-index")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None,
     log_level: Annotated[str | None, typer.Option("--log-level")] = None,
+    log_format: Annotated[str | None, typer.Option(
+        "--log-format", help="plain or json: one line per event with site, round and stage "
+        "(env SWARMNODE_LOG_FORMAT).")] = None,
 ) -> None:
     """Run this site's swarm node service until interrupted."""
 
     @command
     def body() -> None:
         from swarmnode.config import load_config
+        from swarmnode.logs import setup_logging
         from swarmnode.node.service import NodeService, StartupInterrupted
 
         overrides: dict[str, Any] = dict(
             rpc_url=rpc_url, contract=contract, name=name, peer_listen=peer_listen,
             peer_endpoint=peer_endpoint, local_api=local_api, key_index=key_index,
-            data_dir=data_dir, log_level=log_level,
+            data_dir=data_dir, log_level=log_level, log_format=log_format,
         )
         cfg = load_config(config, overrides)
-        logging.basicConfig(
-            level=cfg.log_level.upper(),
-            format=f"%(asctime)s {cfg.name} %(levelname)s %(message)s",
-        )
+        context = setup_logging(cfg.log_level, cfg.log_format, cfg.name)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         try:  # waits for the chain, the contract and its authorisation; SIGTERM ends the wait
             node = NodeService(cfg, stop)
+            context.progress = node.progress  # every line from now on: its round and stage
             node.start()
         except StartupInterrupted as exc:
             logging.getLogger("swarmnode.node").info("%s; exiting", exc)

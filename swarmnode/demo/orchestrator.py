@@ -8,12 +8,15 @@ and the proof that every node holds the model whose digest is on chain.
 
 from __future__ import annotations
 
+import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from swarmnode.demo.swarm import LocalSwarm
@@ -194,9 +197,38 @@ def _summary(swarm: SwarmHarness, rounds: list[dict[str, Any]], killed: set[int]
     return summary
 
 
+def _expected_rounds(swarm: SwarmHarness, opts: DemoOptions) -> list[int]:
+    """The merges each site takes part in while it trains: its batches / the sync frequency."""
+    task = get_task(getattr(swarm, "task", get_task("breast-cancer")).name)
+    epochs = swarm.epochs or task.epochs
+    sync = opts.sync_frequency or task.sync_frequency
+    return [max(1, math.ceil(math.ceil(len(h.y) / task.batch_size) * epochs / sync))
+            for h in swarm.data.hospitals]
+
+
+def _site_bars(swarm: SwarmHarness, opts: DemoOptions,
+               console: Console) -> tuple[Progress, dict[str, Any]]:
+    """A progress bar per site: the merges it joined out of those its training needs."""
+    bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[state]}"), console=console)
+    tasks = {name: bars.add_task(name, total=total, state="training")
+             for name, total in zip(swarm.names, _expected_rounds(swarm, opts), strict=True)}
+    return bars, tasks
+
+
 def _follow(swarm: SwarmHarness, opts: DemoOptions,
             console: Console) -> tuple[list[dict[str, Any]], set[int]]:
-    """Print each round as the chain records it, until every trainer has exited."""
+    """Print each round as the chain records it (and a progress bar per site, on a terminal),
+    until every trainer has exited."""
+    bars, tasks = _site_bars(swarm, opts, console)
+    with bars if console.is_terminal else nullcontext():
+        out = _follow_events(swarm, opts, bars.console if console.is_terminal else console,
+                             bars, tasks)
+    return out
+
+
+def _follow_events(swarm: SwarmHarness, opts: DemoOptions, console: Console, bars: Progress,
+                   tasks: dict[str, Any]) -> tuple[list[dict[str, Any]], set[int]]:
     by_addr = {a.address: n for a, n in zip(swarm.accounts, swarm.names, strict=True)}
     seen_block = 0
     rounds: dict[int, dict[str, Any]] = {}
@@ -224,13 +256,24 @@ def _follow(swarm: SwarmHarness, opts: DemoOptions,
                          members=[by_addr.get(m, m) for m in a["members"]])
                 console.print(f"round {a['round']:>3}: leader {r['leader']:<11} merged "
                               f"{len(a['members'])} updates, digest {a['digest'].hex()[:12]}")
+                for member in r["members"]:
+                    if member in tasks:
+                        bars.advance(tasks[member])
             elif ev.name == "NodeFinished":
                 console.print(f"{by_addr.get(a['node'])} finished local training")
+                if by_addr.get(a["node"]) in tasks:
+                    bars.update(tasks[by_addr[a["node"]]], state="finished; waiting for the rest")
             elif ev.name == "FinalRound":
                 console.print(f"every trainer is done: round {a['round']} is the final round")
             elif ev.name == "TrainingFinished":
                 console.print(f"[green]training finished at round {a['round']}[/]")
         exits = {i: swarm.trainer_exit(i) for i in swarm.trainer_indices() if i not in killed}
+        for i, code in exits.items():
+            if code == 0 and swarm.names[i] in tasks:
+                task_id = tasks[swarm.names[i]]
+                bars.update(task_id, completed=max(bars.tasks[task_id].completed,
+                                                   bars.tasks[task_id].total or 0),
+                            state="done: holds the final model")
         if all(code is not None for code in exits.values()):
             break
         for i, code in exits.items():

@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -29,6 +30,7 @@ from swarmnode.errors import IdentityError
 
 __all__ = [
     "CertInfo",
+    "check_cert_matches_key",
     "create_ca",
     "describe",
     "describe_all",
@@ -37,6 +39,8 @@ __all__ = [
     "load_certs",
     "load_private_key",
     "make_bundle",
+    "make_key_and_csr",
+    "sign_csr",
 ]
 
 _SKEW = dt.timedelta(minutes=5)  # back-date not_before a little: clocks of sites differ
@@ -293,19 +297,7 @@ def issue_node_cert(
     make expired and not-yet-valid certificates that way). Its organisation is the CA's.
     """
     _check_days(days)
-    ca = load_certs(ca_cert, "CA certificate")[0]
-    if not _is_ca(ca):
-        raise IdentityError(
-            f"{ca_cert} is not a CA certificate (basicConstraints CA:false); pass the CA made "
-            "by `swarmnode certs ca`"
-        )
-    signer = load_private_key(ca_key, "CA key")
-    if signer.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != ca.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
-        raise IdentityError(f"CA key {ca_key} does not belong to CA certificate {ca_cert}")
+    ca, signer = _load_ca(ca_cert, ca_key)
     sans = _sans(dns, ips)
     cert_path, key_path = _targets(out_dir, name, force)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -314,14 +306,44 @@ def issue_node_cert(
     end = not_after if not_after is not None else min(
         now + dt.timedelta(days=days), ca.not_valid_after_utc
     )
+    cert = _node_certificate(ca, signer, key.public_key(), name, sans, start, end)
+    _write_pair(cert_path, key_path, cert, key)
+    return cert_path, key_path
+
+
+def _load_ca(ca_cert: Path, ca_key: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA certificate and its key, checked to be a CA and to belong together."""
+    ca = load_certs(ca_cert, "CA certificate")[0]
+    if not _is_ca(ca):
+        raise IdentityError(
+            f"{ca_cert} is not a CA certificate (basicConstraints CA:false); pass the CA made "
+            "by `swarmnode certs ca`"
+        )
+    signer = load_private_key(ca_key, "CA key")
+    if _spki_of(signer.public_key()) != _spki_of(ca.public_key()):
+        raise IdentityError(f"CA key {ca_key} does not belong to CA certificate {ca_cert}")
+    return ca, signer
+
+
+def _spki_of(public_key: Any) -> bytes:
+    return public_key.public_bytes(  # type: ignore[no-any-return]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _node_certificate(
+    ca: x509.Certificate, signer: ec.EllipticCurvePrivateKey, public_key: Any, name: str,
+    sans: list[x509.GeneralName], start: dt.datetime, end: dt.datetime,
+) -> x509.Certificate:
+    """A node certificate for ``public_key``: EKU serverAuth + clientAuth, the CA's organisation."""
     orgs = ca.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     org = str(orgs[0].value) if orgs else None
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca.public_key())
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(_name(name, org))
         .issuer_name(ca.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -341,14 +363,68 @@ def issue_node_cert(
             critical=False,
         )
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
         )
         .sign(signer, hashes.SHA256())
     )
-    _write_pair(cert_path, key_path, cert, key)
-    return cert_path, key_path
+
+
+def make_key_and_csr(key_path: Path, name: str, dns: Sequence[str]) -> bytes:
+    """A node key (EC P-256, written to ``key_path`` with mode 0600) and a certificate request
+    for it (PEM, returned): what a site makes itself, so its key never leaves it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(name, None))
+        .add_extension(x509.SubjectAlternativeName(_sans(dns, [])), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    Path(key_path).parent.mkdir(parents=True, exist_ok=True)
+    _write(Path(key_path), key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), 0o600)
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_csr(ca_cert: Path, ca_key: Path, csr_pem: bytes, name: str, dns: Sequence[str],
+             days: int = 825) -> bytes:
+    """A node certificate (PEM) for the key of a site's request, signed by the CA. The request
+    must be signed by that key and name ``name``; the SANs are ``dns`` (the consortium file's),
+    not whatever the request asks for."""
+    _check_days(days)
+    ca, signer = _load_ca(ca_cert, ca_key)
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise IdentityError(
+            f"the request of {name} is not a PEM certificate request: {exc}"
+        ) from None
+    if not csr.is_signature_valid:
+        raise IdentityError(f"the request of {name} is not signed by the key it carries: refused")
+    cn = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cn or cn[0].value != name:
+        asked = cn[0].value if cn else "(none)"
+        raise IdentityError(f"the request of {name} names {asked!r}: a site's request must name "
+                            "the site (swarmnode site request --name SITE)")
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+        raise IdentityError(f"the request of {name} is not for an EC key; make it with "
+                            "`swarmnode site request`")
+    now = dt.datetime.now(dt.UTC)
+    end = min(now + dt.timedelta(days=days), ca.not_valid_after_utc)
+    cert = _node_certificate(ca, signer, csr.public_key(), name, _sans(dns, []), now - _SKEW, end)
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def check_cert_matches_key(cert_path: Path, key_path: Path) -> None:
+    """IdentityError unless the certificate is for this private key."""
+    cert = load_certs(cert_path)[0]
+    key = load_private_key(key_path)
+    if _spki_of(cert.public_key()) != _spki_of(key.public_key()):
+        raise IdentityError(f"{cert_path} does not belong to this site's key {key_path}: it was "
+                            "signed for another key (keys made again after the request?); send "
+                            "the admin a new request")
 
 
 def make_bundle(ca_certs: Sequence[Path], out: Path) -> Path:

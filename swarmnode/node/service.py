@@ -31,6 +31,7 @@ from swarmnode.errors import (
     NodeError,
     PayloadRejected,
     RoundError,
+    SwarmError,
 )
 from swarmnode.healthcheck import HEALTH_FILE
 from swarmnode.identity import TlsFiles, describe
@@ -314,6 +315,18 @@ class NodeService:
             "rpc_calls": self.chain.rpc_calls, "rpc_by_method": self.chain.rpc_calls_by_method,
         }
 
+    def waiting(self) -> dict[str, Any]:
+        """What the current round waits for (chain views), for a trainer whose sync waits."""
+        from swarmnode.chain.overview import waiting_now
+
+        try:
+            found, now = waiting_now(self.chain)
+        except SwarmError as exc:  # the chain is down: say so, the trainer logs it
+            return {"error": str(exc)}
+        if found is None:
+            return {"stage": "not started"}
+        return {**found.to_json(now), "line": found.describe(now)}
+
     # -- what the trainer asks for ----------------------------------------------------------------
     def _read(self, fn):  # type: ignore[no-untyped-def]
         """A chain read outside a round: a chain outage is waited out (up to round_timeout_s,
@@ -497,7 +510,10 @@ class _LocalApi:
             spec = TrainingSpec.from_json(str(args.get("spec", "")), "the trainer's settings")
             return self.node.hello(spec)
         if method == "status":
-            return self.node.health(), None
+            status = self.node.health()
+            if args.get("waiting"):
+                status["waiting"] = self.node.waiting()
+            return status, None
         if method in ("sync", "finish"):
             if payload is None:
                 raise PayloadRejected(f"{method}: the trainer sent no parameters")

@@ -1,0 +1,104 @@
+"""`swarmnode consortium` (the admin) and `swarmnode site` (each site): a consortium from one file,
+each site's keys made where they stay (see :mod:`swarmnode.provision`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from swarmnode.cli.common import command, console
+
+__all__ = ["register"]
+
+consortium_app = typer.Typer(
+    help="The admin's side: a consortium CA, the training spec and every site's kit, from one "
+    "consortium file.",
+    no_args_is_help=True,
+)
+site_app = typer.Typer(
+    help="A site's side: its keys and certificate request (made here, never sent), then the "
+    "kit the admin sends back.",
+    no_args_is_help=True,
+)
+
+ConsortiumPath = Annotated[Path, typer.Argument(help="The consortium file (YAML).")]
+AdminDir = Annotated[Path | None, typer.Option(
+    "--admin-dir", help="The admin's folder (CA key, kits); default: admin/ next to the file.")]
+
+
+@consortium_app.command("init")
+@command
+def init(path: ConsortiumPath, admin_dir: AdminDir = None) -> None:
+    """Make the consortium CA (kept if it exists), the trust bundle and the training spec."""
+    from swarmnode.provision import consortium_init
+
+    done = consortium_init(path, admin_dir)
+    console.print(f"consortium CA   {done.ca_cert}{' (new)' if done.created_ca else ''}; its key "
+                  "stays next to it (mode 0600)")
+    console.print(f"trust bundle    {done.trust}")
+    console.print(f"training spec   {done.spec}")
+    console.print("next: each site runs `swarmnode site request --name SITE` in its own folder "
+                  "and sends you SITE.request.json; then `swarmnode consortium sign "
+                  f"{path} REQUEST...`")
+
+
+@consortium_app.command("sign")
+@command
+def sign(
+    path: ConsortiumPath,
+    requests: Annotated[list[Path], typer.Argument(help="Every site's SITE.request.json.")],
+    admin_dir: AdminDir = None,
+) -> None:
+    """Check and sign every site's request; write each site's kit (send SITE's kit to SITE)."""
+    from swarmnode.provision import consortium_sign
+
+    for kit in consortium_sign(path, requests, admin_dir):
+        role = " (sentinel: runs the dev chain and deploys the contract)" if kit.sentinel else ""
+        console.print(f"kit for {kit.site:<16} {kit.path}  account {kit.address}{role}")
+    console.print("next: send each site its kit folder (certificates and settings, no private "
+                  "key); the site runs `swarmnode site install KIT` and `docker-compose up -d`")
+
+
+@site_app.command("request")
+@command
+def request(
+    name: Annotated[str, typer.Option("--name", help="This site's name in the consortium file.")],
+    site_dir: Annotated[Path, typer.Option("--dir", help="This site's folder.")] = Path("."),
+    host: Annotated[str | None, typer.Option(
+        "--host", help="The DNS name other sites dial (default: the name).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace this site's existing keys (the old ones are lost).")] = False,
+) -> None:
+    """Make this site's TLS key, certificate request and chain account, here."""
+    from swarmnode.provision import site_request
+
+    done = site_request(name, site_dir, host=host, force=force)
+    console.print(f"TLS key         {done.key} (mode 0600, stays here)")
+    console.print(f"chain account   {done.address}; keystore {done.keystore} (mode 0600, "
+                  "stays here)")
+    console.print(f"send the admin  {done.request} (the request and the address; no key)")
+
+
+@site_app.command("install")
+@command
+def install(
+    kit: Annotated[Path, typer.Argument(help="The kit folder the admin sent.")],
+    site_dir: Annotated[Path, typer.Option("--dir", help="This site's folder.")] = Path("."),
+) -> None:
+    """Check the admin's kit against this site's key and install it; then docker-compose up."""
+    from swarmnode.provision import site_install
+
+    done = site_install(kit, site_dir)
+    console.print(f"installed the kit of {done.site} in {site_dir}"
+                  f"{' (the sentinel)' if done.sentinel else ''}")
+    for p in done.not_chowned:
+        console.print(f"[yellow]run `sudo chown 10001 {p}`: the node container's user reads it[/]")
+    console.print(f"next: your training script (train.py) and data/ in {site_dir}, `make images` "
+                  f"(once per host), then `docker-compose up -d` in {site_dir}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(consortium_app, name="consortium")
+    app.add_typer(site_app, name="site")

@@ -1,0 +1,592 @@
+"""Provisioning a consortium: one consortium file, a kit per site, private keys that stay home.
+
+The admin describes the consortium in one YAML file (:class:`ConsortiumFile`: its name, the
+chain, the training, the sites with the names and ports other sites dial). Then:
+
+admin   ``swarmnode consortium init consortium.yaml``   the consortium CA, the trust bundle
+        (with the CAs of organisations that bring their own) and the training spec
+site    ``swarmnode site request --name hospital-2``    in the site's own folder: its TLS key and
+        a certificate request, its chain account (an encrypted keystore); it sends only
+        ``hospital-2.request.json`` (the request and the account's address, no key)
+admin   ``swarmnode consortium sign consortium.yaml requests/*.json``   checks each request,
+        signs it with the consortium CA (or checks the certificate an organisation's own CA
+        signed), and writes each site's kit: its certificate, the trust bundle, its ``.env`` and
+        the compose files; the sentinel's kit also holds what its ``deploy`` service needs
+        (spec, the sites' addresses and certificates) to deploy the contract, fund each site's
+        account (dev chains) and authorise it
+site    ``swarmnode site install KIT``                  checks the kit against its own key and
+        trust bundle and installs it in its folder; then ``docker-compose up -d`` there
+
+No private key is ever written outside the folder of the party it belongs to: the CA key stays in
+the admin's folder, each site's TLS key and keystore in that site's folder (mode 0600).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from swarmnode import __version__
+from swarmnode.errors import ConfigError, IdentityError
+from swarmnode.identity import certs as _certs
+from swarmnode.identity import create_ca, load_certs, make_bundle
+
+__all__ = [
+    "KIT_FORMAT",
+    "NODE_UID",
+    "REQUEST_FORMAT",
+    "ConsortiumFile",
+    "Kit",
+    "consortium_init",
+    "consortium_sign",
+    "load_consortium",
+    "site_install",
+    "site_request",
+]
+
+REQUEST_FORMAT = "swarmnode-site-request/1"
+KIT_FORMAT = "swarmnode-site-kit/1"
+NODE_UID = 10001  # the node image's user: it reads the site's key and keystore (secrets)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+# -- the consortium file ---------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SiteEntry(_Strict):
+    name: str = Field(description="The site's name: its compose project, certificate CN.")
+    host: str | None = Field(None, description="The DNS name other sites dial (default: name).")
+    peer_port: int = Field(7441, ge=1, le=65535)
+    organisation_ca: Path | None = Field(
+        None, description="The site's organisation's own CA certificate: that CA signs the "
+        "site's certificate and joins the trust bundle (relative to the consortium file).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r}: use lower-case letters, digits and '-' (a compose project "
+                             "and host name), at most 63 characters")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None and not _HOST.match(v):
+            raise ValueError(f"{v!r} is not a host name")
+        return v
+
+    @property
+    def dial(self) -> str:
+        return self.host or self.name
+
+
+class ChainEntry(_Strict):
+    rpc_url: str = Field("http://chain:8545", description="The chain as the sites' nodes reach it.")
+    dev: bool = Field(True, description="The sentinel's dev chain (anvil): the sentinel's deploy "
+                      "service deploys the contract, funds and authorises the sites.")
+    contract: str | None = Field(None, description="Real networks: the contract the admin "
+                                 "deployed (`swarmnode contract deploy`).")
+    fund_eth: float = Field(10.0, ge=0, description="Dev chains: ETH sent to each site's account.")
+
+    @field_validator("contract")
+    @classmethod
+    def _contract(cls, v: str | None) -> str | None:
+        if v is not None and not _ADDRESS.match(v):
+            raise ValueError(f"{v!r} is not a contract address (0x and 40 hex digits)")
+        return v
+
+
+class TrainingEntry(_Strict):
+    spec: Path | None = Field(None, description="The training spec (`swarmnode spec`).")
+    initial: Path | None = Field(None, description="Or the initial weights (safetensors).")
+    sync_frequency: int = Field(4, ge=1)
+    min_peers: int = Field(2, ge=1)
+    merge: str = "mean"
+    grace_s: int = Field(10, ge=0)
+    deadline_s: int = Field(60, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainingEntry:
+        if (self.spec is None) == (self.initial is None):
+            raise ValueError("give exactly one of training.spec (a spec.json) and "
+                             "training.initial (the initial weights, safetensors)")
+        return self
+
+
+class ConsortiumFile(_Strict):
+    consortium: str = Field(description="The consortium's name (its CA is '<name>-ca').")
+    chain: ChainEntry = Field(default_factory=ChainEntry)
+    training: TrainingEntry
+    sites: list[SiteEntry]
+    sentinel: str | None = Field(None, description="The site whose project runs the dev chain "
+                                 "(default: the first site).")
+
+    @field_validator("consortium")
+    @classmethod
+    def _consortium(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r}: use lower-case letters, digits and '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _sites(self) -> ConsortiumFile:
+        if len(self.sites) < 2:
+            raise ValueError("a consortium needs at least two sites")
+        names = [s.name for s in self.sites]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"site names must be unique; repeated: {', '.join(dup)}")
+        dials = [f"{s.dial}:{s.peer_port}" for s in self.sites]
+        dup = sorted({d for d in dials if dials.count(d) > 1})
+        if dup:
+            raise ValueError(f"two sites would be dialled at the same host:port: {', '.join(dup)}")
+        if self.sentinel is not None and self.sentinel not in names:
+            raise ValueError(f"sentinel {self.sentinel!r} is not one of the sites "
+                             f"({', '.join(names)})")
+        if self.training.min_peers > len(self.sites):
+            raise ValueError(f"training.min_peers={self.training.min_peers} but the consortium "
+                             f"has {len(self.sites)} sites")
+        if not self.chain.dev and self.chain.contract is None:
+            raise ValueError("chain.dev is false: set chain.contract to the contract the admin "
+                             "deployed on that network")
+        return self
+
+    def site(self, name: str) -> SiteEntry:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise ConfigError(f"{name!r} is not a site of consortium {self.consortium} "
+                          f"({', '.join(s.name for s in self.sites)})")
+
+    @property
+    def sentinel_name(self) -> str:
+        return self.sentinel or self.sites[0].name
+
+
+def load_consortium(path: Path) -> tuple[ConsortiumFile, Path]:
+    """The consortium file and the folder its relative paths are relative to."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"consortium file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a YAML mapping (consortium, chain, training, sites)")
+    try:
+        return ConsortiumFile.model_validate(raw), path.resolve().parent
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}"
+                 for e in exc.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(lines)) from None
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _resolve(base: Path, p: Path) -> Path:
+    return p if p.is_absolute() else base / p
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """A secret: created with mode 0600 (never through an existing file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _give_to_node_user(paths: list[Path]) -> list[Path]:
+    """chown the site's secrets to the node image's user (root only); the files it could not."""
+    if os.geteuid() != 0:
+        return paths
+    for p in paths:
+        os.chown(p, NODE_UID, -1)
+    return []
+
+
+def _ca_dir(admin: Path) -> Path:
+    return admin / "ca"
+
+
+def _consortium_ca(conf: ConsortiumFile, admin: Path) -> tuple[Path, Path]:
+    name = f"{conf.consortium}-ca"
+    return _ca_dir(admin) / f"{name}.pem", _ca_dir(admin) / f"{name}.key"
+
+
+# -- admin: init -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InitResult:
+    ca_cert: Path
+    trust: Path
+    spec: Path
+    created_ca: bool
+
+
+def consortium_init(path: Path, admin_dir: Path | None = None) -> InitResult:
+    """The consortium CA (kept if it exists), the trust bundle and the training spec."""
+    from swarmnode.spec import TrainingSpec
+    from swarmnode.transport import serde
+
+    conf, base = load_consortium(path)
+    admin = Path(admin_dir) if admin_dir is not None else base / "admin"
+    ca_cert, ca_key = _consortium_ca(conf, admin)
+    created = False
+    if not ca_cert.exists():
+        ca_cert, ca_key = create_ca(_ca_dir(admin), f"{conf.consortium}-ca",
+                                    org=f"{conf.consortium} consortium")
+        created = True
+    elif not ca_key.exists():
+        raise ConfigError(f"{ca_cert} exists without its key {ca_key}; restore the key or "
+                          "remove the certificate to make a new CA")
+    cas = [ca_cert]
+    for site in conf.sites:
+        if site.organisation_ca is not None:
+            org = _resolve(base, site.organisation_ca)
+            if not org.exists():
+                raise ConfigError(f"site {site.name}: organisation CA {org} does not exist")
+            cas.append(org)
+    out = admin / "consortium"
+    out.mkdir(parents=True, exist_ok=True)
+    trust = make_bundle(cas, out / "trust.pem")
+    t = conf.training
+    if t.spec is not None:
+        src = _resolve(base, t.spec)
+        try:
+            spec = TrainingSpec.from_json(src.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"training.spec {src} does not exist") from None
+    else:
+        src = _resolve(base, t.initial)  # type: ignore[arg-type]
+        try:
+            payload = src.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"training.initial {src} does not exist; write it with "
+                              "safetensors.torch.save_file(model.state_dict(), ...)") from None
+        state = serde.decode(payload, expected_digest=None, spec=None, max_bytes=len(payload),
+                             reject_nonfinite=True)
+        spec = TrainingSpec.from_state(dict(state), sync_frequency=t.sync_frequency,
+                                       min_peers=t.min_peers, merge_method=t.merge)
+    spec_path = out / "spec.json"
+    spec_path.write_text(spec.to_json())
+    return InitResult(ca_cert=ca_cert, trust=trust, spec=spec_path, created_ca=created)
+
+
+# -- site: request ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RequestResult:
+    request: Path
+    key: Path
+    keystore: Path
+    address: str
+
+
+def site_request(name: str, site_dir: Path, host: str | None = None,
+                 force: bool = False) -> RequestResult:
+    """In the site's folder: its TLS key and certificate request, its chain account (keystore
+    and a random password), and the one file it sends: ``<name>.request.json``."""
+    from eth_account import Account
+
+    if not _NAME.match(name):
+        raise ConfigError(f"site name {name!r}: use lower-case letters, digits and '-'")
+    site = Path(site_dir)
+    key_path = site / "certs" / f"{name}.key"
+    keystore = site / "chain" / "keystore.json"
+    password = site / "chain" / "keystore.password"
+    if not force:
+        for p in (key_path, keystore):
+            if p.exists():
+                raise ConfigError(f"{p} already exists; this site already made its keys (its "
+                                  f"request is {name}.request.json); pass --force to replace them "
+                                  "(the old ones are then lost)")
+    csr_pem = _certs.make_key_and_csr(key_path, name, dns=sorted({host or name, name}))
+    secret = secrets.token_urlsafe(24)
+    account = Account.create()
+    encrypted = Account.encrypt(account.key, secret)
+    _write_private(password, secret.encode())
+    _write_private(keystore, json.dumps(encrypted).encode())
+    request = site / f"{name}.request.json"
+    request.write_text(json.dumps({
+        "format": REQUEST_FORMAT, "name": name, "address": account.address,
+        "csr": csr_pem.decode(), "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }, indent=2) + "\n")
+    return RequestResult(request=request, key=key_path, keystore=keystore, address=account.address)
+
+
+def _read_request(path: Path) -> dict[str, Any]:
+    try:
+        req = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"request {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"request {path} is not JSON: {exc}") from None
+    if not isinstance(req, dict) or req.get("format") != REQUEST_FORMAT:
+        raise ConfigError(f"{path} is not a site request ({REQUEST_FORMAT}); the site makes it "
+                          "with `swarmnode site request`")
+    if "PRIVATE KEY" in json.dumps(req) or "crypto" in req:
+        raise ConfigError(f"{path} holds a private key: refused, and that key must be treated as "
+                          "exposed; the site makes a new request with `swarmnode site request "
+                          "--force`")
+    for field in ("name", "address"):
+        if not isinstance(req.get(field), str):
+            raise ConfigError(f"{path}: missing {field!r}")
+    if not _ADDRESS.match(req["address"]):
+        raise ConfigError(f"{path}: {req['address']!r} is not a chain address")
+    if not isinstance(req.get("csr"), str) and not isinstance(req.get("cert"), str):
+        raise ConfigError(f"{path}: holds neither a certificate request ('csr') nor a "
+                          "certificate from the site's organisation CA ('cert')")
+    return req
+
+
+# -- admin: sign -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kit:
+    site: str
+    path: Path
+    address: str
+    sentinel: bool
+
+
+def _contract_address(conf: ConsortiumFile) -> str:
+    if conf.chain.contract is not None:
+        return conf.chain.contract
+    from swarmnode.chain.accounts import dev_account
+    from swarmnode.containers.consortium import contract_address_for
+
+    return contract_address_for(dev_account(0).address)  # the sentinel's first deployment
+
+
+def _compose_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "compose", here / "compose"):
+        if (candidate / "hospital.yaml").exists():
+            return candidate
+    raise ConfigError("the compose files (compose/hospital.yaml) are not found next to the "
+                      "swarmnode package; run `swarmnode consortium sign` from a checkout")
+
+
+def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = None) -> list[Kit]:
+    """Check every site's request, sign it, and write each site's kit (all sites at once: the
+    sentinel's kit lists every site)."""
+    conf, base = load_consortium(path)
+    admin = Path(admin_dir) if admin_dir is not None else base / "admin"
+    ca_cert, ca_key = _consortium_ca(conf, admin)
+    trust = admin / "consortium" / "trust.pem"
+    spec = admin / "consortium" / "spec.json"
+    if not (ca_cert.exists() and trust.exists() and spec.exists()):
+        raise ConfigError(f"no consortium CA, trust bundle or spec under {admin}; run "
+                          f"`swarmnode consortium init {path}` first")
+    by_site: dict[str, tuple[dict[str, Any], Path]] = {}
+    for r in requests:
+        req = _read_request(r)
+        site = conf.site(req["name"])
+        if site.name in by_site:
+            raise ConfigError(f"two requests for site {site.name}: {by_site[site.name][1]} and {r}")
+        by_site[site.name] = (req, Path(r))
+    missing = [s.name for s in conf.sites if s.name not in by_site]
+    if missing:
+        raise ConfigError(f"no request yet from {', '.join(missing)}; every site sends its "
+                          "`swarmnode site request` file before the kits are made")
+    addresses = [req["address"].lower() for req, _ in by_site.values()]
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError("two sites sent the same chain address; each site makes its own "
+                          "account with `swarmnode site request`")
+    out = admin / "consortium"
+    rows = ["name,address,cert"]
+    certs: dict[str, Path] = {}
+    for site in conf.sites:
+        req, src = by_site[site.name]
+        cert_path = out / f"{site.name}.pem"
+        if site.organisation_ca is not None:
+            certs[site.name] = _check_org_cert(req, src, site, _resolve(base, site.organisation_ca),
+                                               cert_path)
+        else:
+            if "csr" not in req:
+                raise ConfigError(f"{src}: site {site.name} has no organisation CA in the "
+                                  "consortium file, so it sends a certificate request ('csr')")
+            pem = _certs.sign_csr(ca_cert, ca_key, req["csr"].encode(), site.name,
+                                  dns=sorted({site.dial, site.name}))
+            cert_path.write_bytes(pem)
+            certs[site.name] = cert_path
+        rows.append(f"{site.name},{req['address']},{site.name}.pem")
+    (out / "sites.csv").write_text("\n".join(rows) + "\n")
+    contract = _contract_address(conf)
+    compose = _compose_dir()
+    kits = []
+    for site in conf.sites:
+        req, _ = by_site[site.name]
+        sentinel = site.name == conf.sentinel_name and conf.chain.dev
+        kit = admin / "kits" / site.name
+        if kit.exists():
+            shutil.rmtree(kit)
+        (kit / "certs").mkdir(parents=True)
+        shutil.copy(certs[site.name], kit / "certs" / f"{site.name}.pem")
+        shutil.copy(trust, kit / "certs" / "trust.pem")
+        shutil.copy(compose / "hospital.yaml", kit / "compose.yaml")
+        shutil.copy(compose / "keystore.yaml", kit / "compose.keystore.yaml")
+        if sentinel:
+            (kit / "consortium").mkdir()
+            for f in ["spec.json", "sites.csv", *(f"{s.name}.pem" for s in conf.sites)]:
+                shutil.copy(out / f, kit / "consortium" / f)
+        (kit / ".env").write_text(_env(conf, site, contract, sentinel))
+        files = sorted(p.relative_to(kit).as_posix() for p in kit.rglob("*") if p.is_file())
+        (kit / "kit.json").write_text(json.dumps({
+            "format": KIT_FORMAT, "consortium": conf.consortium, "site": site.name,
+            "address": req["address"], "contract": contract, "rpc_url": conf.chain.rpc_url,
+            "sentinel": sentinel, "files": {f: _sha256(kit / f) for f in files},
+        }, indent=2) + "\n")
+        kits.append(Kit(site=site.name, path=kit, address=req["address"], sentinel=sentinel))
+    return kits
+
+
+def _check_org_cert(req: dict[str, Any], src: Path, site: SiteEntry, org_ca: Path,
+                    out: Path) -> Path:
+    """A certificate the site's own organisation CA signed: checked, then listed as is."""
+    if "cert" not in req:
+        raise ConfigError(f"{src}: site {site.name} brings its organisation's CA ({org_ca}), so "
+                          "it sends the certificate that CA signed ('cert'), not a request")
+    cert = x509.load_pem_x509_certificate(req["cert"].encode())
+    ca = load_certs(org_ca, "organisation CA")[0]
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, Exception) as exc:  # noqa: BLE001 - any failure: refused
+        raise ConfigError(f"{src}: the certificate of {site.name} is not signed by its "
+                          f"organisation CA {org_ca}: {exc}") from None
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not cn or cn[0].value != site.name:
+        raise ConfigError(f"{src}: the certificate's common name is not {site.name!r}")
+    out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool) -> str:
+    t = conf.training
+    files = "compose.yaml:compose.keystore.yaml"
+    lines = [
+        f"# {site.name}'s settings in consortium {conf.consortium}, written by `swarmnode "
+        "consortium sign`.",
+        "# `docker-compose up -d` in this folder reads them (and the compose files named here).",
+        f"COMPOSE_FILE={files}",
+        f"COMPOSE_PROJECT_NAME={site.name}",
+        f"SITE={site.name}",
+        f"SWARMNODE_VERSION={__version__}",
+        f"RPC_URL={conf.chain.rpc_url}",
+        f"CONTRACT={contract}",
+        "KEY_INDEX=",
+        "KEYSTORE_FILE=./chain/keystore.json",
+        "KEYSTORE_PASSWORD_FILE=./chain/keystore.password",
+        f"PEER_ENDPOINT={site.dial}:{site.peer_port}",
+        f"CERT_FILE=./certs/{site.name}.pem",
+        f"KEY_FILE=./certs/{site.name}.key",
+        "TRUST_FILE=./certs/trust.pem",
+        "# This site's training data and script (train.py): data/ and app/ here.",
+        "DATA_DIR=./data",
+        "SCRIPT_DIR=./app",
+    ]
+    if sentinel:
+        lines += [
+            "# The sentinel: its project also runs the dev chain and the deploy service.",
+            "COMPOSE_PROFILES=sentinel",
+            "CONSORTIUM_DIR=./consortium",
+            f"MIN_PEERS={t.min_peers}",
+            f"GRACE_S={t.grace_s}",
+            f"DEADLINE_S={t.deadline_s}",
+            f"FUND_ETH={conf.chain.fund_eth:g}",
+        ]
+    else:
+        lines += ["# The consortium network is the sentinel's (one host) or this host's own.",
+                  "CONSORTIUM_EXTERNAL=true",
+                  "# read by the sentinel's deploy service only (required by the compose file)",
+                  "CONSORTIUM_DIR=./consortium"]
+    return "\n".join(lines) + "\n"
+
+
+# -- site: install ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InstallResult:
+    site: str
+    sentinel: bool
+    not_chowned: list[Path]
+
+
+def site_install(kit_dir: Path, site_dir: Path) -> InstallResult:
+    """Check the kit (its files' hashes, the certificate against this site's own key and the
+    trust bundle) and install it into the site's folder."""
+    kit = Path(kit_dir)
+    site_dir = Path(site_dir)
+    try:
+        manifest = json.loads((kit / "kit.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{kit} holds no kit.json: not a kit from `swarmnode consortium "
+                          "sign`") from None
+    if manifest.get("format") != KIT_FORMAT:
+        raise ConfigError(f"{kit}/kit.json is not a site kit ({KIT_FORMAT})")
+    name = manifest["site"]
+    for rel, digest in manifest["files"].items():
+        p = kit / rel
+        if not p.is_file() or _sha256(p) != digest:
+            raise ConfigError(f"kit file {p} is missing or changed since the kit was made; ask "
+                              "the admin for the kit again")
+    key = site_dir / "certs" / f"{name}.key"
+    if not key.exists():
+        raise ConfigError(f"{key} does not exist: this kit is for {name}, and {site_dir} is not "
+                          f"that site's folder (run `swarmnode site request --name {name}` there "
+                          "first)")
+    cert = kit / "certs" / f"{name}.pem"
+    _certs.check_cert_matches_key(cert, key)
+    trust_certs = load_certs(kit / "certs" / "trust.pem", "trust bundle")
+    leaf = load_certs(cert)[0]
+    if not any(_issued_by(leaf, ca) for ca in trust_certs):
+        raise IdentityError(f"{cert} is not signed by any CA of the kit's trust bundle")
+    request = site_dir / f"{name}.request.json"
+    if request.exists():
+        sent = json.loads(request.read_text())
+        if sent.get("address", "").lower() != str(manifest.get("address", "")).lower():
+            raise ConfigError(f"the kit lists chain address {manifest.get('address')} for {name} "
+                              f"but this site's account is {sent.get('address')}; ask the admin "
+                              "to sign this site's request again")
+    for rel in manifest["files"]:
+        dest = site_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(kit / rel, dest)
+    shutil.copy(kit / "kit.json", site_dir / "kit.json")
+    for d in ("data", "app"):
+        (site_dir / d).mkdir(exist_ok=True)
+    secrets_ = [key, site_dir / "chain" / "keystore.json", site_dir / "chain" / "keystore.password"]
+    not_chowned = _give_to_node_user([p for p in secrets_ if p.exists()])
+    return InstallResult(site=name, sentinel=bool(manifest.get("sentinel")),
+                         not_chowned=not_chowned)
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+        return True
+    except Exception:  # noqa: BLE001 - not this CA
+        return False

@@ -1,0 +1,173 @@
+"""`swarmnode consortium init/sign` and `swarmnode site request/install`: a consortium from one
+file, each site's keys made in its own folder and never sent (the containers test brings such a
+consortium up and trains it: tests/containers/test_provision.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from provision_support import cli, provision, secrets_of, write_consortium
+
+from swarmnode.identity import create_ca, describe, issue_node_cert
+from swarmnode.provision import load_consortium
+
+
+def test_provisioning_keeps_every_private_key_in_its_own_folder(tmp_path: Path) -> None:
+    _, folders = provision(tmp_path)
+    ca_key = next((tmp_path / "admin-desk" / "admin" / "ca").glob("*.key"))
+    owners = {ca_key.parent: [ca_key.read_bytes()]}
+    owners.update({f: secrets_of(f) for f in folders.values()})
+    for folder, secrets in owners.items():
+        assert secrets and all(len(s) > 20 for s in secrets)
+        for path in tmp_path.rglob("*"):
+            if not path.is_file() or folder in path.parents:
+                continue
+            data = path.read_bytes()
+            for secret in secrets:
+                assert secret.strip() not in data, f"{folder}'s secret found in {path}"
+    for folder in folders.values():  # no key file of any kind outside the site's own certs/
+        for path in folder.rglob("*"):
+            if path.is_file() and path.parent != folder / "certs":
+                assert b"PRIVATE KEY" not in path.read_bytes(), path
+    for f in folders.values():
+        for secret_file in [*(f / "certs").glob("*.key"), f / "chain" / "keystore.json",
+                            f / "chain" / "keystore.password"]:
+            assert secret_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_each_kit_is_a_complete_site_folder(tmp_path: Path) -> None:
+    conf, folders = provision(tmp_path)
+    consortium, _ = load_consortium(conf)
+    sites_csv = (tmp_path / "admin-desk" / "admin" / "consortium" / "sites.csv").read_text()
+    for name, folder in folders.items():
+        env = dict(line.split("=", 1) for line in (folder / ".env").read_text().splitlines()
+                   if line and not line.startswith("#"))
+        assert env["SITE"] == name and env["PEER_ENDPOINT"] == f"{name}:7441"
+        assert env["KEYSTORE_FILE"] == "./chain/keystore.json" and env["KEY_INDEX"] == ""
+        for key in ("CERT_FILE", "KEY_FILE", "TRUST_FILE", "KEYSTORE_FILE",
+                    "KEYSTORE_PASSWORD_FILE"):
+            assert (folder / env[key]).is_file(), key
+        assert (folder / "compose.yaml").is_file() and (folder / "compose.keystore.yaml").is_file()
+        # the certificate is the site's own key's, signed by the consortium CA, named for it
+        info = describe(folder / env["CERT_FILE"])
+        assert info.subject.endswith(f"CN={name}") or name in info.subject
+        assert name in info.dns
+        address = json.loads((folder / f"{name}.request.json").read_text())["address"]
+        assert f"{name},{address},{name}.pem" in sites_csv
+        sentinel = name == consortium.sentinel_name
+        assert ("COMPOSE_PROFILES=sentinel" in (folder / ".env").read_text()) == sentinel
+        assert (folder / "consortium" / "sites.csv").exists() == sentinel
+
+
+def test_a_request_holding_a_private_key_is_refused(tmp_path: Path) -> None:
+    conf = write_consortium(tmp_path / "desk")
+    cli("consortium", "init", conf)
+    cli("site", "request", "--name", "hospital-1", "--dir", tmp_path / "h1")
+    req = json.loads((tmp_path / "h1" / "hospital-1.request.json").read_text())
+    req["key"] = (tmp_path / "h1" / "certs" / "hospital-1.key").read_text()
+    bad = tmp_path / "bad.request.json"
+    bad.write_text(json.dumps(req))
+    out = cli("consortium", "sign", conf, bad, code=10)
+    assert "holds a private key" in out and "exposed" in out
+
+
+def test_sign_refuses_unknown_sites_missing_sites_and_forged_requests(tmp_path: Path) -> None:
+    conf = write_consortium(tmp_path / "desk", ["hospital-1", "hospital-2"])
+    cli("consortium", "init", conf)
+    reqs = []
+    for s in ("hospital-1", "hospital-2", "hospital-9"):
+        cli("site", "request", "--name", s, "--dir", tmp_path / s)
+        reqs.append(tmp_path / s / f"{s}.request.json")
+    assert "not a site of consortium study" in cli("consortium", "sign", conf, *reqs, code=10)
+    assert "no request yet from hospital-2" in cli("consortium", "sign", conf, reqs[0], code=10)
+    # a request whose CSR was made for another name
+    forged = json.loads(reqs[1].read_text())
+    forged["csr"] = json.loads(reqs[0].read_text())["csr"]
+    reqs[1].write_text(json.dumps(forged))
+    out = cli("consortium", "sign", conf, reqs[0], reqs[1], code=30)
+    assert "the request of hospital-2 names 'hospital-1'" in out
+
+
+def test_install_checks_the_kit_against_the_sites_own_key(tmp_path: Path) -> None:
+    conf = write_consortium(tmp_path / "desk", ["hospital-1", "hospital-2"])
+    cli("consortium", "init", conf)
+    for s in ("hospital-1", "hospital-2"):
+        cli("site", "request", "--name", s, "--dir", tmp_path / s)
+    cli("consortium", "sign", conf, *(tmp_path / s / f"{s}.request.json"
+                                       for s in ("hospital-1", "hospital-2")))
+    kits = tmp_path / "desk" / "admin" / "kits"
+    # hospital-2's kit installed in hospital-1's folder
+    out = cli("site", "install", kits / "hospital-2", "--dir", tmp_path / "hospital-1", code=10)
+    assert "not that site's folder" in out
+    # a kit changed on the way
+    env = kits / "hospital-1" / ".env"
+    env.write_text(env.read_text().replace("PEER_ENDPOINT=hospital-1", "PEER_ENDPOINT=evil"))
+    out = cli("site", "install", kits / "hospital-1", "--dir", tmp_path / "hospital-1", code=10)
+    assert "changed since the kit was made" in out
+    # keys made again after the request: the signed certificate is no longer this site's key's
+    cli("consortium", "sign", conf, *(tmp_path / s / f"{s}.request.json"
+                                       for s in ("hospital-1", "hospital-2")))
+    cli("site", "request", "--name", "hospital-1", "--dir", tmp_path / "hospital-1", "--force")
+    out = cli("site", "install", kits / "hospital-1", "--dir", tmp_path / "hospital-1", code=30)
+    assert "does not belong" in out or "key" in out
+
+
+def test_a_site_with_its_own_organisation_ca_joins_through_the_trust_bundle(
+    tmp_path: Path,
+) -> None:
+    desk = tmp_path / "desk"
+    org_cert, org_key = create_ca(tmp_path / "org-b" / "ca", "org-b-ca", org="Org B")
+    conf = write_consortium(desk, ["hospital-1", "hospital-2"])
+    shutil.copy(org_cert, desk / "org-b-ca.pem")
+    raw = yaml.safe_load(conf.read_text())
+    raw["sites"][1]["organisation_ca"] = "org-b-ca.pem"
+    conf.write_text(yaml.safe_dump(raw))
+    cli("consortium", "init", conf)
+    trust = (desk / "admin" / "consortium" / "trust.pem").read_bytes()
+    assert org_cert.read_bytes().strip() in trust
+    cli("site", "request", "--name", "hospital-1", "--dir", tmp_path / "hospital-1")
+    cli("site", "request", "--name", "hospital-2", "--dir", tmp_path / "hospital-2")
+    # org B's own CA signs its site's certificate (at org B), the request carries it
+    cert, _key = issue_node_cert(org_cert, org_key, tmp_path / "org-b" / "issued", "hospital-2",
+                                 dns=["hospital-2"], ips=[])
+    req_path = tmp_path / "hospital-2" / "hospital-2.request.json"
+    req = json.loads(req_path.read_text())
+    req.pop("csr")
+    req["cert"] = cert.read_text()
+    req_path.write_text(json.dumps(req))
+    cli("consortium", "sign", conf, tmp_path / "hospital-1" / "hospital-1.request.json", req_path)
+    listed = x509.load_pem_x509_certificate(
+        (desk / "admin" / "consortium" / "hospital-2.pem").read_bytes())
+    assert listed.issuer == x509.load_pem_x509_certificate(org_cert.read_bytes()).subject
+    # a certificate from another CA is refused for that site
+    other_cert, other_key = create_ca(tmp_path / "org-x", "org-x-ca")
+    forged, _ = issue_node_cert(other_cert, other_key, tmp_path / "org-x" / "issued",
+                                "hospital-2", dns=["hospital-2"], ips=[])
+    req["cert"] = forged.read_text()
+    req_path.write_text(json.dumps(req))
+    out = cli("consortium", "sign", conf, tmp_path / "hospital-1" / "hospital-1.request.json",
+               req_path, code=10)
+    assert "not signed by its organisation CA" in out
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"sites": [{"name": "hospital-1"}]}, "at least two sites"),
+    ({"sites": [{"name": "Hospital 1"}, {"name": "b"}]}, "lower-case"),
+    ({"sites": [{"name": "a"}, {"name": "a"}]}, "unique"),
+    ({"sentinel": "nobody"}, "not one of the sites"),
+    ({"colour": "blue"}, "colour"),
+    ({"chain": {"dev": False}}, "chain.contract"),
+])
+def test_a_bad_consortium_file_names_what_is_wrong(tmp_path: Path, change: dict,
+                                                   message: str) -> None:
+    conf = write_consortium(tmp_path / "desk")
+    raw = yaml.safe_load(conf.read_text())
+    raw.update(change)
+    conf.write_text(yaml.safe_dump(raw))
+    out = cli("consortium", "init", conf, code=10)
+    assert message in out
