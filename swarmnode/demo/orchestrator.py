@@ -82,6 +82,7 @@ class DemoOptions:
     timeout_s: float = 600.0
     epochs: int | None = None  # None: the example's
     example: str = DEFAULT_TASK  # digits or breast-cancer (swarmnode.demo.tasks)
+    policy: str = "inactive"  # the trainers' end-of-training policy (reproducible rounds)
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any
         console.print(f"{opts.nodes} node services enrolled ({time.monotonic() - t0:.1f} s); "
                       "training starts")
         for i in range(opts.nodes):
-            swarm.start_trainer(i)
+            swarm.start_trainer(i, policy=opts.policy)
         return summarize(swarm, opts, console, t0)
 
 
@@ -258,7 +259,9 @@ def _follow_events(swarm: SwarmHarness, opts: DemoOptions, console: Console, bar
                               f"{len(a['members'])} updates, digest {a['digest'].hex()[:12]}")
                 for member in r["members"]:
                     if member in tasks:
-                        bars.advance(tasks[member])
+                        t = bars.tasks[tasks[member]]
+                        bars.update(tasks[member], completed=t.completed + 1,
+                                    total=max(t.total or 0, t.completed + 1))
             elif ev.name == "NodeFinished":
                 console.print(f"{by_addr.get(a['node'])} finished local training")
                 if by_addr.get(a["node"]) in tasks:

@@ -39,7 +39,9 @@ def _wait(predicate, timeout: float, what: str, swarm: LocalSwarm | None = None)
 
 
 def test_demo_every_node_ends_with_the_chains_final_model(tmp_path: Path) -> None:
-    summary = run_demo(DemoOptions(nodes=3, workdir=tmp_path / "demo", example="breast-cancer"))
+    # inactive: the largest site trains alone at the end (what the assertions below follow)
+    summary = run_demo(DemoOptions(nodes=3, workdir=tmp_path / "demo", example="breast-cancer",
+                                   policy="inactive"))
     nodes = summary["nodes"]
     assert len(nodes) == 3
     assert summary["chain_final_digest"]

@@ -101,6 +101,7 @@ def training(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Training]:
     with two_site_swarm(root / "swarm") as swarm:
         with peer_process(__file__, swarm, 1, root / "peer") as proc:
             callback = SwarmTrainerCallback(sync_frequency=4, min_peers=2,
+                                            on_train_end_policy="inactive",
                                             local_api=swarm.socket(0), timeout=120)
             model, trainer = train(shard(swarm, 0), root / "site0", callback)
             peer = peer_result(proc, root / "peer")
@@ -134,7 +135,7 @@ def test_one_sync_per_sync_frequency_optimizer_steps(training: Training) -> None
     # Site 1 was configured with HPE names: they reached SwarmCallback unchanged.
     assert (peer["sync_frequency"], peer["min_peers"], peer["node_weight"]) == (4, 2, 1.0)
     # On chain: each sync is one check-in with the site's weight, in consecutive rounds; then both
-    # sites join the final round with weight 0 (the default "inactive" end-of-training policy).
+    # sites join the final round with weight 0 (the "inactive" end-of-training policy both ask for).
     final_round = chain_final_round(training.swarm)
     assert checkins_of(training.swarm, 0) == (
         [(r, training.samples) for r in range(1, swarm.state.rounds + 1)] + [(final_round, 0)])

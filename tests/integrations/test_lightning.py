@@ -98,6 +98,7 @@ def training(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Training]:
     with two_site_swarm(root / "swarm") as swarm:
         with peer_process(__file__, swarm, 1, root / "peer") as proc:
             callback = SwarmLightningCallback(sync_frequency=4, min_peers=2,
+                                              on_train_end_policy="inactive",
                                               local_api=swarm.socket(0), timeout=120)
             module, trainer = train(shard(swarm, 0), root / "site0", callback)
             peer = peer_result(proc, root / "peer")
