@@ -139,6 +139,10 @@ class ConsortiumFile(_Strict):
     sites: list[SiteEntry]
     sentinel: str | None = Field(None, description="The site whose project runs the dev chain "
                                  "(default: the first site).")
+    one_host: bool = Field(False, description="Every site on one Docker engine (to try it out): "
+                           "the sites share the sentinel's consortium network and dial each "
+                           "other by name; nothing is published. Otherwise each site publishes "
+                           "its peer and data ports (and the sentinel its chain).")
 
     @field_validator("consortium")
     @classmethod
@@ -165,6 +169,11 @@ class ConsortiumFile(_Strict):
         if self.training.min_peers > len(self.sites):
             raise ValueError(f"training.min_peers={self.training.min_peers} but the consortium "
                              f"has {len(self.sites)} sites")
+        if (not self.one_host and self.chain.dev
+                and self.chain.rpc_url.split("//")[-1].split(":")[0] == "chain"):
+            raise ValueError("sites on separate hosts reach the sentinel's chain at the "
+                             "sentinel's host: set chain.rpc_url to http://SENTINEL_HOST:8545 "
+                             "(or one_host: true to try the consortium on one machine)")
         if not self.chain.dev and self.chain.contract is None:
             raise ValueError("chain.dev is false: set chain.contract to the contract the admin "
                              "deployed on that network")
@@ -282,6 +291,13 @@ def consortium_init(path: Path, admin_dir: Path | None = None) -> InitResult:
             spec = TrainingSpec.from_json(src.read_text())
         except FileNotFoundError:
             raise ConfigError(f"training.spec {src} does not exist") from None
+        pinned = {"sync_frequency": spec.sync_frequency, "min_peers": spec.min_peers,
+                  "merge": spec.merge_method}
+        for key in sorted(t.model_fields_set & set(pinned)):
+            if getattr(t, key) != pinned[key]:
+                raise ConfigError(f"training.{key} is {getattr(t, key)!r} but {src} pins "
+                                  f"{pinned[key]!r}; drop the setting or make the spec again "
+                                  "(`swarmnode spec`)")
     else:
         src = _resolve(base, t.initial)  # type: ignore[arg-type]
         try:
@@ -438,6 +454,9 @@ def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = N
     (out / "sites.csv").write_text("\n".join(rows) + "\n")
     contract = _contract_address(conf)
     compose = _compose_dir()
+    from swarmnode.spec import TrainingSpec
+
+    min_peers = TrainingSpec.from_json(spec.read_text()).min_peers
     kits = []
     for site in conf.sites:
         req, _ = by_site[site.name]
@@ -454,7 +473,7 @@ def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = N
             (kit / "consortium").mkdir()
             for f in ["spec.json", "sites.csv", *(f"{s.name}.pem" for s in conf.sites)]:
                 shutil.copy(out / f, kit / "consortium" / f)
-        (kit / ".env").write_text(_env(conf, site, contract, sentinel))
+        (kit / ".env").write_text(_env(conf, site, contract, sentinel, min_peers))
         files = sorted(p.relative_to(kit).as_posix() for p in kit.rglob("*") if p.is_file())
         (kit / "kit.json").write_text(json.dumps({
             "format": KIT_FORMAT, "consortium": conf.consortium, "site": site.name,
@@ -485,7 +504,8 @@ def _check_org_cert(req: dict[str, Any], src: Path, site: SiteEntry, org_ca: Pat
     return out
 
 
-def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool) -> str:
+def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool,
+         min_peers: int) -> str:
     t = conf.training
     files = "compose.yaml:compose.keystore.yaml"
     lines = [
@@ -496,7 +516,7 @@ def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool) -
         f"COMPOSE_PROJECT_NAME={site.name}",
         f"SITE={site.name}",
         f"SWARMNODE_VERSION={__version__}",
-        f"RPC_URL={conf.chain.rpc_url}",
+        f"RPC_URL={'http://chain:8545' if sentinel else conf.chain.rpc_url}",
         f"CONTRACT={contract}",
         "KEY_INDEX=",
         "KEYSTORE_FILE=./chain/keystore.json",
@@ -509,20 +529,28 @@ def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool) -
         "DATA_DIR=./data",
         "SCRIPT_DIR=./app",
     ]
+    if not conf.one_host:
+        lines += [
+            "# Other sites dial this host: the peer API and the data plane (models) published.",
+            f"PEER_PUBLISH=0.0.0.0:{site.peer_port}",
+            "DATA_PUBLISH=0.0.0.0:7442",
+        ]
     if sentinel:
         lines += [
             "# The sentinel: its project also runs the dev chain and the deploy service.",
             "COMPOSE_PROFILES=sentinel",
+            *([] if conf.one_host else ["CHAIN_PUBLISH=0.0.0.0:8545"]),
             "CONSORTIUM_DIR=./consortium",
-            f"MIN_PEERS={t.min_peers}",
+            f"MIN_PEERS={min_peers}",
             f"GRACE_S={t.grace_s}",
             f"DEADLINE_S={t.deadline_s}",
             f"FUND_ETH={conf.chain.fund_eth:g}",
         ]
     else:
-        lines += ["# The consortium network is the sentinel's (one host) or this host's own.",
-                  "CONSORTIUM_EXTERNAL=true",
-                  "# read by the sentinel's deploy service only (required by the compose file)",
+        if conf.one_host:
+            lines += ["# One host: the sentinel's consortium network, shared.",
+                      "CONSORTIUM_EXTERNAL=true"]
+        lines += ["# read by the sentinel's deploy service only (required by the compose file)",
                   "CONSORTIUM_DIR=./consortium"]
     return "\n".join(lines) + "\n"
 

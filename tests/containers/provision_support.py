@@ -36,6 +36,7 @@ def write_consortium(desk: Path, sites: list[str] = SITES, *,
         "training": {"initial": "initial.safetensors", "sync_frequency": 4, "min_peers": 2,
                      **(training or {})},
         "sites": [{"name": s} for s in sites],
+        "one_host": True,  # every site on this machine's Docker engine
         **extra,
     }
     path = desk / "consortium.yaml"

@@ -155,6 +155,30 @@ def test_a_site_with_its_own_organisation_ca_joins_through_the_trust_bundle(
     assert "not signed by its organisation CA" in out
 
 
+def test_sites_on_separate_hosts_publish_their_ports_and_dial_the_sentinels_chain(
+    tmp_path: Path,
+) -> None:
+    conf = write_consortium(tmp_path / "desk", ["hospital-1", "hospital-2"])
+    raw = yaml.safe_load(conf.read_text())
+    raw.update(one_host=False, chain={"rpc_url": "http://h1.example.org:8545"})
+    raw["sites"] = [{"name": "hospital-1", "host": "h1.example.org"},
+                    {"name": "hospital-2", "host": "h2.example.org", "peer_port": 8441}]
+    conf.write_text(yaml.safe_dump(raw))
+    cli("consortium", "init", conf)
+    for s in ("hospital-1", "hospital-2"):
+        cli("site", "request", "--name", s, "--dir", tmp_path / s)
+    cli("consortium", "sign", conf, *(tmp_path / s / f"{s}.request.json"
+                                      for s in ("hospital-1", "hospital-2")))
+    kits = tmp_path / "desk" / "admin" / "kits"
+    one = (kits / "hospital-1" / ".env").read_text()
+    two = (kits / "hospital-2" / ".env").read_text()
+    assert "RPC_URL=http://chain:8545" in one and "CHAIN_PUBLISH=0.0.0.0:8545" in one
+    assert "RPC_URL=http://h1.example.org:8545" in two and "CHAIN_PUBLISH" not in two
+    assert "PEER_ENDPOINT=h2.example.org:8441" in two and "PEER_PUBLISH=0.0.0.0:8441" in two
+    assert "DATA_PUBLISH=0.0.0.0:7442" in two and "CONSORTIUM_EXTERNAL" not in two
+    assert "h2.example.org" in describe(kits / "hospital-2" / "certs" / "hospital-2.pem").dns
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"sites": [{"name": "hospital-1"}]}, "at least two sites"),
     ({"sites": [{"name": "Hospital 1"}, {"name": "b"}]}, "lower-case"),
@@ -162,6 +186,7 @@ def test_a_site_with_its_own_organisation_ca_joins_through_the_trust_bundle(
     ({"sentinel": "nobody"}, "not one of the sites"),
     ({"colour": "blue"}, "colour"),
     ({"chain": {"dev": False}}, "chain.contract"),
+    ({"one_host": False}, "SENTINEL_HOST"),
 ])
 def test_a_bad_consortium_file_names_what_is_wrong(tmp_path: Path, change: dict,
                                                    message: str) -> None:
@@ -171,3 +196,20 @@ def test_a_bad_consortium_file_names_what_is_wrong(tmp_path: Path, change: dict,
     conf.write_text(yaml.safe_dump(raw))
     out = cli("consortium", "init", conf, code=10)
     assert message in out
+
+
+def test_a_spec_file_and_a_setting_that_contradicts_it_are_refused(tmp_path: Path) -> None:
+    desk = tmp_path / "desk"
+    desk.mkdir()
+    spec = Path(__file__).resolve().parents[2] / "examples" / "breast_cancer" / "consortium"
+    raw = {"consortium": "study", "one_host": True,
+           "training": {"spec": str(spec / "spec.json"), "sync_frequency": 9},
+           "sites": [{"name": "a"}, {"name": "b"}]}
+    (desk / "c.yaml").write_text(yaml.safe_dump(raw))
+    out = cli("consortium", "init", desk / "c.yaml", code=10)
+    assert "training.sync_frequency is 9" in out and "pins 4" in out
+    raw["training"].pop("sync_frequency")
+    (desk / "c.yaml").write_text(yaml.safe_dump(raw))
+    cli("consortium", "init", desk / "c.yaml")
+    written = json.loads((desk / "admin" / "consortium" / "spec.json").read_text())
+    assert written == json.loads((spec / "spec.json").read_text())
