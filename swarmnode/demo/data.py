@@ -144,22 +144,29 @@ def hospital_splits(n_hospitals: int = 3, seed: int = 0, test_fraction: float = 
     # malignant cases in proportion to their size, and every hospital fills up with benign ones.
     m_counts = _apportion(len(malignant) - SCARCE_MALIGNANT, [float(s) for s in sizes[:scarce]])
     m_counts.append(SCARCE_MALIGNANT)
-    shards = []
-    m_at = b_at = 0
-    for size, m in zip(sizes, m_counts, strict=True):
-        idx = np.concatenate([malignant[m_at : m_at + m], benign[b_at : b_at + size - m]])
-        m_at, b_at = m_at + m, b_at + size - m
-        idx = rng.permutation(idx)
-        shards.append(Shard(X[idx], y[idx]))
-    assert m_at == len(malignant) and b_at == len(benign)  # every training sample used once
     return DemoData(
-        hospitals=tuple(shards),
+        hospitals=_deal(X, y, sizes, m_counts, malignant, benign, rng),
         X_test=X[test_idx],
         y_test=y[test_idx],
         names=tuple(f"hospital-{i + 1}" for i in range(n_hospitals)),
         scarce=scarce,
         feature_names=tuple(str(f) for f in bunch.feature_names),
     )
+
+
+def _deal(X: np.ndarray, y: np.ndarray, sizes: list[int], m_counts: list[int],
+          malignant: np.ndarray, benign: np.ndarray,
+          rng: np.random.Generator) -> tuple[Shard, ...]:
+    """Hospital i gets m_counts[i] of the malignant indices and fills up to sizes[i] with benign
+    ones, in order, shuffled; every index is used once."""
+    shards = []
+    m_at = b_at = 0
+    for size, m in zip(sizes, m_counts, strict=True):
+        idx = np.concatenate([malignant[m_at:m_at + m], benign[b_at:b_at + size - m]])
+        m_at, b_at = m_at + m, b_at + size - m
+        shards.append(Shard(X[idx := rng.permutation(idx)], y[idx]))
+    assert m_at == len(malignant) and b_at == len(benign)  # every training sample used once
+    return tuple(shards)
 
 
 def class_ratio_splits(n_hospitals: int = 3, seed: int = 0,
@@ -184,14 +191,8 @@ def class_ratio_splits(n_hospitals: int = 3, seed: int = 0,
     for i, k in zip(middle, share, strict=True):
         counts[i] = min(k, sizes[i] - 2)  # at least two benign cases everywhere
     counts[0] += len(malignant) - sum(counts)  # what the middle hospitals could not take
-    shards = []
-    m_at = b_at = 0
-    for size, m in zip(sizes, counts, strict=True):
-        idx = np.concatenate([malignant[m_at:m_at + m], benign[b_at:b_at + size - m]])
-        m_at, b_at = m_at + m, b_at + size - m
-        idx = rng.permutation(idx)
-        shards.append(Shard(X[idx], y[idx]))
-    return DemoData(hospitals=tuple(shards), X_test=base.X_test, y_test=base.y_test,
+    shards = _deal(X, y, sizes, counts, malignant, benign, rng)
+    return DemoData(hospitals=shards, X_test=base.X_test, y_test=base.y_test,
                     names=base.names, scarce=base.scarce, feature_names=base.feature_names)
 
 
