@@ -195,7 +195,8 @@ def waiting_now(contract: SwarmContract,
     finished = contract.training_finished()
     current = contract.current_round()
     r = current - 1 if finished else current
-    now = max(contract.block_timestamp(), 0) or int(time.time())
+    # the latest block's time, or this host's clock when no block came since (an idle dev chain)
+    now = max(contract.block_timestamp(), int(time.time()))
     if r < 1:
         return None, now
     nodes = tuple(contract.nodes())

@@ -56,7 +56,7 @@ def run(
             signal.signal(sig, lambda *_: stop.set())
         try:  # waits for the chain, the contract and its authorisation; SIGTERM ends the wait
             node = NodeService(cfg, stop)
-            context.progress = node.progress  # every line from now on: its round and stage
+            context.progress = node  # every line from now on: its round and stage
             node.start()
         except StartupInterrupted as exc:
             logging.getLogger("swarmnode.node").info("%s; exiting", exc)

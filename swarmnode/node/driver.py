@@ -108,6 +108,7 @@ class RoundDriver:
         self.round_timeout_s = round_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self._weights: dict[tuple[int, str], int] = {}
+        self.machine: RoundMachine | None = None  # the round in progress (its stage: logs)
         self.seen: dict[int, RoundInfo] = {}  # the last observation of recent rounds
         self._absent_checked = 0.0
         self._merged: dict[tuple[int, int], tuple[bytes, bytes, list[str]]] = {}
@@ -194,6 +195,7 @@ class RoundDriver:
         """
         machine = RoundMachine(self.me, round, weight, self.timing, contribute=contribute,
                                drive=drive)
+        self.machine = machine
         self._weights = {k: v for k, v in self._weights.items() if k[0] >= round - 1}
         # what earlier rounds left behind (a model's worth each): the store keeps what is served
         self._merged = {k: v for k, v in self._merged.items() if k[0] >= round}

@@ -183,6 +183,7 @@ class NodeService:
         # Metrics go on chain after the round, off its critical path, one at a time in order.
         self._background = ThreadPoolExecutor(1, thread_name_prefix="metrics")
         self.progress = _Progress()
+        self._waiting_cache: tuple[float, dict[str, Any]] | None = None
         self._round_lock = threading.Lock()
         self.peer_server: PeerServer | None = None
         self.local_server: LocalServer | None = None
@@ -310,22 +311,47 @@ class NodeService:
     def health(self) -> dict[str, Any]:
         p = self.progress
         return {
-            "address": self.me, "name": self.config.name, "stage": p.stage, "round": p.round,
+            "address": self.me, "name": self.config.name, "stage": self.stage, "round": p.round,
             "rounds_done": p.rounds_done, "finished": p.finished,
             "rpc_calls": self.chain.rpc_calls, "rpc_by_method": self.chain.rpc_calls_by_method,
         }
 
+    @property
+    def stage(self) -> str:
+        """The node's stage: during a round, the round's own (checkin, election, push, collect,
+        commit, pull, done)."""
+        m = self.driver.machine
+        if self.progress.stage in ("round", "finished-waiting") and m is not None:
+            return m.stage.value
+        return self.progress.stage
+
+    @property
+    def round(self) -> int:
+        return self.progress.round
+
     def waiting(self) -> dict[str, Any]:
-        """What the current round waits for (chain views), for a trainer whose sync waits."""
+        """What the current round waits for, for a trainer whose sync waits. While this node
+        moves models itself (push, collect, pull) that is the answer; otherwise it is read from
+        the chain (a few views, at most every 3 s whoever asks)."""
         from swarmnode.chain.overview import waiting_now
 
+        own = {"push": "this node is pushing its update to the round's leader",
+               "collect": "this node leads the round: collecting the participants' updates",
+               "pull": "this node is fetching the merged model"}
+        stage = self.stage
+        if stage in own:
+            return {"stage": stage, "round": self.progress.round, "line": own[stage]}
+        cached = self._waiting_cache
+        if cached is not None and time.monotonic() - cached[0] < 3.0:
+            return cached[1]
         try:
             found, now = waiting_now(self.chain)
         except SwarmError as exc:  # the chain is down: say so, the trainer logs it
             return {"error": str(exc)}
-        if found is None:
-            return {"stage": "not started"}
-        return {**found.to_json(now), "line": found.describe(now)}
+        answer = ({"stage": "not started"} if found is None
+                  else {**found.to_json(now), "line": found.describe(now)})
+        self._waiting_cache = (time.monotonic(), answer)
+        return answer
 
     # -- what the trainer asks for ----------------------------------------------------------------
     def _read(self, fn):  # type: ignore[no-untyped-def]

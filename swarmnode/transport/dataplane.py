@@ -170,6 +170,41 @@ def _context(tls: TlsFiles, server: bool) -> ssl.SSLContext:
     return ctx
 
 
+class _OrderedSlots:
+    """``slots`` updates admitted at once; when one frees, the waiting update with the smallest
+    key goes in (round, then sender address: the order the leader folds updates in), so updates
+    mostly arrive in their fold order and few wait, whole, for their turn at the leader."""
+
+    def __init__(self, slots: int) -> None:
+        self._cv = threading.Condition()
+        self._free = slots
+        self._waiting: list[tuple[Any, int]] = []
+        self._seq = 0
+
+    def acquire(self, key: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._seq += 1
+            entry = (key, self._seq)
+            self._waiting.append(entry)
+            try:
+                while not (self._free > 0 and entry == min(self._waiting)):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cv.wait(left)
+                self._free -= 1
+                return True
+            finally:
+                self._waiting.remove(entry)
+                self._cv.notify_all()
+
+    def release(self) -> None:
+        with self._cv:
+            self._free += 1
+            self._cv.notify_all()
+
+
 class _OrderedHash:
     """SHA-256 of a buffer that several stripes fill at once, computed in order by a helper
     thread as the bytes arrive (hashlib releases the GIL): the digest is ready moments after the
@@ -289,8 +324,9 @@ class DataServer:
         self._per_peer: dict[str, int] = {}
         self._inbound: dict[tuple[str, int, bytes], _Inbound] = {}
         # Updates received at once: each is a model's worth of memory until it is folded in,
-        # so the others wait (before their first byte is read) instead of all arriving together.
-        self._admit = threading.BoundedSemaphore(max(1, inflight))
+        # so the others wait (before their first byte is read) instead of all arriving together;
+        # the waiting one first in the leader's fold order (by address) goes in first.
+        self._admit = _OrderedSlots(max(1, inflight))
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
 
@@ -487,7 +523,7 @@ class DataServer:
                 raise PayloadRejected(f"{what}: stripe {index} sent twice")
             inbound.claimed.add(index)
         if creator:
-            if not self._admit.acquire(timeout=self.deadline_s):
+            if not self._admit.acquire((rnd, sender.lower()), timeout=self.deadline_s):
                 self._fail(inbound, TransportError(f"{what}: not admitted in time"))
             else:
                 with self._lock:

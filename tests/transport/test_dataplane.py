@@ -246,3 +246,33 @@ def test_a_peer_whose_data_plane_is_unreachable_gets_models_over_grpc(pki: Pki) 
         assert (1, ALICE) in handler.updates
     finally:
         srv.stop(0)
+
+
+def test_waiting_updates_are_admitted_in_the_leaders_fold_order() -> None:
+    from swarmnode.transport.dataplane import _OrderedSlots
+
+    slots = _OrderedSlots(1)
+    assert slots.acquire((1, "0xff"), timeout=1)  # the slot is taken
+    admitted: list[str] = []
+    waiting = threading.Event()
+
+    def push(sender: str) -> None:
+        assert slots.acquire((1, sender), timeout=30)
+        admitted.append(sender)
+        slots.release()
+
+    threads = [threading.Thread(target=push, args=(s,)) for s in ("0xc", "0xa", "0xb")]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(slots._waiting) < 3 and time.monotonic() < deadline:  # all three are waiting
+        waiting.wait(0.01)
+    assert len(slots._waiting) == 3
+    slots.release()
+    for t in threads:
+        t.join(30)
+    assert admitted == ["0xa", "0xb", "0xc"]  # by address, not by arrival
+    assert not slots._waiting
+    assert slots.acquire((1, "0x1"), timeout=1)
+    assert not slots.acquire((1, "0x0"), timeout=0.2)  # no slot: refused after the timeout
+    slots.release()
