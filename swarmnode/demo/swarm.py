@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,21 @@ from swarmnode.errors import NodeError
 from swarmnode.identity import create_ca, describe, issue_node_cert, make_bundle
 from swarmnode.spec import TrainingSpec
 
-__all__ = ["LocalSwarm"]
+__all__ = ["LocalSwarm", "wait_until"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, *, poll: float = 0.1,
+               describe: Callable[[], str] | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); after ``timeout`` s a
+    TimeoutError naming ``what`` (and ``describe()``, e.g. the processes' last log lines)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    extra = f"\n{describe()}" if describe is not None else ""
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}{extra}")
 
 
 class LocalSwarm:
@@ -213,6 +228,12 @@ class LocalSwarm:
     def index_of(self, address: str) -> int:
         """The site whose node signs with ``address``."""
         return next(i for i, a in enumerate(self.accounts) if a.address == address)
+
+    def wait_until(self, predicate: Callable[[], Any], timeout: float, what: str, *,
+                   poll: float = 0.1) -> Any:
+        """:func:`wait_until`, the running node services' last log lines on a timeout."""
+        return wait_until(predicate, timeout, what, poll=poll, describe=lambda: "\n".join(
+            f"{n}: {self.tail(i, 'node')}" for i, n in enumerate(self.names) if i in self.nodes))
 
     def tail(self, i: int, kind: str, lines: int = 5) -> str:
         try:

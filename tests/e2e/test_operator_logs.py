@@ -4,7 +4,6 @@ for), and the node service's log is one JSON object per line with site, round an
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -12,15 +11,6 @@ import pytest
 from swarmnode.demo.swarm import LocalSwarm
 
 pytestmark = [pytest.mark.slow, pytest.mark.anvil]
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_a_waiting_trainer_names_the_missing_site_and_node_logs_are_json(tmp_path: Path) -> None:
@@ -34,12 +24,12 @@ def test_a_waiting_trainer_names_the_missing_site_and_node_logs_are_json(tmp_pat
         swarm.start_trainer(0)  # hospital-2's trainer is late: round 1 waits for it
         trainer_log = swarm.log(0, "trainer")
         missing = swarm.accounts[1].address
-        _wait_for(lambda: missing in trainer_log.read_text(), 120,
+        swarm.wait_until(lambda: missing in trainer_log.read_text(), 120,
                   "the waiting trainer to name the missing site")
         line = next(x for x in trainer_log.read_text().splitlines() if missing in x)
         assert "has waited" in line and "round 1 waits" in line and "check-ins from" in line
         swarm.start_trainer(1)
-        _wait_for(lambda: all(swarm.trainer_exit(i) is not None for i in range(2)), 300,
+        swarm.wait_until(lambda: all(swarm.trainer_exit(i) is not None for i in range(2)), 300,
                   "both trainers to finish")
         assert [swarm.trainer_exit(i) for i in range(2)] == [0, 0]
         records = [json.loads(x) for x in swarm.log(0, "node").read_text().splitlines()

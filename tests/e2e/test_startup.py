@@ -21,7 +21,7 @@ from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract, connect
 from swarmnode.chain.launcher import DevChain
 from swarmnode.containers.consortium import contract_address_for
-from swarmnode.demo.swarm import LocalSwarm
+from swarmnode.demo.swarm import LocalSwarm, wait_until
 from swarmnode.identity import create_ca, describe, issue_node_cert, make_bundle
 from swarmnode.spec import TrainingSpec
 
@@ -38,11 +38,7 @@ def _free_port() -> int:
 
 
 def _wait(what: str, check, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(0.1)
+    wait_until(check, timeout, what)
 
 
 @pytest.fixture()

@@ -18,24 +18,14 @@ from typer.testing import CliRunner
 from swarmnode.chain.client import RoundInfo, RoundStatus
 from swarmnode.cli import app
 from swarmnode.demo.orchestrator import DemoOptions, run_demo
-from swarmnode.demo.swarm import LocalSwarm
+from swarmnode.demo.swarm import LocalSwarm, wait_until
 from swarmnode.transport import serde
 
 pytestmark = [pytest.mark.slow, pytest.mark.anvil]
 
 
 def _wait(predicate, timeout: float, what: str, swarm: LocalSwarm | None = None):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    logs = ""
-    if swarm is not None:
-        logs = "\n".join(f"{n}: {swarm.tail(i, 'node')}" for i, n in enumerate(swarm.names)
-                         if i in swarm.nodes)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
+    return (swarm.wait_until if swarm is not None else wait_until)(predicate, timeout, what)
 
 
 def test_demo_every_node_ends_with_the_chains_final_model(tmp_path: Path) -> None:
