@@ -224,6 +224,7 @@ class SwarmCallback:
         self.merge_method = str(given["merge_method"])
         self.node_weight = float(given["node_weight"])
         self.policy = str(given["on_train_end_policy"])
+        self._epoch_base: int | None = None  # 0 or 1, from the first epoch number passed
         self.val_data = given["val_data"]
         self.total_epochs = given["total_epochs"]
         self.loss_fn = given["loss_fn"]
@@ -292,9 +293,16 @@ class SwarmCallback:
             self._sync()
 
     def on_epoch_end(self, epoch: int | None = None, logs: Any = None) -> None:
-        """Called at the end of each epoch (``epoch`` as the script counts it, from 0 or 1)."""
-        self.state.epoch = self.state.epoch + 1 if epoch is None else epoch + 1
-        done = epoch if epoch is not None and epoch >= 1 else self.state.epoch
+        """Called at the end of each epoch (``epoch`` as the script counts it, from 0 or 1: the
+        first number passed tells which: Keras, Lightning and the HF adapter count from 0, HPE's
+        PyTorch examples from 1)."""
+        if epoch is None:
+            self.state.epoch += 1
+        else:
+            if self._epoch_base is None:
+                self._epoch_base = 0 if epoch == 0 else 1
+            self.state.epoch = epoch + 1 - self._epoch_base
+        done = self.state.epoch
         total = f"/{self.total_epochs}" if self.total_epochs else ""
         self.logger.info("epoch %d%s done, %d merges so far (round %d)", done, total,
                          self.state.rounds, self.state.last_round)

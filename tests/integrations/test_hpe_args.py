@@ -79,8 +79,13 @@ def test_hpe_defaults_and_call_patterns() -> None:
     assert cb.state.batches == 2
     cb.logger.setLevel(logging.DEBUG)
     assert isinstance(cb.logger, logging.Logger)
-    cb.on_epoch_end(1)
+    cb.on_epoch_end(1)  # HPE's PyTorch examples count epochs from 1
+    cb.on_epoch_end(2)
     assert cb.state.epoch == 2
+    zero_based = hpe(totalEpochs=2)  # Keras, Lightning and the HF adapter count from 0
+    zero_based.on_epoch_end(0)
+    zero_based.on_epoch_end(1)
+    assert zero_based.state.epoch == 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         hpe(useAdaptiveSync=False, adsValBatchSize=8)
