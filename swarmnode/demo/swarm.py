@@ -235,6 +235,21 @@ class LocalSwarm:
         return wait_until(predicate, timeout, what, poll=poll, describe=lambda: "\n".join(
             f"{n}: {self.tail(i, 'node')}" for i, n in enumerate(self.names) if i in self.nodes))
 
+    @staticmethod
+    def wait_processes(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[int]:
+        """Wait (blocking on each process, no polling) for processes started beside the swarm,
+        such as training scripts, at most ``timeout`` s in all; the ones still running then are
+        killed. Their exit codes, in order."""
+        deadline = time.monotonic() + timeout
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(deadline - time.monotonic(), 0.01)))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+        return codes
+
     def tail(self, i: int, kind: str, lines: int = 5) -> str:
         try:
             return " | ".join(self.log(i, kind).read_text().strip().splitlines()[-lines:])

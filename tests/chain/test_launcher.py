@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,10 @@ import pytest
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract, connect
 from swarmnode.chain.launcher import DevChain, anvil_binary
+from swarmnode.demo.swarm import wait_until
 from swarmnode.errors import ChainUnavailable, ConfigError
 
 pytestmark = pytest.mark.anvil
-
-
-def wait_until(condition, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.05)
 
 
 def test_ready_on_start_and_stopped_cleanly() -> None:

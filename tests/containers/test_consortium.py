@@ -16,16 +16,13 @@ import pytest
 from conftest import record
 
 from swarmnode.containers.consortium import ContainerConsortium
+from swarmnode.demo.swarm import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a fresh image build included
 
 
 def _wait(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
-        time.sleep(0.5)
+    wait_until(check, timeout, what, poll=0.5)
 
 
 def _wait_or(what: str, check: Callable[[], bool], seconds: float) -> bool:

@@ -69,16 +69,8 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
                    .splitlines() if line and not line.startswith("#"))
         contract = SwarmContract(connect(f"http://127.0.0.1:{port}"), env["CONTRACT"])
         deadline = time.monotonic() + 900
-        codes: dict[str, int | None] = {}
-        while time.monotonic() < deadline:
-            for name in SITES:
-                ml = _container(client, name, "ml")
-                ml.reload()
-                codes[name] = (int(ml.attrs["State"]["ExitCode"])
-                               if ml.status in ("exited", "dead") else None)
-            if all(c is not None for c in codes.values()):
-                break
-            time.sleep(2)
+        codes = {name: _container(client, name, "ml").wait(  # blocks until the trainer exits
+            timeout=max(deadline - time.monotonic(), 1))["StatusCode"] for name in SITES}
         logs = {n: _container(client, n, "node").logs(tail=30).decode(errors="replace")
                 for n in SITES}
         assert all(c == 0 for c in codes.values()), (codes, logs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,8 @@ def test_the_digits_example_folder_trains_in_a_three_hospital_swarm(tmp_path: Pa
                 procs.append(subprocess.Popen([sys.executable, str(EXAMPLE / "train.py")],
                                               env=env, stdout=log, stderr=subprocess.STDOUT))
             outs.append(out)
-        deadline = time.monotonic() + TRAIN_TIMEOUT
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for i, p in enumerate(procs):
-            if p.poll() is None:
-                p.kill()
-            assert p.wait() == 0, swarm.tail(i, "trainer", 30)
+        for i, code in enumerate(swarm.wait_processes(procs, TRAIN_TIMEOUT)):
+            assert code == 0, swarm.tail(i, "trainer", 30)
         final = bytes(swarm.contract.events(names={"TrainingFinished"})[-1].args["digest"])
 
     scores = [json.loads((out / "scores.json").read_text()) for out in outs]

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +64,8 @@ def test_hpes_mnist_program_trains_after_changing_its_import(tmp_path: Path) -> 
             with open(swarm.log(i, "trainer"), "ab") as log:
                 procs.append(subprocess.Popen([sys.executable, str(SCRIPT)], env=env,
                                               stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 240
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for i, p in enumerate(procs):
-            if p.poll() is None:
-                p.kill()
-            assert p.wait() == 0, swarm.tail(i, "trainer", 20)
+        for i, code in enumerate(swarm.wait_processes(procs, 240)):
+            assert code == 0, swarm.tail(i, "trainer", 20)
         final = swarm.contract.events(names={"TrainingFinished"})[-1].args["digest"]
         saved = [load_file(tmp_path / "data" / f"site-{i + 1}" / "scratch" / "mnist_pyt" /
                            "saved_model.safetensors") for i in range(2)]
