@@ -193,7 +193,7 @@ contract SwarmLearning {
             if (!n.finished) s.openActive--;
             if (s.openCount == 0) s.openFirstAt = 0;
         }
-        if (s.activeCount == 0 && s.finalRound == 0 && s.liveCount != 0) _fixFinal(s, open);
+        if (s.activeCount == 0 && s.finalRound == 0) _fixFinal(s, open);
         if (open && _allRequired(s, cur)) _elect(s, rd, cur);
         else _s = s;
     }
@@ -396,6 +396,8 @@ contract SwarmLearning {
                 _u(due), " to commit (now ", _u(block.timestamp), ")"
             ));
         }
+        caller.lastSeen = uint40(block.timestamp); // a node that re-elects is not silent
+        _node[msg.sender] = caller;
         address old = _pin(s, rd, round);
         if (old == address(0)) {
             // the draw block's hash is gone (over 256 blocks without a transaction for this
@@ -407,8 +409,11 @@ contract SwarmLearning {
         NodeState memory on = _node[old];
         on.failedRound = uint32(round);
         emit LeaderFailed(round, old);
-        // it evidently stopped answering: no later round waits for it (a check-in brings it back)
-        bool gone = on.enrolled && !on.revoked && !on.finished && !on.absent;
+        // it evidently stopped answering: no later round waits for it (a check-in brings it
+        // back), unless it is the last live site not set aside: then the swarm waits for it (a
+        // chain stall fails every leader of a round; that must not end or empty the training)
+        bool gone = on.enrolled && !on.revoked && !on.finished && !on.absent
+            && s.liveCount > s.absentCount + 1;
         if (gone) _absent(old, on, s);
         _node[old] = on;
         if (gone && s.activeCount == 0 && s.finalRound == 0) _fixFinal(s, false);
@@ -486,18 +491,17 @@ contract SwarmLearning {
         _live(msg.sender);
         NodeState memory n = _node[node];
         if (n.revoked) {
-            revert(string.concat("node ", _addr(node), " is revoked; it is not waited for anyway"));
+            revert(string.concat("node ", _addr(node), " is revoked"));
         }
         if (!n.enrolled) revert(string.concat("node ", _addr(node), " is not enrolled"));
         if (n.finished) {
             revert(string.concat(
-                "node ", _addr(node), " finished; a finished node cannot be marked absent"
+                "node ", _addr(node), " finished; it cannot be marked absent"
             ));
         }
         if (n.absent) {
             revert(string.concat(
-                "node ", _addr(node), " is already absent (last check-in: round ",
-                _u(n.lastCheckinRound), ")"
+                "node ", _addr(node), " is already absent"
             ));
         }
         uint256 cur = s.currentRound;
@@ -540,12 +544,12 @@ contract SwarmLearning {
     function reportMetrics(uint256 round, int256 loss, int256 metric) external {
         NodeState storage n = _node[msg.sender];
         if (n.revoked || !n.enrolled) _live(msg.sender);
-        if (round == 0) revert("round 0 does not exist; rounds are numbered from 1");
+        _validRound(round);
         Round storage rd = _rounds[round];
         if (rd.digest == 0) {
             revert(string.concat(
                 "round ", _u(round), " has no merged model on chain (not played, not committed ",
-                "yet, or abandoned); metrics are recorded for committed rounds only"
+                "yet, or abandoned)"
             ));
         }
         if (n.lastCheckinRound != round && !_isParticipant(rd, msg.sender)) {
@@ -810,7 +814,10 @@ contract SwarmLearning {
         emit NodeReturned(node);
     }
 
+    /// Fix the final round: only for finished sites to take the model; never when every live
+    /// site is absent (none finished, and the absent ones come back by checking in).
     function _fixFinal(State memory s, bool currentOpen) internal {
+        if (s.liveCount == s.absentCount) return;
         s.finalRound = currentOpen ? s.currentRound : s.currentRound + 1;
         emit FinalRound(s.finalRound);
     }

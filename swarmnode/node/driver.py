@@ -56,6 +56,7 @@ _EVENT_WAIT_S = 0.5  # with a block watcher, the longest a round sleeps between 
 _ABSENT_CHECK_S = 2.0  # how often an open round's participant looks for absent nodes
 _SIGNAL_FALLBACK_S = 2.0  # with event signals, the longest a waiting round goes without a look
 _MIN_TRANSFER_S = 5.0  # the shortest time a push is given, whatever the deadline says
+_STALL_S = 3.0  # a chain read slower than this was a stall (the chain or the host froze)
 _SIGNAL_STAGES = (Stage.ELECTION, Stage.COMMIT, Stage.COLLECT)
 
 
@@ -111,6 +112,7 @@ class RoundDriver:
         self.machine: RoundMachine | None = None  # the round in progress (its stage: logs)
         self.seen: dict[int, RoundInfo] = {}  # the last observation of recent rounds
         self._absent_checked = 0.0
+        self._chain_ok_since = -float("inf")  # the last chain stall seen (monotonic clock)
         self._merged: dict[tuple[int, int], tuple[bytes, bytes, list[str]]] = {}
         self._stages: dict[str, float] = {}
         self._action = "observe"
@@ -127,10 +129,12 @@ class RoundDriver:
         self.replicate_s = min(5.0, timing.deadline_s * 0.25)
         # Fault injection for the failure tests: "ROUND:ATTEMPT[:SECONDS]" makes this node, as
         # that round's leader at that attempt, hang before it commits (HPE's "stuck at
-        # Merging..."), for good or for SECONDS.
-        stall = [int(x) for x in os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "").split(":") if x]
-        self._stall = tuple(stall[:2]) if stall else None
-        self._stall_s = float(stall[2]) if len(stall) > 2 else None
+        # Merging..."), for good or for SECONDS; several separated by commas.
+        self._stalls: dict[tuple[int, int], float | None] = {}
+        for fault in os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "").split(","):
+            parts = [int(x) for x in fault.split(":") if x]
+            if parts:
+                self._stalls[(parts[0], parts[1])] = float(parts[2]) if len(parts) > 2 else None
         # ... "POINT:ROUND" makes the process die (exit 137, no clean-up) at that point of that
         # round ("POINT:ROUND+": of that round or the first later one that gets there):
         # before-push, after-push (a member), after-commit (the leader).
@@ -220,6 +224,7 @@ class RoundDriver:
                 outcome = self._step(machine, state, payload, weight, seeded)
             except (ChainUnavailable, ChainTimeout) as exc:  # transient: the round goes on
                 log.warning("round %d: chain not answering (%s); retrying", round, exc)
+                self._chain_ok_since = time.monotonic()
                 time.sleep(self.timing.retry_s)
                 continue
             finally:
@@ -242,7 +247,12 @@ class RoundDriver:
         round = machine.round
         mark = self.watcher.mark() if self.watcher is not None else 0  # before the read
         smark = self.watcher.signal_mark() if self.watcher is not None else 0
+        asked = time.monotonic()
         info = self.chain.round(round)
+        if time.monotonic() - asked > _STALL_S:  # answered, but after a stall
+            log.warning("round %d: the chain took %.1f s to answer", round,
+                        time.monotonic() - asked)
+            self._chain_ok_since = time.monotonic()
         self.seen[round] = info
         if len(self.seen) > 4:
             del self.seen[min(self.seen)]
@@ -261,7 +271,8 @@ class RoundDriver:
             # reads every node: at most every few seconds, not on every block
             self._absent_checked = now
             absent = tuple(self.chain.absent_candidates())
-        action = machine.decide(Observation(now, info, collected, absent))
+        action = machine.decide(Observation(now, info, collected, absent,
+                                            time.monotonic() - self._chain_ok_since))
         # what this step's time is reported as: the action, or what a wait waits for
         self._action = (f"wait_{machine.stage.value}" if isinstance(action, Wait)
                         else type(action).__name__.lower())
@@ -450,9 +461,9 @@ class RoundDriver:
                      round, self.replicate_s)
 
     def _merge(self, machine: RoundMachine, action: Merge, info: RoundInfo) -> None:
-        if self._stall == (action.round, action.attempt):
+        if (action.round, action.attempt) in self._stalls:
             log.warning("round %d: test fault: hanging before the commit", action.round)
-            threading.Event().wait(self._stall_s)
+            threading.Event().wait(self._stalls[(action.round, action.attempt)])
         key = (action.round, action.attempt)
         stages = self._stages
         if key not in self._merged:

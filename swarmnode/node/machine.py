@@ -146,6 +146,10 @@ class Observation:
     info: RoundInfo  # the round as the contract holds it
     collected: frozenset[str] = frozenset()  # leader: participants whose update is in
     absent: tuple[str, ...] = ()  # active nodes that missed the last rounds (after the grace)
+    # seconds this node has seen the chain answer without a stall (an error or a slow answer):
+    # after a stall nobody could reach the chain, so the leader gets time to commit and the
+    # other sites time to check in before anyone is judged failed or absent
+    chain_up_s: float = float("inf")
 
 
 class RoundMachine:
@@ -222,7 +226,8 @@ class RoundMachine:
                 return Wait(min(max(ready_at - obs.now, t.poll_s), 1.0), "grace period")
             # a follower sets dead sites aside too (the contract only lets silent ones go):
             # once every live site finished, nobody else would, and the final round waits
-            if obs.absent and self._may_try("absent", obs.now):
+            if (obs.absent and obs.chain_up_s >= t.deadline_s
+                    and self._may_try("absent", obs.now)):
                 return MarkAbsent(self.round, obs.absent)
             if (self.drive and len(info.participants) >= t.min_peers
                     and self._may_try("elect", obs.now)):
@@ -257,7 +262,8 @@ class RoundMachine:
             ):
                 return Merge(self.round, attempt, tuple(sorted(members)))
             return Wait(t.poll_s, f"collecting updates ({len(members)}/{len(info.participants)})")
-        overdue = obs.now >= info.elected_at + t.deadline_s
+        overdue = (obs.now >= info.elected_at + t.deadline_s
+                   and obs.chain_up_s >= t.deadline_s / 2)
         if overdue and self._may_try(f"reelect{attempt}", obs.now):
             return Reelect(self.round, attempt, leader)
         if self.pushed_attempt != attempt:

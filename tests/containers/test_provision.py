@@ -6,7 +6,6 @@ chain account it made itself (funded and authorised by the sentinel's deploy ser
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -48,20 +47,28 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
     # the training the admin describes: the breast-cancer model and its initial weights
     data = hospital_splits(3, seed=0)
     _conf, folders = provision(tmp_path, SITES, initial=make_model(30, seed=0).state_dict(),
-                               training={"grace_s": 2, "deadline_s": 10})
+                               # min_peers 3: the first round waits for every site (with 2,
+                               # the first two up can finish the training before the third
+                               # enrolled; its node is then refused, rightly)
+                               training={"grace_s": 2, "deadline_s": 10, "min_peers": 3})
     # no private key ever left its folder (checked again after the run, on everything written)
     script = repo_root() / "examples" / "breast_cancer" / "train.py"
     for i, folder in enumerate(folders.values()):
         (folder / "app").mkdir(exist_ok=True)
-        shutil.copy(script, folder / "app" / "train.py")
+        # the script states the swarm's settings (as in HPE); this consortium's min_peers is 3
+        (folder / "app" / "train.py").write_text(
+            script.read_text().replace("MIN_PEERS = 2\n", "MIN_PEERS = 3\n"))
         save_shard(folder / "data" / "train.npz", *data.hospitals[i])
         save_shard(folder / "data" / "test.npz", data.X_test, data.y_test)
     client = docker.from_env(timeout=300)
     order = SITES  # the sentinel (first) makes the consortium network and the chain
     try:
+        ups = {}
         for name in order:
             done = _compose(folders[name], "up", "-d")
-            assert done.returncode == 0, done.stderr[-2000:]
+            assert done.returncode == 0 and "dependency failed" not in done.stderr, \
+                done.stderr[-2000:]
+            ups[name] = done.stdout[-2000:] + done.stderr[-3000:]
         chain = _container(client, "hospital-1", "chain")
         chain.reload()
         port = chain.attrs["NetworkSettings"]["Ports"]["8545/tcp"][0]["HostPort"]
@@ -71,13 +78,22 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
         deadline = time.monotonic() + 900
         codes = {name: _container(client, name, "ml").wait(  # blocks until the trainer exits
             timeout=max(deadline - time.monotonic(), 1))["StatusCode"] for name in SITES}
-        logs = {n: _container(client, n, "node").logs(tail=30).decode(errors="replace")
-                for n in SITES}
-        assert all(c == 0 for c in codes.values()), (codes, logs)
+        logs = {n: {s: _container(client, n, s).logs(tail=40).decode(errors="replace")
+                    for s in ("node", "ml")} for n in SITES}
+        states = {n: _container(client, n, "ml").attrs["State"] for n in SITES}
+        assert all(c == 0 for c in codes.values()), (codes, states, logs)
+        # a trainer that never started would pass the wait with status 0 too
+        if not all(s["StartedAt"][:4] != "0001" for s in states.values()):
+            pytest.fail("a trainer never started:\n" + "\n".join(
+                f"--- {n}: {states[n]}\nup: {ups[n]}\nnode: {logs[n]['node']}" for n in SITES))
         final = contract.events(names={"TrainingFinished"})[-1].args["digest"]
         for name in SITES:
-            stream, _ = _container(client, name, "ml").get_archive(
-                "/workspace/out/final.safetensors")
+            try:
+                stream, _ = _container(client, name, "ml").get_archive(
+                    "/workspace/out/final.safetensors")
+            except docker.errors.NotFound:
+                pytest.fail(f"{name}'s trainer exited 0 without a final model: "
+                            f"{states[name]} {logs[name]}")
             import io
             import tarfile
             with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
@@ -85,11 +101,15 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
                 assert member is not None
                 payload = tar.extractfile(member).read()  # type: ignore[union-attr]
             assert serde.digest(payload) == bytes(final), name
+        # every site took part in the merges
+        members = set().union(*(ev.args["members"] for ev in
+                                contract.events(names={"MergeCommitted"})))
         # every site signed with the account it made itself
         requests = {n: __import__("json").loads((folders[n] / f"{n}.request.json").read_text())
                     for n in SITES}
         enrolled = {contract.node(requests[n]["address"]).endpoint for n in SITES}
         assert enrolled == {f"{n}:7441" for n in SITES}
+        assert members == {requests[n]["address"] for n in SITES}
     finally:
         for name in reversed(order):
             _compose(folders[name], "down", "-v", "--remove-orphans", "-t", "5")

@@ -153,6 +153,36 @@ def test_the_chain_restarts_in_the_middle_of_a_round(tmp_path: Path) -> None:
         _all_end_with_the_final_model(swarm, [0, 1, 2])
 
 
+def test_a_round_whose_every_leader_fails_does_not_end_the_training(tmp_path: Path) -> None:
+    """Every leader of round 3 hangs 6 s, past its 4 s deadline (what a chain stall does to a
+    round: nobody can commit in time), so the contract abandons it. The training goes on: the
+    final round is fixed only once a site finished (before, all three sites ended absent, the
+    abandoning transaction fixed the next round as the final one and one check-in closed it:
+    every trainer stopped early), the sites merge together again, and every site ends with the
+    final model. (A site hung longer than a deadline may still be set aside meanwhile and, if the
+    others finish first, take the final model without its last epochs: that is the absent rule.)"""
+    stall = {"SWARMNODE_TEST_STALL_COMMIT": "3:1:6,3:2:6,3:3:6"}
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4, epochs=4,
+                    state_file=True) as swarm:
+        _start(swarm, {i: stall for i in range(3)})
+        c = swarm.contract
+        _wait(lambda: c.round(3).status is RoundStatus.ABANDONED, 180, "round 3 abandoned", swarm)
+        assert len({e.args["leader"] for e in c.events(names={"LeaderFailed"})
+                    if e.args["round"] == 3}) == 3
+        _all_end_with_the_final_model(swarm, [0, 1, 2])
+        events = c.events(names={"NodeFinished", "FinalRound", "RoundAbandoned"})
+        story = "\n".join(f"{e.block} {e.name} {e.args}" for e in events)
+        abandoned = next(e.block for e in events if e.name == "RoundAbandoned")
+        finished = [e.block for e in events if e.name == "NodeFinished"]
+        fixed = [e.block for e in events if e.name == "FinalRound"]
+        assert len(fixed) == 1 and fixed[0] > abandoned, story
+        assert finished and min(finished) <= fixed[0], story  # fixed for a finished site
+        assert c.final_round() > 4
+        merged_after = [e.args["members"] for e in c.events(names={"MergeCommitted"})
+                        if e.args["round"] > 3]
+        assert any(len(m) >= 2 for m in merged_after), merged_after
+
+
 def test_a_chain_that_mines_only_every_few_seconds(tmp_path: Path) -> None:
     """No instant mining: a block every 3 s (anvil --block-time 3 standing in for geth or a PoA
     network), so every transaction waits for the next block and the leader is only known a block

@@ -130,6 +130,26 @@ def test_member_reelects_after_deadline_then_pushes_to_new_leader() -> None:
     assert m.decide(Observation(111, again)) == Push(1, C, 1)
 
 
+def test_after_a_chain_stall_the_leader_gets_time_to_commit_before_a_reelection() -> None:
+    """The chain stalled past the leader's deadline: nobody could commit, so the leader is not
+    judged failed until the chain has answered again for half a deadline (T: 10 s)."""
+    m = RoundMachine(A, 1, weight=5, timing=T)
+    m.on_checked_in()
+    m.on_pushed(0)
+    e = info(RoundStatus.ELECTED, [A, B, C], leader=B, elected_at=100)
+    assert isinstance(m.decide(Observation(115, e, chain_up_s=0.5)), Wait)
+    assert isinstance(m.decide(Observation(117, e, chain_up_s=4.9)), Wait)
+    assert m.decide(Observation(118, e, chain_up_s=5.0)) == Reelect(1, 0, B)
+
+
+def test_after_a_chain_stall_silent_sites_get_a_deadline_to_check_in() -> None:
+    m = RoundMachine(A, 5, weight=1, timing=T)
+    m.on_checked_in()
+    alone = info(RoundStatus.OPEN, [A], first=100, round=5)
+    assert isinstance(m.decide(Observation(103, alone, absent=(C,), chain_up_s=9.0)), Wait)
+    assert m.decide(Observation(104, alone, absent=(C,), chain_up_s=10.0)) == MarkAbsent(5, (C,))
+
+
 def test_failed_push_is_retried_then_deadline_reelects() -> None:
     m = RoundMachine(A, 1, weight=5, timing=T)
     m.on_checked_in()
