@@ -525,7 +525,7 @@ class PeerClient:
             with self._lock:
                 self._pin = None
             if err.code() is grpc.StatusCode.UNAVAILABLE and swarm_error_name(err) is None:
-                self._check_peer(timeout)  # raises the precise reason when it is TLS or identity
+                self._check_peer(min(timeout, 5.0))  # the precise reason: TLS or identity
             raise error_from_rpc(err, f"{self.who}: {what}") from None
 
     # -- calls -----------------------------------------------------------------------------------
@@ -542,10 +542,11 @@ class PeerClient:
         if round < 0 or weight < 0:
             raise ConfigError(f"round and weight must be >= 0, got round={round} weight={weight}")
         digest = digest if digest is not None else serde.digest(payload)
-        data = self._data_plane(timeout)
+        left = self._budget(f"push of round {round}", timeout)
+        data = self._data_plane(left())
         if data is not None:
             try:
-                return data.push(round, weight, payload, digest, timeout)
+                return data.push(round, weight, payload, digest, left())
             except PeerUnavailable as exc:
                 self._no_data_plane(exc)
 
@@ -555,9 +556,24 @@ class PeerClient:
             ))
             yield from serde.chunks(payload, self.chunk_size)
 
-        self._call(f"push of round {round}", timeout, lambda: self._push(
-            stream(), timeout=timeout, metadata=self._md
+        rest = left()
+        self._call(f"push of round {round}", rest, lambda: self._push(
+            stream(), timeout=rest, metadata=self._md
         ))
+
+    def _budget(self, what: str, timeout: float) -> Callable[[], float]:
+        """The time left of one call's ``timeout``, shared by its steps (finding the peer's data
+        plane, the fallback to gRPC, the transfer): a peer that froze costs ``timeout`` once,
+        not once per step (a push to a frozen leader took 2-3 times its timeout)."""
+        until = time.monotonic() + timeout
+
+        def left() -> float:
+            rest = until - time.monotonic()
+            if rest <= 0:
+                raise PeerUnavailable(f"{self.who}: {what} got no answer within {timeout:.1f} s")
+            return rest
+
+        return left
 
     def pull_merged(self, round: int, timeout: float) -> bytes:
         """The merged model of ``round``: canonical bytes, digest checked against the header."""
@@ -566,16 +582,19 @@ class PeerClient:
     def pull(self, round: int, timeout: float, size_hint: int | None = None) -> serde.Received:
         """The merged model of ``round`` in memory of its own, with the SHA-256 computed as it
         arrived (checked against the stream's header; compare it with the chain's digest)."""
-        data = self._data_plane(timeout)
+        left = self._budget(f"pull of round {round}", timeout)
+        data = self._data_plane(left())
         if data is not None:
             try:
-                return data.pull(round, timeout, wait_s=timeout * 0.9, size_hint=size_hint)
+                rest = left()
+                return data.pull(round, rest, wait_s=rest * 0.9, size_hint=size_hint)
             except PeerUnavailable as exc:
                 self._no_data_plane(exc)
+        rest = left()
 
         def fetch() -> serde.Received:
             call = self._pull(
-                pb.PullRequest(round=round, wait_s=timeout * 0.9), timeout=timeout,
+                pb.PullRequest(round=round, wait_s=rest * 0.9), timeout=rest,
                 metadata=self._md,
             )
             try:
@@ -583,7 +602,7 @@ class PeerClient:
             finally:
                 call.cancel()
 
-        return self._call(f"pull of round {round}", timeout, fetch)
+        return self._call(f"pull of round {round}", rest, fetch)
 
     def _assemble(self, round: int, call: Iterator[_wire.Piece]) -> serde.Received:
         what = f"merged model of round {round} from {self.who}"

@@ -86,8 +86,9 @@ def _start_with_a_stalled_leader(swarm: LocalSwarm) -> RoundInfo:
     for i in range(3):
         swarm.start_trainer(i)
     c = swarm.contract
-    return _wait(lambda: (r := c.round(2)).status is RoundStatus.ELECTED and r, 120,
-                 "round 2's election", swarm)
+    # elected and its leader drawn (the draw needs the block after the closing one)
+    return _wait(lambda: (r := c.round(2)).status is RoundStatus.ELECTED and r.leader and r,
+                 120, "round 2's leader", swarm)
 
 
 def test_killed_leader_is_reelected_and_the_round_completes_in_seconds(tmp_path: Path) -> None:

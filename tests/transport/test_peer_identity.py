@@ -184,3 +184,30 @@ def unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("call", ["push", "pull"])
+def test_a_frozen_peer_costs_a_call_its_timeout_once(swarm: Swarm, call: str) -> None:
+    """A peer that froze (SIGSTOP: the kernel still accepts its connections, nothing answers):
+    the push or pull fails within its timeout, not once per step (looking up the peer's data
+    plane, probing TLS, the gRPC fallback): before, a push to a frozen leader took 2-3 times its
+    timeout and held the member back from re-electing."""
+    import socket
+    import time
+
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)  # accepts into the backlog, never reads: a stopped process
+    try:
+        endpoint = f"127.0.0.1:{frozen.getsockname()[1]}"
+        with PeerClient(endpoint, swarm.tls[ALICE], ALICE, LEADER, swarm.authority) as client:
+            started = time.monotonic()
+            with pytest.raises(PeerUnavailable):
+                if call == "push":
+                    client.push_update(1, 10, serde.encode(model_state(1)), timeout=2.0)
+                else:
+                    client.pull(1, timeout=2.0)
+            took = time.monotonic() - started
+    finally:
+        frozen.close()
+    assert took < 2.0 + 1.5, took  # the timeout, plus a margin for a loaded machine
