@@ -224,7 +224,7 @@ class RoundDriver:
                 outcome = self._step(machine, state, payload, weight, seeded)
             except (ChainUnavailable, ChainTimeout) as exc:  # transient: the round goes on
                 log.warning("round %d: chain not answering (%s); retrying", round, exc)
-                self._chain_ok_since = time.monotonic()
+                self._chain_ok_since = time.monotonic()  # a stall: see Observation.chain_up_s
                 time.sleep(self.timing.retry_s)
                 continue
             finally:
@@ -249,10 +249,10 @@ class RoundDriver:
         smark = self.watcher.signal_mark() if self.watcher is not None else 0
         asked = time.monotonic()
         info = self.chain.round(round)
-        if time.monotonic() - asked > _STALL_S:  # answered, but after a stall
-            log.warning("round %d: the chain took %.1f s to answer", round,
-                        time.monotonic() - asked)
-            self._chain_ok_since = time.monotonic()
+        answered = time.monotonic()
+        if answered - asked > _STALL_S:  # answered, but after a stall
+            log.warning("round %d: the chain took %.1f s to answer", round, answered - asked)
+            self._chain_ok_since = answered
         self.seen[round] = info
         if len(self.seen) > 4:
             del self.seen[min(self.seen)]

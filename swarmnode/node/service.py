@@ -49,6 +49,10 @@ from swarmnode.types import StateDict, Update
 __all__ = ["END_POLICIES", "NodeService", "StartupInterrupted"]
 
 log = logging.getLogger("swarmnode.node")
+# Stages in which this node itself moves models: what a waiting trainer is told, no chain read.
+_OWN_STAGES = {"push": "this node is pushing its update to the round's leader",
+               "collect": "this node leads the round: collecting the participants' updates",
+               "pull": "this node is fetching the merged model"}
 
 END_POLICIES = ("inactive", "snapshot", "active")
 _WAIT_LOG_S = 10.0  # how often a wait says what it is waiting for
@@ -335,12 +339,9 @@ class NodeService:
         the chain (a few views, at most every 3 s whoever asks)."""
         from swarmnode.chain.overview import waiting_now
 
-        own = {"push": "this node is pushing its update to the round's leader",
-               "collect": "this node leads the round: collecting the participants' updates",
-               "pull": "this node is fetching the merged model"}
         stage = self.stage
-        if stage in own:
-            return {"stage": stage, "round": self.progress.round, "line": own[stage]}
+        if stage in _OWN_STAGES:
+            return {"stage": stage, "round": self.round, "line": _OWN_STAGES[stage]}
         cached = self._waiting_cache
         if cached is not None and time.monotonic() - cached[0] < 3.0:
             return cached[1]

@@ -6,7 +6,10 @@ chain account it made itself (funded and authorised by the sentinel's deploy ser
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -94,8 +97,6 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
             except docker.errors.NotFound:
                 pytest.fail(f"{name}'s trainer exited 0 without a final model: "
                             f"{states[name]} {logs[name]}")
-            import io
-            import tarfile
             with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
                 member = tar.next()
                 assert member is not None
@@ -105,7 +106,7 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
         members = set().union(*(ev.args["members"] for ev in
                                 contract.events(names={"MergeCommitted"})))
         # every site signed with the account it made itself
-        requests = {n: __import__("json").loads((folders[n] / f"{n}.request.json").read_text())
+        requests = {n: json.loads((folders[n] / f"{n}.request.json").read_text())
                     for n in SITES}
         enrolled = {contract.node(requests[n]["address"]).endpoint for n in SITES}
         assert enrolled == {f"{n}:7441" for n in SITES}
