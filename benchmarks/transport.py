@@ -10,7 +10,8 @@ share a GIL. Measured, on warm connections, several repetitions (median reported
   tensors to a real ``PeerServer``, as nodes do: over its data plane (mutual TLS sockets,
   identity pinned per connection, up to 4 stripes received straight into one buffer, SHA-256
   hashed in order as the stripes arrive, checked against the announced digest, then the training
-  spec and NaN/Inf checks, then the handler, which does nothing); the sender's digest is computed
+  spec and NaN/Inf checks, then the handler, which does nothing); received, as a node does, into
+  a spill file on disk (page cache) rather than anonymous memory; the sender's digest is computed
   once beforehand, as the node service does while the round checks in;
 * ``peer_push_with_digest``: the same, the sender also computing the SHA-256;
 * ``grpc_mtls``: the same push with the data plane switched off (models over gRPC: chunked
@@ -67,7 +68,7 @@ class _Authority:
 
 
 class _NullHandler:
-    def accept_update(self, round, sender, weight, state, digest) -> None:  # type: ignore[no-untyped-def]
+    def accept_update(self, round, sender, weight, state, digest, evict=None) -> None:  # type: ignore[no-untyped-def]
         pass
 
     def merged(self, round: int, timeout: float, to: str | None = None) -> bytes | None:
@@ -93,9 +94,12 @@ def serve_peer(pki: Path, max_bytes: int, mode: str = "data", mb: int = 100) -> 
     if mode == "inline":  # a variant for the sweep: hash on the receiving thread
         serde._BACKGROUND_HASH = 1 << 62  # noqa: SLF001
     spec = serde.ParamSpec.from_state(_state(mb)) if mode == "data" else None
+    spill = pki / "spill"  # as a node does: updates are received into files on its data volume
+    spill.mkdir(exist_ok=True)
     server = PeerServer("127.0.0.1:0", _tls(pki, "receiver"), _authority(pki), _NullHandler(),
                         spec=spec, max_bytes=max_bytes, reject_nonfinite=mode == "data",
-                        data_port=None if mode == "data" else -1)
+                        data_port=None if mode == "data" else -1,
+                        spill_dir=str(spill) if mode == "data" else None)
     print(server.start(), flush=True)
     sys.stdin.read()  # until the parent closes our stdin
     server.stop(0)

@@ -107,6 +107,8 @@ class Collector:
                 self._updates.append(update)
             self._senders[update.node] = update.weight
             self._bound += share * amax
+            if self._stream is None or not self._next_is(update.node):
+                update.drop_resident()  # read again when its turn comes, or at the merge
             self._drain_locked()
         if self._on_add is not None:
             self._on_add()  # the leader's round loop looks again at once
@@ -118,6 +120,9 @@ class Collector:
             if self._order is None:
                 self._order = sorted(set(contributors), key=_fold_key)
                 self._drain_locked()
+
+    def _next_is(self, node: str) -> bool:
+        return self._order is not None and self._order[self._folded:self._folded + 1] == [node]
 
     def _drain_locked(self) -> None:
         """Fold the waiting updates whose turn has come."""
@@ -136,6 +141,7 @@ class Collector:
             self._out, self._views = self._spec.allocate()
             self._stream = merge.StreamingMean(into=self._views)
         self._stream.add(update)
+        update.drop_resident()
 
     @property
     def senders(self) -> frozenset[str]:

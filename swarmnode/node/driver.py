@@ -113,7 +113,8 @@ class RoundDriver:
         self.seen: dict[int, RoundInfo] = {}  # the last observation of recent rounds
         self._absent_checked = 0.0
         self._chain_ok_since = -float("inf")  # the last chain stall seen (monotonic clock)
-        self._merged: dict[tuple[int, int], tuple[bytes, bytes, list[str]]] = {}
+        # (round, attempt) -> (digest, members) of what this node merged (the bytes: the store)
+        self._merged: dict[tuple[int, int], tuple[bytes, list[str]]] = {}
         self._stages: dict[str, float] = {}
         self._action = "observe"
         # Members fetch the merged model as soon as the leader has it (before the commit), and
@@ -144,7 +145,13 @@ class RoundDriver:
 
     def prehash(self, payload: serde.Buffer) -> None:
         """Start hashing this node's update now (a helper thread), for the push that follows."""
-        self._own = (payload, self._hasher.submit(serde.digest, payload))
+        def digest() -> bytes:
+            try:
+                return serde.digest(payload)
+            finally:  # hashed and checked: the push or the fold reads it again
+                serde.evict(payload)
+
+        self._own = (payload, self._hasher.submit(digest))
 
     def _own_digest(self, payload: serde.Buffer) -> bytes:
         own = self._own
@@ -232,6 +239,8 @@ class RoundDriver:
             if outcome is not None:
                 if "merge" in stages:  # the leader's merge and commit are reported apart
                     stages["merge"] -= stages.get("commit_tx", 0.0)
+                # a prefetch that finished after the pull: its copy is not needed any more
+                self._prefetched = {r: d for r, d in self._prefetched.items() if r > round}
                 return RoundOutcome(
                     round=round, leader=outcome[0], digest=outcome[1], data=outcome[2],
                     abandoned=outcome[1] is None,
@@ -259,7 +268,7 @@ class RoundDriver:
         collected: frozenset[str] = frozenset()
         if info.status is RoundStatus.ELECTED and info.leader == self.me:
             if info.attempt not in seeded and self.me in info.participants:
-                self._seed_own(info, state, weight)
+                self._seed_own(info, state, payload, weight)
                 seeded.add(info.attempt)
             collected = self._collected(info)
         # chain time (the contract's clock for grace and deadlines), not this host's clock
@@ -372,10 +381,13 @@ class RoundDriver:
             machine.on_closed()
         log.info("round %d: checked in with weight %d", action.round, action.weight)
 
-    def _seed_own(self, info: RoundInfo, state: StateDict, weight: int) -> None:
+    def _seed_own(self, info: RoundInfo, state: StateDict, payload: serde.Buffer,
+                  weight: int) -> None:
         log.info("round %d: elected leader (attempt %d)", info.round, info.attempt)
         try:
-            self.collector(info).add(Update(state, float(weight), self.me))
+            with serde.READING:  # not while an arriving update is checked: one at a time
+                self.collector(info).add(Update(state, float(weight), self.me,
+                                                evict=lambda: serde.evict(payload)))
         except (PayloadRejected, RoundError):  # already in, or already sealed
             pass
 
@@ -406,6 +418,8 @@ class RoundDriver:
         except SwarmError as exc:  # the leader is down, not yet aware, or already merged
             log.warning("round %d: push to leader %s failed: %s", action.round, action.leader, exc)
             return
+        finally:
+            serde.evict(payload)  # sent (or to be sent again): not needed in memory now
         machine.on_pushed(action.attempt)
         self._die_at("after-push", action.round)
         log.info("round %d: update sent to leader %s", action.round, action.leader)
@@ -435,6 +449,8 @@ class RoundDriver:
                 continue
             except SwarmError as exc:
                 log.debug("round %d: prefetch from %s failed: %s", round, leader, exc)
+                return
+            if self.store.get(round) is not None:  # pulled meanwhile: a model's worth to drop
                 return
             self._prefetched = {r: d for r, d in self._prefetched.items() if r >= round - 1}
             self._prefetched[round] = data
@@ -489,9 +505,10 @@ class RoundDriver:
             members = [p for p in info.participants
                        if (p in senders or p in zero) and not self.pool.authority.node(p).revoked]
             self._merged = {k: v for k, v in self._merged.items() if k[0] >= action.round}
-            self._merged[key] = (data, digest, members)
+            self._merged[key] = (digest, members)
             self.store.put(action.round, digest, data)
-        data, digest, members = self._merged[key]
+            del data
+        digest, members = self._merged[key]
         pushed = self.collectors.get(action.round, action.attempt).senders - {self.me}
         self._await_replica(action.round, set(pushed))
         t1 = time.monotonic()

@@ -12,8 +12,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from swarmnode import merge
@@ -198,12 +200,13 @@ class NodeService:
             self.config.peer_listen, self.tls, self.authority, self,
             spec=self.param_spec, max_bytes=self.max_bytes,
             reject_nonfinite=self.config.reject_nonfinite, data_port=self.config.data_port,
+            spill_dir=str(self._spill_dir()),
         )
         port = self.peer_server.start()
         self._enroll(port)
         self.local_server = LocalServer(
             self.config.local_target, _LocalApi(self), tls=None, mode=self.config.socket_mode,
-            group=self.config.local_api_group,
+            group=self.config.local_api_group, spill_dir=str(self._spill_dir()),
         )
         self.local_server.start()
         self.progress.stage = "ready"
@@ -212,6 +215,13 @@ class NodeService:
             "node %s (%s) ready: peer API on port %d, local API at %s",
             self.config.name, self.me, port, self.config.local_target,
         )
+
+    def _spill_dir(self) -> Path:
+        """Where updates that are held but not being read live: files on the data volume (page
+        cache the kernel can reclaim), not the node's resident memory."""
+        path = Path(self.config.data_dir) / "spill"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
 
     def _write_health(self, port: int) -> None:
         """health.json: read by `python -m swarmnode.healthcheck` (the container healthcheck)."""
@@ -279,7 +289,8 @@ class NodeService:
 
     # -- PeerHandler ------------------------------------------------------------------------------
     def accept_update(
-        self, round: int, sender: str, weight: int, state: StateDict, digest: bytes
+        self, round: int, sender: str, weight: int, state: StateDict, digest: bytes,
+        evict: Callable[[], None] | None = None,
     ) -> None:
         info = self.driver.seen.get(round)  # what this node's round loop saw last
         if info is None or info.status is not RoundStatus.ELECTED or info.leader != self.me:
@@ -297,7 +308,7 @@ class NodeService:
             raise PayloadRejected(
                 f"round {round}: {sender} sent weight {weight} but checked in with {on_chain}"
             )
-        self.driver.collector(info).add(Update(state, float(weight), sender))
+        self.driver.collector(info).add(Update(state, float(weight), sender, evict=evict))
         log.info("round %d: update from %s (weight %d)", round, sender, weight)
 
     def merged(
@@ -410,6 +421,7 @@ class NodeService:
                 f"unknown on_train_end policy {policy!r}; choose one of {', '.join(END_POLICIES)}"
             )
         own = self._decode_own(payload)
+        serde.evict(payload)  # checked; read again when it is pushed or folded
         with self._round_lock:
             me = self._read(lambda: self.chain.node(self.me))
             if not me.finished and not self._read(self.chain.training_finished):

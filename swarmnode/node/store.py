@@ -1,8 +1,16 @@
-"""Merged models this node holds, by round; the latest one survives a restart on disk.
+"""Merged models this node holds, by round: on disk, in memory only until written.
 
 Bytes are the canonical safetensors bytes whose SHA-256 is the digest committed on chain, so what is
-served to peers is exactly what was verified. The copy on disk is written by a helper thread, off
-the round's critical path; a newer round's model replaces a pending older one unwritten.
+served to peers is exactly what was verified. A model put here is written to
+``round-<r>.safetensors`` by a helper thread, off the round's critical path; until then it is
+served from the memory it came in (the leader's accumulator, a member's pull buffer). Once written
+the store lets that memory go and reads hand out a fresh read-only mapping of the file, so a node
+does not keep the last rounds resident between rounds (the kernel's page cache holds them, and can
+reclaim them). The newest round is also ``latest.safetensors`` (+ ``latest.json``: round and
+digest), which survives a restart and is what ``swarmnode audit --model`` checks.
+
+Files are never rewritten in place: each is written under a temporary name and renamed, so a
+mapping handed out earlier keeps seeing the bytes it was given.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from swarmnode.transport import serde
 
 __all__ = ["ModelStore", "StoredModel"]
 
@@ -27,18 +37,24 @@ class StoredModel:
     data: Any  # bytes-like: bytes, bytearray or mmap; never changed once stored
 
 
+@dataclass
+class _Entry:
+    digest: bytes
+    data: Any  # the bytes while not yet on disk, else None
+    path: Path | None = None  # the file once written
+
+
 class ModelStore:
-    """Thread-safe; keeps the last ``keep`` rounds in memory and the latest on disk."""
+    """Thread-safe; keeps the last ``keep`` rounds (on disk once written)."""
 
     def __init__(self, data_dir: Path, keep: int = 2) -> None:
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep
-        self._models: dict[int, StoredModel] = {}
+        self._models: dict[int, _Entry] = {}
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()
-        self._written = 0
-        self._pending: StoredModel | None = None
+        self._written = 0  # the newest round in latest.safetensors
         self._writer: threading.Thread | None = None
         self._load_latest()
 
@@ -50,86 +66,137 @@ class ModelStore:
     def _data_path(self) -> Path:
         return self.dir / "latest.safetensors"
 
+    def _round_path(self, round: int) -> Path:
+        return self.dir / f"round-{round}.safetensors"
+
     def _load_latest(self) -> None:
         import hashlib
 
         try:
             meta = json.loads(self._meta_path.read_text())
-            data = self._data_path.read_bytes()
+            data = serde.map_file(self._data_path)
         except (OSError, ValueError):
             return
         digest = bytes.fromhex(meta.get("digest", ""))
         if hashlib.sha256(data).digest() == digest:  # a torn write is ignored, not trusted
-            self._models[int(meta["round"])] = StoredModel(int(meta["round"]), digest, data)
+            # the mapping, not the name: latest.safetensors is replaced when a newer round is
+            # written, the mapped file stays what it was
+            self._models[int(meta["round"])] = _Entry(digest, data, self._data_path)
             self._written = int(meta["round"])
 
     def put(self, round: int, digest: bytes, data: Any) -> None:
-        model = StoredModel(round, digest, data)
         with self._cond:
             held = self._models.get(round)
             if held is not None and held.digest == digest:
                 return
-            self._models[round] = model
+            self._models[round] = _Entry(digest, data)
             for old in sorted(self._models)[: -self.keep]:
-                del self._models[old]
-            is_latest = round == max(self._models)
+                self._drop(old, self._models.pop(old))
             self._cond.notify_all()
-            if is_latest:
-                self._pending = model
-                if self._writer is None:
-                    self._writer = threading.Thread(target=self._write_pending,
-                                                    name="store-writer", daemon=True)
-                    self._writer.start()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_pending, name="store-writer",
+                                                daemon=True)
+                self._writer.start()
+
+    def _drop(self, round: int, entry: _Entry) -> None:
+        """Forget an old round: its file goes (mappings handed out keep their bytes)."""
+        if entry.path is not None and entry.path != self._data_path:
+            try:
+                entry.path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", entry.path, exc)
 
     def _write_pending(self) -> None:
         while True:
             with self._cond:
-                model, self._pending = self._pending, None
-                if model is None:
+                todo = sorted((r for r, e in self._models.items() if e.path is None),
+                              reverse=True)  # the newest first: it is what restarts need
+                if not todo:
                     self._writer = None
                     self._cond.notify_all()
                     return
+                round = todo[0]
+                entry = self._models[round]
+                data = entry.data
             try:
-                self._write_latest(model)
+                path = self._write(round, entry.digest, data)
             except OSError as exc:  # the in-memory copy still serves; say why the disk did not
-                log.warning(
-                    "could not save round %d's model to %s: %s", model.round, self.dir, exc)
+                log.warning("could not save round %d's model to %s: %s", round, self.dir, exc)
+                path = None
+            with self._cond:
+                if self._models.get(round) is entry:
+                    if path is None:
+                        self._writer = None  # keep it in memory; a later put tries again
+                        self._cond.notify_all()
+                        return
+                    entry.path, entry.data = path, None  # served from the file from now on
+                elif path is not None and path != self._data_path:
+                    path.unlink(missing_ok=True)  # dropped or replaced while being written
+            del data
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until the latest model is on disk (False if still writing after ``timeout``)."""
+        """Wait until every held model is on disk (False if still writing after ``timeout``)."""
         with self._cond:
             return self._cond.wait_for(lambda: self._writer is None, timeout=timeout)
 
     def close(self) -> None:
         self.flush()
 
-    def _write_latest(self, model: StoredModel) -> None:
-        """Data first, then its metadata, each by an atomic rename; an older round never
-        overwrites a newer one (two threads may finish rounds out of order)."""
+    def _write(self, round: int, digest: bytes, data: Any) -> Path:
+        """``round-<r>.safetensors`` by an atomic rename; if it is the newest round written, also
+        ``latest.safetensors`` then its metadata (an older round never overwrites a newer one)."""
+        path = self._round_path(round)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
         with self._write_lock:
-            if model.round < self._written:
-                return
+            if round < self._written:
+                return path
             tmp = self.dir / "latest.safetensors.tmp"
-            with open(tmp, "wb") as f:
-                f.write(model.data)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:  # a filesystem without hard links: a copy
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, self._data_path)
-            meta = {"round": model.round, "digest": model.digest.hex()}
+            meta = {"round": round, "digest": digest.hex()}
             tmp = self.dir / "latest.json.tmp"
             tmp.write_text(json.dumps(meta))
             os.replace(tmp, self._meta_path)
-            self._written = model.round
+            self._written = round
+        return path
+
+    def _model(self, round: int) -> StoredModel | None:
+        """Under the lock: the model of ``round`` (a fresh mapping of its file once written)."""
+        entry = self._models.get(round)
+        if entry is None:
+            return None
+        if entry.data is not None:
+            return StoredModel(round, entry.digest, entry.data)
+        assert entry.path is not None
+        try:
+            return StoredModel(round, entry.digest, serde.map_file(entry.path))
+        except OSError as exc:
+            log.warning("round %d's model file %s is unreadable (%s); pull it again", round,
+                        entry.path, exc)
+            del self._models[round]
+            return None
 
     def get(self, round: int) -> StoredModel | None:
         with self._cond:
-            return self._models.get(round)
+            return self._model(round)
 
     def wait(self, round: int, timeout: float) -> StoredModel | None:
         with self._cond:
             self._cond.wait_for(lambda: round in self._models, timeout=timeout)
-            return self._models.get(round)
+            return self._model(round)
 
     def latest(self) -> StoredModel | None:
         with self._cond:
-            return self._models[max(self._models)] if self._models else None
+            return self._model(max(self._models)) if self._models else None

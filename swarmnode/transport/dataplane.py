@@ -211,6 +211,7 @@ class _OrderedHash:
     last byte, instead of one more pass over the model afterwards."""
 
     def __init__(self, buf: mmap.mmap | bytearray, total: int, stripes: int) -> None:
+        self._buf = buf
         self._view = memoryview(buf)
         self._ranges = [stripe_range(total, i, stripes) for i in range(stripes)]
         self._filled = [0] * stripes
@@ -246,9 +247,11 @@ class _OrderedHash:
                             return
                         upto = self._filled[i]
                     self._sha.update(self._view[start + done : start + upto])
+                    serde.evict(self._buf, start + done, start + upto)  # hashed: not needed now
                     done = upto
         finally:
             self._view.release()
+            self._buf = None
 
 
 def _buffer(total: int, populate: bool) -> mmap.mmap | bytearray:
@@ -304,8 +307,14 @@ class DataServer:
         min_rate: float = 256 * 1024,
         grace_s: float = 10.0,
         idle_s: float = 10.0,
+        spill_dir: str | None = None,
     ) -> None:
+        """``spill_dir``: receive updates into files there (page cache, see
+        :func:`serde.spill_buffer`) instead of anonymous memory, so an update waiting for its
+        turn, or being received, is not resident; then updates are checked and handed over one
+        at a time, and only the one being checked or folded is in memory."""
         self.host, self.port = host, port
+        self.spill_dir = spill_dir
         self.authority, self.handler, self.spec = authority, handler, spec
         self.max_bytes, self.reject_nonfinite = max_bytes, reject_nonfinite
         # A payload of the spec's model is its canonical size; a non-canonical header may be
@@ -477,8 +486,13 @@ class DataServer:
         try:
             start, end = stripe_range(total, index, stripes)
 
+            done = [0]
+
             def progress(pos: int) -> None:
                 inbound.hasher.advance(index, pos)
+                # received: the hasher reads it back from the spill file when its turn comes
+                serde.evict(inbound.buf, start + done[0], start + pos)
+                done[0] = pos
                 self._check_rate(started, pos, what)
 
             with memoryview(inbound.buf)[start:end] as view:
@@ -528,7 +542,8 @@ class DataServer:
             else:
                 with self._lock:
                     inbound.admitted = True
-                inbound.buf = _buffer(total, populate=self.spec is not None)
+                inbound.buf = (serde.spill_buffer(self.spill_dir, total) if self.spill_dir
+                               else _buffer(total, populate=self.spec is not None))
                 inbound.hasher = _OrderedHash(inbound.buf, total, stripes)
             inbound.ready.set()
         elif not inbound.ready.wait(self.deadline_s):
@@ -566,21 +581,28 @@ class DataServer:
         if not complete:
             return
         what = f"update for round {inbound.round} from {inbound.sender}"
-        try:
+        buf = inbound.buf
+        spilled = isinstance(buf, serde.SpillMap)
+        # Spilled updates are checked one at a time: only the one being read is resident.
+        with serde.READING if spilled else contextlib.nullcontext():
             try:
-                serde.Received(inbound.buf, inbound.hasher.result()).check_digest(inbound.digest)
-                state = serde.view_state(inbound.buf, spec=self.spec,
-                                         reject_nonfinite=self.reject_nonfinite)
-            except PayloadRejected as exc:
-                raise PayloadRejected(f"{what}: {exc}") from None
-            self.handler.accept_update(inbound.round, inbound.sender, inbound.weight, state,
-                                       inbound.digest)
-        except SwarmError as exc:
-            inbound.error = exc
-        except Exception as exc:  # a bug: refuse the update, keep serving
-            log.exception("data plane: %s failed", what)
-            inbound.error = TransportError(f"{what}: {type(exc).__name__}: {exc}")
-        inbound.buf = None  # the handler folded what it needed; the memory goes now
+                try:
+                    serde.Received(buf, inbound.hasher.result()).check_digest(inbound.digest)
+                    state = serde.view_state(buf, spec=self.spec,
+                                             reject_nonfinite=self.reject_nonfinite)
+                except PayloadRejected as exc:
+                    raise PayloadRejected(f"{what}: {exc}") from None
+                extra = {"evict": lambda: serde.evict(buf)} if spilled else {}
+                self.handler.accept_update(inbound.round, inbound.sender, inbound.weight, state,
+                                           inbound.digest, **extra)
+            except SwarmError as exc:
+                inbound.error = exc
+            except Exception as exc:  # a bug: refuse the update, keep serving
+                log.exception("data plane: %s failed", what)
+                inbound.error = TransportError(f"{what}: {type(exc).__name__}: {exc}")
+            finally:
+                serde.evict(buf)  # kept (waiting for its turn) or not: read back when needed
+        inbound.buf = buf = None  # the handler folded what it needed; the memory goes now
         self._finish(inbound)
 
     # -- pull -------------------------------------------------------------------------------------
@@ -603,6 +625,7 @@ class DataServer:
         pos = start
         while pos < end:
             n = tls.send(view[pos : min(end, pos + _IO_BLOCK)])
+            serde.evict(data, pos, pos + n)  # a stored model's file: sent, not kept resident
             pos += n
             self._check_rate(started, pos - start, f"pull of round {rnd} by {caller}")
 
@@ -704,7 +727,9 @@ class DataClient:
                 try:
                     pos = start
                     while pos < end:
-                        pos += tls.send(view[pos : min(end, pos + _IO_BLOCK)])
+                        n = tls.send(view[pos : min(end, pos + _IO_BLOCK)])
+                        serde.evict(payload, pos, pos + n)  # a spilled update: sent, let go
+                        pos += n
                 except (OSError, ssl.SSLError) as exc:  # refused early: raise its reason
                     with contextlib.suppress(OSError, ssl.SSLError):
                         self._verdict(_recv_frame(tls, what), what)

@@ -219,7 +219,7 @@ class _Servicer:
             raise PayloadRejected(f"{what}: invalid byte count {nbytes!r}")
         fd = _open_regular(folder / name, os.O_RDONLY, what)
         try:
-            payload = serde.read_file(fd, nbytes, self.o.max_bytes, what)
+            payload = serde.read_file(fd, nbytes, self.o.max_bytes, what, spill=self.o.spill_dir)
         finally:
             os.close(fd)
         return h.method, args, payload, reply
@@ -250,6 +250,8 @@ class _Servicer:
                 while pos < len(view):
                     pos += os.pwrite(fd, view[pos:], pos)
                 os.ftruncate(fd, pos)
+                view.release()
+                serde.evict(out)  # a stored model's file: handed over, not kept resident
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -312,13 +314,17 @@ class LocalServer:
         workers: int = 32,
         mode: int = 0o600,
         group: str | int | None = None,
+        spill_dir: str | None = None,
     ) -> None:
+        """``spill_dir``: payloads handed over in exchange files are copied into files there
+        (:func:`serde.spill_buffer`) rather than anonymous memory."""
         if mode & 0o007:
             raise ConfigError(f"local API socket mode {mode:o} would let every user call it")
         self.target = _parse(target, tls)
         self.mode, self.gid = mode, _gid(group)
         self.xfer = _xfer_dir(self.target.path) if self.target.path is not None else None
         self.handler, self.tls, self.max_bytes, self.workers = handler, tls, max_bytes, workers
+        self.spill_dir = spill_dir
         self._creds = None
         if tls is not None and self.target.path is None:
             cert, key, trust = tls.load()

@@ -91,8 +91,12 @@ class PeerHandler(Protocol):
     """What the node service does with peer calls; raise a SwarmError to refuse."""
 
     def accept_update(
-        self, round: int, sender: str, weight: int, state: dict[str, torch.Tensor], digest: bytes
-    ) -> None: ...
+        self, round: int, sender: str, weight: int, state: dict[str, torch.Tensor], digest: bytes,
+        evict: Callable[[], None] | None = None,
+    ) -> None:
+        """``evict``, when given: drops the update's bytes from resident memory (they stay
+        readable), for a handler that keeps ``state`` without reading it for a while."""
+        ...
 
     def merged(
         self, round: int, timeout: float, to: str | None = None
@@ -340,12 +344,14 @@ class PeerServer:
         min_rate_bytes_s: float = 256 * 1024,
         rate_grace_s: float = 10.0,
         data_port: int | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         """The stream limits: see :class:`_StreamGuard`. ``rate_grace_s`` covers a pull's wait
         for the merged model (up to 2 s) and the slowest honest start of a stream.
         ``data_port``: the bulk data plane's port (:mod:`dataplane`, same host as ``bind``); by
         default the peer port + 1, or any free port when the peer port is 0; -1: no data plane
-        (models then stream over gRPC)."""
+        (models then stream over gRPC). ``spill_dir``: where the data plane receives updates
+        (see :class:`DataServer`)."""
         cert, key, trust = tls.load()
         self.bind, self.authority, self.handler = bind, authority, handler
         self.spec, self.max_bytes, self.reject_nonfinite = spec, max_bytes, reject_nonfinite
@@ -363,7 +369,7 @@ class PeerServer:
                                max_bytes=max_bytes, reject_nonfinite=reject_nonfinite,
                                per_peer=max(8, per_peer_streams * 2), deadline_s=stream_deadline_s,
                                min_rate=min_rate_bytes_s, grace_s=rate_grace_s,
-                               idle_s=rate_grace_s)
+                               idle_s=rate_grace_s, spill_dir=spill_dir)
 
     def start(self) -> int:
         server = grpc.server(

@@ -21,6 +21,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +43,10 @@ __all__ = [
     "decode",
     "digest",
     "encode",
+    "evict",
+    "map_file",
     "read_file",
+    "spill_buffer",
     "view_state",
 ]
 
@@ -171,11 +175,13 @@ def encode(state: Mapping[str, torch.Tensor]) -> bytes:
 
 
 def read_file(
-    fd: int, nbytes: int, max_bytes: int, what: str = "payload"
+    fd: int, nbytes: int, max_bytes: int, what: str = "payload",
+    spill: str | os.PathLike[str] | None = None,
 ) -> mmap.mmap | bytearray:
-    """The ``nbytes`` bytes of the open file ``fd`` in fresh anonymous memory that the caller
-    owns (a copy: the file's writer cannot change them afterwards); PayloadRejected if the file
-    is not exactly ``nbytes`` long or ``nbytes`` is over ``max_bytes``."""
+    """The ``nbytes`` bytes of the open file ``fd`` in fresh memory that the caller owns (a
+    copy: the file's writer cannot change them afterwards), anonymous or, with ``spill``, a
+    :func:`spill_buffer` in that folder; PayloadRejected if the file is not exactly ``nbytes``
+    long or ``nbytes`` is over ``max_bytes``."""
     if nbytes > max_bytes:
         raise PayloadRejected(
             f"{what}: {nbytes} bytes, over the limit of {max_bytes} bytes (raise max_update_mb "
@@ -189,7 +195,7 @@ def read_file(
         )
     if nbytes == 0:
         return bytearray()
-    buf = mmap.mmap(-1, nbytes)
+    buf = mmap.mmap(-1, nbytes) if spill is None else spill_buffer(spill, nbytes)
     view = memoryview(buf)
     pos = 0
     while pos < nbytes:
@@ -202,6 +208,64 @@ def read_file(
         pos += n
     view.release()
     return buf
+
+
+# Held while a spilled model is read whole (checked, folded): one at a time, so a node keeps at
+# most one such model resident however many arrive together. Reentrant: a check may fold.
+READING = threading.RLock()
+
+
+class SpillMap(mmap.mmap):
+    """A mapping of a file that nobody writes through while it is mapped: its resident pages
+    may be dropped at any time (:func:`evict`) and are read back from the file on the next
+    access. Made by :func:`spill_buffer` and :func:`map_file`."""
+
+
+def map_file(path: str | os.PathLike[str]) -> SpillMap | bytes:
+    """The bytes of the file at ``path``, mapped (copy-on-write, so tensors may view them; they
+    must not be written). A file that is replaced by a rename later stays what it was here."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        return SpillMap(f.fileno(), size, access=mmap.ACCESS_COPY)
+
+
+def spill_buffer(directory: str | os.PathLike[str], nbytes: int) -> SpillMap | bytearray:
+    """``nbytes`` of writable memory backed by an unlinked file in ``directory``: its pages are
+    the file's page cache, which the kernel can write back and reclaim, and :func:`evict` takes
+    them out of this process's resident memory without losing a byte (they are read back on the
+    next access). For models a node must hold but not touch: updates waiting for their turn at
+    the leader, the own update between its checks and its push. The file is gone once the
+    mapping is."""
+    if nbytes == 0:
+        return bytearray()
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except (OSError, AttributeError):  # a filesystem without O_TMPFILE: create, then unlink
+        import tempfile
+
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".spill-")
+        os.unlink(name)
+    try:
+        os.ftruncate(fd, nbytes)
+        return SpillMap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+
+
+def evict(buf: Any, start: int = 0, end: int | None = None) -> None:
+    """Drop the pages of ``buf[start:end]`` from resident memory, if ``buf`` is a
+    :class:`SpillMap` (its bytes stay in the file; anything else is left alone)."""
+    if not isinstance(buf, SpillMap):
+        return
+    end = len(buf) if end is None else min(end, len(buf))
+    low = start - start % mmap.PAGESIZE
+    if end > low:
+        try:
+            buf.madvise(mmap.MADV_DONTNEED, low, end - low)
+        except (ValueError, OSError):  # closed meanwhile: nothing resident to drop
+            pass
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:

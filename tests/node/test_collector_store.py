@@ -230,3 +230,45 @@ def test_a_mismatching_update_is_refused_when_it_arrives_not_when_its_turn_comes
     assert col.senders == {"0xb"}
     merged, senders, _ = col.seal()
     assert senders == {"0xb"} and merged is not None and torch.equal(merged["w"], torch.ones(2))
+
+
+def test_the_store_keeps_models_on_disk_and_serves_them_from_there(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path, keep=2)
+    blobs = {r: _blob(float(r)) for r in (1, 2, 3)}
+    for r, (data, digest) in blobs.items():
+        store.put(r, digest, bytearray(data))
+    assert store.flush()
+    assert all(e.data is None for e in store._models.values())  # nothing kept in memory
+    assert sorted(p.name for p in tmp_path.glob("round-*")) == [
+        "round-2.safetensors", "round-3.safetensors"]  # round 1 fell out of keep=2
+    for r in (2, 3):
+        held = store.get(r)
+        assert held is not None and isinstance(held.data, serde.SpillMap)
+        assert bytes(held.data) == blobs[r][0] and held.digest == blobs[r][1]
+    assert store.get(1) is None
+    assert (tmp_path / "latest.safetensors").read_bytes() == blobs[3][0]
+    early = store.get(3)
+    d4, h4 = _blob(4.0)
+    store.put(4, h4, d4)
+    assert store.flush()
+    assert early is not None and bytes(early.data) == blobs[3][0]  # a mapping keeps its bytes
+    assert (tmp_path / "latest.safetensors").read_bytes() == d4
+
+
+def test_updates_set_aside_or_folded_are_evicted_once_read() -> None:
+    """The leader drops an update's bytes from memory when it is done reading them for now:
+    an early one once checked and set aside, each one once folded."""
+    evicted: list[str] = []
+
+    def update(value: float, node: str) -> Update:
+        return Update({"w": torch.full((2,), value)}, 1.0, node,
+                      evict=lambda: evicted.append(node))
+
+    col = Collector(1, 1, "mean", {})
+    col.expect(["0xa", "0xb"])
+    col.add(update(2.0, "0xb"))  # early: checked, set aside
+    assert evicted == ["0xb"]
+    col.add(update(4.0, "0xa"))  # its turn: folded (not evicted first), then 0xb's turn
+    assert evicted == ["0xb", "0xa", "0xb"]
+    merged, _, _ = col.seal()
+    assert merged is not None and torch.equal(merged["w"], torch.full((2,), 3.0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,14 @@ class MemoryHandler:
     merged_models: dict[int, bytes] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    evicted: list[str] = field(default_factory=list)  # senders whose update was evicted
+
     def accept_update(self, round: int, sender: str, weight: int,
-                      state: dict[str, torch.Tensor], digest: bytes) -> None:
+                      state: dict[str, torch.Tensor], digest: bytes,
+                      evict: Callable[[], None] | None = None) -> None:
+        if evict is not None:
+            evict()
+            self.evicted.append(sender)
         with self.lock:
             if round != self.current_round:
                 raise RoundError(
