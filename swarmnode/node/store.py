@@ -109,13 +109,16 @@ class ModelStore:
     def _write_pending(self) -> None:
         while True:
             with self._cond:
-                todo = sorted((r for r, e in self._models.items() if e.path is None),
-                              reverse=True)  # the newest first: it is what restarts need
+                todo = sorted(r for r, e in self._models.items() if e.path is None)
                 if not todo:
                     self._writer = None
                     self._cond.notify_all()
                     return
-                round = todo[0]
+                # Only the newest is written: an older one still unwritten is let go rather than
+                # kept in memory or written late (peers that need it pull it from its members).
+                for old in todo[:-1]:
+                    del self._models[old]
+                round = todo[-1]
                 entry = self._models[round]
                 data = entry.data
             try:
@@ -135,9 +138,32 @@ class ModelStore:
             del data
 
     def flush(self, timeout: float = 60.0) -> bool:
-        """Wait until every held model is on disk (False if still writing after ``timeout``)."""
+        """Wait until the newest model is written and on stable storage (False if still writing
+        after ``timeout``). Rounds are written without syncing (a crash of the process loses
+        nothing; a crash of the host may lose the newest file, which a restart then ignores by
+        its digest and pulls again); the final model is synced here."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._writer is None, timeout=timeout)
+            if not self._cond.wait_for(lambda: self._writer is None, timeout=timeout):
+                return False
+        with self._write_lock:
+            for path in (self._data_path, self._meta_path):
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            try:
+                fd = os.open(self.dir, os.O_RDONLY)  # the renames themselves
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+        return True
 
     def close(self) -> None:
         self.flush()
@@ -147,10 +173,8 @@ class ModelStore:
         ``latest.safetensors`` then its metadata (an older round never overwrites a newer one)."""
         path = self._round_path(round)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:  # no fsync per round: flush() syncs what must survive
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
         with self._write_lock:
             if round < self._written:
@@ -162,8 +186,6 @@ class ModelStore:
             except OSError:  # a filesystem without hard links: a copy
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
             os.replace(tmp, self._data_path)
             meta = {"round": round, "digest": digest.hex()}
             tmp = self.dir / "latest.json.tmp"

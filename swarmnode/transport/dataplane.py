@@ -3,8 +3,10 @@
 gRPC carries the control calls (identity checks, health); model bytes go here, because gRPC
 Python copies every received message twice under the GIL and once more on sending, which caps a
 stream at ~0.4 GB/s where a TLS socket that decrypts straight into its destination (``recv_into``)
-reaches ~1 GB/s per connection. Each transfer is cut into ``stripes`` contiguous ranges, one TLS
-connection each, received in parallel straight into one buffer of the announced size.
+reaches ~1 GB/s per connection. Each transfer goes over ``stripes`` TLS connections at once, stripe
+``i`` carrying every ``stripes``-th block of 4 MiB from block ``i`` on (:func:`stripe_blocks`),
+received in parallel straight into one buffer of the announced size and hashed in order right
+behind the stripes.
 
 Security is the peer API's, on every connection:
 
@@ -62,14 +64,14 @@ from swarmnode.errors import (
 from swarmnode.identity import TlsFiles, fingerprint
 from swarmnode.transport import serde
 
-__all__ = ["DataClient", "DataServer", "bind_address", "stripe_range"]
+__all__ = ["DataClient", "DataServer", "bind_address", "stripe_blocks"]
 
 log = logging.getLogger("swarmnode.transport.data")
 
 MAX_FRAME = 64 * 1024
 MAX_STRIPES = 16
 STRIPE_MIN = 16 << 20  # bytes: smaller transfers use fewer stripes
-_IO_BLOCK = 4 << 20  # bytes per recv_into/send call: progress is checked between blocks
+STRIPE_BLOCK = 4 << 20  # stripes interleave blocks of this size (whole pages and elements)
 _HANDSHAKE_S = 10.0
 _STALL_S = 5.0  # seconds an admitted push may go without a byte
 # Client: seconds one send or receive may go without progress (a peer that froze: SIGSTOP, a
@@ -78,13 +80,13 @@ _STALL_S = 5.0  # seconds an admitted push may go without a byte
 _PROGRESS_S = 30.0
 
 
-def stripe_range(total: int, index: int, count: int) -> tuple[int, int]:
-    """Byte range [start, end) of stripe ``index`` of ``count`` over ``total`` bytes: equal
-    parts, boundaries on 4 KiB (whole pages, and whole tensors' elements of any dtype)."""
-    step = -(-total // count)
-    step = -(-step // 4096) * 4096
-    start = min(total, index * step)
-    return start, min(total, start + step)
+def stripe_blocks(total: int, index: int, count: int) -> list[tuple[int, int]]:
+    """The byte ranges [start, end) that stripe ``index`` of ``count`` carries over ``total``
+    bytes, in order: every ``count``-th block of :data:`STRIPE_BLOCK` bytes, from block
+    ``index`` on. The stripes move through the payload side by side, so the receiver hashes it
+    in order right behind them (and holds little that is received but not yet hashed)."""
+    step = count * STRIPE_BLOCK
+    return [(b, min(total, b + STRIPE_BLOCK)) for b in range(index * STRIPE_BLOCK, total, step)]
 
 
 def _send_frame(sock: ssl.SSLSocket, obj: dict[str, Any]) -> None:
@@ -144,17 +146,32 @@ def bind_address(authority: Any, claimed: str, certificate: bytes) -> str:
     return claimed
 
 
-def _recv_range(tls: ssl.SSLSocket, view: memoryview, what: str,
-                progress: Callable[[int], None]) -> None:
-    """Fill ``view`` from ``tls`` (decrypted straight into it), calling ``progress(bytes so
-    far)`` after every read; TransportError if the stream ends first."""
-    pos = 0
-    while pos < len(view):
-        n = tls.recv_into(view[pos : pos + _IO_BLOCK])
-        if not n:
-            raise TransportError(f"{what}: the stream ended after {pos} of {len(view)} bytes")
-        pos += n
-        progress(pos)
+def _recv_blocks(tls: ssl.SSLSocket, view: memoryview, blocks: list[tuple[int, int]],
+                 what: str, progress: Callable[[int], None]) -> None:
+    """Fill the ``blocks`` of ``view`` from ``tls`` (decrypted straight into place), calling
+    ``progress(bytes so far)`` after every read; TransportError if the stream ends first."""
+    want = sum(end - start for start, end in blocks)
+    got = 0
+    for start, end in blocks:
+        pos = start
+        while pos < end:
+            n = tls.recv_into(view[pos:end])
+            if not n:
+                raise TransportError(f"{what}: the stream ended after {got} of {want} bytes")
+            pos += n
+            got += n
+            progress(got)
+
+
+def _send_blocks(tls: ssl.SSLSocket, view: memoryview, blocks: list[tuple[int, int]],
+                 sent: Callable[[int, int], None]) -> None:
+    """Send the ``blocks`` of ``view``; ``sent(start, end)`` after each piece went out."""
+    for start, end in blocks:
+        pos = start
+        while pos < end:
+            n = tls.send(view[pos:end])
+            sent(pos, pos + n)
+            pos += n
 
 
 def _context(tls: TlsFiles, server: bool) -> ssl.SSLContext:
@@ -213,7 +230,10 @@ class _OrderedHash:
     def __init__(self, buf: mmap.mmap | bytearray, total: int, stripes: int) -> None:
         self._buf = buf
         self._view = memoryview(buf)
-        self._ranges = [stripe_range(total, i, stripes) for i in range(stripes)]
+        # every block in payload order: (start, end, its stripe, where it begins in that stripe)
+        self._blocks = [(b, min(total, b + STRIPE_BLOCK), k % stripes,
+                         (k // stripes) * STRIPE_BLOCK)
+                        for k, b in enumerate(range(0, total, STRIPE_BLOCK))]
         self._filled = [0] * stripes
         self._cond = threading.Condition()
         self._cancelled = False
@@ -237,15 +257,15 @@ class _OrderedHash:
 
     def _run(self) -> None:
         try:
-            for i, (start, end) in enumerate(self._ranges):
+            for start, end, i, at in self._blocks:
                 done = 0
                 while done < end - start:
                     with self._cond:
-                        self._cond.wait_for(lambda i=i, d=done: self._filled[i] > d
+                        self._cond.wait_for(lambda i=i, d=at + done: self._filled[i] > d
                                             or self._cancelled)
                         if self._cancelled:
                             return
-                        upto = self._filled[i]
+                        upto = min(end - start, self._filled[i] - at)
                     self._sha.update(self._view[start + done : start + upto])
                     serde.evict(self._buf, start + done, start + upto)  # hashed: not needed now
                     done = upto
@@ -484,19 +504,13 @@ class DataServer:
         # memory and the admission others wait for, so it is cut sooner than an idle request.
         tls.settimeout(min(self.idle_s, _STALL_S))
         try:
-            start, end = stripe_range(total, index, stripes)
+            def progress(got: int) -> None:
+                inbound.hasher.advance(index, got)
+                self._check_rate(started, got, what)
 
-            done = [0]
-
-            def progress(pos: int) -> None:
-                inbound.hasher.advance(index, pos)
-                # received: the hasher reads it back from the spill file when its turn comes
-                serde.evict(inbound.buf, start + done[0], start + pos)
-                done[0] = pos
-                self._check_rate(started, pos, what)
-
-            with memoryview(inbound.buf)[start:end] as view:
-                _recv_range(tls, view, f"{what}, stripe {index}", progress)
+            with memoryview(inbound.buf) as view:
+                _recv_blocks(tls, view, stripe_blocks(total, index, stripes),
+                             f"{what}, stripe {index}", progress)
         except BaseException as exc:
             self._fail(inbound, exc if isinstance(exc, SwarmError)
                        else TransportError(f"{what}: stripe {index} broke off: {exc}"))
@@ -621,13 +635,14 @@ class DataServer:
         data, digest = held if isinstance(held, tuple) else (held, serde.digest(held))
         view = memoryview(data).cast("B")
         _send_frame(tls, {"ok": True, "total_bytes": len(view), "digest": digest.hex()})
-        start, end = stripe_range(len(view), index, stripes)
-        pos = start
-        while pos < end:
-            n = tls.send(view[pos : min(end, pos + _IO_BLOCK)])
-            serde.evict(data, pos, pos + n)  # a stored model's file: sent, not kept resident
-            pos += n
-            self._check_rate(started, pos - start, f"pull of round {rnd} by {caller}")
+        moved = [0]
+
+        def sent(start: int, end: int) -> None:
+            serde.evict(data, start, end)  # a stored model's file: sent, not kept resident
+            moved[0] += end - start
+            self._check_rate(started, moved[0], f"pull of round {rnd} by {caller}")
+
+        _send_blocks(tls, view, stripe_blocks(len(view), index, stripes), sent)
 
 
 # -- client ---------------------------------------------------------------------------------------
@@ -708,7 +723,16 @@ class DataClient:
             t.join()
         if errors:
             swarm = [e for e in errors if isinstance(e, SwarmError)]
-            raise (swarm or errors)[0]
+            first = (swarm or errors)[0]
+            errors.clear()
+            del swarm
+            try:
+                raise first
+            finally:
+                # the traceback holds this frame: without its locals it holds no cycle, and
+                # the caller's frames (a pulled model among their locals) are freed at once,
+                # not at the next full garbage collection
+                first = None  # type: ignore[assignment]
         return results
 
     def push(self, round: int, weight: int, payload: serde.Buffer, digest: bytes,
@@ -723,13 +747,9 @@ class DataClient:
                 _send_frame(tls, {"op": "push", "address": self.own_address, "round": round,
                                   "weight": weight, "total_bytes": total, "digest": digest.hex(),
                                   "stripe": i, "stripes": count})
-                start, end = stripe_range(total, i, count)
                 try:
-                    pos = start
-                    while pos < end:
-                        n = tls.send(view[pos : min(end, pos + _IO_BLOCK)])
-                        serde.evict(payload, pos, pos + n)  # a spilled update: sent, let go
-                        pos += n
+                    _send_blocks(tls, view, stripe_blocks(total, i, count),
+                                 lambda start, end: serde.evict(payload, start, end))
                 except (OSError, ssl.SSLError) as exc:  # refused early: raise its reason
                     with contextlib.suppress(OSError, ssl.SSLError):
                         self._verdict(_recv_frame(tls, what), what)
@@ -778,11 +798,10 @@ class DataClient:
                                                                   shared["digest"]):
                         raise PayloadRejected(f"{what}: the stripes disagree on size or digest")
                     buf, hasher = shared["buf"], shared["hash"]
-                start, end = stripe_range(total, i, count)
                 try:
-                    with memoryview(buf)[start:end] as view:
-                        _recv_range(tls, view, f"{what}, stripe {i}",
-                                    lambda pos: hasher.advance(i, pos))
+                    with memoryview(buf) as view:
+                        _recv_blocks(tls, view, stripe_blocks(total, i, count),
+                                     f"{what}, stripe {i}", lambda got: hasher.advance(i, got))
                 except (OSError, ssl.SSLError) as exc:
                     raise TransportError(f"{what}: the connection broke: {exc}") from None
 

@@ -235,9 +235,9 @@ def test_a_mismatching_update_is_refused_when_it_arrives_not_when_its_turn_comes
 def test_the_store_keeps_models_on_disk_and_serves_them_from_there(tmp_path: Path) -> None:
     store = ModelStore(tmp_path, keep=2)
     blobs = {r: _blob(float(r)) for r in (1, 2, 3)}
-    for r, (data, digest) in blobs.items():
+    for r, (data, digest) in blobs.items():  # rounds seconds apart: each is written
         store.put(r, digest, bytearray(data))
-    assert store.flush()
+        assert store.flush()
     assert all(e.data is None for e in store._models.values())  # nothing kept in memory
     assert sorted(p.name for p in tmp_path.glob("round-*")) == [
         "round-2.safetensors", "round-3.safetensors"]  # round 1 fell out of keep=2

@@ -3,12 +3,14 @@ clients written against the wire format, and an honest node pushing and pulling 
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import ssl
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,7 +22,7 @@ from transport_support import MemoryAuthority, MemoryHandler, Pki, model_state
 from swarmnode.errors import PeerRefused, RoundError
 from swarmnode.identity import TlsFiles
 from swarmnode.transport import serde
-from swarmnode.transport.dataplane import DataClient, stripe_range
+from swarmnode.transport.dataplane import DataClient, stripe_blocks
 from swarmnode.transport.peer import PeerClient, PeerServer
 
 LEADER, ALICE, MALLORY, BOB = ("0x" + c * 40 for c in "1234")
@@ -181,12 +183,12 @@ def test_a_set_of_stripes_that_never_completes_is_dropped(plane) -> None:
     """Stripe 0 of 2 arrives in full; stripe 1 never comes: the update is refused, not kept."""
     plane["handler"].updates.clear()
     payload = serde.encode(model_state(5))
-    start, end = stripe_range(len(payload), 0, 2)
+    stripe0 = b"".join(payload[s:e] for s, e in stripe_blocks(len(payload), 0, 2))
     t0 = time.monotonic()
     with _connect(plane["data_port"], plane["tls"][MALLORY]) as sock:
         _send(sock, _push_header(MALLORY, len(payload), stripes=2,
                                  digest=serde.digest(payload).hex()))
-        sock.sendall(payload[start:end])
+        sock.sendall(stripe0)
         reply = _reply(sock)
     assert isinstance(reply, dict) and "stripes arrived" in reply["message"], reply
     assert time.monotonic() - t0 < GRACE_S + 10
@@ -276,3 +278,42 @@ def test_waiting_updates_are_admitted_in_the_leaders_fold_order() -> None:
     assert slots.acquire((1, "0x1"), timeout=1)
     assert not slots.acquire((1, "0x0"), timeout=0.2)  # no slot: refused after the timeout
     slots.release()
+
+
+@pytest.mark.parametrize("total", [0, 1, 4 << 20, (4 << 20) + 1, 37 * (1 << 20) + 12345])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 16])
+def test_stripes_cover_the_payload_once_in_interleaved_blocks(total: int, count: int) -> None:
+    covered = sorted(r for i in range(count) for r in stripe_blocks(total, i, count))
+    assert [b for r in covered for b in r][1:-1:2] == [b for r in covered for b in r][2::2]
+    assert sum(e - s for s, e in covered) == total
+    assert (covered[0][0] if covered else 0) == 0
+    for i in range(count):
+        blocks = stripe_blocks(total, i, count)
+        assert all(s % (4 << 20) == 0 and (s // (4 << 20)) % count == i for s, _ in blocks)
+
+
+def test_a_refused_pull_leaves_no_cycle_that_keeps_the_callers_memory(plane) -> None:
+    """A member long-polls the leader for the merged model ("not merged yet" until it is): each
+    refusal must be freed at once. Before, the error kept the striping frame in a reference
+    cycle, and through it the caller's frame, whose pulled model then stayed in memory until a
+    full garbage collection (at 25M x 8, several models per node)."""
+    tls = plane["tls"]
+    client = DataClient("127.0.0.1", plane["data_port"], tls[ALICE], ALICE,
+                        lambda: tls[LEADER].fingerprint(), "peer 0xLEADER", stripes=3)
+
+    class Model:
+        pass
+
+    def poll() -> weakref.ref[Model]:
+        held = Model()  # stands for a model the polling frame holds
+        with pytest.raises(RoundError, match="does not hold the merged model"):
+            client.pull(2, timeout=10, wait_s=0.0)
+        return weakref.ref(held)
+
+    plane["authority"].participants[2] = {LEADER, ALICE}  # round 2: nobody merged it yet
+    gc.disable()
+    try:
+        ref = poll()
+        assert ref() is None, "the refusal kept the caller's frame alive (a reference cycle)"
+    finally:
+        gc.enable()
