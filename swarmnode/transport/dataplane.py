@@ -329,7 +329,7 @@ class DataServer:
         idle_s: float = 10.0,
         spill_dir: str | None = None,
     ) -> None:
-        """``spill_dir``: receive updates into files there (page cache, see
+        """``spill_dir``: receive updates of SPILL_MIN bytes or more into files there (see
         :func:`serde.spill_buffer`) instead of anonymous memory, so an update waiting for its
         turn, or being received, is not resident; then updates are checked and handed over one
         at a time, and only the one being checked or folded is in memory."""
@@ -556,7 +556,8 @@ class DataServer:
             else:
                 with self._lock:
                     inbound.admitted = True
-                inbound.buf = (serde.spill_buffer(self.spill_dir, total) if self.spill_dir
+                spill = self.spill_dir and total >= serde.SPILL_MIN
+                inbound.buf = (serde.spill_buffer(self.spill_dir, total) if spill
                                else _buffer(total, populate=self.spec is not None))
                 inbound.hasher = _OrderedHash(inbound.buf, total, stripes)
             inbound.ready.set()

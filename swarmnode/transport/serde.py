@@ -179,9 +179,9 @@ def read_file(
     spill: str | os.PathLike[str] | None = None,
 ) -> mmap.mmap | bytearray:
     """The ``nbytes`` bytes of the open file ``fd`` in fresh memory that the caller owns (a
-    copy: the file's writer cannot change them afterwards), anonymous or, with ``spill``, a
-    :func:`spill_buffer` in that folder; PayloadRejected if the file is not exactly ``nbytes``
-    long or ``nbytes`` is over ``max_bytes``."""
+    copy: the file's writer cannot change them afterwards), anonymous or, with ``spill`` and
+    at least :data:`SPILL_MIN` bytes, a :func:`spill_buffer` in that folder; PayloadRejected
+    if the file is not exactly ``nbytes`` long or ``nbytes`` is over ``max_bytes``."""
     if nbytes > max_bytes:
         raise PayloadRejected(
             f"{what}: {nbytes} bytes, over the limit of {max_bytes} bytes (raise max_update_mb "
@@ -195,7 +195,8 @@ def read_file(
         )
     if nbytes == 0:
         return bytearray()
-    buf = mmap.mmap(-1, nbytes) if spill is None else spill_buffer(spill, nbytes)
+    small = spill is None or nbytes < SPILL_MIN
+    buf = mmap.mmap(-1, nbytes) if small else spill_buffer(spill, nbytes)
     view = memoryview(buf)
     pos = 0
     while pos < nbytes:
@@ -229,6 +230,9 @@ def map_file(path: str | os.PathLike[str]) -> SpillMap | bytes:
         if size == 0:
             return b""
         return SpillMap(f.fileno(), size, access=mmap.ACCESS_COPY)
+
+
+SPILL_MIN = 16 << 20  # bytes: smaller models are kept in memory (a file costs more than it saves)
 
 
 def spill_buffer(directory: str | os.PathLike[str], nbytes: int) -> SpillMap | bytearray:
