@@ -44,6 +44,20 @@ class _Entry:
     path: Path | None = None  # the file once written
 
 
+def _fsync(path: Path) -> None:
+    """Put ``path`` (a file or a folder) on stable storage; a missing one is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.warning("could not sync %s: %s", path, exc)
+    finally:
+        os.close(fd)
+
+
 class ModelStore:
     """Thread-safe; keeps the last ``keep`` rounds (on disk once written)."""
 
@@ -70,15 +84,13 @@ class ModelStore:
         return self.dir / f"round-{round}.safetensors"
 
     def _load_latest(self) -> None:
-        import hashlib
-
         try:
             meta = json.loads(self._meta_path.read_text())
             data = serde.map_file(self._data_path)
         except (OSError, ValueError):
             return
         digest = bytes.fromhex(meta.get("digest", ""))
-        if hashlib.sha256(data).digest() == digest:  # a torn write is ignored, not trusted
+        if serde.digest(data) == digest:  # a torn write is ignored, not trusted
             # the mapping, not the name: latest.safetensors is replaced when a newer round is
             # written, the mapped file stays what it was
             self._models[int(meta["round"])] = _Entry(digest, data, self._data_path)
@@ -91,14 +103,14 @@ class ModelStore:
                 return
             self._models[round] = _Entry(digest, data)
             for old in sorted(self._models)[: -self.keep]:
-                self._drop(old, self._models.pop(old))
+                self._drop(self._models.pop(old))
             self._cond.notify_all()
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_pending, name="store-writer",
                                                 daemon=True)
                 self._writer.start()
 
-    def _drop(self, round: int, entry: _Entry) -> None:
+    def _drop(self, entry: _Entry) -> None:
         """Forget an old round: its file goes (mappings handed out keep their bytes)."""
         if entry.path is not None and entry.path != self._data_path:
             try:
@@ -133,7 +145,7 @@ class ModelStore:
                         self._cond.notify_all()
                         return
                     entry.path, entry.data = path, None  # served from the file from now on
-                elif path is not None and path != self._data_path:
+                elif path is not None:
                     path.unlink(missing_ok=True)  # dropped or replaced while being written
             del data
 
@@ -146,23 +158,8 @@ class ModelStore:
             if not self._cond.wait_for(lambda: self._writer is None, timeout=timeout):
                 return False
         with self._write_lock:
-            for path in (self._data_path, self._meta_path):
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            try:
-                fd = os.open(self.dir, os.O_RDONLY)  # the renames themselves
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+            for path in (self._data_path, self._meta_path, self.dir):  # the dir: the renames
+                _fsync(path)
         return True
 
     def close(self) -> None:

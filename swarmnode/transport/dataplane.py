@@ -231,9 +231,8 @@ class _OrderedHash:
         self._buf = buf
         self._view = memoryview(buf)
         # every block in payload order: (start, end, its stripe, where it begins in that stripe)
-        self._blocks = [(b, min(total, b + STRIPE_BLOCK), k % stripes,
-                         (k // stripes) * STRIPE_BLOCK)
-                        for k, b in enumerate(range(0, total, STRIPE_BLOCK))]
+        self._blocks = sorted((start, end, i, j * STRIPE_BLOCK) for i in range(stripes)
+                              for j, (start, end) in enumerate(stripe_blocks(total, i, stripes)))
         self._filled = [0] * stripes
         self._cond = threading.Condition()
         self._cancelled = False
@@ -272,17 +271,6 @@ class _OrderedHash:
         finally:
             self._view.release()
             self._buf = None
-
-
-def _buffer(total: int, populate: bool) -> mmap.mmap | bytearray:
-    """Anonymous memory for ``total`` bytes; ``populate``: fault it in at once (one syscall
-    instead of a page fault per 4 KiB as data arrives), for sizes already bounded by the spec."""
-    if not total:
-        return bytearray()
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    if populate:
-        flags |= getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, total, flags=flags)
 
 
 # -- server ---------------------------------------------------------------------------------------
@@ -556,9 +544,7 @@ class DataServer:
             else:
                 with self._lock:
                     inbound.admitted = True
-                spill = self.spill_dir and total >= serde.SPILL_MIN
-                inbound.buf = (serde.spill_buffer(self.spill_dir, total) if spill
-                               else _buffer(total, populate=self.spec is not None))
+                inbound.buf = serde.buffer(total, self.spill_dir, populate=self.spec is not None)
                 inbound.hasher = _OrderedHash(inbound.buf, total, stripes)
             inbound.ready.set()
         elif not inbound.ready.wait(self.deadline_s):
@@ -793,7 +779,7 @@ class DataClient:
                                                   f"{self.max_bytes} bytes")
                         shared["total"], shared["digest"] = total, str(reply.get("digest", ""))
                         expected = size_hint is not None and total <= size_hint + (1 << 20)
-                        shared["buf"] = _buffer(total, populate=expected)
+                        shared["buf"] = serde.buffer(total, populate=expected)
                         shared["hash"] = _OrderedHash(shared["buf"], total, count)
                     if (total, str(reply.get("digest", ""))) != (shared["total"],
                                                                   shared["digest"]):

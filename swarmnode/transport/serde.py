@@ -39,6 +39,7 @@ __all__ = [
     "Encoded",
     "ParamSpec",
     "Received",
+    "buffer",
     "chunks",
     "decode",
     "digest",
@@ -174,43 +175,6 @@ def encode(state: Mapping[str, torch.Tensor]) -> bytes:
     return Encoded(state).to_bytes()
 
 
-def read_file(
-    fd: int, nbytes: int, max_bytes: int, what: str = "payload",
-    spill: str | os.PathLike[str] | None = None,
-) -> mmap.mmap | bytearray:
-    """The ``nbytes`` bytes of the open file ``fd`` in fresh memory that the caller owns (a
-    copy: the file's writer cannot change them afterwards), anonymous or, with ``spill`` and
-    at least :data:`SPILL_MIN` bytes, a :func:`spill_buffer` in that folder; PayloadRejected
-    if the file is not exactly ``nbytes`` long or ``nbytes`` is over ``max_bytes``."""
-    if nbytes > max_bytes:
-        raise PayloadRejected(
-            f"{what}: {nbytes} bytes, over the limit of {max_bytes} bytes (raise max_update_mb "
-            "if the model really is that large)"
-        )
-    size = os.fstat(fd).st_size
-    if size != nbytes:
-        raise PayloadRejected(
-            f"{what}: the file holds {size} bytes but {nbytes} were announced (it was changed "
-            "while being read, or truncated); send it again"
-        )
-    if nbytes == 0:
-        return bytearray()
-    small = spill is None or nbytes < SPILL_MIN
-    buf = mmap.mmap(-1, nbytes) if small else spill_buffer(spill, nbytes)
-    view = memoryview(buf)
-    pos = 0
-    while pos < nbytes:
-        n = os.preadv(fd, [view[pos:]], pos)
-        if n <= 0:
-            raise PayloadRejected(
-                f"{what}: the file ended after {pos} of {nbytes} bytes (truncated while being "
-                "read); send it again"
-            )
-        pos += n
-    view.release()
-    return buf
-
-
 # Held while a spilled model is read whole (checked, folded): one at a time, so a node keeps at
 # most one such model resident however many arrive together. Reentrant: a check may fold.
 READING = threading.RLock()
@@ -233,6 +197,22 @@ def map_file(path: str | os.PathLike[str]) -> SpillMap | bytes:
 
 
 SPILL_MIN = 16 << 20  # bytes: smaller models are kept in memory (a file costs more than it saves)
+
+
+def buffer(nbytes: int, spill: str | os.PathLike[str] | None = None,
+           populate: bool = False) -> mmap.mmap | bytearray:
+    """Fresh writable memory for ``nbytes`` of a model: with ``spill`` and at least
+    :data:`SPILL_MIN` bytes a :func:`spill_buffer` in that folder, else anonymous memory;
+    ``populate``: fault anonymous memory in at once (one syscall instead of a page fault per
+    4 KiB as data arrives), for sizes already bounded by the training spec."""
+    if spill is not None and nbytes >= SPILL_MIN:
+        return spill_buffer(spill, nbytes)
+    if not nbytes:
+        return bytearray()
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, nbytes, flags=flags)
 
 
 def spill_buffer(directory: str | os.PathLike[str], nbytes: int) -> SpillMap | bytearray:
@@ -270,6 +250,42 @@ def evict(buf: Any, start: int = 0, end: int | None = None) -> None:
             buf.madvise(mmap.MADV_DONTNEED, low, end - low)
         except (ValueError, OSError):  # closed meanwhile: nothing resident to drop
             pass
+
+
+def read_file(
+    fd: int, nbytes: int, max_bytes: int, what: str = "payload",
+    spill: str | os.PathLike[str] | None = None,
+) -> mmap.mmap | bytearray:
+    """The ``nbytes`` bytes of the open file ``fd`` in fresh memory that the caller owns (a
+    copy: the file's writer cannot change them afterwards), placed by :func:`buffer`;
+    PayloadRejected if the file is not exactly ``nbytes`` long or ``nbytes`` is over
+    ``max_bytes``."""
+    if nbytes > max_bytes:
+        raise PayloadRejected(
+            f"{what}: {nbytes} bytes, over the limit of {max_bytes} bytes (raise max_update_mb "
+            "if the model really is that large)"
+        )
+    size = os.fstat(fd).st_size
+    if size != nbytes:
+        raise PayloadRejected(
+            f"{what}: the file holds {size} bytes but {nbytes} were announced (it was changed "
+            "while being read, or truncated); send it again"
+        )
+    if nbytes == 0:
+        return bytearray()
+    buf = buffer(nbytes, spill)
+    view = memoryview(buf)
+    pos = 0
+    while pos < nbytes:
+        n = os.preadv(fd, [view[pos:]], pos)
+        if n <= 0:
+            raise PayloadRejected(
+                f"{what}: the file ended after {pos} of {nbytes} bytes (truncated while being "
+                "read); send it again"
+            )
+        pos += n
+    view.release()
+    return buf
 
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:
