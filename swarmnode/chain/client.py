@@ -258,8 +258,14 @@ class SwarmContract:
         """Change this node's peer endpoint (a restart on a new port)."""
         return self._transact("updateEndpoint", (endpoint,), f"updateEndpoint({endpoint!r})")
 
-    def checkin(self, round: int, weight: int) -> TxResult:
-        """Check in for the open round; elects the leader when this completes the round."""
+    def checkin(self, round: int, weight: int,
+                metrics: tuple[int, float, float] | None = None) -> TxResult:
+        """Check in for the open round; elects the leader when this completes the round.
+
+        ``metrics`` = (round, loss, metric) of an earlier committed round this node took part
+        in, carried by the check-in."""
+        if metrics is not None:
+            self.report_metrics(*metrics)  # transitional: v2 carries them in the check-in
         if not isinstance(weight, int) or weight < 0:
             raise ConfigError(f"check-in weight {weight!r} must be a non-negative integer")
         what = f"checkin(round {round}, weight {weight})"
@@ -300,8 +306,11 @@ class SwarmContract:
         node = self._address_arg(node, "node")
         return self._transact("markAbsent", (node,), f"markAbsent({node})")
 
-    def finish(self) -> TxResult:
-        """This node's trainer is done (the last one fixes the final round)."""
+    def finish(self, metrics: tuple[int, float, float] | None = None) -> TxResult:
+        """This node's trainer is done (the last one fixes the final round); ``metrics`` as in
+        :meth:`checkin`."""
+        if metrics is not None:
+            self.report_metrics(*metrics)  # transitional: v2 carries them in finish
         return self._transact("finish", (), "finish()")
 
     def report_metrics(self, round: int, loss: float, metric: float) -> TxResult:
