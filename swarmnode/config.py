@@ -17,12 +17,36 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swarmnode.errors import ConfigError
+from swarmnode.node.faults import NO_FAULTS, Faults
 
-__all__ = ["DEFAULT_PEER_PORT", "NodeConfig", "load_config"]
+__all__ = ["DEFAULT_PEER_PORT", "FaultSettings", "NodeConfig", "load_config"]
 
 ENV_PREFIX = "SWARMNODE_"
 DEFAULT_PEER_PORT = 7441  # the peer API's own port (not geth's 30303)
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
+_FILE_ONLY = ("faults",)  # never from the environment or a flag
+
+
+class FaultSettings(BaseModel):
+    """Test-only: faults the failure tests inject into a real node process (formats in
+    :mod:`swarmnode.node.faults`). Only from the config file; a production node has none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stall_commit: str = Field(
+        "", description="ROUND:ATTEMPT[:SECONDS],...: as that round's leader at that attempt, "
+        "hang before committing.")
+    exit: str = Field(
+        "", description="POINT:ROUND[+]: the process exits (137) at before-push, after-push or "
+        "after-commit of that round (+: or the first later one that gets there).")
+
+    @model_validator(mode="after")
+    def _parses(self) -> FaultSettings:
+        self.build()  # ValueError: named in the config error
+        return self
+
+    def build(self) -> Faults:
+        return Faults.parse(self.stall_commit, self.exit)
 
 
 class NodeConfig(BaseModel):
@@ -92,6 +116,8 @@ class NodeConfig(BaseModel):
         description="Blocks on top of a transaction's block before the node counts it as done "
         "(0 on anvil and PoA chains with instant finality).",
     )
+    faults: FaultSettings | None = Field(
+        None, description="Test-only: faults injected by the failure tests (config file only).")
     log_level: str = "INFO"
     log_format: Literal["plain", "json"] = Field(
         "plain", description="Log lines: plain text or one JSON object per line, each with the "
@@ -130,6 +156,11 @@ class NodeConfig(BaseModel):
         return self
 
     @property
+    def fault_plan(self) -> Faults:
+        """The faults this node injects (none unless the test-only ``faults:`` section says)."""
+        return self.faults.build() if self.faults is not None else NO_FAULTS
+
+    @property
     def endpoint(self) -> str:
         return self.peer_endpoint or self.peer_listen
 
@@ -148,7 +179,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for key, value in env.items():
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower()
-            if name in fields and value != "":  # an empty variable means "not set"
+            if name in fields and name not in _FILE_ONLY and value != "":  # "": not set
                 out[name] = value
     return out
 
@@ -175,7 +206,8 @@ def load_config(
         raw.update(loaded)
         base = Path(path).resolve().parent
     raw.update(_env_overrides(os.environ if env is None else env))
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    raw.update({k: v for k, v in (overrides or {}).items()
+                if v is not None and k not in _FILE_ONLY})
     unknown = sorted(set(raw) - set(NodeConfig.model_fields))
     if unknown:
         name = unknown[0]

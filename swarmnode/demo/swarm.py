@@ -157,7 +157,10 @@ class LocalSwarm:
                                     start_new_session=True)
 
     # -- processes --------------------------------------------------------------------------------
-    def start_node(self, i: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start_node(self, i: int, env: dict[str, str] | None = None,
+                   faults: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """``faults``: the test-only ``faults:`` section of its node.yaml (``stall_commit``,
+        ``exit``; see swarmnode.node.faults)."""
         node_dir = self.work / self.names[i]
         node_dir.mkdir(exist_ok=True)
         cfg = {
@@ -166,6 +169,8 @@ class LocalSwarm:
             "key": str(self.certs[i][1]), "trust": str(self.trust),
             "data_dir": str(node_dir / "data"),
         }
+        if faults:
+            cfg["faults"] = dict(faults)
         (node_dir / "node.yaml").write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "swarmnode", "run", "--config", str(node_dir / "node.yaml")]
         self.nodes[i] = self._spawn(cmd, self.log(i, "node"), {**self.env, **(env or {})})

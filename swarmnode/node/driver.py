@@ -1,4 +1,7 @@
-"""Runs one round for this node: feeds chain observations to the RoundMachine and does its I/O."""
+"""Runs one round for this node: feeds chain observations to the RoundMachine and performs the
+actions it decides, one handler per action (:attr:`RoundDriver.handlers`). The decisions live in
+:mod:`~swarmnode.node.machine`, :mod:`~swarmnode.node.rules` and
+:mod:`~swarmnode.node.lifecycle`; this module holds the I/O (chain, peers, store, threads)."""
 
 from __future__ import annotations
 
@@ -6,10 +9,13 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
-from swarmnode.chain.client import RoundInfo, RoundStatus, SwarmContract
+from swarmnode.chain.client import SwarmContract
+from swarmnode.chain.models import RoundInfo, RoundStatus
 from swarmnode.chain.watch import BlockWatcher
 from swarmnode.errors import (
     ChainError,
@@ -25,8 +31,12 @@ from swarmnode.errors import (
     SwarmError,
     TransportError,
 )
+from swarmnode.node import rules
 from swarmnode.node.collector import Collector, Collectors
+from swarmnode.node.faults import NO_FAULTS, Faults
+from swarmnode.node.lifecycle import Metrics, pending_after, pending_after_sent
 from swarmnode.node.machine import (
+    Action,
     CheckIn,
     Done,
     Draw,
@@ -41,23 +51,25 @@ from swarmnode.node.machine import (
     Stage,
     Timing,
     Wait,
+    absent_check_due,
 )
 from swarmnode.node.peers import PeerPool
 from swarmnode.node.store import ModelStore, StoredModel
 from swarmnode.transport import serde
 from swarmnode.types import StateDict, Update
 
-__all__ = ["RoundDriver", "RoundOutcome"]
+__all__ = ["Round", "RoundDriver", "RoundOutcome"]
 
 log = logging.getLogger("swarmnode.node")
 
 
 _EVENT_WAIT_S = 0.5  # with a block watcher, the longest a round sleeps between looks
-_ABSENT_CHECK_S = 2.0  # how often an open round's participant looks for absent nodes
 _SIGNAL_FALLBACK_S = 2.0  # with event signals, the longest a waiting round goes without a look
-_MIN_TRANSFER_S = 5.0  # the shortest time a push is given, whatever the deadline says
 _STALL_S = 3.0  # a chain read slower than this was a stall (the chain or the host froze)
 _SIGNAL_STAGES = (Stage.ELECTION, Stage.COMMIT, Stage.COLLECT)
+
+# what a handler returns when the round is over for this node: (leader, digest, data)
+_Over = tuple[str | None, bytes | None, serde.Buffer | None]
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,30 @@ class RoundOutcome:
     stages: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class Round:
+    """One run of :meth:`RoundDriver.run_round`: its machine and what the round has done. A nested
+    fetch of an older model (the base of a weight-0 round, a clip reference) runs in a Round of
+    its own, so it cannot overwrite the running round's fields."""
+
+    machine: RoundMachine
+    state: StateDict
+    payload: serde.Buffer
+    weight: int
+    started: float
+    stages: dict[str, float] = field(default_factory=dict)
+    action: str = "observe"  # what the current step's time is reported as
+    seeded: set[int] = field(default_factory=set)  # leader: attempts its own update is in
+    # leader: attempt -> (digest, members) of what it merged (the bytes: the store)
+    merged: dict[int, tuple[bytes, tuple[str, ...]]] = field(default_factory=dict)
+    pull_errors: list[str] = field(default_factory=list)  # the last failed pull's, by source
+    marks: tuple[int, int] = (0, 0)  # the watcher's (block, signal) marks before this step's read
+
+    @property
+    def number(self) -> int:
+        return self.machine.round
+
+
 class RoundDriver:
     def __init__(
         self,
@@ -88,13 +124,14 @@ class RoundDriver:
         *,
         max_bytes: int,
         round_timeout_s: float,
-        transfer_timeout_s: float = 120.0,
         watcher: BlockWatcher | None = None,
         reject_nonfinite: bool = True,
         stop: threading.Event | None = None,
+        faults: Faults = NO_FAULTS,
     ) -> None:
         """``watcher``: waits end at the next block (or update) instead of after a fixed
-        interval; without one the round polls every ``timing.poll_s``."""
+        interval; without one the round polls every ``timing.poll_s``. ``faults``: what the
+        failure tests inject (none in production)."""
         self.me = me
         self.watcher = watcher
         self.reject_nonfinite = reject_nonfinite
@@ -107,16 +144,15 @@ class RoundDriver:
         self.spec = spec
         self.max_bytes = max_bytes
         self.round_timeout_s = round_timeout_s
-        self.transfer_timeout_s = transfer_timeout_s
+        self.faults = faults
         self._weights: dict[tuple[int, str], int] = {}
-        self.machine: RoundMachine | None = None  # the round in progress (its stage: logs)
+        self.current: Round | None = None  # the round the trainer's call runs (its stage: logs)
+        self._depth = 0  # run_round calls in progress (more than one: a nested fetch)
         self.seen: dict[int, RoundInfo] = {}  # the last observation of recent rounds
-        self._absent_checked = 0.0
+        self._absent_checked = -float("inf")  # chain time of the last look for absent sites
         self._chain_ok_since = -float("inf")  # the last chain stall seen (monotonic clock)
-        # (round, attempt) -> (digest, members) of what this node merged (the bytes: the store)
-        self._merged: dict[tuple[int, int], tuple[bytes, list[str]]] = {}
-        self._stages: dict[str, float] = {}
-        self._action = "observe"
+        # the metrics the next check-in (or finish) carries: see lifecycle.pending_after
+        self.pending_metrics: Metrics | None = None
         # Members fetch the merged model as soon as the leader has it (before the commit), and
         # the leader commits once a member holds a copy (or after replicate_s): the pull overlaps
         # the commit, and a leader that dies right after committing is not the only holder.
@@ -127,21 +163,29 @@ class RoundDriver:
         self._model_bytes = spec.nbytes if spec is not None else None
         self._served: dict[int, set[str]] = {}
         self._replica = threading.Condition()
-        self.replicate_s = min(5.0, timing.deadline_s * 0.25)
-        # Fault injection for the failure tests: "ROUND:ATTEMPT[:SECONDS]" makes this node, as
-        # that round's leader at that attempt, hang before it commits (HPE's "stuck at
-        # Merging..."), for good or for SECONDS; several separated by commas.
-        self._stalls: dict[tuple[int, int], float | None] = {}
-        for fault in os.environ.get("SWARMNODE_TEST_STALL_COMMIT", "").split(","):
-            parts = [int(x) for x in fault.split(":") if x]
-            if parts:
-                self._stalls[(parts[0], parts[1])] = float(parts[2]) if len(parts) > 2 else None
-        # ... "POINT:ROUND" makes the process die (exit 137, no clean-up) at that point of that
-        # round ("POINT:ROUND+": of that round or the first later one that gets there):
-        # before-push, after-push (a member), after-commit (the leader).
-        point, _, at = os.environ.get("SWARMNODE_TEST_EXIT", "").partition(":")
-        self._exit_at = (point, int(at.rstrip("+")), at.endswith("+")) if at else None
-        self._unpullable_since: dict[int, float] = {}
+        self.handlers: dict[type, Callable[[Round, Any, RoundInfo, float], _Over | None]] = {
+            Wait: self._wait, CheckIn: self._checkin, Elect: self._elect,
+            MarkAbsent: self._mark_absent, Draw: self._draw, Push: self._push,
+            Merge: self._merge, Reelect: self._reelect,
+            Pull: self._pull, Done: self._done,
+        }
+
+    @property
+    def machine(self) -> RoundMachine | None:
+        """The running round's machine (a nested fetch's is not it)."""
+        return self.current.machine if self.current is not None else None
+
+    @property
+    def replicate_s(self) -> float:
+        return self.timing.replicate_s
+
+    def note_metrics(self, metrics: Metrics | None) -> None:
+        """Metrics eligible for the chain (lifecycle.eligible_metrics): the next check-in or
+        finish carries them."""
+        self.pending_metrics = pending_after(self.pending_metrics, metrics)
+
+    def metrics_sent(self, sent: Metrics | None) -> None:
+        self.pending_metrics = pending_after_sent(self.pending_metrics, sent)
 
     def prehash(self, payload: serde.Buffer) -> None:
         """Start hashing this node's update now (a helper thread), for the push that follows."""
@@ -168,6 +212,7 @@ class RoundDriver:
 
     # -- observation helpers ----------------------------------------------------------------------
     def weight_of(self, round: int, node: str) -> int:
+        """``node``'s check-in weight in ``round`` on chain; -1: it did not check in."""
         key = (round, node)
         if key not in self._weights:
             w = self.chain.checkin_weight(round, node)
@@ -176,17 +221,19 @@ class RoundDriver:
             self._weights[key] = w
         return self._weights[key]
 
+    def _weights_of(self, info: RoundInfo) -> dict[str, int]:
+        return {p: self.weight_of(info.round, p) for p in info.participants}
+
     def collector(self, info: RoundInfo) -> Collector:
-        """The leader's collector of an elected round, told the round's contributors (the
-        participants with a weight), whose order it folds their updates in."""
+        """The leader's collector of an elected round, told the round's contributors, whose order
+        it folds their updates in."""
         collector = self.collectors.get(info.round, info.attempt)
-        collector.expect(p for p in info.participants if self.weight_of(info.round, p) > 0)
+        collector.expect(rules.contributors(info.participants, self._weights_of(info)))
         return collector
 
     def _collected(self, info: RoundInfo) -> frozenset[str]:
-        got = set(self.collector(info).senders)
-        got.update(p for p in info.participants if self.weight_of(info.round, p) == 0)
-        return frozenset(got)
+        return rules.collected(info.participants, self.collector(info).senders,
+                               self._weights_of(info))
 
     # -- the loop ---------------------------------------------------------------------------------
     def run_round(
@@ -205,37 +252,42 @@ class RoundDriver:
         or the round was abandoned. ``contribute=False``: only take the merged model.
         """
         machine = RoundMachine(self.me, round, weight, self.timing, contribute=contribute,
-                               drive=drive)
-        self.machine = machine
+                               drive=drive, metrics=self.pending_metrics if contribute else None)
+        rnd = Round(machine, state, payload, weight, started=time.monotonic())
+        if self._depth == 0:  # a nested fetch runs in its own Round, not as the current one
+            self.current = rnd
+        self._depth += 1
+        try:
+            return self._run(rnd)
+        finally:
+            self._depth -= 1
+
+    def _run(self, rnd: Round) -> RoundOutcome:
+        round, machine, stages = rnd.number, rnd.machine, rnd.stages
         self._weights = {k: v for k, v in self._weights.items() if k[0] >= round - 1}
-        # what earlier rounds left behind (a model's worth each): the store keeps what is served
-        self._merged = {k: v for k, v in self._merged.items() if k[0] >= round}
-        started = time.monotonic()
-        seeded: set[int] = set()
-        self._stages = stages = {}
         while True:
             if self.stop.is_set():
                 raise NodeUnavailable(
                     f"the node service is stopping (round {round}, stage {machine.stage.value}); "
                     "the trainer waits for it to come back"
                 )
-            if time.monotonic() - started > self.round_timeout_s:
+            if time.monotonic() - rnd.started > self.round_timeout_s:
                 raise RoundTimeout(
                     f"round {round} did not complete within {self.round_timeout_s:.0f} s "
                     f"(stage {machine.stage.value}); check the other nodes' logs and "
                     "`swarmnode status`"
                 )
             t0 = time.monotonic()
-            self._action = "observe"
+            rnd.action = "observe"
             try:
-                outcome = self._step(machine, state, payload, weight, seeded)
+                outcome = self._step(rnd)
             except (ChainUnavailable, ChainTimeout) as exc:  # transient: the round goes on
                 log.warning("round %d: chain not answering (%s); retrying", round, exc)
                 self._chain_ok_since = time.monotonic()  # a stall: see Observation.chain_up_s
                 time.sleep(self.timing.retry_s)
                 continue
             finally:
-                stages[self._action] = stages.get(self._action, 0.0) + time.monotonic() - t0
+                stages[rnd.action] = stages.get(rnd.action, 0.0) + time.monotonic() - t0
             if outcome is not None:
                 if "merge" in stages:  # the leader's merge and commit are reported apart
                     stages["merge"] -= stages.get("commit_tx", 0.0)
@@ -245,17 +297,14 @@ class RoundDriver:
                     round=round, leader=outcome[0], digest=outcome[1], data=outcome[2],
                     abandoned=outcome[1] is None,
                     contributed=machine.checked_in and not machine.late,
-                    seconds=time.monotonic() - started, stages=dict(stages),
+                    seconds=time.monotonic() - rnd.started, stages=dict(stages),
                 )
 
-    def _step(
-        self, machine: RoundMachine, state: StateDict, payload: serde.Buffer, weight: int,
-        seeded: set[int],
-    ) -> tuple[str | None, bytes | None, serde.Buffer | None] | None:
+    def _step(self, rnd: Round) -> _Over | None:
         """Observe, decide, act once; (leader, digest, data) when the round is over for us."""
-        round = machine.round
-        mark = self.watcher.mark() if self.watcher is not None else 0  # before the read
-        smark = self.watcher.signal_mark() if self.watcher is not None else 0
+        machine, round = rnd.machine, rnd.number
+        if self.watcher is not None:  # before the read: a wait wakes on anything after it
+            rnd.marks = (self.watcher.mark(), self.watcher.signal_mark())
         asked = time.monotonic()
         info = self.chain.round(round)
         answered = time.monotonic()
@@ -267,71 +316,22 @@ class RoundDriver:
             del self.seen[min(self.seen)]
         collected: frozenset[str] = frozenset()
         if info.status is RoundStatus.ELECTED and info.leader == self.me:
-            if info.attempt not in seeded and self.me in info.participants:
-                self._seed_own(info, state, payload, weight)
-                seeded.add(info.attempt)
+            if info.attempt not in rnd.seeded and self.me in info.participants:
+                self._seed_own(rnd, info)
+                rnd.seeded.add(info.attempt)
             collected = self._collected(info)
         # chain time (the contract's clock for grace and deadlines), not this host's clock
         now = self.watcher.now() if self.watcher is not None else time.time()
         absent: tuple[str, ...] = ()
-        if (info.status is RoundStatus.OPEN and self.me in info.participants
-                and info.first_checkin_at and now >= info.first_checkin_at + self.timing.grace_s
-                and now >= self._absent_checked + _ABSENT_CHECK_S):
-            # reads every node: at most every few seconds, not on every block
+        if absent_check_due(self.me, info, now, self.timing, self._absent_checked):
             self._absent_checked = now
             absent = tuple(self.chain.absent_candidates())
-        action = machine.decide(Observation(now, info, collected, absent,
-                                            time.monotonic() - self._chain_ok_since))
+        action: Action = machine.decide(Observation(now, info, collected, absent,
+                                                    time.monotonic() - self._chain_ok_since))
         # what this step's time is reported as: the action, or what a wait waits for
-        self._action = (f"wait_{machine.stage.value}" if isinstance(action, Wait)
-                        else type(action).__name__.lower())
-        if isinstance(action, Wait):
-            if self.watcher is None:
-                time.sleep(action.seconds)
-            elif self.watcher.signals_live and machine.stage in _SIGNAL_STAGES:
-                # waiting for others (an election, a commit, updates): wake on their events or
-                # when one of the round's own deadlines comes, not on every block
-                self.watcher.wait_signal(smark, self._next_deadline(info, now))
-            else:  # what a round waits for comes with a block (or an update): wake then
-                self.watcher.wait(mark, max(action.seconds, _EVENT_WAIT_S))
-        elif isinstance(action, CheckIn):
-            self._checkin(machine, action)
-        elif isinstance(action, Elect):
-            self._quiet(lambda: self.chain.elect(round), f"elect round {round}", machine)
-        elif isinstance(action, MarkAbsent):
-            for node in action.nodes:
-                log.warning("round %d: node %s missed the last rounds; marking it absent",
-                            round, node)
-                self._quiet(lambda n=node: self.chain.mark_absent(n), f"mark {node} absent",
-                            machine)
-        elif isinstance(action, Push):
-            # a push is moot once the leader's deadline passed (the member re-elects then): a
-            # leader that froze mid-transfer holds this node no longer than that
-            left = info.elected_at + self.timing.deadline_s - now
-            timeout = min(self.transfer_timeout_s, max(_MIN_TRANSFER_S, left + 2.0))
-            self._push(machine, action, payload, weight, timeout)
-        elif isinstance(action, Merge):
-            self._merge(machine, action, info)
-        elif isinstance(action, Reelect):
-            log.warning(
-                "round %d: leader %s missed the deadline; asking the contract to re-elect",
-                round, action.leader,
-            )
-            self.pool.drop(action.leader)
-            self._quiet(lambda: self.chain.reelect(round), f"reelect round {round}", machine)
-        elif isinstance(action, Draw):
-            self._quiet(lambda: self.chain.draw(round), f"draw round {round}")
-            machine.on_drawn()
-        elif isinstance(action, Pull):
-            self._pull(machine, action)
-        elif isinstance(action, Done):
-            if action.abandoned:
-                if machine.refused_digest is None:
-                    log.warning("round %d: abandoned on chain (every leader failed)", round)
-                return info.leader, None, None
-            stored = self.store.get(round)
-            return info.leader, info.digest, None if stored is None else stored.data
-        return None
+        rnd.action = (f"wait_{machine.stage.value}" if isinstance(action, Wait)
+                      else type(action).__name__.lower())
+        return self.handlers[type(action)](rnd, action, info, now)
 
     def _next_deadline(self, info: RoundInfo, now: float) -> float:
         """Seconds until the next moment the round's decisions change by time alone (the grace
@@ -350,7 +350,19 @@ class RoundDriver:
             return min(_SIGNAL_FALLBACK_S, min(future) + 0.02)
         return t.retry_s if ahead or info.status is RoundStatus.OPEN else _SIGNAL_FALLBACK_S
 
-    # -- actions ----------------------------------------------------------------------------------
+    # -- action handlers --------------------------------------------------------------------------
+    def _wait(self, rnd: Round, action: Wait, info: RoundInfo, now: float) -> None:
+        w = self.watcher
+        mark, smark = rnd.marks
+        if w is None:
+            time.sleep(action.seconds)
+        elif w.signals_live and rnd.machine.stage in _SIGNAL_STAGES:
+            # waiting for others (an election, a commit, updates): wake on their events or
+            # when one of the round's own deadlines comes, not on every block
+            w.wait_signal(smark, self._next_deadline(info, now))
+        else:  # what a round waits for comes with a block (or an update): wake then
+            w.wait(mark, max(action.seconds, _EVENT_WAIT_S))
+
     def _quiet(self, fn, what: str, machine: RoundMachine | None = None) -> None:  # type: ignore[no-untyped-def]
         """Calls that race with other nodes (elect, reelect): a revert just means 'not now'.
         A call that closed the round makes this node the one to draw its leader next."""
@@ -362,13 +374,50 @@ class RoundDriver:
         if machine is not None and "RoundClosed" in result.events:
             machine.on_closed()
 
-    def _checkin(self, machine: RoundMachine, action: CheckIn) -> None:
+    def _elect(self, rnd: Round, action: Elect, info: RoundInfo, now: float) -> None:
+        self._quiet(lambda: self.chain.elect(action.round), f"elect round {action.round}",
+                    rnd.machine)
+
+    def _mark_absent(self, rnd: Round, action: MarkAbsent, info: RoundInfo, now: float) -> None:
+        for node in action.nodes:
+            log.warning("round %d: node %s missed the last rounds; marking it absent",
+                        action.round, node)
+            self._quiet(lambda n=node: self.chain.mark_absent(n), f"mark {node} absent",
+                        rnd.machine)
+
+    def _reelect(self, rnd: Round, action: Reelect, info: RoundInfo, now: float) -> None:
+        log.warning("round %d: leader %s missed the deadline; asking the contract to re-elect",
+                    action.round, action.leader)
+        self.pool.drop(action.leader)
+        self._quiet(lambda: self.chain.reelect(action.round), f"reelect round {action.round}",
+                    rnd.machine)
+
+    def _draw(self, rnd: Round, action: Draw, info: RoundInfo, now: float) -> None:
+        self._quiet(lambda: self.chain.draw(action.round), f"draw round {action.round}")
+        rnd.machine.on_drawn()
+
+    def _done(self, rnd: Round, action: Done, info: RoundInfo, now: float) -> _Over:
+        if action.abandoned:
+            if action.why == "abandoned":
+                log.warning("round %d: abandoned on chain (every leader failed)", action.round)
+            elif action.why == "unservable":
+                log.error("round %d: no participant can serve the committed merged model "
+                          "(digest %s) for %.0f s: %s; this site keeps its own parameters for "
+                          "this round", action.round, (info.digest or b"").hex()[:12],
+                          self.timing.deadline_s, "; ".join(rnd.pull_errors))
+            return info.leader, None, None
+        stored = self.store.get(action.round)
+        return info.leader, info.digest, None if stored is None else stored.data
+
+    def _checkin(self, rnd: Round, action: CheckIn, info: RoundInfo, now: float) -> None:
+        machine = rnd.machine
         try:
-            result = self.chain.checkin(action.round, action.weight)
+            result = self.chain.checkin(action.round, action.weight, metrics=action.metrics)
         except ContractReverted as exc:
             info = self.chain.round(action.round)
-            if self.me in info.participants:
+            if self.me in info.participants:  # an earlier try landed: its reply was lost
                 machine.on_checked_in()
+                self.metrics_sent(action.metrics)
             elif info.status is not RoundStatus.OPEN:
                 log.info("round %d: elected before our check-in; taking the merged model",
                          action.round)
@@ -377,40 +426,33 @@ class RoundDriver:
                 raise RoundError(f"round {action.round}: check-in refused: {exc}") from None
             return
         machine.on_checked_in()
+        self.metrics_sent(action.metrics)
         if "RoundClosed" in result.events:
             machine.on_closed()
         log.info("round %d: checked in with weight %d", action.round, action.weight)
 
-    def _seed_own(self, info: RoundInfo, state: StateDict, payload: serde.Buffer,
-                  weight: int) -> None:
+    def _seed_own(self, rnd: Round, info: RoundInfo) -> None:
         log.info("round %d: elected leader (attempt %d)", info.round, info.attempt)
+        payload = rnd.payload
         try:
             with serde.READING:  # not while an arriving update is checked: one at a time
-                self.collector(info).add(Update(state, float(weight), self.me,
+                self.collector(info).add(Update(rnd.state, float(rnd.weight), self.me,
                                                 evict=lambda: serde.evict(payload)))
         except (PayloadRejected, RoundError):  # already in, or already sealed
             pass
 
     def _die_at(self, point: str, round: int) -> None:
-        if self._exit_at is None or self._exit_at[0] != point:
-            return
-        _, at, later = self._exit_at
-        if round == at or (later and round > at):
+        if self.faults.exits(point, round):
             log.warning("round %d: test fault: the process dies %s", round, point)
             logging.shutdown()
             os._exit(137)
 
-    def _push(
-        self, machine: RoundMachine, action: Push, payload: serde.Buffer, weight: int,
-        timeout: float,
-    ) -> None:
+    def _push(self, rnd: Round, action: Push, info: RoundInfo, now: float) -> None:
         self._die_at("before-push", action.round)
-        if weight == 0:  # nothing to add: the leader counts zero-weight participants as in
-            machine.on_pushed(action.attempt)
-            return
+        payload = rnd.payload
         try:
             self.pool.client(action.leader).push_update(
-                action.round, weight, payload, timeout=timeout,
+                action.round, rnd.weight, payload, timeout=action.timeout_s,
                 digest=self._own_digest(payload),
             )
         except DuplicateUpdate:  # our earlier push arrived; only its reply was lost
@@ -420,28 +462,36 @@ class RoundDriver:
             return
         finally:
             serde.evict(payload)  # sent (or to be sent again): not needed in memory now
-        machine.on_pushed(action.attempt)
+        rnd.machine.on_pushed(action.attempt)
         self._die_at("after-push", action.round)
         log.info("round %d: update sent to leader %s", action.round, action.leader)
-        fetch = threading.Thread(target=self._prefetch, args=(action.round, action.leader),
-                                 name=f"prefetch-{action.round}", daemon=True)
+        if action.prefetch:
+            self._start_prefetch(action.round, action.leader)
+
+    def _start_prefetch(self, round: int, leader: str) -> None:
+        fetch = threading.Thread(target=self._prefetch, args=(round, leader),
+                                 name=f"prefetch-{round}", daemon=True)
         self._fetching = {r: t for r, t in self._fetching.items() if t.is_alive()}
-        self._fetching[action.round] = fetch
+        self._fetching[round] = fetch
         fetch.start()
 
     def _prefetch(self, round: int, leader: str) -> None:
         """Fetch round ``round``'s merged model from its leader as soon as it has merged (long
-        polls), before the commit; it is verified against the chain's digest when it is used."""
-        until = time.monotonic() + self.timing.deadline_s
-        while time.monotonic() < until and round not in self._prefetched:
-            if self.store.get(round) is not None:
-                return
+        polls), before the commit, while rules.prefetch_goes_on says so; it is verified against
+        the chain's digest when it is used."""
+        started = time.monotonic()
+
+        def goes_on() -> bool:
             seen = self.seen.get(round)
-            if seen is not None and seen.leader != leader:  # re-elected: this leader is out
-                return
+            return rules.prefetch_goes_on(
+                held=self.store.get(round) is not None, fetched=round in self._prefetched,
+                leader_now=None if seen is None else (seen.leader or ""), leader=leader,
+                elapsed_s=time.monotonic() - started, deadline_s=self.timing.deadline_s)
+
+        while goes_on():
             asked = time.monotonic()
             try:
-                data = self.pool.client(leader).pull(round, timeout=self.transfer_timeout_s,
+                data = self.pool.client(leader).pull(round, timeout=self.timing.transfer_s,
                                                      size_hint=self._model_bytes)
             except RoundError:  # not merged yet: ask again (the leader holds each ask up to 2 s)
                 if time.monotonic() - asked < 0.5:
@@ -463,30 +513,36 @@ class RoundDriver:
             self._served = {r: v for r, v in self._served.items() if r >= round - 2}
             self._replica.notify_all()
 
-    def _await_replica(self, round: int, others: set[str]) -> None:
-        """Leader, before committing: wait (up to replicate_s) until one of ``others`` holds the
-        merged model, so the swarm does not depend on this node alone once the digest is on
-        chain."""
-        if not others:
-            return
+    def _await_replica(self, round: int, pushed: set[str]) -> None:
+        """Leader, before committing: wait until rules.replica_held says the swarm no longer
+        depends on this node alone."""
+        started = time.monotonic()
+
+        def held() -> bool:
+            return rules.replica_held(pushed, self._served.get(round, set()),
+                                      time.monotonic() - started, self.replicate_s)
+
         with self._replica:
-            got = self._replica.wait_for(lambda: bool(self._served.get(round, set()) & others),
-                                         timeout=self.replicate_s)
-        if not got:
+            self._replica.wait_for(held, timeout=self.replicate_s)
+        if pushed and not pushed & self._served.get(round, set()):
             log.info("round %d: no member fetched the merged model within %.1f s; committing",
                      round, self.replicate_s)
 
-    def _merge(self, machine: RoundMachine, action: Merge, info: RoundInfo) -> None:
-        if (action.round, action.attempt) in self._stalls:
+    def _merge(self, rnd: Round, action: Merge, info: RoundInfo, now: float) -> None:
+        machine, stages = rnd.machine, rnd.stages
+        stall = self.faults.stall(action.round, action.attempt)
+        if stall is not None:
             log.warning("round %d: test fault: hanging before the commit", action.round)
-            threading.Event().wait(self._stalls[(action.round, action.attempt)])
-        key = (action.round, action.attempt)
-        stages = self._stages
-        if key not in self._merged:
+            threading.Event().wait(stall.seconds)
+        if action.attempt not in rnd.merged:
             collector = self.collectors.get(action.round, action.attempt)
-            merged, senders, _total = collector.seal(self._reference(collector, action.round))
-            base = None if merged is not None else self._base_model(action.round)
-            if base is not None:  # every participant added weight 0: the model stays as it was
+            merged, senders, total = collector.seal(self._reference(collector, action.round))
+            source = rules.commit_source(total, None)
+            base = None
+            if source is rules.Source.BASE:  # nobody added weight: the model stays as it was
+                base = self._base_model(action.round)
+                source = rules.commit_source(total, base is not None)
+            if base is not None and source is rules.Source.BASE:
                 data, digest = base.data, base.digest
             else:
                 done = collector.encoded()  # the mean, already in place as canonical bytes
@@ -495,25 +551,28 @@ class RoundDriver:
                 del merged, done
                 try:  # never commit what members must refuse
                     serde.view_state(data, spec=self.spec, reject_nonfinite=True)
+                    finite, why = True, None
                 except NonFiniteValues as exc:
+                    finite, why = False, exc
+                if not rules.may_commit(source, finite):
                     log.error("round %d: the merge of %s holds NaN/Inf (%s); not committing it",
-                              action.round, ", ".join(sorted(senders)), exc)
+                              action.round, ", ".join(sorted(senders)), why)
                     collector.release()
+                    machine.on_vetoed(action.attempt)
                     return
             collector.release()  # the bytes are all that is kept
-            zero = {p for p in info.participants if self.weight_of(action.round, p) == 0}
-            members = [p for p in info.participants
-                       if (p in senders or p in zero) and not self.pool.authority.node(p).revoked]
-            self._merged = {k: v for k, v in self._merged.items() if k[0] >= action.round}
-            self._merged[key] = (digest, members)
+            members = rules.commit_members(
+                info.participants, senders, self._weights_of(info),
+                lambda p: self.pool.authority.node(p).revoked)
+            rnd.merged[action.attempt] = (digest, members)
             self.store.put(action.round, digest, data)
             del data
-        digest, members = self._merged[key]
+        digest, members = rnd.merged[action.attempt]
         pushed = self.collectors.get(action.round, action.attempt).senders - {self.me}
         self._await_replica(action.round, set(pushed))
         t1 = time.monotonic()
         try:
-            self.chain.commit_merge(action.round, digest, members)
+            self.chain.commit_merge(action.round, digest, list(members))
         except ContractReverted as exc:
             log.warning("round %d: commit refused: %s", action.round, exc)
             return
@@ -544,14 +603,15 @@ class RoundDriver:
             log.warning("round %d: cannot fetch the previous merged model: %s", round, exc)
             return None
 
-    def _pull(self, machine: RoundMachine, action: Pull) -> None:
+    def _pull(self, rnd: Round, action: Pull, info: RoundInfo, now: float) -> None:
+        machine = rnd.machine
         held = self.store.get(action.round)
         if held is not None and held.digest == action.digest:
             machine.on_pulled(action.digest)
             return
         fetch = self._fetching.pop(action.round, None)
         if fetch is not None:  # a prefetch is under way: let it finish rather than pull twice
-            fetch.join(self.transfer_timeout_s)
+            fetch.join(self.timing.transfer_s)
         early = self._prefetched.pop(action.round, None)
         if early is not None:
             try:
@@ -568,7 +628,7 @@ class RoundDriver:
         errors = []
         for source in action.sources:
             try:
-                got = self.pool.client(source).pull(action.round, timeout=self.transfer_timeout_s,
+                got = self.pool.client(source).pull(action.round, timeout=self.timing.transfer_s,
                                                     size_hint=self._model_bytes)
                 self._verify(got, action.digest)
             except NonFiniteValues as exc:  # what the chain committed is poison: no source helps
@@ -582,23 +642,12 @@ class RoundDriver:
                 errors.append(f"{source}: {exc}")
                 continue
             self.store.put(action.round, action.digest, got.data)
-            self._unpullable_since.pop(action.round, None)
             machine.on_pulled(action.digest)
             return
-        since = self._unpullable_since.setdefault(action.round, time.monotonic())
-        if time.monotonic() - since > self.timing.deadline_s:
-            # the leader died before any member held a copy: the digest is on chain, the model
-            # nowhere. Waiting longer cannot help; the next round merges the sites again.
-            log.error("round %d: no participant can serve the committed merged model (digest %s) "
-                      "for %.0f s: %s; this site keeps its own parameters for this round",
-                      action.round, action.digest.hex()[:12], self.timing.deadline_s,
-                      "; ".join(errors))
-            self._unpullable_since.pop(action.round, None)
-            machine.on_refused(action.digest)
-            return
+        rnd.pull_errors = errors
+        machine.on_pull_failed(now)  # the machine retries, then gives up after a deadline
         log.warning("round %d: could not pull the merged model yet: %s", action.round,
                     "; ".join(errors))
-        time.sleep(self.timing.retry_s)
 
     def _verify(self, got: serde.Received, digest: bytes) -> None:
         """A pulled model is the committed one: its digest (hashed as it arrived) is the chain's,

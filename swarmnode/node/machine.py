@@ -14,15 +14,24 @@ participant knows it when it sends its transaction), so an elected round has no 
 later block exists. The node whose transaction closed the round sends ``draw`` at once (on a chain
 that mines only on transactions, nothing else would bring that block); the others send it when
 the leader is still unknown ``draw_wait_s`` after the close.
+
+Besides the step, the machine decides how long a push may take (:attr:`Push.timeout_s`), that a
+weight-0 participant sends nothing, that a member fetches the merged model from the leader before
+the commit (:attr:`Push.prefetch`), whom a pull asks (the leader first, then the other
+participants), when a member gives up on a committed model nobody serves, that a leader whose
+merge holds NaN/Inf does not merge again (:meth:`RoundMachine.on_vetoed`), and when a participant
+looks for absent sites (:func:`absent_check_due`). Time is the chain's, passed in with each
+observation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
-from swarmnode.chain.client import RoundInfo, RoundStatus
+from swarmnode.chain.models import RoundInfo, RoundStatus
 from swarmnode.errors import RoundError
+from swarmnode.node.lifecycle import Metrics
 
 __all__ = [
     "Action",
@@ -40,6 +49,7 @@ __all__ = [
     "Stage",
     "Timing",
     "Wait",
+    "absent_check_due",
 ]
 
 
@@ -58,6 +68,7 @@ class Stage(Enum):
 class CheckIn:
     round: int
     weight: int
+    metrics: Metrics | None = None  # an earlier round's, carried by this check-in
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,12 @@ class Push:
     round: int
     leader: str
     attempt: int
+    # how the push is done, not which push (equality ignores them): how long the transfer may
+    # take, and whether, once the update is in, the member fetches the merged model from the
+    # leader as soon as it has it (before the commit; verified against the chain's digest when
+    # used), so the pull overlaps the commit
+    timeout_s: float = field(default=0.0, compare=False)
+    prefetch: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,9 @@ class Wait:
 class Done:
     round: int
     abandoned: bool = False
+    # why a round ends without its merged model: "abandoned" (on chain), "refused" (the
+    # committed model holds NaN/Inf), "unservable" (nobody served it for a deadline)
+    why: str = field(default="", compare=False)
 
 
 Action = CheckIn | Elect | Draw | MarkAbsent | Push | Merge | Reelect | Pull | Wait | Done
@@ -138,6 +158,14 @@ class Timing:
     poll_s: float = 0.05
     retry_s: float = 0.5
     draw_wait_s: float = 2.0  # a leader still undrawn this long after the close: draw it
+    transfer_s: float = 120.0  # the longest a push may take
+    min_transfer_s: float = 5.0  # the shortest time a push is given, whatever the deadline says
+    absent_check_s: float = 2.0  # how often an open round's participant looks for absent sites
+
+    @property
+    def replicate_s(self) -> float:
+        """How long a leader waits, before committing, for a member to hold the merged model."""
+        return min(5.0, self.deadline_s * 0.25)
 
 
 @dataclass(frozen=True)
@@ -164,9 +192,11 @@ class RoundMachine:
         *,
         contribute: bool = True,
         drive: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         """``drive=False``: never elect (a node whose trainer is done must not turn rounds over
-        by itself while another site still trains); it still sets silent sites aside."""
+        by itself while another site still trains); it still sets silent sites aside.
+        ``metrics``: an earlier round's, for the check-in to carry."""
         self.me = me
         self.round = round
         self.weight = weight
@@ -180,7 +210,11 @@ class RoundMachine:
         self.merged_attempt: int | None = None
         self.merged_digest: bytes | None = None
         self.refused_digest: bytes | None = None
+        self.vetoed_attempt: int | None = None
+        self.metrics = metrics
         self.closer = False  # this node's transaction closed the round (or re-elected)
+        self.unpullable_since: float | None = None  # chain time of the first failed pull
+        self.gave_up = False  # no participant served the committed model for a deadline
         self._last_try: dict[str, float] = {}
 
     # -- the decision ----------------------------------------------------------------------------
@@ -192,22 +226,34 @@ class RoundMachine:
             )
         if info.status is RoundStatus.ABANDONED:
             self.stage = Stage.DONE
-            return Done(self.round, abandoned=True)
+            return Done(self.round, abandoned=True, why="abandoned")
         if info.status is RoundStatus.COMMITTED:
-            return self._committed(info)
+            return self._committed(obs)
         if info.status is RoundStatus.OPEN:
             return self._open(obs)
         return self._elected(obs)
 
-    def _committed(self, info: RoundInfo) -> Action:
+    def _committed(self, obs: Observation) -> Action:
+        info = obs.info
         assert info.digest is not None
         if self.refused_digest == info.digest:  # a poisoned merge: keep this site's own model
             self.stage = Stage.DONE
-            return Done(self.round, abandoned=True)
+            return Done(self.round, abandoned=True,
+                        why="unservable" if self.gave_up else "refused")
         if self.merged_digest == info.digest:
             self.stage = Stage.DONE
             return Done(self.round)
+        if (self.unpullable_since is not None
+                and obs.now - self.unpullable_since > self.timing.deadline_s):
+            # the leader died before any member held a copy: the digest is on chain, the model
+            # nowhere. Waiting longer cannot help; the next round merges the sites again.
+            self.gave_up = True
+            self.refused_digest = info.digest
+            self.stage = Stage.DONE
+            return Done(self.round, abandoned=True, why="unservable")
         self.stage = Stage.PULL
+        if self.unpullable_since is not None and not self._may_try("pull", obs.now):
+            return Wait(self.timing.retry_s, "retrying the pull soon")
         leader = info.leader or ""
         others = tuple(p for p in info.participants if p not in (leader, self.me))
         return Pull(self.round, info.digest, ((leader,) if leader else ()) + others)
@@ -218,7 +264,7 @@ class RoundMachine:
             self.checked_in = True
         if not self.checked_in and not self.late:
             self.stage = Stage.CHECKIN
-            return CheckIn(self.round, self.weight)
+            return CheckIn(self.round, self.weight, self.metrics)
         self.stage = Stage.ELECTION if self.checked_in else Stage.COMMIT
         if self.checked_in and info.first_checkin_at:
             ready_at = info.first_checkin_at + t.grace_s
@@ -252,6 +298,9 @@ class RoundMachine:
             if self.merged_attempt == attempt:
                 self.stage = Stage.COMMIT
                 return Wait(t.poll_s, "commit sent")
+            if self.vetoed_attempt == attempt:  # the NaN veto: the deadline re-elects
+                self.stage = Stage.COMMIT
+                return Wait(t.poll_s, "merge vetoed (NaN/Inf): waiting for the re-election")
             self.stage = Stage.COLLECT
             members = frozenset(info.participants) & (obs.collected | {self.me})
             everyone = len(members) == len(info.participants)
@@ -266,10 +315,16 @@ class RoundMachine:
                    and obs.chain_up_s >= t.deadline_s / 2)
         if overdue and self._may_try(f"reelect{attempt}", obs.now):
             return Reelect(self.round, attempt, leader)
+        if self.pushed_attempt != attempt and self.weight == 0:
+            self.pushed_attempt = attempt  # nothing to add: the leader counts it as in
         if self.pushed_attempt != attempt:
             self.stage = Stage.PUSH
             if self._may_try(f"push{attempt}", obs.now):
-                return Push(self.round, leader, attempt)
+                # a push is moot once the leader's deadline passed (the member re-elects then):
+                # a leader that froze mid-transfer holds this node no longer than that
+                left = info.elected_at + t.deadline_s - obs.now
+                timeout = min(t.transfer_s, max(t.min_transfer_s, left + 2.0))
+                return Push(self.round, leader, attempt, timeout, prefetch=True)
             return Wait(t.poll_s, "retrying the push soon")
         self.stage = Stage.COMMIT
         return Wait(t.poll_s, "waiting for the leader's commit")
@@ -308,12 +363,36 @@ class RoundMachine:
         self.merged_digest = digest
         self.stage = Stage.COMMIT
 
+    def on_vetoed(self, attempt: int) -> None:
+        """Leader: the merge of ``attempt`` holds NaN/Inf, so it is not committed (every member
+        would refuse it) nor merged again; the members re-elect at the deadline."""
+        self.vetoed_attempt = attempt
+        self.stage = Stage.COMMIT
+
     def on_pulled(self, digest: bytes) -> None:
         self.merged_digest = digest
+        self.unpullable_since = None
         self.stage = Stage.DONE
+
+    def on_pull_failed(self, now: float) -> None:
+        """No source served the committed model (chain time ``now``): tried again after
+        ``retry_s``, given up a deadline after the first failure (:class:`Done`, "unservable")."""
+        if self.unpullable_since is None:
+            self.unpullable_since = now
+        self._last_try["pull"] = now
 
     def on_refused(self, digest: bytes) -> None:
         """The committed merged model is unusable (NaN/Inf in it): the round ends for this node
         without it, as an abandoned round does (the trainer keeps its own parameters)."""
         self.refused_digest = digest
         self.stage = Stage.DONE
+
+
+def absent_check_due(me: str, info: RoundInfo, now: float, timing: Timing,
+                     last_checked: float) -> bool:
+    """Whether a step of ``me`` should read which sites the contract lets go (a read of every
+    node: at most every ``absent_check_s``, not on every block): only in an open round it checked
+    in for, once the grace period after the first check-in is over."""
+    return (info.status is RoundStatus.OPEN and me in info.participants
+            and bool(info.first_checkin_at) and now >= info.first_checkin_at + timing.grace_s
+            and now >= last_checked + timing.absent_check_s)

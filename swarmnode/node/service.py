@@ -13,14 +13,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from swarmnode import merge
 from swarmnode.chain.accounts import account_for
-from swarmnode.chain.client import RoundStatus, SwarmContract, connect
+from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.chain.models import RoundStatus
 from swarmnode.chain.watch import BlockWatcher
 from swarmnode.config import NodeConfig
 from swarmnode.errors import (
@@ -37,8 +37,10 @@ from swarmnode.errors import (
 )
 from swarmnode.healthcheck import HEALTH_FILE
 from swarmnode.identity import TlsFiles, describe
+from swarmnode.node import lifecycle, rules
 from swarmnode.node.collector import Collectors
 from swarmnode.node.driver import RoundDriver, RoundOutcome
+from swarmnode.node.lifecycle import END_POLICIES
 from swarmnode.node.machine import Timing
 from swarmnode.node.peers import ChainAuthority, PeerPool
 from swarmnode.node.store import ModelStore, StoredModel
@@ -56,7 +58,6 @@ _OWN_STAGES = {"push": "this node is pushing its update to the round's leader",
                "collect": "this node leads the round: collecting the participants' updates",
                "pull": "this node is fetching the merged model"}
 
-END_POLICIES = ("inactive", "snapshot", "active")
 _WAIT_LOG_S = 10.0  # how often a wait says what it is waiting for
 _TRANSIENT = (ChainUnavailable, ChainTimeout)
 # Contract events that move a round on for the nodes waiting in it (check-ins are not among
@@ -185,9 +186,8 @@ class NodeService:
             self.me, self.chain, self.pool, self.store, self.collectors, self.timing,
             self.param_spec, max_bytes=self.max_bytes, round_timeout_s=config.round_timeout_s,
             watcher=self.watcher, reject_nonfinite=config.reject_nonfinite, stop=self._stopped,
+            faults=config.fault_plan,
         )
-        # Metrics go on chain after the round, off its critical path, one at a time in order.
-        self._background = ThreadPoolExecutor(1, thread_name_prefix="metrics")
         self.progress = _Progress()
         self._waiting_cache: tuple[float, dict[str, Any]] | None = None
         self._round_lock = threading.Lock()
@@ -238,7 +238,6 @@ class NodeService:
         (self.config.data_dir / HEALTH_FILE).unlink(missing_ok=True)
         self._stopped.set()
         self.watcher.close()
-        self._background.shutdown(wait=False, cancel_futures=True)
         self.driver.close()
         self.store.close()
         if self.local_server:
@@ -301,13 +300,7 @@ class NodeService:
                 f"(status {info.status.name.lower()}, leader {info.leader}); push to the leader "
                 "the contract elected"
             )
-        on_chain = self.driver.weight_of(round, sender)
-        if on_chain < 0:
-            raise RoundError(f"round {round}: {sender} did not check in, so it cannot contribute")
-        if on_chain != weight:
-            raise PayloadRejected(
-                f"round {round}: {sender} sent weight {weight} but checked in with {on_chain}"
-            )
+        rules.check_update_weight(round, sender, weight, self.driver.weight_of(round, sender))
         self.driver.collector(info).add(Update(state, float(weight), sender, evict=evict))
         log.info("round %d: update from %s (weight %d)", round, sender, weight)
 
@@ -401,7 +394,7 @@ class NodeService:
             r = self._read(self.chain.current_round)
             self.progress.stage, self.progress.round = "round", r
             outcome = self.driver.run_round(r, state, payload, weight)
-            if not outcome.contributed and not outcome.abandoned and weight > 0:
+            if lifecycle.missed_checkin(outcome.contributed, outcome.abandoned, weight):
                 # Round r was elected before we checked in: rather than drop the trainer's work,
                 # contribute it to the next round (which opens now), unless training is over.
                 self._after_round(outcome, None, None)
@@ -416,16 +409,15 @@ class NodeService:
 
     def finish(self, payload: serde.Buffer, weight: int, policy: str) -> RoundOutcome:
         """The trainer is done: take part per ``policy`` until the final round, return its model."""
-        if policy not in END_POLICIES:
-            raise ConfigError(
-                f"unknown on_train_end policy {policy!r}; choose one of {', '.join(END_POLICIES)}"
-            )
+        lifecycle.check_policy(policy)
         own = self._decode_own(payload)
         serde.evict(payload)  # checked; read again when it is pushed or folded
         with self._round_lock:
             me = self._read(lambda: self.chain.node(self.me))
             if not me.finished and not self._read(self.chain.training_finished):
-                done = self._read(self.chain.finish)
+                metrics = self.driver.pending_metrics  # the last round's, if not sent yet
+                done = self._read(lambda: self.chain.finish(metrics=metrics))
+                self.driver.metrics_sent(metrics)
                 log.info("trainer finished; policy %s until the final round", policy)
                 if "RoundClosed" in done.events:  # it closed the open round: draw its leader
                     self._draw_quietly(self._read(self.chain.current_round))
@@ -434,20 +426,18 @@ class NodeService:
             while not self._read(self.chain.training_finished):
                 r = self._read(self.chain.current_round)
                 final = self._read(self.chain.final_round)
-                if final == r or policy != "inactive":
-                    w = 0 if policy == "inactive" else weight
-                    if policy == "inactive":
+                step = lifecycle.end_step(policy, r, final, weight)
+                if step.take_part:
+                    if step.model == "latest":
                         latest = self.store.latest()
                         if latest is not None:
                             data = latest.data
                             state = serde.view_state(data, spec=self.param_spec,
                                                      reject_nonfinite=False)
                     self.progress.round = r
-                    # Before the final round a finished node only follows: it must not turn rounds
-                    # over (elect, mark others absent) while another site still trains.
-                    outcome = self.driver.run_round(r, state, data, w, drive=final == r)
+                    outcome = self.driver.run_round(r, state, data, step.weight, drive=step.drive)
                     self._after_round(outcome, None, None)
-                    if policy == "active" and outcome.data is not None:
+                    if lifecycle.adopts_merged(policy) and outcome.data is not None:
                         data = outcome.data
                         state = serde.view_state(data, spec=self.param_spec,
                                                  reject_nonfinite=False)
@@ -467,13 +457,13 @@ class NodeService:
 
     def _final_outcome(self) -> RoundOutcome:
         """The final round's merged model (pulled if this node lacks it), verified on chain."""
-        final_round = self._read(self.chain.current_round) - 1
+        final_round = lifecycle.final_round(self._read(self.chain.current_round))
         info = self._read(lambda: self.chain.round(final_round))
         held = self.store.get(final_round)
-        if held is None or held.digest != info.digest:
+        if not lifecycle.holds_final(info.digest, held.digest if held else None):
             self.driver.run_round(final_round, {}, b"", 0, contribute=False)
             held = self.store.get(final_round)
-        if held is None or held.digest != info.digest:
+        if held is None or not lifecycle.holds_final(info.digest, held.digest):
             raise NodeError(f"could not obtain the final model of round {final_round}; check "
                             "the node's log for failed pulls")
         self.store.flush()  # the final model is on disk (for `swarmnode audit --model`) first
@@ -493,9 +483,9 @@ class NodeService:
         self.progress.stage = "idle"
         if outcome.digest:
             self.progress.last_digest = outcome.digest.hex()
-        # metrics are recorded for committed rounds, by their participants only
-        if (loss is not None or metric is not None) and outcome.digest and outcome.contributed:
-            self._background.submit(self._report_metrics, outcome.round, loss, metric)
+        # metrics of committed rounds it took part in: carried by the next check-in or finish
+        self.driver.note_metrics(lifecycle.eligible_metrics(
+            outcome.round, bool(outcome.digest), outcome.contributed, loss, metric))
 
     @property
     def _idle_check_s(self) -> float:
@@ -527,12 +517,6 @@ class NodeService:
         except ContractReverted as exc:  # another node drew it first
             log.debug("draw round %d: %s", round, exc.reason or exc)
 
-    def _report_metrics(self, round: int, loss: float | None, metric: float | None) -> None:
-        try:
-            self.chain.report_metrics(round, loss or 0.0, metric or 0.0)
-        except Exception as exc:  # metrics are an audit nicety: never fail a round on them
-            log.warning("round %d: could not report metrics: %s", round, exc)
-
 
 class _NotYetAuthorised(IdentityError):
     pass
@@ -560,10 +544,10 @@ class _LocalApi:
             if weight < 0:
                 raise ConfigError(f"{method}: weight must be >= 0, got {weight}")
             cap = self.node.settings.max_weight
-            if weight > cap:  # the contract would refuse the check-in: contribute at the cap
+            if lifecycle.capped_weight(weight, cap) != weight:
                 log.warning("the trainer's weight %d is over the swarm's max_weight %d; it "
                             "counts as %d", weight, cap, cap)
-                weight = cap
+                weight = lifecycle.capped_weight(weight, cap)
             t0 = time.monotonic()
             if method == "sync":
                 outcome = self.node.sync(payload, weight, args.get("loss"), args.get("metric"))

@@ -4,7 +4,8 @@ Each scenario ends with every live site holding the same final model, whose dige
 each test measures how long the swarm took to get past the failure and prints it (`-s`), and the
 README's failure table reports those times. Faults are real where the OS can make them (SIGSTOP,
 SIGKILL, a chain stopped and started) and injected at an exact protocol point otherwise
-(``SWARMNODE_TEST_EXIT``: the process exits with no clean-up at that point).
+(the ``exit`` fault of the node's test-only ``faults:`` config: the process exits with no
+clean-up at that point).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ def _wait(predicate, timeout: float, what: str, swarm: LocalSwarm):  # type: ign
     return swarm.wait_until(predicate, timeout, what, poll=0.05)  # fine steps: times are measured
 
 
-def _start(swarm: LocalSwarm, env: dict[int, dict[str, str]] | None = None) -> None:
+def _start(swarm: LocalSwarm, faults: dict[int, dict[str, str]] | None = None) -> None:
+    """Start every site; ``faults``: by site, the ``faults:`` section of its node.yaml."""
     sites = range(swarm.n)
     for i in sites:
-        swarm.start_node(i, env=(env or {}).get(i))
+        swarm.start_node(i, faults=(faults or {}).get(i))
     swarm.wait_enrolled(list(sites))
     for i in sites:
         swarm.start_trainer(i)
@@ -56,7 +58,7 @@ def test_a_paused_leader_is_replaced_and_catches_up_when_it_wakes(tmp_path: Path
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
                     epochs=3) as swarm:
         # round 2's leader holds its commit back 20 s, so the freeze surely lands before it
-        _start(swarm, {i: {"SWARMNODE_TEST_STALL_COMMIT": "2:1:20"} for i in range(3)})
+        _start(swarm, {i: {"stall_commit": "2:1:20"} for i in range(3)})
         info = _drawn(swarm, 2)
         leader = swarm.index_of(info.leader)
         swarm.pause_node(leader)
@@ -74,7 +76,7 @@ def test_a_paused_leader_is_replaced_and_catches_up_when_it_wakes(tmp_path: Path
 def test_the_leader_dies_right_after_committing(tmp_path: Path) -> None:
     """The round-2 leader exits the moment its commit is mined. The members hold the merged model
     (fetched before the commit) or pull it from one that does; the others go on without it."""
-    exit_after_commit = {"SWARMNODE_TEST_EXIT": "after-commit:2"}
+    exit_after_commit = {"exit": "after-commit:2"}
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
                     epochs=3) as swarm:
         _start(swarm, {i: exit_after_commit for i in range(3)})
@@ -106,8 +108,8 @@ def test_members_that_die_after_and_before_pushing_do_not_stall_the_round(
     fault fires in round 2, or in the first later round where that site is not the leader.)"""
     with LocalSwarm(tmp_path / "swarm", 4, min_peers=2, grace_s=1, deadline_s=4,
                     epochs=3) as swarm:
-        _start(swarm, {2: {"SWARMNODE_TEST_EXIT": "after-push:2+"},
-                       3: {"SWARMNODE_TEST_EXIT": "before-push:2+"}})
+        _start(swarm, {2: {"exit": "after-push:2+"},
+                       3: {"exit": "before-push:2+"}})
         c = swarm.contract
         _wait(lambda: all(swarm.nodes[i].poll() is not None for i in (2, 3)), 180,
               "both faulty sites to die", swarm)
@@ -136,7 +138,7 @@ def test_the_chain_restarts_in_the_middle_of_a_round(tmp_path: Path) -> None:
     takes that model) and every site ends with the final model."""
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4, epochs=3,
                     state_file=True) as swarm:
-        stall = {"SWARMNODE_TEST_STALL_COMMIT": "3:1:9"}  # its leader hangs 9 s before merging
+        stall = {"stall_commit": "3:1:9"}  # its leader hangs 9 s before merging
         _start(swarm, {i: stall for i in range(3)})
         info = _drawn(swarm, 3)
         swarm.chain.stop()
@@ -161,7 +163,7 @@ def test_a_round_whose_every_leader_fails_does_not_end_the_training(tmp_path: Pa
     every trainer stopped early), the sites merge together again, and every site ends with the
     final model. (A site hung longer than a deadline may still be set aside meanwhile and, if the
     others finish first, take the final model without its last epochs: that is the absent rule.)"""
-    stall = {"SWARMNODE_TEST_STALL_COMMIT": "3:1:6,3:2:6,3:3:6"}
+    stall = {"stall_commit": "3:1:6,3:2:6,3:3:6"}
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4, epochs=4,
                     state_file=True) as swarm:
         _start(swarm, {i: stall for i in range(3)})

@@ -79,9 +79,9 @@ def test_two_runs_with_the_same_seed_end_with_the_same_digests(tmp_path: Path) -
 def _start_with_a_stalled_leader(swarm: LocalSwarm) -> RoundInfo:
     """Start three nodes whose round-2 leader hangs before committing, and their trainers;
     round 2 as elected."""
-    env = {"SWARMNODE_TEST_STALL_COMMIT": "2:1"}  # round 2's first leader hangs (paused)
+    faults = {"stall_commit": "2:1"}  # round 2's first leader hangs (paused)
     for i in range(3):
-        swarm.start_node(i, env=env)
+        swarm.start_node(i, faults=faults)
     swarm.wait_enrolled([0, 1, 2])
     for i in range(3):
         swarm.start_trainer(i)

@@ -1,0 +1,141 @@
+"""A node's course across rounds, free of I/O: what it does between rounds and after its trainer
+is done.
+
+- a sync whose check-in lost the race (the round was elected first) contributes to the next round
+  instead of dropping the trainer's work (:func:`missed_checkin`), unless training is over;
+- a trainer's weight above the swarm's ``max_weight`` counts at the cap (:func:`capped_weight`);
+- the end-of-training policies (:func:`end_step`, :func:`adopts_merged`);
+- which round holds the final model and whether this node must fetch it (:func:`final_round`,
+  :func:`holds_final`);
+- which rounds' metrics go on chain, carried by the next check-in or by ``finish``
+  (:func:`eligible_metrics`, :func:`pending_after`, :func:`pending_after_sent`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from swarmnode.errors import ConfigError
+
+__all__ = [
+    "END_POLICIES",
+    "EndStep",
+    "Metrics",
+    "adopts_merged",
+    "capped_weight",
+    "check_policy",
+    "eligible_metrics",
+    "end_step",
+    "final_round",
+    "holds_final",
+    "missed_checkin",
+    "pending_after",
+    "pending_after_sent",
+]
+
+END_POLICIES = ("inactive", "snapshot", "active")
+
+
+# -- a sync ----------------------------------------------------------------------------------------
+def missed_checkin(contributed: bool, abandoned: bool, weight: int) -> bool:
+    """Round r was elected before this node's check-in landed (it took the merged model and added
+    nothing): rather than drop the trainer's work, it contributes the same update to the next
+    round (which opens now), unless training is over. A weight-0 sync has nothing to add."""
+    return not contributed and not abandoned and weight > 0
+
+
+def capped_weight(weight: int, cap: int) -> int:
+    """The contract refuses check-ins heavier than ``max_weight``: a heavier trainer counts at
+    the cap."""
+    return min(weight, cap)
+
+
+# -- the end of training ---------------------------------------------------------------------------
+def check_policy(policy: str) -> str:
+    if policy not in END_POLICIES:
+        raise ConfigError(
+            f"unknown on_train_end policy {policy!r}; choose one of {', '.join(END_POLICIES)}"
+        )
+    return policy
+
+
+@dataclass(frozen=True)
+class EndStep:
+    """What a node whose trainer is done does while round ``round`` runs."""
+
+    take_part: bool  # run the round (else wait for it to end, setting silent sites aside)
+    weight: int  # its check-in weight
+    model: str  # what it contributes: "own" (its final weights), "latest" (the newest merged
+    #             model it holds, its own if none), "current" (what it contributed last)
+    drive: bool  # may turn the round over (elect, draw): only in the final round
+
+
+def end_step(policy: str, round: int, final: int | None, weight: int) -> EndStep:
+    """``inactive`` (default) stops contributing: it waits, takes part only in the final round,
+    with weight 0 and the newest merged model (so rounds do not wait for it, and stay
+    reproducible). ``snapshot`` keeps contributing its final weights, ``active`` the merged
+    weights of each round (:func:`adopts_merged`), every round at the trainer's weight. Before
+    the final round a finished node only follows: it must not turn rounds over while another
+    site still trains."""
+    check_policy(policy)
+    last = final == round
+    if policy == "inactive":
+        return EndStep(take_part=last, weight=0, model="latest", drive=last)
+    return EndStep(take_part=True, weight=weight, model="current", drive=last)
+
+
+def adopts_merged(policy: str) -> bool:
+    """Whether the node contributes each round's merged model from then on (``active``)."""
+    return policy == "active"
+
+
+def final_round(current_round: int) -> int:
+    """The final model is the merged model of the round before the current one (the contract
+    opens no round after the final one)."""
+    return current_round - 1
+
+
+def holds_final(chain_digest: bytes | None, held_digest: bytes | None) -> bool:
+    """Whether the model this node holds for the final round is the one on chain; if not it
+    fetches it from that round's members (once: still not held, the node fails, naming the
+    log's failed pulls)."""
+    return held_digest is not None and held_digest == chain_digest
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+class Metrics(NamedTuple):
+    """An earlier round's validation loss and metric, as ``checkin``/``finish`` carry them."""
+
+    round: int
+    loss: float
+    metric: float
+
+
+def eligible_metrics(round: int, committed: bool, contributed: bool, loss: float | None,
+                     metric: float | None) -> Metrics | None:
+    """The trainer's metrics of ``round`` go on chain only for a committed round this node took
+    part in (checked in, not late; what the contract accepts), and only if it measured any (a
+    missing one goes as 0)."""
+    if (loss is None and metric is None) or not committed or not contributed:
+        return None
+    return Metrics(round, loss or 0.0, metric or 0.0)
+
+
+def pending_after(pending: Metrics | None, new: Metrics | None) -> Metrics | None:
+    """The metrics the next check-in (or ``finish``) carries. One transaction carries one set:
+    the newest eligible round's replace older ones not sent yet (those are dropped; a node sends
+    after every round, so that is only a round whose next check-in never happened). Metrics left
+    pending when the node checks in no more and ``finish`` is not sent (the training finished
+    without it) are never recorded."""
+    if new is None:
+        return pending
+    if pending is not None and pending.round > new.round:
+        return pending
+    return new
+
+
+def pending_after_sent(pending: Metrics | None, sent: Metrics | None) -> Metrics | None:
+    """After a check-in or ``finish`` carried ``sent`` (mined): nothing pending, unless newer
+    metrics came meanwhile."""
+    return None if pending == sent else pending
