@@ -90,3 +90,18 @@ def test_defaults_fit_containers(tmp_path: Path) -> None:
     local = load_config(_write(tmp_path, BASE | {"peer_listen": "127.0.0.1:0",
                                                  "peer_endpoint": None}), env={})
     assert local.endpoint == "127.0.0.1:0"  # a loopback bind needs no separate endpoint
+
+
+def test_faults_are_test_only_from_the_file_and_validated(tmp_path: Path) -> None:
+    from swarmnode.node.faults import NO_FAULTS, ExitAt, Stall
+
+    cfg = load_config(_write(tmp_path, BASE), env={"SWARMNODE_FAULTS": "x"})
+    assert cfg.faults is None and cfg.fault_plan == NO_FAULTS  # never from the environment
+    assert load_config(_write(tmp_path, BASE), {"faults": "x"}, env={}).faults is None
+    faults = {"stall_commit": "2:1:20", "exit": "after-commit:3+"}
+    plan = load_config(_write(tmp_path, BASE | {"faults": faults}), env={}).fault_plan
+    assert plan.stalls == (Stall(2, 1, 20.0),) and plan.exit == ExitAt("after-commit", 3, True)
+    with pytest.raises(ConfigError, match="setting faults.*exit 'mid-push:2'"):
+        load_config(_write(tmp_path, BASE | {"faults": {"exit": "mid-push:2"}}), env={})
+    with pytest.raises(ConfigError, match="faults"):
+        load_config(_write(tmp_path, BASE | {"faults": {"stall": "2:1"}}), env={})

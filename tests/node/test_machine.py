@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarmnode.chain.client import RoundInfo, RoundStatus
+from swarmnode.chain.models import RoundInfo, RoundStatus
 from swarmnode.node.machine import (
     CheckIn,
     Done,
@@ -233,3 +233,106 @@ def test_a_refused_merged_model_ends_the_round_without_it() -> None:
     assert m.decide(Observation(103, committed)) == Pull(1, D, (B,))
     m.on_refused(D)
     assert m.decide(Observation(103.5, committed)) == Done(1, abandoned=True)
+
+
+# -- the rules that left the driver --------------------------------------------------------------
+def test_a_push_gets_what_is_left_of_the_deadline_within_bounds_and_prefetches() -> None:
+    t = Timing(grace_s=2, deadline_s=60, collect_s=30, min_peers=2, transfer_s=120,
+               min_transfer_s=5)
+    e = info(RoundStatus.ELECTED, [A, B], leader=B, elected_at=100)
+    push = RoundMachine(A, 1, weight=5, timing=t).decide(Observation(110, e))
+    assert isinstance(push, Push) and push.timeout_s == 52.0  # 50 s left + 2
+    assert push.prefetch  # the merged model is fetched as soon as the leader has it
+    late = RoundMachine(A, 1, weight=5, timing=t).decide(Observation(159, e))
+    assert isinstance(late, Push) and late.timeout_s == 5.0  # never less than min_transfer_s
+    long = Timing(grace_s=2, deadline_s=600, collect_s=300, min_peers=2, transfer_s=120)
+    early = RoundMachine(A, 1, weight=5, timing=long).decide(Observation(100, e))
+    assert isinstance(early, Push) and early.timeout_s == 120.0  # never more than transfer_s
+
+
+def test_a_weight_zero_participant_sends_nothing_and_waits_for_the_commit() -> None:
+    m = RoundMachine(A, 1, weight=0, timing=T)
+    m.on_checked_in()
+    e = info(RoundStatus.ELECTED, [A, B], leader=B, elected_at=100)
+    act = m.decide(Observation(101, e))
+    assert isinstance(act, Wait) and m.stage is Stage.COMMIT and m.pushed_attempt == 0
+
+
+def test_a_pull_asks_the_leader_first_then_the_other_participants() -> None:
+    m = RoundMachine(C, 1, weight=5, timing=T)
+    m.on_checked_in()
+    done = info(RoundStatus.COMMITTED, [A, C, B], leader=B, digest=D)
+    assert m.decide(Observation(200, done)) == Pull(1, D, (B, A))
+
+
+def test_a_failed_pull_is_retried_then_given_up_a_deadline_later() -> None:
+    """Nobody serves the committed model (its leader died before any member had a copy): the
+    member tries again every retry_s and, a deadline (chain time) after the first failure, ends
+    the round without it, keeping its own parameters."""
+    m = RoundMachine(A, 1, weight=5, timing=T)
+    m.on_checked_in()
+    m.on_pushed(0)
+    done = info(RoundStatus.COMMITTED, [A, B], leader=B, digest=D)
+    assert m.decide(Observation(200, done)) == Pull(1, D, (B,))
+    m.on_pull_failed(200)
+    assert isinstance(m.decide(Observation(200.1, done)), Wait)  # not before retry_s
+    assert m.decide(Observation(200.5, done)) == Pull(1, D, (B,))
+    m.on_pull_failed(200.5)
+    assert m.decide(Observation(210, done)) == Pull(1, D, (B,))  # a deadline is 10 s: not yet
+    m.on_pull_failed(210)
+    gave_up = m.decide(Observation(210.1, done))
+    assert gave_up == Done(1, abandoned=True) and gave_up.why == "unservable"
+    assert m.stage is Stage.DONE
+    assert m.decide(Observation(300, done)) == Done(1, abandoned=True)  # stays given up
+
+
+def test_a_pull_that_succeeds_after_failures_ends_the_round_with_the_model() -> None:
+    m = RoundMachine(A, 1, weight=5, timing=T)
+    m.on_checked_in()
+    done = info(RoundStatus.COMMITTED, [A, B], leader=B, digest=D)
+    m.decide(Observation(200, done))
+    m.on_pull_failed(200)
+    m.on_pulled(D)
+    assert m.decide(Observation(215, done)) == Done(1)
+
+
+def test_a_vetoed_merge_is_not_merged_again_the_deadline_re_elects() -> None:
+    m = RoundMachine(A, 1, weight=1, timing=T)
+    m.on_checked_in()
+    e = info(RoundStatus.ELECTED, [A, B], leader=A, elected_at=100)
+    assert m.decide(Observation(101, e, frozenset({B}))) == Merge(1, 0, (A, B))
+    m.on_vetoed(0)
+    for now in (101.6, 105, 120):
+        assert isinstance(m.decide(Observation(now, e, frozenset({B}))), Wait)
+    again = info(RoundStatus.ELECTED, [A, B], leader=A, attempt=1, elected_at=111)
+    assert m.decide(Observation(121, again, frozenset({B}))) == Merge(1, 1, (A, B))
+
+
+def test_the_checkin_carries_the_pending_metrics() -> None:
+    from swarmnode.node.lifecycle import Metrics
+
+    m = RoundMachine(A, 4, weight=10, timing=T, metrics=Metrics(3, 0.5, 0.9))
+    assert m.decide(Observation(100, info(round=4))) == CheckIn(4, 10, Metrics(3, 0.5, 0.9))
+    assert RoundMachine(A, 4, weight=10, timing=T).decide(
+        Observation(100, info(round=4))) == CheckIn(4, 10, None)
+
+
+def test_absent_sites_are_looked_for_only_after_the_grace_and_every_few_seconds() -> None:
+    from swarmnode.node.machine import absent_check_due
+
+    t = Timing(grace_s=2.0, deadline_s=10.0, collect_s=5.0, min_peers=2, absent_check_s=2.0)
+    open_ = info(participants=[A], first=100)
+    never = -float("inf")
+    assert not absent_check_due(A, open_, 101.9, t, never)  # grace period
+    assert absent_check_due(A, open_, 102.0, t, never)
+    assert not absent_check_due(A, open_, 103.0, t, last_checked=102.0)  # at most every 2 s
+    assert absent_check_due(A, open_, 104.0, t, last_checked=102.0)
+    assert not absent_check_due(B, open_, 104.0, t, never)  # not checked in
+    assert not absent_check_due(A, info(participants=[A]), 104.0, t, never)  # no first check-in
+    elected = info(RoundStatus.ELECTED, [A], leader=A, first=100)
+    assert not absent_check_due(A, elected, 104.0, t, never)
+
+
+def test_the_leader_waits_at_most_a_quarter_deadline_for_a_replica_capped_at_5_s() -> None:
+    assert T.replicate_s == 2.5
+    assert Timing(grace_s=2, deadline_s=60, collect_s=30, min_peers=2).replicate_s == 5.0
