@@ -11,6 +11,10 @@ numbered band, so the CLI (and scripts around it) can tell failures apart::
     │   ├── ChainUnavailable (21)   no JSON-RPC answer at the URL                 [ConnectionError]
     │   ├── ContractNotFound (22)   no SwarmLearning contract at the address
     │   ├── ContractReverted (23)   the contract refused a call (reason attached)
+    │   │   ├── NotPermitted (25)   the caller may not do this (identity, role, revocation)
+    │   │   ├── NotNow (26)         the training's state does not allow it now (round, grace,
+    │   │   │                       deadline, finished): read the state and act on it
+    │   │   └── BadArgument (27)    an argument the contract refuses (zero, too large, listed twice)
     │   └── ChainTimeout (24)       an awaited on-chain event did not happen in time [TimeoutError]
     ├── IdentityError (30)          certificates, keys, trust bundles
     ├── TransportError (40)         the peer or local API failed
@@ -34,6 +38,7 @@ __all__ = [
     "ChainUnavailable",
     "ConfigError",
     "ContractNotFound",
+    "BadArgument",
     "ContractReverted",
     "DuplicateUpdate",
     "IdentityError",
@@ -41,6 +46,8 @@ __all__ = [
     "NodeError",
     "NodeUnavailable",
     "NonFiniteValues",
+    "NotNow",
+    "NotPermitted",
     "PayloadRejected",
     "PeerRefused",
     "PeerUnavailable",
@@ -96,6 +103,21 @@ class ContractReverted(ChainError):
     def __init__(self, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class NotPermitted(ContractReverted, PermissionError):
+    exit_code = 25
+    help = "the caller may not do this (identity, role, revocation)"
+
+
+class NotNow(ContractReverted):
+    exit_code = 26
+    help = "the training's state does not allow this call now"
+
+
+class BadArgument(ContractReverted):
+    exit_code = 27
+    help = "the contract refuses an argument"
 
 
 class ChainTimeout(ChainError, TimeoutError):

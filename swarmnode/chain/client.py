@@ -1,10 +1,12 @@
-"""The SwarmLearning contract behind a small typed interface.
+"""The contracts behind a small typed interface: a consortium's :class:`SwarmRegistry` and a
+training's :class:`SwarmContract` (a ``SwarmTraining`` deployment, which names its registry).
 
 Transactions are signed locally by the contract's account and sent with
 ``eth_sendRawTransaction`` (standard ``eth_*`` only, so geth works like anvil). A lock per account
 serialises nonce use, so several threads may share one account. Every revert becomes a
 :class:`~swarmnode.errors.ContractReverted` naming the function, the contract's reason and what to
-do; RPC failures become :class:`~swarmnode.errors.ChainUnavailable`. No web3 type leaves here.
+do (decoded by selector from the contracts' custom errors: :mod:`swarmnode.chain.reverts`); RPC
+failures become :class:`~swarmnode.errors.ChainUnavailable`. No web3 type leaves here.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from swarmnode.chain.models import (
     NodeInfo,
     RoundInfo,
     RoundStatus,
+    SiteInfo,
     TxResult,
 )
+from swarmnode.chain.reverts import Revert
 from swarmnode.chain.rpc import (
     chain_id,
     connect,
@@ -56,6 +60,7 @@ __all__ = [
     "RoundInfo",
     "RoundStatus",
     "SwarmContract",
+    "SwarmRegistry",
     "TxResult",
     "chain_id",
     "connect",
@@ -63,31 +68,32 @@ __all__ = [
 
 T = TypeVar("T")
 ZERO_ADDRESS = "0x" + "0" * 40
+_CLOSED = (RoundStatus.COMMITTED, RoundStatus.ABANDONED)
 DRAW_GAS = 800_000
 LOG_RANGE = 5_000  # blocks per eth_getLogs query
 FIXED_POINT = 1_000_000  # reportMetrics values are fixed-point x1e6
 UINT32_MAX = 2**32 - 1
 
-_ARTIFACT = load_artifact()
+_ARTIFACT = load_artifact("SwarmTraining")
 ABI: list[dict[str, Any]] = _ARTIFACT["abi"]
 BYTECODE: str = _ARTIFACT["bytecode"]
-_SELECTORS = [function_abi_to_4byte_selector(e) for e in ABI if e["type"] == "function"]
-_EVENTS = {e["name"]: e for e in ABI if e["type"] == "event"}
+_REG_ARTIFACT = load_artifact("SwarmRegistry")
+REGISTRY_ABI: list[dict[str, Any]] = _REG_ARTIFACT["abi"]
+REGISTRY_BYTECODE: str = _REG_ARTIFACT["bytecode"]
+
+
+def _selectors(abi: list[dict[str, Any]]) -> list[bytes]:
+    return [function_abi_to_4byte_selector(e) for e in abi if e["type"] == "function"]
+
+
+def _events(abi: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in abi if e["type"] == "event"}
+
+
+_EVENTS = _events(ABI)
+_REG_EVENTS = _events(REGISTRY_ABI)
 _TOPICS = {event_abi_to_log_topic(e): name for name, e in _EVENTS.items()}
-
-_HINTS = (
-    ("not open for check-in", "read the current round with `swarmnode status` and use it"),
-    ("already elected", "take the round's merged model and move on to the next round"),
-    ("min peers checked in", "wait for more nodes to check in, then elect again"),
-    ("grace period ends at", "call elect again after that time"),
-    ("has until", "wait for the round deadline, then re-elect"),
-    ("only the admin", "sign with the admin account (the deployer)"),
-    ("only its leader", "only the elected leader commits; the others pull its merged model"),
-    ("can be marked absent from round", "wait until that round; the node may still come back"),
-    ("cannot be marked absent", "only a node that neither finished nor was revoked can be"),
-    ("is already absent", "nothing to do; a check-in by that node brings it back"),
-)
-
+_REG_TOPICS = {event_abi_to_log_topic(e): name for name, e in _REG_EVENTS.items()}
 
 def _plain(value: Any) -> Any:
     if isinstance(value, bytes | bytearray):
@@ -114,21 +120,67 @@ def _spec_max_weight(spec_json: str) -> int:
     return value
 
 
-def _hint(reason: str) -> str:
-    for needle, hint in _HINTS:
-        if needle in reason:
-            return hint
-    return "see `swarmnode status` for the contract's state"
-
-
 def _to_fixed(value: float, name: str) -> int:
     if not math.isfinite(value):
         raise ConfigError(f"metric {name}={value} is not a finite number; report finite values")
     return int(builtins.round(value * FIXED_POINT))
 
 
-class SwarmContract:
-    """One deployed SwarmLearning contract, acting as ``account`` (None: read-only)."""
+def _metrics_args(metrics: tuple[int, float, float] | None) -> tuple[int, int, int]:
+    if metrics is None:
+        return (0, 0, 0)
+    round_, loss, metric = metrics
+    if not isinstance(round_, int) or round_ < 1:
+        raise ConfigError(f"metrics round {round_!r} must be a round number from 1 on")
+    return (round_, _to_fixed(loss, "loss"), _to_fixed(metric, "metric"))
+
+
+def _read_events(w3: Web3, contract: Any, address: str, abis: dict[str, dict[str, Any]],
+                 topics_by: dict[bytes, str], from_block: int, to_block: int | None,
+                 names: set[str] | None, round_topic: str | None = None) -> list[ChainEvent]:
+    topics: list[Any] = []
+    if names is not None:
+        topics = [[event_abi_to_log_topic(abis[n]) for n in sorted(names)]]
+    if round_topic is not None:
+        topics = (topics or [None]) + [round_topic]
+    with rpc_guard(w3, "reading the block number"):
+        head = w3.eth.block_number
+    to_block = head if to_block is None else min(to_block, head)
+    if from_block > to_block:  # nothing mined yet past from_block (anvil refuses the query)
+        return []
+    logs: list[Any] = []
+    for start in range(from_block, to_block + 1, LOG_RANGE):
+        query: dict[str, Any] = {
+            "address": address,
+            "fromBlock": start,
+            "toBlock": min(to_block, start + LOG_RANGE - 1),
+        }
+        if topics:
+            query["topics"] = topics
+        with rpc_guard(w3, "reading contract events"):
+            logs += w3.eth.get_logs(query)  # type: ignore[arg-type]
+    out = []
+    for log in logs:
+        name = topics_by.get(bytes(log["topics"][0])) if log["topics"] else None
+        if name is None:
+            continue
+        decoded = contract.events[name]().process_log(log)
+        out.append(ChainEvent(
+            name=name,
+            args={k: _plain(v) for k, v in decoded["args"].items()},
+            block=int(log["blockNumber"]),
+            tx_hash="0x" + bytes(log["transactionHash"]).hex(),
+            log_index=int(log["logIndex"]),
+        ))
+    return out
+
+
+class _Handle:
+    """A deployed contract of ``abi`` at ``address``, acting as ``account`` (None: read-only)."""
+
+    _abi: list[dict[str, Any]] = []
+    _topics: dict[bytes, str] = {}
+    _kind = "contract"
 
     def __init__(
         self,
@@ -147,71 +199,53 @@ class SwarmContract:
             self.address: str = Web3.to_checksum_address(address)
         except (ValueError, TypeError):
             raise ConfigError(
-                f"{address!r} is not a contract address (0x and 40 hex digits); check --contract "
-                "or SWARMNODE_CONTRACT"
+                f"{address!r} is not a {self._kind} address (0x and 40 hex digits); check "
+                "--contract / --registry or the node config"
             ) from None
         self._w3 = w3
         self._account = account
         self.receipt_timeout = receipt_timeout
         self.bump_after_s = bump_after_s
         self.confirmations = confirmations
-        self._contract = w3.eth.contract(address=self.address, abi=ABI)
+        self._contract = w3.eth.contract(address=self.address, abi=self._abi)
         self._sender: TxSender | None = None
-        self._settings: ContractSettings | None = None
-        # participants of elected rounds (fixed from the election on): one read per round
-        self._fixed_participants: dict[int, tuple[str, ...]] = {}
         if not _checked:
             self._check_code()
 
-    # ------------------------------------------------------------------ construction
+    def _options(self) -> dict[str, Any]:
+        return {"receipt_timeout": self.receipt_timeout, "bump_after_s": self.bump_after_s,
+                "confirmations": self.confirmations}
+
+    def _check_code(self) -> None:
+        with rpc_guard(self._w3, f"reading the code at {self.address}"):
+            code = bytes(self._w3.eth.get_code(self.address))
+        if not code:
+            raise ContractNotFound(
+                f"no contract at {self.address} on {self.chain}; deploy a {self._kind} with "
+                f"`swarmnode {self._cli} deploy` or check the address you passed"
+            )
+        if not all(sel in code for sel in _selectors(self._abi)):
+            raise ContractNotFound(
+                f"the contract at {self.address} on {self.chain} is not a {self._kind}; check "
+                "the address you passed"
+            )
 
     @classmethod
-    def deploy(
-        cls,
-        w3: Web3,
-        admin: LocalAccount,
-        spec_json: str,
-        min_peers: int,
-        grace_s: int,
-        deadline_s: int,
-        *,
-        receipt_timeout: float = 30.0,
-    ) -> SwarmContract:
-        """Deploy a new contract for one training; ``admin`` signs and becomes its admin."""
-        for name, value in (("min_peers", min_peers), ("grace_s", grace_s),
-                            ("deadline_s", deadline_s)):
-            if not isinstance(value, int) or not 0 <= value <= UINT32_MAX:
-                raise ConfigError(f"{name}={value!r} must be an integer in 0..{UINT32_MAX}")
-        spec_hash = hashlib.sha256(spec_json.encode("utf-8")).digest()
-        max_weight = _spec_max_weight(spec_json)
-        what = f"deploy(min_peers={min_peers}, grace={grace_s}s, deadline={deadline_s}s)"
+    def _deploy_data(cls, w3: Web3, bytecode: str, what: str, *args: Any) -> str:
         try:
-            factory = w3.eth.contract(abi=ABI, bytecode=BYTECODE)
-            data = factory.constructor(
-                spec_hash, spec_json, min_peers, grace_s, deadline_s, max_weight
-            ).data_in_transaction
+            factory = w3.eth.contract(abi=cls._abi, bytecode=bytecode)
+            return str(factory.constructor(*args).data_in_transaction)
         except (Web3ValidationError, Web3TypeError, Web3ValueError, OverflowError) as exc:
             raise ConfigError(f"{what}: an argument does not fit the constructor: {exc}") from None
 
+    @staticmethod
+    def _deploy_refused(what: str, admin: LocalAccount) -> Callable[[str], ContractReverted]:
         def refused(reason: str) -> ContractReverted:
-            return ContractReverted(
-                f"{what} by {admin.address} was refused: {reason}. Next: fix the deployment "
-                "settings", reason=reason,
-            )
-
-        sender = TxSender(w3, admin, receipt_timeout)
-        receipt = sender.send({"data": data}, what, refused)
-        return cls(w3, receipt["contractAddress"], admin, receipt_timeout=receipt_timeout,
-                   _checked=True)
-
-    def with_account(self, account: LocalAccount) -> SwarmContract:
-        """The same contract, signing as ``account``."""
-        other = SwarmContract(self._w3, self.address, account,
-                              receipt_timeout=self.receipt_timeout,
-                              bump_after_s=self.bump_after_s, confirmations=self.confirmations,
-                              _checked=True)
-        other._settings = self._settings
-        return other
+            cls = reason.row.cls if isinstance(reason, Revert) else ContractReverted
+            hint = reason.row.hint if isinstance(reason, Revert) else "fix the deployment settings"
+            return cls(f"{what} by {admin.address} was refused: {reason}. Next: {hint}",
+                       reason=reason)
+        return refused
 
     @property
     def rpc_calls(self) -> int:
@@ -233,43 +267,317 @@ class SwarmContract:
         """Where the contract lives (RPC URL), for messages."""
         return describe(self._w3)
 
-    # ------------------------------------------------------------------ admin and node calls
+    def latest_block(self) -> tuple[int, int]:
+        """The latest block's number and timestamp."""
+        with rpc_guard(self._w3, "reading the latest block"):
+            block = self._w3.eth.get_block("latest")
+        return int(block["number"]), int(block["timestamp"])
 
-    def authorize(self, node: str, fingerprint: bytes) -> TxResult:
-        """Admin: authorise ``node`` with its certificate fingerprint (again to rotate it)."""
+    def block_timestamp(self) -> int:
+        """The latest block's timestamp (the contract's clock)."""
+        with rpc_guard(self._w3, "reading the latest block"):
+            return int(self._w3.eth.get_block("latest")["timestamp"])
+
+    def wait_for(
+        self,
+        predicate: Callable[[], T | None],
+        timeout: float,
+        what: str,
+        poll: float = 0.05,
+    ) -> T:
+        """Poll ``predicate`` until it returns something other than None."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value is not None:
+                return value
+            if time.monotonic() >= deadline:
+                raise ChainTimeout(
+                    f"{what} did not happen within {timeout:g} s on {self.chain} "
+                    f"(contract {self.address}); check `swarmnode status`"
+                )
+            time.sleep(poll)
+
+    def _address_arg(self, value: str, what: str) -> str:
+        try:
+            return Web3.to_checksum_address(value)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{what} {value!r} is not an address (0x and 40 hex digits)"
+            ) from None
+
+    @staticmethod
+    def _round_arg(r: int) -> None:
+        if not isinstance(r, int) or r < 1:
+            raise ConfigError(f"round {r!r} does not exist; rounds are numbered from 1")
+
+    def _call(self, fn: str, *args: Any) -> Any:
+        with rpc_guard(self._w3, f"calling {fn}"):
+            try:
+                return getattr(self._contract.functions, fn)(*args).call()
+            except Exception as exc:
+                reason = revert_reason(exc)
+                if reason is None:
+                    raise
+                cls = reason.row.cls if isinstance(reason, Revert) else ContractReverted
+                raise cls(f"{fn} on {self.address} reverted: {reason}", reason=reason) from None
+
+    def _refused(self, what: str, reason: str) -> ContractReverted:
+        who = self.account_address or "(no account)"
+        if isinstance(reason, Revert):
+            cls, hint = reason.row.cls, reason.row.hint
+        else:  # a string or panic from a contract that is not swarmnode's own
+            cls, hint = ContractReverted, "see `swarmnode status` for the training's state"
+        return cls(f"{what} by {who} was refused by the contract {self.address}: {reason}. "
+                   f"Next: {hint}", reason=reason)
+
+    def _tx_sender(self, what: str) -> TxSender:
+        if self._sender is None:
+            self._sender = TxSender(self._w3, require_account(self._account, what),
+                                    self.receipt_timeout, bump_after_s=self.bump_after_s,
+                                    confirmations=self.confirmations)
+        return self._sender
+
+    def fund(self, address: str, wei: int) -> TxResult:
+        """Send ``wei`` from this client's account to ``address`` (a dev chain's admin funds
+        the accounts sites made themselves: they start with nothing to pay gas with)."""
+        what = f"funding {address}"
+        if not Web3.is_address(address):
+            raise ConfigError(f"{what}: {address!r} is not a chain address")
+        receipt = self._tx_sender(what).send(
+            {"to": Web3.to_checksum_address(address), "value": int(wei)}, what,
+            lambda r: ContractReverted(f"{what} failed: {r}"), gas=21_000)
+        return TxResult(tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
+                        gas_used=int(receipt["gasUsed"]), block=int(receipt["blockNumber"]),
+                        events=())
+
+    def _transact(
+        self, fn: str, args: tuple[Any, ...], what: str, gas: int | None = None
+    ) -> TxResult:
+        try:
+            data = self._contract.encode_abi(fn, args=list(args))
+        except (Web3ValidationError, Web3TypeError, Web3ValueError, OverflowError) as exc:
+            raise ConfigError(
+                f"{what}: an argument does not fit the contract's types: {exc}"
+            ) from None
+        receipt = self._tx_sender(what).send(
+            {"to": self.address, "data": data}, what, lambda r: self._refused(what, r),
+            gas=gas,
+        )
+        mine = self.address.lower()
+        return TxResult(
+            tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
+            gas_used=int(receipt["gasUsed"]),
+            block=int(receipt["blockNumber"]),
+            events=tuple(
+                self._topics.get(bytes(lg["topics"][0]), "?") for lg in receipt.get("logs", ())
+                if lg["topics"] and str(lg["address"]).lower() == mine
+            ),
+        )
+
+
+class SwarmRegistry(_Handle):
+    """A consortium's SwarmRegistry: its admin, the sites' authorisation (with certificate
+    fingerprints), enrolment and endpoints, a public-key slot per site, and its trainings."""
+
+    _abi = REGISTRY_ABI
+    _topics = _REG_TOPICS
+    _kind = "SwarmRegistry"
+    _cli = "registry"
+
+    @classmethod
+    def deploy(cls, w3: Web3, admin: LocalAccount, *, receipt_timeout: float = 30.0
+               ) -> SwarmRegistry:
+        """Deploy a new registry for a consortium; ``admin`` signs and becomes its admin."""
+        what = "deploy(SwarmRegistry)"
+        data = cls._deploy_data(w3, REGISTRY_BYTECODE, what)
+        receipt = TxSender(w3, admin, receipt_timeout).send(
+            {"data": data}, what, cls._deploy_refused(what, admin))
+        return cls(w3, receipt["contractAddress"], admin, receipt_timeout=receipt_timeout,
+                   _checked=True)
+
+    def with_account(self, account: LocalAccount) -> SwarmRegistry:
+        """The same registry, signing as ``account``."""
+        return SwarmRegistry(self._w3, self.address, account, _checked=True, **self._options())
+
+    def admin(self) -> str:
+        return str(self._call("admin"))
+
+    def deployed_block(self) -> int:
+        return int(self._call("deployedBlock"))
+
+    def authorize(self, site: str, fingerprint: bytes) -> TxResult:
+        """Admin: authorise ``site`` with its certificate fingerprint (again to rotate it)."""
         if len(fingerprint) != 32:
             raise ConfigError(
-                f"certificate fingerprint for {node} is {len(fingerprint)} bytes; it must be the "
+                f"certificate fingerprint for {site} is {len(fingerprint)} bytes; it must be the "
                 "32-byte SHA-256 of the certificate's DER"
             )
-        node = self._address_arg(node, "node")
-        return self._transact("authorize", (node, fingerprint), f"authorize({node})")
+        site = self._address_arg(site, "site")
+        return self._transact("authorize", (site, fingerprint), f"authorize({site})")
 
-    def revoke(self, node: str) -> TxResult:
-        """Admin: revoke ``node``; it leaves the open round and can do nothing more."""
-        node = self._address_arg(node, "node")
-        return self._transact("revoke", (node,), f"revoke({node})")
+    def revoke(self, site: str) -> TxResult:
+        """Admin: revoke ``site`` for good, in every training of this registry."""
+        site = self._address_arg(site, "site")
+        return self._transact("revoke", (site,), f"revoke({site})")
 
     def enroll(self, endpoint: str) -> TxResult:
-        """Enrol this (authorised) account with its peer endpoint ``host:port``."""
+        """Enrol this (authorised) site with its peer endpoint ``host:port``."""
         return self._transact("enroll", (endpoint,), f"enroll(endpoint {endpoint!r})")
 
     def update_endpoint(self, endpoint: str) -> TxResult:
-        """Change this node's peer endpoint (a restart on a new port)."""
+        """Change this site's peer endpoint in the registry."""
+        return self._transact("updateEndpoint", (endpoint,), f"updateEndpoint({endpoint!r})")
+
+    def set_public_key(self, key: bytes) -> TxResult:
+        """Publish this site's 32-byte public key (for protocols that need one)."""
+        if len(key) != 32:
+            raise ConfigError(f"a site's public key is 32 bytes; {len(key)} given")
+        return self._transact("setPublicKey", (key,), "setPublicKey()")
+
+    def add_training(self, training: str) -> TxResult:
+        """Admin: list ``training`` (a SwarmTraining naming this registry) as the consortium's."""
+        training = self._address_arg(training, "training")
+        return self._transact("addTraining", (training,), f"addTraining({training})")
+
+    def site(self, address: str) -> SiteInfo:
+        """What the registry knows about ``address``."""
+        address = self._address_arg(address, "site")
+        fp, endpoint, authorized, enrolled, revoked, enrolled_at, key = self._call(
+            "siteInfo", address)
+        return SiteInfo(address=address, fingerprint=bytes(fp), endpoint=str(endpoint),
+                        authorized=bool(authorized), enrolled=bool(enrolled),
+                        revoked=bool(revoked), enrolled_at=int(enrolled_at),
+                        public_key=bytes(key) if any(key) else None)
+
+    def sites(self) -> list[SiteInfo]:
+        """Every enrolled site, in enrolment order."""
+        return [self.site(a) for a in self._call("siteList")]
+
+    def trainings(self) -> list[str]:
+        """The consortium's trainings, in the order the admin listed them."""
+        return [str(a) for a in self._call("trainings")]
+
+    def events(self, from_block: int | None = None, to_block: int | None = None,
+               names: set[str] | None = None) -> list[ChainEvent]:
+        """The registry's events in chain order (authorisations, enrolments, revocations)."""
+        if from_block is None:
+            from_block = self.deployed_block()
+        return _read_events(self._w3, self._contract, self.address, _REG_EVENTS, _REG_TOPICS,
+                            from_block, to_block, names)
+
+
+class SwarmContract(_Handle):
+    """One training: a deployed SwarmTraining contract, acting as ``account`` (None:
+    read-only). Site identities live in its registry (:attr:`registry`); the calls that concern
+    them (authorize, revoke, enrol) go there."""
+
+    _abi = ABI
+    _topics = _TOPICS
+    _kind = "SwarmTraining"
+    _cli = "training"
+
+    def __init__(self, w3: Web3, address: str, account: LocalAccount | None = None,
+                 **options: Any) -> None:
+        super().__init__(w3, address, account, **options)
+        self._settings: ContractSettings | None = None
+        self._registry: SwarmRegistry | None = None
+        # participants of elected rounds (fixed from the election on): one read per round
+        self._fixed_participants: dict[int, tuple[str, ...]] = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def deploy(
+        cls,
+        w3: Web3,
+        admin: LocalAccount,
+        spec_json: str,
+        min_peers: int,
+        grace_s: int,
+        deadline_s: int,
+        *,
+        registry: SwarmRegistry | str | None = None,
+        receipt_timeout: float = 30.0,
+    ) -> SwarmContract:
+        """Deploy a new training on ``registry`` (a handle or address; None: a new registry of
+        its own) and list it there; ``admin`` signs and must be the registry's admin."""
+        for name, value in (("min_peers", min_peers), ("grace_s", grace_s),
+                            ("deadline_s", deadline_s)):
+            if not isinstance(value, int) or not 0 <= value <= UINT32_MAX:
+                raise ConfigError(f"{name}={value!r} must be an integer in 0..{UINT32_MAX}")
+        if registry is None:
+            registry = SwarmRegistry.deploy(w3, admin, receipt_timeout=receipt_timeout)
+        elif isinstance(registry, str):
+            registry = SwarmRegistry(w3, registry, admin, receipt_timeout=receipt_timeout)
+        else:
+            registry = registry.with_account(admin)
+        spec_hash = hashlib.sha256(spec_json.encode("utf-8")).digest()
+        max_weight = _spec_max_weight(spec_json)
+        what = f"deploy(min_peers={min_peers}, grace={grace_s}s, deadline={deadline_s}s)"
+        data = cls._deploy_data(w3, BYTECODE, what, registry.address, spec_hash, spec_json,
+                                min_peers, grace_s, deadline_s, max_weight)
+        receipt = TxSender(w3, admin, receipt_timeout).send(
+            {"data": data}, what, cls._deploy_refused(what, admin))
+        training = cls(w3, receipt["contractAddress"], admin, receipt_timeout=receipt_timeout,
+                       _checked=True)
+        registry.add_training(training.address)
+        training._registry = registry
+        return training
+
+    def with_account(self, account: LocalAccount) -> SwarmContract:
+        """The same training, signing as ``account``."""
+        other = SwarmContract(self._w3, self.address, account, _checked=True, **self._options())
+        other._settings = self._settings
+        return other
+
+    @property
+    def registry(self) -> SwarmRegistry:
+        """The consortium's registry this training names, signing as this handle's account."""
+        if self._registry is None or self._registry._account is not self._account:
+            self._registry = SwarmRegistry(self._w3, str(self._call("registry")), self._account,
+                                           _checked=True, **self._options())
+        return self._registry
+
+    # ------------------------------------------------------------------ admin and node calls
+
+    def authorize(self, node: str, fingerprint: bytes) -> TxResult:
+        """Registry admin: authorise ``node`` (in the consortium: every training sees it)."""
+        return self.registry.authorize(node, fingerprint)
+
+    def revoke(self, node: str) -> TxResult:
+        """Registry admin: revoke ``node`` in the consortium (every training sets it aside)."""
+        return self.registry.revoke(node)
+
+    def join(self, endpoint: str = "") -> TxResult:
+        """Join this training (the site must be enrolled in the registry); ``endpoint``
+        overrides the registry's for this training (empty: none)."""
+        return self._transact("join", (endpoint,), f"join(endpoint {endpoint!r})")
+
+    def enroll(self, endpoint: str) -> TxResult:
+        """Enrol this (authorised) site in the registry if it is not yet, and join this training
+        at ``endpoint`` (an override only where the registry holds another endpoint)."""
+        me = require_account(self._account, "enroll").address
+        site = self.registry.site(me)
+        if not site.enrolled and not site.revoked:
+            self.registry.enroll(endpoint)
+            return self.join("")
+        return self.join("" if site.endpoint == endpoint else endpoint)
+
+    def update_endpoint(self, endpoint: str) -> TxResult:
+        """Change this site's peer endpoint for this training (a restart on a new port)."""
         return self._transact("updateEndpoint", (endpoint,), f"updateEndpoint({endpoint!r})")
 
     def checkin(self, round: int, weight: int,
                 metrics: tuple[int, float, float] | None = None) -> TxResult:
         """Check in for the open round; elects the leader when this completes the round.
 
-        ``metrics`` = (round, loss, metric) of an earlier committed round this node took part
-        in, carried by the check-in."""
-        if metrics is not None:
-            self.report_metrics(*metrics)  # transitional: v2 carries them in the check-in
+        ``metrics`` = (round, loss, metric): the evaluation of the committed round this site
+        last checked in for, carried by the check-in (no transaction of its own)."""
         if not isinstance(weight, int) or weight < 0:
             raise ConfigError(f"check-in weight {weight!r} must be a non-negative integer")
         what = f"checkin(round {round}, weight {weight})"
-        return self._transact("checkin", (round, weight), what)
+        return self._transact("checkin", (round, weight, *_metrics_args(metrics)), what)
 
     def elect(self, round: int) -> TxResult:
         """Elect the open round's leader once ``min_peers`` checked in and the grace passed."""
@@ -307,16 +615,15 @@ class SwarmContract:
         return self._transact("markAbsent", (node,), f"markAbsent({node})")
 
     def finish(self, metrics: tuple[int, float, float] | None = None) -> TxResult:
-        """This node's trainer is done (the last one fixes the final round); ``metrics`` as in
+        """This site's trainer is done (the last one fixes the final round); ``metrics`` as in
         :meth:`checkin`."""
-        if metrics is not None:
-            self.report_metrics(*metrics)  # transitional: v2 carries them in finish
-        return self._transact("finish", (), "finish()")
+        return self._transact("finish", _metrics_args(metrics), "finish()")
 
-    def report_metrics(self, round: int, loss: float, metric: float) -> TxResult:
-        """Record loss and metric for ``round`` (an event; fixed point x1e6 on chain)."""
-        args = (round, _to_fixed(loss, "loss"), _to_fixed(metric, "metric"))
-        return self._transact("reportMetrics", args, f"reportMetrics(round {round})")
+    def report_final_metrics(self, loss: float, metric: float) -> TxResult:
+        """The evaluation of the final model (the one report with a transaction of its own: no
+        check-in follows the final round); only once the training finished."""
+        args = (_to_fixed(loss, "loss"), _to_fixed(metric, "metric"))
+        return self._transact("reportFinalMetrics", args, "reportFinalMetrics()")
 
     # ------------------------------------------------------------------ views
 
@@ -374,45 +681,42 @@ class SwarmContract:
         return int(self._call("absentCount"))
 
     def node(self, address: str) -> NodeInfo:
-        """What the contract knows about ``address``."""
+        """What the training and its registry know about ``address``: ``enrolled`` means joined
+        this training; ``revoked``, revoked in the registry (or set aside here for it)."""
         address = self._address_arg(address, "node")
-        (fp, endpoint, authorized, enrolled, revoked, finished, last_seen, absent, last_checkin,
-         enrolled_round) = self._call("nodeInfo", address)
+        (endpoint, joined, revoked, finished, last_seen, absent, last_checkin,
+         joined_round) = self._call("nodeInfo", address)
+        site = self.registry.site(address)
         return NodeInfo(
-            address=address, fingerprint=bytes(fp), endpoint=str(endpoint),
-            authorized=bool(authorized), enrolled=bool(enrolled), revoked=bool(revoked),
+            address=address, fingerprint=site.fingerprint, endpoint=str(endpoint),
+            authorized=site.authorized, enrolled=bool(joined), revoked=bool(revoked),
             finished=bool(finished), last_seen=int(last_seen), absent=bool(absent),
-            last_checkin_round=int(last_checkin), enrolled_round=int(enrolled_round),
+            last_checkin_round=int(last_checkin), enrolled_round=int(joined_round),
         )
 
     def nodes(self) -> list[NodeInfo]:
-        """Every enrolled node, in enrolment order."""
+        """Every site that joined this training, in joining order."""
         return [self.node(a) for a in self._call("nodeList")]
 
     def absent_candidates(self) -> list[str]:
-        """Nodes that :meth:`mark_absent` would accept now, in enrolment order.
+        """Sites that :meth:`mark_absent` would accept now (the contract's own rule, on chain
+        time: revoked in the registry, or missed rounds and silent), in joining order."""
+        return [str(a) for a in self._call("absentCandidates")]
 
-        Enrolled, neither revoked, finished nor absent, the current round at least
-        ``absent_after_rounds`` past the later of the node's last check-in and enrolment round,
-        and silent for at least the round deadline; or silent for ``absent_after_rounds + 1``
-        round deadlines (rounds no longer move on when only a dead site is left training).
-        Empty once the training finished.
-        """
-        if self.training_finished():
-            return []
-        settings = self.settings()
-        current = self.current_round()
-        since = current - settings.absent_after_rounds
-        now = max(self.block_timestamp(), int(time.time()))
-        silent = settings.deadline_s * (settings.absent_after_rounds + 1)
-        return [
-            n.address for n in self.nodes()
-            if n.enrolled and not (n.revoked or n.finished or n.absent)
-            and n.last_checkin_round != current
-            and ((max(n.last_checkin_round, n.enrolled_round) <= since
-                  and now >= n.last_seen + settings.deadline_s)
-                 or now >= n.last_seen + silent)
-        ]
+    def waiting_for(self, round: int) -> list[str]:
+        """The sites the open ``round`` still waits for before it elects by itself."""
+        self._round_arg(round)
+        return [str(a) for a in self._call("waitingFor", round)]
+
+    def election_due(self, round: int) -> bool:
+        """Whether ``elect(round)`` would pass now (min peers in, grace over, still open)."""
+        self._round_arg(round)
+        return bool(self._call("electionDue", round))
+
+    def reelect_due(self, round: int) -> bool:
+        """Whether the elected ``round``'s deadline has passed on chain time."""
+        self._round_arg(round)
+        return bool(self._call("reelectDue", round))
 
     def round(self, r: int) -> RoundInfo:
         """Round ``r``: status, leader, attempt, participants in check-in order, digest."""
@@ -422,6 +726,13 @@ class SwarmContract:
         )
         state = RoundStatus(int(status))
         participants = self._fixed_participants.get(r)
+        leader = None if leader == ZERO_ADDRESS else str(leader)
+        if participants is None and state in _CLOSED and int(attempt) == 0:
+            # older than the previous round: the contract keeps status and digest; the
+            # participants and the leader are in the events
+            participants, leader, attempt, old = self._round_from_events(r, state)
+            digest = old or digest
+            self._fixed_participants[r] = participants
         if participants is None:
             participants = tuple(str(a) for a in self._call("participants", r))
             if state is not RoundStatus.OPEN:  # fixed at the election
@@ -431,7 +742,7 @@ class SwarmContract:
         return RoundInfo(
             round=r,
             status=state,
-            leader=None if leader == ZERO_ADDRESS else str(leader),
+            leader=leader,
             attempt=int(attempt),
             participants=participants,
             digest=None if not any(digest) else bytes(digest),
@@ -440,201 +751,65 @@ class SwarmContract:
             is_final=bool(is_final),
         )
 
+    def _round_from_events(self, r: int, state: RoundStatus
+                           ) -> tuple[tuple[str, ...], str | None, int, bytes | None]:
+        topic = "0x" + r.to_bytes(32, "big").hex()
+        events = self.events(names={"CheckedIn", "MergeCommitted", "RoundClosed"},
+                             round_topic=topic)
+        participants = tuple(str(e.args["node"]) for e in events if e.name == "CheckedIn")
+        attempt = max((int(e.args["attempt"]) for e in events if e.name == "RoundClosed"),
+                      default=0)
+        commits = [e for e in events if e.name == "MergeCommitted"]
+        if commits and state is RoundStatus.COMMITTED:
+            return (participants, str(commits[-1].args["leader"]), attempt,
+                    bytes(commits[-1].args["digest"]))
+        return participants, None, attempt, None
+
     def checkin_weight(self, r: int, node: str) -> int | None:
         """The weight ``node`` checked in with for round ``r``; None if it did not."""
         self._round_arg(r)
         checked, weight = self._call("checkinWeight", r, self._address_arg(node, "node"))
         return int(weight) if checked else None
 
-    def log_filter(self, *names: str) -> dict[str, Any]:
-        """An ``eth_subscribe("logs")`` filter for this contract's events called ``names``."""
-        from eth_utils import event_abi_to_log_topic
-
-        topics = ["0x" + event_abi_to_log_topic(e).hex() for e in ABI
-                  if e.get("type") == "event" and e.get("name") in names]
-        return {"address": self.address, "topics": [topics]}
-
-    def latest_block(self) -> tuple[int, int]:
-        """The latest block's number and timestamp."""
-        with rpc_guard(self._w3, "reading the latest block"):
-            block = self._w3.eth.get_block("latest")
-        return int(block["number"]), int(block["timestamp"])
-
-    def block_timestamp(self) -> int:
-        """The latest block's timestamp (the contract's clock)."""
-        with rpc_guard(self._w3, "reading the latest block"):
-            return int(self._w3.eth.get_block("latest")["timestamp"])
-
-    def elect_ready_at(self, round: int) -> int | None:
-        """When ``elect(round)`` would pass (unix time), or None while it cannot (yet)."""
-        info = self.round(round)
-        if info.status is not RoundStatus.OPEN or round != self.current_round():
-            return None
-        settings = self.settings()
-        if len(info.participants) < settings.min_peers:
-            return None
-        return info.first_checkin_at + settings.grace_s
-
     def events(
         self,
         from_block: int | None = None,
         to_block: int | None = None,
         names: set[str] | None = None,
+        *,
+        round_topic: str | None = None,
     ) -> list[ChainEvent]:
-        """The contract's events in chain order, optionally only those called ``names``.
+        """The training's events in chain order, with its registry's (authorisations,
+        enrolments, revocations) merged in; optionally only those called ``names``.
 
-        From the contract's deployment block unless ``from_block`` says otherwise (never from
+        From the training's deployment block unless ``from_block`` says otherwise (never from
         block 0 of a long chain), asked for in ranges of ``LOG_RANGE`` blocks (public RPC
-        providers refuse wider queries)."""
+        providers refuse wider queries). ``round_topic``: only events whose first indexed
+        argument is that round (training events only)."""
         if from_block is None:
             from_block = self.settings().deployed_block
-        topics: list[Any] = []
         if names is not None:
-            unknown = sorted(set(names) - set(_EVENTS))
+            unknown = sorted(set(names) - set(_EVENTS) - set(_REG_EVENTS))
             if unknown:
-                known = ", ".join(sorted(_EVENTS))
+                known = ", ".join(sorted(set(_EVENTS) | set(_REG_EVENTS)))
                 raise ConfigError(f"unknown event name(s) {', '.join(unknown)}; known: {known}")
-            topics = [[event_abi_to_log_topic(_EVENTS[n]) for n in sorted(names)]]
-        with rpc_guard(self._w3, "reading the block number"):
-            head = self._w3.eth.block_number
-        to_block = head if to_block is None else min(to_block, head)
-        if from_block > to_block:  # nothing mined yet past from_block (anvil refuses the query)
-            return []
-        logs: list[Any] = []
-        for start in range(from_block, to_block + 1, LOG_RANGE):
-            query: dict[str, Any] = {
-                "address": self.address,
-                "fromBlock": start,
-                "toBlock": min(to_block, start + LOG_RANGE - 1),
-            }
-            if topics:
-                query["topics"] = topics
-            with rpc_guard(self._w3, "reading contract events"):
-                logs += self._w3.eth.get_logs(query)  # type: ignore[arg-type]
-        out = []
-        for log in logs:
-            name = _TOPICS.get(bytes(log["topics"][0])) if log["topics"] else None
-            if name is None:
-                continue
-            decoded = self._contract.events[name]().process_log(log)
-            out.append(ChainEvent(
-                name=name,
-                args={k: _plain(v) for k, v in decoded["args"].items()},
-                block=int(log["blockNumber"]),
-                tx_hash="0x" + bytes(log["transactionHash"]).hex(),
-                log_index=int(log["logIndex"]),
-            ))
+        mine = None if names is None else set(names) & set(_EVENTS)
+        theirs = None if names is None else set(names) & set(_REG_EVENTS) - set(_EVENTS)
+        out: list[ChainEvent] = []
+        if mine is None or mine:
+            out += _read_events(self._w3, self._contract, self.address, _EVENTS, _TOPICS,
+                                from_block, to_block, mine, round_topic)
+        if round_topic is None and (theirs is None or theirs):
+            reg = self.registry
+            out += _read_events(self._w3, reg._contract, reg.address, _REG_EVENTS, _REG_TOPICS,
+                                from_block, to_block, theirs)
+            out.sort(key=lambda e: (e.block, e.log_index))
         return out
 
-    def wait_for(
-        self,
-        predicate: Callable[[], T | None],
-        timeout: float,
-        what: str,
-        poll: float = 0.05,
-    ) -> T:
-        """Poll ``predicate`` until it returns something other than None."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value is not None:
-                return value
-            if time.monotonic() >= deadline:
-                raise ChainTimeout(
-                    f"{what} did not happen within {timeout:g} s on {self.chain} "
-                    f"(contract {self.address}); check `swarmnode status`"
-                )
-            time.sleep(poll)
+    def log_filter(self, *names: str) -> dict[str, Any]:
+        """An ``eth_subscribe("logs")`` filter for this training's events called ``names``."""
+        topics = ["0x" + event_abi_to_log_topic(_EVENTS[n]).hex() for n in names if n in _EVENTS]
+        return {"address": self.address, "topics": [topics]}
 
-    # ------------------------------------------------------------------ internals
 
-    def _check_code(self) -> None:
-        with rpc_guard(self._w3, f"reading the code at {self.address}"):
-            code = bytes(self._w3.eth.get_code(self.address))
-        if not code:
-            raise ContractNotFound(
-                f"no contract at {self.address} on {self.chain}; deploy one with `swarmnode "
-                "contract deploy` or check --contract / SWARMNODE_CONTRACT"
-            )
-        if not all(sel in code for sel in _SELECTORS):
-            raise ContractNotFound(
-                f"the contract at {self.address} on {self.chain} is not a SwarmLearning contract; "
-                "check --contract / SWARMNODE_CONTRACT"
-            )
-
-    def _address_arg(self, value: str, what: str) -> str:
-        try:
-            return Web3.to_checksum_address(value)
-        except (ValueError, TypeError):
-            raise ConfigError(
-                f"{what} {value!r} is not an address (0x and 40 hex digits)"
-            ) from None
-
-    @staticmethod
-    def _round_arg(r: int) -> None:
-        if not isinstance(r, int) or r < 1:
-            raise ConfigError(f"round {r!r} does not exist; rounds are numbered from 1")
-
-    def _call(self, fn: str, *args: Any) -> Any:
-        with rpc_guard(self._w3, f"calling {fn}"):
-            try:
-                return getattr(self._contract.functions, fn)(*args).call()
-            except Exception as exc:
-                reason = revert_reason(exc)
-                if reason is None:
-                    raise
-                raise ContractReverted(
-                    f"{fn} on {self.address} reverted: {reason}", reason=reason
-                ) from None
-
-    def _refused(self, what: str, reason: str) -> ContractReverted:
-        who = self.account_address or "(no account)"
-        return ContractReverted(
-            f"{what} by {who} was refused by the contract {self.address}: "
-            f"{reason}. Next: {_hint(reason)}",
-            reason=reason,
-        )
-
-    def _tx_sender(self, what: str) -> TxSender:
-        if self._sender is None:
-            self._sender = TxSender(self._w3, require_account(self._account, what),
-                                    self.receipt_timeout, bump_after_s=self.bump_after_s,
-                                    confirmations=self.confirmations)
-        return self._sender
-
-    def fund(self, address: str, wei: int) -> TxResult:
-        """Send ``wei`` from this client's account to ``address`` (a dev chain's admin funds
-        the accounts sites made themselves: they start with nothing to pay gas with)."""
-        what = f"funding {address}"
-        if not Web3.is_address(address):
-            raise ConfigError(f"{what}: {address!r} is not a chain address")
-        receipt = self._tx_sender(what).send(
-            {"to": Web3.to_checksum_address(address), "value": int(wei)}, what,
-            lambda r: ContractReverted(f"{what} failed: {r}"), gas=21_000)
-        return TxResult(tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
-                        gas_used=int(receipt["gasUsed"]), block=int(receipt["blockNumber"]),
-                        events=())
-
-    def _transact(
-        self, fn: str, args: tuple[Any, ...], what: str, gas: int | None = None
-    ) -> TxResult:
-        try:
-            data = self._contract.encode_abi(fn, args=list(args))
-        except (Web3ValidationError, Web3TypeError, Web3ValueError, OverflowError) as exc:
-            raise ConfigError(
-                f"{what}: an argument does not fit the contract's types: {exc}"
-            ) from None
-        receipt = self._tx_sender(what).send(
-            {"to": self.address, "data": data}, what, lambda r: self._refused(what, r),
-            gas=gas,
-        )
-        mine = self.address.lower()
-        return TxResult(
-            tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
-            gas_used=int(receipt["gasUsed"]),
-            block=int(receipt["blockNumber"]),
-            events=tuple(
-                _TOPICS.get(bytes(lg["topics"][0]), "?") for lg in receipt.get("logs", ())
-                if lg["topics"] and str(lg["address"]).lower() == mine
-            ),
-        )
+SwarmTraining = SwarmContract  # the contract's own name

@@ -1,9 +1,11 @@
-"""Compile ``contracts/SwarmLearning.sol`` and load the committed artifact.
+"""Compile the contracts (``contracts/SwarmRegistry.sol``, ``contracts/SwarmTraining.sol``) and
+load the committed artifacts.
 
 The compiler is npm ``solc`` (solcjs 0.8.37) driven through ``tools/solc.js``, a small Node front
 end that py-solc-x can use as its ``solc_binary``. ``python -m swarmnode.chain.compile --write``
-(``make artifact``) regenerates ``contracts/SwarmLearning.json`` and the copy packaged with
-``swarmnode.chain``; a test recompiles and fails when the committed artifact drifts from the source.
+(``make artifact``) regenerates ``contracts/<Name>.json`` for each contract and the copies packaged
+with ``swarmnode.chain``; a test recompiles and fails when a committed artifact drifts from the
+sources.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from swarmnode.errors import ConfigError
 
 __all__ = [
     "ARTIFACT_PATH",
-    "CONTRACT_NAME",
+    "CONTRACT_NAMES",
     "EVM_VERSION",
-    "PACKAGED_ARTIFACT",
-    "SOURCE_PATH",
+    "SOURCES",
     "SolcError",
     "compile",
     "load_artifact",
@@ -33,12 +34,12 @@ __all__ = [
     "solc_binary",
 ]
 
-CONTRACT_NAME = "SwarmLearning"
+CONTRACT_NAMES = ("SwarmRegistry", "SwarmTraining")
 EVM_VERSION = "prague"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SOURCE_PATH = REPO_ROOT / "contracts" / f"{CONTRACT_NAME}.sol"
-ARTIFACT_PATH = REPO_ROOT / "contracts" / f"{CONTRACT_NAME}.json"
-PACKAGED_ARTIFACT = Path(__file__).resolve().parent / f"{CONTRACT_NAME}.json"
+CONTRACTS_DIR = REPO_ROOT / "contracts"
+# every source file the contracts are built from (interfaces included)
+SOURCES = ("ISwarmRegistry.sol", "SwarmRegistry.sol", "SwarmTraining.sol")
 SOLC_JS = REPO_ROOT / "tools" / "solc.js"
 
 
@@ -69,48 +70,77 @@ def solc_binary() -> Path:
     return SOLC_JS
 
 
-def _standard_input(source: str) -> dict[str, Any]:
+def ARTIFACT_PATH(name: str) -> Path:  # noqa: N802 - a path per contract
+    """Where the committed artifact of contract ``name`` lives in a source checkout."""
+    return CONTRACTS_DIR / f"{name}.json"
+
+
+def _packaged(name: str) -> Path:
+    return Path(__file__).resolve().parent / f"{name}.json"
+
+
+def _read_sources() -> dict[str, str]:
+    return {f: (CONTRACTS_DIR / f).read_text(encoding="utf-8") for f in SOURCES}
+
+
+def _sources_sha(sources: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(sources):
+        h.update(name.encode() + b"\0" + sources[name].encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def _standard_input(sources: dict[str, str]) -> dict[str, Any]:
     return {
         "language": "Solidity",
-        "sources": {f"{CONTRACT_NAME}.sol": {"content": source}},
+        "sources": {name: {"content": text} for name, text in sources.items()},
         "settings": {
             "optimizer": {"enabled": True, "runs": 200},
             "viaIR": True,
             "evmVersion": EVM_VERSION,
             "metadata": {"bytecodeHash": "none"},
-            "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object"]}},
+            "outputSelection": {"*": {"*": ["abi", "evm.bytecode.object",
+                                             "evm.deployedBytecode.object"]}},
         },
     }
 
 
-def compile(source: str | None = None) -> dict[str, Any]:  # noqa: A001 - the natural name here
-    """Compile the contract source (default: ``contracts/SwarmLearning.sol``) to an artifact.
+def compile(sources: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:  # noqa: A001
+    """Compile the contracts (default: the files of ``SOURCES`` under ``contracts/``).
 
-    Returns ``{abi, bytecode, compiler, evmVersion, sourceSha256}``.
+    Returns ``{name: {contractName, abi, bytecode, runtimeBytes, compiler, evmVersion,
+    sourceSha256}}`` for each of ``CONTRACT_NAMES``; ``runtimeBytes`` is the deployed code's size
+    (EIP-170 allows 24,576).
     """
     import solcx
     from solcx.exceptions import SolcError as SolcxError
 
-    if source is None:
-        source = SOURCE_PATH.read_text(encoding="utf-8")
+    if sources is None:
+        sources = _read_sources()
     binary = solc_binary()
     try:
-        out = solcx.compile_standard(_standard_input(source), solc_binary=binary)
+        out = solcx.compile_standard(_standard_input(sources), solc_binary=binary)
         version = str(solcx.wrapper.get_version_str_from_solc_binary(binary))
     except SolcxError as exc:
         detail = exc.message if exc.return_code == 0 else (exc.stderr_data or exc.message)
-        raise SolcError(f"solc refused {CONTRACT_NAME}.sol:\n{detail}") from None
+        raise SolcError(f"solc refused the contracts:\n{detail}") from None
     except OSError as exc:
         raise SolcError(f"could not run {binary}: {exc}; is it executable?") from None
-    contract = out["contracts"][f"{CONTRACT_NAME}.sol"][CONTRACT_NAME]
-    return {
-        "contractName": CONTRACT_NAME,
-        "abi": contract["abi"],
-        "bytecode": "0x" + contract["evm"]["bytecode"]["object"],
-        "compiler": f"solc {version} (npm solcjs, via-IR, optimizer 200 runs)",
-        "evmVersion": EVM_VERSION,
-        "sourceSha256": hashlib.sha256(source.encode("utf-8")).hexdigest(),
-    }
+    sha = _sources_sha(sources)
+    artifacts = {}
+    for name in CONTRACT_NAMES:
+        contract = out["contracts"][f"{name}.sol"][name]
+        runtime = contract["evm"]["deployedBytecode"]["object"]
+        artifacts[name] = {
+            "contractName": name,
+            "abi": contract["abi"],
+            "bytecode": "0x" + contract["evm"]["bytecode"]["object"],
+            "runtimeBytes": len(runtime) // 2,
+            "compiler": f"solc {version} (npm solcjs, via-IR, optimizer 200 runs)",
+            "evmVersion": EVM_VERSION,
+            "sourceSha256": sha,
+        }
+    return artifacts
 
 
 def dumps(artifact: dict[str, Any]) -> str:
@@ -118,25 +148,29 @@ def dumps(artifact: dict[str, Any]) -> str:
     return json.dumps(artifact, indent=2, sort_keys=True) + "\n"
 
 
-def load_artifact() -> dict[str, Any]:
-    """The committed compiled artifact (from the source tree, else the packaged copy)."""
-    if ARTIFACT_PATH.is_file():
-        text = ARTIFACT_PATH.read_text(encoding="utf-8")
+def load_artifact(name: str = "SwarmTraining") -> dict[str, Any]:
+    """The committed compiled artifact of contract ``name`` (from the source tree, else the
+    packaged copy)."""
+    if name not in CONTRACT_NAMES:
+        raise ConfigError(f"no contract called {name!r}; the contracts are {CONTRACT_NAMES}")
+    path = ARTIFACT_PATH(name)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
     else:
         try:
-            text = resources.files("swarmnode.chain").joinpath(PACKAGED_ARTIFACT.name).read_text(
+            text = resources.files("swarmnode.chain").joinpath(f"{name}.json").read_text(
                 encoding="utf-8"
             )
         except FileNotFoundError:
             raise ConfigError(
-                f"the compiled contract {ARTIFACT_PATH.name} is missing; run `make artifact`"
+                f"the compiled contract {name}.json is missing; run `make artifact`"
             ) from None
     try:
         artifact = json.loads(text)
         artifact["abi"], artifact["bytecode"]  # noqa: B018 - presence check
     except (ValueError, KeyError):
         raise ConfigError(
-            f"the compiled contract {ARTIFACT_PATH} is not a valid artifact; run `make artifact`"
+            f"the compiled contract {path} is not a valid artifact; run `make artifact`"
         ) from None
     return artifact
 
@@ -147,17 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write the committed artifacts")
     args = parser.parse_args(argv)
     try:
-        artifact = compile()
+        artifacts = compile()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    text = dumps(artifact)
-    if args.write:
-        for path in (ARTIFACT_PATH, PACKAGED_ARTIFACT):
-            path.write_text(text, encoding="utf-8")
-            print(f"wrote {path}")
-    size = (len(artifact["bytecode"]) - 2) // 2
-    print(f"{CONTRACT_NAME}: {size} bytes of init code, {artifact['compiler']}")
+    for name, artifact in artifacts.items():
+        text = dumps(artifact)
+        if args.write:
+            for path in (ARTIFACT_PATH(name), _packaged(name)):
+                path.write_text(text, encoding="utf-8")
+                print(f"wrote {path}")
+        print(f"{name}: {artifact['runtimeBytes']} bytes of runtime code (EIP-170: 24,576), "
+              f"{artifact['compiler']}")
     return 0
 
 

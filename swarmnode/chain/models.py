@@ -1,4 +1,4 @@
-"""Values read from the SwarmLearning contract: frozen dataclasses, no web3 types."""
+"""Values read from the contracts (SwarmRegistry, SwarmTraining): frozen dataclasses, no web3 types."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ __all__ = [
     "NodeInfo",
     "RoundInfo",
     "RoundStatus",
+    "SiteInfo",
     "TxResult",
 ]
 
@@ -37,6 +38,20 @@ class ContractSettings:
     absent_after_rounds: int = 2  # markAbsent needs this many rounds since the last check-in
     max_weight: int = (1 << 96) - 1  # the largest weight a check-in may carry
     deployed_block: int = 0  # the contract's event log starts in this block
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """A site as the consortium's registry knows it."""
+
+    address: str
+    fingerprint: bytes  # SHA-256 of the site certificate's DER
+    endpoint: str
+    authorized: bool
+    enrolled: bool
+    revoked: bool
+    enrolled_at: int  # unix time (chain) of its enrolment; 0 before
+    public_key: bytes | None  # the site's published key slot, None while empty
 
 
 @dataclass(frozen=True)

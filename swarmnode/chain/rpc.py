@@ -7,16 +7,22 @@ Everything here uses standard ``eth_*`` calls only. Reverts surface as web3's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ast
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
+import requests
 from web3 import HTTPProvider, Web3
 from web3.exceptions import ContractLogicError, ProviderConnectionError, TimeExhausted, Web3RPCError
 
 from swarmnode.errors import ChainError, ChainTimeout, ChainUnavailable, ConfigError
 
-__all__ = ["chain_id", "connect", "describe", "revert_reason", "rpc_calls", "rpc_guard"]
+__all__ = ["ChainTls", "chain_id", "chain_tls", "connect", "describe", "revert_reason",
+           "rpc_calls", "rpc_guard", "use_chain_tls"]
 
 _REVERT_PREFIXES = ("execution reverted: ", "execution reverted:", "VM Exception while processing")
 
@@ -48,15 +54,82 @@ def rpc_calls_by_method(w3: Web3) -> dict[str, int]:
     return dict(getattr(w3.provider, "by_method", {}))
 
 
-def connect(rpc_url: str, timeout: float = 10.0) -> Web3:
-    """A Web3 on ``rpc_url`` (http or https) after checking that the chain answers."""
+@dataclass(frozen=True)
+class ChainTls:
+    """TLS files for an ``https://`` chain URL: this site's client certificate and key (the
+    sentinel's chain gateway asks for one from the consortium's CA) and the CA bundle that the
+    server's certificate must chain to (None: the system's CAs, for a public HTTPS endpoint)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    trust: Path | None = None
+
+    def request_kwargs(self) -> dict[str, object]:
+        """``requests`` arguments, after checking that the files exist and fit together."""
+        if (self.cert is None) != (self.key is None):
+            given, missing = ("CERT", "KEY") if self.key is None else ("KEY", "CERT")
+            raise ConfigError(f"SWARMNODE_CHAIN_{given} is set but SWARMNODE_CHAIN_{missing} is "
+                              "not: a client certificate for the chain needs both (the site's "
+                              "node certificate and its key)")
+        out: dict[str, object] = {}
+        if self.cert is not None and self.key is not None:
+            from swarmnode.identity.certs import check_cert_matches_key
+
+            for what, path in (("SWARMNODE_CHAIN_CERT", self.cert),
+                               ("SWARMNODE_CHAIN_KEY", self.key)):
+                if not Path(path).is_file():
+                    raise ConfigError(f"{what} {path} does not exist; for the sentinel's chain "
+                                      "gateway use this site's node certificate and key")
+            check_cert_matches_key(Path(self.cert), Path(self.key))
+            out["cert"] = (str(self.cert), str(self.key))
+        if self.trust is not None:
+            if not Path(self.trust).is_file():
+                raise ConfigError(f"SWARMNODE_CHAIN_TRUST {self.trust} does not exist; for the "
+                                  "sentinel's chain gateway use the consortium's trust bundle "
+                                  "(trust.pem)")
+            out["verify"] = str(self.trust)
+        return out
+
+
+_default_tls: ChainTls | None = None
+
+
+def use_chain_tls(tls: ChainTls | None) -> None:
+    """The TLS files :func:`connect` uses for ``https://`` URLs when it is given none (``swarmnode
+    run`` could set them from a node config; containers set the environment)."""
+    global _default_tls
+    _default_tls = tls
+
+
+def chain_tls(env: Mapping[str, str] | None = None) -> ChainTls | None:
+    """What :func:`use_chain_tls` set, else ``SWARMNODE_CHAIN_CERT`` / ``SWARMNODE_CHAIN_KEY`` /
+    ``SWARMNODE_CHAIN_TRUST`` from the environment, else None."""
+    if _default_tls is not None:
+        return _default_tls
+    env = os.environ if env is None else env
+    files = {k: (Path(v) if (v := env.get(f"SWARMNODE_CHAIN_{k.upper()}", "").strip()) else None)
+             for k in ("cert", "key", "trust")}
+    return ChainTls(**files) if any(files.values()) else None
+
+
+def connect(rpc_url: str, timeout: float = 10.0, tls: ChainTls | None = None) -> Web3:
+    """A Web3 on ``rpc_url`` (http or https) after checking that the chain answers.
+
+    An ``https://`` URL uses ``tls`` (default: :func:`chain_tls`): a client certificate for the
+    sentinel's chain gateway, and the CA bundle that the server's certificate chains to.
+    """
     parsed = urlparse(rpc_url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ConfigError(
             f"RPC URL {rpc_url!r} is not an http(s) URL; pass e.g. --rpc-url http://127.0.0.1:8545"
         )
+    kwargs: dict[str, object] = {"timeout": timeout}
+    if parsed.scheme == "https":
+        tls = tls if tls is not None else chain_tls()
+        if tls is not None:
+            kwargs.update(tls.request_kwargs())
     provider = _CountingProvider(
-        rpc_url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None
+        rpc_url, request_kwargs=kwargs, exception_retry_configuration=None
     )
     w3 = Web3(provider)
     # web3's validation middleware asks for the chain id before and after every call (3 RPCs per
@@ -84,7 +157,17 @@ def chain_id(w3: Web3) -> int:
 
 
 def revert_reason(exc: BaseException) -> str | None:
-    """The contract's revert reason if ``exc`` is a revert (HTTP or in-process), else None."""
+    """The contract's revert reason if ``exc`` is a revert (HTTP or in-process), else None.
+
+    A custom error of swarmnode's contracts comes back decoded (a
+    :class:`~swarmnode.chain.reverts.Revert`: the message, plus the error's name and arguments).
+    """
+    from swarmnode.chain.reverts import decode_revert
+
+    for data in _revert_data(exc):
+        decoded = decode_revert(data)
+        if decoded is not None:
+            return decoded
     if isinstance(exc, ContractLogicError):
         text = exc.message or str(exc)
     elif _TesterFailed is not None and isinstance(exc, _TesterFailed):
@@ -103,6 +186,29 @@ def revert_reason(exc: BaseException) -> str | None:
     return text
 
 
+def _revert_data(exc: BaseException) -> Iterator[bytes | str]:
+    """The candidates for raw revert data that web3 (HTTP) and eth-tester attach to a revert."""
+    data = getattr(exc, "data", None)
+    if isinstance(data, bytes | str):
+        yield data
+    elif isinstance(data, Mapping) and isinstance(data.get("data"), str):
+        yield data["data"]
+    for arg in getattr(exc, "args", ()):
+        if isinstance(arg, bytes):
+            yield arg
+        elif isinstance(arg, str):
+            text = arg.split("execution reverted: ", 1)[-1].strip()
+            if text[:2] in ("b'", 'b"'):  # eth-tester shows the revert data as a bytes literal
+                try:
+                    value = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    continue
+                if isinstance(value, bytes):
+                    yield value
+            else:
+                yield text
+
+
 @contextmanager
 def rpc_guard(w3: Web3, what: str) -> Iterator[None]:
     """Turn connection failures into ChainUnavailable and other RPC errors into ChainError.
@@ -116,6 +222,14 @@ def rpc_guard(w3: Web3, what: str) -> Iterator[None]:
             f"timed out {what} on {describe(w3)} ({exc}); is the chain mining blocks?"
         ) from None
     except (OSError, ProviderConnectionError) as exc:
+        reason = _tls_failure(exc)
+        if reason is not None:
+            raise ChainUnavailable(
+                f"the TLS connection to {describe(w3)} failed while {what} ({reason}); the "
+                "sentinel's chain gateway takes this site's certificate from the consortium's "
+                "CA: set SWARMNODE_CHAIN_CERT, SWARMNODE_CHAIN_KEY and SWARMNODE_CHAIN_TRUST to "
+                "the site's node certificate, its key and the consortium's trust bundle"
+            ) from None
         raise ChainUnavailable(
             f"no JSON-RPC answer at {describe(w3)} while {what} ({type(exc).__name__}); is the "
             "chain running? start one with `swarmnode chain up`"
@@ -125,3 +239,25 @@ def rpc_guard(w3: Web3, what: str) -> Iterator[None]:
             raise
         message = getattr(exc, "message", None) or str(exc)
         raise ChainError(f"the chain at {describe(w3)} refused {what}: {message}") from None
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """The TLS reason (e.g. CERTIFICATE_VERIFY_FAILED, certificate required) behind a
+    connection failure, or None when it was not TLS."""
+    import ssl
+
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo and len(seen) < 32:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            return str(getattr(e, "reason", None) or e)
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        todo += [c for c in (e.__cause__, e.__context__, getattr(e, "reason", None))
+                 if isinstance(c, BaseException)]
+    if isinstance(exc, requests.exceptions.SSLError):
+        return str(exc)
+    return None
