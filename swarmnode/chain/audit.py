@@ -40,24 +40,38 @@ class AuditReport:
 
 
 def audit(contract: SwarmContract, model_digest: bytes | None = None) -> AuditReport:
-    """Replay the contract's events and check each round against the protocol's rules."""
+    """Replay the training's events, with its registry's, and check each round against the
+    protocol's rules (v2: identities in the registry, rounds and metrics in the training)."""
     report = AuditReport()
+    registry = contract.registry
+    if contract.address not in registry.trainings():
+        report.problems.append(f"the registry {registry.address} does not list this training")
     authorized: set[str] = set()
     revoked: set[str] = set()
+    enrolled: set[str] = set()
+    joined: set[str] = set()
     checked_in: dict[int, set[str]] = defaultdict(set)
     leader: dict[int, str] = {}
     committed: dict[int, bytes] = {}
     for ev in contract.events():
         a = ev.args
         if ev.name == "Authorized":
-            authorized.add(a["node"])
+            authorized.add(a["site"])
         elif ev.name == "Revoked":
-            revoked.add(a["node"])
-        elif ev.name == "Enrolled" and a["node"] not in authorized:
-            report.problems.append(f"{a['node']} enrolled without an authorisation")
+            revoked.add(a["site"])
+        elif ev.name == "Enrolled":
+            if a["site"] not in authorized:
+                report.problems.append(f"{a['site']} enrolled without an authorisation")
+            enrolled.add(a["site"])
+        elif ev.name == "Joined":
+            if a["node"] not in enrolled or a["node"] in revoked:
+                report.problems.append(f"{a['node']} joined without a live enrolment")
+            joined.add(a["node"])
         elif ev.name == "CheckedIn":
             if a["node"] in revoked:
                 report.problems.append(f"round {a['round']}: revoked {a['node']} checked in")
+            if a["node"] not in joined:
+                report.problems.append(f"round {a['round']}: {a['node']} checked in unjoined")
             checked_in[a["round"]].add(a["node"])
         elif ev.name == "LeaderElected":
             if a["leader"] not in checked_in[a["round"]]:
@@ -73,6 +87,12 @@ def audit(contract: SwarmContract, model_digest: bytes | None = None) -> AuditRe
                 report.problems.append(f"round {r}: members {sorted(strangers)} did not check in")
             committed[r] = a["digest"]
             report.rounds_committed += 1
+        elif ev.name == "MetricsReported":
+            r = a["round"]
+            if r not in committed or a["node"] not in checked_in[r]:
+                report.problems.append(
+                    f"round {r}: metrics from {a['node']}, which did not take part in a "
+                    "committed round")
         elif ev.name == "RoundAbandoned":
             report.rounds_abandoned += 1
         elif ev.name == "TrainingFinished":

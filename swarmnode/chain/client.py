@@ -786,6 +786,7 @@ class SwarmContract(_Handle):
         block 0 of a long chain), asked for in ranges of ``LOG_RANGE`` blocks (public RPC
         providers refuse wider queries). ``round_topic``: only events whose first indexed
         argument is that round (training events only)."""
+        default_start = from_block is None
         if from_block is None:
             from_block = self.settings().deployed_block
         if names is not None:
@@ -800,9 +801,8 @@ class SwarmContract(_Handle):
             out += _read_events(self._w3, self._contract, self.address, _EVENTS, _TOPICS,
                                 from_block, to_block, mine, round_topic)
         if round_topic is None and (theirs is None or theirs):
-            reg = self.registry
-            out += _read_events(self._w3, reg._contract, reg.address, _REG_EVENTS, _REG_TOPICS,
-                                from_block, to_block, theirs)
+            reg = self.registry  # its sites were authorised before this training existed
+            out += reg.events(None if default_start else from_block, to_block, theirs)
             out.sort(key=lambda e: (e.block, e.log_index))
         return out
 

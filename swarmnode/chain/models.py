@@ -1,4 +1,4 @@
-"""Values read from the contracts (SwarmRegistry, SwarmTraining): frozen dataclasses, no web3 types."""
+"""Values read from the contracts (registry, training): frozen dataclasses, no web3 types."""
 
 from __future__ import annotations
 

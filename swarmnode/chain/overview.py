@@ -164,8 +164,9 @@ class Overview:
         }
 
 
-def _waiting(current: RoundSummary | None, nodes: tuple[NodeInfo, ...], names: dict[str, str],
+def _waiting(current: RoundSummary | None, waiting_for: tuple[str, ...], names: dict[str, str],
              deadline_s: int, finished: bool) -> Waiting | None:
+    """``waiting_for``: the sites the contract says the open round still waits for."""
     if current is None:
         return None
     info = current.info
@@ -174,9 +175,8 @@ def _waiting(current: RoundSummary | None, nodes: tuple[NodeInfo, ...], names: d
     name = lambda a: names.get(a, a)  # noqa: E731
     joined = tuple(name(p) for p in info.participants)
     if info.status is RoundStatus.OPEN:
-        # every active site that has not checked in yet (the grace period may elect without them)
-        missing = tuple(name(n.address) for n in nodes
-                        if n.state == "active" and n.address not in info.participants)
+        # the contract's answer (the grace period may elect without them)
+        missing = tuple(name(a) for a in waiting_for)
         return Waiting(info.round, "check-in", missing, info.first_checkin_at or None,
                        checked_in=joined)
     if info.status is RoundStatus.ELECTED and info.leader is None:
@@ -202,7 +202,8 @@ def waiting_now(contract: SwarmContract,
     nodes = tuple(contract.nodes())
     named = {n.address: site_name(n, names) for n in nodes}
     summary = RoundSummary(info=contract.round(r), mean_loss=None, mean_metric=None, reports=0)
-    return _waiting(summary, nodes, named, contract.settings().deadline_s, finished), now
+    waiting_for = tuple(contract.waiting_for(r))
+    return _waiting(summary, waiting_for, named, contract.settings().deadline_s, finished), now
 
 
 def overview(contract: SwarmContract, last_rounds: int = 20,
@@ -245,7 +246,8 @@ def overview(contract: SwarmContract, last_rounds: int = 20,
         nodes=nodes,
         rounds=tuple(rounds),
         names=named,
-        waiting=_waiting(now_round if not finished else (rounds[-1] if rounds else None), nodes,
-                         named, settings.deadline_s, finished),
+        waiting=_waiting(now_round if not finished else (rounds[-1] if rounds else None),
+                         tuple(contract.waiting_for(current)), named, settings.deadline_s,
+                         finished),
         now=max(contract.block_timestamp(), 0) or int(time.time()),
     )

@@ -47,7 +47,15 @@ PasswordFile = Annotated[
 ]
 
 chain_app = typer.Typer(help="Run a local dev chain.", no_args_is_help=True)
-contract_app = typer.Typer(help="Deploy the SwarmLearning contract.", no_args_is_help=True)
+contract_app = typer.Typer(help="Deploy a training (the same as `swarmnode training`).",
+                           no_args_is_help=True)
+registry_app = typer.Typer(help="The consortium's SwarmRegistry: deployed once, outlives "
+                           "trainings.", no_args_is_help=True)
+training_app = typer.Typer(help="Trainings (SwarmTraining) on the consortium's registry.",
+                           no_args_is_help=True)
+RegistryAddress = Annotated[str | None, typer.Option(
+    "--registry", envvar="SWARMNODE_REGISTRY", help="The consortium's SwarmRegistry (from "
+    "`swarmnode registry deploy`); none: a new registry just for this training.")]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -175,6 +183,128 @@ def chain_up(
     err_console.print(f"dev chain stopped{saved}", highlight=False, soft_wrap=True)
 
 
+@chain_app.command("gateway")
+@command
+def chain_gateway(
+    cert: Annotated[Path, typer.Option(
+        "--cert", envvar="SWARMNODE_CERT", help="The gateway's certificate: the sentinel's node "
+        "certificate (it names the host the sites dial).")],
+    key: Annotated[Path, typer.Option("--key", envvar="SWARMNODE_KEY",
+                                      help="That certificate's key.")],
+    trust: Annotated[Path, typer.Option(
+        "--trust", envvar="SWARMNODE_TRUST", help="The consortium's trust bundle: a client "
+        "certificate must chain to one of its CAs.")],
+    upstream: Annotated[str, typer.Option(
+        "--upstream", help="The chain's own JSON-RPC URL, reachable only here "
+        "(e.g. http://chain:8545).")] = DEFAULT_RPC_URL,
+    listen: Annotated[str, typer.Option(
+        "--listen", help="host:port the gateway listens on (other sites dial it).")] = (
+        "0.0.0.0:8545"),
+    max_body_kb: Annotated[int, typer.Option(
+        "--max-body-kb", min=1, help="Largest request body accepted.")] = 4096,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", min=1, help="Open connections at once (more are closed).")] = 64,
+    handshake_timeout: Annotated[float, typer.Option(
+        "--handshake-timeout", min=0.1, help="Seconds a client has for the whole TLS "
+        "handshake.")] = 5.0,
+) -> None:
+    """Serve the chain to other sites: mutual TLS, standard eth_*/net_*/web3_* methods only.
+
+    A dev consortium on separate hosts publishes this instead of the dev chain: anvil_*,
+    evm_*, hardhat_*, debug_*, eth_sendTransaction and every other method not on the gateway's
+    allow-list are refused with a JSON-RPC error naming the method.
+    """
+    from swarmnode.chain.gateway import ALLOWED_METHODS, ChainGateway, GatewayLimits
+    from swarmnode.identity.tls import TlsFiles
+
+    limits = GatewayLimits(max_body_bytes=max_body_kb * 1024, max_connections=max_connections,
+                           handshake_timeout_s=handshake_timeout)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ChainGateway(upstream, listen, TlsFiles(cert=cert, key=key, trust=trust),
+                          limits) as gateway:
+            allowed = ", ".join(sorted(ALLOWED_METHODS))
+            console.print(f"chain gateway on {listen} (port {gateway.port}) -> {upstream}: "
+                          f"mutual TLS against {trust}; passes {allowed}",
+                          highlight=False, soft_wrap=True)
+            console.file.flush()
+            gateway.wait(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    err_console.print("chain gateway stopped", highlight=False, soft_wrap=True)
+
+
+@chain_app.command("fund")
+@command
+def chain_fund(
+    address: Annotated[str, typer.Argument(help="The account to send ETH to.")],
+    eth: Annotated[float, typer.Option("--eth", min=0, help="How many ETH to send.")],
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    key_index: KeyIndex = None,
+    keystore: Keystore = None,
+    password_file: PasswordFile = None,
+    at_least: Annotated[bool, typer.Option(
+        "--at-least", help="Send only what brings the balance up to --eth (a re-run sends "
+        "nothing).")] = False,
+) -> None:
+    """Send ETH to an account (a dev chain funds the consortium's fresh admin from a dev
+    account, inside the sentinel only)."""
+    from web3 import Web3
+
+    from swarmnode.chain.rpc import rpc_guard
+    from swarmnode.chain.tx import TxSender
+    from swarmnode.errors import ContractReverted
+
+    if not Web3.is_address(address):
+        raise ConfigError(f"{address!r} is not a chain address (0x and 40 hex digits)")
+    target = Web3.to_checksum_address(address)
+    w3, payer = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
+    wei = int(eth * 10**18)
+    if at_least:
+        with rpc_guard(w3, f"reading the balance of {target}"):
+            wei = max(0, wei - int(w3.eth.get_balance(target)))
+    if wei == 0:
+        console.print(f"{target} already holds {eth:g} ETH or more; nothing sent",
+                      highlight=False, soft_wrap=True)
+        return
+    what = f"sending {wei / 10**18:g} ETH to {target}"
+    receipt = TxSender(w3, payer).send(
+        {"to": target, "value": wei}, what, lambda r: ContractReverted(f"{what} failed: {r}"),
+        gas=21_000)
+    console.print(f"sent {wei / 10**18:g} ETH from {payer.address} to {target} (block "
+                  f"{int(receipt['blockNumber'])})", highlight=False, soft_wrap=True)
+
+
+@registry_app.command("deploy")
+@command
+def registry_deploy(
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    key_index: KeyIndex = None,
+    keystore: Keystore = None,
+    password_file: PasswordFile = None,
+    fmt: Format = OutputFormat.table,
+) -> None:
+    """Deploy the consortium's SwarmRegistry (the admin, once); prints its address.
+
+    Sites are authorised in it once; every training deployed on it (`swarmnode training
+    deploy --registry ...`) sees them, and a revocation in it takes effect in all of them."""
+    from swarmnode.chain.client import SwarmRegistry
+
+    w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
+    registry = SwarmRegistry.deploy(w3, admin)
+    if fmt is OutputFormat.json:
+        print_json({"registry": registry.address, "admin": admin.address, "rpc_url": rpc_url})
+    else:
+        err_console.print(f"SwarmRegistry deployed by {admin.address}; export "
+                          f"SWARMNODE_REGISTRY={registry.address}", highlight=False,
+                          soft_wrap=True)
+        console.print(registry.address, highlight=False, soft_wrap=True)
+
+
+@training_app.command("deploy")
 @contract_app.command("deploy")
 @command
 def contract_deploy(
@@ -192,8 +322,12 @@ def contract_deploy(
     record: Annotated[Path | None, typer.Option(
         "--record", help="Write the deployment here (JSON); when it already names a contract "
         "on this chain, deploy nothing and print that one (a re-run is a no-op).")] = None,
+    registry: RegistryAddress = None,
 ) -> None:
-    """Deploy a SwarmLearning contract for one training; prints its address."""
+    """Deploy a training (SwarmTraining) on the consortium's registry; prints its address.
+
+    The signer must be the registry's admin; the training is listed in the registry, and every
+    site authorised there may join it without a new authorisation."""
     import os
 
     from swarmnode.chain.client import SwarmContract
@@ -218,10 +352,12 @@ def contract_deploy(
         except (OSError, ValueError, KeyError, TypeError, ContractNotFound):
             contract = None  # not on this chain (a new dev chain): deploy afresh
     if contract is None:
-        contract = SwarmContract.deploy(w3, admin, spec_json, min_peers, grace, deadline)
+        contract = SwarmContract.deploy(w3, admin, spec_json, min_peers, grace, deadline,
+                                        registry=registry)
         if record is not None:
             record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({"address": contract.address, "rpc_url": rpc_url}))
+            record.write_text(json.dumps({"address": contract.address, "rpc_url": rpc_url,
+                                          "registry": contract.registry.address}))
     expected = os.environ.get("SWARMNODE_CONTRACT")
     if expected and expected.lower() != contract.address.lower():
         err_console.print(f"warning: SWARMNODE_CONTRACT is {expected}, but the contract is at "
@@ -229,12 +365,14 @@ def contract_deploy(
                           ".env", highlight=False, soft_wrap=True)
     if fmt is OutputFormat.json:
         settings = contract.settings()
-        print_json({"address": contract.address, "admin": settings.admin,
+        print_json({"address": contract.address, "registry": contract.registry.address,
+                    "admin": settings.admin,
                     "spec_hash": settings.spec_hash.hex(), "min_peers": min_peers,
                     "grace_s": grace, "deadline_s": deadline, "rpc_url": rpc_url})
     else:
-        err_console.print(f"SwarmLearning deployed by {admin.address}; "
-                          f"export SWARMNODE_CONTRACT={contract.address}", highlight=False,
+        err_console.print(f"SwarmTraining deployed by {admin.address} on the registry "
+                          f"{contract.registry.address}; export "
+                          f"SWARMNODE_CONTRACT={contract.address}", highlight=False,
                           soft_wrap=True)
         console.print(contract.address, highlight=False, soft_wrap=True)
 
@@ -471,6 +609,8 @@ def register(app: typer.Typer) -> None:
     """Add the chain commands to the ``swarmnode`` app."""
     app.add_typer(chain_app, name="chain")
     app.add_typer(contract_app, name="contract")
+    app.add_typer(registry_app, name="registry")
+    app.add_typer(training_app, name="training")
     app.command("authorize")(authorize)
     app.command("revoke")(revoke)
     app.command("enroll")(enroll)
