@@ -1,8 +1,9 @@
 """Shared fixtures.
 
-Chain: a session-scoped real anvil (``anvil``), a session-scoped in-process eth-tester chain, a
-``backend`` fixture parametrised over both, time travel on each, and ``make_swarm`` which deploys a
-fresh contract with authorised and enrolled nodes.
+Chain: a session-scoped real anvil (``anvil``), a session-scoped Hardhat node (``hardhat``), a
+session-scoped in-process eth-tester chain, a ``backend`` fixture parametrised over the three, time
+travel on each, and ``make_swarm`` which deploys a fresh contract with authorised and enrolled
+nodes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 import pytest
 from web3 import EthereumTesterProvider, Web3
 
+from swarmnode.chain import launcher
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract, connect
 from swarmnode.chain.launcher import DevChain
+from swarmnode.errors import ConfigError
 
 DEV_ACCOUNTS = 10  # anvil prefunds dev accounts 0..9
 SPEC_JSON = '{"merge_method": "mean", "min_peers": 2, "sync_frequency": 8}'
@@ -26,14 +29,18 @@ SPEC_JSON = '{"merge_method": "mean", "min_peers": 2, "sync_frequency": 8}'
 class Backend:
     """A chain to run contract tests on, with a way to move its clock forward."""
 
-    name: str
+    name: str  # "tester" (in-process), or a DevChain kind: "anvil", "hardhat"
     w3: Web3
+
+    @property
+    def node(self) -> bool:
+        """A real node (anvil, Hardhat): calls run on the latest block, not a pending one."""
+        return self.name != "tester"
 
     def advance(self, seconds: int) -> None:
         """Move block time forward by ``seconds`` and mine a block."""
-        if self.name == "anvil":
-            self.w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
-            self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        if self.node:
+            launcher.advance_time(self.w3, seconds)
         else:
             tester = self.w3.provider.ethereum_tester  # type: ignore[attr-defined]
             pending = tester.get_block_by_number("pending")["timestamp"]
@@ -41,8 +48,8 @@ class Backend:
 
     def mine(self) -> None:
         """Mine one empty block."""
-        if self.name == "anvil":
-            self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        if self.node:
+            launcher.mine(self.w3)
         else:
             self.w3.provider.ethereum_tester.mine_blocks(1)  # type: ignore[attr-defined]
 
@@ -63,6 +70,23 @@ def anvil_w3(anvil: DevChain) -> Web3:
 
 
 @pytest.fixture(scope="session")
+def hardhat() -> Iterator[DevChain]:
+    """A real Hardhat node (automine) on a free port for the whole session; skipped where
+    Hardhat is not installed (``npm ci``)."""
+    try:
+        launcher.hardhat_binary()
+    except ConfigError as exc:
+        pytest.skip(f"Hardhat's node is not installed: {exc}")
+    with DevChain(kind="hardhat") as chain:
+        yield chain
+
+
+@pytest.fixture(scope="session")
+def hardhat_w3(hardhat: DevChain) -> Web3:
+    return connect(hardhat.url)
+
+
+@pytest.fixture(scope="session")
 def tester_w3() -> Web3:
     """An in-process eth-tester chain whose dev accounts are funded like anvil's."""
     w3 = Web3(EthereumTesterProvider())
@@ -75,10 +99,12 @@ def tester_w3() -> Web3:
 
 
 @pytest.fixture(
-    params=[pytest.param("tester"), pytest.param("anvil", marks=pytest.mark.anvil)],
+    params=[pytest.param("tester"), pytest.param("anvil", marks=pytest.mark.anvil),
+            pytest.param("hardhat", marks=pytest.mark.anvil)],
 )
 def backend(request: pytest.FixtureRequest) -> Backend:
-    """Each contract test runs on the in-process tester and on a real anvil."""
+    """Each contract test runs on the in-process tester, a real anvil and a real Hardhat node
+    (``-m "not anvil"``: the in-process one only)."""
     w3 = request.getfixturevalue(f"{request.param}_w3")
     return Backend(request.param, w3)
 

@@ -2,7 +2,14 @@
 
 Each transaction is estimated (a revert there is reported before anything is sent), signed by
 the account and sent with ``eth_sendRawTransaction``; a lock per account serialises nonce use so
-several threads can share one account. Works with any node (anvil, geth) and with eth-tester.
+several threads can share one account. Works with any node (anvil, Hardhat, geth) and with
+eth-tester.
+
+Fees: where the latest block has a ``baseFeePerGas`` (London and later) a transaction is of type 2
+(EIP-1559): a priority fee from ``eth_maxPriorityFeePerGas`` (else the median reward of
+``eth_feeHistory``) and a fee cap of twice the base fee plus that tip, so it stays valid while the
+base fee climbs for several full blocks (only base fee + tip is paid). A chain without base fees
+gets a legacy transaction at ``eth_gasPrice``.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from web3.exceptions import TimeExhausted
 from swarmnode.chain.rpc import revert_reason, rpc_guard
 from swarmnode.errors import ConfigError, ContractReverted
 
-__all__ = ["GAS_HEADROOM", "GAS_MARGIN", "TxSender"]
+__all__ = ["GAS_HEADROOM", "GAS_MARGIN", "PRIORITY_FEE_TTL_S", "TxSender", "fee_fields"]
 
 GAS_MARGIN = 1.2
 # A check-in, finish or revoke may also run the election when another node's transaction lands
 # first; this headroom covers that path (unused gas is refunded).
 GAS_HEADROOM = 60_000
+# The priority fee a chain suggests changes slowly: it is asked again after this many seconds.
+PRIORITY_FEE_TTL_S = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +53,12 @@ class TxSender:
 
     One transaction per account is in flight at a time (the account lock is held until its
     receipt): a later one is never queued behind one that is stuck. A transaction still pending
-    after ``bump_after_s`` is replaced (same nonce, gas price raised by a quarter, as geth
-    requires at least a tenth), again every ``bump_after_s``, until one of them is mined; a
-    transaction this account left pending before (a restarted process) is replaced the same way
-    rather than queued behind. ``confirmations``: the receipt is returned once that many blocks
-    are on top of it.
+    after ``bump_after_s`` is replaced (same nonce, fees raised by a quarter, as geth requires
+    at least a tenth), again every ``bump_after_s``, until one of them is mined; a transaction
+    this account left pending before (a restarted process) is replaced the same way rather than
+    queued behind. ``confirmations``: the receipt is returned once that many blocks are on top of
+    it and its block is still on the chain; a reorganisation that drops it in the meantime sends
+    the same signed transaction again and waits for its new block.
     """
 
     def __init__(
@@ -66,6 +76,7 @@ class TxSender:
         self.confirmations = confirmations
         self.replaced = 0  # transactions replaced with a higher fee, for logs and tests
         self._chain_id: int | None = None
+        self._tip: tuple[float, int] | None = None  # (asked at, priority fee)
         # one lock per (chain, account): by URL over HTTP, by provider object in-process
         where = getattr(w3.provider, "endpoint_uri", None) or f"in-process {id(w3.provider)}"
         self._key = f"{where}|{account.address}"
@@ -101,10 +112,13 @@ class TxSender:
             tx["gas"] = gas
             tx["chainId"] = self._chain_id
             with self._lock:
-                price = int(w3.eth.gas_price)
+                fees = self._fees()
                 cached = _nonces.pop(self._key, None)
                 while True:
-                    tx["gasPrice"], nonce = price, cached
+                    for name in _FEE_FIELDS:
+                        tx.pop(name, None)
+                    tx.update(fees)
+                    nonce = cached
                     if nonce is None:
                         nonce = w3.eth.get_transaction_count(account.address, "latest")
                         if w3.eth.get_transaction_count(account.address, "pending") > nonce:
@@ -112,7 +126,7 @@ class TxSender:
                             # replace it
                             log.warning("%s: account %s has a pending transaction (nonce %d); "
                                         "replacing it", what, account.address, nonce)
-                            tx["gasPrice"] = _bumped(price * 2)
+                            tx.update(_takeover(fees))
                     tx["nonce"] = nonce
                     try:
                         receipt = self._mine(tx, what, refused)
@@ -124,10 +138,20 @@ class TxSender:
                         raise  # the nonce is read again next time
                     _nonces[self._key] = nonce + 1
                     break
-            self._confirm(receipt)
+            receipt = self._confirm(receipt, tx, what, refused)
         if receipt["status"] != 1:
             raise refused(self._replay_reason(tx, receipt))
         return receipt
+
+    def _fees(self) -> dict[str, int]:
+        """The fee fields of the next transaction (see the module's docstring)."""
+        now = time.monotonic()
+        if self._tip is not None and now - self._tip[0] < PRIORITY_FEE_TTL_S:
+            return fee_fields(self.w3, tip=self._tip[1])
+        fees = fee_fields(self.w3)
+        if "maxPriorityFeePerGas" in fees:
+            self._tip = (now, fees["maxPriorityFeePerGas"])
+        return fees
 
     def _submit(self, tx: dict[str, Any], refused: Callable[[str], ContractReverted]) -> Any:
         unsigned = {k: v for k, v in tx.items() if k != "from"}
@@ -154,10 +178,12 @@ class TxSender:
             if time.monotonic() >= deadline:
                 raise TimeExhausted(
                     f"{what}: no transaction of nonce {tx['nonce']} is in a block after "
-                    f"{self.receipt_timeout:.0f} s ({len(hashes)} sent, the last at gas price "
-                    f"{tx['gasPrice']}); the chain may not be producing blocks"
+                    f"{self.receipt_timeout:.0f} s ({len(hashes)} sent, the last at "
+                    f"{_describe_fees(tx)}); the chain may not be producing blocks"
                 )
-            tx["gasPrice"] = _bumped(tx["gasPrice"])
+            for name in _FEE_FIELDS:
+                if name in tx:
+                    tx[name] = _bumped(tx[name])
             try:
                 hashes.append(self._submit(tx, refused))
             except Exception as exc:  # noqa: BLE001 - e.g. "nonce too low": one was just mined
@@ -165,8 +191,8 @@ class TxSender:
                          what, exc)
                 continue
             self.replaced += 1
-            log.warning("%s: still pending after %.0f s; replaced it with gas price %d",
-                        what, self.bump_after_s, tx["gasPrice"])
+            log.warning("%s: still pending after %.0f s; replaced it at %s",
+                        what, self.bump_after_s, _describe_fees(tx))
 
     def _receipt(self, hashes: list[Any], until: float) -> Any:
         """The receipt of any of ``hashes``, asking at 20 ms at first and then less and less
@@ -189,13 +215,45 @@ class TxSender:
             time.sleep(min(delay, max(0.0, until - time.monotonic())))
             delay = min(delay * 1.5, 0.25)
 
-    def _confirm(self, receipt: Any) -> None:
-        """Wait until ``confirmations`` blocks are on top of the receipt's block."""
+    def _confirm(self, receipt: Any, tx: dict[str, Any], what: str,
+                 refused: Callable[[str], ContractReverted]) -> Any:
+        """Wait until ``confirmations`` blocks are on top of the receipt's block and return the
+        receipt as the chain holds it then. Every new head, the receipt is read again: a
+        reorganisation may have moved the transaction to another block (the depth counts from
+        there) or dropped it (the same signed transaction is sent again: same nonce, so it can
+        land at most once)."""
         if not self.confirmations:
-            return
-        target = int(receipt["blockNumber"]) + self.confirmations
+            return receipt
+        tx_hash = receipt["transactionHash"]
         deadline = time.monotonic() + self.receipt_timeout + self.confirmations * 60
-        while int(self.w3.eth.block_number) < target:
+        seen: Any = None  # the head last looked at (a reorganisation may keep its number)
+        while True:
+            head = self.w3.eth.get_block("latest")
+            if head["hash"] != seen:
+                seen = head["hash"]
+                now = self._receipt([tx_hash], 0.0)  # one ask
+                if now is None:
+                    log.warning("%s: transaction 0x%s left the chain in a reorganisation "
+                                "(it was in block %d); sending it again", what,
+                                bytes(tx_hash).hex(), receipt["blockNumber"])
+                    try:
+                        tx_hash = self._submit(tx, refused)
+                    except ContractReverted:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - e.g. already in the pool again
+                        log.info("%s: sending it again was not accepted (%s)", what, exc)
+                    now = self._receipt([tx_hash], time.monotonic() + self.receipt_timeout)
+                    if now is None:
+                        raise TimeExhausted(f"{what}: transaction 0x{bytes(tx_hash).hex()} is "
+                                            "not back in a block after a reorganisation")
+                    seen = None  # look at the new head at once
+                elif now["blockHash"] != receipt["blockHash"]:
+                    log.warning("%s: a reorganisation moved the transaction from block %d to "
+                                "block %d", what, receipt["blockNumber"], now["blockNumber"])
+                receipt = now
+                if seen is not None and (int(head["number"]) >=
+                                         int(receipt["blockNumber"]) + self.confirmations):
+                    return receipt
             if time.monotonic() >= deadline:
                 raise TimeExhausted(
                     f"block {receipt['blockNumber']} did not get {self.confirmations} "
@@ -221,8 +279,56 @@ class TxSender:
         )
 
 
+_FEE_FIELDS = ("gasPrice", "maxFeePerGas", "maxPriorityFeePerGas")
+
+
+def fee_fields(w3: Web3, *, tip: int | None = None) -> dict[str, int]:
+    """Fee fields for a transaction sent now: ``maxFeePerGas`` and ``maxPriorityFeePerGas``
+    (type 2) where the latest block has a base fee, else ``gasPrice`` (legacy). ``tip``: the
+    priority fee, if known already (not asked again)."""
+    base = w3.eth.get_block("latest").get("baseFeePerGas")
+    if base is None:
+        return {"gasPrice": int(w3.eth.gas_price)}
+    if tip is None:
+        tip = _priority_fee(w3)
+    return {"maxPriorityFeePerGas": tip, "maxFeePerGas": 2 * int(base) + tip}
+
+
+def _priority_fee(w3: Web3) -> int:
+    """The chain's suggested priority fee: ``eth_maxPriorityFeePerGas``, else the median reward
+    paid in the last blocks (``eth_feeHistory``), else 1 gwei."""
+    try:
+        return int(w3.eth.max_priority_fee)
+    except Exception as exc:  # noqa: BLE001 - a node without the method (it is not in the spec)
+        log.debug("eth_maxPriorityFeePerGas unavailable (%s); using eth_feeHistory", exc)
+    try:
+        rewards = [int(r[0]) for r in w3.eth.fee_history(10, "latest", [50]).get("reward", [])
+                   if r]
+    except Exception as exc:  # noqa: BLE001
+        log.debug("eth_feeHistory unavailable (%s); tipping 1 gwei", exc)
+        rewards = []
+    rewards = sorted(r for r in rewards if r > 0)
+    return rewards[len(rewards) // 2] if rewards else 10**9
+
+
+def _takeover(fees: dict[str, int]) -> dict[str, int]:
+    """Fees that replace a transaction left pending by an earlier run, whose fees are unknown:
+    twice today's price and more, all of it offered as tip for a type-2 transaction (a legacy one
+    left pending is replaced only by a tip above its whole gas price)."""
+    if "gasPrice" in fees:
+        return {"gasPrice": _bumped(fees["gasPrice"] * 2)}
+    cap = _bumped(fees["maxFeePerGas"] * 2)
+    return {"maxFeePerGas": cap, "maxPriorityFeePerGas": cap}
+
+
+def _describe_fees(tx: dict[str, Any]) -> str:
+    if "gasPrice" in tx:
+        return f"gas price {tx['gasPrice']}"
+    return f"fee cap {tx['maxFeePerGas']}, priority fee {tx['maxPriorityFeePerGas']}"
+
+
 def _bumped(price: int) -> int:
-    """A gas price that replaces ``price`` (geth wants at least 10% more; this gives 25%)."""
+    """A fee that replaces ``price`` (geth wants at least 10% more; this gives 25%)."""
     return max(price + 1, price * 5 // 4)
 
 

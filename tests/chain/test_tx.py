@@ -1,18 +1,22 @@
-"""Transactions on a chain that does not mine at once: replacement with a higher fee (never a
-second transaction queued behind a stuck one) and a confirmation depth. Real anvil, with its
-automine switched off so a transaction stays pending until the test mines a block."""
+"""Transactions: type 2 (EIP-1559) where the chain has base fees and legacy where it has none
+(in-process eth-tester, anvil, a pre-London anvil); on a chain that does not mine at once,
+replacement with a higher fee (never a second transaction queued behind a stuck one), and a
+confirmation depth that a reorganisation cannot fool. Real anvil, with its automine switched off
+so a transaction stays pending until the test mines a block."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from web3 import Web3
+from web3 import EthereumTesterProvider, Web3
+from web3.exceptions import TransactionNotFound
 
 from swarmnode.chain.accounts import dev_account
-from swarmnode.chain.launcher import DevChain
+from swarmnode.chain.launcher import DevChain, mine, reorg, set_automine
 from swarmnode.chain.rpc import connect
 from swarmnode.chain.tx import TxSender
 from swarmnode.errors import ConfigError, ContractReverted
@@ -25,7 +29,7 @@ def manual_chain() -> Iterator[Web3]:
     """An anvil of its own whose blocks come only when the test mines one."""
     with DevChain() as chain:
         w3 = connect(chain.url)
-        w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
+        set_automine(w3, False)
         yield w3
 
 
@@ -34,7 +38,65 @@ def _refused(reason: str) -> ContractReverted:
 
 
 def _mine(w3: Web3) -> None:
-    w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    mine(w3)
+
+
+def _transfer_type(w3: Web3, gas: int | None = None) -> tuple[int, Any]:
+    """Send a transfer with TxSender; the mined transaction's type and the transaction."""
+    receipt = TxSender(w3, dev_account(2)).send({"to": dev_account(3).address, "value": 3},
+                                                  "a transfer", _refused, gas=gas)
+    assert receipt["status"] == 1
+    mined = w3.eth.get_transaction(receipt["transactionHash"])
+    assert int(mined["type"]) == int(receipt["type"])
+    return int(mined["type"]), mined
+
+
+def _in_process(vm: type | None = None) -> Web3:
+    """An in-process eth-tester chain (``vm``: one fork for every block) with dev account 2
+    funded."""
+    from eth_tester import EthereumTester, PyEVMBackend
+
+    backend = PyEVMBackend(vm_configuration=((0, vm),)) if vm is not None else PyEVMBackend()
+    w3 = Web3(EthereumTesterProvider(EthereumTester(backend)))
+    w3.eth.send_transaction({"from": w3.eth.accounts[0], "to": dev_account(2).address,
+                             "value": 10**20, "gasPrice": 10**10} if vm is not None else
+                            {"from": w3.eth.accounts[0], "to": dev_account(2).address,
+                             "value": 10**20})
+    return w3
+
+
+def test_type_2_in_process_where_blocks_have_a_base_fee() -> None:
+    w3 = _in_process()
+    base = w3.eth.get_block("latest")["baseFeePerGas"]
+    kind, mined = _transfer_type(w3)
+    assert kind == 2
+    assert mined["maxPriorityFeePerGas"] > 0 and mined["maxFeePerGas"] >= 2 * base
+
+
+def test_legacy_in_process_where_blocks_have_no_base_fee() -> None:
+    from eth.vm.forks import BerlinVM
+
+    w3 = _in_process(BerlinVM)
+    assert "baseFeePerGas" not in w3.eth.get_block("latest")
+    # gas given: eth-tester cannot estimate on a pre-London VM (it estimates with EIP-1559 fields)
+    kind, mined = _transfer_type(w3, gas=21_000)
+    assert kind == 0 and mined["gasPrice"] > 0
+
+
+@pytest.mark.parametrize("hardfork, expected", [(None, 2), ("berlin", 0)])
+def test_anvil_mines_type_2_with_base_fees_and_legacy_without(hardfork: str | None,
+                                                               expected: int) -> None:
+    with DevChain(hardfork=hardfork) as chain:
+        w3 = connect(chain.url)
+        assert ("baseFeePerGas" in w3.eth.get_block("latest")) is (expected == 2)
+        kind, mined = _transfer_type(w3)
+        assert kind == expected
+        receipt = w3.eth.get_transaction_receipt(mined["hash"])
+        assert receipt["effectiveGasPrice"] > 0
+        if expected == 2:  # paid the block's base fee plus the tip, not the cap
+            block = w3.eth.get_block(receipt["blockNumber"])
+            assert receipt["effectiveGasPrice"] == (
+                block["baseFeePerGas"] + mined["maxPriorityFeePerGas"])
 
 
 def _send_in_background(sender: TxSender, to: str) -> tuple[threading.Thread, dict]:
@@ -60,7 +122,7 @@ def test_a_pending_transaction_is_replaced_with_a_higher_fee(manual_chain: Web3)
     w3 = manual_chain
     account = dev_account(5)
     sender = TxSender(w3, account, receipt_timeout=60, bump_after_s=0.4)
-    first_price = int(w3.eth.gas_price)
+    first_price, first_tip = int(w3.eth.gas_price), int(w3.eth.max_priority_fee)
     nonce = w3.eth.get_transaction_count(account.address)
     thread, out = _send_in_background(sender, dev_account(6).address)
     deadline = time.monotonic() + 30
@@ -74,6 +136,9 @@ def test_a_pending_transaction_is_replaced_with_a_higher_fee(manual_chain: Web3)
     receipt = out["receipt"]
     assert receipt["status"] == 1
     assert int(receipt["effectiveGasPrice"]) > first_price  # the replacement was mined
+    mined = w3.eth.get_transaction(receipt["transactionHash"])
+    assert mined["type"] == 2  # replaced as type 2: both fees raised by at least a tenth each time
+    assert mined["maxPriorityFeePerGas"] >= int(first_tip * 1.1**2)
     assert w3.eth.get_transaction_count(account.address) == nonce + 1
     assert _pool_size(w3) == 0
 
@@ -120,6 +185,62 @@ def test_a_receipt_counts_once_it_has_its_confirmations(manual_chain: Web3) -> N
     thread.join(30)
     assert "error" not in out, out.get("error")
     assert w3.eth.block_number >= out["receipt"]["blockNumber"] + 2
+
+
+def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_confirmations_survive_a_reorganisation_that_takes_back_an_unconfirmed_receipt(
+        manual_chain: Web3) -> None:
+    w3 = manual_chain
+    # Without confirmations a receipt counts as soon as its block is mined ...
+    payee = dev_account(11).address
+    before = w3.eth.get_balance(payee)
+    thread, out = _send_in_background(TxSender(w3, dev_account(10), receipt_timeout=60), payee)
+    _wait_for(lambda: _pool_size(w3) == 1, "the transfer in the pool")
+    _mine(w3)
+    thread.join(30)
+    assert "error" not in out, out.get("error")
+    told = out["receipt"]
+    assert told["status"] == 1
+    reorg(w3, 1)  # ... and a reorganisation of depth 1 takes it back:
+    with pytest.raises(TransactionNotFound):
+        w3.eth.get_transaction_receipt(told["transactionHash"])
+    assert w3.eth.get_balance(payee) == before  # what the caller was told happened did not
+    assert _pool_size(w3) == 0  # nor will it: the transaction is gone
+
+    # With confirmations=2 the sender holds the receipt until two blocks are on top of it; the
+    # same reorganisation meanwhile is seen (the transaction left the chain), the transaction
+    # is sent again, and its depth counts from the block that holds it now.
+    payee = dev_account(13).address
+    before = w3.eth.get_balance(payee)
+    sender = TxSender(w3, dev_account(12), receipt_timeout=60, confirmations=2)
+    thread, out = _send_in_background(sender, payee)
+    _wait_for(lambda: _pool_size(w3) == 1, "the transfer in the pool")
+    _mine(w3)
+    first_block = w3.eth.get_block("latest")
+    assert len(first_block["transactions"]) == 1
+    time.sleep(0.5)
+    assert "receipt" not in out  # mined, not yet confirmed
+    reorg(w3, 1)
+    _wait_for(lambda: _pool_size(w3) == 1, "the transaction sent again after the reorganisation")
+    assert "receipt" not in out
+    for _ in range(3):  # its new block, then two on top
+        _mine(w3)
+        time.sleep(0.3)
+    thread.join(30)
+    assert "error" not in out, out.get("error")
+    receipt = out["receipt"]
+    assert receipt["status"] == 1
+    assert receipt["transactionHash"] == first_block["transactions"][0]  # the same transaction
+    assert receipt["blockHash"] != first_block["hash"]  # in another block
+    assert w3.eth.get_block(receipt["blockNumber"])["hash"] == receipt["blockHash"]  # canonical
+    assert w3.eth.block_number >= receipt["blockNumber"] + 2
+    assert w3.eth.get_balance(payee) == before + 1
 
 
 def test_dev_accounts_come_from_the_chains_own_mnemonic(
