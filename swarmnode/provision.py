@@ -4,7 +4,9 @@ The admin describes the consortium in one YAML file (:class:`ConsortiumFile`: it
 chain, the training, the sites with the names and ports other sites dial). Then:
 
 admin   ``swarmnode consortium init consortium.yaml``   the consortium CA, the trust bundle
-        (with the CAs of organisations that bring their own) and the training spec
+        (with the CAs of organisations that bring their own), the training spec and, on a dev
+        chain, the consortium's own admin account (a fresh key in an encrypted keystore: the
+        dev mnemonic's accounts are public, so none of them may be the admin)
 site    ``swarmnode site request --name hospital-2``    in the site's own folder: its TLS key and
         a certificate request, its chain account (an encrypted keystore); it sends only
         ``hospital-2.request.json`` (the request and the account's address, no key)
@@ -12,13 +14,19 @@ admin   ``swarmnode consortium sign consortium.yaml requests/*.json``   checks e
         signs it with the consortium CA (or checks the certificate an organisation's own CA
         signed), and writes each site's kit: its certificate, the trust bundle, its ``.env`` and
         the compose files; the sentinel's kit also holds what its ``deploy`` service needs
-        (spec, the sites' addresses and certificates) to deploy the contract, fund each site's
-        account (dev chains) and authorise it
+        (spec, the sites' addresses and certificates, the admin keystore) to fund the admin from
+        a dev account inside the sentinel, deploy the contract as the admin, fund each site's
+        account and authorise it. Sites on separate hosts reach the sentinel's chain through its
+        gateway (``swarmnode chain gateway``: mutual TLS, standard methods only), never the dev
+        chain itself
 site    ``swarmnode site install KIT``                  checks the kit against its own key and
         trust bundle and installs it in its folder; then ``docker-compose up -d`` there
 
 No private key is ever written outside the folder of the party it belongs to: the CA key stays in
-the admin's folder, each site's TLS key and keystore in that site's folder (mode 0600).
+the admin's folder, each site's TLS key and keystore in that site's folder (mode 0600). The one
+exception is the dev chain's admin keystore: the sentinel, which runs the dev chain (and so could
+rewrite it anyway), signs the admin's transactions in its ``deploy`` service, so its kit carries
+that keystore; no other site's does.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 from cryptography import x509
@@ -64,6 +73,10 @@ NODE_UID = 10001  # the node image's user: it reads the site's key and keystore 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+#: The admin's nonce that deploys the training on a fresh dev chain (0: its registry)
+TRAINING_NONCE = 1
+#: In the sentinel's kit: the dev chain's admin keystore and its password (the deploy service's)
+ADMIN_KIT_FILES = ("admin-chain/keystore.json", "admin-chain/keystore.password")
 
 
 # -- the consortium file ---------------------------------------------------------------------------
@@ -169,11 +182,16 @@ class ConsortiumFile(_Strict):
         if self.training.min_peers > len(self.sites):
             raise ValueError(f"training.min_peers={self.training.min_peers} but the consortium "
                              f"has {len(self.sites)} sites")
-        if (not self.one_host and self.chain.dev
-                and self.chain.rpc_url.split("//")[-1].split(":")[0] == "chain"):
-            raise ValueError("sites on separate hosts reach the sentinel's chain at the "
-                             "sentinel's host: set chain.rpc_url to http://SENTINEL_HOST:8545 "
-                             "(or one_host: true to try the consortium on one machine)")
+        if not self.one_host and self.chain.dev:
+            url = urlparse(self.chain.rpc_url)
+            sentinel = self.site(self.sentinel_name)
+            if url.scheme != "https" or url.hostname not in (sentinel.dial, sentinel.name):
+                raise ValueError(
+                    "sites on separate hosts reach the sentinel's chain through its gateway "
+                    "(mutual TLS with the consortium's certificates; the dev chain itself is "
+                    f"never published): set chain.rpc_url to https://{sentinel.dial}:8545 "
+                    "(https://SENTINEL_HOST:PORT, the host the sentinel's certificate names), or "
+                    "one_host: true to try the consortium on one machine")
         if not self.chain.dev and self.chain.contract is None:
             raise ValueError("chain.dev is false: set chain.contract to the contract the admin "
                              "deployed on that network")
@@ -256,6 +274,48 @@ class InitResult:
     trust: Path
     spec: Path
     created_ca: bool
+    admin_address: str | None = None  # dev chains: the consortium's own admin account
+    admin_keystore: Path | None = None
+    created_admin: bool = False
+
+
+def _admin_files(admin: Path) -> tuple[Path, Path]:
+    """The dev chain's admin keystore and its password, in the admin's folder."""
+    return admin / "chain" / "admin.keystore.json", admin / "chain" / "admin.keystore.password"
+
+
+def _make_admin_account(admin: Path) -> tuple[str, Path, bool]:
+    """The consortium's admin account on a dev chain: a fresh key (never one of the dev
+    mnemonic's public accounts) in an encrypted keystore with a random password, kept if it
+    exists. (address, keystore, made now)."""
+    from eth_account import Account
+
+    keystore, password = _admin_files(admin)
+    if keystore.exists():
+        if not password.exists():
+            raise ConfigError(f"{keystore} exists without its password file {password}; restore "
+                              "it, or remove the keystore to make a new admin account (then sign "
+                              "the kits again)")
+        return _keystore_address(keystore), keystore, False
+    secret = secrets.token_urlsafe(24)
+    account = Account.create()
+    _write_private(password, secret.encode())
+    _write_private(keystore, json.dumps(Account.encrypt(account.key, secret)).encode())
+    return account.address, keystore, True
+
+
+def _keystore_address(keystore: Path) -> str:
+    """The address a V3 keystore names (public; no password needed)."""
+    from web3 import Web3
+
+    try:
+        address = json.loads(keystore.read_text()).get("address", "")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"cannot read the admin keystore {keystore}: {exc}") from None
+    if not isinstance(address, str) or not re.fullmatch(r"(0x)?[0-9a-fA-F]{40}", address):
+        raise ConfigError(f"the admin keystore {keystore} names no address; make a new one: "
+                          "remove it and run `swarmnode consortium init` again")
+    return Web3.to_checksum_address("0x" + address.removeprefix("0x"))
 
 
 def consortium_init(path: Path, admin_dir: Path | None = None) -> InitResult:
@@ -311,7 +371,11 @@ def consortium_init(path: Path, admin_dir: Path | None = None) -> InitResult:
                                        min_peers=t.min_peers, merge_method=t.merge)
     spec_path = out / "spec.json"
     spec_path.write_text(spec.to_json())
-    return InitResult(ca_cert=ca_cert, trust=trust, spec=spec_path, created_ca=created)
+    if not conf.chain.dev:  # a real network: the admin signs with the keystore they have
+        return InitResult(ca_cert=ca_cert, trust=trust, spec=spec_path, created_ca=created)
+    address, keystore, made = _make_admin_account(admin)
+    return InitResult(ca_cert=ca_cert, trust=trust, spec=spec_path, created_ca=created,
+                      admin_address=address, admin_keystore=keystore, created_admin=made)
 
 
 # -- site: request ---------------------------------------------------------------------------------
@@ -389,13 +453,26 @@ class Kit:
     sentinel: bool
 
 
-def _contract_address(conf: ConsortiumFile) -> str:
+def _admin_address(conf: ConsortiumFile, admin: Path, path: Path) -> str | None:
+    """The dev chain's admin account (from its keystore), or None on a real network."""
+    if not conf.chain.dev:
+        return None
+    keystore, password = _admin_files(admin)
+    if not (keystore.exists() and password.exists()):
+        raise ConfigError(f"no admin account for the dev chain ({keystore}); run `swarmnode "
+                          f"consortium init {path}` again (it keeps the CA and makes one)")
+    return _keystore_address(keystore)
+
+
+def _contract_address(conf: ConsortiumFile, admin_address: str | None) -> str:
     if conf.chain.contract is not None:
         return conf.chain.contract
-    from swarmnode.chain.accounts import dev_account
     from swarmnode.containers.consortium import contract_address_for
 
-    return contract_address_for(dev_account(0).address)  # the sentinel's first deployment
+    assert admin_address is not None
+    # The admin's first transaction deploys the registry, its second the training (`contract
+    # deploy` without --registry, in the sentinel's deploy service): the kits name the training.
+    return contract_address_for(admin_address, TRAINING_NONCE)
 
 
 def _compose_dir() -> Path:
@@ -452,7 +529,8 @@ def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = N
             certs[site.name] = cert_path
         rows.append(f"{site.name},{req['address']},{site.name}.pem")
     (out / "sites.csv").write_text("\n".join(rows) + "\n")
-    contract = _contract_address(conf)
+    admin_address = _admin_address(conf, admin, path)
+    contract = _contract_address(conf, admin_address)
     compose = _compose_dir()
     from swarmnode.spec import TrainingSpec
 
@@ -473,7 +551,13 @@ def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = N
             (kit / "consortium").mkdir()
             for f in ["spec.json", "sites.csv", *(f"{s.name}.pem" for s in conf.sites)]:
                 shutil.copy(out / f, kit / "consortium" / f)
-        (kit / ".env").write_text(_env(conf, site, contract, sentinel, min_peers))
+            # The deploy service signs as the admin; the dev chain's account 0 only funds it.
+            shutil.copy(compose / "admin.yaml", kit / "compose.admin.yaml")
+            for src, name in zip(_admin_files(admin), ADMIN_KIT_FILES, strict=True):
+                _write_private(kit / name, src.read_bytes())
+            if not conf.one_host:  # other sites reach the chain through the gateway only
+                shutil.copy(compose / "gateway.yaml", kit / "compose.gateway.yaml")
+        (kit / ".env").write_text(_env(conf, site, contract, sentinel, min_peers, admin_address))
         files = sorted(p.relative_to(kit).as_posix() for p in kit.rglob("*") if p.is_file())
         (kit / "kit.json").write_text(json.dumps({
             "format": KIT_FORMAT, "consortium": conf.consortium, "site": site.name,
@@ -505,9 +589,11 @@ def _check_org_cert(req: dict[str, Any], src: Path, site: SiteEntry, org_ca: Pat
 
 
 def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool,
-         min_peers: int) -> str:
+         min_peers: int, admin_address: str | None = None) -> str:
     t = conf.training
     files = "compose.yaml:compose.keystore.yaml"
+    if sentinel:
+        files += ":compose.admin.yaml" + ("" if conf.one_host else ":compose.gateway.yaml")
     lines = [
         f"# {site.name}'s settings in consortium {conf.consortium}, written by `swarmnode "
         "consortium sign`.",
@@ -536,20 +622,37 @@ def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool,
             "DATA_PUBLISH=0.0.0.0:7442",
         ]
     if sentinel:
+        gateway_port = urlparse(conf.chain.rpc_url).port or 443
         lines += [
             "# The sentinel: its project also runs the dev chain and the deploy service.",
             "COMPOSE_PROFILES=sentinel",
-            *([] if conf.one_host else ["CHAIN_PUBLISH=0.0.0.0:8545"]),
+            *([] if conf.one_host else [
+                "# Other sites reach the chain through the gateway (mutual TLS, standard "
+                "methods only);",
+                "# the dev chain itself is published on this host's loopback only.",
+                f"GATEWAY_PUBLISH=0.0.0.0:{gateway_port}"]),
             "CONSORTIUM_DIR=./consortium",
             f"MIN_PEERS={min_peers}",
             f"GRACE_S={t.grace_s}",
             f"DEADLINE_S={t.deadline_s}",
             f"FUND_ETH={conf.chain.fund_eth:g}",
+            "# The consortium's admin account (made by `consortium init`, not a dev account): the",
+            "# deploy service funds it from dev account 0 inside this project, then signs with it.",
+            f"ADMIN_ADDRESS={admin_address}",
+            f"ADMIN_FUND_ETH={conf.chain.fund_eth * len(conf.sites) + 10:g}",
+            f"ADMIN_KEYSTORE_FILE=./{ADMIN_KIT_FILES[0]}",
+            f"ADMIN_KEYSTORE_PASSWORD_FILE=./{ADMIN_KIT_FILES[1]}",
         ]
     else:
         if conf.one_host:
             lines += ["# One host: the sentinel's consortium network, shared.",
                       "CONSORTIUM_EXTERNAL=true"]
+        elif conf.chain.dev:
+            lines += ["# The sentinel's chain gateway asks for this site's certificate (mutual "
+                      "TLS).",
+                      "CHAIN_CERT=/run/secrets/node_cert",
+                      "CHAIN_KEY=/run/secrets/node_key",
+                      "CHAIN_TRUST=/run/secrets/trust"]
         lines += ["# read by the sentinel's deploy service only (required by the compose file)",
                   "CONSORTIUM_DIR=./consortium"]
     return "\n".join(lines) + "\n"
@@ -606,7 +709,8 @@ def site_install(kit_dir: Path, site_dir: Path) -> InstallResult:
     shutil.copy(kit / "kit.json", site_dir / "kit.json")
     for d in ("data", "app"):
         (site_dir / d).mkdir(exist_ok=True)
-    secrets_ = [key, site_dir / "chain" / "keystore.json", site_dir / "chain" / "keystore.password"]
+    secrets_ = [key, site_dir / "chain" / "keystore.json", site_dir / "chain" / "keystore.password",
+                *(site_dir / name for name in ADMIN_KIT_FILES)]
     not_chowned = _give_to_node_user([p for p in secrets_ if p.exists()])
     return InstallResult(site=name, sentinel=bool(manifest.get("sentinel")),
                          not_chowned=not_chowned)

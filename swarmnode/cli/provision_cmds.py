@@ -31,7 +31,8 @@ AdminDir = Annotated[Path | None, typer.Option(
 @consortium_app.command("init")
 @command
 def init(path: ConsortiumPath, admin_dir: AdminDir = None) -> None:
-    """Make the consortium CA (kept if it exists), the trust bundle and the training spec."""
+    """Make the consortium CA (kept if it exists), the trust bundle, the training spec and, on a
+    dev chain, the consortium's admin account (a fresh key, kept if it exists)."""
     from swarmnode.provision import consortium_init
 
     done = consortium_init(path, admin_dir)
@@ -39,6 +40,12 @@ def init(path: ConsortiumPath, admin_dir: AdminDir = None) -> None:
                   "stays next to it (mode 0600)")
     console.print(f"trust bundle    {done.trust}")
     console.print(f"training spec   {done.spec}")
+    if done.admin_address is not None:
+        new = " (new)" if done.created_admin else ""
+        console.print(f"chain admin     {done.admin_address}{new}: a fresh key, not a dev "
+                      f"account; keystore {done.admin_keystore} and its "
+                      "password next to it (mode 0600); the sentinel's kit carries it for the "
+                      "deploy service")
     console.print("next: each site runs `swarmnode site request --name SITE` in its own folder "
                   "and sends you SITE.request.json; then `swarmnode consortium sign "
                   f"{path} REQUEST...`")

@@ -89,7 +89,8 @@ class ContainerConsortium:
         self.script_dir = self.root / "examples" / example
         self.network = f"{prefix}-consortium"
         self.docker = docker.from_env(timeout=300)
-        self.contract_address = contract_address_for(dev_account(0).address)
+        # dev account 0's first transaction deploys the registry, its second the training
+        self.contract_address = contract_address_for(dev_account(0).address, 1)
         self.data: DemoData
         self.contract: SwarmContract
         self.rpc_url = ""

@@ -164,3 +164,57 @@ def test_keystore_override_signs_with_the_sites_keystore(example: Path, tmp_path
     assert {s["source"] for s in cfg["services"]["node"]["secrets"]} == {
         "node_cert", "node_key", "trust", "keystore", "keystore_password"}
     assert check_wiring(cfg) == []
+
+
+def test_sentinel_overrides_publish_the_gateway_and_sign_as_the_consortium_admin(
+        example: Path, tmp_path: Path) -> None:
+    """A sentinel on separate hosts (a kit's COMPOSE_FILE): the gateway is what it publishes,
+    with the node's certificate, in front of the chain service; the deploy service signs with
+    the consortium's admin keystore."""
+    (tmp_path / "admin.json").write_text("{}")
+    (tmp_path / "admin.password").write_text("x")
+    env_file = tmp_path / ".env"
+    env_file.write_text((example / ".env").read_text() + "".join(f"{k}={v}\n" for k, v in {
+        "GATEWAY_PUBLISH": "0.0.0.0:8545", "ADMIN_ADDRESS": "0x" + "ab" * 20,
+        "ADMIN_KEYSTORE_FILE": tmp_path / "admin.json",
+        "ADMIN_KEYSTORE_PASSWORD_FILE": tmp_path / "admin.password"}.items()))
+    done = subprocess.run([compose_binary(), "--project-directory", str(example), "--env-file",
+                           str(env_file), "-f", str(HOSPITAL),
+                           "-f", str(ROOT / "compose" / "admin.yaml"),
+                           "-f", str(ROOT / "compose" / "gateway.yaml"),
+                           "--profile", "sentinel", "config", "--format", "json"],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    cfg = json.loads(done.stdout)
+    assert check_wiring(cfg) == []
+    svc = cfg["services"]
+    gateway = svc["gateway"]
+    assert gateway["command"][:2] == ["chain", "gateway"]
+    assert "http://chain:8545" in gateway["command"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in gateway["ports"]] == [
+        ("0.0.0.0", "8545", 8545)]
+    assert {s["source"] for s in gateway["secrets"]} == {"node_cert", "node_key", "trust"}
+    assert gateway["environment"]["SWARMNODE_KEY"] == "/run/secrets/node_key"
+    assert "chain" in gateway["depends_on"]
+    # the dev chain itself stays on this host's loopback
+    assert all(p.get("host_ip") == "127.0.0.1" for p in svc["chain"]["ports"])
+    deploy = svc["deploy"]
+    assert deploy["environment"]["ADMIN_KEYSTORE"] == "/run/secrets/admin_keystore"
+    assert {s["source"] for s in deploy["secrets"]} == {"admin_keystore",
+                                                        "admin_keystore_password"}
+    assert "--at-least --key-index 0" in deploy["command"][0]
+
+
+def test_a_site_behind_the_gateway_gives_its_node_the_client_certificate(
+        example: Path, tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text((example / ".env").read_text() + "CHAIN_CERT=/run/secrets/node_cert\n"
+                        "CHAIN_KEY=/run/secrets/node_key\nCHAIN_TRUST=/run/secrets/trust\n")
+    done = subprocess.run([compose_binary(), "--project-directory", str(example), "--env-file",
+                           str(env_file), "-f", str(HOSPITAL), "config", "--format", "json"],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    node = json.loads(done.stdout)["services"]["node"]
+    mounted = {f"/run/secrets/{s['source']}" for s in node["secrets"]}
+    for var in ("SWARMNODE_CHAIN_CERT", "SWARMNODE_CHAIN_KEY", "SWARMNODE_CHAIN_TRUST"):
+        assert node["environment"][var] in mounted

@@ -155,12 +155,12 @@ def test_a_site_with_its_own_organisation_ca_joins_through_the_trust_bundle(
     assert "not signed by its organisation CA" in out
 
 
-def test_sites_on_separate_hosts_publish_their_ports_and_dial_the_sentinels_chain(
+def test_sites_on_separate_hosts_publish_their_ports_and_dial_the_sentinels_gateway(
     tmp_path: Path,
 ) -> None:
     conf = write_consortium(tmp_path / "desk", ["hospital-1", "hospital-2"])
     raw = yaml.safe_load(conf.read_text())
-    raw.update(one_host=False, chain={"rpc_url": "http://h1.example.org:8545"})
+    raw.update(one_host=False, chain={"rpc_url": "https://h1.example.org:8545"})
     raw["sites"] = [{"name": "hospital-1", "host": "h1.example.org"},
                     {"name": "hospital-2", "host": "h2.example.org", "peer_port": 8441}]
     conf.write_text(yaml.safe_dump(raw))
@@ -172,11 +172,61 @@ def test_sites_on_separate_hosts_publish_their_ports_and_dial_the_sentinels_chai
     kits = tmp_path / "desk" / "admin" / "kits"
     one = (kits / "hospital-1" / ".env").read_text()
     two = (kits / "hospital-2" / ".env").read_text()
-    assert "RPC_URL=http://chain:8545" in one and "CHAIN_PUBLISH=0.0.0.0:8545" in one
-    assert "RPC_URL=http://h1.example.org:8545" in two and "CHAIN_PUBLISH" not in two
+    # the sentinel publishes the gateway, never the dev chain itself
+    assert "RPC_URL=http://chain:8545" in one and "GATEWAY_PUBLISH=0.0.0.0:8545" in one
+    assert "CHAIN_PUBLISH" not in one
+    assert "compose.gateway.yaml" in one
+    assert (kits / "hospital-1" / "compose.gateway.yaml").is_file()
+    # the other site dials the gateway with its own certificate
+    assert "RPC_URL=https://h1.example.org:8545" in two and "CHAIN_PUBLISH" not in two
+    assert "CHAIN_CERT=/run/secrets/node_cert" in two and "CHAIN_KEY=/run/secrets/node_key" in two
+    assert "CHAIN_TRUST=/run/secrets/trust" in two
+    assert "gateway" not in two.split("COMPOSE_FILE=")[1].splitlines()[0]
     assert "PEER_ENDPOINT=h2.example.org:8441" in two and "PEER_PUBLISH=0.0.0.0:8441" in two
     assert "DATA_PUBLISH=0.0.0.0:7442" in two and "CONSORTIUM_EXTERNAL" not in two
     assert "h2.example.org" in describe(kits / "hospital-2" / "certs" / "hospital-2.pem").dns
+    # the gateway presents the sentinel's certificate: it names the host in rpc_url
+    assert "h1.example.org" in describe(kits / "hospital-1" / "certs" / "hospital-1.pem").dns
+
+
+def test_the_dev_chain_admin_is_a_fresh_key_that_only_the_sentinel_kit_carries(
+    tmp_path: Path,
+) -> None:
+    from eth_account import Account
+
+    from swarmnode.chain.accounts import DEV_MNEMONIC, dev_account, load_keystore
+    from swarmnode.containers.consortium import contract_address_for
+
+    conf, folders = provision(tmp_path)
+    admin_dir = tmp_path / "admin-desk" / "admin" / "chain"
+    keystore, password = admin_dir / "admin.keystore.json", admin_dir / "admin.keystore.password"
+    assert keystore.stat().st_mode & 0o777 == 0o600 and password.stat().st_mode & 0o777 == 0o600
+    admin = load_keystore(keystore, password.read_text())
+    # not derivable from the public dev mnemonic (anvil's and Hardhat's default)
+    Account.enable_unaudited_hdwallet_features()
+    published = {Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{i}").address
+                 for i in range(20)}
+    assert dev_account(0).address in published and admin.address not in published
+    # the kits name the training the admin deploys first (after its registry), no dev account's
+    sentinel, *others = list(folders.values())
+    env = dict(line.split("=", 1) for line in (sentinel / ".env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    assert env["ADMIN_ADDRESS"] == admin.address
+    assert env["CONTRACT"] == contract_address_for(admin.address, 1)
+    assert "compose.admin.yaml" in env["COMPOSE_FILE"]
+    assert float(env["ADMIN_FUND_ETH"]) > 3 * 10  # every site's FUND_ETH and gas
+    for rel in ("ADMIN_KEYSTORE_FILE", "ADMIN_KEYSTORE_PASSWORD_FILE"):
+        assert (sentinel / env[rel]).stat().st_mode & 0o777 == 0o600
+    assert load_keystore(sentinel / env["ADMIN_KEYSTORE_FILE"],
+                         (sentinel / env["ADMIN_KEYSTORE_PASSWORD_FILE"]).read_text()
+                         ).address == admin.address
+    secret = keystore.read_bytes()
+    for other in others:  # no other site ever sees it
+        assert not any(secret in p.read_bytes() for p in other.rglob("*") if p.is_file())
+        assert "ADMIN_" not in (other / ".env").read_text()
+    # init again keeps the admin (the kits' contract address stays right)
+    cli("consortium", "init", conf)
+    assert keystore.read_bytes() == secret
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -187,6 +237,9 @@ def test_sites_on_separate_hosts_publish_their_ports_and_dial_the_sentinels_chai
     ({"colour": "blue"}, "colour"),
     ({"chain": {"dev": False}}, "chain.contract"),
     ({"one_host": False}, "SENTINEL_HOST"),
+    ({"one_host": False, "chain": {"rpc_url": "http://hospital-1:8545"}}, "gateway"),
+    ({"one_host": False, "chain": {"rpc_url": "https://elsewhere.example.org:8545"}},
+     "the host the sentinel's certificate names"),
 ])
 def test_a_bad_consortium_file_names_what_is_wrong(tmp_path: Path, change: dict,
                                                    message: str) -> None:
