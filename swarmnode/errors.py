@@ -105,7 +105,7 @@ class ContractReverted(ChainError):
         self.reason = reason
 
 
-class NotPermitted(ContractReverted, PermissionError):
+class NotPermitted(ContractReverted):
     exit_code = 25
     help = "the caller may not do this (identity, role, revocation)"
 

@@ -150,11 +150,11 @@ def test_error_exits(anvil: DevChain, deployed: str, tmp_path: Path, spec_file: 
     env = {"SWARMNODE_RPC_URL": anvil.url, "SWARMNODE_CONTRACT": deployed}
     assert_one_line_error(
         invoke("enroll", "--endpoint", "127.0.0.1:7000", "--key-index", "4", env=env),
-        23, "is not authorised", dev_account(4).address,
+        25, "is not authorised", dev_account(4).address,
     )
     assert_one_line_error(
         invoke("authorize", node, "--key-index", "5", "--fingerprint", "11" * 32, env=env),
-        23, "only the admin",
+        25, "only the registry's admin",
     )
     assert_one_line_error(invoke("enroll", "--endpoint", "127.0.0.1:7000", env=env), 10,
                           "--key-index")

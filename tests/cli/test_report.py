@@ -54,14 +54,15 @@ def deploy(anvil: DevChain, spec_json: str) -> tuple[SwarmContract, list[SwarmCo
 @pytest.fixture(scope="module")
 def played(anvil: DevChain) -> tuple[str, dict[int, tuple[str, bytes]], list[str]]:
     """Two committed rounds with metrics: every site checks in, the drawn leader commits, the
-    sites report (site c skips round 2). Returns the contract's address, each round's leader
+    sites report (site c skips round 2) with their next check-in, then with finish. Returns the contract's address, each round's leader
     and digest, and the sites' addresses."""
     admin, sites = deploy(anvil, SPEC_JSON)
     by_address = {s.account_address: s for s in sites}
     rounds = {}
     for r in (1, 2):
-        for site in sites:
-            site.checkin(r, 10)
+        for i, site in enumerate(sites):  # a check-in carries the site's metrics of r - 1
+            carried = (r - 1, *REPORTS[(r - 1, i)]) if (r - 1, i) in REPORTS else None
+            site.checkin(r, 10, metrics=carried)
         info = admin.round(r)
         if info.leader is None:
             sites[0].draw(r)
@@ -70,9 +71,9 @@ def played(anvil: DevChain) -> tuple[str, dict[int, tuple[str, bytes]], list[str
         digest = hashlib.sha256(f"merged {r}".encode()).digest()
         by_address[info.leader].commit_merge(r, digest, info.participants)
         rounds[r] = (info.leader, digest)
-        for i, site in enumerate(sites):
-            if (r, i) in REPORTS:
-                site.report_metrics(r, *REPORTS[(r, i)])
+    for i, site in enumerate(sites):  # round 2's metrics ride on finish
+        if (2, i) in REPORTS:
+            site.finish(metrics=(2, *REPORTS[(2, i)]))
     return admin.address, rounds, [s.account_address for s in sites]
 
 
