@@ -336,3 +336,32 @@ def test_absent_sites_are_looked_for_only_after_the_grace_and_every_few_seconds(
 def test_the_leader_waits_at_most_a_quarter_deadline_for_a_replica_capped_at_5_s() -> None:
     assert T.replicate_s == 2.5
     assert Timing(grace_s=2, deadline_s=60, collect_s=30, min_peers=2).replicate_s == 5.0
+
+
+def test_a_nested_fetch_runs_in_its_own_round_object(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """While round 2 runs, the driver fetches round 1's model (as a weight-0 leader does for the
+    base): that nested run has its own Round, and the running round stays the current one with
+    its own stage times."""
+    from swarmnode.node.driver import RoundDriver
+    from swarmnode.node.store import ModelStore
+
+    d1, d2 = b"\x01" * 32, b"\x02" * 32
+    store = ModelStore(tmp_path)
+    store.put(1, d1, b"model-1")
+    store.put(2, d2, b"model-2")
+    nested = []
+
+    class Chain:
+        def round(self, r: int) -> RoundInfo:
+            if r == 2 and not nested:
+                nested.append(driver.run_round(1, {}, b"", 0, contribute=False))
+            return info(RoundStatus.COMMITTED, [A, B], leader=B, digest={1: d1, 2: d2}[r],
+                        round=r)
+
+    driver = RoundDriver(A, Chain(), None, store, None, T, None,  # type: ignore[arg-type]
+                         max_bytes=1 << 20, round_timeout_s=10)
+    outcome = driver.run_round(2, {}, b"", 5)
+    assert [o.round for o in nested] == [1] and outcome.round == 2 and outcome.digest == d2
+    assert driver.current is not None and driver.current.number == 2
+    assert driver.machine is driver.current.machine and driver.machine.stage is Stage.DONE
+    assert outcome.stages.keys() == driver.current.stages.keys()
