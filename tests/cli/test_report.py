@@ -54,8 +54,8 @@ def deploy(anvil: DevChain, spec_json: str) -> tuple[SwarmContract, list[SwarmCo
 @pytest.fixture(scope="module")
 def played(anvil: DevChain) -> tuple[str, dict[int, tuple[str, bytes]], list[str]]:
     """Two committed rounds with metrics: every site checks in, the drawn leader commits, the
-    sites report (site c skips round 2) with their next check-in, then with finish. Returns the contract's address, each round's leader
-    and digest, and the sites' addresses."""
+    sites report (site c skips round 2) with their next check-in, then with finish. Returns the
+    contract's address, each round's leader and digest, and the sites' addresses."""
     admin, sites = deploy(anvil, SPEC_JSON)
     by_address = {s.account_address: s for s in sites}
     rounds = {}
