@@ -104,7 +104,8 @@ class DevChain:
     clock as on a real chain. ``instant=False`` (with ``block_time``): automine off, transactions
     wait for the next block, as on geth or a PoA network. ``hardfork``: the EVM rules (default:
     anvil's latest, ``prague`` on Hardhat, the contracts' EVM version); ``berlin`` or older makes
-    a chain without base fees (legacy transactions).
+    a chain without base fees (legacy transactions). ``start_timeout``: seconds until the chain
+    answers (default 20 for anvil, 90 for Hardhat, which loads its JavaScript first).
     """
 
     def __init__(
@@ -116,7 +117,7 @@ class DevChain:
         chain_id: int = DEV_CHAIN_ID,
         instant: bool = True,
         mnemonic: str | None = None,
-        start_timeout: float = 20.0,
+        start_timeout: float | None = None,
         *,
         kind: str = "anvil",
         hardfork: str | None = None,
@@ -135,7 +136,8 @@ class DevChain:
         self.instant = instant
         self.mnemonic = mnemonic
         self.chain_id = chain_id
-        self.start_timeout = start_timeout
+        # Hardhat's node loads a few hundred MB of JavaScript first: seconds, more on a busy host
+        self.start_timeout = start_timeout or (90.0 if kind == "hardhat" else 20.0)
         self._proc: subprocess.Popen[str] | None = None
         self._output: deque[str] = deque(maxlen=200)
         self._listening = threading.Event()

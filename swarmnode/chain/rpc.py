@@ -193,6 +193,13 @@ def _revert_data(exc: BaseException) -> Iterator[bytes | str]:
         yield data
     elif isinstance(data, Mapping) and isinstance(data.get("data"), str):
         yield data["data"]
+    # Hardhat's node with automine answers eth_sendRawTransaction of a reverting transaction with
+    # an error (a Web3RPCError, not a ContractLogicError) whose data is {message, txHash, data}
+    response = getattr(exc, "rpc_response", None)
+    error = response.get("error") if isinstance(response, Mapping) else None
+    nested = error.get("data") if isinstance(error, Mapping) else None
+    if isinstance(nested, Mapping) and isinstance(nested.get("data"), str):
+        yield nested["data"]
     for arg in getattr(exc, "args", ()):
         if isinstance(arg, bytes):
             yield arg
