@@ -525,6 +525,31 @@ class SwarmContract(_Handle):
         training._registry = registry
         return training
 
+    @classmethod
+    def resolve(cls, w3: Web3, address: str, account: LocalAccount | None = None
+                ) -> SwarmContract:
+        """The training at ``address``; or, when ``address`` is a registry, the one training of
+        it still running (else its newest, once all finished). ConfigError naming them when
+        several run at once: pass one of them."""
+        try:
+            return cls(w3, address, account)
+        except ContractNotFound as not_training:
+            try:
+                registry = SwarmRegistry(w3, address, account)
+            except ContractNotFound:
+                raise not_training from None
+        trainings = [cls(w3, t, account, _checked=True) for t in registry.trainings()]
+        if not trainings:
+            raise ContractNotFound(
+                f"the registry {registry.address} lists no training yet; deploy one with "
+                "`swarmnode training deploy --registry ...`")
+        running = [t for t in trainings if not t.training_finished()]
+        if len(running) > 1:
+            raise ConfigError(
+                f"the registry {registry.address} runs {len(running)} trainings at once ("
+                f"{', '.join(t.address for t in running)}); pass one of them as --contract")
+        return running[0] if running else trainings[-1]
+
     def with_account(self, account: LocalAccount) -> SwarmContract:
         """The same training, signing as ``account``."""
         other = SwarmContract(self._w3, self.address, account, _checked=True, **self._options())

@@ -78,7 +78,8 @@ def _contract(rpc_url: str, address: str, account: LocalAccount | None = None,
               w3: Any = None) -> SwarmContract:
     from swarmnode.chain.client import SwarmContract, connect
 
-    return SwarmContract(w3 if w3 is not None else connect(rpc_url), address, account)
+    # a registry's address names its one running training (status, audit, report, authorize)
+    return SwarmContract.resolve(w3 if w3 is not None else connect(rpc_url), address, account)
 
 
 def _fingerprint(cert: Path | None, hex_value: str | None) -> bytes:

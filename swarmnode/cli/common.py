@@ -30,7 +30,8 @@ RpcUrl = Annotated[
 ContractAddress = Annotated[
     str,
     typer.Option(
-        "--contract", envvar="SWARMNODE_CONTRACT", help="Address of the SwarmLearning contract."
+        "--contract", envvar="SWARMNODE_CONTRACT", help="The training's contract address, or "
+        "the consortium's registry address for the one training it runs."
     ),
 ]
 Format = Annotated[

@@ -279,3 +279,44 @@ def test_status_names_the_sites_and_what_the_round_waits_for(
     waiting = status("--names", str(csv_file))["waiting"]
     assert waiting["stage"] == "merge" and waiting["leader"] in ("site-0", "site-1")
     assert waiting["waiting_for"] == [waiting["leader"]] and waiting["deadline"] is not None
+
+
+def test_two_trainings_on_one_registry_need_one_authorisation(
+    anvil: DevChain, spec_file: Path, tmp_path: Path
+) -> None:
+    result = invoke("registry", "deploy", "--rpc-url", anvil.url)
+    assert result.exit_code == 0, result.output
+    registry = result.stdout.strip()
+    assert f"export SWARMNODE_REGISTRY={registry}" in result.stderr
+    env = {"SWARMNODE_RPC_URL": anvil.url, "SWARMNODE_REGISTRY": registry}
+    trainings = []
+    for _ in range(2):
+        result = invoke("training", "deploy", "--spec", str(spec_file), "--min-peers", "1",
+                        "--grace", "0", "--deadline", "30", env=env)
+        assert result.exit_code == 0, result.output
+        trainings.append(result.stdout.strip())
+    node = dev_account(1).address
+    make_cert(tmp_path / "node.pem")
+    # the registry's address as --contract: authorisation is the registry's business
+    result = invoke("authorize", node, "--cert", str(tmp_path / "node.pem"), "--contract",
+                    trainings[0], env=env)
+    assert result.exit_code == 0, result.output
+    w3 = connect(anvil.url)
+    for address in trainings:  # no authorisation between them: the site joins both
+        site = SwarmContract(w3, address, dev_account(1))
+        assert site.registry.address == registry
+        site.enroll("127.0.0.1:7101")
+        assert site.node(node).enrolled and site.node(node).authorized
+    # status by the registry's address is ambiguous while both run, and says so
+    assert_one_line_error(invoke("status", "--contract", registry, env=env), 10,
+                          "runs 2 trainings at once", trainings[0], trainings[1])
+    result = invoke("status", "--format", "json", "--contract", trainings[1], env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["contract"] == trainings[1]
+    # a revocation in the registry takes effect in both
+    result = invoke("revoke", node, "--contract", registry, env=env)
+    assert_one_line_error(result, 10, "runs 2 trainings at once")
+    result = invoke("revoke", node, "--contract", trainings[0], env=env)
+    assert result.exit_code == 0, result.output
+    for address in trainings:
+        assert SwarmContract(w3, address).node(node).state == "revoked"

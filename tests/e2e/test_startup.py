@@ -49,7 +49,8 @@ def early_node(tmp_path: Path):  # type: ignore[no-untyped-def]
     trust = make_bundle([ca_cert], tmp_path / "trust.pem")
     cert, key = issue_node_cert(ca_cert, ca_key, tmp_path / "node", "site-a", dns=["localhost"],
                                 ips=["127.0.0.1"])
-    contract = contract_address_for(dev_account(0).address)  # where the deployment will land
+    # where the training will land: the admin deploys its registry first (nonce 0)
+    contract = contract_address_for(dev_account(0).address, 1)
     cfg = {"name": "site-a", "rpc_url": f"http://127.0.0.1:{port}", "contract": contract,
            "key_index": 1, "peer_listen": "127.0.0.1:0", "cert": str(cert), "key": str(key),
            "trust": str(trust), "data_dir": str(tmp_path / "data")}
@@ -77,7 +78,7 @@ def test_a_node_started_before_its_chain_waits_then_enrols(early_node) -> None:
     with DevChain(port=port, block_time=1.0) as chain:
         w3 = connect(chain.url)
         contract = SwarmContract.deploy(w3, dev_account(0), SPEC, 1, 1, 10)
-        assert contract.address == contract_address_for(dev_account(0).address)
+        assert contract.address == contract_address_for(dev_account(0).address, 1)
         _wait("the node saying it waits for its authorisation",
               lambda: "to be authorised" in log.read_text())
         assert proc.poll() is None, log.read_text()
