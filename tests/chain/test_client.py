@@ -14,7 +14,7 @@ from web3 import Web3
 
 from swarmnode.chain import tx as txmod
 from swarmnode.chain.accounts import account_for, dev_account, load_keystore
-from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.chain.client import SwarmContract, SwarmRegistry, connect
 from swarmnode.chain.launcher import DevChain
 from swarmnode.chain.tx import TxSender
 from swarmnode.errors import (
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from conftest import Backend, Swarm
 
 MakeSwarm = Callable[..., "Swarm"]
-# init code that deploys a one-byte contract (STOP): code, but not a SwarmLearning contract
+# init code that deploys a one-byte contract (STOP): code, but not one of swarmnode's
 TINY_CONTRACT = "0x6001600c60003960016000f300"
 
 
@@ -41,14 +41,23 @@ def test_connect_errors() -> None:
 
 
 def test_contract_not_found(backend: Backend) -> None:
-    with pytest.raises(ContractNotFound, match="no contract at .*swarmnode contract deploy"):
+    with pytest.raises(ContractNotFound, match="no contract at .*swarmnode training deploy"):
         SwarmContract(backend.w3, dev_account(5).address)
+    with pytest.raises(ContractNotFound, match="no contract at .*swarmnode registry deploy"):
+        SwarmRegistry(backend.w3, dev_account(5).address)
     receipt = TxSender(backend.w3, dev_account(0)).send(
         {"data": TINY_CONTRACT}, "deploy tiny", lambda r: ContractReverted(r)
     )
-    with pytest.raises(ContractNotFound, match="is not a SwarmLearning contract"):
+    with pytest.raises(ContractNotFound, match="is not a SwarmTraining"):
         SwarmContract(backend.w3, receipt["contractAddress"])
-    with pytest.raises(ConfigError, match="is not a contract address"):
+    with pytest.raises(ContractNotFound, match="is not a SwarmRegistry"):
+        SwarmRegistry(backend.w3, receipt["contractAddress"])
+    training = SwarmContract.deploy(backend.w3, dev_account(0), '{"a": 1}', 1, 0, 60)
+    with pytest.raises(ContractNotFound, match="is not a SwarmTraining"):
+        SwarmContract(backend.w3, training.registry.address)  # a registry is not a training
+    with pytest.raises(ContractNotFound, match="is not a SwarmRegistry"):
+        SwarmRegistry(backend.w3, training.address)
+    with pytest.raises(ConfigError, match="is not a SwarmTraining address"):
         SwarmContract(backend.w3, "0x1234")
 
 
@@ -66,10 +75,15 @@ def test_read_only_handle_cannot_send(make_swarm: MakeSwarm) -> None:
 def test_events_filter_and_wait_for(make_swarm: MakeSwarm) -> None:
     swarm = make_swarm(nodes=2)
     names = [e.name for e in swarm.admin.events()]
+    # the training's events with its registry's merged in, in chain order
     assert names[0] == "SpecPublished" and names.count("Enrolled") == 2
+    assert names.count("Joined") == 2 and names.index("Enrolled") < names.index("Joined")
     enrolled = swarm.admin.events(names={"Enrolled"})
-    assert [e.args["node"] for e in enrolled] == [n.account_address for n in swarm.nodes]
+    assert [e.args["site"] for e in enrolled] == [n.account_address for n in swarm.nodes]
     assert all(isinstance(e.args["fingerprint"], bytes) for e in enrolled)
+    joined = swarm.admin.events(names={"Joined"})
+    assert [e.args["node"] for e in joined] == [n.account_address for n in swarm.nodes]
+    assert [e.name for e in swarm.admin.registry.events(names={"Enrolled"})] == ["Enrolled"] * 2
     with pytest.raises(ConfigError, match="unknown event name.*Enroled.*known: "):
         swarm.admin.events(names={"Enroled"})
     assert swarm.admin.wait_for(lambda: swarm.admin.current_round(), 1, "a round") == 1
