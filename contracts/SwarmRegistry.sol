@@ -24,6 +24,8 @@ contract SwarmRegistry is ISwarmRegistry {
     uint256 internal constant FLAG_AUTHORIZED = 1;
     uint256 internal constant FLAG_ENROLLED = 2;
     uint256 internal constant FLAG_REVOKED = 4;
+    /// Gas each training gets to expel a revoked site (leaving the open round may elect).
+    uint256 public constant EXPEL_GAS = 400_000;
 
     address public immutable admin;
     /// @notice The block this registry was deployed in: its event log starts there.
@@ -43,6 +45,9 @@ contract SwarmRegistry is ISwarmRegistry {
     event EndpointUpdated(address indexed site, string endpoint);
     event PublicKeySet(address indexed site, bytes32 key);
     event TrainingAdded(address indexed training);
+    /// A training could not set a revoked site aside in the revoking transaction (its nodes do
+    /// it with markAbsent, which accepts a site the registry revoked).
+    event ExpelFailed(address indexed training, address indexed site);
 
     error NotAdmin(address caller, address admin);
     error ZeroAddress();
@@ -56,6 +61,7 @@ contract SwarmRegistry is ISwarmRegistry {
     error RegistryFull(uint256 sites);
     error NotATraining(address training);
     error TrainingAlreadyAdded(address training);
+    error NotEnoughGasToExpel(uint256 trainingsLeft, uint256 gasEach);
 
     constructor() {
         admin = msg.sender;
@@ -93,7 +99,13 @@ contract SwarmRegistry is ISwarmRegistry {
         emit Revoked(site);
         uint256 n = _trainings.length;
         for (uint256 i = 0; i < n; i++) {
-            try ITrainingOfRegistry(_trainings[i]).expel(site) {} catch {}
+            // the gas each expel may need is reserved up front, so an estimate (or a caller
+            // short of gas) cannot revoke here while silently skipping a training
+            if (gasleft() < EXPEL_GAS + 10_000) revert NotEnoughGasToExpel(n - i, EXPEL_GAS);
+            try ITrainingOfRegistry(_trainings[i]).expel{gas: EXPEL_GAS}(site) {}
+            catch {
+                emit ExpelFailed(_trainings[i], site); // any site may expel it there later
+            }
         }
     }
 
@@ -102,10 +114,12 @@ contract SwarmRegistry is ISwarmRegistry {
     function addTraining(address training) external {
         _onlyAdmin();
         if (_isTraining[training]) revert TrainingAlreadyAdded(training);
-        if (training.code.length == 0) revert NotATraining(training);
-        try ITrainingOfRegistry(training).registry() returns (address r) {
-            if (r != address(this)) revert NotATraining(training);
-        } catch {
+        // a low-level call: a contract answering nothing (or garbage) is not a training, and a
+        // decoding failure would escape a try/catch
+        (bool ok, bytes memory answer) =
+            training.staticcall(abi.encodeCall(ITrainingOfRegistry.registry, ()));
+        if (!ok || answer.length != 32 || abi.decode(answer, (uint256)) != uint160(address(this)))
+        {
             revert NotATraining(training);
         }
         _isTraining[training] = true;

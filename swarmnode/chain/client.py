@@ -319,8 +319,11 @@ class _Handle:
                 reason = revert_reason(exc)
                 if reason is None:
                     raise
-                cls = reason.row.cls if isinstance(reason, Revert) else ContractReverted
-                raise cls(f"{fn} on {self.address} reverted: {reason}", reason=reason) from None
+                if isinstance(reason, Revert):
+                    raise reason.row.cls(f"{fn} on {self.address} reverted: {reason}. Next: "
+                                         f"{reason.row.hint}", reason=reason) from None
+                raise ContractReverted(f"{fn} on {self.address} reverted: {reason}",
+                                       reason=reason) from None
 
     def _refused(self, what: str, reason: str) -> ContractReverted:
         who = self.account_address or "(no account)"
@@ -484,6 +487,7 @@ class SwarmContract(_Handle):
         self._registry: SwarmRegistry | None = None
         # participants of elected rounds (fixed from the election on): one read per round
         self._fixed_participants: dict[int, tuple[str, ...]] = {}
+        self._closed_rounds: dict[int, RoundInfo] = {}  # committed or abandoned: final
 
     # ------------------------------------------------------------------ construction
 
@@ -744,37 +748,47 @@ class SwarmContract(_Handle):
         return bool(self._call("reelectDue", round))
 
     def round(self, r: int) -> RoundInfo:
-        """Round ``r``: status, leader, attempt, participants in check-in order, digest."""
+        """Round ``r``: status, leader, attempt, participants in check-in order, digest.
+
+        A closed round (committed or abandoned) never changes again: read once, then cached.
+        The contract holds the details of the current and the previous round only; an older
+        one's participants, leader and digest come from its events."""
         self._round_arg(r)
+        closed = self._closed_rounds.get(r)
+        if closed is not None:
+            return closed
         status, leader, attempt, elected_at, first_at, digest, _count, is_final = self._call(
             "roundInfo", r
         )
         state = RoundStatus(int(status))
-        participants = self._fixed_participants.get(r)
         leader = None if leader == ZERO_ADDRESS else str(leader)
-        if participants is None and state in _CLOSED and int(attempt) == 0:
-            # older than the previous round: the contract keeps status and digest; the
-            # participants and the leader are in the events
-            participants, leader, attempt, old = self._round_from_events(r, state)
-            digest = old or digest
-            self._fixed_participants[r] = participants
-        if participants is None:
-            participants = tuple(str(a) for a in self._call("participants", r))
-            if state is not RoundStatus.OPEN:  # fixed at the election
-                self._fixed_participants[r] = participants
-                for old in sorted(self._fixed_participants)[:-8]:
-                    del self._fixed_participants[old]
-        return RoundInfo(
+        got: bytes | None = bytes(digest) if any(digest) else None
+        if state in _CLOSED and int(attempt) == 0:  # older than the previous round
+            participants, leader, attempt, got = self._round_from_events(r, state)
+        else:
+            participants = self._fixed_participants.get(r)
+            if participants is None:
+                participants = tuple(str(a) for a in self._call("participants", r))
+                if state is not RoundStatus.OPEN:  # fixed at the election
+                    self._fixed_participants[r] = participants
+                    for old in sorted(self._fixed_participants)[:-8]:
+                        del self._fixed_participants[old]
+        info = RoundInfo(
             round=r,
             status=state,
             leader=leader,
             attempt=int(attempt),
             participants=participants,
-            digest=None if not any(digest) else bytes(digest),
+            digest=got,
             elected_at=int(elected_at),
             first_checkin_at=int(first_at),
             is_final=bool(is_final),
         )
+        if state in _CLOSED and (state is RoundStatus.ABANDONED or got is not None):
+            self._closed_rounds[r] = info
+            for old in sorted(self._closed_rounds)[:-64]:
+                del self._closed_rounds[old]
+        return info
 
     def _round_from_events(self, r: int, state: RoundStatus
                            ) -> tuple[tuple[str, ...], str | None, int, bytes | None]:

@@ -65,6 +65,9 @@ TABLE: dict[str, Row] = {
                        "deploy a new registry for more sites"),
     "NotATraining": _r(BadArgument, lambda a: f"{a['training']} is not a SwarmTraining of this "
                        "registry", "deploy the training with `swarmnode training deploy`"),
+    "NotEnoughGasToExpel": _r(BadArgument, lambda a: f"not enough gas to expel the site from "
+                              f"{a['trainingsLeft']} more trainings ({a['gasEach']} each)",
+                              "send the revocation with more gas (estimate it first)"),
     "TrainingAlreadyAdded": _r(NotNow, lambda a: f"training {a['training']} is already listed",
                                "nothing to do"),
     # ---------------------------------------------------------------- a training: deployment

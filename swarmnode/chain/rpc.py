@@ -181,7 +181,7 @@ def revert_reason(exc: BaseException) -> str | None:
             text = text[len(prefix) :]
             break
     text = text.strip()
-    if text in ("", "execution reverted"):
+    if text in ("", "execution reverted", "b''", 'b""'):
         return "reverted without a reason"
     return text
 

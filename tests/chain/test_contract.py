@@ -1145,8 +1145,6 @@ def test_older_rounds_are_read_from_the_events(make_swarm: MakeSwarm) -> None:
     assert reader.checkin_weight(4, c.account_address) == 11
 
 
-@pytest.mark.xfail(strict=True, reason="client.py _call (views) raises the decoded class and "
-                   "message but drops the row's hint, which _refused (transactions) adds")
 def test_a_refused_view_says_what_to_do(make_swarm: MakeSwarm) -> None:
     swarm = make_swarm(nodes=2, min_peers=2, grace=0)
     for r in (1, 2, 3):
