@@ -49,7 +49,8 @@ class BlockWatcher:
         self._stop = threading.Event()
         self.mode = "starting"
         self._thread = threading.Thread(target=self._run, name="block-watcher", daemon=True)
-        self._use_ws = websocket
+        # the chain gateway (https, mutual TLS) serves no websocket: poll it from the start
+        self._use_ws = websocket and urlparse(rpc_url).scheme != "https"
         self._thread.start()
 
     @property

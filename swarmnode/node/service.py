@@ -21,6 +21,7 @@ from swarmnode import merge
 from swarmnode.chain.accounts import account_for
 from swarmnode.chain.client import SwarmContract, connect
 from swarmnode.chain.models import RoundStatus
+from swarmnode.chain.rpc import ChainTls, chain_tls
 from swarmnode.chain.watch import BlockWatcher
 from swarmnode.config import NodeConfig
 from swarmnode.errors import (
@@ -138,8 +139,13 @@ class NodeService:
         self._start_wait = _Waiter(self._stopped, config.start_timeout_s, "start_timeout_s")
         self._chain_wait = _Waiter(self._stopped, config.round_timeout_s, "round_timeout_s")
 
+        # an https chain (the sentinel's gateway) is dialled with this site's own consortium
+        # certificate unless SWARMNODE_CHAIN_* name other files
+        chain_files = chain_tls() or ChainTls(cert=config.cert, key=config.key,
+                                              trust=config.trust)
+
         def attach() -> tuple[SwarmContract, Any]:
-            w3 = connect(config.rpc_url)
+            w3 = connect(config.rpc_url, tls=chain_files)
             account = account_for(
                 w3,
                 key_index=config.key_index,

@@ -354,3 +354,57 @@ def test_chain_fund_tops_up_the_admin_from_a_dev_account_once(chain: DevChain) -
     assert connect(chain.url).eth.get_balance(admin) == 3 * 10**18
     bad = CliRunner().invoke(app, ["chain", "fund", "0x123", "--eth", "1", "--rpc-url", chain.url])
     assert bad.exit_code != 0 and "not a chain address" in bad.output
+
+
+def test_a_node_service_reaches_the_chain_through_the_gateway_with_its_own_certificate(
+        chain: DevChain, gateway: ChainGateway, pki: Pki, tmp_path: Path) -> None:
+    """A real `swarmnode run` process whose config names the gateway's https URL and nothing
+    else about it (no SWARMNODE_CHAIN_* variables): it dials with its consortium certificate,
+    waits for its authorisation and joins the training."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+
+    from swarmnode.identity import describe
+    from swarmnode.spec import TrainingSpec
+
+    spec = TrainingSpec.from_state({"w": torch.zeros(3)}, sync_frequency=4, min_peers=1,
+                                   merge_method="mean").to_json()
+    direct = connect(chain.url)
+    training = SwarmContract.deploy(direct, dev_account(0), spec, 1, 1, 10)
+    cert, key = pki.client.cert, pki.client.key
+    assert cert is not None and key is not None
+    cfg = {"name": "site-b", "rpc_url": gateway.url, "contract": training.address,
+           "key_index": 2, "peer_listen": "127.0.0.1:0", "cert": str(cert), "key": str(key),
+           "trust": str(pki.trust), "data_dir": str(tmp_path / "data")}
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMNODE_CHAIN_")}
+    log = tmp_path / "node.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "swarmnode", "run", "--config", str(tmp_path / "node.yaml")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "GRPC_VERBOSITY": "ERROR"})
+    try:
+        me = dev_account(2).address
+        deadline = time.monotonic() + 60
+        while "to be authorised" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        training.authorize(me, describe(cert).fingerprint)
+        while not training.node(me).enrolled:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert gateway.stats["forwarded"] > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
