@@ -1,6 +1,8 @@
-"""The chain: the SwarmLearning contract, its compilation, a dev-chain launcher, signing accounts.
+"""The chain: the contracts (a consortium's SwarmRegistry, its SwarmTrainings), their compilation,
+the custom errors' table, a dev-chain launcher (anvil or Hardhat's node: the only module that knows
+either), the chain gateway, signing accounts.
 
-Web3 types and revert exceptions stay inside this package; callers see :class:`SwarmContract`,
+Web3 types and revert exceptions stay inside this package; callers see :class:`SwarmContract` and :class:`SwarmRegistry`,
 the frozen values of :mod:`swarmnode.chain.models` and :mod:`swarmnode.errors`.
 
 - :mod:`~swarmnode.chain.client`: ``connect(rpc_url)``, ``SwarmContract`` (deploy, calls, views,
