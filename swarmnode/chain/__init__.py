@@ -2,8 +2,9 @@
 the custom errors' table, a dev-chain launcher (anvil or Hardhat's node: the only module that knows
 either), the chain gateway, signing accounts.
 
-Web3 types and revert exceptions stay inside this package; callers see :class:`SwarmContract` and :class:`SwarmRegistry`,
-the frozen values of :mod:`swarmnode.chain.models` and :mod:`swarmnode.errors`.
+Web3 types and revert exceptions stay inside this package; callers see :class:`SwarmContract` and
+:class:`SwarmRegistry`, the frozen values of :mod:`swarmnode.chain.models` and
+:mod:`swarmnode.errors`.
 
 - :mod:`~swarmnode.chain.client`: ``connect(rpc_url)``, ``SwarmContract`` (deploy, calls, views,
   events, ``wait_for``)
