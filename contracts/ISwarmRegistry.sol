@@ -11,4 +11,7 @@ interface ISwarmRegistry {
 
     /// @notice The site's peer endpoint (`host:port`), empty before it enrols.
     function endpointOf(address site) external view returns (string memory);
+
+    /// @notice Whether the admin listed `training` (its revocations reach it).
+    function isTraining(address training) external view returns (bool);
 }

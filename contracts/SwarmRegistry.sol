@@ -202,6 +202,11 @@ contract SwarmRegistry is ISwarmRegistry {
         return _trainings;
     }
 
+    /// @inheritdoc ISwarmRegistry
+    function isTraining(address training) external view returns (bool) {
+        return _isTraining[training];
+    }
+
     // ------------------------------------------------------------------ internals
 
     function _onlyAdmin() internal view {

@@ -152,6 +152,7 @@ contract SwarmTraining {
     error MetricsNotEligible(uint256 round, address node, uint256 lastCheckinRound);
     error RoundPruned(uint256 round, uint256 oldestKept);
     error NotRevoked(address node);
+    error NotListed(address training);
 
     constructor(
         ISwarmRegistry registry_,
@@ -196,6 +197,8 @@ contract SwarmTraining {
         uint256 flags = registry.siteFlags(msg.sender);
         if (flags & FLAG_REVOKED != 0) revert Revoked(msg.sender);
         if (flags & FLAG_ENROLLED == 0) revert NotEnrolled(msg.sender);
+        // only a training the registry lists: its revoke reaches every training a site is in
+        if (!registry.isTraining(address(this))) revert NotListed(address(this));
         Member memory m = _member[msg.sender];
         if (m.joined) revert AlreadyJoined(msg.sender);
         if (s.finalRound != 0) revert JoinClosed(s.finalRound);
@@ -401,6 +404,10 @@ contract SwarmTraining {
         if (!s.finished) revert MetricsNotEligible(s.finalRound, msg.sender, 0);
         Member memory m = _member[msg.sender];
         if (!m.joined) revert NotJoined(msg.sender);
+        // expel does nothing once the training finished: ask the registry
+        if (m.revoked || registry.siteFlags(msg.sender) & FLAG_REVOKED != 0) {
+            revert Revoked(msg.sender);
+        }
         _metrics(m, s.finalRound, loss, metric);
     }
 
@@ -769,7 +776,8 @@ contract SwarmTraining {
     }
 
     /// `node` was revoked in the registry: it leaves this training for good (and the open
-    /// round, keeping the check-in order of the others).
+    /// round: the last participant to check in takes its place, so this costs the same at any
+    /// size and always fits the gas the registry gives each training).
     function _expel(address node, Member memory n, State memory s) internal {
         n.revoked = true;
         _member[node] = n;
@@ -784,7 +792,7 @@ contract SwarmTraining {
             uint256 p = cur & 1;
             uint256 i = 0;
             while (address(uint160(_entries[(i << 1) | p])) != node) i++;
-            for (; i < last; i++) _entries[(i << 1) | p] = _entries[((i + 1) << 1) | p];
+            if (i != last) _entries[(i << 1) | p] = _entries[(last << 1) | p];
             _entries[(last << 1) | p] = 1;
             s.openCount--;
             if (!n.finished) s.openActive--;

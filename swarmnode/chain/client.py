@@ -46,6 +46,7 @@ from swarmnode.chain.rpc import (
 )
 from swarmnode.chain.tx import TxSender, require_account
 from swarmnode.errors import (
+    BadArgument,
     ChainError,
     ChainTimeout,
     ConfigError,
@@ -763,12 +764,18 @@ class SwarmContract(_Handle):
         state = RoundStatus(int(status))
         leader = None if leader == ZERO_ADDRESS else str(leader)
         got: bytes | None = bytes(digest) if any(digest) else None
+        participants = None
         if state in _CLOSED and int(attempt) == 0:  # older than the previous round
             participants, leader, attempt, got = self._round_from_events(r, state)
         else:
             participants = self._fixed_participants.get(r)
             if participants is None:
-                participants = tuple(str(a) for a in self._call("participants", r))
+                try:
+                    participants = tuple(str(a) for a in self._call("participants", r))
+                except BadArgument as exc:  # pruned between the two reads: a round moved on
+                    if getattr(exc.reason, "name", None) != "RoundPruned":
+                        raise
+                    return self.round(r)
                 if state is not RoundStatus.OPEN:  # fixed at the election
                     self._fixed_participants[r] = participants
                     for old in sorted(self._fixed_participants)[:-8]:
@@ -784,7 +791,10 @@ class SwarmContract(_Handle):
             first_checkin_at=int(first_at),
             is_final=bool(is_final),
         )
-        if state in _CLOSED and (state is RoundStatus.ABANDONED or got is not None):
+        # final once closed; with confirmations, only what is confirmed would be (a reorg can
+        # take a commit back), so nothing is kept then
+        if (state in _CLOSED and (state is RoundStatus.ABANDONED or got is not None)
+                and self.confirmations == 0):
             self._closed_rounds[r] = info
             for old in sorted(self._closed_rounds)[:-64]:
                 del self._closed_rounds[old]
@@ -834,7 +844,10 @@ class SwarmContract(_Handle):
                 known = ", ".join(sorted(set(_EVENTS) | set(_REG_EVENTS)))
                 raise ConfigError(f"unknown event name(s) {', '.join(unknown)}; known: {known}")
         mine = None if names is None else set(names) & set(_EVENTS)
-        theirs = None if names is None else set(names) & set(_REG_EVENTS) - set(_EVENTS)
+        theirs = None if names is None else set(names) & set(_REG_EVENTS)
+        if to_block is None:  # one head for both reads: a follower resumes from the last block
+            with rpc_guard(self._w3, "reading the block number"):
+                to_block = int(self._w3.eth.block_number)
         out: list[ChainEvent] = []
         if mine is None or mine:
             out += _read_events(self._w3, self._contract, self.address, _EVENTS, _TOPICS,

@@ -162,6 +162,8 @@ TABLE: dict[str, Row] = {
                              "report the metrics of that round, with the next check-in"),
     "NotRevoked": _r(BadArgument, lambda a: f"site {a['node']} is not revoked in the registry",
                      "only the registry's revoked sites are expelled from a training"),
+    "NotListed": _r(NotNow, lambda a: f"training {a['training']} is not listed in its registry "
+                    "yet", "the registry's admin lists it (`swarmnode training deploy` does)"),
     "RoundPruned": _r(BadArgument, lambda a: f"round {a['round']}'s participants are no longer "
                       f"held in storage (rounds from {a['oldestKept']} are)",
                       "read the round's CheckedIn and MergeCommitted events"),

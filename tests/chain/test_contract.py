@@ -623,6 +623,10 @@ def test_finish_fixes_the_final_round_that_every_node_joins(make_swarm: MakeSwar
                              "metric": 900_000})]
     with refused(NotPermitted, "NotJoined", node=swarm.stranger.account_address):
         swarm.stranger.report_final_metrics(0.1, 0.9)
+    # a site revoked after the end (expel does nothing in a finished training) reports nothing
+    swarm.admin.revoke(b.account_address)
+    with refused(NotPermitted, "Revoked", node=b.account_address):
+        b.report_final_metrics(0.1, 0.9)
 
 
 def test_finishing_node_completes_the_quorum(make_swarm: MakeSwarm) -> None:
