@@ -5,11 +5,11 @@ custom error's name, arguments and SwarmError class, never by message text."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import pytest
+from chain_support import refused
 from web3 import Web3
 
 from swarmnode.chain.accounts import dev_account
@@ -24,20 +24,6 @@ if TYPE_CHECKING:
 
 MakeSwarm = Callable[..., "Swarm"]
 DIGEST = bytes(range(32))
-
-
-@contextmanager
-def refused(cls: type[ContractReverted], name: str, **args: Any) -> Iterator[Any]:
-    """The call inside reverts with the contract's custom error ``name`` (decoded by selector),
-    raised as ``cls``, with the typed arguments ``args`` (those given)."""
-    with pytest.raises(ContractReverted) as exc:
-        yield exc
-    reason = exc.value.reason
-    assert isinstance(reason, Revert), f"not a decoded custom error: {exc.value}"
-    assert reason.name == name, str(exc.value)
-    assert type(exc.value) is cls, (type(exc.value), str(exc.value))
-    for key, value in args.items():
-        assert reason.args[key] == value, (key, reason.args)
 
 
 def tx_events(swarm: Swarm, result: TxResult) -> list[tuple[str, dict]]:

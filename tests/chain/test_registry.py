@@ -5,11 +5,10 @@ and side by side) with a revocation that stops a site in all of them."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from chain_support import refused
 
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import ABI, BYTECODE, SwarmContract, SwarmRegistry
@@ -24,19 +23,6 @@ if TYPE_CHECKING:
 SPEC = '{"merge_method": "mean", "min_peers": 2, "sync_frequency": 8}'
 DIGEST = bytes(range(32))
 TINY_CONTRACT = "0x6001600c60003960016000f300"  # deploys one byte of code (STOP)
-
-
-@contextmanager
-def refused(cls: type[ContractReverted], name: str, **args: Any) -> Iterator[Any]:
-    """The call inside reverts with custom error ``name``, raised as ``cls``, with ``args``."""
-    with pytest.raises(ContractReverted) as exc:
-        yield exc
-    reason = exc.value.reason
-    assert isinstance(reason, Revert), f"not a decoded custom error: {exc.value}"
-    assert reason.name == name, str(exc.value)
-    assert type(exc.value) is cls, (type(exc.value), str(exc.value))
-    for key, value in args.items():
-        assert reason.args[key] == value, (key, reason.args)
 
 
 def fingerprint(address: str) -> bytes:
