@@ -130,7 +130,18 @@ class NodeService:
     answer and the contract to be deployed, since in containers neither is guaranteed to be up
     first; setting ``stop`` ends the wait with :class:`StartupInterrupted`."""
 
-    def __init__(self, config: NodeConfig, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        stop: threading.Event | None = None,
+        *,
+        chain: SwarmContract | None = None,
+        peers: Callable[[SwarmContract, str, TlsFiles, ChainAuthority], PeerPool] | None = None,
+    ) -> None:
+        """``chain``: a handle of the training that signs as this site, used instead of
+        connecting to ``config.rpc_url`` (an in-process chain: :mod:`swarmnode.testing`);
+        ``peers``: builds the pool rounds push and pull through (default :class:`PeerPool`,
+        the peer API and the data plane). Production passes neither."""
         self.config = config
         _return_freed_memory()
         self._stopped = stop or threading.Event()
@@ -144,7 +155,11 @@ class NodeService:
         chain_files = chain_tls() or ChainTls(cert=config.cert, key=config.key,
                                               trust=config.trust)
 
+        injected = chain
+
         def attach() -> tuple[SwarmContract, Any]:
+            if injected is not None:
+                return injected, injected.settings()
             w3 = connect(config.rpc_url, tls=chain_files)
             account = account_for(
                 w3,
@@ -175,11 +190,12 @@ class NodeService:
         self.watcher = BlockWatcher(
             config.rpc_url, self.chain.latest_block, config.poll_s,
             log_filter=self.chain.log_filter(*SIGNAL_EVENTS),
+            websocket=injected is None,  # an injected chain has no URL to subscribe at: polled
         )
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
                                      on_add=self.watcher.notify, spec=self.param_spec)
         self.authority = ChainAuthority(self.chain)
-        self.pool = PeerPool(self.chain, self.me, self.tls, self.authority)
+        self.pool = (peers or PeerPool)(self.chain, self.me, self.tls, self.authority)
         deadline = float(self.settings.deadline_s)
         self.timing = Timing(
             grace_s=float(self.settings.grace_s),

@@ -1,0 +1,417 @@
+"""An in-process swarm: N real node services on the real contracts, in one Python process.
+
+What is real: the contracts (SwarmRegistry + SwarmTraining, deployed on eth-tester's in-process
+EVM), each site's :class:`~swarmnode.node.service.NodeService` with its round machine, driver,
+collector, merge and store, and its chain client (transactions signed by the site's own account).
+What is not: the network. :class:`MemoryPeerPool` replaces the gRPC/data-plane
+:class:`~swarmnode.node.peers.PeerPool` (``NodeService(peers=...)``); it still hands the receiving
+node bytes, never Python objects, and runs the receiving side's checks in the order its servers
+do: the caller's certificate against the fingerprint its chain holds for the claimed address
+(:func:`~swarmnode.transport.dataplane.bind_address`), round participation, the size limit, the
+digest, the spec and NaN/Inf (:class:`serde.Assembler`, :meth:`serde.Received.decode`), then the
+node's own :meth:`NodeService.accept_update` / :meth:`NodeService.merged`. The caller checks the
+peer's certificate against the chain the way :class:`PeerClient` does before it sends anything.
+
+eth-tester mines a block per transaction and stamps the next block when the previous one is
+mined, so chain time stands still between transactions. :class:`_Clock` mines an empty block
+whenever the pending block's time has fallen a second behind the host's, so grace periods and
+deadlines pass as they do on anvil. The provider is not thread-safe: every request (and the
+clock's mining) goes through one lock.
+
+Use::
+
+    with InProcessSwarm(3, spec, min_peers=3) as swarm:
+        sites = swarm.run(step)        # step(site, k, model) -> (state, weight) or None: done
+        swarm.final_digest()           # what every site's final model hashes to
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from web3 import EthereumTesterProvider, Web3
+
+from swarmnode.chain.accounts import dev_account
+from swarmnode.chain.client import SwarmContract
+from swarmnode.config import NodeConfig
+from swarmnode.errors import ConfigError, PeerRefused, PeerUnavailable, RoundError
+from swarmnode.identity import (
+    TlsFiles,
+    create_ca,
+    describe,
+    fingerprint,
+    issue_node_cert,
+    make_bundle,
+)
+from swarmnode.node.driver import RoundOutcome
+from swarmnode.node.peers import ChainAuthority
+from swarmnode.node.service import NodeService
+from swarmnode.spec import TrainingSpec
+from swarmnode.transport import serde
+from swarmnode.transport.dataplane import bind_address
+
+__all__ = ["InProcessSwarm", "MemoryNetwork", "MemoryPeerClient", "MemoryPeerPool", "Site"]
+
+log = logging.getLogger("swarmnode.testing")
+
+_FUNDS = 1000 * 10**18
+MAX_SITES = 8  # dev accounts 1..8 (0 is the admin)
+
+
+# -- the chain ------------------------------------------------------------------------------------
+class _LockedTesterProvider(EthereumTesterProvider):
+    """eth-tester with one lock around every request: N node services call it from their threads."""
+
+    def __init__(self, lock: threading.RLock) -> None:
+        super().__init__()
+        self.lock = lock
+
+    def make_request(self, method: Any, params: Any) -> Any:
+        with self.lock:
+            return super().make_request(method, params)
+
+
+class _Clock:
+    """Mines an empty block whenever the pending block's timestamp is a second behind the host's
+    clock: on eth-tester no time passes between transactions otherwise."""
+
+    def __init__(self, w3: Web3, lock: threading.RLock, period_s: float = 0.25) -> None:
+        self.tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
+        self.lock, self.period_s = lock, period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inproc-clock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            with self.lock:
+                pending = int(self.tester.get_block_by_number("pending")["timestamp"])
+                if time.time() >= pending + 1:
+                    self.tester.mine_blocks(1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+# -- the in-memory transport ----------------------------------------------------------------------
+class MemoryNetwork:
+    """Who answers at which chain address: each site's node service and the certificate it
+    presents (what a TLS connection would show the other side)."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, tuple[NodeService, bytes]] = {}
+        self._lock = threading.Lock()
+        self.pushes = 0
+        self.pulls = 0
+
+    def attach(self, address: str, node: NodeService, certificate: bytes) -> None:
+        with self._lock:
+            self._nodes[address.lower()] = (node, certificate)
+
+    def detach(self, address: str) -> None:
+        """The site is gone (its process died): calls to it fail as an unreachable peer's do."""
+        with self._lock:
+            self._nodes.pop(address.lower(), None)
+
+    def node(self, address: str, who: str) -> tuple[NodeService, bytes]:
+        with self._lock:
+            found = self._nodes.get(address.lower())
+        if found is None:
+            raise PeerUnavailable(f"{who}: nobody answers (the site is not running)")
+        return found
+
+    def certificate(self, address: str) -> bytes:
+        return self.node(address, f"peer {address}")[1]
+
+
+class MemoryPeerClient:
+    """:class:`~swarmnode.transport.peer.PeerClient`'s push and pull, over memory."""
+
+    def __init__(self, network: MemoryNetwork, own_address: str, peer_address: str,
+                 authority: ChainAuthority) -> None:
+        self.network, self.authority = network, authority
+        self.own_address, self.peer_address = own_address, peer_address
+        self.who = f"peer {peer_address} (in-process)"
+
+    def _reach(self) -> tuple[NodeService, bytes]:
+        """The peer, once the certificate it presents is the one our chain holds for it; and
+        the certificate we present to it."""
+        peer, cert = self.network.node(self.peer_address, self.who)
+        expected = self.authority.fingerprint_of(self.peer_address)
+        if expected is None:
+            raise PeerRefused(f"{self.peer_address} is not an enrolled node on chain (or was "
+                              "revoked): not talking to it")
+        if fingerprint(cert) != expected:
+            raise PeerRefused(f"{self.who} presented a certificate the contract does not hold for "
+                              "it; nothing was sent")
+        _, own_cert = self.network.node(self.own_address, f"this node {self.own_address}")
+        return peer, own_cert
+
+    def push_update(self, round: int, weight: int, payload: serde.Buffer, timeout: float, *,
+                    digest: bytes | None = None) -> None:
+        if round < 0 or weight < 0:
+            raise ConfigError(f"round and weight must be >= 0, got round={round} weight={weight}")
+        digest = digest if digest is not None else serde.digest(payload)
+        peer, own_cert = self._reach()
+        # -- the receiving node, as its servers run it
+        sender = bind_address(peer.authority, self.own_address, own_cert)
+        if not peer.authority.is_participant(round, sender):
+            raise PeerRefused(f"{sender} is not a participant of round {round}")
+        what = f"update for round {round} from {sender}"
+        data = memoryview(payload).cast("B")
+        with serde.Assembler(len(data), peer.max_bytes, what) as assembler:
+            for chunk in serde.chunks(data):  # copied, as the wire would
+                assembler.add(chunk)
+            received = assembler.finish()
+        state = received.decode(expected_digest=digest, spec=peer.param_spec,
+                                reject_nonfinite=peer.config.reject_nonfinite)
+        peer.accept_update(round, sender, weight, state, received.digest)
+        self.network.pushes += 1
+
+    def pull(self, round: int, timeout: float, size_hint: int | None = None) -> serde.Received:
+        peer, own_cert = self._reach()
+        caller = bind_address(peer.authority, self.own_address, own_cert)
+        if not peer.authority.is_participant(round, caller):
+            raise PeerRefused(f"{caller} is not a participant of round {round}")
+        held = peer.merged(round, max(0.0, timeout * 0.9), caller)
+        if held is None:
+            raise RoundError(f"this node does not hold the merged model of round {round} (yet); "
+                             "pull it from another member of the round")
+        data, digest = held if isinstance(held, tuple) else (held, serde.digest(held))
+        what = f"merged model of round {round} from {self.who}"
+        view = memoryview(data).cast("B")
+        with serde.Assembler(len(view), peer.max_bytes, what) as assembler:
+            for chunk in serde.chunks(view):
+                assembler.add(chunk)
+            received = assembler.finish()
+        received.check_digest(digest)  # the stream's header, as PeerClient checks it
+        self.network.pulls += 1
+        return received
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryPeerPool:
+    """:class:`~swarmnode.node.peers.PeerPool` over a :class:`MemoryNetwork`; pass
+    ``NodeService(peers=MemoryPeerPool.factory(network))``."""
+
+    def __init__(self, network: MemoryNetwork, me: str, authority: ChainAuthority) -> None:
+        self.network, self.me, self.authority = network, me, authority
+
+    @classmethod
+    def factory(cls, network: MemoryNetwork) -> Callable[..., MemoryPeerPool]:
+        def make(chain: SwarmContract, me: str, tls: TlsFiles,
+                 authority: ChainAuthority) -> MemoryPeerPool:
+            return cls(network, me, authority)
+
+        return make
+
+    def client(self, address: str) -> MemoryPeerClient:
+        info = self.authority.node(address)
+        if not info.enrolled or info.revoked:
+            raise PeerUnavailable(f"node {address} is not enrolled or was revoked on chain")
+        return MemoryPeerClient(self.network, self.me, address, self.authority)
+
+    def drop(self, address: str) -> None:
+        self.authority.forget(address)
+
+    def close(self) -> None:
+        pass
+
+
+# -- the swarm ------------------------------------------------------------------------------------
+# What a site's trainer does at its k-th sync (k = 0, 1, ...), given the model it holds (the
+# swarm's latest merged model, or None before the first round): (state, weight) to sync, or None
+# when the trainer is done (it then finishes with the swarm's end policy).
+Step = Callable[["Site", int, "dict[str, torch.Tensor] | None"],
+                "tuple[Mapping[str, torch.Tensor], int] | None"]
+
+
+@dataclass
+class Sent:
+    """One sync: the canonical safetensors bytes the trainer handed its node, and the outcome."""
+
+    payload: bytes
+    weight: int
+    outcome: RoundOutcome
+
+
+@dataclass
+class Site:
+    index: int  # 0-based
+    name: str
+    address: str
+    service: NodeService
+    syncs: list[Sent] = field(default_factory=list)
+    final: RoundOutcome | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def final_digest(self) -> bytes | None:
+        return self.final.digest if self.final is not None else None
+
+
+class InProcessSwarm:
+    """``n`` sites on a fresh registry and training, each a real NodeService."""
+
+    def __init__(
+        self,
+        n: int,
+        spec: TrainingSpec | str,
+        min_peers: int | None = None,
+        *,
+        grace_s: int = 30,
+        deadline_s: int = 60,
+        policy: str = "inactive",
+        workdir: str | Path | None = None,
+        poll_s: float = 0.05,
+        round_timeout_s: float = 300.0,
+    ) -> None:
+        """``grace_s``/``deadline_s``: the contract's, in chain seconds (which follow the host's
+        clock here, a second per block at least); generous defaults keep a loaded machine from
+        turning a slow site into a missed round."""
+        if not 1 <= n <= MAX_SITES:
+            raise ConfigError(f"an in-process swarm has 1..{MAX_SITES} sites, not {n}")
+        self.spec = TrainingSpec.from_json(spec, "the swarm's spec") if isinstance(spec, str) \
+            else spec
+        self.spec_json = spec if isinstance(spec, str) else spec.to_json()
+        self.policy = policy
+        self._tmp = tempfile.TemporaryDirectory(prefix="inproc-swarm-") if workdir is None \
+            else None
+        self.workdir = Path(self._tmp.name if self._tmp is not None else workdir)  # type: ignore[arg-type]
+        self.lock = threading.RLock()
+        self.w3 = Web3(_LockedTesterProvider(self.lock))
+        funder = self.w3.eth.accounts[0]
+        for i in range(n + 1):
+            self.w3.eth.send_transaction({"from": funder, "to": dev_account(i).address,
+                                          "value": _FUNDS})
+        self.admin = SwarmContract.deploy(
+            self.w3, dev_account(0), self.spec_json,
+            min_peers if min_peers is not None else self.spec.min_peers, grace_s, deadline_s)
+        self.clock = _Clock(self.w3, self.lock)
+        self.network = MemoryNetwork()
+        self.stop = threading.Event()
+        ca_cert, ca_key = create_ca(self.workdir / "ca", "ca", org="inproc")
+        trust = make_bundle([ca_cert], self.workdir / "trust.pem")
+        self.sites: list[Site] = []
+        try:
+            for i in range(n):
+                self.sites.append(self._site(i, trust, ca_cert, ca_key, poll_s,
+                                             round_timeout_s))
+        except BaseException:
+            self.close()
+            raise
+
+    def _site(self, i: int, trust: Path, ca_cert: Path, ca_key: Path, poll_s: float,
+              round_timeout_s: float) -> Site:
+        name = f"site-{i + 1}"
+        cert, key = issue_node_cert(ca_cert, ca_key, self.workdir / name, name,
+                                    dns=[f"{name}.inproc"], ips=[])
+        account = dev_account(i + 1)
+        self.admin.authorize(account.address, describe(cert).fingerprint)
+        config = NodeConfig(
+            name=name, rpc_url="in-process", contract=self.admin.address, key_index=i + 1,
+            peer_listen="127.0.0.1:0", peer_endpoint=f"{name}.inproc:7441", cert=cert, key=key,
+            trust=trust, data_dir=self.workdir / name / "data", poll_s=poll_s,
+            round_timeout_s=round_timeout_s, start_timeout_s=30.0,
+        )
+        service = NodeService(config, self.stop, chain=self.admin.with_account(account),
+                              peers=MemoryPeerPool.factory(self.network))
+        self.network.attach(service.me, service, Path(cert).read_bytes())
+        service._enroll(7441)  # what start() does once its servers listen (none here)
+        return Site(i, name, service.me, service)
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(self, step: Step, timeout: float = 120.0) -> list[Site]:
+        """Each site's trainer in a thread of its own: ``step`` until it returns None, then
+        ``finish`` with the swarm's policy. Returns once every site holds the final model;
+        raises the first site's error, or TimeoutError naming the sites still running."""
+        threads = [threading.Thread(target=self._train, args=(site, step),
+                                    name=f"trainer-{site.name}", daemon=True)
+                   for site in self.sites]
+        for t in threads:
+            t.start()
+        until = time.monotonic() + timeout
+        for site in self.sites:
+            site.done.wait(max(0.0, until - time.monotonic()))
+        late = [s for s in self.sites if not s.done.is_set()]
+        failed = [s for s in self.sites if s.error is not None]
+        if failed:
+            raise failed[0].error  # type: ignore[misc]
+        if late:
+            self.stop.set()  # ends the waiting rounds
+            where = ", ".join(f"{s.name} at {s.service.stage} of round {s.service.round}"
+                              for s in late)
+            raise TimeoutError(f"sites still running after {timeout:g} s: {where}")
+        return self.sites
+
+    def _train(self, site: Site, step: Step) -> None:
+        try:
+            model: dict[str, torch.Tensor] | None = None
+            last: tuple[bytes, int] | None = None
+            k = 0
+            while (got := step(site, k, model)) is not None:
+                state, weight = got
+                payload = serde.encode({n: t.detach().contiguous() for n, t in state.items()})
+                outcome = site.service.sync(payload, weight, None, None)
+                site.syncs.append(Sent(payload, weight, outcome))
+                last = (payload, weight)
+                if outcome.data is not None:
+                    model = decode(outcome.data)
+                k += 1
+                if site.service._read(site.service.chain.training_finished):
+                    break
+            payload, weight = last if last is not None else (b"", 0)
+            if last is None:
+                raise ConfigError(f"{site.name}: the trainer synced nothing")
+            site.final = site.service.finish(payload, weight, self.policy)
+        except BaseException as exc:  # noqa: BLE001 - reported by run()
+            log.exception("%s: the trainer's thread failed", site.name)
+            site.error = exc
+        finally:
+            site.done.set()
+
+    # -- reading the outcome ----------------------------------------------------------------------
+    def final_round(self) -> int | None:
+        """The training's final round (None while it is not fixed)."""
+        return self.admin.final_round()
+
+    def final_digest(self) -> bytes | None:
+        """The final round's digest on chain (None before the training finished)."""
+        final = self.final_round()
+        return self.admin.round(final).digest if final else None
+
+    def close(self) -> None:
+        self.stop.set()
+        for site in self.sites:
+            try:
+                site.service.stop()
+            except Exception:  # noqa: BLE001 - stopping the others matters more
+                log.exception("%s: stopping failed", site.name)
+        if hasattr(self, "clock"):
+            self.clock.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> InProcessSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def decode(data: serde.Buffer) -> dict[str, torch.Tensor]:
+    """A merged model's canonical bytes as tensors of their own (copied out of ``data``)."""
+    return {k: v.clone() for k, v in serde.view_state(data, spec=None,
+                                                      reject_nonfinite=False).items()}
