@@ -22,8 +22,7 @@ from swarmnode.demo.data import (
     save_shard,
 )
 from swarmnode.errors import ConfigError
-from swarmnode.merge import mean
-from swarmnode.types import Update
+from swarmnode.transport import serde
 
 SYNC_FREQUENCY = demo_model.SYNC_FREQUENCY
 
@@ -214,13 +213,18 @@ def test_evaluate_needs_both_classes() -> None:
 
 
 def simulate_swarm(data: DemoData, seed: int) -> tuple[torch.nn.Module, int]:
-    """The demo's swarm in one process: as the runtime runs it, without chain or network.
+    """The demo's swarm in one process (swarmnode.testing.inproc): real node services on the
+    real contracts (in-process EVM), models moving as safetensors bytes in memory.
 
     Every hospital starts from the same weights and runs EPOCHS epochs over its own shard; every
-    SYNC_FREQUENCY batches the hospitals still training are merged by weighted mean (weight =
-    sample count) and all continue from the merged model. A hospital whose data is used up syncs
-    its last partial block, then drops out (the ``inactive`` end-of-training policy).
+    SYNC_FREQUENCY batches it syncs (weight = sample count) and continues from the merged model.
+    A hospital whose data is used up syncs its last partial block, then finishes with the
+    ``inactive`` end-of-training policy. Returns the swarm's final model (the chain's final
+    digest) and the number of rounds the last hospital to finish synced in.
     """
+    from swarmnode.spec import TrainingSpec
+    from swarmnode.testing.inproc import InProcessSwarm, Site
+
     n_features = data.X_test.shape[1]
     models = [demo_model.make_model(n_features, seed) for _ in data.hospitals]
     optimizers = [demo_model.make_optimizer(m, demo_model.LR) for m in models]
@@ -231,29 +235,31 @@ def simulate_swarm(data: DemoData, seed: int) -> tuple[torch.nn.Module, int]:
             yield from loader
 
     streams = [batches(h) for h in data.hospitals]
-    active = [True] * len(models)
-    rounds = 0
-    while any(active):
-        updates = []
-        for i, (model, optimizer, stream) in enumerate(
-            zip(models, optimizers, streams, strict=True)
-        ):
-            if not active[i]:
-                continue
-            block = list(itertools.islice(stream, SYNC_FREQUENCY))
-            demo_model.train_epoch(model, block, optimizer)  # type: ignore[arg-type]
-            active[i] = len(block) == SYNC_FREQUENCY
-            if block:
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                updates.append(Update(state, float(len(data.hospitals[i].y)), data.names[i]))
-        if not updates:
-            break
-        merged = mean(updates)
-        rounds += 1
-        for model in models:
+
+    def step(site: Site, k: int, merged: dict[str, torch.Tensor] | None):  # type: ignore[no-untyped-def]
+        model = models[site.index]
+        if merged is not None:
             model.load_state_dict(merged)
-    models[0].eval()
-    return models[0], rounds
+        block = list(itertools.islice(streams[site.index], SYNC_FREQUENCY))
+        if not block:
+            return None
+        demo_model.train_epoch(model, block, optimizers[site.index])  # type: ignore[arg-type]
+        return model.state_dict(), len(data.hospitals[site.index].y)
+
+    spec = TrainingSpec.from_state(models[0].state_dict(), sync_frequency=SYNC_FREQUENCY,
+                                   min_peers=2, merge_method="mean")
+    with InProcessSwarm(len(data.hospitals), spec, min_peers=2) as swarm:
+        sites = swarm.run(step, timeout=600)
+        final = sites[0].final
+        assert final is not None and final.data is not None
+        assert all(s.final_digest == swarm.final_digest() for s in sites)
+        rounds = max(len(s.syncs) for s in sites)
+        state = {k: v.clone() for k, v in
+                 serde.view_state(final.data, spec=None, reject_nonfinite=True).items()}
+    model = demo_model.make_model(n_features, seed)
+    model.load_state_dict(state)
+    model.eval()
+    return model, rounds
 
 
 def test_swarm_matches_central_and_beats_the_scarce_hospital_on_seed_0() -> None:
