@@ -302,6 +302,7 @@ class InProcessSwarm:
         self.clock = _Clock(self.w3, self.lock)
         self.network = MemoryNetwork()
         self.stop = threading.Event()
+        self._ended = threading.Event()  # set whenever a trainer's thread ends
         ca_cert, ca_key = create_ca(self.workdir / "ca", "ca", org="inproc")
         trust = make_bundle([ca_cert], self.workdir / "trust.pem")
         self.sites: list[Site] = []
@@ -343,8 +344,12 @@ class InProcessSwarm:
         for t in threads:
             t.start()
         until = time.monotonic() + timeout
-        for site in self.sites:
-            site.done.wait(max(0.0, until - time.monotonic()))
+        while time.monotonic() < until and not all(s.done.is_set() for s in self.sites):
+            if any(s.error is not None for s in self.sites):
+                self.stop.set()  # one site failed: the others' rounds would only wait for it
+                break
+            self._ended.wait(0.5)  # a trainer's thread ended (or look again)
+            self._ended.clear()
         late = [s for s in self.sites if not s.done.is_set()]
         failed = [s for s in self.sites if s.error is not None]
         if failed:
@@ -381,6 +386,7 @@ class InProcessSwarm:
             site.error = exc
         finally:
             site.done.set()
+            self._ended.set()
 
     # -- reading the outcome ----------------------------------------------------------------------
     def final_round(self) -> int | None:
