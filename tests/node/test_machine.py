@@ -348,6 +348,7 @@ def test_a_nested_fetch_runs_in_its_own_round_object(tmp_path) -> None:  # type:
     d1, d2 = b"\x01" * 32, b"\x02" * 32
     store = ModelStore(tmp_path)
     store.put(1, d1, b"model-1")
+    assert store.flush()  # written: a put of a newer round drops an older one still unwritten
     store.put(2, d2, b"model-2")
     nested = []
 
