@@ -33,12 +33,12 @@ numbered band, so the CLI (and scripts around it) can tell failures apart::
 from __future__ import annotations
 
 __all__ = [
+    "BadArgument",
     "ChainError",
     "ChainTimeout",
     "ChainUnavailable",
     "ConfigError",
     "ContractNotFound",
-    "BadArgument",
     "ContractReverted",
     "DuplicateUpdate",
     "IdentityError",

@@ -189,8 +189,9 @@ def test_a_chain_that_mines_only_every_few_seconds(tmp_path: Path) -> None:
     """No instant mining: a block every 3 s (anvil --block-time 3 standing in for geth or a PoA
     network), so every transaction waits for the next block and the leader is only known a block
     after a round closes. The swarm trains to the end and every site holds the final model."""
+    # a sync every 8 batches: half the rounds of the default, enough to see several
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=3, deadline_s=30, epochs=1,
-                    block_time=3.0, instant_mining=False) as swarm:
+                    sync_frequency=8, block_time=3.0, instant_mining=False) as swarm:
         started = time.monotonic()
         _start(swarm)
         _all_end_with_the_final_model(swarm, [0, 1, 2])
