@@ -9,7 +9,7 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -369,6 +369,7 @@ def test_a_node_service_reaches_the_chain_through_the_gateway_with_its_own_certi
     import torch
     import yaml
 
+    from swarmnode.demo.swarm import wait_until
     from swarmnode.identity import describe
     from swarmnode.spec import TrainingSpec
 
@@ -391,16 +392,18 @@ def test_a_node_service_reaches_the_chain_through_the_gateway_with_its_own_certi
             env={**env, "GRPC_VERBOSITY": "ERROR"})
     try:
         me = dev_account(2).address
-        deadline = time.monotonic() + 60
-        while "to be authorised" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+
+        def alive_and(check: Callable[[], bool]) -> Callable[[], bool]:
+            def probe() -> bool:
+                assert proc.poll() is None, log.read_text()
+                return check()
+            return probe
+
+        wait_until(alive_and(lambda: "to be authorised" in log.read_text()), 60,
+                   "the node waiting for its authorisation", describe=log.read_text)
         training.authorize(me, describe(cert).fingerprint)
-        while not training.node(me).enrolled:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_until(alive_and(lambda: training.node(me).enrolled), 60, "the node joining",
+                   describe=log.read_text)
         assert gateway.stats["forwarded"] > 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, log.read_text()

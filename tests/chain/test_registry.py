@@ -275,14 +275,14 @@ def test_sites_join_only_a_training_the_registry_lists(backend: Backend) -> None
 
 
 def test_a_revocation_short_of_gas_fails_whole_rather_than_skip_a_training(
-    backend: Backend,
+    tester_w3: Any,
 ) -> None:
     """The registry reserves each training's expel gas up front: sent with too little gas the
-    revocation reverts (nothing revoked), never revokes while skipping a training."""
-    if backend.name != "tester":
-        pytest.skip("gas arithmetic: the in-process EVM is enough")
-    registry = SwarmRegistry.deploy(backend.w3, dev_account(0))
-    trainings = [SwarmContract.deploy(backend.w3, dev_account(0), SPEC, 2, 0, 1000,
+    revocation reverts (nothing revoked), never revokes while skipping a training (gas
+    arithmetic: in process)."""
+    w3 = tester_w3
+    registry = SwarmRegistry.deploy(w3, dev_account(0))
+    trainings = [SwarmContract.deploy(w3, dev_account(0), SPEC, 2, 0, 1000,
                                       registry=registry) for _ in range(2)]
     site = dev_account(1)
     registry.authorize(site.address, fingerprint(site.address))
@@ -290,7 +290,7 @@ def test_a_revocation_short_of_gas_fails_whole_rather_than_skip_a_training(
         t.with_account(site).enroll("10.0.0.1:7100")
     data = registry._contract.encode_abi("revoke", args=[site.address])
     with pytest.raises(ContractReverted):  # mined with a fixed gas limit: it fails on chain
-        TxSender(backend.w3, dev_account(0)).send(
+        TxSender(w3, dev_account(0)).send(
             {"to": registry.address, "data": data}, "revoke", lambda r: ContractReverted(r),
             gas=300_000)
     assert not registry.site(site.address).revoked
