@@ -19,6 +19,7 @@ from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.launcher import DevChain, mine, reorg, set_automine
 from swarmnode.chain.rpc import connect
 from swarmnode.chain.tx import TxSender
+from swarmnode.demo.swarm import wait_until
 from swarmnode.errors import ConfigError, ContractReverted
 
 pytestmark = pytest.mark.anvil
@@ -187,13 +188,6 @@ def test_a_receipt_counts_once_it_has_its_confirmations(manual_chain: Web3) -> N
     assert w3.eth.block_number >= out["receipt"]["blockNumber"] + 2
 
 
-def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_confirmations_survive_a_reorganisation_that_takes_back_an_unconfirmed_receipt(
         manual_chain: Web3) -> None:
     w3 = manual_chain
@@ -201,7 +195,7 @@ def test_confirmations_survive_a_reorganisation_that_takes_back_an_unconfirmed_r
     payee = dev_account(11).address
     before = w3.eth.get_balance(payee)
     thread, out = _send_in_background(TxSender(w3, dev_account(10), receipt_timeout=60), payee)
-    _wait_for(lambda: _pool_size(w3) == 1, "the transfer in the pool")
+    wait_until(lambda: _pool_size(w3) == 1, 30, "the transfer in the pool", poll=0.02)
     _mine(w3)
     thread.join(30)
     assert "error" not in out, out.get("error")
@@ -220,14 +214,15 @@ def test_confirmations_survive_a_reorganisation_that_takes_back_an_unconfirmed_r
     before = w3.eth.get_balance(payee)
     sender = TxSender(w3, dev_account(12), receipt_timeout=60, confirmations=2)
     thread, out = _send_in_background(sender, payee)
-    _wait_for(lambda: _pool_size(w3) == 1, "the transfer in the pool")
+    wait_until(lambda: _pool_size(w3) == 1, 30, "the transfer in the pool", poll=0.02)
     _mine(w3)
     first_block = w3.eth.get_block("latest")
     assert len(first_block["transactions"]) == 1
     time.sleep(0.5)
     assert "receipt" not in out  # mined, not yet confirmed
     reorg(w3, 1)
-    _wait_for(lambda: _pool_size(w3) == 1, "the transaction sent again after the reorganisation")
+    wait_until(lambda: _pool_size(w3) == 1, 30,
+               "the transaction sent again after the reorganisation", poll=0.02)
     assert "receipt" not in out
     for _ in range(3):  # its new block, then two on top
         _mine(w3)
