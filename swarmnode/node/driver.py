@@ -195,7 +195,10 @@ class RoundDriver:
             finally:  # hashed and checked: the push or the fold reads it again
                 serde.evict(payload)
 
-        self._own = (payload, self._hasher.submit(digest))
+        try:
+            self._own = (payload, self._hasher.submit(digest))
+        except RuntimeError:  # closed (the service is stopping): the push hashes it itself
+            self._own = None
 
     def _own_digest(self, payload: serde.Buffer) -> bytes:
         own = self._own

@@ -32,6 +32,7 @@ from swarmnode.errors import (
     ContractReverted,
     IdentityError,
     NodeError,
+    NodeUnavailable,
     PayloadRejected,
     RoundError,
     SwarmError,
@@ -267,6 +268,11 @@ class NodeService:
         if self.peer_server:
             self.peer_server.stop(grace=1.0)
         self.pool.close()
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once stop() begins (or the service's stop event is set from outside)."""
+        return self._stopped
 
     def serve_forever(self) -> None:
         self._stopped.wait()
@@ -551,6 +557,25 @@ class _LocalApi:
         self.node = node
 
     def call(self, method: str, args: dict[str, Any], payload: serde.Buffer | None):  # type: ignore[no-untyped-def]
+        """One call; while the service stops, any call (new, or one its shutdown broke) answers
+        NodeUnavailable, which the trainer's callback waits out and retries after the restart."""
+        stopping = self.node.stopping
+        if stopping.is_set():
+            raise NodeUnavailable(f"the node service is stopping; {method!r} waits for it to "
+                                  "come back")
+        try:
+            return self._call(method, args, payload)
+        except NodeUnavailable:
+            raise
+        except Exception as exc:  # a chain, store or hasher closed under the call: not its fault
+            if not stopping.is_set():
+                raise
+            raise NodeUnavailable(
+                f"the node service stopped during {method!r} ({exc!r}); the trainer waits for "
+                "it to come back"
+            ) from exc
+
+    def _call(self, method: str, args: dict[str, Any], payload: serde.Buffer | None):  # type: ignore[no-untyped-def]
         if method == "hello":
             spec = TrainingSpec.from_json(str(args.get("spec", "")), "the trainer's settings")
             return self.node.hello(spec)
