@@ -447,8 +447,15 @@ class RoundDriver:
     def _die_at(self, point: str, round: int) -> None:
         if self.faults.exits(point, round):
             log.warning("round %d: test fault: the process dies %s", round, point)
-            logging.shutdown()
-            os._exit(137)
+            self.die(round)
+
+    @staticmethod
+    def die(round: int) -> None:
+        """What the ``exit`` fault does: the process exits at once, no clean-up. An in-process
+        swarm (:mod:`swarmnode.testing.inproc`) replaces it on its driver with an exception that
+        ends that site alone."""
+        logging.shutdown()
+        os._exit(137)
 
     def _push(self, rnd: Round, action: Push, info: RoundInfo, now: float) -> None:
         self._die_at("before-push", action.round)
@@ -536,7 +543,7 @@ class RoundDriver:
         stall = self.faults.stall(action.round, action.attempt)
         if stall is not None:
             log.warning("round %d: test fault: hanging before the commit", action.round)
-            threading.Event().wait(stall.seconds)
+            self.stop.wait(stall.seconds)  # a stopping service ends the hang
         if action.attempt not in rnd.merged:
             collector = self.collectors.get(action.round, action.attempt)
             merged, senders, total = collector.seal(self._reference(collector, action.round))

@@ -18,6 +18,13 @@ whenever the pending block's time has fallen a second behind the host's, so grac
 deadlines pass as they do on anvil. The provider is not thread-safe: every request (and the
 clock's mining) goes through one lock.
 
+Faults (``faults={site: {"stall_commit": ..., "exit": ...}}``, the ``faults:`` section of a
+node.yaml, see :mod:`swarmnode.node.faults`) reach each site's round driver as they do in a node
+process; an ``exit`` fault ends that site alone (:class:`SiteDied`: its trainer stops, nobody
+reaches it any more) instead of the process. ``chain_ahead_s`` runs the chain's clock that far
+ahead of the host's; ``run(step, begin=...)`` holds a site's trainer until ``begin(site)``
+returns (a site that starts late).
+
 Use::
 
     with InProcessSwarm(3, spec, min_peers=3) as swarm:
@@ -41,7 +48,7 @@ from web3 import EthereumTesterProvider, Web3
 
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract
-from swarmnode.config import NodeConfig
+from swarmnode.config import FaultSettings, NodeConfig
 from swarmnode.errors import ConfigError, PeerRefused, PeerUnavailable, RoundError
 from swarmnode.identity import (
     TlsFiles,
@@ -58,7 +65,8 @@ from swarmnode.spec import TrainingSpec
 from swarmnode.transport import serde
 from swarmnode.transport.dataplane import bind_address
 
-__all__ = ["InProcessSwarm", "MemoryNetwork", "MemoryPeerClient", "MemoryPeerPool", "Site"]
+__all__ = ["InProcessSwarm", "MemoryNetwork", "MemoryPeerClient", "MemoryPeerPool", "Site",
+           "SiteDied"]
 
 log = logging.getLogger("swarmnode.testing")
 
@@ -81,11 +89,15 @@ class _LockedTesterProvider(EthereumTesterProvider):
 
 class _Clock:
     """Mines an empty block whenever the pending block's timestamp is a second behind the host's
-    clock: on eth-tester no time passes between transactions otherwise."""
+    clock (plus ``ahead_s``): on eth-tester no time passes between transactions otherwise."""
 
-    def __init__(self, w3: Web3, lock: threading.RLock, period_s: float = 0.25) -> None:
+    def __init__(self, w3: Web3, lock: threading.RLock, period_s: float = 0.25,
+                 ahead_s: float = 0.0) -> None:
         self.tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
-        self.lock, self.period_s = lock, period_s
+        self.lock, self.period_s, self.ahead_s = lock, period_s, ahead_s
+        if ahead_s:
+            with lock:
+                self.tester.time_travel(int(time.time() + ahead_s))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inproc-clock", daemon=True)
         self._thread.start()
@@ -94,7 +106,7 @@ class _Clock:
         while not self._stop.wait(self.period_s):
             with self.lock:
                 pending = int(self.tester.get_block_by_number("pending")["timestamp"])
-                if time.time() >= pending + 1:
+                if time.time() + self.ahead_s >= pending + 1:
                     self.tester.mine_blocks(1)
 
     def close(self) -> None:
@@ -246,6 +258,16 @@ class Sent:
     outcome: RoundOutcome
 
 
+class SiteDied(BaseException):
+    """An ``exit`` fault fired in an in-process site: it ends that site's trainer (through every
+    ``except Exception`` on the way, as the process's exit would) and the harness takes the site
+    off the network."""
+
+    def __init__(self, round: int) -> None:
+        super().__init__(f"test fault: the site dies in round {round}")
+        self.round = round
+
+
 @dataclass
 class Site:
     index: int  # 0-based
@@ -256,6 +278,8 @@ class Site:
     final: RoundOutcome | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    hello: dict[str, Any] = field(default_factory=dict)  # the node's answer to the trainer's hello
+    died: int | None = None  # the round an exit fault ended it in
 
     @property
     def final_digest(self) -> bytes | None:
@@ -277,10 +301,13 @@ class InProcessSwarm:
         workdir: str | Path | None = None,
         poll_s: float = 0.05,
         round_timeout_s: float = 300.0,
+        faults: Mapping[int, Mapping[str, str]] | None = None,
+        chain_ahead_s: float = 0.0,
     ) -> None:
         """``grace_s``/``deadline_s``: the contract's, in chain seconds (which follow the host's
         clock here, a second per block at least); generous defaults keep a loaded machine from
-        turning a slow site into a missed round."""
+        turning a slow site into a missed round. ``faults``: by site index, its node.yaml
+        ``faults:`` section. ``chain_ahead_s``: the chain's clock runs that far ahead."""
         if not 1 <= n <= MAX_SITES:
             raise ConfigError(f"an in-process swarm has 1..{MAX_SITES} sites, not {n}")
         self.spec = TrainingSpec.from_json(spec, "the swarm's spec") if isinstance(spec, str) \
@@ -299,7 +326,7 @@ class InProcessSwarm:
         self.admin = SwarmContract.deploy(
             self.w3, dev_account(0), self.spec_json,
             min_peers if min_peers is not None else self.spec.min_peers, grace_s, deadline_s)
-        self.clock = _Clock(self.w3, self.lock)
+        self.clock = _Clock(self.w3, self.lock, ahead_s=chain_ahead_s)
         self.network = MemoryNetwork()
         self.stop = threading.Event()
         self._ended = threading.Event()  # set whenever a trainer's thread ends
@@ -309,13 +336,13 @@ class InProcessSwarm:
         try:
             for i in range(n):
                 self.sites.append(self._site(i, trust, ca_cert, ca_key, poll_s,
-                                             round_timeout_s))
+                                             round_timeout_s, (faults or {}).get(i)))
         except BaseException:
             self.close()
             raise
 
     def _site(self, i: int, trust: Path, ca_cert: Path, ca_key: Path, poll_s: float,
-              round_timeout_s: float) -> Site:
+              round_timeout_s: float, faults: Mapping[str, str] | None = None) -> Site:
         name = f"site-{i + 1}"
         cert, key = issue_node_cert(ca_cert, ca_key, self.workdir / name, name,
                                     dns=[f"{name}.inproc"], ips=[])
@@ -326,19 +353,25 @@ class InProcessSwarm:
             peer_listen="127.0.0.1:0", peer_endpoint=f"{name}.inproc:7441", cert=cert, key=key,
             trust=trust, data_dir=self.workdir / name / "data", poll_s=poll_s,
             round_timeout_s=round_timeout_s, start_timeout_s=30.0,
+            faults=FaultSettings(**faults) if faults is not None else None,
         )
-        service = NodeService(config, self.stop, chain=self.admin.with_account(account),
+        # a stop event of its own: a site that dies stops alone (_halt stops them all)
+        service = NodeService(config, threading.Event(), chain=self.admin.with_account(account),
                               peers=MemoryPeerPool.factory(self.network))
+        service.driver.die = _raise_died  # type: ignore[method-assign]
         self.network.attach(service.me, service, Path(cert).read_bytes())
         service._enroll(7441)  # what start() does once its servers listen (none here)
         return Site(i, name, service.me, service)
 
     # -- running ----------------------------------------------------------------------------------
-    def run(self, step: Step, timeout: float = 120.0) -> list[Site]:
-        """Each site's trainer in a thread of its own: ``step`` until it returns None, then
-        ``finish`` with the swarm's policy. Returns once every site holds the final model;
-        raises the first site's error, or TimeoutError naming the sites still running."""
-        threads = [threading.Thread(target=self._train, args=(site, step),
+    def run(self, step: Step, timeout: float = 120.0,
+            begin: Callable[[Site], None] | None = None) -> list[Site]:
+        """Each site's trainer in a thread of its own: ``begin(site)`` (if given; it may wait),
+        the trainer's hello (the latest merged model, if any), then ``step`` until it returns
+        None, then ``finish`` with the swarm's policy. Returns once every site holds the final
+        model or died of an exit fault; raises the first site's error, or TimeoutError naming the
+        sites still running."""
+        threads = [threading.Thread(target=self._train, args=(site, step, begin),
                                     name=f"trainer-{site.name}", daemon=True)
                    for site in self.sites]
         for t in threads:
@@ -346,7 +379,7 @@ class InProcessSwarm:
         until = time.monotonic() + timeout
         while time.monotonic() < until and not all(s.done.is_set() for s in self.sites):
             if any(s.error is not None for s in self.sites):
-                self.stop.set()  # one site failed: the others' rounds would only wait for it
+                self._halt()  # one site failed: the others' rounds would only wait for it
                 break
             self._ended.wait(0.5)  # a trainer's thread ended (or look again)
             self._ended.clear()
@@ -355,15 +388,18 @@ class InProcessSwarm:
         if failed:
             raise failed[0].error  # type: ignore[misc]
         if late:
-            self.stop.set()  # ends the waiting rounds
+            self._halt()  # ends the waiting rounds
             where = ", ".join(f"{s.name} at {s.service.stage} of round {s.service.round}"
                               for s in late)
             raise TimeoutError(f"sites still running after {timeout:g} s: {where}")
         return self.sites
 
-    def _train(self, site: Site, step: Step) -> None:
+    def _train(self, site: Site, step: Step, begin: Callable[[Site], None] | None) -> None:
         try:
-            model: dict[str, torch.Tensor] | None = None
+            if begin is not None:
+                begin(site)
+            site.hello, held = site.service.hello(self.spec)
+            model = decode(held) if held is not None else None
             last: tuple[bytes, int] | None = None
             k = 0
             while (got := step(site, k, model)) is not None:
@@ -381,6 +417,10 @@ class InProcessSwarm:
             if last is None:
                 raise ConfigError(f"{site.name}: the trainer synced nothing")
             site.final = site.service.finish(payload, weight, self.policy)
+        except SiteDied as died:
+            site.died = died.round
+            self.network.detach(site.address)  # nobody reaches it any more
+            site.service.stop()
         except BaseException as exc:  # noqa: BLE001 - reported by run()
             log.exception("%s: the trainer's thread failed", site.name)
             site.error = exc
@@ -398,8 +438,14 @@ class InProcessSwarm:
         final = self.final_round()
         return self.admin.round(final).digest if final else None
 
-    def close(self) -> None:
+    def _halt(self) -> None:
+        """Every site's rounds end now (their services are stopping)."""
         self.stop.set()
+        for site in self.sites:
+            site.service.stopping.set()
+
+    def close(self) -> None:
+        self._halt()
         for site in self.sites:
             try:
                 site.service.stop()
@@ -415,6 +461,10 @@ class InProcessSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raise_died(round: int) -> None:
+    raise SiteDied(round)
 
 
 def decode(data: serde.Buffer) -> dict[str, torch.Tensor]:
