@@ -48,7 +48,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +62,9 @@ from swarmnode.errors import (
 )
 from swarmnode.identity import TlsFiles, fingerprint
 from swarmnode.transport import serde
+from swarmnode.transport.listener import ListenerLimits, TlsListener
 
-__all__ = ["DataClient", "DataServer", "bind_address", "stripe_blocks"]
+__all__ = ["DataClient", "DataServer", "bind_address", "check_push", "stripe_blocks"]
 
 log = logging.getLogger("swarmnode.transport.data")
 
@@ -72,8 +72,9 @@ MAX_FRAME = 64 * 1024
 MAX_STRIPES = 16
 STRIPE_MIN = 16 << 20  # bytes: smaller transfers use fewer stripes
 STRIPE_BLOCK = 4 << 20  # stripes interleave blocks of this size (whole pages and elements)
-_HANDSHAKE_S = 10.0
 _STALL_S = 5.0  # seconds an admitted push may go without a byte
+_REPLY_S = 5.0  # seconds a refusal's reply frame may take to leave
+_WATCH_S = 0.25  # how often the watchdog looks at the admitted pushes' progress
 # Client: seconds one send or receive may go without progress (a peer that froze: SIGSTOP, a
 # hung host) before the transfer fails, whatever the transfer's overall timeout. Long enough for
 # a push queued behind others for admission, and for a leader's 2 s hold of a pull.
@@ -106,17 +107,37 @@ def _recv_exact(sock: ssl.SSLSocket, n: int, what: str) -> bytes:
     return bytes(buf)
 
 
-def _recv_frame(sock: ssl.SSLSocket, what: str) -> dict[str, Any]:
-    (n,) = struct.unpack("<I", _recv_exact(sock, 4, what))
+def _frame_length(buf: bytes) -> int | None:
+    """Bytes the frame starting ``buf`` takes in all (None until its length arrived); just the
+    length field for a frame over the limit (refused once parsed)."""
+    if len(buf) < 4:
+        return None
+    (n,) = struct.unpack_from("<I", buf)
+    return 4 + n if n <= MAX_FRAME else 4
+
+
+def _parse_frame(raw: bytes, what: str) -> dict[str, Any]:
+    """The JSON object of one whole frame (length field included)."""
+    if len(raw) < 4:
+        raise PayloadRejected(f"{what}: the connection closed before its request frame")
+    (n,) = struct.unpack_from("<I", raw)
     if n > MAX_FRAME:
         raise PayloadRejected(f"{what}: a {n}-byte request frame, over the {MAX_FRAME} limit")
     try:
-        obj = json.loads(_recv_exact(sock, n, what))
+        obj = json.loads(raw[4:4 + n])
     except (UnicodeDecodeError, ValueError):
         raise PayloadRejected(f"{what}: the request frame is not JSON") from None
     if not isinstance(obj, dict):
         raise PayloadRejected(f"{what}: the request frame is not a JSON object")
     return obj
+
+
+def _recv_frame(sock: ssl.SSLSocket, what: str) -> dict[str, Any]:
+    head = _recv_exact(sock, 4, what)
+    (n,) = struct.unpack("<I", head)
+    if n > MAX_FRAME:
+        raise PayloadRejected(f"{what}: a {n}-byte frame, over the {MAX_FRAME} limit")
+    return _parse_frame(head + _recv_exact(sock, n, what), what)
 
 
 def _int(obj: dict[str, Any], key: str, what: str, low: int = 0, high: int = 1 << 62) -> int:
@@ -274,6 +295,35 @@ class _OrderedHash:
 
 
 # -- server ---------------------------------------------------------------------------------------
+def check_push(handler: Any, round: int, sender: str, weight: int) -> None:
+    """The handler's own checks of a push (leader of that elected round, participant, weight, not
+    a duplicate), run on the header before admission and before any payload byte; both servers
+    (the peer API and the data plane) call this. A handler without ``check_push`` (a benchmark's
+    sink) checks in ``accept_update`` only."""
+    check = getattr(handler, "check_push", None)
+    if check is not None:
+        check(round, sender, weight)
+
+
+def _cut(conn: ssl.SSLSocket) -> None:
+    """End ``conn`` under a thread blocked reading it (at the socket, below TLS)."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(conn, socket.SHUT_RDWR)
+
+
+@dataclass(eq=False)
+class _Watched:
+    """An admitted push stripe's progress, as the watchdog sees it."""
+
+    tls: ssl.SSLSocket
+    what: str
+    started: float
+    mark_t: float
+    moved: int = 0
+    mark_moved: int = 0
+    reason: str | None = None
+
+
 @dataclass(eq=False)
 class _Inbound:
     """One update arriving over ``stripes`` connections into one buffer."""
@@ -290,6 +340,7 @@ class _Inbound:
     admitted: bool = False
     done_stripes: set[int] = field(default_factory=set)
     claimed: set[int] = field(default_factory=set)
+    receiving: set[ssl.SSLSocket] = field(default_factory=set)  # stripes still taking bytes
     finished: threading.Event = field(default_factory=threading.Event)
     error: SwarmError | None = None
 
@@ -316,8 +367,11 @@ class DataServer:
         grace_s: float = 10.0,
         idle_s: float = 10.0,
         spill_dir: str | None = None,
+        limits: ListenerLimits | None = None,
     ) -> None:
-        """``spill_dir``: receive updates of SPILL_MIN bytes or more into files there (see
+        """``limits``: what connections still in their TLS handshake may take
+        (:class:`~swarmnode.transport.listener.TlsListener`). ``spill_dir``: receive updates of
+        SPILL_MIN bytes or more into files there (see
         :func:`serde.spill_buffer`) instead of anonymous memory, so an update waiting for its
         turn, or being received, is not resident; then updates are checked and handed over one
         at a time, and only the one being checked or folded is in memory."""
@@ -334,93 +388,73 @@ class DataServer:
         self.per_peer, self.deadline_s = per_peer, deadline_s
         self.min_rate, self.grace_s, self.idle_s = min_rate, grace_s, idle_s
         self._ctx = _context(tls, server=True)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="data-plane")
+        self.limits = limits or ListenerLimits()
         self._workers = workers
         self._lock = threading.Lock()
-        self._busy = 0
+        # payload bytes taken in by pushes, over the server's life (what the tests count)
+        self.payload_bytes_in = 0
+        self._watched: dict[int, _Watched] = {}
+        self._watch_thread = threading.Thread(target=self._watch, name="data-plane-watch",
+                                              daemon=True)
         self._per_peer: dict[str, int] = {}
         self._inbound: dict[tuple[str, int, bytes], _Inbound] = {}
         # Updates received at once: each is a model's worth of memory until it is folded in,
         # so the others wait (before their first byte is read) instead of all arriving together;
         # the waiting one first in the leader's fold order (by address) goes in first.
         self._admit = _OrderedSlots(max(1, inflight))
-        self._listener: socket.socket | None = None
+        self._listener: TlsListener | None = None
         self._stop = threading.Event()
 
     def start(self) -> int:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self.host, self.port))
-        listener.listen(128)
-        self._listener = listener
-        self.port = listener.getsockname()[1]
-        threading.Thread(target=self._accept, name="data-plane-accept", daemon=True).start()
-        log.info("data plane listening on %s:%d (mutual TLS)", self.host, self.port)
+        self._listener = TlsListener(self.host, self.port, self._ctx, self._serve, self.limits,
+                                     workers=self._workers, frame_length=_frame_length,
+                                     name="data-plane")
+        self.port = self._listener.start()
+        self._watch_thread.start()
+        log.info("data plane listening on %s:%d (mutual TLS; handshake within %g s, %d pending "
+                 "per address, %d in all)", self.host, self.port,
+                 self.limits.handshake_timeout_s, self.limits.pending_per_address,
+                 self.limits.pending_total)
         return self.port
 
     def stop(self) -> None:
         self._stop.set()
         if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _accept(self) -> None:
-        assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                full = self._busy >= self._workers
-                if not full:
-                    self._busy += 1
-            if full:  # every worker busy: refuse now rather than queue behind idle streams
-                conn.close()
-                continue
-            self._pool.submit(self._serve, conn, f"{peer[0]}:{peer[1]}")
+            self._listener.stop()
 
     # -- one connection ---------------------------------------------------------------------------
-    def _serve(self, conn: socket.socket, where: str) -> None:
+    def _serve(self, tls: ssl.SSLSocket, where: str, first: bytes) -> None:
+        """One connection, once its handshake is done and its request frame ``first`` arrived
+        (the listener's work, before this worker was taken)."""
         sender = ""
         started = time.monotonic()
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(_HANDSHAKE_S)
-            with self._ctx.wrap_socket(conn, server_side=True) as tls:
-                try:
-                    hdr = _recv_frame(tls, f"data plane request from {where}")
-                    sender = self._identify(tls, hdr)
-                    self._enter(sender)
-                except SwarmError as exc:
-                    log.warning("data plane: refused %s: %s", where, exc)
-                    self._reply_error(tls, exc)
-                    return
-                try:
-                    tls.settimeout(self.idle_s)
-                    op = hdr.get("op")
-                    if op == "push":
-                        self._push(tls, sender, hdr, started)
-                    elif op == "pull":
-                        self._pull(tls, sender, hdr, started)
-                    else:
-                        raise PayloadRejected(f"unknown data plane operation {op!r}")
-                except SwarmError as exc:
-                    log.warning("data plane %s from %s refused: %s", hdr.get("op"), sender, exc)
-                    self._reply_error(tls, exc)
-                finally:
-                    self._leave(sender)
-        except (OSError, ssl.SSLError) as exc:  # handshake refused, peer gone, timeouts
+            try:
+                hdr = _parse_frame(first, f"data plane request from {where}")
+                sender = self._identify(tls, hdr)
+                self._enter(sender)
+            except SwarmError as exc:
+                log.warning("data plane: refused %s: %s", where, exc)
+                tls.settimeout(_REPLY_S)
+                self._reply_error(tls, exc)
+                return
+            try:
+                tls.settimeout(self.idle_s)
+                op = hdr.get("op")
+                if op == "push":
+                    self._push(tls, sender, hdr, started)
+                elif op == "pull":
+                    self._pull(tls, sender, hdr, started)
+                else:
+                    raise PayloadRejected(f"unknown data plane operation {op!r}")
+            except SwarmError as exc:
+                log.warning("data plane %s from %s refused: %s", hdr.get("op"), sender, exc)
+                tls.settimeout(_REPLY_S)
+                self._reply_error(tls, exc)
+            finally:
+                self._leave(sender)
+        except (OSError, ssl.SSLError) as exc:  # peer gone, timeouts
             log.info("data plane connection from %s (%s) ended: %s", where, sender or "?", exc)
-        finally:
-            with self._lock:
-                self._busy -= 1
-            conn.close()
 
     def _reply_error(self, tls: ssl.SSLSocket, exc: SwarmError) -> None:
         try:
@@ -453,6 +487,33 @@ class DataServer:
             else:
                 self._per_peer.pop(peer, None)
 
+    def _watch(self) -> None:
+        """Cut an admitted push whose link moves too little: in every window of ``grace_s``
+        seconds after admission it must bring ``min_rate`` bytes a second (a trickle of TLS
+        record fragments keeps a socket timeout from firing, so this looks at the bytes taken
+        in, not at the reads). Its admission slot then goes to the next update waiting."""
+        while not self._stop.wait(_WATCH_S):
+            now = time.monotonic()
+            with self._lock:
+                watched = list(self._watched.values())
+            for w in watched:
+                span = now - w.mark_t
+                if now - w.started > self.deadline_s:
+                    w.reason = f"ran past the server's {self.deadline_s:g} s deadline"
+                elif span < self.grace_s:
+                    continue
+                elif w.moved - w.mark_moved >= self.min_rate * span:
+                    w.mark_t, w.mark_moved = now, w.moved
+                    continue
+                else:
+                    w.reason = (f"moved {w.moved - w.mark_moved} bytes in {span:.1f} s, below "
+                                f"the minimum rate of {self.min_rate:g} B/s; its admission slot "
+                                "goes to the next update waiting")
+                log.warning("data plane: %s cut off: %s", w.what, w.reason)
+                with self._lock:
+                    self._watched.pop(id(w), None)
+                _cut(w.tls)
+
     def _check_rate(self, started: float, moved: int, who: str) -> None:
         age = time.monotonic() - started
         if age > self.deadline_s:
@@ -463,6 +524,8 @@ class DataServer:
 
     # -- push -------------------------------------------------------------------------------------
     def _push(self, tls: ssl.SSLSocket, sender: str, hdr: dict[str, Any], started: float) -> None:
+        """Every check runs on the header (and the identity the TLS connection proved) before
+        the update may wait for admission and before a byte of its payload is read."""
         rnd = _int(hdr, "round", "push")
         what = f"update for round {rnd} from {sender}"
         if not self.authority.is_participant(rnd, sender):
@@ -486,23 +549,39 @@ class DataServer:
             digest = b""
         if len(digest) != 32:
             raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
+        check_push(self.handler, rnd, sender, weight)  # leadership, participant, duplicate
         inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what)
         started = time.monotonic()  # waiting for admission does not count against the rate
         # An admitted sender was blocked sending: its bytes flow at once. One that stalls holds
-        # memory and the admission others wait for, so it is cut sooner than an idle request.
+        # memory and the admission others wait for, so it is cut sooner than an idle request;
+        # one that trickles is cut by the watchdog (its slot goes to the next update waiting).
         tls.settimeout(min(self.idle_s, _STALL_S))
+        watched = _Watched(tls, f"{what}, stripe {index}", started, started)
+        with self._lock:
+            self._watched[id(watched)] = watched
+            inbound.receiving.add(tls)
         try:
             def progress(got: int) -> None:
+                watched.moved = got
                 inbound.hasher.advance(index, got)
-                self._check_rate(started, got, what)
 
             with memoryview(inbound.buf) as view:
                 _recv_blocks(tls, view, stripe_blocks(total, index, stripes),
                              f"{what}, stripe {index}", progress)
         except BaseException as exc:
-            self._fail(inbound, exc if isinstance(exc, SwarmError)
-                       else TransportError(f"{what}: stripe {index} broke off: {exc}"))
-            raise
+            err: BaseException = exc
+            if watched.reason is not None:
+                err = TransportError(f"{what}: stripe {index} {watched.reason}")
+            elif inbound.error is not None:
+                err = inbound.error
+            self._fail(inbound, err if isinstance(err, SwarmError)
+                       else TransportError(f"{what}: stripe {index} broke off: {err}"))
+            raise err from None
+        finally:
+            with self._lock:
+                self._watched.pop(id(watched), None)
+                inbound.receiving.discard(tls)
+                self.payload_bytes_in += watched.moved
         self._stripe_done(inbound, index)
         # Stripes that started are cut by their own limits; one that never starts is waited for
         # idle_s at most, so an unfinished set of stripes cannot hold this thread.
@@ -567,6 +646,10 @@ class DataServer:
         with self._lock:
             if inbound.error is None and not inbound.finished.is_set():
                 inbound.error = exc
+            cut = list(inbound.receiving)
+        for conn in cut:  # the other stripes stop filling a buffer that is given up
+            _cut(conn)
+        with self._lock:
             if self._inbound.get((inbound.sender, inbound.round, inbound.digest)) is inbound:
                 del self._inbound[(inbound.sender, inbound.round, inbound.digest)]
         inbound.ready.set()

@@ -64,7 +64,8 @@ from swarmnode.transport._rpc import (
     server_options,
     swarm_error_name,
 )
-from swarmnode.transport.dataplane import DataClient, DataServer, bind_address
+from swarmnode.transport.dataplane import DataClient, DataServer, bind_address, check_push
+from swarmnode.transport.listener import ListenerLimits
 from swarmnode.transport.proto import peer_pb2 as pb
 from swarmnode.transport.tlscheck import probe
 
@@ -96,6 +97,13 @@ class PeerHandler(Protocol):
     ) -> None:
         """``evict``, when given: drops the update's bytes from resident memory (they stay
         readable), for a handler that keeps ``state`` without reading it for a while."""
+        ...
+
+    def check_push(self, round: int, sender: str, weight: int) -> None:
+        """Optional: refuse, from a push's header alone (before any payload byte is read and
+        before it waits for admission), an update :meth:`accept_update` would refuse: this node
+        is not the leader of that round's election, ``sender`` is not one of its participants,
+        the weight is not the one checked in, or ``sender`` already sent its update."""
         ...
 
     def merged(
@@ -234,6 +242,7 @@ class _Servicer:
             what = f"update for round {h.round} from {sender}"
             if len(h.digest) != 32:
                 raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
+            check_push(self.o.handler, h.round, sender, h.weight)  # before any payload chunk
             with serde.Assembler(h.total_bytes, self.o.max_bytes, what) as assembler:
                 for piece in request_iterator:
                     data = _wire.piece_data(piece)
@@ -345,9 +354,12 @@ class PeerServer:
         rate_grace_s: float = 10.0,
         data_port: int | None = None,
         spill_dir: str | None = None,
+        listener: ListenerLimits | None = None,
     ) -> None:
-        """The stream limits: see :class:`_StreamGuard`. ``rate_grace_s`` covers a pull's wait
-        for the merged model (up to 2 s) and the slowest honest start of a stream.
+        """``listener``: the data plane's limits on connections still in their TLS handshake
+        (:class:`~swarmnode.transport.listener.ListenerLimits`). The stream limits: see
+        :class:`_StreamGuard`. ``rate_grace_s`` covers a pull's wait for the merged model (up to
+        2 s) and the slowest honest start of a stream.
         ``data_port``: the bulk data plane's port (:mod:`dataplane`, same host as ``bind``); by
         default the peer port + 1, or any free port when the peer port is 0; -1: no data plane
         (models then stream over gRPC). ``spill_dir``: where the data plane receives updates
@@ -369,7 +381,8 @@ class PeerServer:
                                max_bytes=max_bytes, reject_nonfinite=reject_nonfinite,
                                per_peer=max(8, per_peer_streams * 2), deadline_s=stream_deadline_s,
                                min_rate=min_rate_bytes_s, grace_s=rate_grace_s,
-                               idle_s=rate_grace_s, spill_dir=spill_dir)
+                               idle_s=rate_grace_s, spill_dir=spill_dir,
+                               limits=listener or ListenerLimits())
 
     def start(self) -> int:
         server = grpc.server(
