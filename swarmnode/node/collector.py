@@ -82,16 +82,7 @@ class Collector:
     def add(self, update: Update) -> None:
         """Fold one participant's update in; a second one from the same sender is a replay."""
         with self._lock:
-            if update.node in self._senders:
-                raise DuplicateUpdate(
-                    f"round {self.round}: {update.node} already sent its update; "
-                    "a replayed or duplicate update is refused"
-                )
-            if self._sealed is not None:
-                raise RoundError(
-                    f"round {self.round}: the leader has already merged (attempt {self.attempt}); "
-                    "this update came too late and takes the merged model instead"
-                )
+            self._check_locked(update.node)
             amax = _largest(update.state)
             share = update.weight if update.weight > 0 else 1.0
             if not amax <= (SAFE_SUM - self._bound) / share:  # also catches NaN/Inf
@@ -112,6 +103,24 @@ class Collector:
             self._drain_locked()
         if self._on_add is not None:
             self._on_add()  # the leader's round loop looks again at once
+
+    def check(self, node: str) -> None:
+        """Refuse, before its bytes are taken in, an update :meth:`add` would refuse whatever it
+        holds: a second one from ``node``, or one after the merge."""
+        with self._lock:
+            self._check_locked(node)
+
+    def _check_locked(self, node: str) -> None:
+        if node in self._senders:
+            raise DuplicateUpdate(
+                f"round {self.round}: {node} already sent its update; "
+                "a replayed or duplicate update is refused"
+            )
+        if self._sealed is not None:
+            raise RoundError(
+                f"round {self.round}: the leader has already merged (attempt {self.attempt}); "
+                "this update came too late and takes the merged model instead"
+            )
 
     def expect(self, contributors: Iterable[str]) -> None:
         """The round's contributors (participants with a weight): updates fold in their order

@@ -20,7 +20,7 @@ from typing import Any
 from swarmnode import merge
 from swarmnode.chain.accounts import account_for
 from swarmnode.chain.client import SwarmContract, connect
-from swarmnode.chain.models import RoundStatus
+from swarmnode.chain.models import RoundInfo, RoundStatus
 from swarmnode.chain.rpc import ChainTls, chain_tls
 from swarmnode.chain.watch import BlockWatcher
 from swarmnode.config import NodeConfig
@@ -34,6 +34,7 @@ from swarmnode.errors import (
     NodeError,
     NodeUnavailable,
     PayloadRejected,
+    PeerRefused,
     RoundError,
     SwarmError,
 )
@@ -319,18 +320,34 @@ class NodeService:
         self, round: int, sender: str, weight: int, state: StateDict, digest: bytes,
         evict: Callable[[], None] | None = None,
     ) -> None:
+        info = self._check_push(round, sender, weight)
+        self.driver.collector(info).add(Update(state, float(weight), sender, evict=evict))
+        log.info("round %d: update from %s (weight %d)", round, sender, weight)
+
+    def check_push(self, round: int, sender: str, weight: int) -> None:
+        """The servers ask this with a push's header, before its payload is read or admitted."""
+        self._check_push(round, sender, weight)
+
+    def _check_push(self, round: int, sender: str, weight: int) -> RoundInfo:
+        """The round, once this node leads its election, ``sender`` is one of its participants
+        with the weight it checked in, and has not sent its update yet; else a SwarmError."""
         info = self.driver.seen.get(round)  # what this node's round loop saw last
-        if info is None or info.status is not RoundStatus.ELECTED or info.leader != self.me:
-            info = self.chain.round(round)
+        led = info is not None and info.status is RoundStatus.ELECTED and info.leader == self.me
+        final = info is not None and info.status not in (RoundStatus.OPEN, RoundStatus.ELECTED)
+        if info is None or not (led or final):
+            info = self.chain.round(round)  # a committed or abandoned round stays so: no read
         if info.status is not RoundStatus.ELECTED or info.leader != self.me:
             raise RoundError(
                 f"round {round}: this node is not the round's leader "
                 f"(status {info.status.name.lower()}, leader {info.leader}); push to the leader "
                 "the contract elected"
             )
+        if sender.lower() not in {p.lower() for p in info.participants}:
+            raise PeerRefused(f"round {round}: {sender} is not one of its participants; only "
+                              "they push updates")
         rules.check_update_weight(round, sender, weight, self.driver.weight_of(round, sender))
-        self.driver.collector(info).add(Update(state, float(weight), sender, evict=evict))
-        log.info("round %d: update from %s (weight %d)", round, sender, weight)
+        self.driver.collector(info).check(sender)
+        return info
 
     def merged(
         self, round: int, timeout: float, to: str | None = None
