@@ -11,13 +11,16 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from swarmnode.errors import ConfigError
 from swarmnode.node.faults import NO_FAULTS, Faults
+
+if TYPE_CHECKING:
+    from swarmnode.transport.listener import ListenerLimits
 
 __all__ = ["DEFAULT_PEER_PORT", "FaultSettings", "NodeConfig", "load_config"]
 
@@ -77,6 +80,19 @@ class NodeConfig(BaseModel):
         "free port when the peer port is 0); -1: none (models then travel over gRPC, slower). "
         "Reachable at this number: publish it 1:1.",
     )
+    data_handshake_timeout_s: float = Field(
+        10.0, gt=0, le=300,
+        description="A connection to the data plane must finish its TLS handshake and send its "
+        "request within this many seconds of being accepted, or it is dropped; until then it "
+        "holds no worker.")
+    data_pending_per_address: int = Field(
+        64, ge=1, le=65536,
+        description="Data plane connections one IP address may have in their TLS handshake at "
+        "once; more from that address are closed at once.")
+    data_pending_total: int = Field(
+        256, ge=1, le=65536,
+        description="Data plane connections in their TLS handshake at once, in all; when full, "
+        "the oldest of the address with the most is dropped.")
     local_api: str | None = Field(
         None,
         description="Local API: unix:///path.sock (default data_dir/node.sock) or host:port.",
@@ -130,6 +146,15 @@ class NodeConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _pending(self) -> NodeConfig:
+        if self.data_pending_per_address > self.data_pending_total:
+            raise ValueError(
+                f"data_pending_per_address {self.data_pending_per_address} is more than "
+                f"data_pending_total {self.data_pending_total}: one address could take every "
+                "pending slot; lower data_pending_per_address or raise data_pending_total")
+        return self
+
+    @model_validator(mode="after")
     def _socket_mode(self) -> NodeConfig:
         if int(self.local_api_mode, 8) & 0o007:
             raise ValueError(
@@ -163,6 +188,15 @@ class NodeConfig(BaseModel):
     @property
     def endpoint(self) -> str:
         return self.peer_endpoint or self.peer_listen
+
+    @property
+    def listener_limits(self) -> ListenerLimits:
+        """The data plane's limits on connections still in their TLS handshake
+        (:class:`swarmnode.transport.listener.ListenerLimits`)."""
+        from swarmnode.transport.listener import ListenerLimits
+
+        return ListenerLimits(self.data_handshake_timeout_s, self.data_pending_per_address,
+                              self.data_pending_total)
 
     @property
     def socket_mode(self) -> int:

@@ -224,7 +224,7 @@ class NodeService:
             self.config.peer_listen, self.tls, self.authority, self,
             spec=self.param_spec, max_bytes=self.max_bytes,
             reject_nonfinite=self.config.reject_nonfinite, data_port=self.config.data_port,
-            spill_dir=str(self._spill_dir()),
+            spill_dir=str(self._spill_dir()), listener=self.config.listener_limits,
         )
         port = self.peer_server.start()
         self._enroll(port)
