@@ -59,7 +59,12 @@ class NodeConfig(BaseModel):
 
     name: str = Field(description="Human-readable node name (logs, demo tables).")
     rpc_url: str = Field("http://127.0.0.1:8545", description="Chain JSON-RPC URL.")
-    contract: str = Field(description="Address of the SwarmLearning contract.")
+    contract: str | None = Field(
+        None, description="Address of the training's contract (SwarmTraining); or the "
+        "consortium's registry, for the one training it runs.")
+    registry: str | None = Field(
+        None, description="The consortium's registry (SwarmRegistry): alone, the node joins "
+        "the one training it runs; with contract, the training must be one of its own.")
     key_index: int | None = Field(None, description="Dev-chain account index (dev chains only).")
     keystore: Path | None = Field(None, description="Encrypted keystore file (real networks).")
     keystore_password_file: Path | None = None
@@ -143,6 +148,13 @@ class NodeConfig(BaseModel):
     def _account(self) -> NodeConfig:
         if self.key_index is None and self.keystore is None:
             raise ValueError("set key_index (dev chain) or keystore (real network)")
+        return self
+
+    @model_validator(mode="after")
+    def _training(self) -> NodeConfig:
+        if not self.contract and not self.registry:
+            raise ValueError("set contract (the training's address) or registry (the "
+                             "consortium's registry, for the one training it runs)")
         return self
 
     @model_validator(mode="after")

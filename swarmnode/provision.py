@@ -21,6 +21,10 @@ admin   ``swarmnode consortium sign consortium.yaml requests/*.json``   checks e
         chain itself
 site    ``swarmnode site install KIT``                  checks the kit against its own key and
         trust bundle and installs it in its folder; then ``docker-compose up -d`` there
+admin   ``swarmnode consortium training consortium.yaml --spec next.json``   the consortium's next
+        training: deployed on its registry (the sites stay authorised there: no new
+        authorisation), and every kit updated to name it; each site installs its kit again and
+        runs ``docker-compose up -d``
 
 No private key is ever written outside the folder of the party it belongs to: the CA key stays in
 the admin's folder, each site's TLS key and keystore in that site's folder (mode 0600). The one
@@ -62,6 +66,7 @@ __all__ = [
     "Kit",
     "consortium_init",
     "consortium_sign",
+    "consortium_training",
     "load_consortium",
     "site_install",
     "site_request",
@@ -73,7 +78,8 @@ NODE_UID = 10001  # the node image's user: it reads the site's key and keystore 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
-#: The admin's nonce that deploys the training on a fresh dev chain (0: its registry)
+#: The admin's nonces on a fresh dev chain: its registry, then the first training
+REGISTRY_NONCE = 0
 TRAINING_NONCE = 1
 #: In the sentinel's kit: the dev chain's admin keystore and its password (the deploy service's)
 ADMIN_KIT_FILES = ("admin-chain/keystore.json", "admin-chain/keystore.password")
@@ -116,11 +122,13 @@ class ChainEntry(_Strict):
     rpc_url: str = Field("http://chain:8545", description="The chain as the sites' nodes reach it.")
     dev: bool = Field(True, description="The sentinel's dev chain (anvil): the sentinel's deploy "
                       "service deploys the contract, funds and authorises the sites.")
-    contract: str | None = Field(None, description="Real networks: the contract the admin "
-                                 "deployed (`swarmnode contract deploy`).")
+    registry: str | None = Field(None, description="Real networks: the consortium's registry "
+                                 "the admin deployed (`swarmnode registry deploy`).")
+    contract: str | None = Field(None, description="Real networks: the training the admin "
+                                 "deployed on it (`swarmnode training deploy --registry ...`).")
     fund_eth: float = Field(10.0, ge=0, description="Dev chains: ETH sent to each site's account.")
 
-    @field_validator("contract")
+    @field_validator("registry", "contract")
     @classmethod
     def _contract(cls, v: str | None) -> str | None:
         if v is not None and not _ADDRESS.match(v):
@@ -192,9 +200,9 @@ class ConsortiumFile(_Strict):
                     f"never published): set chain.rpc_url to https://{sentinel.dial}:8545 "
                     "(https://SENTINEL_HOST:PORT, the host the sentinel's certificate names), or "
                     "one_host: true to try the consortium on one machine")
-        if not self.chain.dev and self.chain.contract is None:
-            raise ValueError("chain.dev is false: set chain.contract to the contract the admin "
-                             "deployed on that network")
+        if not self.chain.dev and (self.chain.contract is None or self.chain.registry is None):
+            raise ValueError("chain.dev is false: set chain.registry and chain.contract to the "
+                             "registry and the training the admin deployed on that network")
         return self
 
     def site(self, name: str) -> SiteEntry:
@@ -464,15 +472,17 @@ def _admin_address(conf: ConsortiumFile, admin: Path, path: Path) -> str | None:
     return _keystore_address(keystore)
 
 
-def _contract_address(conf: ConsortiumFile, admin_address: str | None) -> str:
-    if conf.chain.contract is not None:
-        return conf.chain.contract
+def _chain_addresses(conf: ConsortiumFile, admin_address: str | None) -> tuple[str, str]:
+    """The consortium's registry and its first training."""
+    if conf.chain.contract is not None and conf.chain.registry is not None:
+        return conf.chain.registry, conf.chain.contract
     from swarmnode.containers.consortium import contract_address_for
 
     assert admin_address is not None
     # The admin's first transaction deploys the registry, its second the training (`contract
-    # deploy` without --registry, in the sentinel's deploy service): the kits name the training.
-    return contract_address_for(admin_address, TRAINING_NONCE)
+    # deploy` without --registry, in the sentinel's deploy service): the kits name both.
+    return (conf.chain.registry or contract_address_for(admin_address, REGISTRY_NONCE),
+            conf.chain.contract or contract_address_for(admin_address, TRAINING_NONCE))
 
 
 def _compose_dir() -> Path:
@@ -530,7 +540,7 @@ def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = N
         rows.append(f"{site.name},{req['address']},{site.name}.pem")
     (out / "sites.csv").write_text("\n".join(rows) + "\n")
     admin_address = _admin_address(conf, admin, path)
-    contract = _contract_address(conf, admin_address)
+    registry, contract = _chain_addresses(conf, admin_address)
     compose = _compose_dir()
     from swarmnode.spec import TrainingSpec
 
@@ -557,13 +567,12 @@ def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = N
                 _write_private(kit / name, src.read_bytes())
             if not conf.one_host:  # other sites reach the chain through the gateway only
                 shutil.copy(compose / "gateway.yaml", kit / "compose.gateway.yaml")
-        (kit / ".env").write_text(_env(conf, site, contract, sentinel, min_peers, admin_address))
-        files = sorted(p.relative_to(kit).as_posix() for p in kit.rglob("*") if p.is_file())
-        (kit / "kit.json").write_text(json.dumps({
+        (kit / ".env").write_text(_env(conf, site, registry, contract, sentinel, min_peers,
+                                       admin_address))
+        _write_manifest(kit, {
             "format": KIT_FORMAT, "consortium": conf.consortium, "site": site.name,
-            "address": req["address"], "contract": contract, "rpc_url": conf.chain.rpc_url,
-            "sentinel": sentinel, "files": {f: _sha256(kit / f) for f in files},
-        }, indent=2) + "\n")
+            "address": req["address"], "registry": registry, "contract": contract,
+            "rpc_url": conf.chain.rpc_url, "sentinel": sentinel})
         kits.append(Kit(site=site.name, path=kit, address=req["address"], sentinel=sentinel))
     return kits
 
@@ -588,7 +597,15 @@ def _check_org_cert(req: dict[str, Any], src: Path, site: SiteEntry, org_ca: Pat
     return out
 
 
-def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool,
+def _write_manifest(kit: Path, manifest: dict[str, Any]) -> None:
+    """``kit.json``: the kit's settings and the SHA-256 of every file in it."""
+    files = sorted(p.relative_to(kit).as_posix() for p in kit.rglob("*")
+                   if p.is_file() and p.name != "kit.json")
+    manifest = {**manifest, "files": {f: _sha256(kit / f) for f in files}}
+    (kit / "kit.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _env(conf: ConsortiumFile, site: SiteEntry, registry: str, contract: str, sentinel: bool,
          min_peers: int, admin_address: str | None = None) -> str:
     t = conf.training
     files = "compose.yaml:compose.keystore.yaml"
@@ -603,6 +620,9 @@ def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool,
         f"SITE={site.name}",
         f"SWARMNODE_VERSION={__version__}",
         f"RPC_URL={'http://chain:8545' if sentinel else conf.chain.rpc_url}",
+        "# The consortium's registry (sites are authorised there once) and the training this",
+        "# site's node takes part in (`swarmnode consortium training` names the next one).",
+        f"REGISTRY={registry}",
         f"CONTRACT={contract}",
         "KEY_INDEX=",
         "KEYSTORE_FILE=./chain/keystore.json",
@@ -656,6 +676,108 @@ def _env(conf: ConsortiumFile, site: SiteEntry, contract: str, sentinel: bool,
         lines += ["# read by the sentinel's deploy service only (required by the compose file)",
                   "CONSORTIUM_DIR=./consortium"]
     return "\n".join(lines) + "\n"
+
+
+# -- admin: the consortium's next training -----------------------------------------------------
+@dataclass(frozen=True)
+class TrainingResult:
+    training: str
+    registry: str
+    admin: str
+    rpc_url: str
+    min_peers: int
+    kits: list[Path]
+
+
+def _kit_manifest(kit: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((kit / "kit.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != KIT_FORMAT:
+        raise ConfigError(f"no kit in {kit}: the sites' kits come first (`swarmnode consortium "
+                          "sign`), the next training updates them")
+    return manifest
+
+
+def _set_env(text: str, key: str, value: str) -> str:
+    """``text`` (a kit's .env) with ``key`` set to ``value`` (the line replaced in place)."""
+    lines = text.splitlines()
+    at = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+    if at:
+        lines[at[0]] = f"{key}={value}"
+    else:
+        lines.append(f"{key}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def consortium_training(path: Path, spec_path: Path, *, rpc_url: str | None = None,
+                        admin_dir: Path | None = None, keystore: Path | None = None,
+                        password_file: Path | None = None, grace_s: int | None = None,
+                        deadline_s: int | None = None) -> TrainingResult:
+    """The consortium's next training: deployed on its registry by the registry's admin (no site
+    is authorised again: they are, in the registry), then every site's kit names it (``.env``
+    ``CONTRACT``, ``kit.json``). On a dev chain the admin signs with the keystore
+    ``consortium init`` made; on a real network with ``keystore``."""
+    from swarmnode.chain.accounts import account_for
+    from swarmnode.chain.client import SwarmContract, SwarmRegistry, connect
+    from swarmnode.errors import ContractNotFound
+    from swarmnode.spec import TrainingSpec
+
+    conf, base = load_consortium(path)
+    admin = Path(admin_dir) if admin_dir is not None else base / "admin"
+    kits = {site.name: admin / "kits" / site.name for site in conf.sites}
+    manifests = {name: _kit_manifest(kit) for name, kit in kits.items()}
+    try:
+        spec_json = Path(spec_path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"training spec {spec_path} does not exist; write it with `swarmnode "
+                          "spec INITIAL.safetensors --out SPEC.json`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the training spec {spec_path}: {exc}") from None
+    spec = TrainingSpec.from_json(spec_json, str(spec_path))
+    if spec.min_peers > len(conf.sites):
+        raise ConfigError(f"{spec_path} asks for min_peers={spec.min_peers} but the consortium "
+                          f"has {len(conf.sites)} sites")
+    admin_address = _admin_address(conf, admin, path)
+    registry_address = manifests[conf.sites[0].name].get("registry") or _chain_addresses(
+        conf, admin_address)[0]
+    url = rpc_url or conf.chain.rpc_url
+    w3 = connect(url)
+    if keystore is None and conf.chain.dev:
+        keystore, password_file = _admin_files(admin)
+    if keystore is None:
+        raise ConfigError("the registry's admin signs the deployment: pass --keystore and "
+                          "--password-file (the account that deployed the registry)")
+    if password_file is None:
+        raise ConfigError(f"--keystore {keystore} needs --password-file")
+    account = account_for(w3, keystore=keystore, password_file=password_file)
+    try:
+        registry = SwarmRegistry(w3, registry_address, account)
+    except ContractNotFound as exc:
+        raise ContractNotFound(
+            f"the consortium's registry: {exc}. On a dev chain the sentinel's deploy service "
+            "deploys it at the sentinel's first `docker-compose up -d`; pass --rpc-url with that "
+            "chain as this machine reaches it") from None
+    if registry.admin().lower() != account.address.lower():
+        raise ConfigError(f"{account.address} is not the admin of the registry "
+                          f"{registry.address} ({registry.admin()}); sign with the admin's "
+                          "keystore")
+    t = conf.training
+    training = SwarmContract.deploy(
+        w3, account, spec_json, spec.min_peers, t.grace_s if grace_s is None else grace_s,
+        t.deadline_s if deadline_s is None else deadline_s, registry=registry)
+    for name, kit in kits.items():
+        env = kit / ".env"
+        text = _set_env(_set_env(env.read_text(), "REGISTRY", registry.address), "CONTRACT",
+                        training.address)
+        env.write_text(text)
+        manifest = {k: v for k, v in manifests[name].items() if k != "files"}
+        _write_manifest(kit, {**manifest, "registry": registry.address,
+                              "contract": training.address})
+    return TrainingResult(training=training.address, registry=registry.address,
+                          admin=account.address, rpc_url=url, min_peers=spec.min_peers,
+                          kits=list(kits.values()))
 
 
 # -- site: install ---------------------------------------------------------------------------------

@@ -531,19 +531,21 @@ class SwarmContract(_Handle):
         return training
 
     @classmethod
-    def resolve(cls, w3: Web3, address: str, account: LocalAccount | None = None
-                ) -> SwarmContract:
+    def resolve(cls, w3: Web3, address: str, account: LocalAccount | None = None, *,
+                running_only: bool = False, **options: Any) -> SwarmContract:
         """The training at ``address``; or, when ``address`` is a registry, the one training of
-        it still running (else its newest, once all finished). ConfigError naming them when
-        several run at once: pass one of them."""
+        it still running (else its newest, once all finished; with ``running_only``, a
+        ContractNotFound then). ConfigError naming them when several run at once: pass one of
+        them. ``options``: the handle's (receipt_timeout, bump_after_s, confirmations)."""
         try:
-            return cls(w3, address, account)
+            return cls(w3, address, account, **options)
         except ContractNotFound as not_training:
             try:
                 registry = SwarmRegistry(w3, address, account)
             except ContractNotFound:
                 raise not_training from None
-        trainings = [cls(w3, t, account, _checked=True) for t in registry.trainings()]
+        trainings = [cls(w3, t, account, _checked=True, **options)
+                     for t in registry.trainings()]
         if not trainings:
             raise ContractNotFound(
                 f"the registry {registry.address} lists no training yet; deploy one with "
@@ -553,6 +555,11 @@ class SwarmContract(_Handle):
             raise ConfigError(
                 f"the registry {registry.address} runs {len(running)} trainings at once ("
                 f"{', '.join(t.address for t in running)}); pass one of them as --contract")
+        if not running and running_only:
+            raise ContractNotFound(
+                f"every training of the registry {registry.address} has finished (the newest: "
+                f"{trainings[-1].address}); the admin deploys the next one (`swarmnode "
+                "consortium training` or `swarmnode training deploy --registry ...`)")
         return running[0] if running else trainings[-1]
 
     def with_account(self, account: LocalAccount) -> SwarmContract:

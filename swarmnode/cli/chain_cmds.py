@@ -360,6 +360,8 @@ def contract_deploy(
             record.write_text(json.dumps({"address": contract.address, "rpc_url": rpc_url,
                                           "registry": contract.registry.address}))
     expected = os.environ.get("SWARMNODE_CONTRACT")
+    if expected and expected.lower() in {t.lower() for t in contract.registry.trainings()}:
+        expected = None  # a later training on the same registry (`swarmnode consortium training`)
     if expected and expected.lower() != contract.address.lower():
         err_console.print(f"warning: SWARMNODE_CONTRACT is {expected}, but the contract is at "
                           f"{contract.address}: set CONTRACT={contract.address} in every site's "
@@ -395,11 +397,25 @@ def authorize(
     fund: Annotated[float, typer.Option(
         "--fund", min=0, help="First send this many ETH from the admin's account to the node "
         "(dev chains: a site that made its own account has nothing to pay gas with).")] = 0.0,
+    once: Annotated[bool, typer.Option(
+        "--once", help="Send nothing for a site already authorised with this certificate, or "
+        "revoked (a revocation stands): a re-run (the sentinel's deploy service, a next "
+        "training) changes nothing.")] = False,
 ) -> None:
     """Authorise a node address with its certificate (admin; again to rotate the certificate)."""
     fp = _fingerprint(cert, fingerprint)
     w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
     chain = _contract(rpc_url, contract, admin, w3)
+    if once:
+        site = chain.registry.site(address)
+        if site.revoked:
+            console.print(f"{address} is revoked in the registry {chain.registry.address}: "
+                          "left so; nothing sent", highlight=False, soft_wrap=True)
+            return
+        if site.authorized and site.fingerprint == fp:
+            console.print(f"{address} is already authorised with certificate "
+                          f"{fp.hex()[:16]}…; nothing sent", highlight=False, soft_wrap=True)
+            return
     if fund > 0:  # before authorising: an authorised node enrols at once and needs the gas
         _tx_line(f"sent {fund:g} ETH to {address}", chain.fund(address, int(fund * 10**18)))
     result = chain.authorize(address, fp)
@@ -483,9 +499,10 @@ NODE_CONFIG_NAMES = ("node.yaml", "node.yml")
 
 
 def _from_data_dir(data_dir: Path) -> tuple[str | None, str | None]:
-    """The chain RPC URL and contract address in the node config (``node.yaml``) of a node's data
-    dir: in that folder, or in its parent (``swarmnode demo`` keeps ``<site>/node.yaml`` next to
-    ``<site>/data``). None for what the config does not set."""
+    """The chain RPC URL and training in the node config (``node.yaml``) of a node's data dir:
+    in that folder, or in its parent (``swarmnode demo`` keeps ``<site>/node.yaml`` next to
+    ``<site>/data``); the training is its ``contract``, else its ``registry`` (the one training
+    it runs). None for what the config does not set."""
     import yaml
 
     if not data_dir.is_dir():
@@ -503,7 +520,7 @@ def _from_data_dir(data_dir: Path) -> tuple[str | None, str | None]:
         raise ConfigError(f"cannot read the node config {path}: {exc}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"node config {path} must hold a mapping of settings")
-    rpc_url, contract = loaded.get("rpc_url"), loaded.get("contract")
+    rpc_url, contract = loaded.get("rpc_url"), loaded.get("contract") or loaded.get("registry")
     return (str(rpc_url) if rpc_url else None, str(contract) if contract else None)
 
 

@@ -170,7 +170,9 @@ def spec(
 
 
 def audit(
-    contract: Annotated[str, typer.Option("--contract", envvar="SWARMNODE_CONTRACT")],
+    contract: Annotated[str, typer.Option(
+        "--contract", envvar="SWARMNODE_CONTRACT", help="The training's contract address, or "
+        "the consortium's registry address for the one training it runs.")],
     rpc_url: Annotated[str, typer.Option("--rpc-url", envvar="SWARMNODE_RPC_URL")] = (
         "http://127.0.0.1:8545"
     ),
@@ -196,7 +198,8 @@ def audit(
             except OSError as exc:
                 raise ConfigError(f"cannot read model file {model}: {exc.strerror}") from None
             digest = serde.digest(raw)
-        report = run_audit(SwarmContract(connect(rpc_url), contract), digest)
+        # a registry's address: its one running training (else its newest)
+        report = run_audit(SwarmContract.resolve(connect(rpc_url), contract), digest)
         if model is not None and report.model_matches is False and report.final_digest:
             # the same tensors written by another writer (safetensors.torch.save_file, another
             # header order or metadata): compare the tensors, through the canonical layout

@@ -68,6 +68,45 @@ def sign(
                   "key); the site runs `swarmnode site install KIT` and `docker-compose up -d`")
 
 
+@consortium_app.command("training")
+@command
+def training(
+    path: ConsortiumPath,
+    spec: Annotated[Path, typer.Option("--spec", help="The next training's spec (`swarmnode "
+                                       "spec`).")],
+    rpc_url: Annotated[str | None, typer.Option(
+        "--rpc-url", envvar="SWARMNODE_RPC_URL", help="The chain as this machine reaches it "
+        "(default: the consortium file's chain.rpc_url).")] = None,
+    admin_dir: AdminDir = None,
+    keystore: Annotated[Path | None, typer.Option(
+        "--keystore", help="Real networks: the registry admin's keystore (a dev chain: the one "
+        "`consortium init` made).")] = None,
+    password_file: Annotated[Path | None, typer.Option(
+        "--password-file", help="That keystore's password file.")] = None,
+    grace: Annotated[int | None, typer.Option(
+        "--grace", min=0, help="Seconds after the first check-in before a quorum may elect "
+        "(default: the consortium file's training.grace_s).")] = None,
+    deadline: Annotated[int | None, typer.Option(
+        "--deadline", min=1, help="Seconds a leader has to commit (default: the consortium "
+        "file's training.deadline_s).")] = None,
+) -> None:
+    """The consortium's next training: deployed on its registry (the sites are authorised
+    there already), every site's kit updated to name it."""
+    from swarmnode.provision import consortium_training
+
+    done = consortium_training(path, spec, rpc_url=rpc_url, admin_dir=admin_dir,
+                              keystore=keystore, password_file=password_file, grace_s=grace,
+                              deadline_s=deadline)
+    console.print(f"training {done.training} deployed by {done.admin} on the registry "
+                  f"{done.registry} (min peers {done.min_peers}); no site authorised again",
+                  highlight=False, soft_wrap=True)
+    for kit in done.kits:
+        console.print(f"kit updated     {kit}", highlight=False, soft_wrap=True)
+    console.print("next: send each site its kit folder again; the site runs `swarmnode site "
+                  "install KIT`, puts the training's train.py in app/, then `docker-compose up "
+                  "-d`", highlight=False, soft_wrap=True)
+
+
 @site_app.command("request")
 @command
 def request(

@@ -84,6 +84,27 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _training(w3: Any, config: NodeConfig, account: Any) -> SwarmContract:
+    """The training this node takes part in: ``contract`` (a training, or a registry: its one
+    running training), else the one ``registry`` runs (a ContractNotFound while it runs none:
+    the start-up waits for the admin to deploy it); with both, the training must be listed in
+    that registry."""
+    options = {"bump_after_s": config.tx_bump_after_s, "confirmations": config.confirmations}
+    named = config.contract or config.registry
+    assert named is not None  # NodeConfig: one of them is set
+    chain = SwarmContract.resolve(w3, named, account, running_only=True, **options)
+    if config.registry and config.contract:
+        registry = chain.registry.address
+        if registry.lower() != config.registry.lower():
+            raise ConfigError(
+                f"the training {chain.address} belongs to the registry {registry}, not to "
+                f"{config.registry} (the node config's registry); fix contract or registry")
+        if chain.address not in chain.registry.trainings():
+            raise ConfigError(f"the registry {registry} does not list the training "
+                              f"{chain.address}; ask the admin for the consortium's training")
+    return chain
+
+
 class StartupInterrupted(NodeError):
     """The service was asked to stop while it waited for the chain, the contract or its
     authorisation at start-up."""
@@ -169,14 +190,13 @@ class NodeService:
                 keystore=config.keystore,
                 password_file=config.keystore_password_file,
             )
-            chain = SwarmContract(w3, config.contract, account,
-                                  bump_after_s=config.tx_bump_after_s,
-                                  confirmations=config.confirmations)
+            chain = _training(w3, config, account)
             return chain, chain.settings()
 
+        named = " and ".join(f"{k} {v}" for k, v in (("contract", config.contract),
+                                                    ("registry", config.registry)) if v)
         self.chain, self.settings = self._start_wait(
-            attach, (*_TRANSIENT, ContractNotFound),
-            f"the chain at {config.rpc_url} and contract {config.contract}",
+            attach, (*_TRANSIENT, ContractNotFound), f"the chain at {config.rpc_url} and {named}",
         )
         self.me = self.chain.account_address
         self.spec = TrainingSpec.from_json(self.chain.spec_json(), "the contract's training spec")
@@ -187,7 +207,7 @@ class NodeService:
         merge.coerce_options(self.spec.merge_method, {
             k: v for k, v in self.spec.merge_options.items() if k != "clip_norm"})
         self.max_bytes = int(config.max_update_mb * 1024 * 1024)
-        self.store = ModelStore(config.data_dir)
+        self.store = ModelStore(config.data_dir, training=self.chain.address)
         # Rounds wait for the next block (or an arriving update), never on fixed sleeps.
         self.watcher = BlockWatcher(
             config.rpc_url, self.chain.latest_block, config.poll_s,

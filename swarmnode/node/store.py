@@ -6,8 +6,9 @@ served to peers is exactly what was verified. A model put here is written to
 served from the memory it came in (the leader's accumulator, a member's pull buffer). Once written
 the store lets that memory go and reads hand out a fresh read-only mapping of the file, so a node
 does not keep the last rounds resident between rounds (the kernel's page cache holds them, and can
-reclaim them). The newest round is also ``latest.safetensors`` (+ ``latest.json``: round and
-digest), which survives a restart and is what ``swarmnode audit --model`` checks.
+reclaim them). The newest round is also ``latest.safetensors`` (+ ``latest.json``: round,
+digest and training), which survives a restart and is what ``swarmnode audit --model`` checks; a
+store for another training (a site's next training on the same volume) starts afresh from it.
 
 Files are never rewritten in place: each is written under a temporary name and renamed, so a
 mapping handed out earlier keeps seeing the bytes it was given.
@@ -61,10 +62,13 @@ def _fsync(path: Path) -> None:
 class ModelStore:
     """Thread-safe; keeps the last ``keep`` rounds (on disk once written)."""
 
-    def __init__(self, data_dir: Path, keep: int = 2) -> None:
+    def __init__(self, data_dir: Path, keep: int = 2, training: str | None = None) -> None:
+        """``training``: the training's contract address; a latest model of another training
+        (``latest.json`` names it) is not this one's."""
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep
+        self.training = training.lower() if training else None
         self._models: dict[int, _Entry] = {}
         self._cond = threading.Condition()
         self._write_lock = threading.Lock()
@@ -90,6 +94,11 @@ class ModelStore:
         except (OSError, ValueError):
             return
         digest = bytes.fromhex(meta.get("digest", ""))
+        if (meta.get("training") or None) != self.training:
+            log.info("%s holds round %s of training %s, not of this one (%s): starting afresh",
+                     self._data_path, meta.get("round"), meta.get("training") or "(unnamed)",
+                     self.training or "(unnamed)")
+            return
         if serde.digest(data) == digest:  # a torn write is ignored, not trusted
             # the mapping, not the name: latest.safetensors is replaced when a newer round is
             # written, the mapped file stays what it was
@@ -184,7 +193,7 @@ class ModelStore:
                 with open(tmp, "wb") as f:
                     f.write(data)
             os.replace(tmp, self._data_path)
-            meta = {"round": round, "digest": digest.hex()}
+            meta = {"round": round, "digest": digest.hex(), "training": self.training}
             tmp = self.dir / "latest.json.tmp"
             tmp.write_text(json.dumps(meta))
             os.replace(tmp, self._meta_path)

@@ -213,6 +213,10 @@ def test_the_dev_chain_admin_is_a_fresh_key_that_only_the_sentinel_kit_carries(
                if line and not line.startswith("#"))
     assert env["ADMIN_ADDRESS"] == admin.address
     assert env["CONTRACT"] == contract_address_for(admin.address, 1)
+    assert env["REGISTRY"] == contract_address_for(admin.address, 0)  # the admin's first deploy
+    for folder in folders.values():  # every kit names the registry and the training
+        kit = json.loads((folder / "kit.json").read_text())
+        assert (kit["registry"], kit["contract"]) == (env["REGISTRY"], env["CONTRACT"])
     assert "compose.admin.yaml" in env["COMPOSE_FILE"]
     assert float(env["ADMIN_FUND_ETH"]) > 3 * 10  # every site's FUND_ETH and gas
     for rel in ("ADMIN_KEYSTORE_FILE", "ADMIN_KEYSTORE_PASSWORD_FILE"):
@@ -236,6 +240,8 @@ def test_the_dev_chain_admin_is_a_fresh_key_that_only_the_sentinel_kit_carries(
     ({"sentinel": "nobody"}, "not one of the sites"),
     ({"colour": "blue"}, "colour"),
     ({"chain": {"dev": False}}, "chain.contract"),
+    ({"chain": {"dev": False, "contract": "0x" + "11" * 20}}, "chain.registry"),
+    ({"chain": {"registry": "0x1234"}}, "'0x1234' is not a contract address"),
     ({"one_host": False}, "SENTINEL_HOST"),
     ({"one_host": False, "chain": {"rpc_url": "http://hospital-1:8545"}}, "gateway"),
     ({"one_host": False, "chain": {"rpc_url": "https://elsewhere.example.org:8545"}},
@@ -266,3 +272,89 @@ def test_a_spec_file_and_a_setting_that_contradicts_it_are_refused(tmp_path: Pat
     cli("consortium", "init", desk / "c.yaml")
     written = json.loads((desk / "admin" / "consortium" / "spec.json").read_text())
     assert written == json.loads((spec / "spec.json").read_text())
+
+
+def _sentinel_deploys(url: str, conf: Path, folders: dict[str, Path]) -> dict[str, str]:
+    """What the sentinel's deploy service does on its dev chain (compose/hospital.yaml, with
+    compose/admin.yaml): fund the admin, deploy the registry and the first training as the admin,
+    fund and authorise every site once. The sentinel's .env."""
+    sentinel = next(iter(folders.values()))
+    env = dict(line.split("=", 1) for line in (sentinel / ".env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    admin = ["--keystore", sentinel / env["ADMIN_KEYSTORE_FILE"], "--password-file",
+             sentinel / env["ADMIN_KEYSTORE_PASSWORD_FILE"], "--rpc-url", url]
+    cli("chain", "fund", env["ADMIN_ADDRESS"], "--eth", "40", "--at-least", "--key-index", "0",
+        "--rpc-url", url)
+    cli("contract", "deploy", "--spec", sentinel / "consortium" / "spec.json", "--min-peers", "2",
+        "--grace", "2", "--deadline", "10", *admin)
+    rows = (sentinel / "consortium" / "sites.csv").read_text().splitlines()[1:]
+    for _ in range(2):  # a re-run (the sentinel's `up -d` again) sends nothing
+        for row in rows:
+            _name, address, cert = row.split(",")
+            cli("authorize", address, "--cert", sentinel / "consortium" / cert, "--fund", "1",
+                "--once", "--contract", env["CONTRACT"], *admin)
+    return env
+
+
+def test_the_next_training_needs_no_authorisation_and_every_kit_names_it(
+    tmp_path: Path, anvil,  # noqa: ANN001 - the session's real anvil (tests/conftest.py)
+) -> None:
+    from swarmnode.chain.client import SwarmContract, SwarmRegistry, connect
+    from swarmnode.spec import TrainingSpec
+
+    conf, folders = provision(tmp_path)
+    desk = tmp_path / "admin-desk"
+    first = TrainingSpec.from_json((desk / "admin" / "consortium" / "spec.json").read_text())
+    nxt = desk / "next-spec.json"
+    nxt.write_text(TrainingSpec(params=first.params, sync_frequency=2, min_peers=2,
+                                merge_method="mean").to_json())
+    # before the sentinel deployed anything, there is no registry to deploy on
+    out = cli("consortium", "training", conf, "--spec", nxt, "--rpc-url", anvil.url, code=22)
+    assert "the consortium's registry: no contract at" in out and "sentinel" in out
+    env = _sentinel_deploys(anvil.url, conf, folders)
+    w3 = connect(anvil.url)
+    registry = SwarmRegistry(w3, env["REGISTRY"])
+    authorised = len(registry.events(names={"Authorized"}))
+    assert authorised == 3  # the re-run of the deploy service authorised nobody again
+    # wrong inputs, each with what to do
+    assert "does not exist" in cli("consortium", "training", conf, "--spec",
+                                   desk / "nope.json", "--rpc-url", anvil.url, code=10)
+    out = cli("consortium", "training", conf, "--spec", nxt, "--rpc-url", "http://127.0.0.1:9",
+              code=21)
+    assert "127.0.0.1:9" in out
+    big = desk / "big-spec.json"
+    big.write_text(TrainingSpec(params=first.params, sync_frequency=2, min_peers=4,
+                                merge_method="mean").to_json())
+    assert "min_peers=4 but the consortium has 3 sites" in cli(
+        "consortium", "training", conf, "--spec", big, "--rpc-url", anvil.url, code=10)
+
+    out = cli("consortium", "training", conf, "--spec", nxt, "--rpc-url", anvil.url,
+              "--grace", "1", "--deadline", "5")
+    assert "no site authorised again" in out
+    trainings = registry.trainings()
+    assert len(trainings) == 2 and trainings[0] == env["CONTRACT"]
+    second = SwarmContract(w3, trainings[1])
+    assert second.registry.address == registry.address
+    assert (second.settings().min_peers, second.settings().grace_s) == (2, 1)
+    assert len(registry.events(names={"Authorized"})) == authorised
+    for name, folder in folders.items():  # each site installs its kit again: checked, then named
+        kit = desk / "admin" / "kits" / name
+        cli("site", "install", kit, "--dir", folder)
+        site_env = (folder / ".env").read_text()
+        assert f"CONTRACT={trainings[1]}\n" in site_env
+        assert f"REGISTRY={registry.address}\n" in site_env
+        assert json.loads((folder / "kit.json").read_text())["contract"] == trainings[1]
+    # a kit changed after the update is still caught
+    env_file = desk / "admin" / "kits" / "hospital-2" / ".env"
+    env_file.write_text(env_file.read_text().replace(trainings[1], trainings[0]))
+    assert "changed since the kit was made" in cli(
+        "site", "install", desk / "admin" / "kits" / "hospital-2", "--dir",
+        folders["hospital-2"], code=10)
+    # a signer that is not the registry's admin is refused before anything is sent
+    stranger = tmp_path / "stranger"
+    cli("site", "request", "--name", "stranger", "--dir", stranger)
+    out = cli("consortium", "training", conf, "--spec", nxt, "--rpc-url", anvil.url,
+              "--keystore", stranger / "chain" / "keystore.json", "--password-file",
+              stranger / "chain" / "keystore.password", code=10)
+    assert "is not the admin of the registry" in out
+    assert len(registry.trainings()) == 2

@@ -60,6 +60,24 @@ def test_store_survives_a_restart_and_never_goes_back(tmp_path: Path) -> None:
     assert latest is not None and (latest.round, latest.digest) == (5, h5)
 
 
+def test_a_next_training_on_the_same_folder_starts_afresh(tmp_path: Path) -> None:
+    first, second = "0x" + "aa" * 20, "0x" + "bb" * 20
+    d9, h9 = _blob(9.0)
+    store = ModelStore(tmp_path, training=first)
+    store.put(9, h9, d9)
+    assert store.flush()
+    kept = ModelStore(tmp_path, training=first).latest()  # a restart: the same training's
+    assert kept is not None and kept.round == 9
+    nxt = ModelStore(tmp_path, training=second)  # the site's next training, same volume
+    assert nxt.latest() is None
+    d1, h1 = _blob(1.0)
+    nxt.put(1, h1, d1)  # its round 1 is its latest, on disk too (not held back by round 9)
+    assert nxt.flush()
+    assert json.loads((tmp_path / "latest.json").read_text())["round"] == 1
+    latest = ModelStore(tmp_path, training=second).latest()
+    assert latest is not None and (latest.round, latest.digest) == (1, h1)
+
+
 def test_store_ignores_a_torn_write(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     d, h = _blob(1.0)

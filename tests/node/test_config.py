@@ -48,6 +48,8 @@ def test_unknown_setting_suggests_the_right_one(tmp_path: Path) -> None:
         ({"key_index": None}, "set key_index .* or keystore"),
         ({"collect_fraction": 1.5}, "setting collect_fraction"),
         ({"name": None, "contract": None}, "setting (name|contract)"),
+        # a training by its address, or by its registry (the one it runs): one of them
+        ({"contract": None}, "set contract .* or registry"),
         # the enrolled endpoint must be one other sites can dial, never a wildcard bind address
         ({"peer_endpoint": None}, "binds every interface.*set peer_endpoint"),
         ({"peer_endpoint": "0.0.0.0:7441"}, "peer_endpoint 0.0.0.0:7441 is not an address"),
