@@ -54,7 +54,7 @@ def main() -> None:
                       "node_s": reply.get("seconds", 0.0), "stages": reply.get("stages", {}),
                       "leader": reply.get("leader")})
     swarm.on_train_end()
-    a.out.write_text(json.dumps({"syncs": syncs}))
+    a.out.write_text(json.dumps({"syncs": syncs, "final_digest": swarm.state.final_digest}))
 
 
 if __name__ == "__main__":
