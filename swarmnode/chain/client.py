@@ -812,7 +812,14 @@ class SwarmContract(_Handle):
         topic = "0x" + r.to_bytes(32, "big").hex()
         events = self.events(names={"CheckedIn", "MergeCommitted", "RoundClosed"},
                              round_topic=topic)
-        participants = tuple(str(e.args["node"]) for e in events if e.name == "CheckedIn")
+        checkins = [e for e in events if e.name == "CheckedIn"]
+        closed = [e for e in events if e.name == "RoundClosed"]
+        expelled: list[ChainEvent] = []
+        if checkins:  # a site expelled while the round was open left it (NodeRevoked)
+            end = closed[0].block if closed else None
+            expelled = self.events(from_block=checkins[0].block, to_block=end,
+                                   names={"NodeRevoked"})
+        participants = _open_round_members(checkins, expelled, closed[0] if closed else None)
         attempt = max((int(e.args["attempt"]) for e in events if e.name == "RoundClosed"),
                       default=0)
         commits = [e for e in events if e.name == "MergeCommitted"]
@@ -872,3 +879,26 @@ class SwarmContract(_Handle):
 
 
 SwarmTraining = SwarmContract  # the contract's own name
+
+
+def _open_round_members(checkins: list[ChainEvent], expelled: list[ChainEvent],
+                        closed: ChainEvent | None) -> tuple[str, ...]:
+    """A pruned round's participants as the contract held them at its election: every check-in,
+    less the sites expelled before the round closed, removed as the contract removes them (the
+    last entry takes the expelled one's place)."""
+    def at(e: ChainEvent) -> tuple[int, int]:
+        return (e.block, e.log_index)
+
+    limit = at(closed) if closed is not None else None
+    members: list[str] = []
+    for e in sorted([*checkins, *expelled], key=at):
+        if limit is not None and at(e) > limit:
+            break
+        node = str(e.args["node"])
+        if e.name == "CheckedIn":
+            members.append(node)
+        elif node in members:
+            i = members.index(node)
+            members[i] = members[-1]
+            members.pop()
+    return tuple(members)

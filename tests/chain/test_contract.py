@@ -1135,6 +1135,26 @@ def test_older_rounds_are_read_from_the_events(make_swarm: MakeSwarm) -> None:
     assert reader.checkin_weight(4, c.account_address) == 11
 
 
+def test_an_older_round_read_from_events_leaves_out_a_site_expelled_while_it_was_open(
+        make_swarm: MakeSwarm) -> None:
+    """A site revoked after its check-in leaves the open round (its slot taken by the last
+    entry): the events of a pruned round give the participants the contract elected with, in
+    its order, not every check-in."""
+    swarm = make_swarm(nodes=4, min_peers=2, grace=600)
+    a, b, c, d = swarm.nodes
+    for node in (a, b, c):
+        node.checkin(1, 10)
+    swarm.admin.revoke(b.account_address)  # expels b from the open round: [a, c]
+    d.checkin(1, 10)  # every active site is in: elected
+    live = swarm.admin.round(1).participants
+    assert live == (a.account_address, c.account_address, d.account_address)
+    swarm.leader(1).commit_merge(1, DIGEST, live)
+    close_round(swarm, 2, [a, c, d])
+    close_round(swarm, 3, [a, c, d])
+    reader = SwarmContract(swarm.backend.w3, swarm.admin.address)  # no cached rounds
+    assert reader.round(1).participants == live
+
+
 def test_a_refused_view_says_what_to_do(make_swarm: MakeSwarm) -> None:
     swarm = make_swarm(nodes=2, min_peers=2, grace=0)
     for r in (1, 2, 3):
