@@ -60,6 +60,7 @@ class MemoryHandler:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     evicted: list[str] = field(default_factory=list)  # senders whose update was evicted
+    checked: list[tuple[int, str]] = field(default_factory=list)  # check_push calls
 
     def accept_update(self, round: int, sender: str, weight: int,
                       state: dict[str, torch.Tensor], digest: bytes,
@@ -68,14 +69,23 @@ class MemoryHandler:
             evict()
             self.evicted.append(sender)
         with self.lock:
-            if round != self.current_round:
-                raise RoundError(
-                    f"round {round} is not the current round {self.current_round}; "
-                    "update refused (stale or replayed)"
-                )
-            if (round, sender) in self.updates:
-                raise RoundError(f"round {round}: {sender} already sent its update (replayed?)")
+            self._check_locked(round, sender)
             self.updates[(round, sender)] = (weight, state, digest)
+
+    def check_push(self, round: int, sender: str, weight: int) -> None:
+        """What accept_update refuses, from the header alone (the servers ask first)."""
+        self.checked.append((round, sender))
+        with self.lock:
+            self._check_locked(round, sender)
+
+    def _check_locked(self, round: int, sender: str) -> None:
+        if round != self.current_round:
+            raise RoundError(
+                f"round {round} is not the current round {self.current_round}; "
+                "update refused (stale or replayed)"
+            )
+        if (round, sender) in self.updates:
+            raise RoundError(f"round {round}: {sender} already sent its update (replayed?)")
 
     def merged(self, round: int, timeout: float, to: str | None = None) -> bytes | None:
         return self.merged_models.get(round)
