@@ -11,8 +11,10 @@ and ``eth_sendRawTransaction`` (transactions the site signed itself). Anything e
 request or in any entry of a batch, is answered by the gateway with a JSON-RPC error naming the
 method.
 
-The server is built for an open port: the TLS handshake has a total deadline (an outsider without
-a certificate cannot hold a worker), handshakes in progress and connections are bounded (over the
+The server is built for an open port: connections are accepted and their TLS handshakes run by
+the shared :class:`~swarmnode.transport.listener.TlsListener` (the data plane's), within a total
+deadline and before any worker is taken (an outsider without a certificate cannot hold one);
+handshakes in progress are bounded per address and in all, connections are bounded (over the
 bound a connection is closed at once), request bodies and batches are bounded, and the gateway
 re-serialises every request it forwards, so the chain sees exactly what was checked (no JSON
 parser differences such as a second ``"method"`` key).
@@ -23,7 +25,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -36,6 +37,7 @@ from urllib.parse import urlparse
 
 from swarmnode.errors import ConfigError
 from swarmnode.identity.tls import TlsFiles
+from swarmnode.transport.listener import ListenerLimits, TlsListener
 
 __all__ = ["ALLOWED_METHODS", "ChainGateway", "GatewayLimits", "refusal"]
 
@@ -86,14 +88,17 @@ class GatewayLimits:
     max_body_bytes: int = 4 * 1024 * 1024  # a request (a contract deployment is ~30 KB)
     max_batch: int = 100  # entries in one batch request
     max_connections: int = 64  # open connections, handshaking or not
-    max_handshakes: int = 16  # TLS handshakes in progress (what an outsider can occupy)
+    max_handshakes: int = 16  # TLS handshakes in progress, in all (the oldest of the busiest
+    # address is dropped for a new one when full)
+    max_handshakes_per_address: int = 8  # from one IP address (at most max_handshakes)
     handshake_timeout_s: float = 5.0  # the whole handshake, not each read
     idle_timeout_s: float = 60.0  # a keep-alive connection with nothing sent
     upstream_timeout_s: float = 60.0  # the chain's answer
     max_response_bytes: int = 256 * 1024 * 1024  # the chain's answer (eth_getLogs can be big)
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_batch", "max_connections", "max_handshakes"):
+        for name in ("max_body_bytes", "max_batch", "max_connections", "max_handshakes",
+                     "max_handshakes_per_address"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"gateway limit {name}={getattr(self, name)} must be 1 or more")
         for name in ("handshake_timeout_s", "idle_timeout_s", "upstream_timeout_s"):
@@ -214,33 +219,36 @@ class ChainGateway:
         ctx.load_verify_locations(cafile=str(tls.trust))
         ctx.verify_mode = ssl.CERT_REQUIRED
         self._ctx = ctx
-        self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self._listener: TlsListener | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._connections = 0
-        self._handshakes = 0
-        self._open: set[socket.socket] = set()
-        self._current = threading.local()  # this worker's socket (raw, then TLS)
-        self.stats = {"forwarded": 0, "refused": 0, "rejected_connections": 0,
-                      "failed_handshakes": 0}
+        self._open: set[ssl.SSLSocket] = set()
+        self._counts = {"forwarded": 0, "refused": 0}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Requests forwarded and refused; connections refused or dropped before TLS."""
+        seen = dict(self._listener.stats) if self._listener is not None else {}
+        return {**self._counts,
+                "rejected_connections": sum(seen.get(k, 0) for k in (
+                    "refused_per_address", "evicted", "refused_busy")),
+                "failed_handshakes": seen.get("failed_handshakes", 0) + seen.get("timed_out", 0)}
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> ChainGateway:
         host, port = self._bind
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        limits = ListenerLimits(self.limits.handshake_timeout_s,
+                                min(self.limits.max_handshakes_per_address,
+                                    self.limits.max_handshakes),
+                                self.limits.max_handshakes)
+        listener = TlsListener(host, port, self._ctx, self._serve, limits,
+                               workers=self.limits.max_connections, name="chain-gateway")
         try:
-            sock.bind((host, port))
+            listener.start()
         except OSError as exc:
-            sock.close()
             raise ConfigError(f"the chain gateway cannot listen on {host}:{port}: "
                               f"{exc.strerror or exc}; pick another --listen") from None
-        sock.listen(128)
-        self._listener = sock
-        self._thread = threading.Thread(target=self._accept, name="chain-gateway", daemon=True)
-        self._thread.start()
+        self._listener = listener
         log.info("chain gateway on %s:%d -> %s (mutual TLS; %d methods allowed)", host,
                  self.port, self.upstream.url, len(ALLOWED_METHODS))
         return self
@@ -248,7 +256,7 @@ class ChainGateway:
     @property
     def port(self) -> int:
         assert self._listener is not None, "start() the gateway first"
-        return int(self._listener.getsockname()[1])
+        return int(self._listener.port)
 
     @property
     def url(self) -> str:
@@ -259,19 +267,13 @@ class ChainGateway:
     def close(self) -> None:
         self._stop.set()
         if self._listener is not None:
-            try:  # wakes the accept() blocked in the accept thread (close() alone does not)
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
+            self._listener.stop()
         with self._lock:
             for conn in list(self._open):
                 try:
-                    conn.shutdown(socket.SHUT_RDWR)
+                    socket.socket.shutdown(conn, socket.SHUT_RDWR)  # wakes its worker
                 except OSError:
                     pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     def wait(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set (the CLI)."""
@@ -285,94 +287,23 @@ class ChainGateway:
         self.close()
 
     # -- connections ------------------------------------------------------------------------------
-    def _accept(self) -> None:
-        assert self._listener is not None
-        while not self._stop.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                full = (self._connections >= self.limits.max_connections
-                        or self._handshakes >= self.limits.max_handshakes)
-                if not full:
-                    self._connections += 1
-                    self._handshakes += 1
-                    self._open.add(conn)
-                else:
-                    self.stats["rejected_connections"] += 1
-            if full:  # refuse now: a queue would let idle or slow clients starve the others
-                log.warning("chain gateway: refused a connection from %s:%s (%d connections, "
-                            "%d handshakes in progress: at the limit)", peer[0], peer[1],
-                            self._connections, self._handshakes)
-                conn.close()
-                continue
-            threading.Thread(target=self._serve, args=(conn, f"{peer[0]}:{peer[1]}"),
-                             name="chain-gateway-conn", daemon=True).start()
-
-    def _handshake(self, conn: socket.socket) -> ssl.SSLSocket:
-        """The TLS handshake within ``handshake_timeout_s`` in all (a client that trickles
-        bytes gains nothing)."""
-        deadline = time.monotonic() + self.limits.handshake_timeout_s
-        conn.setblocking(False)
-        tls = self._ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        with self._lock:  # wrap_socket took over conn's descriptor: close() shuts tls down
-            self._open.discard(conn)
+    def _serve(self, tls: ssl.SSLSocket, where: str, first: bytes) -> None:
+        """One connection whose TLS handshake the listener completed (it holds a worker only
+        from now on)."""
+        with self._lock:
             self._open.add(tls)
-        self._current.sock = tls
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                want = ([tls], [])
-            except ssl.SSLWantWriteError:
-                want = ([], [tls])
-            left = deadline - time.monotonic()
-            if left <= 0 or not any(select.select(*want, [], left)[:2]):
-                raise TimeoutError(f"TLS handshake not done within "
-                                   f"{self.limits.handshake_timeout_s:g} s")
-        tls.setblocking(True)
-        return tls
-
-    def _serve(self, conn: socket.socket, where: str) -> None:
-        tls: ssl.SSLSocket | None = None
-        handshaking = True
-        self._current.sock = conn
         try:
-            try:
-                tls = self._handshake(conn)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                self.stats["failed_handshakes"] += 1
-                quiet = not isinstance(exc, ssl.SSLError) or isinstance(exc, ssl.SSLEOFError)
-                log.log(logging.DEBUG if quiet else logging.INFO,
-                        "chain gateway: refused %s: TLS handshake failed (%s); a site presents "
-                        "its certificate from the consortium's CA", where, exc)
-                return
-            with self._lock:
-                self._handshakes -= 1
-                handshaking = False
             tls.settimeout(self.limits.idle_timeout_s)
             peer = tls.getpeercert() or {}
             who = next((v for rdn in peer.get("subject", ()) for k, v in rdn
                         if k == "commonName"), where)
             _Handler(tls, (who, where), self)
-        except Exception:  # noqa: BLE001 - one connection's failure never ends the gateway
-            log.exception("chain gateway: connection from %s failed", where)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("chain gateway: connection from %s ended: %s", where, exc)
         finally:
             self.upstream.close_thread()
             with self._lock:
-                self._connections -= 1
-                if handshaking:
-                    self._handshakes -= 1
-                self._open.discard(conn)
-                self._open.discard(self._current.sock)
-            for s in (self._current.sock, conn):
-                if s is not None:
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
+                self._open.discard(tls)
 
     # -- JSON-RPC ---------------------------------------------------------------------------------
     def answer(self, body: bytes, who: str) -> bytes:
@@ -388,7 +319,7 @@ class ChainGateway:
         if refused is not None:
             self._refused(payload, who)
             return _dump(refused)
-        self.stats["forwarded"] += 1
+        self._counts["forwarded"] += 1
         try:
             return self.upstream.post(_dump(payload))
         except (OSError, http.client.HTTPException) as exc:
@@ -414,7 +345,7 @@ class ChainGateway:
             forward.append({**entry, "id": len(forward)})
             slots.append(i)
         if forward:
-            self.stats["forwarded"] += len(forward)
+            self._counts["forwarded"] += len(forward)
             try:
                 replies = json.loads(self.upstream.post(_dump(forward)))
                 if not isinstance(replies, list):
@@ -435,7 +366,7 @@ class ChainGateway:
         return _dump(out) if out else b""
 
     def _refused(self, entry: object, who: str) -> None:
-        self.stats["refused"] += 1
+        self._counts["refused"] += 1
         method = entry.get("method") if isinstance(entry, dict) else None
         log.warning("chain gateway: refused %r from %s", method, who)
 
