@@ -20,10 +20,24 @@ Security is the peer API's, on every connection:
   participant of the round, announced size under the limit, stripe geometry) before any payload
   byte is read; the buffer is an anonymous mapping whose pages the kernel commits only as data
   arrives, so a lying size costs address space, not memory.
+* Outsiders: connections are accepted and their TLS handshakes run, together with the reading
+  of the request frame, by :class:`~swarmnode.transport.listener.TlsListener`, on one thread and
+  within ``handshake_timeout_s`` (10 s) of the accept, with at most ``pending_per_address`` (64)
+  and ``pending_total`` (256) such connections; only a connection that completed both takes one
+  of the ``workers``. A client without a certificate, with one from a CA outside the trust bundle,
+  or with one whose address is not enrolled holds no worker and no admission slot.
+* Pushes are checked on the header, before they wait for admission and before any payload byte
+  is read: identity, participant of the round, size, stripe geometry, digest, and the handler's
+  own ``check_push`` (this node leads that round's election, the sender is one of its
+  participants with its checked-in weight, and has not sent its update yet), for every round,
+  past ones included. So admission slots go only to updates that can be accepted.
 * Limits of a shared server: at most ``per_peer`` connections per chain address at a time, a
-  server-side deadline per connection, and a minimum progress rate after a grace period (a peer
-  that announces a size and then sends nothing, or a trickle, is cut off); each connection has its
-  own thread from a bounded pool, so idle connections cannot starve honest peers of threads.
+  server-side deadline per connection, and a minimum progress rate: an admitted push must bring
+  ``min_rate`` bytes a second over every window of ``grace_s`` seconds (a watchdog judges the
+  bytes taken in, so a trickle of TLS fragments does not escape it), else it is cut and its
+  admission slot goes to the next update waiting; a pull is cut once its average rate since its
+  start falls below ``min_rate`` after ``grace_s``. ``payload_bytes_in`` counts the payload
+  bytes pushes brought in.
 * An update counts only when every stripe arrived, its SHA-256 equals the announced digest, and it
   passes the same checks as any payload (:mod:`serde`: header, spec, NaN/Inf; never pickle).
 
