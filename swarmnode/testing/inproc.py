@@ -89,7 +89,10 @@ class _LockedTesterProvider(EthereumTesterProvider):
 
 class _Clock:
     """Mines an empty block whenever the pending block's timestamp is a second behind the host's
-    clock (plus ``ahead_s``): on eth-tester no time passes between transactions otherwise."""
+    clock (plus ``ahead_s``), or no block came for a host second: on eth-tester no time passes
+    between transactions otherwise. (Each block is a second later than the one before, so busy
+    rounds run the chain's clock ahead of the host's; without the second rule it would then stand
+    still, grace periods and deadlines with it, until the host caught up.)"""
 
     def __init__(self, w3: Web3, lock: threading.RLock, period_s: float = 0.25,
                  ahead_s: float = 0.0) -> None:
@@ -103,10 +106,15 @@ class _Clock:
         self._thread.start()
 
     def _run(self) -> None:
+        head, moved = -1, time.monotonic()  # the latest block, and when it changed
         while not self._stop.wait(self.period_s):
             with self.lock:
+                latest = int(self.tester.get_block_by_number("latest")["number"])
+                if latest != head:
+                    head, moved = latest, time.monotonic()
                 pending = int(self.tester.get_block_by_number("pending")["timestamp"])
-                if time.time() + self.ahead_s >= pending + 1:
+                if (time.time() + self.ahead_s >= pending + 1
+                        or time.monotonic() - moved >= 1.0):
                     self.tester.mine_blocks(1)
 
     def close(self) -> None:
