@@ -27,6 +27,19 @@ is ``inactive``), and ``num_samples`` is optional (without it every site weighs
 ``nodeWeightage``, as in HPE). Options with no counterpart are named when given
 (``useAdaptiveSync=True`` warns that syncs stay at ``syncFrequency``); a misspelt name or value is
 refused at construction, saying what to use.
+
+Under ``torch.distributed`` (DDP, Lightning's DDP strategy, the Hugging Face Trainer under
+``torchrun``/``accelerate``) build the callback on every rank, after ``init_process_group``, and
+call its hooks on every rank. The site is one site of the swarm: only the talking rank (rank 0 of
+``process_group``, by default the default group; ``talking_rank=`` picks another) opens the local
+API and talks to the node; every other rank needs no ``local_api``, never contacts the node, and
+at each hook waits for the talking rank's decision (sync now or not, the swarm is over, the final
+round), broadcast over the process group, then loads the merged model (parameters and buffers)
+broadcast into its own module in place. So every rank syncs at the same step and ends with the
+same model (:mod:`swarmnode.ranks`). ``num_samples`` is the site's whole training set, the same on
+every rank (the dataset's length, not a rank's shard); it, ``node_weight``, ``sync_frequency``,
+``min_peers`` and the end-of-training policy must agree on every rank, or every rank raises
+ConfigError at ``on_train_begin``. Validation runs on the talking rank's ``val_data`` only.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ from typing import Any
 import torch
 
 from swarmnode.errors import ConfigError, NodeUnavailable, SwarmError
+from swarmnode.ranks import SiteRanks
 from swarmnode.spec import TrainingSpec
 from swarmnode.transport import serde
 from swarmnode.transport.local import LocalClient
@@ -173,6 +187,8 @@ class SwarmCallback:
         timeout: float | None = None,
         reconnect_s: float = 600.0,
         logger: logging.Logger | None = None,
+        process_group: Any = None,
+        talking_rank: int = 0,
         **aliases: Any,
     ) -> None:
         given: dict[str, Any] = dict(
@@ -198,7 +214,8 @@ class SwarmCallback:
                     f"{', '.join(sorted([*HPE_ALIASES, *_IGNORED_HPE, 'useAdaptiveSync']))}; "
                     "swarmnode's own: sync_frequency, min_peers, merge_method, node_weight, "
                     "num_samples, on_train_end_policy, val_data, total_epochs, loss_fn, "
-                    "metric_fn, merge_options, local_api, timeout, reconnect_s, logger"
+                    "metric_fn, merge_options, local_api, timeout, reconnect_s, logger, "
+                    "process_group, talking_rank"
                 )
         if given["on_train_end_policy"] is None:  # not given: HPE's default for HPE-style
             # callers, else the one the quality study found best (results/quality.md)
@@ -218,7 +235,7 @@ class SwarmCallback:
             raise ConfigError("SwarmCallback needs min_peers >= 1")
         if float(given["node_weight"]) < 0:
             raise ConfigError(f"node_weight must be >= 0, got {given['node_weight']}")
-        self.model = model
+        self.model = unwrap(model)
         self.sync_frequency = int(given["sync_frequency"])
         self.min_peers = int(given["min_peers"])
         self.merge_method = str(given["merge_method"])
@@ -233,17 +250,24 @@ class SwarmCallback:
         self.num_samples = num_samples
         self.timeout = timeout
         self.reconnect_s = reconnect_s
-        target = local_api or os.environ.get("SWARMNODE_LOCAL_API")
-        if not target:
-            raise ConfigError(
-                "SwarmCallback needs the node service's local API: pass local_api= or set "
-                "SWARMNODE_LOCAL_API (e.g. unix:///run/swarm/node.sock)"
-            )
-        self.client = LocalClient(target)
+        # under torch.distributed: the site's ranks; None in a single process
+        self.ranks = SiteRanks.detect(process_group, int(talking_rank))
+        self._group = (process_group, int(talking_rank))
+        self.client: LocalClient | None = None  # the talking rank's only
+        if self.is_talking_rank:
+            target = local_api or os.environ.get("SWARMNODE_LOCAL_API")
+            if not target:
+                where = " on the talking rank" if self.ranks is not None else ""
+                raise ConfigError(
+                    f"SwarmCallback needs the node service's local API{where}: pass local_api= "
+                    "or set SWARMNODE_LOCAL_API (e.g. unix:///run/swarm/node.sock)"
+                )
+            self.client = LocalClient(target)
         self.logger = logger or _hpe_logger()
         self.state = SwarmState()
         self.node_info: dict[str, Any] = {}
         self.last_reply: dict[str, Any] = {}  # the node's answer to the last sync (timings too)
+        self._loaded = False  # whether the last hook loaded a model from the node
 
     # -- settings ---------------------------------------------------------------------------------
     def training_spec(self) -> TrainingSpec:
@@ -262,6 +286,12 @@ class SwarmCallback:
         return int(round(self.num_samples * self.node_weight))
 
     @property
+    def is_talking_rank(self) -> bool:
+        """True in a single process, and on the one rank of a distributed site that talks to
+        the node."""
+        return self.ranks is None or self.ranks.is_talker
+
+    @property
     def should_stop(self) -> bool:
         """True once the swarm's training is over: stop the training loop."""
         return self.state.training_finished
@@ -269,7 +299,17 @@ class SwarmCallback:
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_begin(self) -> None:
         """Called when training starts: joins the swarm and starts from the swarm's weights."""
-        self.client.wait_ready(timeout=self.timeout or 120.0)
+        if self.ranks is None and SiteRanks.detect(*self._group) is not None:
+            raise ConfigError(
+                "SwarmCallback was built before torch.distributed.init_process_group and is "
+                "started after it: build it after init_process_group, on every rank")
+        if self.ranks is not None:
+            self.ranks.agree(*self._settings())
+        self._as_site("on_train_begin", self._begin)
+
+    def _begin(self) -> None:
+        client = self._client()
+        client.wait_ready(timeout=self.timeout or 120.0)
         reply, payload = self._call(
             "hello", {"spec": self.training_spec().to_json()}, None, self.timeout or 600.0
         )
@@ -287,10 +327,18 @@ class SwarmCallback:
     def on_batch_end(self, batch: int | None = None, logs: Any = None) -> None:
         """Called after each training batch: merges every ``sync_frequency`` batches. ``batch``
         and ``logs`` (HPE's and Keras' signature) are accepted and not needed."""
+        if not self.is_talking_rank:  # the talking rank decides, and says so
+            self._follow("on_batch_end")
+            return
+        self._count_batch()
+        if self.state.batches_since_sync >= self.sync_frequency and not self.should_stop:
+            self._as_site("on_batch_end", self._sync)
+        elif self.ranks is not None:
+            self.ranks.tick("on_batch_end")
+
+    def _count_batch(self) -> None:
         self.state.batches += 1
         self.state.batches_since_sync += 1
-        if self.state.batches_since_sync >= self.sync_frequency and not self.should_stop:
-            self._sync()
 
     def on_epoch_end(self, epoch: int | None = None, logs: Any = None) -> None:
         """Called at the end of each epoch (``epoch`` as the script counts it, from 0 or 1: the
@@ -304,12 +352,16 @@ class SwarmCallback:
             self.state.epoch = epoch + 1 - self._epoch_base
         done = self.state.epoch
         total = f"/{self.total_epochs}" if self.total_epochs else ""
-        self.logger.info("epoch %d%s done, %d merges so far (round %d)", done, total,
-                         self.state.rounds, self.state.last_round)
+        if self.is_talking_rank:
+                self.logger.info("epoch %d%s done, %d merges so far (round %d)", done, total,
+                             self.state.rounds, self.state.last_round)
 
     def on_train_end(self) -> None:
         """Called when local training ends: a last sync, then the end-of-training policy until the
         swarm's final round; loads the final model every node ends with."""
+        self._as_site("on_train_end", self._finish)
+
+    def _finish(self) -> None:
         if self.state.batches_since_sync > 0 and not self.should_stop:
             self._sync()
         reply, payload = self._call(
@@ -328,6 +380,48 @@ class SwarmCallback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = SwarmState(**json.loads(json.dumps(state)))
 
+    # -- the site's ranks (torch.distributed) ----------------------------------------------------
+    def _as_site(self, hook: str, work: Callable[[], None]) -> None:
+        """Run ``work`` (the hook's node calls) here in a single process; under
+        torch.distributed on the talking rank, then hand every other rank its outcome: the
+        state counters and decisions, and the model if the node gave one."""
+        if self.ranks is None:
+            work()
+        elif not self.ranks.is_talker:
+            self._follow(hook)
+        else:
+            self._loaded = False
+            self.ranks.lead(hook, work)
+            header = {"state": asdict(self.state), "node_info": self.node_info,
+                      "last_reply": self.last_reply}
+            self.ranks.publish(hook, header, self.model if self._loaded else None)
+
+    def _follow(self, hook: str) -> None:
+        assert self.ranks is not None
+        header = self.ranks.follow(hook, self.model)
+        if header is None:  # the talking rank counted a batch and did not sync
+            self._count_batch()
+            return
+        self.state = SwarmState(**header["state"])
+        self.node_info = dict(header.get("node_info") or {})
+        self.last_reply = dict(header.get("last_reply") or {})
+
+    def _settings(self) -> tuple[dict[str, float], dict[str, str]]:
+        """What every rank of a site must agree on, and what to do when they do not."""
+        values = {"num_samples": -1.0 if self.num_samples is None else float(self.num_samples),
+                  "node_weight": self.node_weight, "sync_frequency": self.sync_frequency,
+                  "min_peers": self.min_peers, "on_train_end_policy": POLICIES.index(self.policy)}
+        advice = {"num_samples": "num_samples is the site's whole training set (the site's "
+                  "weight, sent by the talking rank alone), not a rank's shard: pass "
+                  "len(dataset) of the whole dataset on every rank (-1: not given)",
+                  "on_train_end_policy": f"give every rank the same one (index into {POLICIES})"}
+        return values, advice
+
+    def _client(self) -> LocalClient:
+        if self.client is None:
+            raise SwarmError("only the talking rank talks to the node service")
+        return self.client
+
     # -- internals --------------------------------------------------------------------------------
     def _state_cpu(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
@@ -342,6 +436,7 @@ class SwarmCallback:
         with torch.no_grad():
             for name, tensor in state.items():
                 current[name].copy_(tensor.to(current[name].device))
+        self._loaded = True
 
     def _call(
         self, method: str, args: dict[str, Any], payload: serde.Encoded | None,
@@ -350,15 +445,16 @@ class SwarmCallback:
         """One local API call; if the node service is down (restarting), wait for it and retry,
         for up to ``reconnect_s`` seconds, so a node restart does not end the training. A call
         that waits longer than ``SWARMNODE_WAIT_LOG_S`` (5 s) logs what the round waits for."""
-        with _WaitReporter(self.client, method):
+        with _WaitReporter(self._client(), method):
             return self._call_once(method, args, payload, timeout)
 
     def _call_once(
         self, method: str, args: dict[str, Any], payload: serde.Encoded | None,
         timeout: float | None,
     ) -> tuple[dict[str, Any], serde.Buffer | None]:
+        client = self._client()
         try:
-            return self.client.call(method, args, payload, timeout=timeout)
+            return client.call(method, args, payload, timeout=timeout)
         except NodeUnavailable as exc:
             if self.reconnect_s <= 0:
                 raise
@@ -366,9 +462,9 @@ class SwarmCallback:
         deadline = time.monotonic() + self.reconnect_s
         while True:
             # the channel may still look ready just after the node died: retry until it answers
-            self.client.wait_ready(timeout=max(0.1, deadline - time.monotonic()))
+            client.wait_ready(timeout=max(0.1, deadline - time.monotonic()))
             try:
-                return self.client.call(method, args, payload, timeout=timeout)
+                return client.call(method, args, payload, timeout=timeout)
             except NodeUnavailable:
                 if time.monotonic() >= deadline:
                     raise
@@ -413,6 +509,15 @@ class SwarmCallback:
         if loss is not None or metric is not None:
             self.logger.debug("validation: loss %s, metric %s", loss, metric)
         return loss, metric
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose state the swarm merges: ``model.module`` of a DistributedDataParallel or
+    DataParallel wrapper (so the names have no ``module.`` prefix), else the model itself."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
 
 
 def _hpe_logger() -> logging.Logger:

@@ -82,7 +82,7 @@ class LazySwarm:
                 "give the trainer a torch.nn.Module"
             )
         if self.swarm is None or self.swarm.model is not model:
-            if self.swarm is not None:
+            if self.swarm is not None and self.swarm.client is not None:
                 self.swarm.client.close()
             kwargs = dict(self.kwargs)
             if kwargs.get("num_samples") is None and num_samples is not None:
