@@ -89,7 +89,14 @@ class PeerAuthority(Protocol):
 
 
 class PeerHandler(Protocol):
-    """What the node service does with peer calls; raise a SwarmError to refuse."""
+    """What the node service does with peer calls; raise a SwarmError to refuse.
+
+    A handler that leads rounds also has ``check_push(round, sender, weight)``: both servers call
+    it with a push's header, before the push may wait for admission and before any payload byte
+    is read, to refuse what :meth:`accept_update` would refuse anyway (this node does not lead
+    that round's election, ``sender`` is not one of its participants, the weight is not the one
+    checked in, ``sender`` already sent its update). See :func:`dataplane.check_push`.
+    """
 
     def accept_update(
         self, round: int, sender: str, weight: int, state: dict[str, torch.Tensor], digest: bytes,
@@ -97,13 +104,6 @@ class PeerHandler(Protocol):
     ) -> None:
         """``evict``, when given: drops the update's bytes from resident memory (they stay
         readable), for a handler that keeps ``state`` without reading it for a while."""
-        ...
-
-    def check_push(self, round: int, sender: str, weight: int) -> None:
-        """Optional: refuse, from a push's header alone (before any payload byte is read and
-        before it waits for admission), an update :meth:`accept_update` would refuse: this node
-        is not the leader of that round's election, ``sender`` is not one of its participants,
-        the weight is not the one checked in, or ``sender`` already sent its update."""
         ...
 
     def merged(
