@@ -5,12 +5,12 @@ each test measures how long the swarm took to get past the failure and prints it
 README's failure table reports those times. Faults are real where the OS can make them (SIGSTOP,
 SIGKILL, a chain stopped and started) and injected at an exact protocol point otherwise
 (the ``exit`` fault of the node's test-only ``faults:`` config: the process exits with no
-clean-up at that point).
+clean-up at that point). Failures whose subject is a protocol rule (members dying around their
+push, a round whose every leader fails) run on the in-process swarm: tests/node/test_swarm_rules.py.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -100,37 +100,6 @@ def test_the_leader_dies_right_after_committing(tmp_path: Path) -> None:
             assert "round 2: no participant can serve" not in swarm.log(i, "node").read_text()
 
 
-def test_members_that_die_after_and_before_pushing_do_not_stall_the_round(
-        tmp_path: Path) -> None:
-    """Of four sites, one dies right after its update reached the leader, another right before
-    sending its own. The leader merges what it has once the collect window closes (the first
-    one's update included, the second's not), and the two survivors train to the end. (Each
-    fault fires in round 2, or in the first later round where that site is not the leader.)"""
-    with LocalSwarm(tmp_path / "swarm", 4, min_peers=2, grace_s=1, deadline_s=4,
-                    epochs=3) as swarm:
-        _start(swarm, {2: {"exit": "after-push:2+"},
-                       3: {"exit": "before-push:2+"}})
-        c = swarm.contract
-        _wait(lambda: all(swarm.nodes[i].poll() is not None for i in (2, 3)), 180,
-              "both faulty sites to die", swarm)
-        died = time.monotonic()
-        rounds = {}
-        for i in (2, 3):
-            found = re.search(r"round (\d+): test fault: the process dies",
-                              swarm.log(i, "node").read_text())
-            assert found, swarm.tail(i, "node")
-            rounds[i] = int(found.group(1))
-        last = max(rounds.values())
-        _wait(lambda: c.round(last).status is RoundStatus.COMMITTED, 90,
-              f"round {last}'s commit", swarm)
-        print(f"\nmembers dead around the push: round {last} committed "
-              f"{time.monotonic() - died:.1f} s after the second death")
-        commits = {e.args["round"]: e.args["members"] for e in c.events(names={"MergeCommitted"})}
-        assert swarm.accounts[2].address in commits[rounds[2]]  # its update made it in
-        assert swarm.accounts[3].address not in commits[rounds[3]]  # it never sent one
-        _all_end_with_the_final_model(swarm, [0, 1])
-
-
 def test_the_chain_restarts_in_the_middle_of_a_round(tmp_path: Path) -> None:
     """The chain node (state kept) stops while round 3 is elected and its leader is merging (held
     up 9 s), and comes back 5 s later: no trainer ends, no node process exits, the round completes
@@ -153,36 +122,6 @@ def test_the_chain_restarts_in_the_middle_of_a_round(tmp_path: Path) -> None:
         assert c.round(3).leader != info.leader  # the stalled leader was replaced
         assert all(p.poll() is None for p in swarm.nodes.values()), "a node process exited"
         _all_end_with_the_final_model(swarm, [0, 1, 2])
-
-
-def test_a_round_whose_every_leader_fails_does_not_end_the_training(tmp_path: Path) -> None:
-    """Every leader of round 3 hangs 6 s, past its 4 s deadline (what a chain stall does to a
-    round: nobody can commit in time), so the contract abandons it. The training goes on: the
-    final round is fixed only once a site finished (before, all three sites ended absent, the
-    abandoning transaction fixed the next round as the final one and one check-in closed it:
-    every trainer stopped early), the sites merge together again, and every site ends with the
-    final model. (A site hung longer than a deadline may still be set aside meanwhile and, if the
-    others finish first, take the final model without its last epochs: that is the absent rule.)"""
-    stall = {"stall_commit": "3:1:6,3:2:6,3:3:6"}
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4, epochs=4,
-                    state_file=True) as swarm:
-        _start(swarm, {i: stall for i in range(3)})
-        c = swarm.contract
-        _wait(lambda: c.round(3).status is RoundStatus.ABANDONED, 180, "round 3 abandoned", swarm)
-        assert len({e.args["leader"] for e in c.events(names={"LeaderFailed"})
-                    if e.args["round"] == 3}) == 3
-        _all_end_with_the_final_model(swarm, [0, 1, 2])
-        events = c.events(names={"NodeFinished", "FinalRound", "RoundAbandoned"})
-        story = "\n".join(f"{e.block} {e.name} {e.args}" for e in events)
-        abandoned = next(e.block for e in events if e.name == "RoundAbandoned")
-        finished = [e.block for e in events if e.name == "NodeFinished"]
-        fixed = [e.block for e in events if e.name == "FinalRound"]
-        assert len(fixed) == 1 and fixed[0] > abandoned, story
-        assert finished and min(finished) <= fixed[0], story  # fixed for a finished site
-        assert c.final_round() > 4
-        merged_after = [e.args["members"] for e in c.events(names={"MergeCommitted"})
-                        if e.args["round"] > 3]
-        assert any(len(m) >= 2 for m in merged_after), merged_after
 
 
 def test_a_chain_that_mines_only_every_few_seconds(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
 """End to end: a real anvil chain, real node-service processes, real trainer processes, mTLS.
 
 Each test starts its own swarm (LocalSwarm) in a temporary folder and tears every process down.
+These tests' subject is the process boundary (the demo, reproducible runs, kill -9, SIGTERM, a
+restarted node service); the protocol rules run on the in-process swarm in
+tests/node/test_swarm_rules.py.
 """
 
 from __future__ import annotations
@@ -116,60 +119,6 @@ def test_killed_leader_is_reelected_and_the_round_completes_in_seconds(tmp_path:
             assert swarm.result(i)["final_digest"] == final
 
 
-def test_min_peers_holds_the_first_round_until_enough_nodes_join(tmp_path: Path) -> None:
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=3, grace_s=1, deadline_s=6,
-                    epochs=1) as swarm:
-        for i in (0, 1):
-            swarm.start_node(i)
-        swarm.wait_enrolled([0, 1])
-        for i in (0, 1):
-            swarm.start_trainer(i)
-        c = swarm.contract
-        _wait(lambda: len(c.round(1).participants) == 2, 60, "two check-ins", swarm)
-        first = c.round(1).first_checkin_at
-        # Both nodes try elect() once the grace period is over; the contract refuses: 2 < 3.
-        _wait(lambda: time.time() > first + swarm.grace_s + 3, 30, "the grace period to pass")
-        assert c.round(1).status is RoundStatus.OPEN
-        assert not c.events(names={"LeaderElected"})
-        swarm.start_node(2)
-        swarm.wait_enrolled([2])
-        swarm.start_trainer(2)
-        _wait(lambda: c.round(1).status is RoundStatus.COMMITTED, 60, "round 1's commit", swarm)
-        assert len(c.round(1).participants) == 3
-        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 180,
-              "the trainers", swarm)
-        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
-        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
-
-
-def test_late_joiner_takes_the_merged_model_then_contributes(tmp_path: Path) -> None:
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=6) as swarm:
-        for i in (0, 1):
-            swarm.start_node(i)
-        swarm.wait_enrolled([0, 1])
-        # The early two train long enough (>= 20 rounds) that the late one, which needs a few
-        # seconds to start, joins while they still train; it trains briefly itself.
-        for i in (0, 1):
-            swarm.start_trainer(i, epochs=10)
-        c = swarm.contract
-        _wait(lambda: c.round(3).status is RoundStatus.COMMITTED, 120, "round 3's commit", swarm)
-        swarm.start_node(2)
-        swarm.wait_enrolled([2])
-        swarm.start_trainer(2, epochs=2)
-        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
-              "the trainers", swarm)
-        late = swarm.result(2)
-        assert late["joined_at_round"] >= 3  # started from the latest merged model
-        me = swarm.accounts[2].address
-        checkins = [e.args["round"] for e in c.events(names={"CheckedIn"}) if e.args["node"] == me]
-        assert checkins and min(checkins) > late["joined_at_round"]
-        merged_with_me = [e.args["round"] for e in c.events(names={"MergeCommitted"})
-                          if me in e.args["members"]]
-        assert merged_with_me, "the late joiner never contributed to a merge"
-        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
-        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
-
-
 @contextmanager
 def _training_past_round_3(tmp_path: Path, batch_delay: float = 0.0) -> Iterator[LocalSwarm]:
     """Three sites training (8 epochs: the other two are still training when a node restarted
@@ -214,76 +163,6 @@ def test_a_restarted_node_service_loses_nothing(tmp_path: Path) -> None:
         me = swarm.accounts[0].address
         rounds = [e.args["round"] for e in c.events(names={"CheckedIn"}) if e.args["node"] == me]
         assert max(rounds) > 4  # it went on contributing after the restart
-
-
-@pytest.mark.parametrize("policy", ["snapshot", "active"])
-def test_sites_that_finish_early_follow_until_the_longest_one_is_done(
-    tmp_path: Path, policy: str
-) -> None:
-    """With snapshot/active, the sites that finished keep contributing but never turn rounds over
-    by themselves: the final round comes only after the largest site has finished training."""
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4) as swarm:
-        for i in range(3):
-            swarm.start_node(i)
-        swarm.wait_enrolled([0, 1, 2])
-        # hospital-1 (the most data) is slow: 4 batches per sync x 0.35 s > the 1 s grace period
-        swarm.start_trainer(0, epochs=2, policy=policy, batch_delay=0.35)
-        for i in (1, 2):
-            swarm.start_trainer(i, epochs=2, policy=policy)
-        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
-              "the trainers", swarm)
-        c = swarm.contract
-        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
-        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
-        events = c.events(names={"NodeFinished", "FinalRound", "NodeAbsent"})
-        order = [(e.name, e.args.get("node")) for e in events]
-        biggest = swarm.accounts[0].address  # hospital-1 has the most data
-        assert ("NodeAbsent", biggest) not in order
-        assert order.index(("NodeFinished", biggest)) < order.index(("FinalRound", None))
-
-
-def test_deadlines_follow_chain_time_not_the_host_clock(tmp_path: Path) -> None:
-    """The chain's clock runs an hour ahead of every host's: a leader that hangs is still
-    re-elected one deadline (chain time) after its election, not an hour later."""
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
-                    epochs=2) as swarm:
-        swarm.w3.provider.make_request("evm_increaseTime", [3600])  # type: ignore[arg-type]
-        swarm.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
-        info = _start_with_a_stalled_leader(swarm)
-        c = swarm.contract
-        assert info.elected_at > time.time() + 3000  # the chain is an hour ahead of this host
-        elected = time.monotonic()
-        _wait(lambda: c.round(2).status is RoundStatus.COMMITTED, 60, "round 2's commit", swarm)
-        assert time.monotonic() - elected < swarm.deadline_s + 10
-        assert c.round(2).attempt == 2 and c.round(2).leader != info.leader
-
-
-def test_a_member_sending_huge_values_cannot_overflow_the_merge(tmp_path: Path) -> None:
-    """A site whose update would overflow the leader's float32 sum (finite values near 1e37 x its
-    weight) is refused by name; no merge overflows to Inf, and every site ends with the chain's
-    final model, which is finite. (Steering the mean with large finite values is what norm
-    clipping and the robust rules are for.)"""
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
-                    epochs=2) as swarm:
-        for i in range(3):
-            swarm.start_node(i)
-        swarm.wait_enrolled([0, 1, 2])
-        swarm.start_trainer(0)
-        swarm.start_trainer(1)
-        swarm.start_trainer(2, script=Path(__file__).with_name("poisoning_trainer.py"))
-        _wait(lambda: all(p.poll() is not None for p in swarm.trainers.values()), 240,
-              "the trainers", swarm)
-        c = swarm.contract
-        final = c.events(names={"TrainingFinished"})[-1].args["digest"].hex()
-        assert {swarm.result(i)["final_digest"] for i in range(3)} == {final}
-        hostile = swarm.accounts[2].address
-        logs = "".join(swarm.log(i, "node").read_text() for i in range(3))
-        assert f"the update of {hostile} holds values up to" in logs
-        assert "would overflow to Inf" in logs
-        stored = swarm.work / swarm.names[0] / "data" / "latest.safetensors"
-        state = serde.decode(stored.read_bytes(), expected_digest=None, spec=None,
-                             max_bytes=1 << 30, reject_nonfinite=True)  # finite, or raises
-        assert serde.digest(stored.read_bytes()).hex() == final and state
 
 
 def test_sigterm_during_a_sync_stops_the_node_promptly_and_a_restart_resumes(
