@@ -1,0 +1,104 @@
+"""Run by ``torchrun --nproc-per-node 2`` (gloo on CPU) for tests/integrations/test_ranks.py: the
+cases of a distributed site that need no node service, one after the other in one process group
+whose timeout is ``PG_TIMEOUT_S``. Each rank writes ``rank-<r>.json``: per case, what it saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import swarmnode.ranks
+from swarmnode.callback import SwarmCallback
+from swarmnode.errors import SwarmError
+from swarmnode.ranks import SiteRanks
+from swarmnode.transport import serde
+
+PG_TIMEOUT_S = 4.0
+TALKER_WAIT_S = 8.0  # longer than the group's timeout: only the heartbeats keep rank 1 waiting
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 3)
+        self.register_buffer("mask", torch.zeros(5, dtype=torch.bool))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+
+def digest(module: torch.nn.Module) -> str:
+    return serde.digest(serde.encode({k: v.contiguous() for k, v in
+                                      module.state_dict().items()})).hex()
+
+
+def outcome(fn: Any) -> dict[str, Any]:
+    began = time.monotonic()
+    try:
+        fn()
+    except (SwarmError, RuntimeError) as exc:
+        return {"error": type(exc).__name__, "message": str(exc),
+                "seconds": time.monotonic() - began}
+    return {"error": None, "seconds": time.monotonic() - began}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--missing-socket", required=True)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+    rank = dist.get_rank()
+    seen: dict[str, Any] = {}
+
+    # the merged state reaches every rank in place: parameters and buffers (bool, int64 too)
+    torch.manual_seed(rank)
+    net = Net()
+    if rank == 0:
+        with torch.no_grad():
+            net.mask[::2] = True
+            net.steps.fill_(7)
+    ranks = SiteRanks.detect()
+    assert ranks is not None
+    if ranks.is_talker:
+        ranks.publish("on_batch_end", {"state": "x"}, net)
+        seen["header"] = {"state": "x"}
+    else:
+        header = ranks.follow("on_batch_end", net)
+        seen["header"] = {k: v for k, v in (header or {}).items() if k != "layout"}
+    seen["digest"] = digest(net)
+
+    # settings that differ between ranks: every rank refuses, naming each rank's value
+    samples = 100 if rank == 0 else 50
+    swarm = SwarmCallback(Net(), sync_frequency=4, min_peers=2, num_samples=samples,
+                          local_api=a.missing_socket if rank == 0 else None, timeout=1)
+    seen["talked"] = swarm.client is not None
+    seen["mismatch"] = outcome(swarm.on_train_begin)
+
+    # the talking rank fails after waiting longer than the group's timeout: its heartbeats keep
+    # rank 1 waiting, then rank 1 raises what rank 0 raised
+    swarmnode.ranks.HEARTBEAT_S = 0.5
+    swarm = SwarmCallback(Net(), sync_frequency=4, min_peers=2, num_samples=100,
+                          local_api=a.missing_socket if rank == 0 else None,
+                          timeout=TALKER_WAIT_S)
+    seen["talker_fails"] = outcome(swarm.on_train_begin)
+
+    # a rank at another hook than the talking rank's: a clear error, not a hang
+    if ranks.is_talker:
+        ranks.tick("on_batch_end")
+        seen["wrong_hook"] = {"error": None}
+    else:
+        seen["wrong_hook"] = outcome(lambda: ranks.follow("on_train_end", Net()))
+    (a.out / f"rank-{rank}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""A distributed site's ranks without a node service, in a real process group: ``torchrun
+--nproc-per-node 2`` with gloo on CPU runs ``ranks_worker.py``, whose cases share one group with
+a 4 s timeout. The swarm itself (node services, chain) is in test_ddp.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow]
+
+WORKER = Path(__file__).resolve().parent / "ranks_worker.py"
+
+
+def test_a_sites_ranks_share_state_refuse_mismatches_and_fail_together(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SWARMNODE_LOCAL_API"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(WORKER), "--out", str(tmp_path), "--missing-socket",
+         f"unix://{tmp_path}/no-node.sock"],
+        env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    talker, other = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    # the talking rank's parameters and buffers (a bool mask, an int64 counter) are rank 1's now
+    assert other["digest"] == talker["digest"] and other["header"] == {"state": "x"}
+    assert (talker["talked"], other["talked"]) == (True, False)  # rank 1 has no local API
+    # num_samples differs: both ranks refuse before anything talks to the node, saying why
+    for seen in (talker, other):
+        assert seen["mismatch"]["error"] == "ConfigError"
+        assert "num_samples differs between the site's ranks (rank 0: 100, rank 1: 50)" in (
+            seen["mismatch"]["message"])
+        assert "whole training set" in seen["mismatch"]["message"]
+    # rank 0 waited 8 s for a node that is not there (twice the group's 4 s timeout): rank 1
+    # waited with it, kept alive by the heartbeats, and raised what rank 0 raised
+    assert talker["talker_fails"]["error"] == "NodeUnavailable"
+    assert other["talker_fails"]["error"] == "RankFailed"
+    assert "talking rank 0 failed in on_train_begin: NodeUnavailable" in (
+        other["talker_fails"]["message"])
+    assert other["talker_fails"]["seconds"] >= 7.5
+    # rank 1 at another hook than rank 0's: an error naming both, not a hang
+    assert other["wrong_hook"]["error"] == "ConfigError"
+    assert "rank 1 is at on_train_end while the talking rank 0 is at on_batch_end" in (
+        other["wrong_hook"]["message"])
