@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,10 +31,12 @@ from integration_support import (
 
 from swarmnode.demo.data import load_shard
 from swarmnode.demo.swarm import LocalSwarm
+from swarmnode.transport import serde
 
 pytestmark = [pytest.mark.slow, pytest.mark.anvil]
 
 TRAINER = Path(__file__).resolve().parent / "ddp_trainer.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ddp" / "train.py"
 TRAIN_TIMEOUT = 180.0
 RANKS = 2
 # the sites of one swarm: (framework, ranks). Three sites of 2 ranks (torchrun, gloo on CPU) and a
@@ -135,6 +138,41 @@ def test_two_rank_sites_of_ddp_lightning_and_hf_beside_a_single_process_site(
         for i in range(len(SITES)):
             assert "Traceback" not in swarm.log(i, "trainer").read_text()
     print(f"\n{'; '.join(summary)}; {time.monotonic() - began:.1f} s in all")
+
+
+def test_the_ddp_example_is_one_hospital_of_the_digits_swarm(tmp_path: Path) -> None:
+    """examples/ddp/train.py under torchrun (2 gloo ranks, its README's command) beside the demo's
+    single-process digits trainer: both end with the chain's final model."""
+    with LocalSwarm(tmp_path / "swarm", 2, task="digits", min_peers=2, sync_frequency=2,
+                    grace_s=GRACE_S) as swarm:
+        swarm.start_node(0)
+        swarm.start_node(1)
+        swarm.wait_enrolled([0, 1])
+        data, out = tmp_path / "data", tmp_path / "out"
+        data.mkdir()
+        shutil.copy(shard(swarm, 0), data / "train.npz")
+        shutil.copy(swarm.work / "test.npz", data / "test.npz")
+        env = dict(swarm.env, SWARMNODE_LOCAL_API=swarm.socket(0), TRAIN_DATA=str(data),
+                   TRAIN_OUTPUT=str(out), SITE="hospital-1", TRAIN_EPOCHS="1",
+                   PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
+        with open(swarm.log(0, "trainer"), "ab") as log:
+            site = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc-per-node", str(RANKS), str(EXAMPLE)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            peer = swarm.start_trainer(1, epochs=1)
+            codes = swarm.wait_processes([site, peer], TRAIN_TIMEOUT)
+        finally:
+            _stop(site)
+        assert codes[0] == 0, swarm.tail(0, "trainer", 40)
+        final = chain_final_digest(swarm)
+        scores = json.loads((out / "scores.json").read_text())
+        assert scores["ranks"] == RANKS and scores["rounds"] >= 2
+        assert scores["final_digest"] == scores["callback_final_digest"] == final
+        assert serde.digest((out / "final.safetensors").read_bytes()).hex() == final
+        assert swarm.result(1)["final_digest"] == final
+        assert [w for _, w in checkins_of(swarm, 0)][:-1] == [scores["samples"]] * scores["rounds"]
 
 
 def test_a_rank_that_dies_ends_the_site_job_boundedly(tmp_path: Path) -> None:
