@@ -63,7 +63,7 @@ def rank_api(local_api: str) -> str | None:
     return local_api if int(os.environ.get("RANK", "0")) == 0 else None
 
 
-# -- plain PyTorch DDP ------------------------------------------------------------------------------
+# -- plain PyTorch DDP --
 def train_plain(X: np.ndarray, y: np.ndarray, local_api: str, out: Path) -> None:
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
@@ -101,7 +101,7 @@ def train_plain(X: np.ndarray, y: np.ndarray, local_api: str, out: Path) -> None
         dist.destroy_process_group()
 
 
-# -- Lightning, DDP strategy ------------------------------------------------------------------------
+# -- Lightning, DDP strategy --
 def train_lightning(X: np.ndarray, y: np.ndarray, local_api: str, out: Path) -> None:
     import lightning.pytorch as pl
 
@@ -139,7 +139,7 @@ def train_lightning(X: np.ndarray, y: np.ndarray, local_api: str, out: Path) -> 
     report(out, trainer.global_rank, module, callback.swarm, trainer.global_step)
 
 
-# -- Hugging Face Trainer ---------------------------------------------------------------------------
+# -- Hugging Face Trainer --
 def train_hf(X: np.ndarray, y: np.ndarray, local_api: str, out: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
