@@ -13,6 +13,15 @@ unchanged). ``num_samples`` defaults to the length of the trainer's training set
 counts as one batch for ``sync_frequency``, so gradient accumulation does not change how often the
 swarm merges. Neither framework is imported until its adapter is: a missing one raises
 :class:`IntegrationUnavailable` naming the ``pip install`` that fixes it.
+
+Under ``torch.distributed`` (Lightning's ``strategy="ddp"``; the Trainer under ``torchrun`` or
+``accelerate launch``) the framework runs the adapter on every rank: the SwarmCallback it builds
+when training starts (the process group is up by then) makes rank 0 the only one that talks to
+the node (give ``local_api`` there, or ``SWARMNODE_LOCAL_API``; other ranks need neither); every
+rank syncs at the same optimizer step, stops together and ends with the swarm's final model
+(see :mod:`swarmnode.callback`). The model is the unwrapped module the framework passes, and the
+default ``num_samples`` (the training DataLoader's dataset) is the site's whole training set on
+every rank.
 """
 
 from __future__ import annotations
