@@ -353,7 +353,7 @@ class SwarmCallback:
         done = self.state.epoch
         total = f"/{self.total_epochs}" if self.total_epochs else ""
         if self.is_talking_rank:
-                self.logger.info("epoch %d%s done, %d merges so far (round %d)", done, total,
+            self.logger.info("epoch %d%s done, %d merges so far (round %d)", done, total,
                              self.state.rounds, self.state.last_round)
 
     def on_train_end(self) -> None:
@@ -414,7 +414,8 @@ class SwarmCallback:
         advice = {"num_samples": "num_samples is the site's whole training set (the site's "
                   "weight, sent by the talking rank alone), not a rank's shard: pass "
                   "len(dataset) of the whole dataset on every rank (-1: not given)",
-                  "on_train_end_policy": f"give every rank the same one (index into {POLICIES})"}
+                  "on_train_end_policy": "give every rank the same one (the values are indices "
+                  f"into {POLICIES})"}
         return values, advice
 
     def _client(self) -> LocalClient:
