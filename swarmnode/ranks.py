@@ -15,7 +15,9 @@ swarm: one node, one check-in per round, one weight. :class:`SiteRanks` is how
 
 The wire between ranks: a control broadcast of 3 int64s per hook call ``[kind, length, hook]``,
 then (for ``DONE``/``FAILED``) a JSON header as uint8 bytes, then the state tensors in
-``state_dict`` order. JSON and raw tensors, never pickle. While the talking rank waits on the node
+``state_dict`` order. JSON and raw tensors, never pickle. Measured with gloo, 2 ranks on a busy
+2-core host: a batch that does not merge costs one 24-byte broadcast, 0.9 ms; a 25M-parameter
+(100 MB) state reaches the other rank in 0.09 s. While the talking rank waits on the node
 (a sync waits for the other sites), it broadcasts a ``BEAT`` every ``HEARTBEAT_S`` seconds, so the
 other ranks' wait is not bounded by the process group's timeout (torch's default: 30 min for
 gloo, 10 min for NCCL) but a dead rank still is: a broadcast to or from a rank that died fails
