@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -48,14 +50,30 @@ def outcome(fn: Any) -> dict[str, Any]:
     return {"error": None, "seconds": time.monotonic() - began}
 
 
+def die(rank: int, missing_socket: str) -> None:
+    """Rank 0 waits up to 120 s for a node that is not there (heartbeats keep rank 1 waiting);
+    rank 1 dies 3 s in. Nothing here ends rank 0: torchrun does, as for any rank that fails."""
+    swarm = SwarmCallback(Net(), sync_frequency=4, min_peers=2, num_samples=100,
+                          local_api=missing_socket if rank == 0 else None, timeout=120)
+    swarmnode.ranks.HEARTBEAT_S = 0.5
+    if rank == 1:
+        threading.Timer(3.0, os._exit, (3,)).start()
+    swarm.on_train_begin()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--missing-socket", required=True)
+    p.add_argument("--die", action="store_true",
+                   help="rank 1 exits 3 s into a sync in which rank 0 waits for the node")
     a = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
     rank = dist.get_rank()
+    if a.die:
+        die(rank, a.missing_socket)
+        return
     seen: dict[str, Any] = {}
 
     # the merged state reaches every rank in place: parameters and buffers (bool, int64 too)

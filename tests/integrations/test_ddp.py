@@ -3,7 +3,8 @@
 DDP, Lightning's DDP strategy and the Hugging Face Trainer, against real node services, a real
 anvil chain and mTLS between the sites. Every rank of every site ends with the chain's final
 model; the 2-rank site is one site on chain (one check-in per round, weighted by its whole shard);
-only its rank 0 talks to the node. A rank that dies ends the job, boundedly.
+only its rank 0 talks to the node. ``examples/ddp/`` trains as one hospital of a swarm. (A rank
+that dies: test_ranks.py.)
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def test_two_rank_sites_of_ddp_lightning_and_hf_beside_a_single_process_site(
             counters = {(r["steps"], r["batches"], r["rounds"], r["last_round"]) for r in site}
             assert len(counters) == 1, (what, counters)
             steps, batches, rounds, _ = counters.pop()
-            assert steps == batches > 0 and rounds >= 1 + steps // SYNC_FREQUENCY, what
+            # a sync every SYNC_FREQUENCY steps (a site later than GRACE_S joins without the first)
+            assert steps == batches > 0 and rounds >= steps // SYNC_FREQUENCY, what
             # only rank 0 talked to the node; no rank had SWARMNODE_LOCAL_API in its environment
             assert [r["talked"] for r in site] == [True] + [False] * (ranks - 1), what
             assert {r["env_local_api"] for r in site} == {None}, what
@@ -173,42 +175,3 @@ def test_the_ddp_example_is_one_hospital_of_the_digits_swarm(tmp_path: Path) -> 
         assert serde.digest((out / "final.safetensors").read_bytes()).hex() == final
         assert swarm.result(1)["final_digest"] == final
         assert [w for _, w in checkins_of(swarm, 0)][:-1] == [scores["samples"]] * scores["rounds"]
-
-
-def test_a_rank_that_dies_ends_the_site_job_boundedly(tmp_path: Path) -> None:
-    """Rank 1 is killed while rank 0 waits in a sync (the other site never comes): torchrun
-    ends the job with an error within seconds, and the chain saw one site check in once."""
-    with swarm_of(tmp_path / "swarm", 2) as swarm:
-        out = tmp_path / "site0"
-        proc = _start(swarm, 0, "plain", out, RANKS)
-        try:
-            me = swarm.accounts[0].address
-            swarm.wait_until(lambda: any(e.args["node"] == me for e in
-                                         swarm.contract.events(names={"CheckedIn"})),
-                             90, "the 2-rank site's first check-in")
-            pid = swarm.wait_until(lambda: _rank_pid(proc.pid, 1), 30, "rank 1's process")
-            os.kill(pid, signal.SIGKILL)
-            killed = time.monotonic()
-            code = swarm.wait_processes([proc], 60)[0]
-            ended = time.monotonic() - killed
-        finally:
-            _stop(proc)
-        assert code != 0, swarm.tail(0, "trainer", 40)
-        assert ended < 30, f"the job took {ended:.1f} s to end after rank 1 died"
-        assert checkins_of(swarm, 0) == [(1, len(load_shard(shard(swarm, 0)).y))]
-        assert not (out / "rank-0.json").exists() and not (out / "rank-1.json").exists()
-        log = swarm.log(0, "trainer").read_text()
-        assert "ChildFailedError" in log and "Signal 9 (SIGKILL)" in log, log[-3000:]
-        print(f"\njob ended {ended:.1f} s after rank 1 was killed")
-
-
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of torchrun's worker ``rank`` (a child of the launcher with RANK=rank)."""
-    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
-        try:
-            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return int(child)
-    return None

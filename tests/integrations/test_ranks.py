@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,13 +18,17 @@ pytestmark = [pytest.mark.slow]
 WORKER = Path(__file__).resolve().parent / "ranks_worker.py"
 
 
-def test_a_sites_ranks_share_state_refuse_mismatches_and_fail_together(tmp_path: Path) -> None:
+def _torchrun(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "SWARMNODE_LOCAL_API"}
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(WORKER), "--out", str(tmp_path), "--missing-socket",
-         f"unix://{tmp_path}/no-node.sock"],
+         f"unix://{tmp_path}/no-node.sock", *extra],
         env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
+
+
+def test_a_sites_ranks_share_state_refuse_mismatches_and_fail_together(tmp_path: Path) -> None:
+    done = _torchrun(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     talker, other = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
     # the talking rank's parameters and buffers (a bool mask, an int64 counter) are rank 1's now
@@ -46,3 +51,16 @@ def test_a_sites_ranks_share_state_refuse_mismatches_and_fail_together(tmp_path:
     assert other["wrong_hook"]["error"] == "ConfigError"
     assert "rank 1 is at on_train_end while the talking rank 0 is at on_batch_end" in (
         other["wrong_hook"]["message"])
+
+
+def test_a_rank_that_dies_ends_the_job_while_rank_0_waits_for_the_node(tmp_path: Path) -> None:
+    """Rank 1 exits 3 s into on_train_begin, while rank 0 waits (up to 120 s) for its node:
+    torchrun ends the whole job at once, naming rank 1's exit as the root cause."""
+    began = time.monotonic()
+    done = _torchrun(tmp_path, "--die")
+    took = time.monotonic() - began
+    log = done.stdout + done.stderr
+    assert done.returncode != 0, log[-3000:]
+    assert "ChildFailedError" in log and "exitcode  : 3" in log, log[-3000:]
+    assert took < 90, f"the job took {took:.0f} s to end (rank 0 would have waited 120 s)"
+    assert not list(tmp_path.glob("rank-*.json"))
