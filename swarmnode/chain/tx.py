@@ -2,8 +2,8 @@
 
 Each transaction is estimated (a revert there is reported before anything is sent), signed by
 the account and sent with ``eth_sendRawTransaction``; a lock per account serialises nonce use so
-several threads can share one account. Works with any node (anvil, Hardhat, geth) and with
-eth-tester.
+several threads, and processes on one host (a file lock), can share one account. Works with any
+node (anvil, Hardhat, geth) and with eth-tester.
 
 Fees: where the latest block has a ``baseFeePerGas`` (London and later) a transaction is of type 2
 (EIP-1559): a priority fee from ``eth_maxPriorityFeePerGas`` (else the median reward of
@@ -14,10 +14,16 @@ gets a legacy transaction at ``eth_gasPrice``.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import os
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
@@ -46,6 +52,27 @@ _locks_guard = threading.Lock()
 def _account_lock(key: str) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault(key, threading.Lock())
+
+
+@contextmanager
+def _host_lock(key: str) -> Iterator[None]:
+    """The account's lock among this host's processes (a file lock in the temp folder): a
+    site's nodes of two trainings at once sign with its one account, each in its own process, and
+    take turns with its nonces as its threads do. Where no lock file can be made, none."""
+    folder = Path(tempfile.gettempdir()) / "swarmnode-tx"
+    name = hashlib.sha256(key.encode()).hexdigest()[:24]
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        log.debug("no host lock for %s: %s", key, exc)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 class TxSender:
@@ -111,7 +138,7 @@ class TxSender:
                 gas = int(estimate * GAS_MARGIN) + GAS_HEADROOM
             tx["gas"] = gas
             tx["chainId"] = self._chain_id
-            with self._lock:
+            with self._lock, _host_lock(self._key):
                 fees = self._fees()
                 cached = _nonces.pop(self._key, None)
                 while True:

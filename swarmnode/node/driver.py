@@ -585,6 +585,15 @@ class RoundDriver:
             self.chain.commit_merge(action.round, digest, list(members))
         except ContractReverted as exc:
             log.warning("round %d: commit refused: %s", action.round, exc)
+            revoked = exc.reason.args.get("member") if getattr(
+                exc.reason, "name", None) == "MemberRevoked" else None
+            if revoked is not None:
+                # a member revoked after this merge: the merge holds its update, so it is never
+                # committed (the same refusal again and again); the members re-elect at the
+                # deadline and that attempt's leader merges without it
+                self.pool.authority.forget(str(revoked))
+                rnd.merged.pop(action.attempt, None)
+                machine.on_vetoed(action.attempt)
             return
         finally:  # the leader's merge and its commit transaction, apart from collecting
             stages["commit_tx"] = stages.get("commit_tx", 0.0) + time.monotonic() - t1

@@ -262,3 +262,40 @@ def test_dev_accounts_come_from_the_chains_own_mnemonic(
     monkeypatch.setenv("SWARMNODE_DEV_MNEMONIC", "not a mnemonic")
     with pytest.raises(ConfigError, match="SWARMNODE_DEV_MNEMONIC is not a valid BIP-39"):
         dev_account(2)
+
+
+_RACER = """
+import sys
+from eth_account import Account
+from swarmnode.chain.rpc import connect
+from swarmnode.chain.tx import TxSender
+from swarmnode.errors import ContractReverted
+w3 = connect(sys.argv[1])
+sender = TxSender(w3, Account.from_key(sys.argv[2]))
+for _ in range(int(sys.argv[3])):
+    sender.send({"to": sys.argv[4], "value": 1}, "a transfer",
+                lambda r: ContractReverted(r, reason=r), gas=21_000)
+"""
+
+
+def test_two_processes_of_one_account_take_turns_with_its_nonces(anvil: DevChain) -> None:
+    """A site's nodes of two trainings at once sign with its one account, each in its own
+    process: they take turns with its nonces (without the host lock one of the two failed in
+    each run tried: a nonce too low, or its transaction replaced by the other's)."""
+    import subprocess
+    import sys
+
+    from eth_account import Account
+
+    w3 = connect(anvil.url)
+    site, to = Account.create(), Account.create().address
+    TxSender(w3, dev_account(0)).send({"to": site.address, "value": 10**18}, "funding",
+                                      _refused, gas=21_000)
+    n = 25
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, anvil.url, site.key.hex(),
+                                str(n), to], stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    codes = [(p.wait(180), p.stderr.read() if p.stderr else "") for p in racers]
+    assert [c for c, _ in codes] == [0, 0], [err[-600:] for _, err in codes]
+    assert w3.eth.get_transaction_count(site.address) == 2 * n
+    assert w3.eth.get_balance(to) == 2 * n
