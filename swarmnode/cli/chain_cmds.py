@@ -30,7 +30,7 @@ from swarmnode.errors import ConfigError, IdentityError
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
-    from swarmnode.chain.client import SwarmContract
+    from swarmnode.chain.client import SwarmContract, SwarmRegistry
     from swarmnode.chain.overview import Overview
 
 __all__ = ["register"]
@@ -80,6 +80,21 @@ def _contract(rpc_url: str, address: str, account: LocalAccount | None = None,
 
     # a registry's address names its one running training (status, audit, report, authorize)
     return SwarmContract.resolve(w3 if w3 is not None else connect(rpc_url), address, account)
+
+
+def _registry(address: str, account: LocalAccount, w3: Any) -> SwarmRegistry:
+    """The consortium's registry: at ``address``, or the one of the training at ``address``
+    (authorising and revoking are the registry's, whatever trainings run on it)."""
+    from swarmnode.chain.client import SwarmContract, SwarmRegistry
+    from swarmnode.errors import ContractNotFound
+
+    try:
+        return SwarmRegistry(w3, address, account)
+    except ContractNotFound as not_registry:
+        try:
+            return SwarmContract(w3, address, account).registry
+        except ContractNotFound:
+            raise not_registry from None
 
 
 def _fingerprint(cert: Path | None, hex_value: str | None) -> bytes:
@@ -405,11 +420,11 @@ def authorize(
     """Authorise a node address with its certificate (admin; again to rotate the certificate)."""
     fp = _fingerprint(cert, fingerprint)
     w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
-    chain = _contract(rpc_url, contract, admin, w3)
+    chain = _registry(contract, admin, w3)
     if once:
-        site = chain.registry.site(address)
+        site = chain.site(address)
         if site.revoked:
-            console.print(f"{address} is revoked in the registry {chain.registry.address}: "
+            console.print(f"{address} is revoked in the registry {chain.address}: "
                           "left so; nothing sent", highlight=False, soft_wrap=True)
             return
         if site.authorized and site.fingerprint == fp:
@@ -431,10 +446,11 @@ def revoke(
     keystore: Keystore = None,
     password_file: PasswordFile = None,
 ) -> None:
-    """Revoke a node (admin): it can take no further part in the training."""
+    """Revoke a node in the consortium's registry (admin; --contract: the registry or any of its
+    trainings): it can take no further part in any of its trainings."""
     w3, admin = _signer(rpc_url, key_index, keystore, password_file, default_index=0)
-    result = _contract(rpc_url, contract, admin, w3).revoke(address)
-    _tx_line(f"revoked {address}", result)
+    result = _registry(contract, admin, w3).revoke(address)
+    _tx_line(f"revoked {address} in the registry (every training it lists)", result)
 
 
 @command
