@@ -87,7 +87,7 @@ class GatewayLimits:
 
     max_body_bytes: int = 4 * 1024 * 1024  # a request (a contract deployment is ~30 KB)
     max_batch: int = 100  # entries in one batch request
-    max_connections: int = 64  # open connections, handshaking or not
+    max_connections: int = 64  # connections served at once (once their handshake is done)
     max_handshakes: int = 16  # TLS handshakes in progress, in all (the oldest of the busiest
     # address is dropped for a new one when full)
     max_handshakes_per_address: int = 8  # from one IP address (at most max_handshakes)

@@ -66,13 +66,15 @@ Serve = Callable[[ssl.SSLSocket, str, bytes], None]
 
 
 class _Pending:
-    __slots__ = ("address", "buf", "deadline", "done", "peer", "since", "tls")
+    __slots__ = ("address", "buf", "deadline", "done", "fd", "gone", "peer", "since", "tls")
 
     def __init__(self, tls: ssl.SSLSocket, peer: tuple[str, int], deadline: float) -> None:
         self.tls, self.peer, self.address = tls, peer, peer[0]
         self.deadline, self.since = deadline, time.monotonic()
         self.done = False  # the handshake is done
         self.buf = b""
+        self.fd = tls.fileno()
+        self.gone = False  # no longer pending (handed over or dropped)
 
 
 class TlsListener:
@@ -143,12 +145,17 @@ class TlsListener:
                 now = time.monotonic()
                 nearest = min((p.deadline for p in self._pending.values()), default=now + 1.0)
                 for key, _ in self._sel.select(max(0.0, min(nearest - now, 1.0))):
-                    if key.fileobj is self._listener:
-                        self._accept()
-                    elif key.fileobj is self._wake_r:
-                        self._wake_r.recv(64)
-                    else:
-                        self._step(key.data)
+                    try:
+                        if key.fileobj is self._listener:
+                            self._accept()
+                        elif key.fileobj is self._wake_r:
+                            self._wake_r.recv(64)
+                        else:
+                            self._step(key.data)
+                    except Exception:  # noqa: BLE001 - one connection never ends the listener
+                        log.exception("%s: accepting or handshaking failed", self.name)
+                        if isinstance(key.data, _Pending):
+                            self._drop(key.data)
                 now = time.monotonic()
                 for p in [p for p in self._pending.values() if p.deadline <= now]:
                     self.stats["timed_out"] += 1
@@ -193,7 +200,7 @@ class TlsListener:
                 continue
             p = _Pending(tls, peer, time.monotonic() + self.limits.handshake_timeout_s)
             with self._lock:
-                self._pending[tls.fileno()] = p
+                self._pending[p.fd] = p
             self._per_address[address] = self._per_address.get(address, 0) + 1
             self._sel.register(tls, selectors.EVENT_READ, p)
             self._step(p)
@@ -249,8 +256,11 @@ class TlsListener:
         return None
 
     def _forget(self, p: _Pending) -> None:
+        if p.gone:
+            return
+        p.gone = True
         with self._lock:
-            self._pending.pop(p.tls.fileno(), None)
+            self._pending.pop(p.fd, None)
         left = self._per_address.get(p.address, 1) - 1
         if left > 0:
             self._per_address[p.address] = left
