@@ -258,9 +258,13 @@ class SwarmCallback:
             target = local_api or os.environ.get("SWARMNODE_LOCAL_API")
             if not target:
                 where = " on the talking rank" if self.ranks is not None else ""
+                hint = ""
+                if self.ranks is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+                    hint = ("; under torchrun, build SwarmCallback after "
+                            "torch.distributed.init_process_group: then only rank 0 needs it")
                 raise ConfigError(
                     f"SwarmCallback needs the node service's local API{where}: pass local_api= "
-                    "or set SWARMNODE_LOCAL_API (e.g. unix:///run/swarm/node.sock)"
+                    f"or set SWARMNODE_LOCAL_API (e.g. unix:///run/swarm/node.sock){hint}"
                 )
             self.client = LocalClient(target)
         self.logger = logger or _hpe_logger()

@@ -69,12 +69,15 @@ def main() -> None:
                    help="rank 1 exits 3 s into a sync in which rank 0 waits for the node")
     a = p.parse_args()
     torch.set_num_threads(1)
+    # built before init_process_group under torchrun, without a local API: the error says to
+    # build it after (then only rank 0 needs the local API)
+    early = outcome(lambda: SwarmCallback(Net(), sync_frequency=4, min_peers=2))
     dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
     rank = dist.get_rank()
+    seen: dict[str, Any] = {"early": early}
     if a.die:
         die(rank, a.missing_socket)
         return
-    seen: dict[str, Any] = {}
 
     # the merged state reaches every rank in place: parameters and buffers (bool, int64 too)
     torch.manual_seed(rank)
@@ -92,6 +95,19 @@ def main() -> None:
         header = ranks.follow("on_batch_end", net)
         seen["header"] = {k: v for k, v in (header or {}).items() if k != "layout"}
     seen["digest"] = digest(net)
+
+    # a process_group of the caller's and another talking rank: rank 1 of that group sends
+    group = dist.new_group([0, 1])
+    other = SiteRanks.detect(group, talking_rank=1)
+    assert other is not None
+    torch.manual_seed(10 + rank)
+    net = Net()
+    if other.is_talker:
+        other.publish("on_train_end", {}, net)
+    else:
+        other.follow("on_train_end", net)
+    seen["group_digest"] = digest(net)
+    seen["group_talker"] = other.is_talker
 
     # settings that differ between ranks: every rank refuses, naming each rank's value
     samples = 100 if rank == 0 else 50

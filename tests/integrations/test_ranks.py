@@ -34,6 +34,14 @@ def test_a_sites_ranks_share_state_refuse_mismatches_and_fail_together(tmp_path:
     # the talking rank's parameters and buffers (a bool mask, an int64 counter) are rank 1's now
     assert other["digest"] == talker["digest"] and other["header"] == {"state": "x"}
     assert (talker["talked"], other["talked"]) == (True, False)  # rank 1 has no local API
+    # process_group= and talking_rank=: rank 1 of a group of the caller's sends to rank 0
+    assert (talker["group_talker"], other["group_talker"]) == (False, True)
+    assert talker["group_digest"] == other["group_digest"] != talker["digest"]
+    # built before init_process_group: both ranks are told to build it after
+    for seen in (talker, other):
+        assert seen["early"]["error"] == "ConfigError"
+        assert "build SwarmCallback after torch.distributed.init_process_group" in (
+            seen["early"]["message"])
     # num_samples differs: both ranks refuse before anything talks to the node, saying why
     for seen in (talker, other):
         assert seen["mismatch"]["error"] == "ConfigError"
