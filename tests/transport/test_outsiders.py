@@ -401,3 +401,24 @@ def test_the_grpc_push_path_runs_the_same_header_checks(node) -> None:
     refused = error_from_rpc(err.value)
     assert "is not the current round" in str(refused), refused
     assert (1, BOB) in handler.checked and (1, BOB) not in handler.updates
+
+
+@pytest.mark.parametrize(("lines", "expect"), [
+    ("", None),
+    ("data_handshake_timeout_s: 0\n", "data_handshake_timeout_s in"),
+    ("data_pending_per_address: 0\n", "data_pending_per_address in"),
+    ("data_pending_per_address: 300\n", "is more than data_pending_total 256"),
+    ("data_pending_total: lots\n", "data_pending_total in"),
+])
+def test_the_node_config_carries_the_listener_limits(tmp_path: Path, lines: str,
+                                                      expect: str | None) -> None:
+    from swarmnode.config import load_config
+
+    path = tmp_path / "node.yaml"
+    path.write_text("name: a\ncontract: '0x" + "1" * 40 + "'\nkey_index: 1\ncert: c.pem\n"
+                    "key: c.key\ntrust: t.pem\npeer_endpoint: site-a.example.org:7441\n" + lines)
+    if expect is None:
+        assert load_config(path, env={}).listener_limits == ListenerLimits(10.0, 64, 256)
+    else:
+        with pytest.raises(ConfigError, match=expect):
+            load_config(path, env={})
