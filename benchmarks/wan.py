@@ -62,6 +62,7 @@ from swarmnode.testing.netns import ShapedNetwork, remove_stale  # noqa: E402
 
 DEFAULT_CONFIGS = "10M:4:1000,10M:4:200,25M:4:1000,10M:8:200"
 PEER_PORT = 7441
+PULLS = ("leader", "peers")
 
 
 def _size(text: str) -> int:
@@ -88,9 +89,13 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
-               *, timeout_s: float | None = None) -> dict[str, Any]:
+               *, timeout_s: float | None = None, pulls: str = "leader") -> dict[str, Any]:
     """One swarm of ``nodes`` sites on links of ``mbit``, ``rounds`` rounds of a synthetic
-    model of ``params`` float32 parameters; returns its row of results/wan.json."""
+    model of ``params`` float32 parameters; returns its row of results/wan.json. ``pulls``:
+    ``leader`` (every member pulls the whole merged model from the leader) or ``peers`` (in
+    verified parts, a share from the leader and the rest from the other members)."""
+    if pulls not in PULLS:
+        raise ValueError(f"pulls must be one of {PULLS}, not {pulls!r}")
     work.mkdir(parents=True, exist_ok=True)
     model_bytes = params * 4
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1",
@@ -124,6 +129,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
                            "key": str(key), "trust": str(trust),
                            "data_dir": str(work / name / "data"),
                            "round_timeout_s": float(deadline * 4),
+                           "peer_served_pulls": pulls == "peers",
                            "max_update_mb": max(64.0, model_bytes * 1.2 / 2**20)}
                     (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
                     log = open(work / f"{name}-node.log", "wb")  # noqa: SIM115
@@ -186,6 +192,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
     leader_out = statistics.median(row[2] for row in rows)
     return {
         "params": params, "nodes": nodes, "link_mbit": mbit, "topology": "leader",
+        "pulls": pulls,
         "compression": "none", "rounds": rounds, "model_bytes": model_bytes,
         "goodput_mbit": round(goodput, 1),
         "median_period_s": round(period, 3), "periods_s": [round(row[0], 3) for row in rows],
@@ -206,6 +213,9 @@ def main() -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated PARAMS:SITES:MBIT, PARAMS like 10M or 25M")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--pulls", default="leader,peers",
+                   help="comma-separated: leader (whole model from the leader), peers (parts "
+                   "from the leader and the other members); each configuration runs with each")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "wan.json")
     a = p.parse_args()
 
@@ -217,13 +227,15 @@ def main() -> None:
         print(f"removed {stale}, left by an earlier run", flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="swarmnode-wan-") as tmp:
-        for n, conf in enumerate(a.configs.split(",")):
+        grid = [(conf, pulls) for conf in a.configs.split(",") for pulls in a.pulls.split(",")]
+        for n, (conf, pulls) in enumerate(grid):
             params, nodes, mbit = conf.split(":")
             keep = os.environ.get("SWARMNODE_BENCH_KEEP")  # a folder: keep the logs there
             work = (Path(keep) if keep else Path(tmp)) / str(n)
-            run = run_config(_size(params), int(nodes), float(mbit), a.rounds, work)
+            run = run_config(_size(params), int(nodes), float(mbit), a.rounds, work,
+                             pulls=pulls)
             runs.append(run)
-            print(f"P={params:>4} N={int(nodes):>2} {float(mbit):>6.0f} Mbit/s "
+            print(f"P={params:>4} N={int(nodes):>2} {float(mbit):>6.0f} Mbit/s pulls={pulls} "
                   f"(goodput {run['goodput_mbit']}): period {run['median_period_s']:.2f} s, "
                   f"star bound {run['star_bound_s']:.2f} s ({run['period_over_star_bound']}x), "
                   f"all-reduce bound {run['allreduce_bound_s']:.2f} s, leader out "

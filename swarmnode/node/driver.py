@@ -55,7 +55,7 @@ from swarmnode.node.machine import (
 )
 from swarmnode.node.peers import PeerPool
 from swarmnode.node.store import ModelStore, StoredModel
-from swarmnode.transport import serde
+from swarmnode.transport import parts, serde
 from swarmnode.types import StateDict, Update
 
 __all__ = ["Round", "RoundDriver", "RoundOutcome"]
@@ -128,11 +128,15 @@ class RoundDriver:
         reject_nonfinite: bool = True,
         stop: threading.Event | None = None,
         faults: Faults = NO_FAULTS,
+        peer_parts: bool = False,
     ) -> None:
         """``watcher``: waits end at the next block (or update) instead of after a fixed
         interval; without one the round polls every ``timing.poll_s``. ``faults``: what the
-        failure tests inject (none in production)."""
+        failure tests inject (none in production). ``peer_parts``: members fetch the merged
+        model in verified parts, their share from the leader and the rest from each other
+        (:mod:`swarmnode.transport.parts`), instead of each the whole model from the leader."""
         self.me = me
+        self.peer_parts = peer_parts
         self.watcher = watcher
         self.reject_nonfinite = reject_nonfinite
         self.stop = stop or threading.Event()  # set: the service is stopping; rounds end now
@@ -162,6 +166,9 @@ class RoundDriver:
         self._fetching: dict[int, threading.Thread] = {}
         self._model_bytes = spec.nbytes if spec is not None else None
         self._served: dict[int, set[str]] = {}
+        # models this node serves in parts: one it is still receiving, or a whole one it holds
+        self._partial: dict[int, parts.PartBuffer] = {}
+        self._full: dict[int, tuple[bytes, parts.FullSource]] = {}
         self._replica = threading.Condition()
         self.handlers: dict[type, Callable[[Round, Any, RoundInfo, float], _Over | None]] = {
             Wait: self._wait, CheckIn: self._checkin, Elect: self._elect,
@@ -498,6 +505,9 @@ class RoundDriver:
                 leader_now=None if seen is None else (seen.leader or ""), leader=leader,
                 elapsed_s=time.monotonic() - started, deadline_s=self.timing.deadline_s)
 
+        members = self._part_members(round, leader)
+        if members is not None and self._prefetch_parts(round, leader, members, goes_on):
+            return
         while goes_on():
             asked = time.monotonic()
             try:
@@ -515,6 +525,119 @@ class RoundDriver:
             self._prefetched = {r: d for r, d in self._prefetched.items() if r >= round - 1}
             self._prefetched[round] = data
             return
+
+    # -- the merged model in parts (transport.parts) ----------------------------------------------
+    def _part_members(self, round: int, leader: str) -> list[str] | None:
+        """The round's members other than its leader, in fold order (by address), when this
+        node fetches in parts and others share the work; None: fetch the whole model."""
+        seen = self.seen.get(round)
+        if not self.peer_parts or seen is None or self._model_bytes is None:
+            return None
+        members = sorted((p for p in seen.participants if p != leader), key=str.lower)
+        if self.me not in members or len(members) < 2:
+            return None
+        return members
+
+    def _prefetch_parts(self, round: int, leader: str, members: list[str],
+                        goes_on: Callable[[], bool]) -> bool:
+        """Fetch round ``round``'s merged model in parts: the manifest from the leader once it
+        has merged, this node's share of the parts from the leader and each other part from the
+        member it belongs to (which serves it as it arrives), every part verified on arrival
+        (transport.parts). False: the leader's data plane cannot serve parts (fetch the whole
+        model instead). The assembled model is checked against the chain's digest when it is
+        used, like any prefetched one."""
+        transfer = self.timing.transfer_s
+        part_size = parts.part_size_for(self._model_bytes or 0, len(members))
+        manifest = None
+        while goes_on():
+            plane = getattr(self.pool.client(leader), "data_plane", lambda _t: None)(transfer)
+            if plane is None:
+                return False
+            asked = time.monotonic()
+            try:
+                manifest = plane.manifest(round, part_size, timeout=transfer, wait_s=2.0)
+                break
+            except RoundError:  # not merged yet: ask again (held up to 2 s each time)
+                if time.monotonic() - asked < 0.5:
+                    time.sleep(0.2)
+            except SwarmError as exc:
+                log.debug("round %d: manifest from %s failed: %s", round, leader, exc)
+                return False
+        if manifest is None:
+            return True  # nothing to fetch any more (held, or the leader changed)
+        buf = parts.PartBuffer(manifest, serde.buffer(manifest.total, populate=True))
+        self._partial = {r: b for r, b in self._partial.items() if r >= round - 1}
+        self._partial[round] = buf
+        schedule = parts.Schedule(parts.plan(manifest.count, members, self.me, leader))
+        t0 = time.monotonic()
+        try:
+            while not schedule.done and not self.stop.is_set():
+                if time.monotonic() - t0 > transfer:
+                    log.warning("round %d: parts still missing after %.0f s", round, transfer)
+                    return True
+                threads = [threading.Thread(target=self._fetch_parts,
+                                            args=(round, source, wanted, buf, leader),
+                                            name=f"parts-{round}", daemon=True)
+                           for source, wanted in schedule.requests().items()]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                schedule.settle(buf.has)
+            if schedule.lost:
+                log.warning("round %d: no source served parts %s of the merged model; it is "
+                            "pulled whole after the commit", round, schedule.lost[:8])
+                return True
+            data = buf.buf
+            received = serde.Received(data, serde.digest(data))
+            if self.store.get(round) is None:
+                self._prefetched = {r: d for r, d in self._prefetched.items() if r >= round - 1}
+                self._prefetched[round] = received
+            log.info("round %d: merged model fetched in %d parts (%d from the leader) in "
+                     "%.2f s", round, manifest.count,
+                     -(-manifest.count // len(members)), time.monotonic() - t0)
+            return True
+        finally:
+            if not buf.complete:
+                buf.fail("given up")
+
+    def _fetch_parts(self, round: int, source: str, wanted: list[int], buf: parts.PartBuffer,
+                     leader: str) -> None:
+        # a member waits for parts its peer is still receiving; the leader holds them all
+        wait = 2.0 if source == leader else min(25.0, self.timing.transfer_s)
+        try:
+            plane = getattr(self.pool.client(source), "data_plane",
+                            lambda _t: None)(self.timing.transfer_s)
+            if plane is None:
+                return
+            plane.fetch_parts(round, buf, wanted, timeout=self.timing.transfer_s, wait_s=wait)
+        except SwarmError as exc:  # what arrived verified is kept; the rest goes elsewhere
+            log.info("round %d: parts from %s: %s", round, source, exc)
+
+    def part_source(self, round: int, wait_s: float) -> Any:
+        """What this node can serve of round ``round``'s merged model in parts: the buffer it
+        is receiving it into, or the whole model it holds (waited for up to ``wait_s``, at most
+        5 s); None if neither."""
+        end = time.monotonic() + min(wait_s, 5.0)
+        while True:
+            partial = self._partial.get(round)
+            if partial is not None:
+                return partial
+            held = self.store.get(round)
+            if held is not None:
+                return self._full_source(round, held)
+            if time.monotonic() >= end or self.stop.is_set():
+                return None
+            time.sleep(0.05)
+
+    def _full_source(self, round: int, held: StoredModel) -> parts.FullSource:
+        cached = self._full.get(round)
+        if cached is not None and cached[0] == held.digest:
+            return cached[1]
+        source = parts.FullSource(held.data, on_served=lambda to: self.note_served(round, to))
+        self._full = {r: v for r, v in self._full.items() if r >= round - 1}
+        self._full[round] = (held.digest, source)
+        return source
 
     def note_served(self, round: int, to: str) -> None:
         """The peer API handed ``round``'s merged model to ``to`` (a member now holds a copy)."""

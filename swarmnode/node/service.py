@@ -230,7 +230,7 @@ class NodeService:
             self.me, self.chain, self.pool, self.store, self.collectors, self.timing,
             self.param_spec, max_bytes=self.max_bytes, round_timeout_s=config.round_timeout_s,
             watcher=self.watcher, reject_nonfinite=config.reject_nonfinite, stop=self._stopped,
-            faults=config.fault_plan,
+            faults=config.fault_plan, peer_parts=config.peer_served_pulls,
         )
         self.progress = _Progress()
         self._waiting_cache: tuple[float, dict[str, Any]] | None = None
@@ -380,6 +380,11 @@ class NodeService:
         if to is not None:
             self.driver.note_served(round, to)
         return held.data, held.digest
+
+    def part_source(self, round: int, timeout: float, to: str | None = None) -> Any:
+        """What this node serves of ``round``'s merged model in parts (transport.parts): the
+        model it is receiving, or the one it holds; None if neither within ``timeout``."""
+        return self.driver.part_source(round, timeout)
 
     def health(self) -> dict[str, Any]:
         p = self.progress

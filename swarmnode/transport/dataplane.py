@@ -75,7 +75,7 @@ from swarmnode.errors import (
     error_class,
 )
 from swarmnode.identity import TlsFiles, fingerprint
-from swarmnode.transport import serde
+from swarmnode.transport import parts, serde
 from swarmnode.transport.listener import ListenerLimits, TlsListener
 
 __all__ = ["DataClient", "DataServer", "bind_address", "check_push", "stripe_blocks"]
@@ -459,6 +459,10 @@ class DataServer:
                     self._push(tls, sender, hdr, started)
                 elif op == "pull":
                     self._pull(tls, sender, hdr, started)
+                elif op == "manifest":
+                    self._manifest(tls, sender, hdr)
+                elif op == "parts":
+                    self._parts(tls, sender, hdr, started)
                 else:
                     raise PayloadRejected(f"unknown data plane operation {op!r}")
             except SwarmError as exc:
@@ -729,6 +733,72 @@ class DataServer:
         _send_blocks(tls, view, stripe_blocks(len(view), index, stripes), sent)
 
 
+    # -- parts: members serve each other the merged model (transport.parts) -----------------------
+    def _part_source(self, caller: str, hdr: dict[str, Any], what: str) -> tuple[int, int, Any]:
+        rnd = _int(hdr, "round", what)
+        if not self.authority.is_participant(rnd, caller):
+            raise PeerRefused(f"{caller} is not a participant of round {rnd}")
+        part_size = _int(hdr, "part_size", what, parts.MIN_PART_SIZE, parts.MAX_PART_SIZE)
+        try:
+            parts.check_part_size(part_size)
+        except ValueError as exc:
+            raise PayloadRejected(f"{what}: {exc}") from None
+        wait = hdr.get("wait_s", 0.0)
+        wait = max(0.0, min(float(wait), 60.0)) if isinstance(wait, int | float) else 0.0
+        find = getattr(self.handler, "part_source", None)
+        source = find(rnd, wait, caller) if find is not None else None
+        if source is None:
+            raise RoundError(f"this node holds no part of round {rnd}'s merged model (yet); "
+                             "ask another member of the round, or its leader")
+        return rnd, part_size, source
+
+    def _manifest(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any]) -> None:
+        """``{"op": "manifest", "address", "round", "part_size", "wait_s"}``: the manifest of
+        the round's merged model in parts of ``part_size`` (reply frame ``{"ok": true,
+        "bytes": n}`` then the manifest's bytes)."""
+        rnd, part_size, source = self._part_source(caller, hdr, "manifest")
+        manifest = source.manifest_for(part_size)
+        if manifest is None:
+            raise RoundError(f"this node receives round {rnd}'s model in parts of another size; "
+                             "ask the round's leader for the manifest")
+        raw = manifest.to_bytes()
+        _send_frame(tls, {"ok": True, "bytes": len(raw)})
+        tls.sendall(raw)
+
+    def _parts(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any],
+               started: float) -> None:
+        """``{"op": "parts", "address", "round", "part_size", "parts": [i, ...], "wait_s"}``:
+        each part in the order asked, as soon as this node holds it: a frame ``{"part": i,
+        "bytes": n}`` then its bytes, or ``{"part": i, "bytes": -1}`` for one it did not get
+        within ``wait_s``; then ``{"ok": true}``. The asker verifies every part itself."""
+        rnd, part_size, source = self._part_source(caller, hdr, "parts")
+        wanted = hdr.get("parts")
+        if (not isinstance(wanted, list) or len(wanted) > parts.MAX_PARTS
+                or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i
+                           < parts.MAX_PARTS for i in wanted)):
+            raise PayloadRejected(f"parts: 'parts' must be a list of at most {parts.MAX_PARTS} "
+                                  "part numbers")
+        wait = hdr.get("wait_s", 0.0)
+        wait = max(0.0, min(float(wait), 60.0)) if isinstance(wait, int | float) else 0.0
+        _send_frame(tls, {"ok": True})
+        moved = 0
+        for i in wanted:
+            t0 = time.monotonic()
+            data = source.slice(i, part_size, wait)
+            started += time.monotonic() - t0  # waiting for a part to arrive is not a slow link
+            if data is None:
+                _send_frame(tls, {"part": i, "bytes": -1})
+                continue
+            _send_frame(tls, {"part": i, "bytes": len(data)})
+            tls.sendall(data)
+            moved += len(data)
+            self._check_rate(started, moved, f"parts of round {rnd} for {caller}")
+            note = getattr(source, "sent", None)
+            if note is not None:
+                note(i, part_size, caller)
+        _send_frame(tls, {"ok": True, "end": True})
+
+
 # -- client ---------------------------------------------------------------------------------------
 class DataClient:
     """Pushes to and pulls from one peer's data plane, ``stripes`` connections per transfer."""
@@ -902,3 +972,71 @@ class DataClient:
         except (ValueError, PayloadRejected) as exc:
             raise PayloadRejected(f"{what}: {exc}") from None
         return received
+
+    # -- parts (transport.parts): a member's share from the leader, the rest from other members --
+    def manifest(self, round: int, part_size: int, timeout: float,
+                 wait_s: float = 2.0) -> parts.Manifest:
+        """The manifest of round ``round``'s merged model in parts of ``part_size`` (RoundError
+        while this peer holds no part of it: ask again, or elsewhere)."""
+        what = f"manifest of round {round} from {self.who}"
+        with self._connect(timeout) as tls:
+            tls.settimeout(min(timeout, _PROGRESS_S + wait_s))
+            _send_frame(tls, {"op": "manifest", "address": self.own_address, "round": round,
+                              "part_size": part_size, "wait_s": wait_s})
+            try:
+                reply = _recv_frame(tls, what)
+                self._verdict(reply, what)
+                n = _int(reply, "bytes", what, 1, 64 + 32 * parts.MAX_PARTS)
+                raw = _recv_exact(tls, n, what)
+            except SwarmError:
+                raise
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"{what}: the connection broke: {exc}") from None
+        manifest = parts.Manifest.from_bytes(raw, self.max_bytes)
+        if manifest.part_size != part_size:
+            raise PayloadRejected(f"{what}: parts of {manifest.part_size} bytes, not "
+                                  f"{part_size} as asked")
+        return manifest
+
+    def fetch_parts(self, round: int, into: parts.PartBuffer, wanted: list[int],
+                    timeout: float, wait_s: float) -> set[int]:
+        """Ask for ``wanted`` parts (served as this peer gets them, each waited for up to
+        ``wait_s``) and put each into ``into``, which verifies it against the manifest. Returns
+        the parts delivered; a part this peer did not have in time is left out. A part that
+        fails verification ends the exchange with PayloadRejected (a lying or broken peer: ask
+        the leader), keeping the parts verified before it."""
+        what = f"parts of round {round} from {self.who}"
+        m = into.manifest
+        got: set[int] = set()
+        with self._connect(timeout) as tls:
+            tls.settimeout(min(timeout, _PROGRESS_S) + wait_s)
+            _send_frame(tls, {"op": "parts", "address": self.own_address, "round": round,
+                              "part_size": m.part_size, "parts": wanted, "wait_s": wait_s})
+            try:
+                self._verdict(_recv_frame(tls, what), what)
+                for i in wanted:
+                    head = _recv_frame(tls, what)
+                    if head.get("part") != i:
+                        raise PayloadRejected(f"{what}: part {head.get('part')!r} came where "
+                                              f"part {i} was due")
+                    n = head.get("bytes")
+                    if n == -1:
+                        continue
+                    start, end = m.span(i)
+                    if n != end - start:
+                        raise PayloadRejected(f"{what}: part {i} announced as {n!r} bytes, the "
+                                              f"manifest says {end - start}")
+                    data = bytearray(end - start)
+                    view = memoryview(data)
+                    _recv_blocks(tls, view, [(0, len(data))], f"{what}, part {i}",
+                                 lambda _n: None)
+                    into.put(i, data)  # PayloadRejected: not the manifest's part
+                    got.add(i)
+                self._verdict(_recv_frame(tls, what), what)
+            except SwarmError:
+                raise
+            except (OSError, ssl.SSLError) as exc:
+                if not got:
+                    raise TransportError(f"{what}: the connection broke: {exc}") from None
+                log.info("%s: the connection broke after %d parts: %s", what, len(got), exc)
+        return got

@@ -27,18 +27,22 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from swarmnode.errors import PayloadRejected
 
 __all__ = [
     "MAX_PARTS",
+    "FullSource",
     "MAX_PART_SIZE",
     "MIN_PART_SIZE",
     "Manifest",
     "PartBuffer",
+    "Schedule",
+    "check_part_size",
     "part_size_for",
     "plan",
 ]
@@ -98,7 +102,7 @@ class Manifest:
     def of(cls, data: bytes | bytearray | memoryview, part_size: int,
            threads: int = 2) -> Manifest:
         """The manifest of ``data`` (hashlib releases the GIL: parts hash on ``threads``)."""
-        _check_part_size(part_size)
+        check_part_size(part_size)
         view = memoryview(data).cast("B")
         total = len(view)
         count = -(-total // part_size)
@@ -131,7 +135,7 @@ class Manifest:
             raise PayloadRejected(f"the manifest names {total} bytes, over the limit of "
                                   f"{max_total}")
         try:
-            _check_part_size(part_size)
+            check_part_size(part_size)
         except ValueError as exc:
             raise PayloadRejected(f"the manifest's {exc}") from None
         if count != -(-total // part_size) or count > MAX_PARTS:
@@ -145,7 +149,8 @@ class Manifest:
                    tuple(bytes(body[k * _HASH:(k + 1) * _HASH]) for k in range(count)))
 
 
-def _check_part_size(part_size: int) -> None:
+def check_part_size(part_size: int) -> None:
+    """ValueError unless ``part_size`` is a power of two within the bounds."""
     if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE or part_size & (part_size - 1):
         raise ValueError(f"part size {part_size} is not a power of two within "
                          f"{MIN_PART_SIZE}..{MAX_PART_SIZE}")
@@ -170,6 +175,38 @@ def plan(count: int, members: Sequence[str], me: str, leader: str) -> list[list[
         rest = [m for m in members if m != me and m not in first]
         out.append(first + rest)
     return out
+
+
+class Schedule:
+    """Which parts to ask which source for next: every part starts at the first source of its
+    :func:`plan`; after each pass (all sources asked at once) a part still missing moves on to
+    its next source, and a part with none left is lost."""
+
+    def __init__(self, sources: list[list[str]]) -> None:
+        self._left = {i: list(s) for i, s in enumerate(sources)}
+        self.lost: list[int] = []
+
+    @property
+    def done(self) -> bool:
+        return not self._left
+
+    def requests(self) -> dict[str, list[int]]:
+        """This pass: source -> the parts to ask it for, in part order."""
+        out: dict[str, list[int]] = {}
+        for i, srcs in sorted(self._left.items()):
+            out.setdefault(srcs[0], []).append(i)
+        return out
+
+    def settle(self, held: Callable[[int], bool]) -> None:
+        """After a pass: forget the parts now ``held``, move the others to their next source."""
+        for i in list(self._left):
+            if held(i):
+                del self._left[i]
+                continue
+            self._left[i].pop(0)
+            if not self._left[i]:
+                del self._left[i]
+                self.lost.append(i)
 
 
 class PartBuffer:
@@ -237,3 +274,57 @@ class PartBuffer:
         if got != digest:
             raise PayloadRejected(f"the assembled model hashes to {got.hex()[:12]}..., not the "
                                   f"committed {digest.hex()[:12]}...: its manifest is wrong")
+
+    # -- as a source: what a member serves while it still receives --------------------------------
+    def manifest_for(self, part_size: int) -> Manifest | None:
+        return self.manifest if part_size == self.manifest.part_size else None
+
+    def slice(self, i: int, part_size: int, timeout: float) -> memoryview | None:
+        if part_size != self.manifest.part_size:
+            return None
+        return self.part(i, timeout)
+
+
+class FullSource:
+    """A whole model this node holds (the leader's merged model, or a member's stored copy),
+    served in parts of whatever valid size a member asks for; manifests are made once per part
+    size. ``on_served(member)`` is told when every part of a part size has gone out at least
+    once, with the member that took the last of them (the leader: the swarm now holds the whole
+    model outside this node)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview | Any,
+                 on_served: Callable[[str], None] | None = None) -> None:
+        self.data = data
+        self._view = memoryview(data).cast("B")
+        self._manifests: dict[int, Manifest] = {}
+        self._sent: dict[int, set[int]] = {}
+        self._on_served = on_served
+        self._lock = threading.Lock()
+
+    def manifest_for(self, part_size: int) -> Manifest:
+        check_part_size(part_size)
+        with self._lock:
+            m = self._manifests.get(part_size)
+        if m is None:
+            m = Manifest.of(self._view, part_size)
+            with self._lock:
+                self._manifests[part_size] = m
+        return m
+
+    def slice(self, i: int, part_size: int, timeout: float) -> memoryview | None:
+        check_part_size(part_size)
+        count = -(-len(self._view) // part_size)
+        if not 0 <= i < count:
+            return None
+        return self._view[i * part_size:(i + 1) * part_size]
+
+    def sent(self, i: int, part_size: int, to: str = "") -> None:
+        """Part ``i`` went out whole, to ``to``."""
+        count = -(-len(self._view) // part_size)
+        with self._lock:
+            done = self._sent.setdefault(part_size, set())
+            before = len(done)
+            done.add(i)
+            now_all = before < count <= len(done)
+        if now_all and self._on_served is not None:
+            self._on_served(to)

@@ -507,6 +507,11 @@ class PeerClient:
             )
         return self._data
 
+    def data_plane(self, timeout: float) -> DataClient | None:
+        """The peer's data plane (None: it names none, or cannot be reached): the parts of a
+        merged model (``manifest``, ``fetch_parts``) travel only there."""
+        return self._data_plane(timeout)
+
     def _no_data_plane(self, exc: SwarmError) -> None:
         log.warning("%s: data plane unreachable (%s); using gRPC", self.who, exc)
         self._data = None

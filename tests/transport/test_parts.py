@@ -128,3 +128,16 @@ def test_a_failed_transfer_wakes_whoever_waits_for_a_part() -> None:
     assert out == [None]
     with pytest.raises(PayloadRejected, match="6 of 6 parts missing"):
         buf.finish(hashlib.sha256(MODEL).digest())
+
+
+def test_a_schedule_moves_a_missing_part_to_its_next_source_until_none_is_left() -> None:
+    from swarmnode.transport.parts import Schedule
+
+    sched = Schedule(plan(4, ["a", "b", "c"], "a", "L"))
+    assert sched.requests() == {"L": [0, 3], "b": [1], "c": [2]}
+    sched.settle(lambda i: i in (0, 3, 2))  # b had nothing (dead): part 1 goes to the leader
+    assert sched.requests() == {"L": [1]}
+    sched.settle(lambda i: False)  # the leader failed too: then c
+    assert sched.requests() == {"c": [1]}
+    sched.settle(lambda i: False)
+    assert sched.done and sched.lost == [1]
