@@ -191,3 +191,42 @@ def _json(training: _Training, i: int) -> dict[str, Any]:
     import json
 
     return json.loads((training.folder(i) / "result.json").read_text())
+
+
+def test_a_member_revoked_while_its_leader_merges_is_left_out_at_the_re_election(
+    tmp_path: Path,
+) -> None:
+    """The leader of round 2 hangs 3 s before merging (a test fault); a participant is revoked
+    meanwhile. The leader's view of it (cached up to 5 s) still lists it, so its commit is
+    refused (MemberRevoked): the attempt is given up, the deadline re-elects, and the others
+    finish without the revoked site (before the fix the leader sent the same refused commit
+    until its round timeout)."""
+    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4) as swarm:
+        c = swarm.contract
+        for i in range(3):  # whichever is drawn leads round 2, and hangs
+            swarm.start_node(i, faults={"stall_commit": "2:1:3"})
+        swarm.wait_enrolled([0, 1, 2], timeout=120)
+        for i in range(3):
+            swarm.start_trainer(i, epochs=3)
+
+        def hanging() -> int | None:
+            for i in range(3):
+                if "test fault: hanging before the commit" in swarm.log(i, "node").read_text():
+                    return i
+            return None
+
+        swarm.wait_until(lambda: hanging() is not None, 180, "round 2's leader hanging")
+        leader = hanging()
+        assert leader is not None
+        participants = c.round(2).participants
+        victim = next(p for p in participants if p != swarm.accounts[leader].address)
+        c.registry.with_account(dev_account(0)).revoke(victim)
+        others = [i for i in range(3) if swarm.accounts[i].address != victim]
+        swarm.wait_until(lambda: _trainers_done(swarm.trainers, others, swarm.trainer_failure),
+                         240, "the two others to finish")
+        assert "MemberRevoked" in swarm.log(leader, "node").read_text(), \
+            "the leader's commit was not refused: the path under test did not run"
+        commits = [e for e in c.events(names={"MergeCommitted"}) if e.args["round"] == 2]
+        assert commits and victim not in commits[-1].args["members"]
+        final = _final(c).hex()
+        assert {swarm.result(i)["final_digest"] for i in others} == {final}
