@@ -5,8 +5,9 @@ each test measures how long the swarm took to get past the failure and prints it
 README's failure table reports those times. Faults are real where the OS can make them (SIGSTOP,
 SIGKILL, a chain stopped and started) and injected at an exact protocol point otherwise
 (the ``exit`` fault of the node's test-only ``faults:`` config: the process exits with no
-clean-up at that point). Failures whose subject is a protocol rule (members dying around their
-push, a round whose every leader fails) run on the in-process swarm: tests/node/test_swarm_rules.py.
+clean-up at that point). Failures whose subject is a protocol rule (a leader or members dying
+around a commit or push, a round whose every leader fails) run on the in-process swarm instead:
+tests/node/test_swarm_rules.py.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def test_a_paused_leader_is_replaced_and_catches_up_when_it_wakes(tmp_path: Path
     model."""
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
                     epochs=3) as swarm:
-        # round 2's leader holds its commit back 20 s, so the freeze surely lands before it
-        _start(swarm, {i: {"stall_commit": "2:1:20"} for i in range(3)})
+        # round 2's leader holds its commit back 12 s, so the freeze (at most a few seconds after
+        # the election, on a loaded machine) surely lands before it; the paused leader finishes
+        # last, when its hold ends, so a longer one only makes the test longer
+        _start(swarm, {i: {"stall_commit": "2:1:12"} for i in range(3)})
         info = _drawn(swarm, 2)
         leader = swarm.index_of(info.leader)
         swarm.pause_node(leader)
@@ -71,33 +74,6 @@ def test_a_paused_leader_is_replaced_and_catches_up_when_it_wakes(tmp_path: Path
         assert c.round(2).leader != info.leader
         assert recovered < swarm.deadline_s + 15, recovered
         _all_end_with_the_final_model(swarm, [0, 1, 2])
-
-
-def test_the_leader_dies_right_after_committing(tmp_path: Path) -> None:
-    """The round-2 leader exits the moment its commit is mined. The members hold the merged model
-    (fetched before the commit) or pull it from one that does; the others go on without it."""
-    exit_after_commit = {"exit": "after-commit:2"}
-    with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=1, deadline_s=4,
-                    epochs=3) as swarm:
-        _start(swarm, {i: exit_after_commit for i in range(3)})
-        c = swarm.contract
-        def exited() -> list[int]:
-            return [i for i, p in swarm.nodes.items() if p.poll() is not None]
-
-        (dead,) = _wait(exited, 120, "the leader's exit", swarm)
-        died = time.monotonic()
-        assert swarm.nodes[dead].returncode == 137
-        assert c.round(2).status is RoundStatus.COMMITTED
-        assert c.round(2).leader == swarm.accounts[dead].address
-        _wait(lambda: c.round(3).status is RoundStatus.COMMITTED, 90, "round 3's commit", swarm)
-        print(f"\nleader dead after its commit: round 3 committed {time.monotonic() - died:.1f} s "
-              "later")
-        survivors = [i for i in range(3) if i != dead]
-        _all_end_with_the_final_model(swarm, survivors)
-        digest2 = c.round(2).digest
-        assert digest2 is not None
-        for i in survivors:  # both took round 2's model: it was not lost with its leader
-            assert "round 2: no participant can serve" not in swarm.log(i, "node").read_text()
 
 
 def test_the_chain_restarts_in_the_middle_of_a_round(tmp_path: Path) -> None:
@@ -128,9 +104,10 @@ def test_a_chain_that_mines_only_every_few_seconds(tmp_path: Path) -> None:
     """No instant mining: a block every 3 s (anvil --block-time 3 standing in for geth or a PoA
     network), so every transaction waits for the next block and the leader is only known a block
     after a round closes. The swarm trains to the end and every site holds the final model."""
-    # a sync every 8 batches: half the rounds of the default, enough to see several
+    # a sync every 16 batches: a quarter of the default's rounds (~11 s each on 3 s blocks),
+    # still several, each waiting for its blocks
     with LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=3, deadline_s=30, epochs=1,
-                    sync_frequency=8, block_time=3.0, instant_mining=False) as swarm:
+                    sync_frequency=16, block_time=3.0, instant_mining=False) as swarm:
         started = time.monotonic()
         _start(swarm)
         _all_end_with_the_final_model(swarm, [0, 1, 2])

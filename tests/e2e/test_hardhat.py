@@ -30,7 +30,7 @@ def _needs_hardhat() -> None:
 def test_a_swarm_trains_to_the_end_on_hardhat_with_2_s_blocks_and_automine_off(
         tmp_path: Path) -> None:
     swarm = LocalSwarm(tmp_path / "swarm", 3, min_peers=2, grace_s=3, deadline_s=30, epochs=1,
-                       sync_frequency=8)  # half the default's rounds: several are enough
+                       sync_frequency=16)  # a quarter of the default's rounds: several still
     swarm.chain = DevChain(kind="hardhat", block_time=BLOCK_TIME, instant=False)
     with swarm:
         w3 = swarm.w3

@@ -271,3 +271,26 @@ def test_members_that_die_after_and_before_pushing_do_not_stall_the_round() -> N
         assert c.round(last).status is RoundStatus.COMMITTED
         assert max(commits) > last  # the survivors went on merging
         _all_hold_the_final_model(swarm, [0, 1])
+
+
+def test_the_leader_dies_right_after_committing(caplog: pytest.LogCaptureFixture) -> None:
+    """The round-2 leader dies the moment its commit is mined (the ``exit`` fault; nobody reaches
+    it any more). The members hold the merged model (fetched before the commit: the leader
+    commits only once a member holds a copy) or pull it from one that does; the others go on
+    without it and end with the final model."""
+    caplog.set_level(logging.WARNING, logger="swarmnode")
+    with InProcessSwarm(3, _spec(2), min_peers=2, grace_s=1, deadline_s=4,
+                        faults={i: {"exit": "after-commit:2"} for i in range(3)}) as swarm:
+        sites = swarm.run(_trainer({0: 5, 1: 5, 2: 5}), timeout=180)
+        c = swarm.admin
+        (dead,) = [s for s in sites if s.died is not None]
+        assert dead.died == 2
+        r2 = c.round(2)
+        assert r2.status is RoundStatus.COMMITTED and r2.leader == dead.address
+        assert c.round(3).status is RoundStatus.COMMITTED
+        survivors = [s for s in sites if s is not dead]
+        for s in survivors:  # both took round 2's model: it was not lost with its leader
+            (got,) = [x.outcome for x in s.syncs if x.outcome.round == 2]
+            assert got.digest == r2.digest
+        assert "round 2: no participant can serve" not in caplog.text
+        _all_hold_the_final_model(swarm, [s.index for s in survivors])
