@@ -2,7 +2,11 @@
 makes the CA and the kits, each site makes its keys in its own folder and sends only its request,
 installs its kit and runs `docker-compose up -d` in its folder (no flags: the kit's .env names the
 compose files and profile). The sites train to the chain's final model, each signing with the
-chain account it made itself (funded and authorised by the sentinel's deploy service)."""
+chain account it made itself (funded and authorised by the sentinel's deploy service). Then the
+consortium's next training on the same registry (`swarmnode consortium training`, the kits sent
+again, `docker-compose up -d`): trained to its own final model with no authorisation between the
+two. (Two trainings at once, and a revocation stopping a site in both: with real node processes,
+tests/node/test_trainings_on_one_registry.py.)"""
 
 from __future__ import annotations
 
@@ -11,16 +15,20 @@ import json
 import subprocess
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
-from provision_support import provision, secrets_of
+from provision_support import cli, provision, secrets_of
 
 from swarmnode.chain.client import SwarmContract, connect
 from swarmnode.containers.engine import compose_binary
 from swarmnode.containers.images import repo_root
 from swarmnode.demo.data import hospital_splits, save_shard
 from swarmnode.demo.model import make_model
+from swarmnode.demo.swarm import wait_until
+from swarmnode.spec import TrainingSpec
 from swarmnode.transport import serde
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -41,6 +49,71 @@ def _container(docker_client, project: str, service: str):  # type: ignore[no-un
     return found[0]
 
 
+def _read(stream) -> bytes:  # type: ignore[no-untyped-def]
+    """The one file of a container archive (``get_archive``)."""
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.next()
+        assert member is not None
+        return tar.extractfile(member).read()  # type: ignore[union-attr]
+
+
+def _the_next_training(tmp_path: Path, conf: Path, folders: dict[str, Path], client: Any,
+                       rpc_url: str, first: SwarmContract, script: str) -> None:
+    """The consortium's next training on its registry, as its people do it: the admin deploys
+    it (`swarmnode consortium training`: no authorisation) and sends the kits again; each site
+    installs its kit, puts the training's script in app/ and runs `docker-compose up -d`. The
+    three train it to its final model with no new authorisation; each node's latest model is
+    this training's, not the first's."""
+    registry = first.registry
+    authorised = len(registry.events(names={"Authorized"}))
+    # the next training: the same model, merged every 2 batches, 2 epochs (a short one)
+    spec = TrainingSpec.from_state(make_model(30, seed=0).state_dict(), sync_frequency=2,
+                                   min_peers=3, merge_method="mean")
+    (tmp_path / "next-spec.json").write_text(spec.to_json())
+    out = cli("consortium", "training", conf, "--spec", tmp_path / "next-spec.json",
+              "--rpc-url", rpc_url, "--grace", "2", "--deadline", "10")
+    assert "no site authorised again" in out
+    nxt = SwarmContract(connect(rpc_url), registry.trainings()[-1])
+    assert nxt.address != first.address and nxt.registry.address == registry.address
+    started = {n: _container(client, n, "ml").attrs["State"]["StartedAt"] for n in SITES}
+    for name in SITES:
+        cli("site", "install", conf.parent / "admin" / "kits" / name, "--dir", folders[name])
+        (folders[name] / "app" / "train.py").write_text(
+            script.replace("MIN_PEERS = 2\n", "MIN_PEERS = 3\n")
+            .replace("SYNC_FREQUENCY = 4 ", "SYNC_FREQUENCY = 2 ").replace("EPOCHS = 20\n",
+                                                                          "EPOCHS = 2\n"))
+    # each site on its own (the chain runs on; each node container is recreated for its new
+    # CONTRACT, each trainer started again): at once, as separate hospitals would
+    with ThreadPoolExecutor(len(SITES)) as pool:
+        ups = dict(zip(SITES, pool.map(lambda n: _compose(folders[n], "up", "-d"), SITES),
+                       strict=True))
+    for name, done in ups.items():
+        assert done.returncode == 0, (name, done.stderr[-2000:])
+
+    def restarted(name: str):  # type: ignore[no-untyped-def]
+        ml = _container(client, name, "ml")
+        return ml if ml.attrs["State"]["StartedAt"] != started[name] else None
+
+    for name in SITES:
+        wait_until(lambda name=name: restarted(name), 300, f"{name}'s trainer started again",
+                   poll=1.0)
+    codes = {n: restarted(n).wait(timeout=600)["StatusCode"] for n in SITES}
+    logs = {n: _container(client, n, "ml").logs(tail=20).decode(errors="replace")
+            for n in SITES}
+    assert all(c == 0 for c in codes.values()), (codes, logs)
+    final = bytes(nxt.events(names={"TrainingFinished"})[-1].args["digest"])
+    assert final != bytes(first.events(names={"TrainingFinished"})[-1].args["digest"])
+    for name in SITES:
+        ml, node = _container(client, name, "ml"), _container(client, name, "node")
+        assert serde.digest(_read(ml.get_archive("/workspace/out/final.safetensors")[0])) == final
+        assert serde.digest(_read(node.get_archive(
+            "/var/lib/swarmnode/latest.safetensors")[0])) == final, name
+    members = set().union(*(ev.args["members"] for ev in nxt.events(names={"MergeCommitted"})))
+    assert len(members) == 3
+    # no authorisation between the two trainings (the deploy service's re-run sent none)
+    assert len(registry.events(names={"Authorized"})) == authorised == 3
+
+
 def test_three_sites_from_one_consortium_file_train_to_the_final_model(
     tmp_path: Path, images: list  # noqa: ARG001 - built (and an engine running)
 ) -> None:
@@ -49,7 +122,7 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
 
     # the training the admin describes: the breast-cancer model and its initial weights
     data = hospital_splits(3, seed=0)
-    _conf, folders = provision(tmp_path, SITES, initial=make_model(30, seed=0).state_dict(),
+    conf, folders = provision(tmp_path, SITES, initial=make_model(30, seed=0).state_dict(),
                                # min_peers 3: the first round waits for every site (with 2,
                                # the first two up can finish the training before the third
                                # enrolled; its node is then refused, rightly)
@@ -97,11 +170,7 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
             except docker.errors.NotFound:
                 pytest.fail(f"{name}'s trainer exited 0 without a final model: "
                             f"{states[name]} {logs[name]}")
-            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-                member = tar.next()
-                assert member is not None
-                payload = tar.extractfile(member).read()  # type: ignore[union-attr]
-            assert serde.digest(payload) == bytes(final), name
+            assert serde.digest(_read(stream)) == bytes(final), name
         # every site took part in the merges
         members = set().union(*(ev.args["members"] for ev in
                                 contract.events(names={"MergeCommitted"})))
@@ -111,6 +180,8 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
         enrolled = {contract.node(requests[n]["address"]).endpoint for n in SITES}
         assert enrolled == {f"{n}:7441" for n in SITES}
         assert members == {requests[n]["address"] for n in SITES}
+        _the_next_training(tmp_path, conf, folders, client, f"http://127.0.0.1:{port}",
+                           contract, script.read_text())
     finally:
         for name in reversed(order):
             _compose(folders[name], "down", "-v", "--remove-orphans", "-t", "5")
