@@ -66,7 +66,7 @@ def _the_next_training(tmp_path: Path, conf: Path, folders: dict[str, Path], cli
     this training's, not the first's."""
     registry = first.registry
     authorised = len(registry.events(names={"Authorized"}))
-    # the next training: the same model, merged every 2 batches, 2 epochs (a short one)
+    # the next training: the same model, merged every 2 batches, 1 epoch (a short one)
     spec = TrainingSpec.from_state(make_model(30, seed=0).state_dict(), sync_frequency=2,
                                    min_peers=3, merge_method="mean")
     (tmp_path / "next-spec.json").write_text(spec.to_json())
@@ -81,7 +81,7 @@ def _the_next_training(tmp_path: Path, conf: Path, folders: dict[str, Path], cli
         (folders[name] / "app" / "train.py").write_text(
             script.replace("MIN_PEERS = 2\n", "MIN_PEERS = 3\n")
             .replace("SYNC_FREQUENCY = 4 ", "SYNC_FREQUENCY = 2 ").replace("EPOCHS = 20\n",
-                                                                          "EPOCHS = 2\n"))
+                                                                          "EPOCHS = 1\n"))
     # each site on its own (the chain runs on; each node container is recreated for its new
     # CONTRACT, each trainer started again): at once, as separate hospitals would
     with ThreadPoolExecutor(len(SITES)) as pool:
