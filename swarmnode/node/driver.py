@@ -708,9 +708,17 @@ class RoundDriver:
             self.chain.commit_merge(action.round, digest, list(members))
         except ContractReverted as exc:
             log.warning("round %d: commit refused: %s", action.round, exc)
-            revoked = exc.reason.args.get("member") if getattr(
-                exc.reason, "name", None) == "MemberRevoked" else None
-            if revoked is not None:
+            name = getattr(exc.reason, "name", None)
+            revoked = exc.reason.args.get("member") if name == "MemberRevoked" else None
+            if name == "TooFewMembers":
+                # the same members would be refused again and again: leave the round to the
+                # re-election at its deadline (or, every leader failing, to its abandonment)
+                log.error("round %d: the contract refuses a commit with members %s (updates "
+                          "from %s); leaving the round to the re-election", action.round,
+                          list(members) or "none", sorted(pushed) or "none")
+                rnd.merged.pop(action.attempt, None)
+                machine.on_vetoed(action.attempt)
+            elif revoked is not None:
                 # a member revoked after this merge: the merge holds its update, so it is never
                 # committed (the same refusal again and again); the members re-elect at the
                 # deadline and that attempt's leader merges without it
