@@ -136,7 +136,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
                     procs.append(net.run(i, [sys.executable, "-m", "swarmnode", "run",
                                              "--config", str(work / f"{name}.yaml")],
                                          stdout=log, stderr=subprocess.STDOUT, env=env))
-                limit = time.monotonic() + 120 + 5 * nodes
+                limit = time.monotonic() + 300 + 10 * nodes  # a loaded host starts slowly
                 while not all(contract.node(a).enrolled for a in addresses):
                     if time.monotonic() > limit or any(p.poll() is not None for p in procs):
                         raise RuntimeError(f"node services did not enrol; logs in {work}")
