@@ -1,4 +1,4 @@
-"""The demo's hospital splits, shard files, model, and a simulated swarm's quality on seed 0."""
+"""The demo's hospital splits, shard files, model, and an in-process swarm's quality on seed 0."""
 
 from __future__ import annotations
 
