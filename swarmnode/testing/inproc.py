@@ -334,6 +334,7 @@ class Site:
     done: threading.Event = field(default_factory=threading.Event)
     hello: dict[str, Any] = field(default_factory=dict)  # the node's answer to the trainer's hello
     died: int | None = None  # the round an exit fault ended it in
+    stopped_by: BaseException | None = None  # an error run(expected=...) accepted
 
     @property
     def final_digest(self) -> bytes | None:
@@ -391,6 +392,7 @@ class InProcessSwarm:
         self.network = MemoryNetwork()
         self.stop = threading.Event()
         self._ended = threading.Event()  # set whenever a trainer's thread ends
+        self._expected: Callable[[Site, BaseException], bool] | None = None  # run()'s
         ca_cert, ca_key = create_ca(self.workdir / "ca", "ca", org="inproc")
         trust = make_bundle([ca_cert], self.workdir / "trust.pem")
         self.sites: list[Site] = []
@@ -426,12 +428,15 @@ class InProcessSwarm:
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, step: Step, timeout: float = 120.0,
-            begin: Callable[[Site], None] | None = None) -> list[Site]:
+            begin: Callable[[Site], None] | None = None,
+            expected: Callable[[Site, BaseException], bool] | None = None) -> list[Site]:
         """Each site's trainer in a thread of its own: ``begin(site)`` (if given; it may wait),
         the trainer's hello (the latest merged model, if any), then ``step`` until it returns
         None, then ``finish`` with the swarm's policy. Returns once every site holds the final
-        model or died of an exit fault; raises the first site's error, or TimeoutError naming the
-        sites still running."""
+        model, died of an exit fault or stopped with an error ``expected(site, error)`` accepts
+        (kept in ``site.stopped_by``: a revoked site's refusal, say); raises the first other
+        site's error, or TimeoutError naming the sites still running."""
+        self._expected = expected
         threads = [threading.Thread(target=self._train, args=(site, step, begin),
                                     name=f"trainer-{site.name}", daemon=True)
                    for site in self.sites]
@@ -483,8 +488,13 @@ class InProcessSwarm:
             self.network.detach(site.address)  # nobody reaches it any more
             site.service.stop()
         except BaseException as exc:  # noqa: BLE001 - reported by run()
-            log.exception("%s: the trainer's thread failed", site.name)
-            site.error = exc
+            expected = self._expected
+            if isinstance(exc, Exception) and expected is not None and expected(site, exc):
+                log.warning("%s: the trainer stopped, as expected: %s", site.name, exc)
+                site.stopped_by = exc
+            else:
+                log.exception("%s: the trainer's thread failed", site.name)
+                site.error = exc
         finally:
             site.done.set()
             self._ended.set()

@@ -11,6 +11,7 @@ Trainers are step functions: a site-specific deterministic move from the model t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.models import RoundStatus
 from swarmnode.demo.swarm import wait_until
 from swarmnode.spec import TrainingSpec
@@ -294,3 +296,66 @@ def test_the_leader_dies_right_after_committing(caplog: pytest.LogCaptureFixture
             assert got.digest == r2.digest
         assert "round 2: no participant can serve" not in caplog.text
         _all_hold_the_final_model(swarm, [s.index for s in survivors])
+
+
+def test_a_member_revoked_while_its_leader_merges_is_left_out_at_the_re_election(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The leader of round 2 hangs 2 s before merging (a test fault, on every site: whichever is
+    drawn); a participant is revoked in the registry meanwhile. The leader's view of it (cached
+    up to 5 s) still lists it, so its commit is refused (MemberRevoked): the attempt is given up,
+    the deadline re-elects, that leader merges without the revoked site, and the two others
+    finish with the chain's final model (before the fix the leader sent the same refused commit
+    until its round timeout). The revoked site's trainer stops with an error, as a revoked
+    site's does. (An 8 s deadline: the refused commit must come before it in chain time, which
+    eth-tester runs ahead of the host's. Moved from a three-process test: its subject is the
+    rule, not the process boundary.)"""
+    caplog.set_level(logging.WARNING, logger="swarmnode")
+    hanging = threading.Event()
+    seen: dict[str, Any] = {}
+
+    class Hang(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "test fault: hanging before the commit" in record.getMessage():
+                seen.setdefault("thread", record.threadName)
+                hanging.set()
+
+    def revoke_while_it_hangs() -> None:
+        if not hanging.wait(180):
+            return  # run() times out and says where the sites are
+        c = swarm.admin
+        leader = c.round(2).leader
+        victim = next(p for p in c.round(2).participants if p != leader)
+        seen["leader"], seen["victim"] = leader, victim
+        c.registry.with_account(dev_account(0)).revoke(victim)
+
+    hang = {"stall_commit": "2:1:2"}
+    handler = Hang(logging.WARNING)
+    logging.getLogger("swarmnode").addHandler(handler)
+    try:
+        # a 3 s grace period: all three check in to round 2 on a loaded host (with the leader
+        # and the revoked site its only participants, no live participant may re-elect it)
+        with InProcessSwarm(3, _spec(2), min_peers=2, grace_s=3, deadline_s=8,
+                            faults={i: hang for i in range(3)}) as swarm:
+            watcher = threading.Thread(target=revoke_while_it_hangs, daemon=True)
+            watcher.start()
+            sites = swarm.run(_trainer({0: 3, 1: 3, 2: 3}), timeout=180,
+                              expected=lambda site, exc: site.address == seen.get("victim"))
+            watcher.join(30)
+            assert "victim" in seen, "round 2's leader never hung: the path under test did not run"
+            leader, victim = seen["leader"], seen["victim"]
+            (lead,) = [s for s in sites if s.address == leader]
+            assert seen["thread"] == f"trainer-{lead.name}"
+            refused = [r.getMessage() for r in caplog.records
+                       if r.threadName == f"trainer-{lead.name}"
+                       and "round 2: commit refused" in r.getMessage()]
+            assert refused and "MemberRevoked" in refused[0], \
+                f"the leader's commit was not refused as revoked: {refused}"
+            c = swarm.admin
+            assert c.node(victim).state == "revoked"
+            commits = [e for e in c.events(names={"MergeCommitted"}) if e.args["round"] == 2]
+            assert commits and victim not in commits[-1].args["members"]
+            assert c.round(2).attempt >= 2  # committed by the re-elected leader
+            others = [s.index for s in sites if s.address != victim]
+            _all_hold_the_final_model(swarm, others)
+    finally:
+        logging.getLogger("swarmnode").removeHandler(handler)
