@@ -122,10 +122,11 @@ class NodeConfig(BaseModel):
     data_dir: Path = Field(Path("swarm-data"), description="Merged models and node state.")
     max_update_mb: float = Field(2048.0, gt=0, description="Largest accepted parameter payload.")
     peer_served_pulls: bool = Field(
-        False, description="Fetch each round's merged model in verified parts: this node's "
+        True, description="Fetch each round's merged model in verified parts: this node's "
         "share from the leader, the rest from the other members as they receive theirs (the "
-        "leader's link carries about one model instead of one per member). Every node serves "
-        "parts whatever this says; it only decides how this node fetches.")
+        "leader's link carries about one model instead of one per member); false: the whole "
+        "model from the leader. Every node serves parts whatever this says; it only decides "
+        "how this node fetches.")
     reject_nonfinite: bool = Field(True, description="Refuse updates holding NaN or Inf.")
     collect_fraction: float = Field(
         0.5, gt=0, lt=1, description="Leader waits this share of the round deadline for stragglers."
