@@ -71,12 +71,13 @@ def anvil_w3(anvil: DevChain) -> Web3:
 
 @pytest.fixture(scope="session")
 def hardhat() -> Iterator[DevChain]:
-    """A real Hardhat node (automine) on a free port for the whole session; skipped where
-    Hardhat is not installed (``npm ci``)."""
+    """A real Hardhat node (automine) on a free port for the whole session; `make test`
+    installs it (``npm ci``), so its absence fails the tests that need it."""
     try:
         launcher.hardhat_binary()
     except ConfigError as exc:
-        pytest.skip(f"Hardhat's node is not installed: {exc}")
+        pytest.fail(f"Hardhat's node is not installed ({exc}); `make test` installs it "
+                    "(npm ci): run the suite through it")
     with DevChain(kind="hardhat") as chain:
         yield chain
 

@@ -734,7 +734,8 @@ class DataServer:
 
 
     # -- parts: members serve each other the merged model (transport.parts) -----------------------
-    def _part_source(self, caller: str, hdr: dict[str, Any], what: str) -> tuple[int, int, Any]:
+    def _part_source(self, caller: str, hdr: dict[str, Any], what: str
+                     ) -> tuple[int, int, float, Any]:
         rnd = _int(hdr, "round", what)
         if not self.authority.is_participant(rnd, caller):
             raise PeerRefused(f"{caller} is not a participant of round {rnd}")
@@ -750,13 +751,13 @@ class DataServer:
         if source is None:
             raise RoundError(f"this node holds no part of round {rnd}'s merged model (yet); "
                              "ask another member of the round, or its leader")
-        return rnd, part_size, source
+        return rnd, part_size, wait, source
 
     def _manifest(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any]) -> None:
         """``{"op": "manifest", "address", "round", "part_size", "wait_s"}``: the manifest of
         the round's merged model in parts of ``part_size`` (reply frame ``{"ok": true,
         "bytes": n}`` then the manifest's bytes)."""
-        rnd, part_size, source = self._part_source(caller, hdr, "manifest")
+        rnd, part_size, _wait, source = self._part_source(caller, hdr, "manifest")
         manifest = source.manifest_for(part_size)
         if manifest is None:
             raise RoundError(f"this node receives round {rnd}'s model in parts of another size; "
@@ -771,15 +772,13 @@ class DataServer:
         each part in the order asked, as soon as this node holds it: a frame ``{"part": i,
         "bytes": n}`` then its bytes, or ``{"part": i, "bytes": -1}`` for one it did not get
         within ``wait_s``; then ``{"ok": true}``. The asker verifies every part itself."""
-        rnd, part_size, source = self._part_source(caller, hdr, "parts")
+        rnd, part_size, wait, source = self._part_source(caller, hdr, "parts")
         wanted = hdr.get("parts")
         if (not isinstance(wanted, list) or len(wanted) > parts.MAX_PARTS
                 or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i
                            < parts.MAX_PARTS for i in wanted)):
             raise PayloadRejected(f"parts: 'parts' must be a list of at most {parts.MAX_PARTS} "
                                   "part numbers")
-        wait = hdr.get("wait_s", 0.0)
-        wait = max(0.0, min(float(wait), 60.0)) if isinstance(wait, int | float) else 0.0
         _send_frame(tls, {"ok": True})
         moved = 0
         for i in wanted:

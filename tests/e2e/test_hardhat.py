@@ -24,7 +24,8 @@ def _needs_hardhat() -> None:
     try:
         hardhat_binary()
     except ConfigError as exc:
-        pytest.skip(f"Hardhat's node is not installed: {exc}")
+        pytest.fail(f"Hardhat's node is not installed ({exc}); `make test` installs it "
+                    "(npm ci): run the suite through it")
 
 
 def test_a_swarm_trains_to_the_end_on_hardhat_with_2_s_blocks_and_automine_off(

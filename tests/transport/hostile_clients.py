@@ -18,7 +18,6 @@ import socket
 import ssl
 import sys
 import threading
-import time
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
                 raw = socket.create_connection((host, port), timeout=30,
                                                source_address=(source, 0))
             except OSError:
-                time.sleep(0.2)
+                stop.wait(0.2)  # ends at once when the holding is over
                 continue
             sock: socket.socket = raw
             try:
