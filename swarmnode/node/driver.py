@@ -550,7 +550,7 @@ class RoundDriver:
         part_size = parts.part_size_for(self._model_bytes or 0, len(members))
         manifest = None
         while goes_on():
-            plane = getattr(self.pool.client(leader), "data_plane", lambda _t: None)(transfer)
+            plane = self._data_plane(leader)
             if plane is None:
                 return False
             asked = time.monotonic()
@@ -606,13 +606,18 @@ class RoundDriver:
         # a member waits for parts its peer is still receiving; the leader holds them all
         wait = 2.0 if source == leader else min(25.0, self.timing.transfer_s)
         try:
-            plane = getattr(self.pool.client(source), "data_plane",
-                            lambda _t: None)(self.timing.transfer_s)
+            plane = self._data_plane(source)
             if plane is None:
                 return
             plane.fetch_parts(round, buf, wanted, timeout=self.timing.transfer_s, wait_s=wait)
         except SwarmError as exc:  # what arrived verified is kept; the rest goes elsewhere
             log.info("round %d: parts from %s: %s", round, source, exc)
+
+    def _data_plane(self, peer: str) -> Any:
+        """``peer``'s data plane client, which moves parts (None: it has none, or the transport
+        has no data plane, as the in-process one)."""
+        plane = getattr(self.pool.client(peer), "data_plane", None)
+        return plane(self.timing.transfer_s) if plane is not None else None
 
     def part_source(self, round: int, wait_s: float) -> Any:
         """What this node can serve of round ``round``'s merged model in parts: the buffer it
