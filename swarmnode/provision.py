@@ -83,6 +83,10 @@ REGISTRY_NONCE = 0
 TRAINING_NONCE = 1
 #: In the sentinel's kit: the dev chain's admin keystore and its password (the deploy service's)
 ADMIN_KIT_FILES = ("admin-chain/keystore.json", "admin-chain/keystore.password")
+#: The dev chain as every site reaches it on one host (the sentinel's ``chain`` service on the
+#: shared consortium network), and the sentinel's gateway port on separate hosts
+ONE_HOST_RPC_URL = "http://chain:8545"
+GATEWAY_PORT = 8545
 
 
 # -- the consortium file ---------------------------------------------------------------------------
@@ -190,20 +194,41 @@ class ConsortiumFile(_Strict):
         if self.training.min_peers > len(self.sites):
             raise ValueError(f"training.min_peers={self.training.min_peers} but the consortium "
                              f"has {len(self.sites)} sites")
-        if not self.one_host and self.chain.dev:
-            url = urlparse(self.chain.rpc_url)
-            sentinel = self.site(self.sentinel_name)
-            if url.scheme != "https" or url.hostname not in (sentinel.dial, sentinel.name):
-                raise ValueError(
-                    "sites on separate hosts reach the sentinel's chain through its gateway "
-                    "(mutual TLS with the consortium's certificates; the dev chain itself is "
-                    f"never published): set chain.rpc_url to https://{sentinel.dial}:8545 "
-                    "(https://SENTINEL_HOST:PORT, the host the sentinel's certificate names), or "
-                    "one_host: true to try the consortium on one machine")
+        if self.chain.dev:
+            self._check_chain_url()
         if not self.chain.dev and (self.chain.contract is None or self.chain.registry is None):
             raise ValueError("chain.dev is false: set chain.registry and chain.contract to the "
                              "registry and the training the admin deployed on that network")
         return self
+
+    def _check_chain_url(self) -> None:
+        """The dev chain's URL in the kits is one the other sites can reach: on one host the
+        sentinel's chain on the shared consortium network, on separate hosts its gateway (the
+        sentinel's host, https). Not given: derived from the sentinel."""
+        sentinel = self.site(self.sentinel_name)
+        given = "rpc_url" in self.chain.model_fields_set
+        if self.one_host:
+            if given and self.chain.rpc_url.rstrip("/") != ONE_HOST_RPC_URL:
+                raise ValueError(
+                    f"one_host: true, but chain.rpc_url is {self.chain.rpc_url}: on one host "
+                    "the sites reach the sentinel's dev chain on the shared consortium network "
+                    f"at {ONE_HOST_RPC_URL}, and nothing answers at that URL there (no gateway "
+                    "runs on one host). Remove chain.rpc_url (it defaults to "
+                    f"{ONE_HOST_RPC_URL}), or remove one_host for sites on separate hosts")
+            self.chain.rpc_url = ONE_HOST_RPC_URL
+            return
+        if not given:  # separate hosts: the sentinel's gateway, on the host its certificate names
+            self.chain.rpc_url = f"https://{sentinel.dial}:{GATEWAY_PORT}"
+            return
+        url = urlparse(self.chain.rpc_url)
+        if url.scheme != "https" or url.hostname not in (sentinel.dial, sentinel.name):
+            raise ValueError(
+                "sites on separate hosts reach the sentinel's chain through its gateway "
+                "(mutual TLS with the consortium's certificates; the dev chain itself is "
+                f"never published): set chain.rpc_url to https://{sentinel.dial}:{GATEWAY_PORT} "
+                "(https://SENTINEL_HOST:PORT, the host the sentinel's certificate names; or "
+                "leave it out: that is the default), or one_host: true to try the consortium "
+                "on one machine")
 
     def site(self, name: str) -> SiteEntry:
         for s in self.sites:

@@ -242,7 +242,6 @@ def test_the_dev_chain_admin_is_a_fresh_key_that_only_the_sentinel_kit_carries(
     ({"chain": {"dev": False}}, "chain.contract"),
     ({"chain": {"dev": False, "contract": "0x" + "11" * 20}}, "chain.registry"),
     ({"chain": {"registry": "0x1234"}}, "'0x1234' is not a contract address"),
-    ({"one_host": False}, "SENTINEL_HOST"),
     ({"one_host": False, "chain": {"rpc_url": "http://hospital-1:8545"}}, "gateway"),
     ({"one_host": False, "chain": {"rpc_url": "https://elsewhere.example.org:8545"}},
      "the host the sentinel's certificate names"),
@@ -255,6 +254,39 @@ def test_a_bad_consortium_file_names_what_is_wrong(tmp_path: Path, change: dict,
     conf.write_text(yaml.safe_dump(raw))
     out = cli("consortium", "init", conf, code=10)
     assert message in out
+
+
+def test_the_kits_chain_url_is_one_every_site_can_reach(tmp_path: Path) -> None:
+    """Issue 21: the README's example (the sentinel's gateway URL with one_host: true) made
+    kits whose other sites could never reach the chain; init and sign refuse it, naming what to
+    change, and a file that leaves the URL out gets the one that fits."""
+    gateway = "https://hospital-1.example.org:8545"
+    conf = write_consortium(tmp_path / "desk", ["hospital-1", "hospital-2"],
+                            chain={"rpc_url": gateway})
+    out = cli("consortium", "init", conf, code=10)
+    assert f"one_host: true, but chain.rpc_url is {gateway}" in out
+    assert "http://chain:8545" in out and "Remove chain.rpc_url" in out
+    # init done with a right file, then the URL changed before sign: sign refuses it too
+    raw = yaml.safe_load(conf.read_text())
+    raw.pop("chain")
+    conf.write_text(yaml.safe_dump(raw))
+    cli("consortium", "init", conf)
+    for s in ("hospital-1", "hospital-2"):
+        cli("site", "request", "--name", s, "--dir", tmp_path / s)
+    reqs = [tmp_path / s / f"{s}.request.json" for s in ("hospital-1", "hospital-2")]
+    conf.write_text(yaml.safe_dump({**raw, "chain": {"rpc_url": gateway}}))
+    assert "one_host: true, but chain.rpc_url" in cli("consortium", "sign", conf, *reqs, code=10)
+    assert not (tmp_path / "desk" / "admin" / "kits").exists()
+    conf.write_text(yaml.safe_dump(raw))  # left out: the sentinel's chain on the shared network
+    cli("consortium", "sign", conf, *reqs)
+    two = (tmp_path / "desk" / "admin" / "kits" / "hospital-2" / ".env").read_text()
+    assert "RPC_URL=http://chain:8545\n" in two
+    # separate hosts, the URL left out: the sentinel's gateway on the host its certificate names
+    raw.update(one_host=False, sites=[{"name": "hospital-1", "host": "h1.example.org"},
+                                      {"name": "hospital-2", "host": "h2.example.org"}])
+    conf.write_text(yaml.safe_dump(raw))
+    consortium, _ = load_consortium(conf)
+    assert consortium.chain.rpc_url == "https://h1.example.org:8545"
 
 
 def test_a_spec_file_and_a_setting_that_contradicts_it_are_refused(tmp_path: Path) -> None:
