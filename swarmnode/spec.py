@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from swarmnode.errors import ConfigError, SpecMismatch
+from swarmnode.transport.compression import check_mode
 
 __all__ = ["TensorSpec", "TrainingSpec", "dtype_name"]
 
@@ -45,6 +46,11 @@ class TrainingSpec:
     # A swarm policy set at deployment (the contract refuses heavier check-ins), not a trainer
     # setting: trainers are not compared on it.
     max_weight: int | None = None
+    # How members send their updates to the leader: "none" (the whole model), "bf16" / "fp16"
+    # (the change from the round's starting model, rounded) or "int8" (8-bit, with error
+    # feedback); see swarmnode.transport.compression. A swarm policy, like max_weight: trainers
+    # are not compared on it.
+    compression: str = "none"
 
     @classmethod
     def from_state(
@@ -74,7 +80,8 @@ class TrainingSpec:
                 name: {"shape": list(p.shape), "dtype": p.dtype}
                 for name, p in sorted(self.params.items())
             },
-        } | ({"max_weight": self.max_weight} if self.max_weight is not None else {})
+        } | ({"max_weight": self.max_weight} if self.max_weight is not None else {}) | (
+            {"compression": self.compression} if self.compression != "none" else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -100,6 +107,7 @@ class TrainingSpec:
                 params=params,
                 merge_options={k: float(v) for k, v in raw.get("merge_options", {}).items()},
                 max_weight=_max_weight(raw.get("max_weight")),
+                compression=check_mode(raw.get("compression", "none")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(

@@ -55,7 +55,7 @@ from swarmnode.node.machine import (
 )
 from swarmnode.node.peers import PeerPool
 from swarmnode.node.store import ModelStore, StoredModel
-from swarmnode.transport import parts, serde
+from swarmnode.transport import compression, parts, serde
 from swarmnode.types import StateDict, Update
 
 __all__ = ["Round", "RoundDriver", "RoundOutcome"]
@@ -129,14 +129,17 @@ class RoundDriver:
         stop: threading.Event | None = None,
         faults: Faults = NO_FAULTS,
         peer_parts: bool = False,
+        codec: compression.UpdateCodec | None = None,
     ) -> None:
         """``watcher``: waits end at the next block (or update) instead of after a fixed
         interval; without one the round polls every ``timing.poll_s``. ``faults``: what the
         failure tests inject (none in production). ``peer_parts``: members fetch the merged
         model in verified parts, their share from the leader and the rest from each other
-        (:mod:`swarmnode.transport.parts`), instead of each the whole model from the leader."""
+        (:mod:`swarmnode.transport.parts`), instead of each the whole model from the leader.
+        ``codec``: how updates travel (the spec's ``compression``; default: whole)."""
         self.me = me
         self.peer_parts = peer_parts
+        self.codec = codec or compression.UpdateCodec("none", spec.params if spec else {})
         self.watcher = watcher
         self.reject_nonfinite = reject_nonfinite
         self.stop = stop or threading.Event()  # set: the service is stopping; rounds end now
@@ -444,9 +447,10 @@ class RoundDriver:
     def _seed_own(self, rnd: Round, info: RoundInfo) -> None:
         log.info("round %d: elected leader (attempt %d)", info.round, info.attempt)
         payload = rnd.payload
+        own = self.codec.own(info.round, rnd.state, payload)  # as if it had sent it
         try:
             with serde.READING:  # not while an arriving update is checked: one at a time
-                self.collector(info).add(Update(rnd.state, float(rnd.weight), self.me,
+                self.collector(info).add(Update(own, float(rnd.weight), self.me,
                                                 evict=lambda: serde.evict(payload)))
         except (PayloadRejected, RoundError):  # already in, or already sealed
             pass
@@ -466,7 +470,7 @@ class RoundDriver:
 
     def _push(self, rnd: Round, action: Push, info: RoundInfo, now: float) -> None:
         self._die_at("before-push", action.round)
-        payload = rnd.payload
+        payload = self.codec.outgoing(action.round, rnd.state, rnd.payload)
         try:
             self.pool.client(action.leader).push_update(
                 action.round, rnd.weight, payload, timeout=action.timeout_s,
@@ -811,9 +815,10 @@ class RoundDriver:
         got.check_digest(digest)
         serde.view_state(got.data, spec=self.spec, reject_nonfinite=self.reject_nonfinite)
 
-    def latest_committed_before(self, round: int) -> StoredModel | None:
+    def latest_committed_before(self, round: int, pull: bool = True) -> StoredModel | None:
         """The newest committed merged model before ``round`` (None if no round committed yet),
-        pulled from that round's members if this node does not hold it."""
+        pulled from that round's members if this node does not hold it (``pull=False``: a
+        RoundError instead)."""
         for r in range(round - 1, 0, -1):
             info = self.chain.round(r)
             if info.status is not RoundStatus.COMMITTED or info.digest is None:
@@ -821,6 +826,8 @@ class RoundDriver:
             for held in (self.store.get(r), self.store.latest()):
                 if held is not None and held.round == r and held.digest == info.digest:
                     return held
+            if not pull:
+                raise RoundError(f"this node does not hold round {r}'s merged model (yet)")
             outcome = self.run_round(r, {}, b"", 0, contribute=False)
             return self.store.get(outcome.round)
         return None

@@ -48,7 +48,7 @@ from swarmnode.node.machine import Timing
 from swarmnode.node.peers import ChainAuthority, PeerPool
 from swarmnode.node.store import ModelStore, StoredModel
 from swarmnode.spec import TrainingSpec
-from swarmnode.transport import serde
+from swarmnode.transport import compression, serde
 from swarmnode.transport.local import LocalServer
 from swarmnode.transport.peer import PeerServer
 from swarmnode.types import StateDict, Update
@@ -214,6 +214,9 @@ class NodeService:
             log_filter=self.chain.log_filter(*SIGNAL_EVENTS),
             websocket=injected is None,  # an injected chain has no URL to subscribe at: polled
         )
+        # how updates travel (the spec's compression): the change from the round's start
+        self.codec = compression.UpdateCodec(self.spec.compression, self.param_spec.params,
+                                             self._round_start)
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
                                      on_add=self.watcher.notify, spec=self.param_spec)
         self.authority = ChainAuthority(self.chain)
@@ -231,6 +234,7 @@ class NodeService:
             self.param_spec, max_bytes=self.max_bytes, round_timeout_s=config.round_timeout_s,
             watcher=self.watcher, reject_nonfinite=config.reject_nonfinite, stop=self._stopped,
             faults=config.fault_plan, peer_parts=config.peer_served_pulls,
+            codec=self.codec,
         )
         self.progress = _Progress()
         self._waiting_cache: tuple[float, dict[str, Any]] | None = None
@@ -242,7 +246,7 @@ class NodeService:
     def start(self) -> None:
         self.peer_server = PeerServer(
             self.config.peer_listen, self.tls, self.authority, self,
-            spec=self.param_spec, max_bytes=self.max_bytes,
+            spec=self.codec.update_spec, max_bytes=self.max_bytes,
             reject_nonfinite=self.config.reject_nonfinite, data_port=self.config.data_port,
             spill_dir=str(self._spill_dir()), listener=self.config.listener_limits,
         )
@@ -341,8 +345,15 @@ class NodeService:
         evict: Callable[[], None] | None = None,
     ) -> None:
         info = self._check_push(round, sender, weight)
+        state = self.codec.incoming(round, state, sender)  # a compressed change: the full model
         self.driver.collector(info).add(Update(state, float(weight), sender, evict=evict))
         log.info("round %d: update from %s (weight %d)", round, sender, weight)
+
+    def _round_start(self, round: int, pull: bool) -> serde.Buffer | None:
+        """The bytes of the model ``round`` starts from (what compressed updates are changes
+        from); pull=False: only a model this node holds (a transport thread asks)."""
+        held = self.driver.latest_committed_before(round, pull=pull)
+        return None if held is None else held.data
 
     def check_push(self, round: int, sender: str, weight: int) -> None:
         """The servers ask this with a push's header, before its payload is read or admitted."""

@@ -178,6 +178,7 @@ class MemoryNetwork:
         self._lock = threading.Lock()
         self.pushes = 0
         self.pulls = 0
+        self.push_bytes = 0  # the payload bytes of the pushes that arrived
 
     def attach(self, address: str, node: NodeService, certificate: bytes) -> None:
         with self._lock:
@@ -238,10 +239,12 @@ class MemoryPeerClient:
             for chunk in serde.chunks(data):  # copied, as the wire would
                 assembler.add(chunk)
             received = assembler.finish()
-        state = received.decode(expected_digest=digest, spec=peer.param_spec,
+        state = received.decode(expected_digest=digest, spec=peer.codec.update_spec,
                                 reject_nonfinite=peer.config.reject_nonfinite)
         peer.accept_update(round, sender, weight, state, received.digest)
-        self.network.pushes += 1
+        with self.network._lock:
+            self.network.pushes += 1
+            self.network.push_bytes += len(data)
 
     def pull(self, round: int, timeout: float, size_hint: int | None = None) -> serde.Received:
         peer, own_cert = self._reach()
