@@ -46,11 +46,21 @@ class TrainingSpec:
     # A swarm policy set at deployment (the contract refuses heavier check-ins), not a trainer
     # setting: trainers are not compared on it.
     max_weight: int | None = None
+    # How a round's updates are merged: "leader" (every update to the round's leader, which
+    # merges and serves the merged model) or "sharded" (each participant merges one slice of
+    # the parameters, see swarmnode.transport.shards); both give the same merged bytes.
+    topology: str = "leader"
     # How members send their updates to the leader: "none" (the whole model), "bf16" / "fp16"
     # (the change from the round's starting model, rounded) or "int8" (8-bit, with error
     # feedback); see swarmnode.transport.compression. A swarm policy, like max_weight: trainers
     # are not compared on it.
     compression: str = "none"
+
+    def __post_init__(self) -> None:
+        try:
+            check_topology(self.topology, self.merge_method, self.merge_options)
+        except ValueError as exc:
+            raise ConfigError(f"training spec: {exc}") from None
 
     @classmethod
     def from_state(
@@ -81,6 +91,7 @@ class TrainingSpec:
                 for name, p in sorted(self.params.items())
             },
         } | ({"max_weight": self.max_weight} if self.max_weight is not None else {}) | (
+            {"topology": self.topology} if self.topology != "leader" else {}) | (
             {"compression": self.compression} if self.compression != "none" else {})
 
     def to_json(self) -> str:
@@ -107,6 +118,7 @@ class TrainingSpec:
                 params=params,
                 merge_options={k: float(v) for k, v in raw.get("merge_options", {}).items()},
                 max_weight=_max_weight(raw.get("max_weight")),
+                topology=str(raw.get("topology", "leader")),
                 compression=check_mode(raw.get("compression", "none")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -121,7 +133,7 @@ class TrainingSpec:
 
         Parameters appear as ``params[NAME]`` with ``dtype[shape]`` values (None: absent)."""
         diffs: list[tuple[str, Any, Any]] = []
-        for name in ("sync_frequency", "min_peers", "merge_method"):
+        for name in ("sync_frequency", "min_peers", "merge_method", "topology"):
             if getattr(self, name) != getattr(other, name):
                 diffs.append((name, getattr(self, name), getattr(other, name)))
         if dict(self.merge_options) != dict(other.merge_options):
@@ -154,6 +166,28 @@ class TrainingSpec:
 
 def _show(p: TensorSpec | None) -> str | None:
     return None if p is None else f"{p.dtype}[{', '.join(map(str, p.shape))}]"
+
+
+TOPOLOGIES = ("leader", "sharded")
+# Rules that merge every coordinate on its own: a slice of the parameters merges alone.
+SHARDABLE = ("mean", "coordmedian", "trimmedmean")
+
+
+def check_topology(topology: str, merge_method: str, merge_options: Mapping[str, float]) -> None:
+    """ValueError unless ``topology`` is known and the merge rule can run under it."""
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
+    if topology != "sharded":
+        return
+    if merge_method not in SHARDABLE:
+        raise ValueError(
+            f"topology 'sharded' merges each slice of the parameters apart, which only "
+            f"coordinate-wise rules allow ({', '.join(SHARDABLE)}); '{merge_method}' needs whole "
+            "updates: use topology 'leader' with it")
+    if "clip_norm" in merge_options:
+        raise ValueError(
+            "topology 'sharded' cannot clip updates by norm (clip_norm): an update's norm spans "
+            "every slice and no slice owner sees it whole; use topology 'leader' with clip_norm")
 
 
 MAX_WEIGHT = (1 << 96) - 1  # what the contract can hold

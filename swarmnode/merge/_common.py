@@ -194,6 +194,18 @@ def merge_nonfloat(updates: list[Update], name: str, device: torch.device) -> to
     return stacked.any(dim=0) if stacked.dtype == torch.bool else stacked.amax(dim=0)
 
 
+def column_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum of the rows of ``values`` [n, k], added one row after another: every column is
+    summed in the same order whatever its position, so a column's result does not depend on how
+    many columns share the block (a sharded merge, topology 'sharded', merges slices of a tensor
+    and must give the whole merge's bytes; ``sum(0)`` and ``@`` pick their summation order by
+    shape)."""
+    acc = values[0].clone()
+    for row in values[1:]:
+        acc += row
+    return acc
+
+
 def per_coordinate(
     updates: list[Update],
     checked: Checked,

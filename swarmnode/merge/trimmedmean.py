@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from swarmnode.merge._common import check_updates, option_error, per_coordinate
+from swarmnode.merge._common import check_updates, column_sum, option_error, per_coordinate
 from swarmnode.merge.registry import register
 from swarmnode.types import StateDict, Update
 
@@ -51,7 +51,7 @@ def trimmedmean(updates: Sequence[Update], *, trim: float = 0.1) -> StateDict:
         def block_rule(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
             ordered = torch.sort(values, dim=0).values
             kept = kept_once.to(values.dtype)
-            return (kept @ ordered) / kept.sum()
+            return column_sum(kept[:, None] * ordered) / kept.sum()
 
     else:
 
@@ -59,6 +59,6 @@ def trimmedmean(updates: Sequence[Update], *, trim: float = 0.1) -> StateDict:
             ordered, order = torch.sort(values, dim=0)
             sorted_weights = weights[order]
             kept = _kept(sorted_weights.cumsum(0), sorted_weights, trim).to(values.dtype)
-            return (kept * ordered).sum(0) / kept.sum(0)
+            return column_sum(kept * ordered) / column_sum(kept)
 
     return per_coordinate(items, checked, block_rule)

@@ -331,6 +331,17 @@ class ParamSpec:
         text, _ = _header(items)
         return struct.pack("<Q", len(text)) + text, items
 
+    def layout(self) -> tuple[int, list[tuple[str, tuple[int, ...], torch.dtype, int]]]:
+        """Where a canonical payload of this spec keeps each tensor: the header's length (the
+        tensors' bytes start there) and (name, shape, dtype, byte offset after the header) in
+        canonical order. Every offset is a multiple of its tensor's item size."""
+        head, items = self._canonical()
+        out, pos = [], 0
+        for name, shape, dtype in items:
+            out.append((name, shape, dtype, pos))
+            pos += math.prod(shape) * dtype.itemsize
+        return len(head), out
+
     @property
     def payload_bytes(self) -> int:
         """The size of a canonical payload of this spec (what :func:`encode` makes)."""
