@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ __all__ = [
     "consortium_sign",
     "consortium_training",
     "load_consortium",
+    "reauthorize",
+    "reauthorize_command",
     "site_install",
     "site_request",
 ]
@@ -83,6 +86,8 @@ REGISTRY_NONCE = 0
 TRAINING_NONCE = 1
 #: In the sentinel's kit: the dev chain's admin keystore and its password (the deploy service's)
 ADMIN_KIT_FILES = ("admin-chain/keystore.json", "admin-chain/keystore.password")
+#: In a site's folder: the account's nonce lock, shared by the site's node containers
+ACCOUNT_LOCK_DIR = "chain/tx-lock"
 #: The dev chain as every site reaches it on one host (the sentinel's ``chain`` service on the
 #: shared consortium network), and the sentinel's gateway port on separate hosts
 ONE_HOST_RPC_URL = "http://chain:8545"
@@ -240,6 +245,16 @@ class ConsortiumFile(_Strict):
     @property
     def sentinel_name(self) -> str:
         return self.sentinel or self.sites[0].name
+
+    def cert_names(self, site: SiteEntry) -> list[str]:
+        """The DNS names a site's certificate holds: the name other sites dial and its own; on
+        one host also ``*.SITE.CONSORTIUM``, the names its trainings' own compose projects are
+        dialled under on the shared network (``swarmnode site training``; on separate hosts
+        such a project takes other ports of the site's host name instead)."""
+        names = {site.dial, site.name}
+        if self.one_host:
+            names.add(f"*.{site.name}.{self.consortium}")
+        return sorted(names)
 
 
 def load_consortium(path: Path) -> tuple[ConsortiumFile, Path]:
@@ -484,6 +499,7 @@ class Kit:
     path: Path
     address: str
     sentinel: bool
+    reissued: bool = False  # a new certificate: the registry must authorise its fingerprint
 
 
 def _admin_address(conf: ConsortiumFile, admin: Path, path: Path) -> str | None:
@@ -519,10 +535,15 @@ def _compose_dir() -> Path:
                       "swarmnode package; run `swarmnode consortium sign` from a checkout")
 
 
-def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = None) -> list[Kit]:
+def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = None,
+                    reissue: Sequence[str] = ()) -> list[Kit]:
     """Check every site's request, sign it, and write each site's kit (all sites at once: the
-    sentinel's kit lists every site)."""
+    sentinel's kit lists every site). A site's certificate signed before is kept (the chain
+    authorised its fingerprint) unless ``reissue`` names the site; a request it no longer fits
+    (new key, other names) is refused without it."""
     conf, base = load_consortium(path)
+    for name in reissue:
+        conf.site(name)  # a site of the consortium
     admin = Path(admin_dir) if admin_dir is not None else base / "admin"
     ca_cert, ca_key = _consortium_ca(conf, admin)
     trust = admin / "consortium" / "trust.pem"
@@ -548,20 +569,34 @@ def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = N
     out = admin / "consortium"
     rows = ["name,address,cert"]
     certs: dict[str, Path] = {}
+    reissued: set[str] = set()
     for site in conf.sites:
         req, src = by_site[site.name]
         cert_path = out / f"{site.name}.pem"
+        before = cert_path.read_bytes() if cert_path.exists() else None
         if site.organisation_ca is not None:
             certs[site.name] = _check_org_cert(req, src, site, _resolve(base, site.organisation_ca),
                                                cert_path)
+            if before is not None and site.name not in reissue:
+                try:
+                    _keep_cert(before, req, src, site, ca_cert, conf.cert_names(site),
+                               org_cert=True)
+                except ConfigError:
+                    cert_path.write_bytes(before)
+                    raise
         else:
             if "csr" not in req:
                 raise ConfigError(f"{src}: site {site.name} has no organisation CA in the "
                                   "consortium file, so it sends a certificate request ('csr')")
-            pem = _certs.sign_csr(ca_cert, ca_key, req["csr"].encode(), site.name,
-                                  dns=sorted({site.dial, site.name}))
-            cert_path.write_bytes(pem)
+            if before is None or site.name in reissue or not _keep_cert(before, req, src, site,
+                                                                        ca_cert,
+                                                                        conf.cert_names(site)):
+                pem = _certs.sign_csr(ca_cert, ca_key, req["csr"].encode(), site.name,
+                                      dns=conf.cert_names(site))
+                cert_path.write_bytes(pem)
             certs[site.name] = cert_path
+        if before is not None and cert_path.read_bytes() != before:
+            reissued.add(site.name)
         rows.append(f"{site.name},{req['address']},{site.name}.pem")
     (out / "sites.csv").write_text("\n".join(rows) + "\n")
     admin_address = _admin_address(conf, admin, path)
@@ -598,8 +633,42 @@ def consortium_sign(path: Path, requests: list[Path], admin_dir: Path | None = N
             "format": KIT_FORMAT, "consortium": conf.consortium, "site": site.name,
             "address": req["address"], "registry": registry, "contract": contract,
             "rpc_url": conf.chain.rpc_url, "sentinel": sentinel})
-        kits.append(Kit(site=site.name, path=kit, address=req["address"], sentinel=sentinel))
+        kits.append(Kit(site=site.name, path=kit, address=req["address"], sentinel=sentinel,
+                        reissued=site.name in reissued))
     return kits
+
+
+def _keep_cert(before: bytes, req: dict[str, Any], src: Path, site: SiteEntry, ca_cert: Path,
+               want: list[str], org_cert: bool = False) -> bool:
+    """True: the site's certificate signed before still fits its request (its key, its names,
+    the consortium CA) and is kept, so the fingerprint the chain authorised stays valid. A
+    request it no longer fits is refused: a new certificate needs ``--reissue SITE``."""
+    old = x509.load_pem_x509_certificate(before)
+    if org_cert:
+        new = x509.load_pem_x509_certificate(req["cert"].encode())
+        if new.public_bytes(serialization.Encoding.DER) == old.public_bytes(
+                serialization.Encoding.DER):
+            return True
+        why = "brings another certificate than the one signed before"
+    else:
+        csr = x509.load_pem_x509_csr(req["csr"].encode())
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = sorted(san.get_values_for_type(x509.DNSName))
+        if csr.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+                old.public_key().public_bytes(serialization.Encoding.DER, spki):
+            why = "carries a new key (`swarmnode site request --force`?)"
+        elif names != want:
+            why = (f"needs the names {', '.join(want)} (its "
+                   f"certificate names {', '.join(names)})")
+        elif not _issued_by(old, load_certs(ca_cert)[0]):
+            why = "holds a certificate of another consortium CA"
+        else:
+            return True
+    raise ConfigError(
+        f"{src}: the request of {site.name} {why}; its certificate signed before is kept unless "
+        f"re-issued: pass --reissue {site.name} (the chain then authorises the new certificate: "
+        "`consortium sign` prints the command, or runs it with --rpc-url)")
 
 
 def _check_org_cert(req: dict[str, Any], src: Path, site: SiteEntry, org_ca: Path,
@@ -652,6 +721,9 @@ def _env(conf: ConsortiumFile, site: SiteEntry, registry: str, contract: str, se
         "KEY_INDEX=",
         "KEYSTORE_FILE=./chain/keystore.json",
         "KEYSTORE_PASSWORD_FILE=./chain/keystore.password",
+        "# The site's node containers (one per training it runs at once) sign with its one",
+        "# account and take turns with its nonces through a lock in this folder.",
+        f"ACCOUNT_LOCK_DIR=./{ACCOUNT_LOCK_DIR}",
         f"PEER_ENDPOINT={site.dial}:{site.peer_port}",
         f"CERT_FILE=./certs/{site.name}.pem",
         f"KEY_FILE=./certs/{site.name}.key",
@@ -701,6 +773,70 @@ def _env(conf: ConsortiumFile, site: SiteEntry, registry: str, contract: str, se
         lines += ["# read by the sentinel's deploy service only (required by the compose file)",
                   "CONSORTIUM_DIR=./consortium"]
     return "\n".join(lines) + "\n"
+
+
+def reauthorize_command(path: Path, kit: Kit, admin_dir: Path | None = None,
+                        rpc_url: str | None = None) -> str:
+    """The one command that authorises a re-issued certificate in the consortium's registry, with
+    this consortium's values (the admin's keystore on a dev chain; the chain as the admin's
+    machine reaches it: on one host the sentinel's chain's published port)."""
+    import shlex
+
+    conf, base = load_consortium(path)
+    admin = Path(admin_dir) if admin_dir is not None else base / "admin"
+    manifest = _kit_manifest(kit.path)
+    cert = (admin / "consortium" / f"{kit.site}.pem").resolve()
+    args = ["swarmnode", "authorize", kit.address, "--cert", str(cert), "--contract",
+            str(manifest.get("registry") or manifest["contract"])]
+    if conf.chain.dev:
+        keystore, password = _admin_files(admin)
+        args += ["--keystore", str(keystore.resolve()), "--password-file",
+                 str(password.resolve()), "--fund", f"{conf.chain.fund_eth:g}", "--once"]
+    else:
+        args += ["--keystore", "ADMIN_KEYSTORE", "--password-file", "ADMIN_PASSWORD_FILE"]
+    line = shlex.join(args)
+    if rpc_url is not None:
+        return f"{line} --rpc-url {shlex.quote(rpc_url)}"
+    if conf.chain.dev:  # the dev chain, published on the sentinel's host's loopback
+        return f"{line} --rpc-url http://$(docker port {conf.sentinel_name}-chain-1 8545)"
+    return f"{line} --rpc-url {shlex.quote(conf.chain.rpc_url)}"
+
+
+def reauthorize(path: Path, kits: Sequence[Kit], rpc_url: str,
+                admin_dir: Path | None = None) -> list[str]:
+    """Authorise the re-issued certificates of ``kits`` in the consortium's registry, as its dev
+    chain's admin (the keystore ``consortium init`` made); one line per site."""
+    from cryptography.hazmat.primitives import hashes
+
+    from swarmnode.chain.accounts import account_for
+    from swarmnode.chain.client import SwarmRegistry, connect
+
+    conf, base = load_consortium(path)
+    if not conf.chain.dev:
+        raise ConfigError("--rpc-url re-authorises on a dev chain, with the admin account "
+                          "`consortium init` made; on the consortium's own network run the "
+                          "`swarmnode authorize` commands printed without --rpc-url")
+    admin = Path(admin_dir) if admin_dir is not None else base / "admin"
+    keystore, password = _admin_files(admin)
+    w3 = connect(rpc_url)
+    account = account_for(w3, keystore=keystore, password_file=password)
+    lines = []
+    for kit in kits:
+        manifest = _kit_manifest(kit.path)
+        registry = SwarmRegistry(w3, str(manifest.get("registry") or manifest["contract"]),
+                                 account)
+        cert = load_certs(admin / "consortium" / f"{kit.site}.pem")[0]
+        fp = cert.fingerprint(hashes.SHA256())
+        site = registry.site(kit.address)
+        if site.fingerprint == fp:
+            lines.append(f"{kit.site}: already authorised with certificate {fp.hex()[:16]}…")
+            continue
+        if not site.authorized and conf.chain.fund_eth > 0:  # a new account: gas to enrol with
+            registry.fund(kit.address, int(conf.chain.fund_eth * 10**18))
+        done = registry.authorize(kit.address, fp)
+        lines.append(f"{kit.site}: authorised {kit.address} with certificate {fp.hex()[:16]}… "
+                     f"(block {done.block})")
+    return lines
 
 
 # -- admin: the consortium's next training -----------------------------------------------------
@@ -857,10 +993,18 @@ def site_install(kit_dir: Path, site_dir: Path) -> InstallResult:
     for d in ("data", "app"):
         (site_dir / d).mkdir(exist_ok=True)
     secrets_ = [key, site_dir / "chain" / "keystore.json", site_dir / "chain" / "keystore.password",
-                *(site_dir / name for name in ADMIN_KIT_FILES)]
+                *(site_dir / name for name in ADMIN_KIT_FILES), account_lock_dir(site_dir)]
     not_chowned = _give_to_node_user([p for p in secrets_ if p.exists()])
     return InstallResult(site=name, sentinel=bool(manifest.get("sentinel")),
                          not_chowned=not_chowned)
+
+
+def account_lock_dir(site_dir: Path) -> Path:
+    """The folder (made here, mode 0700) through which the site's node containers take turns
+    with its account's nonces (compose/keystore.yaml mounts it in each)."""
+    folder = Path(site_dir) / ACCOUNT_LOCK_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

@@ -57,13 +57,36 @@ def sign(
     path: ConsortiumPath,
     requests: Annotated[list[Path], typer.Argument(help="Every site's SITE.request.json.")],
     admin_dir: AdminDir = None,
+    reissue: Annotated[list[str] | None, typer.Option(
+        "--reissue", help="Sign this site a new certificate (again for several sites); without "
+        "it a site's certificate signed before is kept, so the fingerprint the chain authorised "
+        "stays valid.")] = None,
+    rpc_url: Annotated[str | None, typer.Option(
+        "--rpc-url", help="The dev chain as this machine reaches it: authorise the re-issued "
+        "certificates there now (else the command that does is printed).")] = None,
 ) -> None:
     """Check and sign every site's request; write each site's kit (send SITE's kit to SITE)."""
-    from swarmnode.provision import consortium_sign
+    from swarmnode.provision import consortium_sign, reauthorize, reauthorize_command
 
-    for kit in consortium_sign(path, requests, admin_dir):
+    kits = consortium_sign(path, requests, admin_dir, reissue=reissue or ())
+    for kit in kits:
         role = " (sentinel: runs the dev chain and deploys the contract)" if kit.sentinel else ""
-        console.print(f"kit for {kit.site:<16} {kit.path}  account {kit.address}{role}")
+        new = " NEW CERTIFICATE" if kit.reissued else ""
+        console.print(f"kit for {kit.site:<16} {kit.path}  account {kit.address}{role}{new}",
+                      highlight=False, soft_wrap=True)
+    reissued = [k for k in kits if k.reissued]
+    if reissued and rpc_url is not None:
+        for line in reauthorize(path, reissued, rpc_url, admin_dir):
+            console.print(line, highlight=False, soft_wrap=True)
+    elif reissued:
+        console.print("the chain still authorises the old certificates of "
+                      f"{', '.join(k.site for k in reissued)}: their nodes are refused until it "
+                      "authorises the new ones. The sentinel's deploy service does at its next "
+                      "`docker-compose up -d` (after `swarmnode site install` of its new kit); "
+                      "or run now, where the sentinel's chain runs:", highlight=False,
+                      soft_wrap=True)
+        for kit in reissued:
+            print(reauthorize_command(path, kit, admin_dir), flush=True)
     console.print("next: send each site its kit folder (certificates and settings, no private "
                   "key); the site runs `swarmnode site install KIT` and `docker-compose up -d`")
 
@@ -143,6 +166,34 @@ def install(
         console.print(f"[yellow]run `sudo chown 10001 {p}`: the node container's user reads it[/]")
     console.print(f"next: your training script (train.py) and data/ in {site_dir}, `make images` "
                   f"(once per host), then `docker-compose up -d` in {site_dir}")
+
+
+@site_app.command("training")
+@command
+def training_beside(
+    kit: Annotated[Path, typer.Argument(help="The kit the admin sent for that training.")],
+    project: Annotated[str, typer.Option(
+        "--project", help="A short name for the training's compose project (SITE-NAME), "
+        "written in SITE_DIR/NAME.")],
+    site_dir: Annotated[Path, typer.Option("--dir", help="This site's folder.")] = Path("."),
+    peer_port: Annotated[int | None, typer.Option(
+        "--peer-port", help="Separate hosts: the port other sites dial for this training "
+        "(published; the data plane takes the next one).")] = None,
+) -> None:
+    """Run the kit's training beside the one this site's folder runs: its own compose project,
+    the same certificate and chain account (no new authorisation)."""
+    from swarmnode.site_training import site_training
+
+    done = site_training(kit, site_dir, project, peer_port)
+    console.print(f"training {done.contract} for {done.site} as compose project {done.project} "
+                  f"in {done.folder}; other sites dial it at {done.endpoint}", highlight=False,
+                  soft_wrap=True)
+    for p in done.not_chowned:
+        console.print(f"[yellow]run `sudo chown 10001 {p}`: the node containers' user writes "
+                      "the account's nonce lock there[/]")
+    console.print(f"next: the training's train.py in {done.folder / 'app'}, then `docker-compose "
+                  f"up -d` in {done.folder} (the site's own project keeps running)",
+                  highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -390,3 +390,64 @@ def test_the_next_training_needs_no_authorisation_and_every_kit_names_it(
               stranger / "chain" / "keystore.password", code=10)
     assert "is not the admin of the registry" in out
     assert len(registry.trainings()) == 2
+
+
+def test_sign_again_keeps_the_certificates_and_a_reissue_is_authorised_on_chain(
+    tmp_path: Path, anvil,  # noqa: ANN001 - the session's real anvil (tests/conftest.py)
+) -> None:
+    """Issue 21: signing again re-issued every certificate, and every site already authorised
+    then restart-looped on a fingerprint mismatch. Now a certificate is kept unless re-issued,
+    and a re-issue prints the one command that authorises it (or runs it with --rpc-url)."""
+    import shlex
+
+    from cryptography.hazmat.primitives import hashes
+
+    from swarmnode.chain.client import SwarmRegistry, connect
+
+    conf, folders = provision(tmp_path)
+    env = _sentinel_deploys(anvil.url, conf, folders)
+    registry = SwarmRegistry(connect(anvil.url), env["REGISTRY"])
+    desk = tmp_path / "admin-desk"
+    listed = desk / "admin" / "consortium" / "hospital-2.pem"
+    before = {s: (desk / "admin" / "consortium" / f"{s}.pem").read_bytes() for s in folders}
+    requests = sorted((desk / "requests").iterdir())
+    out = cli("consortium", "sign", conf, *requests)  # again, e.g. to fix a setting
+    assert "NEW CERTIFICATE" not in out
+    for s, pem in before.items():
+        assert (desk / "admin" / "consortium" / f"{s}.pem").read_bytes() == pem
+        assert (desk / "admin" / "kits" / s / "certs" / f"{s}.pem").read_bytes() == pem
+
+    def fingerprint() -> bytes:
+        return x509.load_pem_x509_certificate(listed.read_bytes()).fingerprint(hashes.SHA256())
+
+    address = json.loads((folders["hospital-2"] / "hospital-2.request.json").read_text())[
+        "address"]
+    assert registry.site(address).fingerprint == fingerprint()
+    # hospital-2 made new keys: its old certificate no longer fits, and is not silently replaced
+    cli("site", "request", "--name", "hospital-2", "--dir", folders["hospital-2"], "--force")
+    shutil.copy(folders["hospital-2"] / "hospital-2.request.json", desk / "requests")
+    address = json.loads((folders["hospital-2"] / "hospital-2.request.json").read_text())[
+        "address"]  # its new account
+    out = cli("consortium", "sign", conf, *requests, code=10)
+    assert "carries a new key" in out and "--reissue hospital-2" in out
+    assert listed.read_bytes() == before["hospital-2"]
+    # re-issued: the exact command to authorise it is printed, with this consortium's values
+    out = cli("consortium", "sign", conf, *requests, "--reissue", "hospital-2")
+    assert "hospital-2" in out.split("NEW CERTIFICATE")[0].splitlines()[-1]
+    assert out.count("NEW CERTIFICATE") == 1
+    assert registry.site(address).fingerprint != fingerprint()  # refused until authorised
+    command = next(line for line in out.splitlines() if line.startswith("swarmnode authorize"))
+    assert command.endswith("--rpc-url http://$(docker port hospital-1-chain-1 8545)")
+    args = shlex.split(command.rsplit(" --rpc-url ", 1)[0])
+    assert args[2] == address and args[args.index("--contract") + 1] == env["REGISTRY"]
+    assert Path(args[args.index("--cert") + 1]) == listed.resolve()
+    cli(*args[1:], "--rpc-url", anvil.url)  # as the admin runs it (the chain's port here)
+    assert registry.site(address).fingerprint == fingerprint()
+    assert registry.site(address).authorized and connect(anvil.url).eth.get_balance(address) > 0
+    for s in ("hospital-1", "hospital-3"):  # the others' certificates stayed as authorised
+        assert (desk / "admin" / "consortium" / f"{s}.pem").read_bytes() == before[s]
+    # with --rpc-url the re-issue is authorised at once
+    out = cli("consortium", "sign", conf, *requests, "--reissue", "hospital-2", "--rpc-url",
+              anvil.url)
+    assert "hospital-2: authorised" in out
+    assert registry.site(address).fingerprint == fingerprint()
