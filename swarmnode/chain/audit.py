@@ -11,8 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from swarmnode.chain.client import SwarmContract
+from swarmnode.errors import ConfigError, SwarmError
 
-__all__ = ["AuditReport", "audit"]
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format (a zip archive) since torch 1.6
+SAVE_HINT = ("save the state dict with safetensors.torch.save_file({k: v.contiguous() for k, v "
+             "in model.state_dict().items()}, PATH), or torch.save(model.state_dict(), PATH)")
+
+__all__ = ["AuditReport", "audit", "tensors_digest"]
 
 
 @dataclass
@@ -106,3 +111,50 @@ def audit(contract: SwarmContract, model_digest: bytes | None = None) -> AuditRe
         if report.final_digest is None:
             report.problems.append("the training has not finished: there is no final digest yet")
     return report
+
+
+def tensors_digest(raw: bytes, name: str) -> bytes:
+    """The digest of the tensors in a model file, in the swarm's canonical layout (what the
+    chain's digests hash): a safetensors file from any writer, or a ``torch.save``d state dict
+    (read with ``torch.load(weights_only=True)``, which loads tensors and plain containers only
+    and runs no pickled code). Anything else is refused, naming how to save the model."""
+    from swarmnode.transport import serde
+
+    if raw[:4] == ZIP_MAGIC:
+        state = _torch_state(raw, name)
+    elif raw[:1] == b"\x80":
+        raise ConfigError(f"{name} is a pickle stream (pickle.dumps, or torch.save with the old "
+                          f"format): not unpickled, it could run any code; {SAVE_HINT}")
+    else:
+        try:
+            state = serde.decode(raw, expected_digest=None, spec=None, max_bytes=len(raw),
+                                 reject_nonfinite=False)
+        except SwarmError:
+            raise ConfigError(f"{name} is neither a safetensors file nor a torch.save'd state "
+                              f"dict; {SAVE_HINT}") from None
+    return serde.digest(serde.encode(state))
+
+
+def _torch_state(raw: bytes, name: str) -> dict[str, Any]:
+    import io
+    import pickle
+
+    import torch
+
+    try:
+        loaded = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{name} is a torch.save file that holds more than tensors (a whole model object? "
+            f"torch.load(weights_only=True) refused it: {first}); it is not unpickled. "
+            f"{SAVE_HINT}") from None
+    if not isinstance(loaded, dict) or not loaded:
+        raise ConfigError(f"{name} holds a {type(loaded).__name__}, not a state dict; "
+                          f"{SAVE_HINT}")
+    bad = [str(k) for k, v in loaded.items()
+           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConfigError(f"{name} holds entries that are not named tensors ({', '.join(bad[:5])}"
+                          f"): a checkpoint, not a state dict; {SAVE_HINT}")
+    return dict(loaded)

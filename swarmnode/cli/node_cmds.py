@@ -178,7 +178,8 @@ def audit(
     ),
     model: Annotated[
         Path | None,
-        typer.Option("--model", help="A .safetensors file to check against the final digest."),
+        typer.Option("--model", help="A model file to check against the final digest: "
+                     "safetensors, or a torch.save'd state dict."),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
 ) -> None:
@@ -187,8 +188,9 @@ def audit(
     @command
     def body() -> None:
         from swarmnode.chain.audit import audit as run_audit
+        from swarmnode.chain.audit import tensors_digest
         from swarmnode.chain.client import SwarmContract, connect
-        from swarmnode.errors import ConfigError, SwarmError
+        from swarmnode.errors import ConfigError
         from swarmnode.transport import serde
 
         digest = None
@@ -202,15 +204,12 @@ def audit(
         report = run_audit(SwarmContract.resolve(connect(rpc_url), contract), digest)
         if model is not None and report.model_matches is False and report.final_digest:
             # the same tensors written by another writer (safetensors.torch.save_file, another
-            # header order or metadata): compare the tensors, through the canonical layout
+            # header order or metadata, a torch.save'd state dict): compare the tensors, through
+            # the canonical layout
             try:
-                state = serde.decode(raw, expected_digest=None, spec=None, max_bytes=len(raw),
-                                     reject_nonfinite=False)
-            except SwarmError as exc:
-                report.problems.append(f"the model file is not a readable safetensors file: "
-                                       f"{exc}")
-            else:
-                report.model_matches = serde.digest(serde.encode(state)) == report.final_digest
+                report.model_matches = tensors_digest(raw, str(model)) == report.final_digest
+            except ConfigError as exc:
+                report.problems.append(str(exc))
         if fmt == "json":
             import json
 
