@@ -525,13 +525,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
+    """Prints the callback's lines to stderr while the application has configured no logging
+    (the root logger has no handler); once it has, the root's handlers print them: never twice,
+    whether the script configures logging before or after it builds the callback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 def _hpe_logger() -> logging.Logger:
-    """``swarmCallback.logger``: HPE scripts set its level to see the swarm's progress, so it
-    prints (to stderr) when the application configured no logging of its own."""
-    if not logging.getLogger().handlers and not log.handlers:
-        handler = logging.StreamHandler()
+    """``swarmCallback.logger``: the swarm's progress (epochs, merges, what a long sync waits
+    for) reaches the trainer's log even when the script configures no logging (HPE's do not):
+    at INFO, to stderr, unless the script set the level or configured logging itself."""
+    if not any(isinstance(h, _UntilConfigured) for h in log.handlers):
+        handler = _UntilConfigured()
         handler.setFormatter(logging.Formatter("%(asctime)s swarm %(levelname)s %(message)s"))
         log.addHandler(handler)
+    if log.level == logging.NOTSET and not logging.getLogger().handlers:
+        log.setLevel(logging.INFO)
     return log
 
 
