@@ -2,6 +2,8 @@
 
     python benchmarks/quality.py [--seeds 1] [--jobs 2] [--no-real]
         ->  results/quality.md, .json, .png
+    python benchmarks/quality.py --compression [--seeds 1]
+        ->  results/quality_compression.md, .json
 
 For each demo example (``swarmnode.demo.tasks``: digits, breast-cancer) and each of its splits
 (digits: each hospital holds only some digits / every digit, uneven sizes; breast-cancer: uneven
@@ -31,6 +33,12 @@ trains), and one seed is ~2,600 rounds (4 splits x 6 swarms), about 25 CPU-minut
 is 1 seed, ~15 minutes on 2 free cores. ``--seeds 5`` is the full study; the results file says
 how many seeds ran. ``--syncs N`` runs the whole pipeline in a minute or two (scores meaningless).
 
+``--compression`` runs instead the compression rows: each example and split with ``mean``, its
+updates sent whole (float32) and as each compressed change (the spec's ``compression``: bf16,
+fp16, int8; :mod:`swarmnode.transport.compression`), the same seeds in the same sitting: the swarm's
+score next to float32's, and the update bytes the members pushed per round (counted where the
+in-memory transport hands them to the leader) next to float32's.
+
 Counting as the Nature paper (Warnat-Herresthal et al., 2021) does: a (site, seed) comparison is
 won when the swarm's score is at least that site's local-only score.
 """
@@ -38,6 +46,7 @@ won when the swarm's score is at least that site's local-only score.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -76,10 +85,12 @@ MIN_PEERS = 2  # as `swarmnode demo`: a round goes on without a site that is don
 
 
 def swarm(task: Task, data: DemoData, seed: int, rule: str = "mean", policy: str = "inactive",
-          syncs: int | None = None) -> tuple[torch.nn.Module, int]:
+          syncs: int | None = None, compression: str = "none",
+          traffic: dict[str, int] | None = None) -> tuple[torch.nn.Module, int]:
     """The hospitals as a swarm of real node services in this process (see the module
     docstring); the final model (the chain's final digest) and the training's final round.
-    ``syncs``: stop each trainer after that many syncs (the tests' short runs)."""
+    ``syncs``: stop each trainer after that many syncs (the tests' short runs);
+    ``compression``: the spec's; ``traffic``: filled with the pushes and their payload bytes."""
     from swarmnode.testing.inproc import InProcessSwarm, Site
 
     n_features = data.X_test.shape[1]
@@ -108,6 +119,7 @@ def swarm(task: Task, data: DemoData, seed: int, rule: str = "mean", policy: str
 
     spec = TrainingSpec.from_state(models[0].state_dict(), sync_frequency=task.sync_frequency,
                                    min_peers=MIN_PEERS, merge_method=rule)
+    spec = dataclasses.replace(spec, compression=compression)
     with InProcessSwarm(len(data.hospitals), spec, min_peers=MIN_PEERS, policy=policy) as sw:
         sites = sw.run(step, timeout=3600)
         digest = sw.final_digest()
@@ -115,6 +127,9 @@ def swarm(task: Task, data: DemoData, seed: int, rule: str = "mean", policy: str
             raise RuntimeError(f"{task.name} seed {seed} {rule}/{policy}: the sites do not all "
                                "hold the chain's final model")
         final, rounds = sites[0].final, sw.final_round()
+        if traffic is not None:
+            traffic.update(pushes=sw.network.pushes, push_bytes=sw.network.push_bytes,
+                           model_bytes=len(serde.encode(models[0].state_dict())))
         assert final is not None and final.data is not None and rounds is not None
         state = {k: v.clone() for k, v in
                  serde.view_state(final.data, spec=None, reject_nonfinite=True).items()}
@@ -136,6 +151,88 @@ def swarm_cell(example: str, split: str, seed: int, rule: str, policy: str,
     score = task.evaluate(model, data.X_test, data.y_test)[task.headline]
     return {"example": example, "split": split, "seed": seed, "rule": rule, "policy": policy,
             "score": float(score), "rounds": rounds, "seconds": round(time.monotonic() - t0, 1)}
+
+
+COMPRESSIONS = ("none", "bf16", "fp16", "int8")
+
+
+def compression_cell(example: str, split: str, seed: int, compression: str,
+                     syncs: int | None = None) -> dict[str, Any]:
+    """One swarm of the compression rows: mean, inactive policy, updates sent as
+    ``compression``; its score and the bytes its members pushed."""
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.ERROR)
+    task = TASKS[example]
+    data = task.split(HOSPITALS, seed, split)
+    t0 = time.monotonic()
+    traffic: dict[str, int] = {}
+    model, rounds = swarm(task, data, seed, "mean", "inactive", syncs, compression, traffic)
+    score = task.evaluate(model, data.X_test, data.y_test)[task.headline]
+    return {"example": example, "split": split, "seed": seed, "compression": compression,
+            "score": float(score), "rounds": rounds, **traffic,
+            "push_bytes_per_round": traffic["push_bytes"] / max(1, rounds),
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def run_compression(seeds: int, jobs: int = 2, syncs: int | None = None) -> dict[str, Any]:
+    """The compression rows: every example and split, float32 and each code, seeds 0..S-1."""
+    torch.set_num_threads(1)
+    cells = [(task.name, split, seed, c) for task in TASKS.values() for split in task.splits
+             for seed in range(seeds) for c in COMPRESSIONS]
+    done: dict[tuple[str, str, int, str], dict[str, Any]] = {}
+    t0 = time.monotonic()
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(compression_cell, *cell, syncs): cell for cell in cells}
+        for future in as_completed(futures):
+            got = done[futures[future]] = future.result()
+            print(f"[{len(done)}/{len(cells)} {time.monotonic() - t0:6.0f} s] {got['example']} "
+                  f"{got['split']} seed {got['seed']} {got['compression']}: {got['score']:.4f}"
+                  f" in {got['rounds']} rounds, {got['push_bytes_per_round']:.0f} B/round, "
+                  f"{got['seconds']} s", flush=True)
+    rows = []
+    for example, split, seed, code in cells:
+        cell, plain = done[(example, split, seed, code)], done[(example, split, seed, "none")]
+        rows.append({**cell, "metric": TASKS[example].headline,
+                     "float32_score": plain["score"],
+                     "score_change": cell["score"] - plain["score"],
+                     "float32_push_bytes_per_round": plain["push_bytes_per_round"],
+                     "bytes_vs_float32": cell["push_bytes_per_round"]
+                     / plain["push_bytes_per_round"]})
+    bf16 = [r for r in rows if r["compression"] == "bf16"]
+    return {"seeds": seeds, "hospitals": HOSPITALS, "rule": "mean", "policy": "inactive",
+            "swarm": "in-process runtime", "syncs": syncs, "jobs": jobs,
+            "swarm_seconds": round(time.monotonic() - t0, 1), "rows": rows,
+            "bf16_largest_score_change": max(abs(r["score_change"]) for r in bf16),
+            "bf16_within_0_005": all(abs(r["score_change"]) < 0.005 for r in bf16)}
+
+
+def write_compression_markdown(result: dict[str, Any], path: Path) -> None:
+    lines = [
+        "# Compressed updates: the swarm's score and the bytes pushed per round",
+        "",
+        f"Written by `benchmarks/quality.py --compression`: seed(s) 0..{result['seeds'] - 1}, "
+        f"{result['hospitals']} hospitals, rule `{result['rule']}`, the in-process runtime (real "
+        "node services and contracts; updates moving as safetensors bytes through the in-memory "
+        "transport, whose pushes are counted). Every code ran beside float32 in the same sitting. "
+        "*bytes/round*: the update payload bytes the members pushed to the leaders, over the "
+        "training's rounds (the first round's updates travel whole: no model was committed "
+        "before it). *change*: the score minus float32's, same example, split and seed."
+        + (f" **A smoke run: each trainer stopped after {result['syncs']} syncs; these scores "
+           "mean nothing.**" if result.get("syncs") else ""),
+        "",
+        "| example | split | seed | metric | compression | score | change vs float32 | "
+        "rounds | bytes/round | vs float32 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['example']} | {r['split']} | {r['seed']} | {r['metric']} | "
+            f"{'float32 (none)' if r['compression'] == 'none' else r['compression']} | "
+            f"{r['score']:.4f} | {r['score_change']:+.4f} | {r['rounds']} | "
+            f"{r['push_bytes_per_round']:,.0f} | {r['bytes_vs_float32']:.3f}x |")
+    lines += ["", f"bfloat16's largest score change: {result['bf16_largest_score_change']:.4f} "
+              f"(less than 0.005 everywhere: {result['bf16_within_0_005']})."]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _cells(seeds: int) -> list[tuple[str, str, int, str, str]]:
@@ -385,6 +482,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="Processes the swarm cells run in.")
     p.add_argument("--no-real", action="store_true", help="Skip the full-runtime runs.")
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--compression", action="store_true",
+                   help="Run the compression rows instead (float32, bf16, fp16, int8; mean): "
+                        "results/quality_compression.md and .json.")
     p.add_argument("--syncs", type=int, default=None,
                    help="Stop each trainer after this many syncs: a quick run of the whole "
                         "pipeline (its scores mean nothing).")
@@ -392,6 +492,14 @@ def main() -> None:
     if args.seeds < 1 or args.jobs < 1:
         p.error(f"--seeds and --jobs must be at least 1, got {args.seeds} and {args.jobs}")
     t0 = time.monotonic()
+    if args.compression:
+        found = run_compression(args.seeds, jobs=args.jobs, syncs=args.syncs)
+        found["seconds"] = round(time.monotonic() - t0, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "quality_compression.json").write_text(json.dumps(found, indent=1) + "\n")
+        write_compression_markdown(found, args.out / "quality_compression.md")
+        print(f"wrote {args.out / 'quality_compression.md'} in {found['seconds']} s")
+        return
     result = run(args.seeds, real=not args.no_real, jobs=args.jobs, syncs=args.syncs)
     result["seconds"] = round(time.monotonic() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)

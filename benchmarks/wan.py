@@ -23,7 +23,9 @@ bridge's address. In the same run it measures:
 * ``all_digests_agree``: every trainer ended with the chain's final digest.
 
 ``topology`` is the merge topology (``leader``: the elected leader collects, merges and serves)
-and ``compression`` the update encoding (``none``: float32). The namespaces, the bridge and its
+and ``compression`` the update encoding (the spec's: ``none`` sends the float32 model,
+``bf16``/``fp16``/``int8`` its change from the round's starting model; ``--compression``), with
+``update_bytes`` what one update takes after the first round. The namespaces, the bridge and its
 forwarding rule are removed at the end, also on Ctrl-C or SIGTERM; ``python -m
 swarmnode.testing.netns clean`` removes what a killed run left.
 """
@@ -31,6 +33,7 @@ swarmnode.testing.netns clean`` removes what a killed run left.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -59,6 +62,7 @@ from swarmnode.chain.models import RoundStatus  # noqa: E402
 from swarmnode.identity import create_ca, describe, issue_node_cert, make_bundle  # noqa: E402
 from swarmnode.spec import TrainingSpec  # noqa: E402
 from swarmnode.testing.netns import ShapedNetwork, remove_stale  # noqa: E402
+from swarmnode.transport.compression import MODES, wire_bytes  # noqa: E402
 
 DEFAULT_CONFIGS = "10M:4:1000,10M:4:200,25M:4:1000,10M:8:200"
 PEER_PORT = 7441
@@ -69,11 +73,12 @@ def _size(text: str) -> int:
     return int(float(text[:-1]) * 1_000_000) if text[-1] in "Mm" else int(text)
 
 
-def _spec(params: int, nodes: int) -> TrainingSpec:
+def _spec(params: int, nodes: int, compression: str = "none") -> TrainingSpec:
     from round_trainer import Synthetic
 
-    return TrainingSpec.from_state(Synthetic(params).state_dict(), sync_frequency=1,
+    spec = TrainingSpec.from_state(Synthetic(params).state_dict(), sync_frequency=1,
                                    min_peers=nodes, merge_method="mean")
+    return dataclasses.replace(spec, compression=compression)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -89,15 +94,20 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
-               *, timeout_s: float | None = None, pulls: str = "leader") -> dict[str, Any]:
+               *, timeout_s: float | None = None, pulls: str = "leader",
+               compression: str = "none") -> dict[str, Any]:
     """One swarm of ``nodes`` sites on links of ``mbit``, ``rounds`` rounds of a synthetic
     model of ``params`` float32 parameters; returns its row of results/wan.json. ``pulls``:
     ``leader`` (every member pulls the whole merged model from the leader) or ``peers`` (in
-    verified parts, a share from the leader and the rest from the other members)."""
+    verified parts, a share from the leader and the rest from the other members);
+    ``compression``: the spec's (how members send their updates)."""
     if pulls not in PULLS:
         raise ValueError(f"pulls must be one of {PULLS}, not {pulls!r}")
     work.mkdir(parents=True, exist_ok=True)
     model_bytes = params * 4
+    spec = _spec(params, nodes, compression)
+    update_bytes = wire_bytes({n: (p.shape, p.dtype) for n, p in spec.params.items()},
+                              compression)
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     ca_cert, ca_key = create_ca(work / "ca", "wan-ca", org="wan")
@@ -113,7 +123,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
         with DevChain(host=net.gateway, block_time=1.0) as chain:
             w3 = connect(chain.url)
             contract = SwarmContract.deploy(w3, dev_account(0),
-                                            _spec(params, nodes).to_json(), nodes, 2, deadline)
+                                            spec.to_json(), nodes, 2, deadline)
             addresses = []
             try:
                 for i in range(nodes):
@@ -193,7 +203,9 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
     return {
         "params": params, "nodes": nodes, "link_mbit": mbit, "topology": "leader",
         "pulls": pulls,
-        "compression": "none", "rounds": rounds, "model_bytes": model_bytes,
+        "compression": compression, "rounds": rounds, "model_bytes": model_bytes,
+        # what one member's update takes on the wire (rounds after the first; the first is whole)
+        "update_bytes": update_bytes,
         "goodput_mbit": round(goodput, 1),
         "median_period_s": round(period, 3), "periods_s": [round(row[0], 3) for row in rows],
         "star_bound_s": round(star, 3), "allreduce_bound_s": round(allreduce, 3),
@@ -216,6 +228,9 @@ def main() -> None:
     p.add_argument("--pulls", default="leader,peers",
                    help="comma-separated: leader (whole model from the leader), peers (parts "
                    "from the leader and the other members); each configuration runs with each")
+    p.add_argument("--compression", default="none",
+                   help=f"comma-separated update encodings ({', '.join(MODES)}; the spec's "
+                   "compression); each configuration runs with each")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "wan.json")
     a = p.parse_args()
 
@@ -227,15 +242,17 @@ def main() -> None:
         print(f"removed {stale}, left by an earlier run", flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="swarmnode-wan-") as tmp:
-        grid = [(conf, pulls) for conf in a.configs.split(",") for pulls in a.pulls.split(",")]
-        for n, (conf, pulls) in enumerate(grid):
+        grid = [(conf, pulls, code) for conf in a.configs.split(",")
+                for pulls in a.pulls.split(",") for code in a.compression.split(",")]
+        for n, (conf, pulls, code) in enumerate(grid):
             params, nodes, mbit = conf.split(":")
             keep = os.environ.get("SWARMNODE_BENCH_KEEP")  # a folder: keep the logs there
             work = (Path(keep) if keep else Path(tmp)) / str(n)
             run = run_config(_size(params), int(nodes), float(mbit), a.rounds, work,
-                             pulls=pulls)
+                             pulls=pulls, compression=code)
             runs.append(run)
             print(f"P={params:>4} N={int(nodes):>2} {float(mbit):>6.0f} Mbit/s pulls={pulls} "
+                  f"compression={code} "
                   f"(goodput {run['goodput_mbit']}): period {run['median_period_s']:.2f} s, "
                   f"star bound {run['star_bound_s']:.2f} s ({run['period_over_star_bound']}x), "
                   f"all-reduce bound {run['allreduce_bound_s']:.2f} s, leader out "

@@ -11,7 +11,9 @@ encoded per floating tensor:
 * ``int8``: the change in blocks of :data:`BLOCK` values, each block an int8 per value and one
   float32 scale (its largest magnitude / 127), with error feedback: each site keeps what the
   rounding dropped (its *residual*) and adds it to its next round's change, so nothing is lost
-  for good, only late. About a quarter of the bytes of float32.
+  for good, only late. About a quarter of the bytes of float32. Tensors of fewer than
+  :data:`BLOCK` values travel whole (a bias of 10 values: its scale's header entry would cost
+  more than the code saves).
 
 Tensors that are not floating (integer buffers such as BatchNorm's ``num_batches_tracked``, bool
 masks) and floating tensors no wider than the code (a bfloat16 tensor under ``fp16``) travel as
@@ -65,10 +67,10 @@ def check_mode(mode: object) -> str:
     return mode
 
 
-def _compressed(dtype: str, mode: str) -> bool:
-    """Whether a tensor of ``dtype`` travels as a coded change under ``mode``."""
-    if mode == "none":
-        return False
+def _compressed(dtype: str, shape: tuple[int, ...], mode: str) -> bool:
+    """Whether a tensor of ``dtype`` and ``shape`` travels as a coded change under ``mode``."""
+    if mode == "none" or (mode == "int8" and math.prod(shape) < BLOCK):
+        return False  # int8: a scale tensor's header entry would cost more than the code saves
     t = getattr(torch, dtype)
     return t.is_floating_point and t.itemsize > _CODE[mode].itemsize
 
@@ -79,7 +81,7 @@ def layout(params: Mapping[str, tuple[tuple[int, ...], str]], mode: str) -> Layo
     check_mode(mode)
     out: Layout = {}
     for name, (shape, dtype) in params.items():
-        if not _compressed(dtype, mode):
+        if not _compressed(dtype, tuple(shape), mode):
             out[name] = (tuple(shape), dtype)
             continue
         out[name] = (tuple(shape), "bfloat16" if mode == "bf16" else
@@ -140,7 +142,7 @@ def encode(
     kept: StateDict = {}
     with torch.no_grad():
         for name, t in state.items():
-            if not _compressed(str(t.dtype).removeprefix("torch."), mode):
+            if not _compressed(str(t.dtype).removeprefix("torch."), tuple(t.shape), mode):
                 out[name] = t
                 continue
             acc = _acc(t.dtype)
@@ -171,9 +173,9 @@ def decode(
     the dtypes of ``params`` (the training spec); tensors sent whole are taken as they are."""
     out: StateDict = {}
     with torch.no_grad():
-        for name, (_, dtype) in params.items():
+        for name, (shape, dtype) in params.items():
             t = wire[name]
-            if not _compressed(dtype, mode):
+            if not _compressed(dtype, shape, mode):
                 out[name] = t
                 continue
             target = getattr(torch, dtype)
@@ -204,7 +206,8 @@ class UpdateSpec(serde.ParamSpec):
         if self.mode == "none" or dict(got) == self.params:
             return False
         return any(got.get(name, ((), ""))[1] == self.wire.params[name][1]
-                   for name, (_, dtype) in self.params.items() if _compressed(dtype, self.mode))
+                   for name, (shape, dtype) in self.params.items()
+                   if _compressed(dtype, shape, self.mode))
 
     def _check(self, got: Mapping[str, tuple[tuple[int, ...], str]], who: str) -> None:
         if self.is_compressed(got):
