@@ -20,10 +20,13 @@ from swarmnode.cli.common import (
     Format,
     OutputFormat,
     RpcUrl,
+    SiteContract,
+    SiteRpcUrl,
     command,
     console,
     err_console,
     print_json,
+    site_defaults,
 )
 from swarmnode.errors import ConfigError, IdentityError
 
@@ -475,8 +478,8 @@ def enroll(
 
 @command
 def status(
-    contract: ContractAddress,
-    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    contract: SiteContract = None,
+    rpc_url: SiteRpcUrl = None,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Show the last N rounds.")] = 20,
     fmt: Format = OutputFormat.table,
     watch: Annotated[bool, typer.Option(
@@ -489,11 +492,13 @@ def status(
         "--names", help="CSV with name and address columns (the consortium's sites.csv): "
         "sites by name. Without it, a site is named by its endpoint's host.")] = None,
 ) -> None:
-    """The training on chain: settings, sites, rounds, and what the current round waits for."""
+    """The training on chain: settings, sites, rounds, and what the current round waits for
+    (in a site's folder, the training and chain its kit names)."""
     from swarmnode.chain.overview import overview, read_names
 
+    w3, contract, names = site_defaults(rpc_url, contract, names)
     by_address = read_names(names) if names is not None else None
-    chain = _contract(rpc_url, contract)
+    chain = _contract("", contract, w3=w3)
     shown = 0
     while True:
         view = overview(chain, last_rounds=rounds, names=by_address)
@@ -570,12 +575,12 @@ def report(
         dir_rpc, dir_contract = _from_data_dir(data_dir)
         contract = contract or dir_contract
         rpc_url = rpc_url or dir_rpc
-    if contract is None:
-        where = f" and the node config of {data_dir} names none" if data_dir is not None else ""
-        raise ConfigError(f"no contract given{where}: pass --contract ADDR (or set "
-                          "SWARMNODE_CONTRACT), or --data-dir of a node")
+    if contract is None and data_dir is not None:
+        raise ConfigError(f"no contract given and the node config of {data_dir} names none: "
+                          "pass --contract ADDR (or set SWARMNODE_CONTRACT)")
+    w3, contract, names = site_defaults(rpc_url, contract, names)  # a site folder's kit
     by_address = read_names(names) if names is not None else None
-    chain = _contract(rpc_url or DEFAULT_RPC_URL, contract)
+    chain = _contract("", contract, w3=w3)
     rows = collect(chain, by_address)
     csv_path, png_path = write_report(chain, out, names=by_address, rows=rows)
     console.print(f"{csv_path}\n{png_path}", highlight=False, markup=False, soft_wrap=True)

@@ -451,3 +451,46 @@ def test_sign_again_keeps_the_certificates_and_a_reissue_is_authorised_on_chain(
               anvil.url)
     assert "hospital-2: authorised" in out
     assert registry.site(address).fingerprint == fingerprint()
+
+
+def test_status_audit_and_report_run_in_a_site_folder_with_no_flags(
+    tmp_path: Path, anvil, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001 - session anvil
+) -> None:
+    """Issue 21: status, audit and report needed the chain URL (found with `docker port`) and
+    the contract although the site's kit holds both. In a site's folder they now take them
+    from its kit: here a site on another host, through the sentinel's real gateway (mutual TLS
+    with the site's own certificate) in front of a real anvil."""
+    import socket
+
+    from swarmnode.chain.gateway import ChainGateway
+    from swarmnode.identity.tls import TlsFiles
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    desk = tmp_path / "admin-desk"
+    conf = write_consortium(desk, one_host=False, chain={"rpc_url": f"https://localhost:{port}"})
+    raw = yaml.safe_load(conf.read_text())
+    raw["sites"][0]["host"] = "localhost"  # the sentinel: its certificate names the gateway's host
+    conf.write_text(yaml.safe_dump(raw))
+    cli("consortium", "init", conf)
+    folders = {s["name"]: tmp_path / s["name"] for s in raw["sites"]}
+    for name, folder in folders.items():
+        cli("site", "request", "--name", name, "--dir", folder)
+    cli("consortium", "sign", conf, *(f / f"{n}.request.json" for n, f in folders.items()))
+    for name, folder in folders.items():
+        cli("site", "install", desk / "admin" / "kits" / name, "--dir", folder)
+    env = _sentinel_deploys(anvil.url, conf, folders)
+    sentinel = folders["hospital-1"] / "certs"
+    monkeypatch.delenv("SWARMNODE_RPC_URL", raising=False)
+    monkeypatch.delenv("SWARMNODE_CONTRACT", raising=False)
+    monkeypatch.chdir(folders["hospital-2"])
+    with ChainGateway(anvil.url, f"127.0.0.1:{port}", TlsFiles(
+            sentinel / "hospital-1.pem", sentinel / "hospital-1.key", sentinel / "trust.pem")):
+        view = json.loads(cli("status", "--format", "json"))
+        assert view["contract"] == env["CONTRACT"] and view["training_finished"] is False
+        assert json.loads(cli("audit", "--format", "json"))["ok"] is True
+        out = cli("report", "--out", tmp_path / "report", code=10)  # no round yet: says so
+        assert "no site has reported metrics yet" in out
+    monkeypatch.chdir(tmp_path)  # no kit here: the same commands say what to pass
+    assert "run this in a site's folder" in cli("status", code=10)
