@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from swarmnode.cli.common import SiteContract, SiteRpcUrl, command, console, site_defaults
+from swarmnode.cli.common import command, console
 
 __all__ = ["register"]
 
@@ -136,6 +136,10 @@ def spec(
     max_weight: Annotated[int | None, typer.Option(
         "--max-weight", min=1, help="The largest weight (samples x node_weight) one site may "
         "check in with; the contract refuses heavier check-ins. Default: no cap.")] = None,
+    compression: Annotated[str, typer.Option(
+        "--compression", help="How members send their updates to the leader: none (the whole "
+        "float32 model), bf16 or fp16 (the change from the round's starting model, half the "
+        "bytes), int8 (8-bit with error feedback, about a quarter).")] = "none",
 ) -> None:
     """Write the training spec (for `contract deploy --spec`) from a model's weights file.
 
@@ -163,6 +167,18 @@ def spec(
 
             ts = TrainingSpec.from_json(
                 dataclasses.replace(ts, max_weight=max_weight).to_json(), "--max-weight")
+        if compression != "none":
+            import dataclasses
+
+            from swarmnode.transport import compression as codec
+
+            try:
+                codec.check_mode(compression)
+            except ValueError as exc:
+                raise ConfigError(f"--compression: {exc}") from None
+            ts = TrainingSpec.from_json(
+                dataclasses.replace(ts, compression=compression).to_json(), "--compression")
+            codec.layout({n: (p.shape, p.dtype) for n, p in ts.params.items()}, compression)
         out.write_text(ts.to_json() + "\n")
         console.print(f"wrote {out}: {len(ts.params)} tensors, spec hash {ts.digest.hex()}")
 
@@ -170,8 +186,12 @@ def spec(
 
 
 def audit(
-    contract: SiteContract = None,
-    rpc_url: SiteRpcUrl = None,
+    contract: Annotated[str, typer.Option(
+        "--contract", envvar="SWARMNODE_CONTRACT", help="The training's contract address, or "
+        "the consortium's registry address for the one training it runs.")],
+    rpc_url: Annotated[str, typer.Option("--rpc-url", envvar="SWARMNODE_RPC_URL")] = (
+        "http://127.0.0.1:8545"
+    ),
     model: Annotated[
         Path | None,
         typer.Option("--model", help="A model file to check against the final digest: "
@@ -185,7 +205,7 @@ def audit(
     def body() -> None:
         from swarmnode.chain.audit import audit as run_audit
         from swarmnode.chain.audit import tensors_digest
-        from swarmnode.chain.client import SwarmContract
+        from swarmnode.chain.client import SwarmContract, connect
         from swarmnode.errors import ConfigError
         from swarmnode.transport import serde
 
@@ -197,8 +217,7 @@ def audit(
                 raise ConfigError(f"cannot read model file {model}: {exc.strerror}") from None
             digest = serde.digest(raw)
         # a registry's address: its one running training (else its newest)
-        w3, address, _ = site_defaults(rpc_url, contract)  # in a site folder: its kit's
-        report = run_audit(SwarmContract.resolve(w3, address), digest)
+        report = run_audit(SwarmContract.resolve(connect(rpc_url), contract), digest)
         if model is not None and report.model_matches is False and report.final_digest:
             # the same tensors written by another writer (safetensors.torch.save_file, another
             # header order or metadata, a torch.save'd state dict): compare the tensors, through
