@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from swarmnode.cli.common import command, console
+from swarmnode.cli.common import SiteContract, SiteRpcUrl, command, console, site_defaults
 
 __all__ = ["register"]
 
@@ -186,12 +186,8 @@ def spec(
 
 
 def audit(
-    contract: Annotated[str, typer.Option(
-        "--contract", envvar="SWARMNODE_CONTRACT", help="The training's contract address, or "
-        "the consortium's registry address for the one training it runs.")],
-    rpc_url: Annotated[str, typer.Option("--rpc-url", envvar="SWARMNODE_RPC_URL")] = (
-        "http://127.0.0.1:8545"
-    ),
+    contract: SiteContract = None,
+    rpc_url: SiteRpcUrl = None,
     model: Annotated[
         Path | None,
         typer.Option("--model", help="A model file to check against the final digest: "
@@ -205,7 +201,7 @@ def audit(
     def body() -> None:
         from swarmnode.chain.audit import audit as run_audit
         from swarmnode.chain.audit import tensors_digest
-        from swarmnode.chain.client import SwarmContract, connect
+        from swarmnode.chain.client import SwarmContract
         from swarmnode.errors import ConfigError
         from swarmnode.transport import serde
 
@@ -217,7 +213,8 @@ def audit(
                 raise ConfigError(f"cannot read model file {model}: {exc.strerror}") from None
             digest = serde.digest(raw)
         # a registry's address: its one running training (else its newest)
-        report = run_audit(SwarmContract.resolve(connect(rpc_url), contract), digest)
+        w3, address, _ = site_defaults(rpc_url, contract)  # in a site folder: its kit's
+        report = run_audit(SwarmContract.resolve(w3, address), digest)
         if model is not None and report.model_matches is False and report.final_digest:
             # the same tensors written by another writer (safetensors.torch.save_file, another
             # header order or metadata, a torch.save'd state dict): compare the tensors, through
