@@ -1,9 +1,10 @@
 """Round benchmark: real anvil, real node services and trainers as separate processes over mTLS.
 
-    python benchmarks/round.py [--configs 1M:2,1M:4,25M:4] [--rounds 6] [--out results/round.json]
+    python benchmarks/round.py [--configs 1M:2,1M:4,25M:4,250M:3:4] [--rounds 6] \
+        [--out results/round.json] [--append]
 
-Per configuration (P float32 parameters, N sites, R rounds) it reports, with medians over rounds
-2..R of every trainer's syncs:
+Per configuration (``P:N`` or ``P:N:R``: P float32 parameters, N sites, R rounds, default
+``--rounds``) it reports, with medians over rounds 2..R of every trainer's syncs:
 
 * ``median_round_s``: the trainer's whole sync (hand the parameters over, the round, take the
   merged model back), and its split into stages: ``upload_handback`` (trainer <-> node, the local
@@ -14,6 +15,18 @@ Per configuration (P float32 parameters, N sites, R rounds) it reports, with med
 * ``leader_growth_over_model``: the largest (peak RSS during the rounds - RSS before the first
   round) / model bytes over the node services (each leads some rounds), ``member_growth`` the
   smallest; peak RSS is VmHWM, reset before the first round (``/proc/PID/clear_refs``);
+  ``node_growth_over_model`` the same per node service;
+* ``trainer_growth_over_model``: the largest (trainer's peak RSS from its first sync on - its RSS
+  once its model is built and has taken a step, i.e. what it needs to train) / model bytes;
+* ``digests_equal``: every trainer ended with the same final digest (the chain's);
+* ``sync_split_s``: where a sync's time goes: ``serialise`` (the trainer writes its parameters
+  for the node), ``hash`` (one SHA-256 of the model's bytes, measured apart: nodes hash each
+  update they receive or send while it streams), ``transfer`` (the node's push and pull stages),
+  ``merge`` (the leader's merge, from the rounds it led), ``load`` (the trainer copies the merged
+  model into its parameters), ``other`` (the rest: the chain, waiting for other sites, the
+  node reading the trainer's file);
+* ``min_mem_available_gib``: the least ``MemAvailable`` of the machine seen during the run (the
+  run stops if it falls under ``--min-free-gib``);
 * CPU seconds per node service and trainer; ``rpc_calls_per_round``: JSON-RPC requests of all
   node services per round.
 """
@@ -109,7 +122,29 @@ def _spec(params: int, nodes: int) -> TrainingSpec:
                                    min_peers=nodes, merge_method="mean")
 
 
-def run_config(params: int, nodes: int, rounds: int, work: Path) -> dict[str, Any]:
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def sha256_seconds(nbytes: int) -> float:
+    """Seconds for one SHA-256 of ``nbytes`` (as a node hashes an update), over a buffer of at
+    most 64 MiB hashed as many times as it takes."""
+    import hashlib
+
+    block = memoryview(bytes(max(1, min(nbytes, 64 << 20))))
+    t0, left = time.perf_counter(), nbytes
+    sha = hashlib.sha256()
+    while left > 0:
+        sha.update(block[:min(left, len(block))])
+        left -= len(block)
+    return time.perf_counter() - t0
+
+
+def run_config(params: int, nodes: int, rounds: int, work: Path,
+               min_free: int = 0) -> dict[str, Any]:
     work.mkdir(parents=True)
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1"}
     ca_cert, ca_key = create_ca(work / "ca", "bench-ca", org="bench")
@@ -118,8 +153,10 @@ def run_config(params: int, nodes: int, rounds: int, work: Path) -> dict[str, An
     procs: list[subprocess.Popen[bytes]] = []
     with DevChain(block_time=1.0) as chain:
         w3 = connect(chain.url)
+        # a round's deadline: 120 s, more for models whose bytes take longer on a loaded host
+        deadline_s = max(120, int(60 + model_bytes / 10e6))
         contract = SwarmContract.deploy(w3, dev_account(0), _spec(params, nodes).to_json(),
-                                        nodes, 2, 120)
+                                        nodes, 2, deadline_s)
         nodes_p, socks = [], []
         for i in range(nodes):
             name = f"site-{i + 1}"
@@ -162,13 +199,18 @@ def run_config(params: int, nodes: int, rounds: int, work: Path) -> dict[str, An
                 trainers.append(t)
             t_start = time.monotonic()
             cpu_t = [0.0] * nodes
+            min_avail = _mem_available()
             while any(t.poll() is None for t in trainers):
+                min_avail = min(min_avail, _mem_available())
+                if min_avail < min_free:
+                    raise RuntimeError(f"the machine's available memory fell to "
+                                       f"{min_avail / 2**30:.1f} GiB; stopped")
                 for i, t in enumerate(trainers):
                     if t.poll() is None:
                         cpu_t[i] = _cpu_s(t.pid)
                 if any(t.poll() not in (None, 0) for t in trainers):
                     raise RuntimeError(f"a trainer failed; logs in {work}")
-                if time.monotonic() - t_start > 600 + rounds * 60:
+                if time.monotonic() - t_start > 600 + rounds * (60 + deadline_s):
                     raise RuntimeError(f"timed out; logs in {work}")
                 time.sleep(0.2)
             hwm = [_proc_status(p.pid, "VmHWM") for p in nodes_p]
@@ -183,8 +225,8 @@ def run_config(params: int, nodes: int, rounds: int, work: Path) -> dict[str, An
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        syncs = [s for i in range(nodes)
-                 for s in json.loads((work / f"t{i}.json").read_text())["syncs"]]
+        outs = [json.loads((work / f"t{i}.json").read_text()) for i in range(nodes)]
+        syncs = [s for o in outs for s in o["syncs"]]
         played = len({s["round"] for s in syncs})
         rpc = sum(b.get("rpc_calls", 0) - a.get("rpc_calls", 0)
                   for a, b in zip(status0, status1, strict=True))
@@ -198,12 +240,29 @@ def run_config(params: int, nodes: int, rounds: int, work: Path) -> dict[str, An
     bound = statistics.median(raw_bound(2 * nodes * model_bytes) for _ in range(3))
     median_round = statistics.median(s["total_s"] for s in syncs)
     growth = [(h - r) / model_bytes for h, r in zip(hwm, rss0, strict=True)]
+    t_growth = [(o["hwm"] - o["rss_train"]) / model_bytes for o in outs if "hwm" in o]
+    digests = {o.get("final_digest") for o in outs}
+    split = {k: statistics.median(s.get(k + "_s", 0.0) for s in syncs)
+             for k in ("serialise", "load")}
+    split["hash"] = sha256_seconds(model_bytes)
+    split["transfer"] = stages.get("push", 0.0) + stages.get("pull", 0.0)
+    led = [s["stages"]["merge"] for s in syncs if "merge" in s["stages"]]
+    split["merge"] = statistics.median(led) if led else 0.0
+    split["other"] = max(0.0, median_round - split["serialise"] - split["load"]
+                         - split["transfer"] - split["merge"])
     return {
         "params": params, "nodes": nodes, "rounds": rounds, "rounds_completed": played + 1,
         "median_round_s": round(median_round, 4), "raw_bound_s": round(bound, 4),
         "round_over_bound": round(median_round / bound, 2),
         "leader_growth_over_model": round(max(growth), 2),
         "member_growth_over_model": round(min(growth), 2),
+        "node_growth_over_model": [round(g, 2) for g in growth],
+        "trainer_growth_over_model": round(max(t_growth), 2) if t_growth else None,
+        "trainer_rss_train_gib": [round(o["rss_train"] / 2**30, 2) for o in outs
+                                  if "rss_train" in o],
+        "digests_equal": len(digests) == 1 and "" not in digests and None not in digests,
+        "sync_split_s": {k: round(v, 3) for k, v in split.items()},
+        "min_mem_available_gib": round(min_avail / 2**30, 1),
         "rpc_calls_per_round": round(rpc / max(played + 2, 1), 1),  # + round 1 and the final
         "rpc_calls_per_round_by_method": {m: round(n / max(played + 2, 1), 1)
                                           for m, n in sorted(methods.items())},
@@ -219,20 +278,33 @@ def main() -> None:
                    help="comma-separated PARAMS:NODES, PARAMS like 1M or 25M")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "round.json")
+    p.add_argument("--append", action="store_true",
+                   help="add the runs to those already in --out (replacing a run of the same "
+                        "params and nodes) instead of writing a new file")
+    p.add_argument("--min-free-gib", type=float, default=2.0,
+                   help="stop a run when the machine's available memory falls under this")
     a = p.parse_args()
     runs = []
     with tempfile.TemporaryDirectory(prefix="swarmnode-round-") as tmp:
         for n, spec in enumerate(a.configs.split(",")):
-            params, nodes = spec.split(":")
+            params, nodes, *rounds = spec.split(":")
             keep = os.environ.get("SWARMNODE_BENCH_KEEP")  # a folder: keep the logs there
             work = (Path(keep) if keep else Path(tmp)) / str(n)
-            run = run_config(_size(params), int(nodes), a.rounds, work)
+            run = run_config(_size(params), int(nodes), int(rounds[0]) if rounds else a.rounds,
+                             work, int(a.min_free_gib * 2**30))
             runs.append(run)
             print(f"P={params:>4} N={int(nodes):>2}: round {run['median_round_s']:.3f} s, "
                   f"raw bound {run['raw_bound_s']:.3f} s ({run['round_over_bound']}x), "
                   f"leader growth {run['leader_growth_over_model']}x, "
+                  f"trainer growth {run['trainer_growth_over_model']}x, "
+                  f"digests equal {run['digests_equal']}, split {run['sync_split_s']}, "
                   f"{run['rpc_calls_per_round']} RPC calls/round, stages {run['stages_s']}",
                   flush=True)
+    if a.append and a.out.exists():
+        new = {(r["params"], r["nodes"]) for r in runs}
+        old = [r for r in json.loads(a.out.read_text())["runs"]
+               if (r["params"], r["nodes"]) not in new]
+        runs = old + runs
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
            "runs": runs}
     a.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -146,6 +146,7 @@ class RoundDriver:
         self.chain = chain
         self.pool = pool
         self.store = store
+        store.on_written = self._written
         self.collectors = collectors
         self.timing = timing
         self.spec = spec
@@ -647,6 +648,15 @@ class RoundDriver:
         self._full = {r: v for r, v in self._full.items() if r >= round - 1}
         self._full[round] = (held.digest, source)
         return source
+
+    def _written(self, round: int) -> None:
+        """The store wrote ``round``'s model to disk: serve it from the file from now on, so the
+        memory it was received or merged in (a model's worth) goes now, not rounds later."""
+        self._partial = {r: b for r, b in self._partial.items() if r != round}
+        cached = self._full.get(round)
+        held = self.store.get(round)
+        if cached is not None and held is not None and cached[0] == held.digest:
+            cached[1].rebase(held.data)
 
     def note_served(self, round: int, to: str) -> None:
         """The peer API handed ``round``'s merged model to ``to`` (a member now holds a copy)."""

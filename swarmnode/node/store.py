@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class ModelStore:
         self._write_lock = threading.Lock()
         self._written = 0  # the newest round in latest.safetensors
         self._writer: threading.Thread | None = None
+        # told the round whose model was just written: whoever still serves it from the memory
+        # it came in switches to the file (called on the writer thread, outside the lock)
+        self.on_written: Callable[[int], None] | None = None
         self._load_latest()
 
     @property
@@ -156,7 +160,13 @@ class ModelStore:
                     entry.path, entry.data = path, None  # served from the file from now on
                 elif path is not None:
                     path.unlink(missing_ok=True)  # dropped or replaced while being written
+                    path = None
             del data
+            if path is not None and self.on_written is not None:
+                try:
+                    self.on_written(round)
+                except Exception:  # the memory stays held a little longer; the model is stored
+                    log.exception("after writing round %d's model", round)
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until the newest model is written and on stable storage (False if still writing

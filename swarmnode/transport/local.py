@@ -548,9 +548,10 @@ class LocalClient:
                 raise NodeError(f"{what}: the reply file does not hold the {nbytes} bytes named")
             if nbytes == 0:
                 return result, bytearray()
-            # Mapped, not copied: the node rewrites this file only during our next exchange.
-            return result, mmap.mmap(down, nbytes, flags=mmap.MAP_PRIVATE,
-                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # Mapped, not copied: the node rewrites this file only during our next exchange
+            # (a SpillMap: its pages may be dropped once read, see serde.load_into).
+            return result, serde.SpillMap(down, nbytes, flags=mmap.MAP_PRIVATE,
+                                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(down)
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from swarmnode.errors import PayloadRejected
+from swarmnode.transport import serde
 
 __all__ = [
     "MAX_PARTS",
@@ -311,16 +312,28 @@ class FullSource:
                 self._manifests[part_size] = m
         return m
 
+    def rebase(self, data: Any) -> None:
+        """Serve the same bytes from ``data`` from now on (the stored model's file once it is
+        written), so the memory they were in can go; manifests and what was sent stay."""
+        view = memoryview(data).cast("B")
+        if len(view) != len(self._view):
+            raise ValueError(f"rebase onto {len(view)} bytes, {len(self._view)} were served")
+        with self._lock:
+            self.data, self._view = data, view
+
     def slice(self, i: int, part_size: int, timeout: float) -> memoryview | None:
         check_part_size(part_size)
-        count = -(-len(self._view) // part_size)
+        with self._lock:
+            view = self._view
+        count = -(-len(view) // part_size)
         if not 0 <= i < count:
             return None
-        return self._view[i * part_size:(i + 1) * part_size]
+        return view[i * part_size:(i + 1) * part_size]
 
     def sent(self, i: int, part_size: int, to: str = "") -> None:
-        """Part ``i`` went out whole, to ``to``."""
+        """Part ``i`` went out whole, to ``to`` (a file's pages of it leave resident memory)."""
         count = -(-len(self._view) // part_size)
+        serde.evict(self.data, i * part_size, (i + 1) * part_size)
         with self._lock:
             done = self._sent.setdefault(part_size, set())
             before = len(done)

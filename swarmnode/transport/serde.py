@@ -45,6 +45,7 @@ __all__ = [
     "digest",
     "encode",
     "evict",
+    "load_into",
     "map_file",
     "read_file",
     "spill_buffer",
@@ -622,6 +623,28 @@ def view_state(
         _check_digest(digest(view), expected_digest)
     owned = data if isinstance(data, (bytearray, mmap.mmap)) else None
     return _decode_checked(view, owned, spec, reject_nonfinite)
+
+
+def load_into(data: Buffer, targets: Mapping[str, torch.Tensor]) -> None:
+    """Copy every tensor of the payload ``data`` into the tensor of the same name in
+    ``targets``, in place (``Tensor.copy_``: onto the target's device and dtype, into its own
+    storage, nothing reallocated), one tensor at a time in the payload's order; the pages of a
+    file mapping (:class:`SpillMap`) leave resident memory as each tensor is copied
+    (:func:`evict`), so loading a model into a module holds no second whole copy of it. A
+    payload tensor without a target is refused by name, before anything is copied."""
+    view = memoryview(data).cast("B")
+    entries, start = _parse(view)
+    missing = [e.name for e in entries if e.name not in targets]
+    if missing:
+        raise PayloadRejected(
+            f"the payload has tensor(s) {_few(missing)} that the model does not; it is another "
+            "model's (check the training spec)")
+    owned = data if isinstance(data, (bytearray, mmap.mmap)) else None
+    buf, base = (owned, start) if owned is not None else (bytearray(view[start:]), 0)
+    with torch.no_grad():
+        for e in entries:
+            targets[e.name].copy_(_materialize(buf, base, [e])[e.name])
+            evict(data, start + e.begin, start + e.end)
 
 
 def _check_digest(got: bytes, expected: bytes | None) -> None:
