@@ -728,9 +728,14 @@ def _env(conf: ConsortiumFile, site: SiteEntry, registry: str, contract: str, se
         f"CERT_FILE=./certs/{site.name}.pem",
         f"KEY_FILE=./certs/{site.name}.key",
         "TRUST_FILE=./certs/trust.pem",
-        "# This site's training data and script (train.py): data/ and app/ here.",
+        "# This site's training data and script (train.py): data/ and app/ here. The ml container",
+        "# sees them at /data and /app, writes to /workspace/out, and gets every setting of this",
+        "# file (add your script's own; HPE's DATA_DIR and SCRATCH_DIR are set to /data and",
+        "# /workspace/out inside it).",
         "DATA_DIR=./data",
         "SCRIPT_DIR=./app",
+        "# The training's quorum (HPE scripts read MIN_PEERS); MAX_EPOCHS=N for HPE's, if needed.",
+        f"MIN_PEERS={min_peers}",
     ]
     if not conf.one_host:
         lines += [
@@ -749,7 +754,6 @@ def _env(conf: ConsortiumFile, site: SiteEntry, registry: str, contract: str, se
                 "# the dev chain itself is published on this host's loopback only.",
                 f"GATEWAY_PUBLISH=0.0.0.0:{gateway_port}"]),
             "CONSORTIUM_DIR=./consortium",
-            f"MIN_PEERS={min_peers}",
             f"GRACE_S={t.grace_s}",
             f"DEADLINE_S={t.deadline_s}",
             f"FUND_ETH={conf.chain.fund_eth:g}",

@@ -494,3 +494,31 @@ def test_status_audit_and_report_run_in_a_site_folder_with_no_flags(
         assert "no site has reported metrics yet" in out
     monkeypatch.chdir(tmp_path)  # no kit here: the same commands say what to pass
     assert "run this in a site's folder" in cli("status", code=10)
+
+
+def test_the_ml_container_takes_hpes_settings_and_the_sites_own(tmp_path: Path) -> None:
+    """Issue 21: a site could not pass its own variables (HPE's MAX_EPOCHS, MIN_PEERS) to its
+    trainer, HPE's scratch path was not writable, and python as PID 1 ignored SIGTERM. The
+    kit's compose files as `docker-compose config` resolves them in the site's folder."""
+    import subprocess
+
+    from swarmnode.containers.engine import compose_binary
+
+    _, folders = provision(tmp_path)
+    for name, folder in folders.items():
+        with open(folder / ".env", "a") as env:  # what a site adds for its script
+            env.write("MAX_EPOCHS=3\nMY_SCRIPT_SETTING=north wing\n")
+        done = subprocess.run([compose_binary(), "config", "--format", "json"], cwd=folder,
+                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0, done.stderr
+        ml = json.loads(done.stdout)["services"]["ml"]
+        assert ml["init"] is True  # a signal-forwarding init as PID 1
+        environment = ml["environment"]
+        assert environment["MAX_EPOCHS"] == "3"
+        assert environment["MY_SCRIPT_SETTING"] == "north wing"
+        assert environment["MIN_PEERS"] == "2" and environment["SITE"] == name
+        # HPE's names as the container sees its data and its writable output
+        assert environment["DATA_DIR"] == "/data" and environment["SCRATCH_DIR"] == "/workspace/out"
+        mounts = {v["target"]: v for v in ml["volumes"]}
+        assert mounts["/data"]["read_only"] and mounts["/data"]["source"] == str(folder / "data")
+        assert "/workspace/out" in mounts and ml["command"] == ["python", "/app/train.py"]
