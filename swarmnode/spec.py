@@ -133,7 +133,7 @@ class TrainingSpec:
 
         Parameters appear as ``params[NAME]`` with ``dtype[shape]`` values (None: absent)."""
         diffs: list[tuple[str, Any, Any]] = []
-        for name in ("sync_frequency", "min_peers", "merge_method", "topology"):
+        for name in ("sync_frequency", "min_peers", "merge_method"):
             if getattr(self, name) != getattr(other, name):
                 diffs.append((name, getattr(self, name), getattr(other, name)))
         if dict(self.merge_options) != dict(other.merge_options):

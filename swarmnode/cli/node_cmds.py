@@ -78,6 +78,9 @@ def run(
 def demo(
     nodes: Annotated[int, typer.Option("--nodes", "-n", min=2, max=8, help="Hospitals.")] = 3,
     merge: Annotated[str, typer.Option("--merge", help="Merge rule.")] = "mean",
+    topology: Annotated[str, typer.Option(
+        "--topology", help="leader (the round's leader merges every update) or sharded (each "
+        "site merges one slice of the parameters; the same merged model).")] = "leader",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the summary.")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", help="Certificates, logs, models.")] = Path(
         "demo-run"
@@ -105,12 +108,18 @@ def demo(
             run_demo_containers,
             show_summary,
         )
+        from swarmnode.errors import ConfigError
 
+        if containers and topology != "leader":
+            raise ConfigError("--topology applies to the demo's processes; the container demo "
+                              "trains with the leader topology (drop --topology or "
+                              "--containers)")
         run = run_demo_containers if containers else run_demo
         chosen = example or ("breast-cancer" if containers else "digits")
         summary = run(
             DemoOptions(nodes=nodes, merge=merge, workdir=workdir, seed=seed,
-                        kill_leader_round=kill_leader_round, example=chosen),
+                        kill_leader_round=kill_leader_round, example=chosen,
+                        topology=topology),
             console=console,
         )
         show_summary(summary, console)

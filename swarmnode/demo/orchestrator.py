@@ -83,6 +83,7 @@ class DemoOptions:
     epochs: int | None = None  # None: the example's
     example: str = DEFAULT_TASK  # digits or breast-cancer (swarmnode.demo.tasks)
     policy: str = "inactive"  # the trainers' end-of-training policy (reproducible rounds)
+    topology: str = "leader"  # the spec's: leader or sharded
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
@@ -92,9 +93,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any
     sync_frequency = opts.sync_frequency or task.sync_frequency
     with LocalSwarm(opts.workdir, opts.nodes, merge=opts.merge, sync_frequency=sync_frequency,
                     min_peers=opts.min_peers, grace_s=opts.grace_s, deadline_s=opts.deadline_s,
-                    seed=opts.seed, epochs=opts.epochs, task=task.name) as swarm:
+                    seed=opts.seed, epochs=opts.epochs, task=task.name,
+                    topology=opts.topology) as swarm:
         console.print(f"[bold]swarmnode demo[/]: {opts.nodes} hospitals, example {task.name} "
-                      f"({task.default_split} split), merge rule {opts.merge}, dev chain at "
+                      f"({task.default_split} split), merge rule {opts.merge} ({opts.topology} "
+                      "topology), dev chain at "
                       f"{swarm.rpc_url}, contract {swarm.contract.address}")
         for i, name in enumerate(swarm.names):
             shard = swarm.data.hospitals[i]

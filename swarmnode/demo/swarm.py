@@ -8,6 +8,7 @@ hospitals, and then starts node services (`swarmnode run`) and trainers
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -66,6 +67,7 @@ class LocalSwarm:
         initial_state: dict[str, Any] | None = None,
         task: str = "breast-cancer",
         split: str | None = None,
+        topology: str = "leader",
     ) -> None:
         """``state_file``: the chain keeps its state in a file, so it can be stopped and started
         again (an outage) without losing the swarm. ``instant_mining=False``: transactions wait
@@ -76,6 +78,7 @@ class LocalSwarm:
         self.work = Path(workdir).resolve()
         self.n = nodes
         self.merge = merge
+        self.topology = topology
         self.sync_frequency = sync_frequency
         self.min_peers = min_peers
         self.grace_s = grace_s
@@ -133,6 +136,8 @@ class LocalSwarm:
             state, sync_frequency=self.sync_frequency, min_peers=self.min_peers,
             merge_method=self.merge,
         )
+        if self.topology != "leader":
+            self.spec = dataclasses.replace(self.spec, topology=self.topology)
         self.w3 = connect(self.chain.url)
         self.contract = SwarmContract.deploy(
             self.w3, dev_account(0), self.spec.to_json(), self.min_peers, self.grace_s,

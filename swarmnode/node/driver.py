@@ -31,7 +31,7 @@ from swarmnode.errors import (
     SwarmError,
     TransportError,
 )
-from swarmnode.node import rules
+from swarmnode.node import rules, sharding
 from swarmnode.node.collector import Collector, Collectors
 from swarmnode.node.faults import NO_FAULTS, Faults
 from swarmnode.node.lifecycle import Metrics, pending_after, pending_after_sent
@@ -46,8 +46,10 @@ from swarmnode.node.machine import (
     Observation,
     Pull,
     Push,
+    Reduce,
     Reelect,
     RoundMachine,
+    Scatter,
     Stage,
     Timing,
     Wait,
@@ -104,6 +106,7 @@ class Round:
     # leader: attempt -> (digest, members) of what it merged (the bytes: the store)
     merged: dict[int, tuple[bytes, tuple[str, ...]]] = field(default_factory=dict)
     pull_errors: list[str] = field(default_factory=list)  # the last failed pull's, by source
+    scattered: set[int] = field(default_factory=set)  # sharded: slices of our update delivered
     marks: tuple[int, int] = (0, 0)  # the watcher's (block, signal) marks before this step's read
 
     @property
@@ -129,6 +132,8 @@ class RoundDriver:
         stop: threading.Event | None = None,
         faults: Faults = NO_FAULTS,
         peer_parts: bool = False,
+        topology: str = "leader",
+        shards: sharding.ShardExchange | None = None,
         codec: compression.UpdateCodec | None = None,
     ) -> None:
         """``watcher``: waits end at the next block (or update) instead of after a fixed
@@ -139,6 +144,9 @@ class RoundDriver:
         ``codec``: how updates travel (the spec's ``compression``; default: whole)."""
         self.me = me
         self.peer_parts = peer_parts
+        # topology 'sharded': the first attempt of a round merges in slices (node.sharding)
+        self.topology = topology
+        self.shards = shards
         self.codec = codec or compression.UpdateCodec("none", spec.params if spec else {})
         self.watcher = watcher
         self.reject_nonfinite = reject_nonfinite
@@ -177,6 +185,7 @@ class RoundDriver:
         self.handlers: dict[type, Callable[[Round, Any, RoundInfo, float], _Over | None]] = {
             Wait: self._wait, CheckIn: self._checkin, Elect: self._elect,
             MarkAbsent: self._mark_absent, Draw: self._draw, Push: self._push,
+            Scatter: self._scatter, Reduce: self._reduce,
             Merge: self._merge, Reelect: self._reelect,
             Pull: self._pull, Done: self._done,
         }
@@ -329,7 +338,8 @@ class RoundDriver:
         if len(self.seen) > 4:
             del self.seen[min(self.seen)]
         collected: frozenset[str] = frozenset()
-        if info.status is RoundStatus.ELECTED and info.leader == self.me:
+        sharded, shard_in = self.sharded_attempt(info)
+        if info.status is RoundStatus.ELECTED and info.leader == self.me and not sharded:
             if info.attempt not in rnd.seeded and self.me in info.participants:
                 self._seed_own(rnd, info)
                 rnd.seeded.add(info.attempt)
@@ -341,11 +351,29 @@ class RoundDriver:
             self._absent_checked = now
             absent = tuple(self.chain.absent_candidates())
         action: Action = machine.decide(Observation(now, info, collected, absent,
-                                                    time.monotonic() - self._chain_ok_since))
+                                                    time.monotonic() - self._chain_ok_since,
+                                                    sharded, shard_in))
         # what this step's time is reported as: the action, or what a wait waits for
         rnd.action = (f"wait_{machine.stage.value}" if isinstance(action, Wait)
                       else type(action).__name__.lower())
         return self.handlers[type(action)](rnd, action, info, now)
+
+    def contributors(self, info: RoundInfo) -> tuple[str, ...]:
+        """The round's participants that add weight (rules.contributors, chain weights)."""
+        return rules.contributors(info.participants, self._weights_of(info))
+
+    def sharded_attempt(self, info: RoundInfo) -> tuple[bool, frozenset[str]]:
+        """Whether this attempt of an elected round merges in slices (rules.runs_sharded), and
+        the participants whose slice of this node's share is in."""
+        if (self.shards is None or info.status is not RoundStatus.ELECTED or not info.leader
+                or self.me not in info.participants):
+            return False, frozenset()
+        weights = self._weights_of(info)
+        if not rules.runs_sharded(self.topology, info.attempt, info.participants,
+                                  rules.contributors(info.participants, weights)):
+            return False, frozenset()
+        return True, rules.collected(info.participants,
+                                     self.shards.senders(info.round, info.attempt), weights)
 
     def _next_deadline(self, info: RoundInfo, now: float) -> float:
         """Seconds until the next moment the round's decisions change by time alone (the grace
@@ -489,6 +517,57 @@ class RoundDriver:
         log.info("round %d: update sent to leader %s", action.round, action.leader)
         if action.prefetch:
             self._start_prefetch(action.round, action.leader)
+
+    # -- sharded rounds (node.sharding) -----------------------------------------------------------
+    def _scatter(self, rnd: Round, action: Scatter, info: RoundInfo, now: float) -> None:
+        assert self.shards is not None
+        self._die_at("before-push", action.round)
+        failed = sharding.scatter(
+            self.shards, self.pool, action.round, action.attempt, info.participants,
+            rules.contributors(info.participants, self._weights_of(info)), rnd.payload,
+            rnd.weight, action.timeout_s, rnd.scattered)
+        if failed:
+            log.warning("round %d: slices not delivered yet: %s", action.round,
+                        "; ".join(failed.values()))
+            return
+        serde.evict(rnd.payload)
+        rnd.machine.on_scattered(action.attempt)
+        self._die_at("after-push", action.round)
+        log.info("round %d: update sent in %d slices", action.round, len(info.participants))
+
+    def _reduce(self, rnd: Round, action: Reduce, info: RoundInfo, now: float) -> None:
+        assert self.shards is not None
+        try:
+            self.shards.reduce(action.round, action.attempt, info.participants,
+                               rules.contributors(info.participants, self._weights_of(info)))
+        except SwarmError as exc:  # a slice no rule can merge: this attempt cannot complete
+            log.error("round %d: cannot merge this node's slice: %s; the round is re-elected "
+                      "at its deadline", action.round, exc)
+            self.shards.fail(action.round, action.attempt, str(exc))
+        rnd.machine.on_reduced(action.attempt)
+        if info.leader != self.me:  # assemble the merged model now, checked at the commit
+            fetch = threading.Thread(
+                target=self._gather, args=(action.round, action.attempt, info),
+                name=f"gather-{action.round}", daemon=True)
+            self._fetching = {r: t for r, t in self._fetching.items() if t.is_alive()}
+            self._fetching[action.round] = fetch
+            fetch.start()
+
+    def _gather(self, round: int, attempt: int, info: RoundInfo) -> None:
+        assert self.shards is not None
+        t0 = time.monotonic()
+        try:
+            data, digest = sharding.gather(self.shards, self.pool, round, attempt,
+                                           info.participants, self.timing.deadline_s, self.stop)
+        except SwarmError as exc:  # the pull after the commit asks the leader for it whole
+            log.warning("round %d: could not assemble the merged model from its slices: %s",
+                        round, exc)
+            return
+        if self.store.get(round) is None:
+            self._prefetched = {r: d for r, d in self._prefetched.items() if r >= round - 1}
+            self._prefetched[round] = serde.Received(data, digest)
+        log.info("round %d: merged model assembled from %d slices in %.2f s", round,
+                 len(info.participants), time.monotonic() - t0)
 
     def _start_prefetch(self, round: int, leader: str) -> None:
         fetch = threading.Thread(target=self._prefetch, args=(round, leader),
@@ -686,6 +765,9 @@ class RoundDriver:
         if stall is not None:
             log.warning("round %d: test fault: hanging before the commit", action.round)
             self.stop.wait(stall.seconds)  # a stopping service ends the hang
+        if action.sharded and action.attempt not in rnd.merged:
+            if not self._assemble(rnd, action, info, now):
+                return
         if action.attempt not in rnd.merged:
             collector = self.collectors.get(action.round, action.attempt)
             merged, senders, total = collector.seal(self._reference(collector, action.round))
@@ -721,7 +803,8 @@ class RoundDriver:
             del data
         digest, members = rnd.merged[action.attempt]
         pushed = self.collectors.get(action.round, action.attempt).senders - {self.me}
-        self._await_replica(action.round, set(pushed))
+        if not action.sharded:  # sharded: every member assembles the model from the owners
+            self._await_replica(action.round, set(pushed))
         t1 = time.monotonic()
         try:
             self.chain.commit_merge(action.round, digest, list(members))
@@ -751,6 +834,29 @@ class RoundDriver:
         log.info("round %d: merged %d updates, committed %s", action.round, len(members),
                  digest.hex()[:12])
         self._die_at("after-commit", action.round)
+
+    def _assemble(self, rnd: Round, action: Merge, info: RoundInfo, now: float) -> bool:
+        """Sharded leader: the merged model from the owners' merged slices, checked like any
+        merge (the NaN veto) and stored; False: it cannot be had, so this attempt is not
+        committed (the members re-elect at the deadline; that attempt gathers whole updates)."""
+        assert self.shards is not None
+        left = max(1.0, info.elected_at + self.timing.deadline_s - now)
+        try:
+            data, digest = sharding.gather(self.shards, self.pool, action.round,
+                                           action.attempt, info.participants, left, self.stop)
+            serde.view_state(data, spec=self.spec, reject_nonfinite=True)
+        except SwarmError as exc:
+            log.error("round %d: the merged model cannot be assembled from its slices: %s; "
+                      "the round is re-elected at its deadline", action.round, exc)
+            rnd.machine.on_vetoed(action.attempt)
+            return False
+        weights = self._weights_of(info)
+        members = rules.commit_members(
+            info.participants, rules.contributors(info.participants, weights), weights,
+            lambda p: self.pool.authority.node(p).revoked)
+        rnd.merged[action.attempt] = (digest, members)
+        self.store.put(action.round, digest, data)
+        return True
 
     def _reference(self, collector: Collector, round: int) -> StateDict | None:
         """For clip_norm: the model this round started from (the latest merged one). The first

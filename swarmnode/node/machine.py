@@ -44,8 +44,10 @@ __all__ = [
     "Observation",
     "Pull",
     "Push",
+    "Reduce",
     "Reelect",
     "RoundMachine",
+    "Scatter",
     "Stage",
     "Timing",
     "Wait",
@@ -105,12 +107,32 @@ class Push:
 
 
 @dataclass(frozen=True)
+class Scatter:
+    """Sharded round: send each slice of this node's update to the participant that owns it."""
+
+    round: int
+    attempt: int
+    timeout_s: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """Sharded round: every contributor's slice of this node's share is in; merge it (and, a
+    member, start assembling the merged model from the owners' slices)."""
+
+    round: int
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Merge:
-    """Leader: merge the collected updates and commit the digest with these members."""
+    """Leader: merge the collected updates and commit the digest with these members. Sharded:
+    assemble the owners' merged slices instead, and commit that."""
 
     round: int
     attempt: int
     members: tuple[str, ...]
+    sharded: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,7 +164,8 @@ class Done:
     why: str = field(default="", compare=False)
 
 
-Action = CheckIn | Elect | Draw | MarkAbsent | Push | Merge | Reelect | Pull | Wait | Done
+Action = (CheckIn | Elect | Draw | MarkAbsent | Push | Scatter | Reduce | Merge | Reelect | Pull
+          | Wait | Done)
 
 
 @dataclass(frozen=True)
@@ -178,6 +201,10 @@ class Observation:
     # after a stall nobody could reach the chain, so the leader gets time to commit and the
     # other sites time to check in before anyone is judged failed or absent
     chain_up_s: float = float("inf")
+    # this attempt runs sharded (rules.runs_sharded), and the participants whose slice of this
+    # node's share is in (weight-0 ones count as in: they send nothing)
+    sharded: bool = False
+    shard_in: frozenset[str] = frozenset()
 
 
 class RoundMachine:
@@ -207,6 +234,8 @@ class RoundMachine:
         self.checked_in = False
         self.late = not contribute
         self.pushed_attempt: int | None = None
+        self.scattered_attempt: int | None = None
+        self.reduced_attempt: int | None = None
         self.merged_attempt: int | None = None
         self.merged_digest: bytes | None = None
         self.refused_digest: bytes | None = None
@@ -294,6 +323,8 @@ class RoundMachine:
             if due and self._may_try(f"draw{attempt}", obs.now):
                 return Draw(self.round)
             return Wait(t.poll_s, "waiting for the leader draw")
+        if obs.sharded:
+            return self._sharded(obs, leader, attempt)
         if leader == self.me:
             if self.merged_attempt == attempt:
                 self.stage = Stage.COMMIT
@@ -329,6 +360,47 @@ class RoundMachine:
         self.stage = Stage.COMMIT
         return Wait(t.poll_s, "waiting for the leader's commit")
 
+    def _sharded(self, obs: Observation, leader: str, attempt: int) -> Action:
+        """An attempt of a sharded round: send the slices, merge this node's slice once every
+        contributor's is in, then the leader assembles and commits, the others wait for the
+        commit (re-electing at the deadline, as in any round: a lost slice stalls the attempt,
+        and the next attempt gathers whole updates at its leader)."""
+        info, t = obs.info, self.timing
+        if self.merged_attempt == attempt or self.vetoed_attempt == attempt:
+            self.stage = Stage.COMMIT
+            return Wait(t.poll_s, "commit sent" if self.merged_attempt == attempt
+                        else "the merged model could not be committed: waiting for the "
+                        "re-election")
+        if leader != self.me:
+            overdue = (obs.now >= info.elected_at + t.deadline_s
+                       and obs.chain_up_s >= t.deadline_s / 2)
+            if overdue and self._may_try(f"reelect{attempt}", obs.now):
+                return Reelect(self.round, attempt, leader)
+        if self.scattered_attempt != attempt and self.weight == 0:
+            self.scattered_attempt = attempt  # nothing to add: the owners count it as in
+        if self.scattered_attempt != attempt:
+            self.stage = Stage.PUSH
+            if self._may_try(f"scatter{attempt}", obs.now):
+                left = info.elected_at + t.deadline_s - obs.now
+                return Scatter(self.round, attempt,
+                               min(t.transfer_s, max(t.min_transfer_s, left + 2.0)))
+            return Wait(t.poll_s, "retrying the slices soon")
+        if self.reduced_attempt != attempt:
+            self.stage = Stage.COLLECT
+            if set(info.participants) <= obs.shard_in and self._may_try(f"reduce{attempt}",
+                                                                        obs.now):
+                return Reduce(self.round, attempt)
+            return Wait(t.poll_s, f"collecting slices ({len(obs.shard_in)}/"
+                        f"{len(info.participants)})")
+        if leader == self.me:
+            self.stage = Stage.COLLECT
+            if self._may_try(f"merge{attempt}", obs.now):
+                return Merge(self.round, attempt, tuple(sorted(info.participants)),
+                             sharded=True)
+            return Wait(t.poll_s, "assembling the merged slices")
+        self.stage = Stage.COMMIT
+        return Wait(t.poll_s, "waiting for the leader's commit")
+
     def _may_try(self, key: str, now: float) -> bool:
         """Rate-limit actions that may fail and be retried (elect, push, reelect)."""
         last = self._last_try.get(key)
@@ -357,6 +429,12 @@ class RoundMachine:
     def on_pushed(self, attempt: int) -> None:
         self.pushed_attempt = attempt
         self.stage = Stage.COMMIT
+
+    def on_scattered(self, attempt: int) -> None:
+        self.scattered_attempt = attempt
+
+    def on_reduced(self, attempt: int) -> None:
+        self.reduced_attempt = attempt
 
     def on_merged(self, attempt: int, digest: bytes) -> None:
         self.merged_attempt = attempt

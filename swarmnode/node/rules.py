@@ -23,6 +23,7 @@ __all__ = [
     "may_commit",
     "prefetch_goes_on",
     "replica_held",
+    "runs_sharded",
 ]
 
 
@@ -99,3 +100,14 @@ def prefetch_goes_on(*, held: bool, fetched: bool, leader_now: str | None, leade
     if held or fetched or elapsed_s >= deadline_s:
         return False
     return leader_now is None or leader_now == leader
+
+
+def runs_sharded(topology: str, attempt: int, participants: Collection[str],
+                 contributors: Collection[str]) -> bool:
+    """Whether an elected attempt merges in slices (``topology: sharded``): only a round's first
+    attempt, with two participants or more and someone adding weight. An attempt after a
+    re-election (a site was lost, so a slice may be missing) gathers whole updates at its
+    leader, as the leader topology does, and so does a round where nobody adds weight (its
+    leader re-commits the model the round started from)."""
+    return (topology == "sharded" and attempt == 1 and len(participants) >= 2
+            and len(contributors) >= 1)

@@ -46,6 +46,7 @@ from swarmnode.node.driver import RoundDriver, RoundOutcome
 from swarmnode.node.lifecycle import END_POLICIES
 from swarmnode.node.machine import Timing
 from swarmnode.node.peers import ChainAuthority, PeerPool
+from swarmnode.node.sharding import ShardExchange
 from swarmnode.node.store import ModelStore, StoredModel
 from swarmnode.spec import TrainingSpec
 from swarmnode.transport import compression, serde
@@ -234,6 +235,9 @@ class NodeService:
             self.param_spec, max_bytes=self.max_bytes, round_timeout_s=config.round_timeout_s,
             watcher=self.watcher, reject_nonfinite=config.reject_nonfinite, stop=self._stopped,
             faults=config.fault_plan, peer_parts=config.peer_served_pulls,
+            topology=self.spec.topology, shards=ShardExchange(
+                self.param_spec, self.spec.merge_method, self.spec.merge_options, self.me,
+                on_add=self.watcher.notify),
             codec=self.codec,
         )
         self.progress = _Progress()
@@ -378,6 +382,67 @@ class NodeService:
                               "they push updates")
         rules.check_update_weight(round, sender, weight, self.driver.weight_of(round, sender))
         self.driver.collector(info).check(sender)
+        return info
+
+    # -- sharded rounds: the slice of the model this node merges (node.sharding) ------------------
+    def check_shard(self, round: int, attempt: int, index: int, sender: str,
+                    weight: int) -> serde.ParamSpec:
+        """The servers ask this with a slice's header, before its payload is read: the round's
+        attempt runs sharded, ``sender`` is one of its contributors with the weight it checked
+        in, this node owns slice ``index``, and the sender has not sent it yet. Returns what the
+        slice must hold (its size: ``payload_bytes``)."""
+        info = self._sharded_info(round, attempt)
+        if sender.lower() not in {p.lower() for p in info.participants}:
+            raise PeerRefused(f"round {round}: {sender} is not one of its participants; only "
+                              "they send slices")
+        rules.check_update_weight(round, sender, weight, self.driver.weight_of(round, sender))
+        if weight <= 0:
+            raise PayloadRejected(f"round {round}: {sender} checked in with weight 0 and "
+                                  "sends nothing")
+        shards = self.driver.shards
+        assert shards is not None
+        mine = shards.mine(round, info.participants)
+        if index != mine:
+            raise PeerRefused(f"round {round}: this node merges slice {mine}, not {index}; send "
+                              "each slice to the participant that owns it")
+        shards.collector(round, attempt, info.participants,
+                         self.driver.contributors(info)).check(sender)
+        return shards.layout(round, info.participants).slice_spec(index)
+
+    def accept_shard(self, round: int, attempt: int, index: int, sender: str, weight: int,
+                     state: StateDict, evict: Callable[[], None] | None = None) -> None:
+        self.check_shard(round, attempt, index, sender, weight)
+        info = self._sharded_info(round, attempt)
+        shards = self.driver.shards
+        assert shards is not None
+        collector = shards.collector(round, attempt, info.participants,
+                                     self.driver.contributors(info))
+        shards.add(collector, sender, weight, state, evict)
+        log.info("round %d: slice %d from %s (weight %d)", round, index, sender, weight)
+
+    def merged_shard(self, round: int, attempt: int, index: int, timeout: float,
+                     to: str | None = None) -> tuple[serde.Buffer, bytes] | None:
+        """This node's merged slice ``index`` of (round, attempt), waited for up to
+        ``timeout`` (at most 10 s); None while it is not merged."""
+        info = self._sharded_info(round, attempt)
+        shards = self.driver.shards
+        assert shards is not None
+        mine = shards.mine(round, info.participants)
+        if index != mine:
+            raise PeerRefused(f"round {round}: this node merges slice {mine}, not {index}")
+        return shards.merged(round, attempt, min(timeout, 10.0))
+
+    def _sharded_info(self, round: int, attempt: int) -> RoundInfo:
+        info = self.driver.seen.get(round)
+        if info is None or info.status is not RoundStatus.ELECTED or info.attempt != attempt:
+            info = self.chain.round(round)
+        if self.driver.shards is None or not (
+                info.status is RoundStatus.ELECTED and info.attempt == attempt
+                and self.me in info.participants
+                and self.driver.sharded_attempt(info)[0]):
+            raise RoundError(f"round {round}: attempt {attempt} is not a sharded attempt this "
+                             f"node takes part in (status {info.status.name.lower()}, attempt "
+                             f"{info.attempt}); slices are refused")
         return info
 
     def merged(

@@ -49,7 +49,13 @@ from web3 import EthereumTesterProvider, Web3
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract
 from swarmnode.config import FaultSettings, NodeConfig
-from swarmnode.errors import ConfigError, PeerRefused, PeerUnavailable, RoundError
+from swarmnode.errors import (
+    ConfigError,
+    PayloadRejected,
+    PeerRefused,
+    PeerUnavailable,
+    RoundError,
+)
 from swarmnode.identity import (
     TlsFiles,
     create_ca,
@@ -263,6 +269,47 @@ class MemoryPeerClient:
                 assembler.add(chunk)
             received = assembler.finish()
         received.check_digest(digest)  # the stream's header, as PeerClient checks it
+        self.network.pulls += 1
+        return received
+
+    # -- sharded rounds: slices to their owners, merged slices back --------------------------------
+    def push_shard(self, round: int, attempt: int, index: int, weight: int,
+                   payload: serde.Buffer, digest: bytes, timeout: float) -> None:
+        peer, own_cert = self._reach()
+        sender = bind_address(peer.authority, self.own_address, own_cert)
+        spec = peer.check_shard(round, attempt, index, sender, weight)  # on the header
+        size = spec.payload_bytes
+        data = memoryview(payload).cast("B")
+        if len(data) != size:
+            raise PayloadRejected(f"slice {index} of round {round} from {sender}: {len(data)} "
+                                  f"bytes, the slice takes {size}")
+        what = f"slice {index} of round {round} from {sender}"
+        with serde.Assembler(len(data), size, what) as assembler:
+            for chunk in serde.chunks(data):  # copied, as the wire would
+                assembler.add(chunk)
+            received = assembler.finish()
+        state = received.decode(expected_digest=digest, spec=spec,
+                                reject_nonfinite=peer.config.reject_nonfinite)
+        peer.accept_shard(round, attempt, index, sender, weight, state)
+        self.network.pushes += 1
+
+    def pull_shard(self, round: int, attempt: int, index: int, timeout: float,
+                   wait_s: float) -> serde.Received:
+        peer, own_cert = self._reach()
+        caller = bind_address(peer.authority, self.own_address, own_cert)
+        if not peer.authority.is_participant(round, caller):
+            raise PeerRefused(f"{caller} is not a participant of round {round}")
+        held = peer.merged_shard(round, attempt, index, wait_s, caller)
+        if held is None:
+            raise RoundError(f"round {round}: slice {index} is not merged (yet)")
+        data, digest = held
+        view = memoryview(data).cast("B")
+        what = f"merged slice {index} of round {round} from {self.who}"
+        with serde.Assembler(len(view), peer.max_bytes, what) as assembler:
+            for chunk in serde.chunks(view):
+                assembler.add(chunk)
+            received = assembler.finish()
+        received.check_digest(digest)
         self.network.pulls += 1
         return received
 

@@ -463,6 +463,10 @@ class DataServer:
                     self._manifest(tls, sender, hdr)
                 elif op == "parts":
                     self._parts(tls, sender, hdr, started)
+                elif op == "shard_push":
+                    self._shard_push(tls, sender, hdr)
+                elif op == "shard_pull":
+                    self._shard_pull(tls, sender, hdr, started)
                 else:
                     raise PayloadRejected(f"unknown data plane operation {op!r}")
             except SwarmError as exc:
@@ -798,6 +802,90 @@ class DataServer:
         _send_frame(tls, {"ok": True, "end": True})
 
 
+    # -- slices of a sharded round (node.sharding) -------------------------------------------------
+    def _shard_header(self, caller: str, hdr: dict[str, Any], op: str) -> tuple[int, int, int]:
+        rnd = _int(hdr, "round", op)
+        attempt = _int(hdr, "attempt", op, 1, 1 << 16)
+        index = _int(hdr, "index", op, 0, 1 << 16)
+        if not self.authority.is_participant(rnd, caller):
+            raise PeerRefused(f"{caller} is not a participant of round {rnd}")
+        return rnd, attempt, index
+
+    def _shard_push(self, tls: ssl.SSLSocket, sender: str, hdr: dict[str, Any]) -> None:
+        """``{"op": "shard_push", "address", "round", "attempt", "index", "weight",
+        "total_bytes", "digest"}`` then the slice's bytes (canonical safetensors); the reply
+        frame once it was accepted or refused. Every check (participant, sharded attempt,
+        this node owns the slice, weight, duplicate, exact size) runs on the header, before a
+        byte of payload is read."""
+        rnd, attempt, index = self._shard_header(sender, hdr, "shard_push")
+        what = f"slice {index} of round {rnd} from {sender}"
+        check = getattr(self.handler, "check_shard", None)
+        if check is None:
+            raise PayloadRejected(f"{what}: this node takes no slices")
+        spec = check(rnd, attempt, index, sender, _int(hdr, "weight", what))
+        total = _int(hdr, "total_bytes", what)
+        if total != spec.payload_bytes:
+            raise PayloadRejected(f"{what}: {total} bytes announced, the slice takes "
+                                  f"{spec.payload_bytes}; the sender's model differs from the "
+                                  "swarm's training spec")
+        try:
+            digest = bytes.fromhex(str(hdr.get("digest", "")))
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
+        started = time.monotonic()
+        tls.settimeout(min(self.idle_s, _STALL_S))
+        watched = _Watched(tls, what, started, started)
+        with self._lock:
+            self._watched[id(watched)] = watched
+        buf = serde.buffer(total, populate=True)
+        try:
+            def progress(got: int) -> None:
+                watched.moved = got
+
+            with memoryview(buf) as view:
+                _recv_blocks(tls, view, [(0, total)], what, progress)
+        except (OSError, ssl.SSLError, TransportError) as exc:
+            raise TransportError(f"{what}: {watched.reason or exc}") from None
+        finally:
+            with self._lock:
+                self._watched.pop(id(watched), None)
+                self.payload_bytes_in += watched.moved
+        try:
+            serde.Received(buf, serde.digest(buf)).check_digest(digest)
+            state = serde.view_state(buf, spec=spec, reject_nonfinite=self.reject_nonfinite)
+        except PayloadRejected as exc:
+            raise PayloadRejected(f"{what}: {exc}") from None
+        self.handler.accept_shard(rnd, attempt, index, sender, _int(hdr, "weight", what), state)
+        _send_frame(tls, {"ok": True})
+
+    def _shard_pull(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any],
+                    started: float) -> None:
+        """``{"op": "shard_pull", "address", "round", "attempt", "index", "wait_s"}``: this
+        node's merged slice, once merged (held up to ``wait_s``, at most 10 s): the reply frame
+        ``{"ok": true, "total_bytes", "digest"}`` then its bytes."""
+        rnd, attempt, index = self._shard_header(caller, hdr, "shard_pull")
+        wait = hdr.get("wait_s", 0.0)
+        wait = max(0.0, min(float(wait), 10.0)) if isinstance(wait, int | float) else 0.0
+        find = getattr(self.handler, "merged_shard", None)
+        t0 = time.monotonic()
+        held = find(rnd, attempt, index, wait, caller) if find is not None else None
+        started += time.monotonic() - t0  # waiting for the merge is not a slow link
+        if held is None:
+            raise RoundError(f"round {rnd}: slice {index} is not merged here (yet)")
+        data, digest = held
+        view = memoryview(data).cast("B")
+        _send_frame(tls, {"ok": True, "total_bytes": len(view), "digest": digest.hex()})
+        moved = [0]
+
+        def sent(start: int, end: int) -> None:
+            moved[0] += end - start
+            self._check_rate(started, moved[0], f"slice {index} of round {rnd} for {caller}")
+
+        _send_blocks(tls, view, [(0, len(view))], sent)
+
+
 # -- client ---------------------------------------------------------------------------------------
 class DataClient:
     """Pushes to and pulls from one peer's data plane, ``stripes`` connections per transfer."""
@@ -1039,3 +1127,53 @@ class DataClient:
                     raise TransportError(f"{what}: the connection broke: {exc}") from None
                 log.info("%s: the connection broke after %d parts: %s", what, len(got), exc)
         return got
+
+    # -- slices of a sharded round (node.sharding) ---------------------------------------------
+    def push_shard(self, round: int, attempt: int, index: int, weight: int,
+                   payload: serde.Buffer, digest: bytes, timeout: float) -> None:
+        """Send slice ``index`` of this node's update (canonical safetensors) to its owner."""
+        view = memoryview(payload).cast("B")
+        what = f"slice {index} of round {round} to {self.who}"
+        with self._connect(timeout) as tls:
+            _send_frame(tls, {"op": "shard_push", "address": self.own_address, "round": round,
+                              "attempt": attempt, "index": index, "weight": weight,
+                              "total_bytes": len(view), "digest": digest.hex()})
+            try:
+                _send_blocks(tls, view, [(0, len(view))], lambda start, end: None)
+            except (OSError, ssl.SSLError) as exc:  # refused early: raise its reason
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    self._verdict(_recv_frame(tls, what), what)
+                raise TransportError(f"{what}: the connection broke: {exc}") from None
+            try:
+                reply = _recv_frame(tls, what)
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"{what}: no verdict: {exc}") from None
+            self._verdict(reply, what)
+
+    def pull_shard(self, round: int, attempt: int, index: int, timeout: float,
+                   wait_s: float) -> serde.Received:
+        """The owner's merged slice ``index`` (RoundError while it is not merged: ask again),
+        its SHA-256 checked against the reply's."""
+        what = f"merged slice {index} of round {round} from {self.who}"
+        with self._connect(timeout) as tls:
+            tls.settimeout(min(timeout, _PROGRESS_S) + wait_s)
+            _send_frame(tls, {"op": "shard_pull", "address": self.own_address, "round": round,
+                              "attempt": attempt, "index": index, "wait_s": wait_s})
+            try:
+                reply = _recv_frame(tls, what)
+                self._verdict(reply, what)
+                total = _int(reply, "total_bytes", what, 0, self.max_bytes)
+                tls.settimeout(min(timeout, _PROGRESS_S))
+                buf = serde.buffer(total)  # pages committed as bytes arrive: a lying size
+                with memoryview(buf) as view:
+                    _recv_blocks(tls, view, [(0, total)], what, lambda _n: None)
+            except SwarmError:
+                raise
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"{what}: the connection broke: {exc}") from None
+        received = serde.Received(buf, serde.digest(buf))
+        try:
+            received.check_digest(bytes.fromhex(str(reply.get("digest", ""))))
+        except (ValueError, PayloadRejected) as exc:
+            raise PayloadRejected(f"{what}: {exc}") from None
+        return received

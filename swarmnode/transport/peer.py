@@ -599,6 +599,29 @@ class PeerClient:
 
         return left
 
+    def push_shard(self, round: int, attempt: int, index: int, weight: int,
+                   payload: serde.Buffer, digest: bytes, timeout: float) -> None:
+        """Send slice ``index`` of this node's update to the peer that owns it (a sharded
+        round). Slices travel on the data plane only: a peer without one cannot take part in
+        a sharded attempt (the next attempt gathers whole updates at its leader)."""
+        left = self._budget(f"slice {index} of round {round}", timeout)
+        self._shard_plane(left(), round).push_shard(round, attempt, index, weight, payload,
+                                                    digest, left())
+
+    def pull_shard(self, round: int, attempt: int, index: int, timeout: float,
+                   wait_s: float) -> serde.Received:
+        """The peer's merged slice ``index`` of a sharded round (RoundError: not merged yet)."""
+        left = self._budget(f"merged slice {index} of round {round}", timeout)
+        return self._shard_plane(left(), round).pull_shard(round, attempt, index, left(),
+                                                           min(wait_s, left()))
+
+    def _shard_plane(self, timeout: float, round: int) -> DataClient:
+        data = self._data_plane(timeout)
+        if data is None:
+            raise PeerUnavailable(f"{self.who} names no data plane (or it cannot be reached): "
+                                  f"the slices of round {round} cannot travel to it")
+        return data
+
     def pull_merged(self, round: int, timeout: float) -> bytes:
         """The merged model of ``round``: canonical bytes, digest checked against the header."""
         return self.pull(round, timeout).to_bytes()

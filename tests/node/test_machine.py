@@ -15,8 +15,10 @@ from swarmnode.node.machine import (
     Observation,
     Pull,
     Push,
+    Reduce,
     Reelect,
     RoundMachine,
+    Scatter,
     Stage,
     Timing,
     Wait,
@@ -366,3 +368,72 @@ def test_a_nested_fetch_runs_in_its_own_round_object(tmp_path) -> None:  # type:
     assert driver.current is not None and driver.current.number == 2
     assert driver.machine is driver.current.machine and driver.machine.stage is Stage.DONE
     assert outcome.stages.keys() == driver.current.stages.keys()
+
+
+# -- sharded attempts (topology sharded) -----------------------------------------------------------
+def _sharded(m: RoundMachine, now: float, rinfo: RoundInfo, shard_in=()):  # type: ignore[no-untyped-def]
+    return m.decide(Observation(now, rinfo, sharded=True, shard_in=frozenset(shard_in)))
+
+
+def test_a_sharded_member_scatters_merges_its_slice_once_all_are_in_then_waits() -> None:
+    elected = info(RoundStatus.ELECTED, [A, B, C], leader=B, attempt=1, elected_at=100,
+                   first=99)
+    m = RoundMachine(A, 1, weight=10, timing=T)
+    m.on_checked_in()
+    act = _sharded(m, 100.5, elected)
+    assert isinstance(act, Scatter) and (act.round, act.attempt) == (1, 1)
+    assert m.stage is Stage.PUSH and act.timeout_s >= T.min_transfer_s
+    assert isinstance(_sharded(m, 100.6, elected), Wait)  # a failed scatter is retried later
+    assert isinstance(_sharded(m, 101.2, elected), Scatter)
+    m.on_scattered(1)
+    act = _sharded(m, 101.3, elected, shard_in=[A, B])  # C's slice of our share is missing
+    assert isinstance(act, Wait) and m.stage is Stage.COLLECT and "2/3" in act.reason
+    assert _sharded(m, 101.4, elected, shard_in=[A, B, C]) == Reduce(1, 1)
+    m.on_reduced(1)
+    act = _sharded(m, 101.5, elected, shard_in=[A, B, C])
+    assert isinstance(act, Wait) and m.stage is Stage.COMMIT  # a member: the leader commits
+    # a slice lost for good stalls the attempt: the members re-elect at the leader's deadline
+    assert _sharded(m, 110.5, elected, shard_in=[A, B, C]) == Reelect(1, 1, B)
+
+
+def test_a_sharded_leader_assembles_and_commits_after_merging_its_own_slice() -> None:
+    elected = info(RoundStatus.ELECTED, [A, B, C], leader=A, attempt=1, elected_at=100,
+                   first=99)
+    m = RoundMachine(A, 1, weight=10, timing=T)
+    m.on_checked_in()
+    assert isinstance(_sharded(m, 100.5, elected), Scatter)
+    m.on_scattered(1)
+    assert _sharded(m, 101, elected, shard_in=[A, B, C]) == Reduce(1, 1)
+    m.on_reduced(1)
+    act = _sharded(m, 101.1, elected, shard_in=[A, B, C])
+    assert act == Merge(1, 1, (A, B, C), sharded=True) and act.sharded
+    m.on_merged(1, D)
+    assert isinstance(_sharded(m, 101.2, elected), Wait)
+    # the leader never re-elects itself, even past the deadline
+    assert isinstance(_sharded(m, 111, elected), Wait)
+    # an assembly that failed (a missing slice, NaN) waits for the re-election
+    m2 = RoundMachine(A, 1, weight=10, timing=T)
+    m2.on_checked_in()
+    m2.on_scattered(1)
+    m2.on_reduced(1)
+    m2.on_vetoed(1)
+    assert isinstance(_sharded(m2, 101, elected), Wait)
+
+
+def test_a_weight_0_participant_sends_no_slices_but_still_merges_its_own() -> None:
+    elected = info(RoundStatus.ELECTED, [A, B], leader=B, attempt=1, elected_at=100, first=99)
+    m = RoundMachine(A, 1, weight=0, timing=T)
+    m.on_checked_in()
+    assert _sharded(m, 100.5, elected, shard_in=[A, B]) == Reduce(1, 1)
+
+
+def test_the_attempt_after_a_re_election_gathers_whole_updates() -> None:
+    """The driver reports sharded=False for it (rules.runs_sharded): the leader topology's
+    push, whatever this node did in the sharded attempt."""
+    m = RoundMachine(A, 1, weight=10, timing=T)
+    m.on_checked_in()
+    first = info(RoundStatus.ELECTED, [A, B, C], leader=B, attempt=1, elected_at=100, first=99)
+    assert isinstance(_sharded(m, 100.5, first), Scatter)
+    second = info(RoundStatus.ELECTED, [A, B, C], leader=C, attempt=2, elected_at=111,
+                  first=99)
+    assert m.decide(Observation(111.5, second)) == Push(1, C, 2)

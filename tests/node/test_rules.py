@@ -119,3 +119,13 @@ def test_the_round_core_imports_no_web3() -> None:
             "or m == 'swarmnode.chain.client'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_only_a_first_attempt_with_two_sites_and_some_weight_runs_sharded() -> None:
+    from swarmnode.node.rules import runs_sharded
+
+    assert runs_sharded("sharded", 1, ["a", "b"], ["a"])
+    assert not runs_sharded("leader", 1, ["a", "b"], ["a", "b"])
+    assert not runs_sharded("sharded", 2, ["a", "b"], ["a", "b"])  # after a re-election
+    assert not runs_sharded("sharded", 1, ["a"], ["a"])  # alone: nothing to share
+    assert not runs_sharded("sharded", 1, ["a", "b"], [])  # nobody adds weight: re-commit

@@ -1,0 +1,67 @@
+"""The sharded topology on real node services (swarmnode.testing.inproc): every participant merges
+one slice, the leader assembles and commits, and the rounds end with the very digests the leader
+topology commits for the same updates; no site sends a whole update to the leader."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from swarmnode.chain.models import RoundStatus
+from swarmnode.spec import TrainingSpec
+from swarmnode.testing.inproc import InProcessSwarm
+
+SITES = 4
+ROUNDS = 3
+WEIGHTS = (30, 20, 10, 5)
+INITIAL = {"w": torch.zeros(40, 33), "b": torch.zeros(33), "h": torch.zeros(17).half(),
+           "n": torch.tensor(0)}
+
+
+def step(site, k, model):  # type: ignore[no-untyped-def]
+    """A trainer: from the model it holds, a site-specific deterministic move."""
+    if k >= ROUNDS:
+        return None
+    base = model if model is not None else INITIAL
+    gen = torch.Generator().manual_seed(1000 * site.index + k)
+    state = {n: (t + 0.1 * (site.index + 1) * torch.randn(t.shape, generator=gen)).to(t.dtype)
+             if t.is_floating_point() else t + site.index + 1 for n, t in base.items()}
+    return state, WEIGHTS[site.index]
+
+
+def _run(topology: str, method: str = "mean") -> tuple[list[bytes | None], dict[str, int]]:
+    spec = TrainingSpec.from_state(INITIAL, sync_frequency=1, min_peers=SITES,
+                                   merge_method=method)
+    spec = TrainingSpec.from_json(spec.to_json().replace(
+        '"sync_frequency"', f'"topology":"{topology}","sync_frequency"'))
+    with InProcessSwarm(SITES, spec, min_peers=SITES) as swarm:
+        sites = swarm.run(step, timeout=240)
+        chain = swarm.admin
+        final = swarm.final_round()
+        assert final is not None and chain.training_finished()
+        digests = []
+        for r in range(1, ROUNDS + 1):
+            info = chain.round(r)
+            assert info.status is RoundStatus.COMMITTED, r
+            assert info.attempt == 1, r  # merged at the first attempt: no re-election
+            for site in sites:
+                got = site.syncs[r - 1].outcome
+                assert got.digest == info.digest and not got.abandoned
+                assert hashlib.sha256(bytes(got.data)).digest() == info.digest
+            digests.append(info.digest)
+        for site in sites:
+            assert site.final_digest == swarm.final_digest()
+        return digests, {"pushes": swarm.network.pushes, "pulls": swarm.network.pulls}
+
+
+def test_a_sharded_swarm_commits_the_leader_topologys_digests() -> None:
+    leader, whole = _run("leader")
+    sharded, moves = _run("sharded")
+    assert sharded == leader
+    # every site sent each other site one slice a round (N-1 slice pushes per site), and
+    # fetched each other owner's merged slice: no whole update went to a leader
+    assert moves["pushes"] >= ROUNDS * SITES * (SITES - 1)
+    assert moves["pulls"] >= ROUNDS * SITES * (SITES - 1)
+    assert whole["pushes"] < moves["pushes"]
+
