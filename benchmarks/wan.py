@@ -73,12 +73,13 @@ def _size(text: str) -> int:
     return int(float(text[:-1]) * 1_000_000) if text[-1] in "Mm" else int(text)
 
 
-def _spec(params: int, nodes: int, compression: str = "none") -> TrainingSpec:
+def _spec(params: int, nodes: int, compression: str = "none",
+          topology: str = "leader") -> TrainingSpec:
     from round_trainer import Synthetic
 
     spec = TrainingSpec.from_state(Synthetic(params).state_dict(), sync_frequency=1,
                                    min_peers=nodes, merge_method="mean")
-    return dataclasses.replace(spec, compression=compression)
+    return dataclasses.replace(spec, compression=compression, topology=topology)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -95,7 +96,7 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
                *, timeout_s: float | None = None, pulls: str = "leader",
-               compression: str = "none") -> dict[str, Any]:
+               compression: str = "none", topology: str = "leader") -> dict[str, Any]:
     """One swarm of ``nodes`` sites on links of ``mbit``, ``rounds`` rounds of a synthetic
     model of ``params`` float32 parameters; returns its row of results/wan.json. ``pulls``:
     ``leader`` (every member pulls the whole merged model from the leader) or ``peers`` (in
@@ -105,7 +106,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
         raise ValueError(f"pulls must be one of {PULLS}, not {pulls!r}")
     work.mkdir(parents=True, exist_ok=True)
     model_bytes = params * 4
-    spec = _spec(params, nodes, compression)
+    spec = _spec(params, nodes, compression, topology)
     update_bytes = wire_bytes({n: (p.shape, p.dtype) for n, p in spec.params.items()},
                               compression)
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1",
@@ -201,7 +202,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
     period = statistics.median(row[0] for row in rows)
     leader_out = statistics.median(row[2] for row in rows)
     return {
-        "params": params, "nodes": nodes, "link_mbit": mbit, "topology": "leader",
+        "params": params, "nodes": nodes, "link_mbit": mbit, "topology": topology,
         "pulls": pulls,
         "compression": compression, "rounds": rounds, "model_bytes": model_bytes,
         # what one member's update takes on the wire (rounds after the first; the first is whole)
@@ -212,8 +213,12 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
         "period_over_star_bound": round(period / star, 2),
         "leader_bytes_in": int(statistics.median(row[1] for row in rows)),
         "leader_bytes_out": int(leader_out),
-        "leader_out_over_model": round(leader_out / ((nodes - 1) * model_bytes), 3),
-        # every site's link together, per round, in models: 2 (N-1) for the leader topology
+        # over what its topology needs: (N-1) M for the leader, 2 (N-1) M / N sharded (its
+        # update's slices out, its merged slice to the N-1 others)
+        "leader_out_over_model": round(leader_out / (
+            (nodes - 1) * model_bytes * (2 / nodes if topology == "sharded" else 1)), 3),
+        # every site's link together, per round, in models: 2 (N-1) for the leader topology,
+        # 2 (N-1) sharded (each site 2 (N-1)/N)
         "bytes_per_round_over_model": round(statistics.median(row[3] for row in rows)
                                             / model_bytes, 2),
         "all_digests_agree": bool(final_digest) and all(d == final_digest for d in digests),
@@ -231,6 +236,9 @@ def main() -> None:
     p.add_argument("--compression", default="none",
                    help=f"comma-separated update encodings ({', '.join(MODES)}; the spec's "
                    "compression); each configuration runs with each")
+    p.add_argument("--topology", default="leader",
+                   help="comma-separated merge topologies (leader, sharded: the spec's); each "
+                   "configuration runs with each (pulls apply to the leader topology)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "wan.json")
     a = p.parse_args()
 
@@ -242,17 +250,19 @@ def main() -> None:
         print(f"removed {stale}, left by an earlier run", flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="swarmnode-wan-") as tmp:
-        grid = [(conf, pulls, code) for conf in a.configs.split(",")
-                for pulls in a.pulls.split(",") for code in a.compression.split(",")]
-        for n, (conf, pulls, code) in enumerate(grid):
+        grid = [(conf, pulls, code, topo) for conf in a.configs.split(",")
+                for topo in a.topology.split(",")
+                for pulls in (a.pulls.split(",") if topo == "leader" else ["leader"])
+                for code in a.compression.split(",")]
+        for n, (conf, pulls, code, topo) in enumerate(grid):
             params, nodes, mbit = conf.split(":")
             keep = os.environ.get("SWARMNODE_BENCH_KEEP")  # a folder: keep the logs there
             work = (Path(keep) if keep else Path(tmp)) / str(n)
             run = run_config(_size(params), int(nodes), float(mbit), a.rounds, work,
-                             pulls=pulls, compression=code)
+                             pulls=pulls, compression=code, topology=topo)
             runs.append(run)
-            print(f"P={params:>4} N={int(nodes):>2} {float(mbit):>6.0f} Mbit/s pulls={pulls} "
-                  f"compression={code} "
+            print(f"P={params:>4} N={int(nodes):>2} {float(mbit):>6.0f} Mbit/s {topo} "
+                  f"pulls={pulls} compression={code} "
                   f"(goodput {run['goodput_mbit']}): period {run['median_period_s']:.2f} s, "
                   f"star bound {run['star_bound_s']:.2f} s ({run['period_over_star_bound']}x), "
                   f"all-reduce bound {run['allreduce_bound_s']:.2f} s, leader out "
