@@ -149,6 +149,11 @@ def spec(
         "--compression", help="How members send their updates to the leader: none (the whole "
         "float32 model), bf16 or fp16 (the change from the round's starting model, half the "
         "bytes), int8 (8-bit with error feedback, about a quarter).")] = "none",
+    topology: Annotated[str, typer.Option(
+        "--topology", help="leader (the round's leader merges every update) or sharded (each "
+        "participant merges one slice of the parameters: the same merged model, 2(N-1)/N "
+        "models per site a round instead of 2(N-1) at the leader; mean, coordmedian, "
+        "trimmedmean).")] = "leader",
 ) -> None:
     """Write the training spec (for `contract deploy --spec`) from a model's weights file.
 
@@ -188,6 +193,10 @@ def spec(
             ts = TrainingSpec.from_json(
                 dataclasses.replace(ts, compression=compression).to_json(), "--compression")
             codec.layout({n: (p.shape, p.dtype) for n, p in ts.params.items()}, compression)
+        if topology != "leader":
+            import dataclasses
+
+            ts = dataclasses.replace(ts, topology=topology)  # ConfigError: what to change
         out.write_text(ts.to_json() + "\n")
         console.print(f"wrote {out}: {len(ts.params)} tensors, spec hash {ts.digest.hex()}")
 
