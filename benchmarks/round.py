@@ -27,6 +27,14 @@ Per configuration (``P:N`` or ``P:N:R``: P float32 parameters, N sites, R rounds
   node reading the trainer's file);
 * ``min_mem_available_gib``: the least ``MemAvailable`` of the machine seen during the run (the
   run stops if it falls under ``--min-free-gib``);
+
+``--transfer 600M`` adds a ``transfers`` row: one update of P parameters pushed from one node's
+peer client to another node's peer server (a child process: data plane, mutual TLS, received
+into a spill file, digest, training spec and NaN/Inf checks, as a node receives an update), then
+the same size pulled back from it (served from a model file, as a node serves its stored merged
+model; received into memory and checked against its digest, as a member pulls). The update is
+pushed from a file mapping, as a node pushes the update its trainer handed over. Each side's
+memory above its baseline: peak RSS (VmHWM, reset before the push) - RSS before.
 * CPU seconds per node service and trainer; ``rpc_calls_per_round``: JSON-RPC requests of all
   node services per round.
 """
@@ -34,6 +42,7 @@ Per configuration (``P:N`` or ``P:N:R``: P float32 parameters, N sites, R rounds
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -49,14 +58,23 @@ from typing import Any
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from swarmnode.chain.accounts import dev_account  # noqa: E402
 from swarmnode.chain.client import SwarmContract, connect  # noqa: E402
 from swarmnode.chain.launcher import DevChain  # noqa: E402
-from swarmnode.identity import create_ca, describe, issue_node_cert, make_bundle  # noqa: E402
+from swarmnode.identity import (  # noqa: E402
+    TlsFiles,
+    create_ca,
+    describe,
+    issue_node_cert,
+    make_bundle,
+)
 from swarmnode.spec import TrainingSpec  # noqa: E402
+from swarmnode.transport import serde  # noqa: E402
 from swarmnode.transport.local import LocalClient  # noqa: E402
+from swarmnode.transport.peer import PeerClient, PeerServer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -132,8 +150,6 @@ def _mem_available() -> int:
 def sha256_seconds(nbytes: int) -> float:
     """Seconds for one SHA-256 of ``nbytes`` (as a node hashes an update), over a buffer of at
     most 64 MiB hashed as many times as it takes."""
-    import hashlib
-
     block = memoryview(bytes(max(1, min(nbytes, 64 << 20))))
     t0, left = time.perf_counter(), nbytes
     sha = hashlib.sha256()
@@ -141,6 +157,143 @@ def sha256_seconds(nbytes: int) -> float:
         sha.update(block[:min(left, len(block))])
         left -= len(block)
     return time.perf_counter() - t0
+
+
+class _Peers:
+    """Both ends' view of who is who: the two benchmark identities, participants of round 1."""
+
+    def __init__(self, fps: dict[str, bytes]) -> None:
+        self.fps = fps
+
+    def fingerprint_of(self, address: str) -> bytes | None:
+        return self.fps.get(address)
+
+    def is_participant(self, round: int, address: str) -> bool:
+        return address in self.fps
+
+
+class _Holder:
+    """The receiving node's peer handler: a pushed update is checked by the data plane and let
+    go (a node folds it); a pull is served the model file, as a node serves its stored model."""
+
+    def __init__(self, path: Path, digest: bytes) -> None:
+        self.path, self.digest = path, digest
+
+    def accept_update(self, round, sender, weight, state, digest, evict=None):  # type: ignore[no-untyped-def]  # noqa: E501
+        if evict is not None:
+            evict()
+
+    def merged(self, round: int, timeout: float, to: str | None = None) -> Any:
+        return serde.map_file(self.path), self.digest
+
+    def health(self) -> dict[str, object]:
+        return {"ok": True}
+
+
+_SENDER, _RECEIVER = "0x" + "5e" * 20, "0x" + "7c" * 20
+
+
+def _peer_tls(pki: Path, name: str) -> TlsFiles:
+    return TlsFiles(pki / name / f"{name}.pem", pki / name / f"{name}.key", pki / "trust.pem")
+
+
+def _peers(pki: Path) -> _Peers:
+    return _Peers({_SENDER: _peer_tls(pki, "sender").fingerprint(),
+                   _RECEIVER: _peer_tls(pki, "receiver").fingerprint()})
+
+
+def serve_peer(pki: Path, params: int, model: Path, digest: str) -> None:
+    """The receiving node (a child process of ``transfer``)."""
+    spec = serde.ParamSpec.from_state(_spec_state(params))
+    spill = pki / "spill"
+    spill.mkdir(exist_ok=True)
+    server = PeerServer("127.0.0.1:0", _peer_tls(pki, "receiver"), _peers(pki),
+                        _Holder(model, bytes.fromhex(digest)), spec=spec,
+                        max_bytes=int(params * 4 * 1.1) + (1 << 20), spill_dir=str(spill))
+    print(server.start(), flush=True)
+    sys.stdin.read()  # until the parent closes our stdin
+    server.stop(0)
+
+
+def _spec_state(params: int) -> dict[str, torch.Tensor]:
+    """The synthetic model's names and shapes, as empty (meta) tensors: no memory."""
+    sys.path.insert(0, str(HERE))
+    from round_trainer import TENSOR
+
+    sizes = [TENSOR] * (params // TENSOR) + ([params % TENSOR] if params % TENSOR else [])
+    return {f"w.{i}": torch.empty(n, device="meta") for i, n in enumerate(sizes)}
+
+
+def _write_model(path: Path, params: int) -> bytes:
+    """The canonical bytes of a synthetic model of ``params`` float32 values, written to
+    ``path`` one tensor at a time (never whole in memory); their SHA-256."""
+    spec = serde.ParamSpec.from_state(_spec_state(params))
+    head, items = spec._canonical()  # noqa: SLF001 - the header, without the tensors
+    sha = hashlib.sha256(head)
+    gen = torch.Generator().manual_seed(0)
+    with open(path, "wb") as f:
+        f.write(head)
+        for _, shape, _ in items:
+            data = torch.rand(shape, generator=gen).numpy().tobytes()
+            sha.update(data)
+            f.write(data)
+    return sha.digest()
+
+
+def transfer(params: int, work: Path) -> dict[str, Any]:
+    """One push of ``params`` float32 values to another node and one pull back (see above)."""
+    work.mkdir(parents=True)
+    ca = create_ca(work / "ca", "bench-ca", org="bench")
+    make_bundle([ca[0]], work / "trust.pem")
+    for name in ("sender", "receiver"):
+        issue_node_cert(*ca, work / name, name, dns=["localhost"], ips=["127.0.0.1"])
+    update, model = work / "update.safetensors", work / "merged.safetensors"
+    digest = _write_model(update, params)
+    os.link(update, model)  # the bytes the receiver serves: same size, same digest
+    nbytes = update.stat().st_size
+    child = subprocess.Popen([sys.executable, __file__, "--serve-peer", str(work), str(params),
+                              str(model), digest.hex()], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        payload = serde.map_file(update)  # as a node holds its trainer's update: a file's pages
+        serde.evict(payload)
+        pids = {"sender": os.getpid(), "receiver": child.pid}
+        rss0 = {k: _proc_status(pid, "VmRSS") for k, pid in pids.items()}
+        for pid in pids.values():
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        avail0 = _mem_available()
+        with PeerClient(f"127.0.0.1:{port}", _peer_tls(work, "sender"), _SENDER, _RECEIVER,
+                        _peers(work), max_bytes=nbytes + (1 << 20)) as client:
+            t0 = time.perf_counter()
+            client.push_update(1, 1, payload, timeout=1800, digest=digest)
+            push_s = time.perf_counter() - t0
+            hwm_push = {k: _proc_status(pid, "VmHWM") for k, pid in pids.items()}
+            t0 = time.perf_counter()
+            got = client.pull(1, timeout=1800, size_hint=nbytes)
+            got.check_digest(digest)
+            pull_s = time.perf_counter() - t0
+        hwm = {k: _proc_status(pid, "VmHWM") for k, pid in pids.items()}
+        avail = _mem_available()
+        del got
+    finally:
+        if child.stdin:
+            child.stdin.close()
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    return {
+        "params": params, "payload_bytes": nbytes, "push_s": round(push_s, 2),
+        "pull_s": round(pull_s, 2), "push_gbps": round(nbytes / push_s / 1e9, 3),
+        "pull_gbps": round(nbytes / pull_s / 1e9, 3), "digest_checked": True,
+        "growth_over_model_during_push": {k: round((hwm_push[k] - rss0[k]) / nbytes, 2)
+                                          for k in pids},
+        "growth_over_model": {k: round((hwm[k] - rss0[k]) / nbytes, 2) for k in pids},
+        "sha256_s": round(sha256_seconds(nbytes), 2),
+        "mem_available_gib_before_after": [round(avail0 / 2**30, 1), round(avail / 2**30, 1)],
+    }
 
 
 def run_config(params: int, nodes: int, rounds: int, work: Path,
@@ -283,10 +436,21 @@ def main() -> None:
                         "params and nodes) instead of writing a new file")
     p.add_argument("--min-free-gib", type=float, default=2.0,
                    help="stop a run when the machine's available memory falls under this")
+    p.add_argument("--transfer", default="",
+                   help="comma-separated PARAMS: one push and pull of that size between two "
+                        "nodes each (the transfers rows)")
+    p.add_argument("--serve-peer", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args()
-    runs = []
+    if a.serve_peer:
+        return serve_peer(Path(a.serve_peer[0]), int(a.serve_peer[1]), Path(a.serve_peer[2]),
+                          a.serve_peer[3])
+    runs, transfers = [], []
     with tempfile.TemporaryDirectory(prefix="swarmnode-round-") as tmp:
-        for n, spec in enumerate(a.configs.split(",")):
+        for n, size in enumerate(x for x in a.transfer.split(",") if x):
+            row = transfer(_size(size), Path(tmp) / f"transfer-{n}")
+            transfers.append(row)
+            print(f"transfer P={size}: {row}", flush=True)
+        for n, spec in enumerate(x for x in a.configs.split(",") if x):
             params, nodes, *rounds = spec.split(":")
             keep = os.environ.get("SWARMNODE_BENCH_KEEP")  # a folder: keep the logs there
             work = (Path(keep) if keep else Path(tmp)) / str(n)
@@ -301,12 +465,16 @@ def main() -> None:
                   f"{run['rpc_calls_per_round']} RPC calls/round, stages {run['stages_s']}",
                   flush=True)
     if a.append and a.out.exists():
+        before = json.loads(a.out.read_text())
         new = {(r["params"], r["nodes"]) for r in runs}
-        old = [r for r in json.loads(a.out.read_text())["runs"]
-               if (r["params"], r["nodes"]) not in new]
-        runs = old + runs
-    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-           "runs": runs}
+        runs = [r for r in before["runs"] if (r["params"], r["nodes"]) not in new] + runs
+        sizes = {t["params"] for t in transfers}
+        transfers = [t for t in before.get("transfers", [])
+                     if t["params"] not in sizes] + transfers
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(),
+                                       "python": platform.python_version()}, "runs": runs}
+    if transfers:
+        out["transfers"] = transfers
     a.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
