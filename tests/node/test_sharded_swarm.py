@@ -65,3 +65,30 @@ def test_a_sharded_swarm_commits_the_leader_topologys_digests() -> None:
     assert moves["pulls"] >= ROUNDS * SITES * (SITES - 1)
     assert whole["pushes"] < moves["pushes"]
 
+
+
+def test_a_site_lost_mid_exchange_costs_one_deadline_then_the_round_merges_whole() -> None:
+    """Of four sites, one dies right after its slices reached their owners (round 2, or the
+    first later round where it is not the leader): it never merges its own slice, so that
+    attempt cannot be assembled. The members re-elect at the deadline; the next attempt gathers
+    whole updates at its leader (rules.runs_sharded) and commits without the lost site; the
+    three others train to the end, sharded again."""
+    spec = TrainingSpec.from_state(INITIAL, sync_frequency=1, min_peers=2,
+                                   merge_method="mean")
+    spec = TrainingSpec.from_json(spec.to_json().replace(
+        '"sync_frequency"', '"topology":"sharded","sync_frequency"'))
+    with InProcessSwarm(SITES, spec, min_peers=2, grace_s=1, deadline_s=4,
+                        faults={3: {"exit": "after-push:2+"}}) as swarm:
+        sites = swarm.run(step, timeout=240)
+        c = swarm.admin
+        died = sites[3].died
+        assert died is not None and died >= 2
+        info = c.round(died)
+        assert info.status is RoundStatus.COMMITTED and info.attempt >= 2, info
+        committed = {e.args["round"]: e.args for e in c.events(names={"MergeCommitted"})}
+        assert sites[3].address not in committed[died]["members"]
+        later = [r for r in committed if r > died]
+        assert later and all(c.round(r).attempt == 1 for r in later)  # sharded again
+        final = swarm.final_digest()
+        for site in sites[:3]:
+            assert site.final_digest == final
