@@ -9,6 +9,11 @@ sockets, no chain. One machine lives for one round of one node::
                                   \\-> COLLECT (leader) ----------------/
     (late joiner: COMMIT -> PULL -> DONE;  deadline passed: reelect, back to the draw)
 
+    sharded attempt (topology sharded, the observation says so: rules.runs_sharded):
+    ELECTION -> PUSH (Scatter: a slice to each owner) -> COLLECT (Reduce: this node's slice,
+    once every contributor's is in) -> leader: Merge(sharded) assembles and commits;
+    member: COMMIT (assembling in the background) -> PULL -> DONE
+
 The contract draws each round's leader from the hash of the block that closed the round (no
 participant knows it when it sends its transaction), so an elected round has no leader until a
 later block exists. The node whose transaction closed the round sends ``draw`` at once (on a chain
