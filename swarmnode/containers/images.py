@@ -127,6 +127,7 @@ def _inputs(root: Path, name: str, base_id: str, wheels: Path | None) -> str:
     parts = [name.encode(), base_id.encode(), (root / "docker" / name / "Dockerfile").read_bytes()]
     if name == "chain":
         parts += [(root / "docker/chain/healthcheck.py").read_bytes(),
+                  (root / "docker/chain/logfilter.py").read_bytes(),
                   (root / "package-lock.json").read_bytes()]
     else:
         parts.append((root / "docker" / "swarmnode.sh").read_bytes())

@@ -59,6 +59,58 @@ def test_compose_failures_surface_as_failures(tmp_path: Path) -> None:
         assert "missing.yaml" in done.stderr
 
 
+def test_the_chain_logs_what_an_operator_needs(tmp_path: Path) -> None:
+    """Issue 21: the sentinel's chain log was 99% anvil's line per JSON-RPC call. The chain
+    image runs anvil through docker/chain/logfilter.py: here a real anvil through it, polled
+    as nodes poll it, one transaction sent, then SIGTERM (passed on to anvil)."""
+    import signal
+    import socket
+    import time
+
+    import requests
+
+    from swarmnode.chain.launcher import anvil_binary
+    from swarmnode.demo.swarm import wait_until
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "chain.log"
+    with open(log, "w") as out:
+        chain = subprocess.Popen(
+            [sys.executable, str(ROOT / "docker" / "chain" / "logfilter.py"),
+             str(anvil_binary()), "--port", str(port), "--block-time", "1"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def rpc(method: str, params: list) -> object:
+            return requests.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method,
+                                            "params": params}, timeout=10).json()["result"]
+
+        wait_until(lambda: "Listening on" in log.read_text(), 60, "anvil listening")
+        for _ in range(20):
+            rpc("eth_blockNumber", [])
+            rpc("eth_getBlockByNumber", ["latest", False])
+        accounts = rpc("eth_accounts", [])
+        tx = rpc("eth_sendTransaction", [{"from": accounts[0], "to": accounts[1], "value": "0x1"}])
+        start = int(rpc("eth_blockNumber", []), 16)  # type: ignore[arg-type]
+        wait_until(lambda: int(rpc("eth_blockNumber", []), 16) >= start + 2,  # type: ignore
+                   60, "two empty blocks")
+        wait_until(lambda: str(tx) in log.read_text(), 30, "the transaction in the log")
+    finally:
+        chain.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = chain.wait(timeout=60)
+    assert time.monotonic() - t0 < 30 and code == 0, code
+    text = log.read_text()
+    assert f"Transaction: {tx}" in text and "Gas used: 21000" in text and "Listening on" in text
+    for noise in ("eth_blockNumber", "eth_getBlockByNumber", "eth_sendTransaction",
+                  "Block Number:", "Block Hash:"):
+        assert noise not in text, noise
+    assert "\n\n\n" not in text
+
+
 def _config(example: Path, *extra: str, profile: bool = True) -> subprocess.CompletedProcess:
     cmd = [compose_binary(), "--project-directory", str(example), "-f", str(HOSPITAL)]
     if profile:

@@ -522,3 +522,51 @@ def test_the_ml_container_takes_hpes_settings_and_the_sites_own(tmp_path: Path) 
         mounts = {v["target"]: v for v in ml["volumes"]}
         assert mounts["/data"]["read_only"] and mounts["/data"]["source"] == str(folder / "data")
         assert "/workspace/out" in mounts and ml["command"] == ["python", "/app/train.py"]
+
+
+def test_a_sentinel_restart_neither_funds_nor_authorises_again(
+    tmp_path: Path, anvil,  # noqa: ANN001 - the session's real anvil (tests/conftest.py)
+) -> None:
+    """Issue 21: each sentinel restart re-funded and re-authorised every site. The sentinel's
+    deploy service's own command (compose/hospital.yaml with compose/admin.yaml, as its
+    container runs it, on a real anvil) run twice: the second run sends nothing."""
+    import subprocess
+    import sys
+
+    from swarmnode.chain.client import SwarmRegistry, connect
+
+    root = Path(__file__).resolve().parents[2]
+    _, folders = provision(tmp_path, ["hospital-1", "hospital-2"])
+    sentinel = folders["hospital-1"]
+    env = dict(line.split("=", 1) for line in (sentinel / ".env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    deploy = yaml.safe_load((root / "compose" / "hospital.yaml").read_text())["services"]["deploy"]
+    script = deploy["command"][0].replace("$$", "$")
+    script = script.replace("/consortium/", f"{sentinel / 'consortium'}/").replace(
+        "/var/lib/swarmnode/", f"{tmp_path}/")
+    admin = yaml.safe_load((root / "compose" / "admin.yaml").read_text())["services"]["deploy"]
+    assert set(admin["environment"]) >= {"ADMIN_KEYSTORE", "ADMIN_PASSWORD_FILE"}
+    run_env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "SWARMNODE_RPC_URL": anvil.url, "SWARMNODE_CONTRACT": env["CONTRACT"],
+        "MIN_PEERS": env["MIN_PEERS"], "GRACE_S": env["GRACE_S"],
+        "DEADLINE_S": env["DEADLINE_S"], "FUND_ETH": env["FUND_ETH"],
+        "ADMIN_ADDRESS": env["ADMIN_ADDRESS"], "ADMIN_FUND_ETH": env["ADMIN_FUND_ETH"],
+        "ADMIN_KEYSTORE": str(sentinel / env["ADMIN_KEYSTORE_FILE"]),
+        "ADMIN_PASSWORD_FILE": str(sentinel / env["ADMIN_KEYSTORE_PASSWORD_FILE"])}
+    w3 = connect(anvil.url)
+    addresses = [json.loads((f / f"{n}.request.json").read_text())["address"]
+                 for n, f in folders.items()]
+
+    def start() -> tuple[str, list[int], int]:
+        done = subprocess.run(["/bin/sh", "-ec", script], env=run_env, capture_output=True,
+                              text=True, timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return (done.stdout, [w3.eth.get_balance(a) for a in addresses],
+                len(SwarmRegistry(w3, env["REGISTRY"]).events(names={"Authorized"})))
+
+    _, funded, authorised = start()
+    assert authorised == 2 and all(b == int(float(env["FUND_ETH"]) * 10**18) for b in funded)
+    out, after, again = start()  # the sentinel restarted: `docker-compose up -d` again
+    assert (after, again) == (funded, authorised), out
+    assert out.count("nothing sent") == 2 and "consortium ready" in out
