@@ -25,7 +25,9 @@ __all__ = [
     "Row",
     "SiteSummary",
     "collect",
+    "figure",
     "report",
+    "site_colours",
     "summarize",
     "write_csv",
     "write_png",
@@ -152,9 +154,39 @@ def _mean_by_round(rows: Sequence[Row], value: str) -> tuple[list[int], list[flo
     return rounds, [sum(sums[r]) / len(sums[r]) for r in rounds]
 
 
-def write_png(rows: Sequence[Row], path: Path | str, title: str = "swarm convergence") -> Path:
-    """Plot validation loss (top) and metric (bottom) per round: one line per site and the
-    swarm's mean (dashed). Headless (Agg canvas, no pyplot state); needs matplotlib."""
+#: Qualitative colours (matplotlib's tab10, then tab20's light shades), a site keeps its own
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
+           "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+#: A loss whose largest value is this many times its smallest (round 1's, typically) is plotted
+#: on a log axis, so the later rounds are not squashed against the floor
+LOG_RATIO = 5.0
+
+
+def site_colours(sites: Iterable[str]) -> dict[str, str]:
+    """A colour per site, the same in every run: each site's slot comes from a hash of its name
+    (not the order sites enrol or report in), the next free slot if two sites collide (in name
+    order, so the same set of sites always gets the same colours)."""
+    import hashlib
+
+    out: dict[str, str] = {}
+    taken: set[int] = set()
+    for site in sorted(set(sites)):
+        slot = int.from_bytes(hashlib.sha256(site.encode()).digest()[:4], "big") % len(PALETTE)
+        if len(taken) < len(PALETTE):
+            while slot in taken:
+                slot = (slot + 1) % len(PALETTE)
+        taken.add(slot)
+        out[site] = PALETTE[slot]
+    return out
+
+
+def figure(rows: Sequence[Row], title: str = "swarm convergence",
+           metric_name: str = "metric") -> Any:
+    """The report's figure (a matplotlib Figure on an Agg canvas, no pyplot state): validation
+    loss (top; a log axis when its values span more than :data:`LOG_RATIO`x) and the metric
+    (bottom, labelled with its name) per round, every reported round up to the final one, one
+    line per site in the site's own colour and the swarm's mean (dashed)."""
     if not rows:
         raise ConfigError("no metrics to plot: no site has reported metrics yet")
     try:
@@ -166,30 +198,52 @@ def write_png(rows: Sequence[Row], path: Path | str, title: str = "swarm converg
             "the report's plot needs matplotlib, which is not installed: "
             "pip install 'swarmnode[demo]' (or pip install matplotlib)"
         ) from None
-    path = Path(path)
     sites = summarize(rows)
+    colours = site_colours(s.site for s in sites)
     by_site: dict[str, list[Row]] = {s.address: [] for s in sites}
     for row in rows:
         by_site[row.address].append(row)
-    many = len({r.round for r in rows}) > 40
+    rounds_seen = sorted({r.round for r in rows})
+    many = len(rounds_seen) > 40
     fig = Figure(figsize=(9, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True)
-    for ax, value, label in ((top, "loss", "validation loss"), (bottom, "metric", "metric")):
+    for ax, value, label in ((top, "loss", "validation loss"), (bottom, "metric", metric_name)):
         for summary in sites:
             mine = sorted(by_site[summary.address], key=lambda x: x.round)
             ax.plot([r.round for r in mine], [getattr(r, value) for r in mine],
                     marker=None if many else "o", markersize=3, linewidth=1.2, alpha=0.85,
-                    label=summary.site)
+                    label=summary.site, color=colours[summary.site])
         rounds, means = _mean_by_round(rows, value)
         ax.plot(rounds, means, color="black", linestyle="--", linewidth=2,
                 marker=None if many else "s", markersize=4, label="swarm mean")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    losses = [r.loss for r in rows]
+    if min(losses) > 0 and max(losses) > LOG_RATIO * min(losses):
+        top.set_yscale("log")
+        top.set_ylabel("validation loss (log scale)")
+    elif len(rounds_seen) > 2:  # round 1 far above the rest: the rest decides the axis
+        later = sorted(r.loss for r in rows if r.round != rounds_seen[0])
+        high = later[min(len(later) - 1, int(0.98 * len(later)))]
+        low = min(later + [min(losses)])
+        if max(losses) > 2 * high > 0 and high > low:
+            top.set_ylim(low - 0.05 * (high - low), high + 0.3 * (high - low))
+            top.set_ylabel("validation loss (clipped: round 1 above)")
+    # every round up to the final one on the axis, however the locator rounds it
+    top.set_xlim(rounds_seen[0] - 0.5, rounds_seen[-1] + 0.5)
     top.set_title(title)
-    bottom.set_xlabel("round")
+    bottom.set_xlabel(f"round (last: {rounds_seen[-1]})")
     top.legend(loc="best", fontsize="small", ncols=2 if len(sites) > 6 else 1)
+    return fig
+
+
+def write_png(rows: Sequence[Row], path: Path | str, title: str = "swarm convergence",
+              metric_name: str = "metric") -> Path:
+    """Write :func:`figure` as a PNG; needs matplotlib."""
+    path = Path(path)
+    fig = figure(rows, title, metric_name)
     try:
         fig.savefig(path, format="png")
     except OSError as exc:
@@ -198,7 +252,8 @@ def write_png(rows: Sequence[Row], path: Path | str, title: str = "swarm converg
 
 
 def report(contract: SwarmContract, out_dir: Path | str, names: dict[str, str] | None = None,
-           *, rows: Sequence[Row] | None = None) -> tuple[Path, Path]:
+           *, rows: Sequence[Row] | None = None,
+           metric_name: str = "metric") -> tuple[Path, Path]:
     """Write ``report.csv`` and ``report.png`` into ``out_dir`` (created if needed); returns
     their paths. ``rows``: what :func:`collect` already read (else it is read now). ConfigError
     when no site has reported metrics yet."""
@@ -217,7 +272,8 @@ def report(contract: SwarmContract, out_dir: Path | str, names: dict[str, str] |
     csv_path = write_csv(rows, out / "report.csv")
     try:
         png_path = write_png(rows, out / "report.png",
-                             title=f"swarm convergence: contract {contract.address[:10]}…")
+                             title=f"swarm convergence: contract {contract.address[:10]}…",
+                             metric_name=metric_name)
     except ConfigError as exc:
         raise ConfigError(f"{exc} ({csv_path} was written)") from None
     return csv_path, png_path

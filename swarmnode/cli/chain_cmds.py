@@ -564,6 +564,9 @@ def report(
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="A node's data dir: take the chain and contract from its node config "
         "(node.yaml there or in its parent) when --rpc-url / --contract are not given.")] = None,
+    metric_name: Annotated[str, typer.Option(
+        "--metric-name", help="What the sites' metric is (the plot's label; the chain records "
+        "only its values), e.g. accuracy, F1Score.")] = "metric",
 ) -> None:
     """The swarm's convergence: validation loss and metric per round and site, as report.csv
     and report.png."""
@@ -582,7 +585,8 @@ def report(
     by_address = read_names(names) if names is not None else None
     chain = _contract("", contract, w3=w3)
     rows = collect(chain, by_address)
-    csv_path, png_path = write_report(chain, out, names=by_address, rows=rows)
+    csv_path, png_path = write_report(chain, out, names=by_address, rows=rows,
+                                      metric_name=metric_name)
     console.print(f"{csv_path}\n{png_path}", highlight=False, markup=False, soft_wrap=True)
     table = Table(title=f"{len({r.round for r in rows})} round(s) with metrics")
     for col in ("site", "rounds", "first round", "loss", "metric", "last round", "loss",

@@ -166,7 +166,8 @@ def _summary(swarm: SwarmHarness, rounds: list[dict[str, Any]], killed: set[int]
         from swarmnode.chain.report import report
 
         csv_path, _png = report(swarm.contract, report_dir, names={
-            a.address.lower(): n for a, n in zip(swarm.accounts, swarm.names, strict=True)})
+            a.address.lower(): n for a, n in zip(swarm.accounts, swarm.names, strict=True)},
+            metric_name="accuracy")  # the demo's trainers report accuracy (demo/trainer.py)
         report_path = str(csv_path.parent)
     except Exception as exc:  # the plot is a convenience: never fail the demo over it
         report_path = f"(no report: {exc})"

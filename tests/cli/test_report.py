@@ -15,7 +15,16 @@ from typer.testing import CliRunner
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract, connect
 from swarmnode.chain.launcher import DevChain
-from swarmnode.chain.report import CSV_COLUMNS, Row, collect, summarize, write_csv, write_png
+from swarmnode.chain.report import (
+    CSV_COLUMNS,
+    Row,
+    collect,
+    figure,
+    site_colours,
+    summarize,
+    write_csv,
+    write_png,
+)
 from swarmnode.cli import app
 from swarmnode.errors import ConfigError
 
@@ -197,6 +206,37 @@ def test_write_csv_and_png_from_rows(tmp_path: Path) -> None:
     assert south.last.loss == pytest.approx(1 / 6)
     with pytest.raises(ConfigError, match="no site has reported metrics yet"):
         write_png([], tmp_path / "empty.png")
+
+
+def test_the_plot_is_readable_whatever_round_1_did() -> None:
+    """Issue 21: round 1's loss squashed the axis, the metric was labelled "metric", the final
+    round was cut off and colours changed between runs."""
+    from matplotlib.colors import to_hex
+
+    rows = [r if r.round > 1 else Row(**{**r.__dict__, "loss": 40.0}) for r in hand_rows()]
+    fig = figure(rows, metric_name="accuracy")
+    top, bottom = fig.axes[:2]
+    assert top.get_yscale() == "log" and "log" in top.get_ylabel()
+    assert bottom.get_ylabel() == "accuracy"
+    last = max(r.round for r in rows)
+    assert top.get_xlim()[1] > last and "last: 5" in bottom.get_xlabel()
+    for ax in (top, bottom):
+        sites = [line for line in ax.get_lines() if line.get_label() in ("north", "south")]
+        assert sites and all(max(line.get_xdata()) == last for line in sites)
+    # a gentle loss stays linear
+    gentle = [Row(**{**r.__dict__, "loss": 0.5 - 0.02 * r.round}) for r in hand_rows()]
+    assert figure(gentle).axes[0].get_yscale() == "linear"
+    # colours by site name: the same in another run with other sites, in another order
+    first = {line.get_label(): to_hex(line.get_color()) for line in top.get_lines()}
+    other = [Row(**{**r.__dict__, "site": "east", "address": f"0x{9:040x}"})
+             for r in hand_rows() if r.site == "north"]
+    again = figure(list(reversed(rows)) + other).axes[0]
+    second = {line.get_label(): to_hex(line.get_color()) for line in again.get_lines()}
+    assert first["north"] == second["north"] and first["south"] == second["south"]
+    assert len({second["north"], second["south"], second["east"]}) == 3
+    assert site_colours(["b", "a"]) == site_colours(["a", "b"])
+    many = site_colours(f"hospital-{i}" for i in range(20))
+    assert len(set(many.values())) == 20  # no two of 20 sites share a colour
 
 
 def test_write_png_without_matplotlib_says_what_to_install(
