@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# make test: parallel pytest workers (the suite mostly waits on chains and child processes)
+TEST_WORKERS ?= 3
 STAMP  := $(VENV)/.installed
 NPMSTAMP := node_modules/.installed
 export GRPC_VERBOSITY ?= ERROR
@@ -31,7 +33,7 @@ demo: setup
 	$(VENV)/bin/swarmnode demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check swarmnode tests benchmarks examples

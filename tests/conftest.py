@@ -179,3 +179,20 @@ def make_swarm(backend: Backend) -> Callable[..., Swarm]:
         )
 
     return make
+
+
+# `make test` runs the suite on several workers (pytest-xdist, ``--dist loadgroup``): most of its
+# time is spent waiting on blocks, deadlines and child processes, not computing. Tests that share
+# one machine-wide resource run on one worker, one after another: the Docker engine and its images
+# (tests/containers) and network namespaces with shaped links (tests/wan, whose timings are the
+# point of the test).
+_SERIAL_GROUPS = {"containers", "wan"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.parts
+        if "tests" in parts:
+            top = parts[parts.index("tests") + 1]
+            if top in _SERIAL_GROUPS:
+                item.add_marker(pytest.mark.xdist_group(top))
