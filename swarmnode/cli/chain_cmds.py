@@ -256,6 +256,39 @@ def chain_gateway(
     err_console.print("chain gateway stopped", highlight=False, soft_wrap=True)
 
 
+@chain_app.command("check")
+@command
+def chain_check(
+    contract: ContractAddress,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    wait: Annotated[float, typer.Option(
+        "--wait", min=0, help="Seconds to wait for the chain to answer and the contract to be "
+        "there (a sentinel starting, its deploy service deploying) before failing.")] = 50.0,
+) -> None:
+    """Check that the chain answers and the training (or registry) is deployed there; fail with
+    the reason after --wait seconds. A site's compose project runs it before its node, so that
+    `docker-compose up` fails within a minute instead of waiting for a node that cannot start."""
+    from swarmnode.chain.client import SwarmContract
+    from swarmnode.chain.rpc import connect
+    from swarmnode.errors import ChainUnavailable, ContractNotFound
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            chain = SwarmContract.resolve(connect(rpc_url), contract)
+            break
+        except (ChainUnavailable, ContractNotFound) as exc:
+            if time.monotonic() >= deadline:
+                what = ("check RPC_URL in the site's .env, that the sentinel runs and that this "
+                        "host reaches it" if isinstance(exc, ChainUnavailable) else
+                        "check CONTRACT in the site's .env (the kit's), and that the sentinel's "
+                        "deploy service deployed it on this chain")
+                raise type(exc)(f"{exc} (waited {wait:.0f} s; {what})") from None
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+    console.print(f"the chain at {rpc_url} answers; training {chain.address} is deployed there",
+                  highlight=False, soft_wrap=True)
+
+
 @chain_app.command("fund")
 @command
 def chain_fund(
