@@ -208,6 +208,14 @@ class Collector:
             self._stream, self._updates, self._pending = None, [], {}
             self._out, self._views = None, {}
 
+    def retire(self) -> None:
+        """The round is over for this node: refuse later updates (as after a merge) and free
+        what is held (:meth:`release`)."""
+        with self._lock:
+            if self._sealed is None:
+                self._sealed = (None, frozenset(self._senders), sum(self._senders.values()))
+        self.release()
+
     def _merge_locked(self) -> StateDict:
         if not self._senders:
             raise MergeError(f"round {self.round}: no update arrived to merge")
@@ -243,3 +251,13 @@ class Collectors:
                 self._by_key[key] = Collector(round, attempt, self.method, self.options,
                                               self.on_add, self.spec)
             return self._by_key[key]
+
+    def forget(self, upto: int) -> None:
+        """Retire the collectors of rounds up to ``upto`` (over for this node): an attempt that
+        never merged (abandoned, or re-elected to another leader) would otherwise keep its
+        accumulator, a model's worth, until this node next leads a round."""
+        with self._lock:
+            old = [c for k, c in self._by_key.items() if k[0] <= upto]
+            self._by_key = {k: c for k, c in self._by_key.items() if k[0] > upto}
+        for collector in old:
+            collector.retire()

@@ -316,6 +316,7 @@ class RoundDriver:
                     stages["merge"] -= stages.get("commit_tx", 0.0)
                 # a prefetch that finished after the pull: its copy is not needed any more
                 self._prefetched = {r: d for r, d in self._prefetched.items() if r > round}
+                self.collectors.forget(round)  # attempts that never merged: their memory goes
                 return RoundOutcome(
                     round=round, leader=outcome[0], digest=outcome[1], data=outcome[2],
                     abandoned=outcome[1] is None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from swarmnode.node.collector import Collector
@@ -82,3 +83,29 @@ def test_a_leader_merges_a_large_model_in_under_two_and_a_half_models(tmp_path: 
     assert serde.digest(serde.map_file(tmp_path / "store" / "round-1.safetensors")) == digest
     for i in (0, TENSORS - 1):  # the mean of 0+i, 1+i, 2+i
         assert torch.equal(merged[f"w{i:02d}"][:4], torch.full((4,), 1.0 + i))
+
+
+def test_a_round_over_for_the_node_lets_go_of_an_attempt_that_never_merged() -> None:
+    """A leader whose attempt was abandoned (or re-elected away) holds an accumulator that no
+    merge releases: the end of the round retires it (refusing late updates) and its memory goes
+    (before, it stayed until the node next led a round: seen in a 250M x 3 run, 1 GB a node)."""
+    from swarmnode.errors import RoundError
+    from swarmnode.node.collector import Collectors
+
+    tensors = 25  # a 100 MiB model
+    model_bytes = tensors * SIZE * 4
+    spec = serde.ParamSpec({f"w{i:02d}": ((SIZE,), "float32") for i in range(tensors)})
+    collectors = Collectors("mean", {}, spec=spec)
+    col = collectors.get(3, 1)
+    col.expect([SITES[0], SITES[1]])
+    state = {f"w{i:02d}": torch.full((SIZE,), 1.0) for i in range(tensors)}
+    col.add(Update(state, 1.0, SITES[0]))  # folded: the accumulator holds a model's worth
+    del state
+    kept = collectors.get(4, 1)
+    held = _status("RssAnon")
+    collectors.forget(3)
+    freed = (held - _status("RssAnon")) / model_bytes
+    assert freed > 0.8, f"only {freed:.2f} of a model let go"
+    with pytest.raises(RoundError, match="already merged"):  # a late update is refused
+        col.add(Update({f"w{i:02d}": torch.zeros(SIZE) for i in range(tensors)}, 1.0, SITES[1]))
+    assert collectors.get(4, 1) is kept and collectors.get(3, 1) is not col
