@@ -42,7 +42,13 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from swarmnode.errors import ConfigError, PayloadRejected, SwarmError
+from swarmnode.errors import (
+    ChainTimeout,
+    ChainUnavailable,
+    ConfigError,
+    PayloadRejected,
+    SwarmError,
+)
 from swarmnode.transport import serde
 from swarmnode.types import StateDict
 
@@ -255,6 +261,8 @@ class UpdateCodec:
                 return self._sent[1]
         try:
             base = self._base(round, pull=True)
+        except (ChainUnavailable, ChainTimeout):
+            raise  # the round retries the step: a passing outage must not change what is sent
         except SwarmError as exc:
             log.warning("round %d: the model the round starts from is not at hand (%s); the "
                         "update is sent whole", round, exc)

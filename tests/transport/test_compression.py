@@ -197,3 +197,26 @@ def test_the_spec_option_is_checked_and_left_out_of_the_json_when_none() -> None
     clash = {"w": torch.zeros(cp.BLOCK), "w" + cp.SCALE_SUFFIX: torch.zeros(1)}
     with pytest.raises(ConfigError, match="rename that tensor or use compression bf16"):
         cp.layout(_params(clash), "int8")
+
+
+def test_a_chain_outage_is_retried_by_the_round_not_answered_with_a_whole_update() -> None:
+    """What a round sends must not depend on a passing outage (the same seed, the same digest):
+    the outage reaches the round's loop, which retries the step; a model that cannot be had
+    (a failed fetch) sends the update whole."""
+    from swarmnode.errors import ChainUnavailable, RoundError
+
+    base = _model(0)
+    state = _trained(base, 8)
+    payload = serde.encode(state)
+    failures = [ChainUnavailable("the chain is restarting"), RoundError("no member serves it")]
+
+    def start_of(round: int, pull: bool) -> serde.Buffer | None:
+        if failures:
+            raise failures.pop(0)
+        return serde.encode(base)
+
+    codec = cp.UpdateCodec("bf16", _params(base), start_of)
+    with pytest.raises(ChainUnavailable):
+        codec.outgoing(2, state, payload)
+    assert codec.outgoing(2, state, payload) is payload  # the fetch failed: whole, said in the log
+    assert len(codec.outgoing(3, state, payload)) < 0.55 * len(payload)
