@@ -653,25 +653,17 @@ class RoundDriver:
         buf = parts.PartBuffer(manifest, serde.buffer(manifest.total, populate=True))
         self._partial = {r: b for r, b in self._partial.items() if r >= round - 1}
         self._partial[round] = buf
-        schedule = parts.Schedule(parts.plan(manifest.count, members, self.me, leader))
         t0 = time.monotonic()
         try:
-            while not schedule.done and not self.stop.is_set():
-                if time.monotonic() - t0 > transfer:
-                    log.warning("round %d: parts still missing after %.0f s", round, transfer)
-                    return True
-                threads = [threading.Thread(target=self._fetch_parts,
-                                            args=(round, source, wanted, buf, leader),
-                                            name=f"parts-{round}", daemon=True)
-                           for source, wanted in schedule.requests().items()]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                schedule.settle(buf.has)
-            if schedule.lost:
-                log.warning("round %d: no source served parts %s of the merged model; it is "
-                            "pulled whole after the commit", round, schedule.lost[:8])
+            # resumable: a link that breaks and returns within the transfer time costs only
+            # the parts in flight when it broke
+            if not parts.fetch_resumable(
+                    buf, parts.plan(manifest.count, members, self.me, leader),
+                    lambda source, wanted: self._fetch_parts(round, source, wanted, buf, leader),
+                    deadline_s=transfer, pause_s=self.timing.retry_s * 2, goes_on=goes_on,
+                    stop=self.stop):
+                log.warning("round %d: parts of the merged model still missing; it is pulled "
+                            "whole after the commit", round)
                 return True
             data = buf.buf
             received = serde.Received(data, serde.digest(data))

@@ -25,15 +25,19 @@ Pure logic and buffers, no sockets: the data plane moves the bytes.
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from swarmnode.errors import PayloadRejected
 from swarmnode.transport import serde
+
+log = logging.getLogger("swarmnode.transport.parts")
 
 __all__ = [
     "MAX_PARTS",
@@ -44,6 +48,7 @@ __all__ = [
     "PartBuffer",
     "Schedule",
     "check_part_size",
+    "fetch_resumable",
     "part_size_for",
     "plan",
 ]
@@ -183,8 +188,10 @@ class Schedule:
     :func:`plan`; after each pass (all sources asked at once) a part still missing moves on to
     its next source, and a part with none left is lost."""
 
-    def __init__(self, sources: list[list[str]]) -> None:
-        self._left = {i: list(s) for i, s in enumerate(sources)}
+    def __init__(self, sources: list[list[str]], only: Iterable[int] | None = None) -> None:
+        """``only``: the parts still wanted (a resumed transfer: the others are held)."""
+        wanted = set(range(len(sources))) if only is None else set(only)
+        self._left = {i: list(s) for i, s in enumerate(sources) if i in wanted}
         self.lost: list[int] = []
 
     @property
@@ -208,6 +215,44 @@ class Schedule:
             if not self._left[i]:
                 del self._left[i]
                 self.lost.append(i)
+
+
+def fetch_resumable(buf: PartBuffer, sources: list[list[str]],
+                    fetch: Callable[[str, list[int]], None], *, deadline_s: float,
+                    pause_s: float, goes_on: Callable[[], bool] = lambda: True,
+                    stop: threading.Event | None = None) -> bool:
+    """Fill ``buf`` from the peers of :func:`plan` (``sources``: per part, whom to ask in order).
+
+    Each pass asks every source for its parts at once (``fetch(source, parts)``, a thread per
+    source; it puts what arrives into ``buf``, which verifies each part, and swallows its own
+    errors); a part still missing moves on to its next source. Once every source failed some
+    part (a link down, peers gone), the missing parts start over at their first source after
+    ``pause_s``: verified parts are kept, so a link that returns within ``deadline_s`` costs only
+    the parts in flight when it broke, not the transfer. True once ``buf`` is complete; False at
+    the deadline, on ``stop``, or once ``goes_on()`` says the transfer is moot."""
+    stop = stop or threading.Event()
+    schedule = Schedule(sources, only=buf.missing())
+    until = time.monotonic() + deadline_s
+    while not buf.complete:
+        if stop.is_set() or time.monotonic() > until:
+            return False
+        if schedule.done:  # every source failed some part
+            if not goes_on():
+                return False
+            log.warning("no source served parts %s; asking again from the last verified part",
+                        schedule.lost[:8])
+            stop.wait(pause_s)
+            schedule = Schedule(sources, only=buf.missing())
+            continue
+        threads = [threading.Thread(target=fetch, args=(source, wanted), name="parts",
+                                    daemon=True)
+                   for source, wanted in schedule.requests().items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        schedule.settle(buf.has)
+    return True
 
 
 class PartBuffer:
