@@ -376,6 +376,22 @@ class SwarmCallback:
         self.state.training_finished = True
         self.state.final_digest = str(reply.get("digest", ""))
         self.state.last_round = int(reply.get("round", self.state.last_round))
+        self._report_final()
+
+    def _report_final(self) -> None:
+        """The final model's validation loss and metric, to the node, which records them on
+        chain for the final round (the report's last point). Never fails the training."""
+        loss, metric = self._validate()
+        if loss is None and metric is None:
+            return
+        try:
+            self._call("final_metrics", {"loss": loss, "metric": metric}, None,
+                       self.timeout or 120.0)
+        except SwarmError as exc:
+            log.warning("the final model's metrics were not recorded: %s", exc)
+        else:
+            self.logger.info("final model (round %d): loss %s, metric %s", self.state.last_round,
+                             loss, metric)
 
     # -- state (JSON, never pickle) ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -510,6 +510,21 @@ class NodeService:
         saying so in the log), never passed to the trainer as a failure."""
         return self._chain_wait(fn, _TRANSIENT, "the chain to answer again")
 
+    def report_final_metrics(self, loss: float | None, metric: float | None) -> bool:
+        """The trainer's evaluation of the final model, recorded on chain for the final round
+        (no check-in follows it to carry them: `swarmnode report` shows that round). False when
+        there is nothing to send or the chain refuses it (the training not finished, this node
+        not in it): logged, never a failure of the trainer, whose model is final either way."""
+        if loss is None and metric is None:
+            return False
+        try:
+            self._read(lambda: self.chain.report_final_metrics(loss or 0.0, metric or 0.0))
+        except SwarmError as exc:
+            log.warning("the final model's loss and metric were not recorded: %s", exc)
+            return False
+        log.info("the final model's loss %s and metric %s recorded on chain", loss, metric)
+        return True
+
     def hello(self, trainer_spec: TrainingSpec) -> tuple[dict[str, Any], bytes | None]:
         self.spec.require_same(trainer_spec, who=f"the trainer of node {self.config.name}")
         with self._round_lock:
@@ -732,4 +747,10 @@ class _LocalApi:
                     "no verified copy of it; check the node's log for failed pulls"
                 )
             return reply, outcome.data if outcome.data is not None else payload
-        raise NodeError(f"unknown local API method {method!r} (hello, sync, finish, status)")
+        if method == "final_metrics":
+            loss, metric = args.get("loss"), args.get("metric")
+            recorded = self.node.report_final_metrics(
+                None if loss is None else float(loss), None if metric is None else float(metric))
+            return {"recorded": recorded}, None
+        raise NodeError(f"unknown local API method {method!r} (hello, sync, finish, "
+                        "final_metrics, status)")
