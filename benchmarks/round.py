@@ -19,6 +19,8 @@ Per configuration (``P:N`` or ``P:N:R``: P float32 parameters, N sites, R rounds
 * ``trainer_growth_over_model``: the largest (trainer's peak RSS from its first sync on - its RSS
   once its model is built and has taken a step, i.e. what it needs to train) / model bytes;
 * ``digests_equal``: every trainer ended with the same final digest (the chain's);
+  ``same_rounds_every_site``: every trainer's syncs ran in the same rounds (no site fell behind
+  or skipped one);
 * ``sync_split_s``: where a sync's time goes: ``serialise`` (the trainer writes its parameters
   for the node), ``hash`` (one SHA-256 of the model's bytes, measured apart: nodes hash each
   update they receive or send while it streams), ``transfer`` (the node's push and pull stages),
@@ -414,6 +416,7 @@ def run_config(params: int, nodes: int, rounds: int, work: Path,
         "trainer_rss_train_gib": [round(o["rss_train"] / 2**30, 2) for o in outs
                                   if "rss_train" in o],
         "digests_equal": len(digests) == 1 and "" not in digests and None not in digests,
+        "same_rounds_every_site": len({tuple(s["round"] for s in o["syncs"]) for o in outs}) == 1,
         "sync_split_s": {k: round(v, 3) for k, v in split.items()},
         "min_mem_available_gib": round(min_avail / 2**30, 1),
         "rpc_calls_per_round": round(rpc / max(played + 2, 1), 1),  # + round 1 and the final
