@@ -128,6 +128,10 @@ class NodeConfig(BaseModel):
         "model from the leader. Every node serves parts whatever this says; it only decides "
         "how this node fetches.")
     reject_nonfinite: bool = Field(True, description="Refuse updates holding NaN or Inf.")
+    metrics_listen: str | None = Field(
+        None, description="HOST:PORT for Prometheus metrics (GET /metrics, plain HTTP, "
+        "read-only: the round, stage timings, bytes moved, chain latency, the site's last "
+        "loss); off when unset. Bind it where only the site's monitoring reaches.")
     collect_fraction: float = Field(
         0.5, gt=0, lt=1, description="Leader waits this share of the round deadline for stragglers."
     )

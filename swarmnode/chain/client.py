@@ -43,6 +43,7 @@ from swarmnode.chain.rpc import (
     rpc_calls,
     rpc_calls_by_method,
     rpc_guard,
+    rpc_stats,
 )
 from swarmnode.chain.tx import TxSender, require_account
 from swarmnode.errors import (
@@ -252,6 +253,11 @@ class _Handle:
     def rpc_calls(self) -> int:
         """JSON-RPC requests this client has sent so far."""
         return rpc_calls(self._w3)
+
+    @property
+    def rpc_stats(self) -> tuple[int, float, int]:
+        """(JSON-RPC requests, seconds spent in them, failed requests) so far."""
+        return rpc_stats(self._w3)
 
     @property
     def rpc_calls_by_method(self) -> dict[str, int]:

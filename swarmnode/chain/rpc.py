@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from web3.exceptions import ContractLogicError, ProviderConnectionError, TimeExh
 from swarmnode.errors import ChainError, ChainTimeout, ChainUnavailable, ConfigError
 
 __all__ = ["ChainTls", "chain_id", "chain_tls", "connect", "describe", "revert_reason",
-           "rpc_calls", "rpc_guard", "use_chain_tls"]
+           "rpc_calls", "rpc_guard", "rpc_stats", "use_chain_tls"]
 
 _REVERT_PREFIXES = ("execution reverted: ", "execution reverted:", "VM Exception while processing")
 
@@ -41,12 +42,26 @@ class _CountingProvider(HTTPProvider):
         self.calls += 1
         by = self.__dict__.setdefault("by_method", {})
         by[str(method)] = by.get(str(method), 0) + 1
-        return super().make_request(method, params)
+        t0 = time.monotonic()
+        try:
+            return super().make_request(method, params)
+        except Exception:
+            self.__dict__["errors"] = self.__dict__.get("errors", 0) + 1
+            raise
+        finally:  # what a node's metrics report: the chain's latency
+            self.__dict__["seconds"] = self.__dict__.get("seconds", 0.0) + time.monotonic() - t0
 
 
 def rpc_calls(w3: Web3) -> int:
     """JSON-RPC requests sent through ``w3`` so far (0 for other providers)."""
     return int(getattr(w3.provider, "calls", 0))
+
+
+def rpc_stats(w3: Web3) -> tuple[int, float, int]:
+    """(requests, seconds spent in them, requests that failed) through ``w3`` so far."""
+    p = w3.provider
+    return (int(getattr(p, "calls", 0)), float(p.__dict__.get("seconds", 0.0)),
+            int(p.__dict__.get("errors", 0)))
 
 
 def rpc_calls_by_method(w3: Web3) -> dict[str, int]:

@@ -163,9 +163,10 @@ class LocalSwarm:
 
     # -- processes --------------------------------------------------------------------------------
     def start_node(self, i: int, env: dict[str, str] | None = None,
-                   faults: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                   faults: dict[str, str] | None = None,
+                   settings: dict[str, Any] | None = None) -> subprocess.Popen[bytes]:
         """``faults``: the test-only ``faults:`` section of its node.yaml (``stall_commit``,
-        ``exit``; see swarmnode.node.faults)."""
+        ``exit``; see swarmnode.node.faults). ``settings``: more node.yaml settings."""
         node_dir = self.work / self.names[i]
         node_dir.mkdir(exist_ok=True)
         cfg = {
@@ -176,6 +177,7 @@ class LocalSwarm:
         }
         if faults:
             cfg["faults"] = dict(faults)
+        cfg.update(settings or {})
         (node_dir / "node.yaml").write_text(yaml.safe_dump(cfg))
         cmd = [sys.executable, "-m", "swarmnode", "run", "--config", str(node_dir / "node.yaml")]
         self.nodes[i] = self._spawn(cmd, self.log(i, "node"), {**self.env, **(env or {})})

@@ -347,20 +347,15 @@ class RoundMachine:
             ):
                 return Merge(self.round, attempt, tuple(sorted(members)))
             return Wait(t.poll_s, f"collecting updates ({len(members)}/{len(info.participants)})")
-        overdue = (obs.now >= info.elected_at + t.deadline_s
-                   and obs.chain_up_s >= t.deadline_s / 2)
-        if overdue and self._may_try(f"reelect{attempt}", obs.now):
+        if self._overdue(obs) and self._may_try(f"reelect{attempt}", obs.now):
             return Reelect(self.round, attempt, leader)
         if self.pushed_attempt != attempt and self.weight == 0:
             self.pushed_attempt = attempt  # nothing to add: the leader counts it as in
         if self.pushed_attempt != attempt:
             self.stage = Stage.PUSH
             if self._may_try(f"push{attempt}", obs.now):
-                # a push is moot once the leader's deadline passed (the member re-elects then):
-                # a leader that froze mid-transfer holds this node no longer than that
-                left = info.elected_at + t.deadline_s - obs.now
-                timeout = min(t.transfer_s, max(t.min_transfer_s, left + 2.0))
-                return Push(self.round, leader, attempt, timeout, prefetch=True)
+                return Push(self.round, leader, attempt, self._transfer_timeout(obs),
+                            prefetch=True)
             return Wait(t.poll_s, "retrying the push soon")
         self.stage = Stage.COMMIT
         return Wait(t.poll_s, "waiting for the leader's commit")
@@ -376,19 +371,15 @@ class RoundMachine:
             return Wait(t.poll_s, "commit sent" if self.merged_attempt == attempt
                         else "the merged model could not be committed: waiting for the "
                         "re-election")
-        if leader != self.me:
-            overdue = (obs.now >= info.elected_at + t.deadline_s
-                       and obs.chain_up_s >= t.deadline_s / 2)
-            if overdue and self._may_try(f"reelect{attempt}", obs.now):
-                return Reelect(self.round, attempt, leader)
+        if (leader != self.me and self._overdue(obs)
+                and self._may_try(f"reelect{attempt}", obs.now)):
+            return Reelect(self.round, attempt, leader)
         if self.scattered_attempt != attempt and self.weight == 0:
             self.scattered_attempt = attempt  # nothing to add: the owners count it as in
         if self.scattered_attempt != attempt:
             self.stage = Stage.PUSH
             if self._may_try(f"scatter{attempt}", obs.now):
-                left = info.elected_at + t.deadline_s - obs.now
-                return Scatter(self.round, attempt,
-                               min(t.transfer_s, max(t.min_transfer_s, left + 2.0)))
+                return Scatter(self.round, attempt, self._transfer_timeout(obs))
             return Wait(t.poll_s, "retrying the slices soon")
         if self.reduced_attempt != attempt:
             self.stage = Stage.COLLECT
@@ -405,6 +396,20 @@ class RoundMachine:
             return Wait(t.poll_s, "assembling the merged slices")
         self.stage = Stage.COMMIT
         return Wait(t.poll_s, "waiting for the leader's commit")
+
+    def _overdue(self, obs: Observation) -> bool:
+        """The elected leader's deadline passed (and the chain was up long enough to judge)."""
+        t = self.timing
+        return (obs.now >= obs.info.elected_at + t.deadline_s
+                and obs.chain_up_s >= t.deadline_s / 2)
+
+    def _transfer_timeout(self, obs: Observation) -> float:
+        """How long a push (or a sharded round's slices) may take: a transfer is moot once the
+        leader's deadline passed (the member re-elects then), so a leader that froze
+        mid-transfer holds this node no longer than that."""
+        t = self.timing
+        left = obs.info.elected_at + t.deadline_s - obs.now
+        return min(t.transfer_s, max(t.min_transfer_s, left + 2.0))
 
     def _may_try(self, key: str, now: float) -> bool:
         """Rate-limit actions that may fail and be retried (elect, push, reelect)."""

@@ -45,6 +45,7 @@ from swarmnode.node.collector import Collectors
 from swarmnode.node.driver import RoundDriver, RoundOutcome
 from swarmnode.node.lifecycle import END_POLICIES
 from swarmnode.node.machine import Timing
+from swarmnode.node.metrics import Family, Histogram, MetricsServer, counter, gauge
 from swarmnode.node.peers import ChainAuthority, PeerPool
 from swarmnode.node.sharding import ShardExchange
 from swarmnode.node.store import ModelStore, StoredModel
@@ -147,6 +148,9 @@ class _Progress:
     rounds_done: int = 0
     last_digest: str = ""
     finished: bool = False
+    last_commit: float = 0.0  # unix time this node last held a committed round's model
+    loss: float | None = None  # the site's last reported loss and metric
+    metric: float | None = None
 
 
 class NodeService:
@@ -245,6 +249,10 @@ class NodeService:
         self._round_lock = threading.Lock()
         self.peer_server: PeerServer | None = None
         self.local_server: LocalServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.stage_seconds = Histogram(
+            "swarmnode_round_stage_seconds", "Seconds this node spent per step of a round "
+            "(checkin, push, merge, pull...; 'round': the whole round)", "stage")
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -261,8 +269,14 @@ class NodeService:
             group=self.config.local_api_group, spill_dir=str(self._spill_dir()),
         )
         self.local_server.start()
+        metrics_port = None
+        if self.config.metrics_listen:
+            host, _, mport = self.config.metrics_listen.rpartition(":")
+            self.metrics_server = MetricsServer(host.strip("[]") or "0.0.0.0", int(mport),
+                                                self.metrics)
+            metrics_port = self.metrics_server.start()
         self.progress.stage = "ready"
-        self._write_health(port)
+        self._write_health(port, metrics_port)
         log.info(
             "node %s (%s) ready: peer API on port %d, local API at %s",
             self.config.name, self.me, port, self.config.local_target,
@@ -275,7 +289,7 @@ class NodeService:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
 
-    def _write_health(self, port: int) -> None:
+    def _write_health(self, port: int, metrics_port: int | None = None) -> None:
         """health.json: read by `python -m swarmnode.healthcheck` (the container healthcheck)."""
         path = self.config.data_dir / HEALTH_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +297,7 @@ class NodeService:
         tmp.write_text(json.dumps({
             "pid": os.getpid(), "address": self.me, "name": self.config.name,
             "peer_port": port, "endpoint": self.config.endpoint, "enrolled": True,
+            "metrics_port": metrics_port,
         }))
         tmp.replace(path)
 
@@ -296,6 +311,8 @@ class NodeService:
             self.local_server.stop()
         if self.peer_server:
             self.peer_server.stop(grace=1.0)
+        if self.metrics_server:
+            self.metrics_server.stop()
         self.pool.close()
 
     @property
@@ -461,6 +478,48 @@ class NodeService:
         """What this node serves of ``round``'s merged model in parts (transport.parts): the
         model it is receiving, or the one it holds; None if neither within ``timeout``."""
         return self.driver.part_source(round, timeout)
+
+    def metrics(self) -> list[Family]:
+        """What the metrics port shows (node.metrics), read now."""
+        from swarmnode.transport.dataplane import TRAFFIC
+
+        p = self.progress
+        stage = self.stage
+        requests, seconds, errors = self.chain.rpc_stats
+        out = [
+            gauge("swarmnode_round", "The round this node takes part in (0: none yet)", p.round),
+            counter("swarmnode_rounds_total", "Rounds this node has completed", p.rounds_done),
+            gauge("swarmnode_finished", "1 once the training finished for this node",
+                  1 if p.finished else 0),
+            self.stage_seconds.family(),
+            counter("swarmnode_peer_bytes_total", "Model bytes this node moved to and from "
+                    "peers (data plane and gRPC: pushes, pulls, parts, slices; as server and "
+                    "client)", TRAFFIC.sent,
+                    direction="sent"),
+            counter("swarmnode_peer_bytes_total", "", TRAFFIC.received, direction="received"),
+            counter("swarmnode_chain_requests_total", "JSON-RPC requests to the chain",
+                    requests),
+            counter("swarmnode_chain_request_seconds_total", "Seconds spent waiting for the "
+                    "chain's answers (divide by the requests for the mean latency)", seconds),
+            counter("swarmnode_chain_errors_total", "JSON-RPC requests that failed (the chain "
+                    "unreachable, a timeout, an error answer)", errors),
+        ]
+        names = ["starting", "ready", "idle", "checkin", "election", "push", "collect",
+                 "commit", "pull", "done"]
+        for name in names + ([stage] if stage not in names else []):
+            out.append(gauge("swarmnode_stage", "1 for the stage this node is in",
+                             1 if stage == name else 0, stage=name))
+        if p.last_commit:
+            out.append(gauge("swarmnode_last_commit_age_seconds", "Seconds since this node "
+                             "last took a committed round's merged model",
+                             max(0.0, time.time() - p.last_commit)))
+        if p.loss is not None:
+            out.append(gauge("swarmnode_site_loss", "The loss this site's trainer reported "
+                             "with its last sync", p.loss))
+        if p.metric is not None:
+            out.append(gauge("swarmnode_site_metric", "The metric this site's trainer "
+                             "reported with its last sync", p.metric))
+        return out
 
     def health(self) -> dict[str, Any]:
         p = self.progress
@@ -644,6 +703,12 @@ class NodeService:
         self.progress.stage = "idle"
         if outcome.digest:
             self.progress.last_digest = outcome.digest.hex()
+            self.progress.last_commit = time.time()
+        if loss is not None:
+            self.progress.loss, self.progress.metric = loss, metric
+        for step, seconds in outcome.stages.items():
+            self.stage_seconds.observe(step, seconds)
+        self.stage_seconds.observe("round", outcome.seconds)
         # metrics of committed rounds it took part in: carried by the next check-in or finish
         self.driver.note_metrics(lifecycle.eligible_metrics(
             outcome.round, bool(outcome.digest), outcome.contributed, loss, metric))

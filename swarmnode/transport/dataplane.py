@@ -78,7 +78,8 @@ from swarmnode.identity import TlsFiles, fingerprint
 from swarmnode.transport import parts, serde
 from swarmnode.transport.listener import ListenerLimits, TlsListener
 
-__all__ = ["DataClient", "DataServer", "bind_address", "check_push", "stripe_blocks"]
+__all__ = ["TRAFFIC", "DataClient", "DataServer", "Traffic", "bind_address", "check_push",
+           "stripe_blocks"]
 
 log = logging.getLogger("swarmnode.transport.data")
 
@@ -181,6 +182,24 @@ def bind_address(authority: Any, claimed: str, certificate: bytes) -> str:
     return claimed
 
 
+class Traffic:
+    """Payload bytes this process moved on data planes, sent and received, as server and as
+    client (what a node's metrics report)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sent = 0
+        self.received = 0
+
+    def add(self, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self.sent += sent
+            self.received += received
+
+
+TRAFFIC = Traffic()
+
+
 def _recv_blocks(tls: ssl.SSLSocket, view: memoryview, blocks: list[tuple[int, int]],
                  what: str, progress: Callable[[int], None]) -> None:
     """Fill the ``blocks`` of ``view`` from ``tls`` (decrypted straight into place), calling
@@ -195,6 +214,7 @@ def _recv_blocks(tls: ssl.SSLSocket, view: memoryview, blocks: list[tuple[int, i
                 raise TransportError(f"{what}: the stream ended after {got} of {want} bytes")
             pos += n
             got += n
+            TRAFFIC.add(received=n)
             progress(got)
 
 
@@ -205,6 +225,7 @@ def _send_blocks(tls: ssl.SSLSocket, view: memoryview, blocks: list[tuple[int, i
         pos = start
         while pos < end:
             n = tls.send(view[pos:end])
+            TRAFFIC.add(sent=n)
             sent(pos, pos + n)
             pos += n
 
@@ -794,6 +815,7 @@ class DataServer:
                 continue
             _send_frame(tls, {"part": i, "bytes": len(data)})
             tls.sendall(data)
+            TRAFFIC.add(sent=len(data))
             moved += len(data)
             self._check_rate(started, moved, f"parts of round {rnd} for {caller}")
             note = getattr(source, "sent", None)
@@ -943,6 +965,23 @@ class DataClient:
         cls = error_class(str(reply.get("error", "SwarmError")))
         raise cls(f"{what}: {reply.get('message', 'refused')}")
 
+    def _send_for_verdict(self, tls: ssl.SSLSocket, view: memoryview,
+                          blocks: list[tuple[int, int]], sent: Callable[[int, int], None],
+                          what: str) -> None:
+        """Send ``blocks`` of a request's payload, then take the server's verdict; a server
+        that refused early (on the header) cut the connection: raise its reason."""
+        try:
+            _send_blocks(tls, view, blocks, sent)
+        except (OSError, ssl.SSLError) as exc:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                self._verdict(_recv_frame(tls, what), what)
+            raise TransportError(f"{what}: the connection broke: {exc}") from None
+        try:
+            reply = _recv_frame(tls, what)
+        except (OSError, ssl.SSLError) as exc:
+            raise TransportError(f"{what}: no verdict: {exc}") from None
+        self._verdict(reply, what)
+
     def _parallel(self, fn: Callable[[int], Any], count: int) -> list[Any]:
         if count == 1:
             return [fn(0)]
@@ -988,18 +1027,8 @@ class DataClient:
                 _send_frame(tls, {"op": "push", "address": self.own_address, "round": round,
                                   "weight": weight, "total_bytes": total, "digest": digest.hex(),
                                   "stripe": i, "stripes": count})
-                try:
-                    _send_blocks(tls, view, stripe_blocks(total, i, count),
-                                 lambda start, end: serde.evict(payload, start, end))
-                except (OSError, ssl.SSLError) as exc:  # refused early: raise its reason
-                    with contextlib.suppress(OSError, ssl.SSLError):
-                        self._verdict(_recv_frame(tls, what), what)
-                    raise TransportError(f"{what}: the connection broke: {exc}") from None
-                try:
-                    reply = _recv_frame(tls, what)
-                except (OSError, ssl.SSLError) as exc:
-                    raise TransportError(f"{what}: no verdict: {exc}") from None
-                self._verdict(reply, what)
+                self._send_for_verdict(tls, view, stripe_blocks(total, i, count),
+                                       lambda start, end: serde.evict(payload, start, end), what)
 
         self._parallel(stripe, count)
 
@@ -1138,17 +1167,7 @@ class DataClient:
             _send_frame(tls, {"op": "shard_push", "address": self.own_address, "round": round,
                               "attempt": attempt, "index": index, "weight": weight,
                               "total_bytes": len(view), "digest": digest.hex()})
-            try:
-                _send_blocks(tls, view, [(0, len(view))], lambda start, end: None)
-            except (OSError, ssl.SSLError) as exc:  # refused early: raise its reason
-                with contextlib.suppress(OSError, ssl.SSLError):
-                    self._verdict(_recv_frame(tls, what), what)
-                raise TransportError(f"{what}: the connection broke: {exc}") from None
-            try:
-                reply = _recv_frame(tls, what)
-            except (OSError, ssl.SSLError) as exc:
-                raise TransportError(f"{what}: no verdict: {exc}") from None
-            self._verdict(reply, what)
+            self._send_for_verdict(tls, view, [(0, len(view))], lambda start, end: None, what)
 
     def pull_shard(self, round: int, attempt: int, index: int, timeout: float,
                    wait_s: float) -> serde.Received:

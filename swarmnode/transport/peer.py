@@ -64,7 +64,13 @@ from swarmnode.transport._rpc import (
     server_options,
     swarm_error_name,
 )
-from swarmnode.transport.dataplane import DataClient, DataServer, bind_address, check_push
+from swarmnode.transport.dataplane import (
+    TRAFFIC,
+    DataClient,
+    DataServer,
+    bind_address,
+    check_push,
+)
 from swarmnode.transport.listener import ListenerLimits
 from swarmnode.transport.proto import peer_pb2 as pb
 from swarmnode.transport.tlscheck import probe
@@ -250,6 +256,7 @@ class _Servicer:
                         raise PayloadRejected(f"{what}: a second header in the stream")
                     self.o.guard.progress(stream, len(data))
                     assembler.add(data)
+                    TRAFFIC.add(received=len(data))
                 received = assembler.finish()
             try:
                 state = received.decode(
@@ -288,6 +295,7 @@ class _Servicer:
             yield pb.Chunk(header=pb.Header(round=request.round, total_bytes=len(data),
                                             digest=digest))
             for chunk in serde.chunks(data):
+                TRAFFIC.add(sent=len(chunk))
                 yield chunk
                 self.o.guard.progress(stream, len(chunk))
         finally:
@@ -578,7 +586,9 @@ class PeerClient:
             yield pb.Chunk(header=pb.Header(
                 round=round, weight=weight, total_bytes=len(payload), digest=digest
             ))
-            yield from serde.chunks(payload, self.chunk_size)
+            for chunk in serde.chunks(payload, self.chunk_size):
+                TRAFFIC.add(sent=len(chunk))
+                yield chunk
 
         rest = left()
         self._call(f"push of round {round}", rest, lambda: self._push(
@@ -663,6 +673,7 @@ class PeerClient:
                 if data is None:
                     raise PayloadRejected(f"{what}: a second header in the stream")
                 assembler.add(data)
+                TRAFFIC.add(received=len(data))
             received = assembler.finish()
         try:
             received.check_digest(header.digest)

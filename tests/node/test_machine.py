@@ -344,6 +344,7 @@ def test_a_nested_fetch_runs_in_its_own_round_object(tmp_path) -> None:  # type:
     """While round 2 runs, the driver fetches round 1's model (as a weight-0 leader does for the
     base): that nested run has its own Round, and the running round stays the current one with
     its own stage times."""
+    from swarmnode.node.collector import Collectors
     from swarmnode.node.driver import RoundDriver
     from swarmnode.node.store import ModelStore
 
@@ -361,8 +362,8 @@ def test_a_nested_fetch_runs_in_its_own_round_object(tmp_path) -> None:  # type:
             return info(RoundStatus.COMMITTED, [A, B], leader=B, digest={1: d1, 2: d2}[r],
                         round=r)
 
-    driver = RoundDriver(A, Chain(), None, store, None, T, None,  # type: ignore[arg-type]
-                         max_bytes=1 << 20, round_timeout_s=10)
+    driver = RoundDriver(A, Chain(), None, store, Collectors("mean", {}), T,  # type: ignore[arg-type]
+                         None, max_bytes=1 << 20, round_timeout_s=10)
     outcome = driver.run_round(2, {}, b"", 5)
     assert [o.round for o in nested] == [1] and outcome.round == 2 and outcome.digest == d2
     assert driver.current is not None and driver.current.number == 2
