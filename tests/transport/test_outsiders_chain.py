@@ -1,7 +1,8 @@
 """The data plane's header checks with the node's own rules: a real NodeService (the leader of a
 committed round) serving a real data plane over real TLS, its identity and round answers from the
 real contracts (eth-tester), and pushes for past rounds from an enrolled site that never took
-part and from a participant: refused before a payload byte is read (the server's counter)."""
+part and from a participant, whole updates and a sharded round's slices: refused before a
+payload byte is read (the server's counter)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def step(site, k, model):  # type: ignore[no-untyped-def]
     return {n: t + 0.1 * (site.index + 1) for n, t in base.items()}, 10
 
 
-def _push(port: int, tls: TlsFiles, address: str, rnd: int, payload: bytes) -> dict[str, Any]:
-    """Header and the whole payload at once (no wait for a verdict), then the server's reply."""
+def _push(port: int, tls: TlsFiles, address: str, rnd: int, payload: bytes,
+          op: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Header and the whole payload at once (no wait for a verdict), then the server's reply.
+    ``op``: another request than a whole update's push (a sharded round's slice)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cafile=str(tls.trust))
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
@@ -43,7 +46,7 @@ def _push(port: int, tls: TlsFiles, address: str, rnd: int, payload: bytes) -> d
         sock.settimeout(30)
         raw = json.dumps({"op": "push", "address": address, "round": rnd, "weight": 10,
                           "total_bytes": len(payload), "digest": serde.digest(payload).hex(),
-                          "stripe": 0, "stripes": 1}).encode()
+                          "stripe": 0, "stripes": 1, **(op or {})}).encode()
         sock.sendall(struct.pack("<I", len(raw)) + raw)
         with ThreadPoolExecutor(1) as pool:
             sending = pool.submit(sock.sendall, payload)
@@ -97,6 +100,11 @@ def test_past_round_pushes_are_refused_before_a_payload_byte_on_a_real_chain() -
             for who, tls in ((eve.address, eve_tls), (member.address, member.service.tls)):
                 reply = _push(server.data.port, tls, who, past.round, payload)
                 assert reply["ok"] is False and "not the round's leader (status committed" in \
+                    reply["message"], reply
+                # a sharded round's slice, for a round that is not a sharded attempt now
+                reply = _push(server.data.port, tls, who, past.round, payload,
+                              {"op": "shard_push", "attempt": 1, "index": 0})
+                assert reply["ok"] is False and "is not a sharded attempt" in \
                     reply["message"], reply
             assert server.data.payload_bytes_in == 0
         finally:
