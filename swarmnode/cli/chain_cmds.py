@@ -266,8 +266,7 @@ def chain_check(
         "there (a sentinel starting, its deploy service deploying) before failing.")] = 50.0,
 ) -> None:
     """Check that the chain answers and the training (or registry) is deployed there; fail with
-    the reason after --wait seconds. A site's compose project runs it before its node, so that
-    `docker-compose up` fails within a minute instead of waiting for a node that cannot start."""
+    the reason after --wait seconds (a site's node would only wait, saying so in its log)."""
     from swarmnode.chain.client import SwarmContract
     from swarmnode.chain.rpc import connect
     from swarmnode.errors import ChainUnavailable, ContractNotFound

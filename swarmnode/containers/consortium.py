@@ -160,9 +160,6 @@ class ContainerConsortium:
                 "TRAIN_SEED": str(self.seed),
                 "CONSORTIUM_NETWORK": self.network,
                 "CONSORTIUM_EXTERNAL": "true",
-                # every project starts at once here: its chain check waits for the sentinel's
-                # deploy service (a loaded test machine can take over a minute)
-                "CHAIN_CHECK_S": "300",
                 # the sentinel's settings (read by its chain and deploy services only)
                 "CONSORTIUM_DIR": str(consortium),
                 "MIN_PEERS": str(self.min_peers),
