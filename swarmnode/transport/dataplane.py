@@ -94,6 +94,9 @@ _WATCH_S = 0.25  # how often the watchdog looks at the admitted pushes' progress
 # hung host) before the transfer fails, whatever the transfer's overall timeout. Long enough for
 # a push queued behind others for admission, and for a leader's 2 s hold of a pull.
 _PROGRESS_S = 30.0
+# Client: the slowest a server is assumed to check a received payload (bytes a second; a loaded
+# 2-core leader hashes, parses and folds a 1 GB update in about 20 s): the verdict's extra wait.
+_CHECK_RATE = 16 << 20
 
 
 def stripe_blocks(total: int, index: int, count: int) -> list[tuple[int, int]]:
@@ -969,13 +972,17 @@ class DataClient:
                           blocks: list[tuple[int, int]], sent: Callable[[int, int], None],
                           what: str) -> None:
         """Send ``blocks`` of a request's payload, then take the server's verdict; a server
-        that refused early (on the header) cut the connection: raise its reason."""
+        that refused early (on the header) cut the connection: raise its reason. The verdict
+        comes once the server checked the whole payload (digest, header, NaN/Inf, the fold):
+        the wait for it grows with the payload's size (a 1 GB update on a loaded leader takes
+        longer than _PROGRESS_S to check)."""
         try:
             _send_blocks(tls, view, blocks, sent)
         except (OSError, ssl.SSLError) as exc:
             with contextlib.suppress(OSError, ssl.SSLError):
                 self._verdict(_recv_frame(tls, what), what)
             raise TransportError(f"{what}: the connection broke: {exc}") from None
+        tls.settimeout(_PROGRESS_S + len(view) / _CHECK_RATE)
         try:
             reply = _recv_frame(tls, what)
         except (OSError, ssl.SSLError) as exc:
