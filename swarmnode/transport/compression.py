@@ -9,9 +9,11 @@ encoded per floating tensor:
   stochastic rounding: the same update always gives the same bytes, so the same seed gives the
   same merged digest). Half the bytes of float32.
 * ``int8``: the change in blocks of :data:`BLOCK` values, each block an int8 per value and one
-  float32 scale (its largest magnitude / 127), with error feedback: each site keeps what the
-  rounding dropped (its *residual*) and adds it to its next round's change, so nothing is lost
-  for good, only late. About a quarter of the bytes of float32. Tensors of fewer than
+  float32 scale (its largest magnitude / 127). About a quarter of the bytes of float32.
+
+Every code has error feedback: each site keeps what the rounding dropped (its *residual*, one
+float32 model) and adds it to its next round's change, so nothing is lost for good, only late,
+and rounding errors do not pile up over the rounds. Tensors of fewer than
   :data:`BLOCK` values travel whole (a bias of 10 values: its scale's header entry would cost
   more than the code saves).
 
@@ -138,9 +140,9 @@ def encode(
     residual: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[StateDict, StateDict] | None:
     """``state``'s change from ``base`` in ``mode``: (the tensors to send, the new residual:
-    what the int8 code dropped, empty for the other codes), or None when the change does not fit
-    the code (a non-finite value, a float16 change beyond 65504): send ``state`` whole then.
-    ``residual``: int8, what the previous round's code dropped (added to this change)."""
+    what the code dropped), or None when the change does not fit the code (a non-finite value,
+    a float16 change beyond 65504): send ``state`` whole then. ``residual``: what the previous
+    round's code dropped (added to this change)."""
     check_mode(mode)
     if mode == "none":
         return dict(state), {}
@@ -153,14 +155,15 @@ def encode(
                 continue
             acc = _acc(t.dtype)
             change = t.to(acc) - base[name].to(acc)
+            if residual is not None and name in residual:
+                change = change + residual[name].to(acc)
             if mode != "int8":
                 top = float(change.abs().max()) if change.numel() else 0.0
                 if not math.isfinite(top) or (mode == "fp16" and top > _FP16_MAX):
                     return None
                 out[name] = change.to(_CODE[mode])
+                kept[name] = (change - out[name].to(acc)).to(torch.float32)
                 continue
-            if residual is not None and name in residual:
-                change = change + residual[name].to(acc)
             q, scale = _quantize(change)
             if not bool(torch.isfinite(scale).all()):
                 return None
@@ -245,7 +248,7 @@ class UpdateCodec:
         self._cond = threading.Condition()
         self._bases: dict[int, StateDict | None] = {}
         self._sent: tuple[int, serde.Buffer] | None = None  # the last round encoded, its bytes
-        self._residual: StateDict = {}  # int8: what the codes sent so far dropped
+        self._residual: StateDict = {}  # what the codes sent so far dropped
 
     @property
     def compresses(self) -> bool:
@@ -276,8 +279,7 @@ class UpdateCodec:
         else:
             wire, kept = coded
             data = serde.encode(wire)
-            if self.mode == "int8":
-                self._residual = kept
+            self._residual = kept
         with self._cond:
             self._sent = (round, data)
         return data

@@ -66,13 +66,19 @@ def test_compressed_updates_push_fewer_bytes_and_every_site_ends_with_one_digest
         assert float((ours["w"] - theirs["w"]).abs().max()) < (0.01 if mode == "bf16" else 0.1)
         if mode != "bf16":
             continue
-        # each merge after the first is the weighted mean of base + bf16(change), the base being
-        # the previous round's merged model
+        # each merge after the first is the weighted mean of base + bf16(change + residual), the
+        # base being the previous round's merged model, each site's residual what its earlier
+        # roundings dropped (error feedback)
+        residual = [{n: torch.zeros_like(t) for n, t in INITIAL.items()} for _ in sent]
         for r in range(1, ROUNDS):
             base = rounds[0][r - 1]
             for name in ("w", "b"):
-                decoded = [base[name] + (site[r][name] - base[name]).to(torch.bfloat16).float()
-                           for site in sent]
+                decoded = []
+                for i, site in enumerate(sent):
+                    change = site[r][name] - base[name] + residual[i][name]
+                    coded = change.to(torch.bfloat16).float()
+                    residual[i][name] = change - coded
+                    decoded.append(base[name] + coded)
                 want = sum(w * d for w, d in zip(WEIGHTS, decoded, strict=True)) / sum(WEIGHTS)
                 torch.testing.assert_close(rounds[0][r][name], want, rtol=1e-5, atol=1e-6)
     ratio_bf16 = results["bf16"][1] / plain_bytes

@@ -50,14 +50,20 @@ def _round_trip(state, base, mode, residual=None):  # type: ignore[no-untyped-de
     return cp.decode(got, base, spec.params, mode), data, kept
 
 
+def wire_change(change: torch.Tensor, mode: str) -> torch.Tensor:
+    return change.to(torch.bfloat16 if mode == "bf16" else torch.float16).float()
+
+
 @pytest.mark.parametrize("mode, rel", [("bf16", 2.0 ** -8), ("fp16", 2.0 ** -10)])
 def test_half_precision_changes_come_back_within_their_rounding(mode: str, rel: float) -> None:
     base = _model(0)
     state = _trained(base, 1)
     out, data, kept = _round_trip(state, base, mode)
-    assert kept == {}
     for name in ("conv.weight", "fc.weight", "fc.bias"):
         change, back = state[name] - base[name], out[name] - base[name]
+        # what the rounding dropped is kept for the next round
+        torch.testing.assert_close(kept[name], change - wire_change(change, mode), rtol=0,
+                                   atol=0)
         assert out[name].dtype == torch.float32
         # nearest rounding of the change, plus the float32 rounding of base + change
         bound = rel * change.abs() + 2.0 ** -23 * (base[name].abs() + change.abs()) * 2
@@ -220,3 +226,19 @@ def test_a_chain_outage_is_retried_by_the_round_not_answered_with_a_whole_update
         codec.outgoing(2, state, payload)
     assert codec.outgoing(2, state, payload) is payload  # the fetch failed: whole, said in the log
     assert len(codec.outgoing(3, state, payload)) < 0.55 * len(payload)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_half_precision_error_feedback_keeps_the_rounding_from_piling_up(mode: str) -> None:
+    """A change of 1 + 1e-3 each round rounds to 1 in bfloat16 (steps of 2^-7 near 1): without
+    feedback 40 rounds lose 0.04, with it never more than half a step."""
+    base = {"w": torch.zeros(512)}
+    true_sum, fed_sum = torch.zeros(512), torch.zeros(512)
+    residual: dict[str, torch.Tensor] = {}
+    for _ in range(40):
+        change = torch.full((512,), 1.0 + 1e-3)
+        true_sum += change
+        fed, _, residual = _round_trip({"w": change}, base, mode, residual)
+        fed_sum += fed["w"]
+    step = 2.0 ** -7 if mode == "bf16" else 2.0 ** -10
+    assert float((fed_sum - true_sum).abs().max()) <= step / 2 + 1e-4
