@@ -58,7 +58,8 @@ class TrainingSpec:
 
     def __post_init__(self) -> None:
         try:
-            check_topology(self.topology, self.merge_method, self.merge_options)
+            check_topology(self.topology, self.merge_method, self.merge_options,
+                           self.compression)
         except ValueError as exc:
             raise ConfigError(f"training spec: {exc}") from None
 
@@ -173,7 +174,8 @@ TOPOLOGIES = ("leader", "sharded")
 SHARDABLE = ("mean", "coordmedian", "trimmedmean")
 
 
-def check_topology(topology: str, merge_method: str, merge_options: Mapping[str, float]) -> None:
+def check_topology(topology: str, merge_method: str, merge_options: Mapping[str, float],
+                   compression: str = "none") -> None:
     """ValueError unless ``topology`` is known and the merge rule can run under it."""
     if topology not in TOPOLOGIES:
         raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
@@ -188,6 +190,10 @@ def check_topology(topology: str, merge_method: str, merge_options: Mapping[str,
         raise ValueError(
             "topology 'sharded' cannot clip updates by norm (clip_norm): an update's norm spans "
             "every slice and no slice owner sees it whole; use topology 'leader' with clip_norm")
+    if compression != "none":
+        raise ValueError(
+            f"topology 'sharded' sends slices of the model as they are, so compression "
+            f"'{compression}' would do nothing; drop compression or use topology 'leader'")
 
 
 MAX_WEIGHT = (1 << 96) - 1  # what the contract can hold

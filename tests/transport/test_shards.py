@@ -125,6 +125,8 @@ def test_the_spec_refuses_rules_that_cannot_shard(method: str, options: dict[str
         TrainingSpec(8, 2, method, merge_options=options, topology="sharded")
     with pytest.raises(ConfigError, match="topology must be one of"):
         TrainingSpec(8, 2, "mean", topology="ring")
+    with pytest.raises(ConfigError, match="drop compression or use topology 'leader'"):
+        TrainingSpec(8, 2, "mean", topology="sharded", compression="bf16")
 
 
 def test_topology_is_pinned_in_the_spec_and_the_default_keeps_old_hashes() -> None:
