@@ -5,8 +5,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# make test: parallel pytest workers (the suite mostly waits on chains and child processes)
-TEST_WORKERS ?= 3
+# make test TEST_WORKERS=3: parallel pytest workers (pytest-xdist; tests/containers and tests/wan
+# stay on one worker each). Default 1 (serial) until the suite is proven stable in parallel.
+TEST_WORKERS ?= 1
 STAMP  := $(VENV)/.installed
 NPMSTAMP := node_modules/.installed
 export GRPC_VERBOSITY ?= ERROR
@@ -33,7 +34,7 @@ demo: setup
 	$(VENV)/bin/swarmnode demo
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup,)
 
 lint: setup
 	$(VENV)/bin/ruff check swarmnode tests benchmarks examples
