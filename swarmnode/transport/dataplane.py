@@ -150,6 +150,17 @@ def _parse_frame(raw: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
+def _header_digest(hdr: dict[str, Any], what: str) -> bytes:
+    """The SHA-256 a request header announces for its payload; PayloadRejected if it is none."""
+    try:
+        digest = bytes.fromhex(str(hdr.get("digest", "")))
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
+    return digest
+
+
 def _recv_frame(sock: ssl.SSLSocket, what: str) -> dict[str, Any]:
     head = _recv_exact(sock, 4, what)
     (n,) = struct.unpack("<I", head)
@@ -589,12 +600,7 @@ class DataServer:
         weight = _int(hdr, "weight", what)
         stripes = _int(hdr, "stripes", what, 1, MAX_STRIPES)
         index = _int(hdr, "stripe", what, 0, stripes - 1)
-        try:
-            digest = bytes.fromhex(str(hdr.get("digest", "")))
-        except ValueError:
-            digest = b""
-        if len(digest) != 32:
-            raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
+        digest = _header_digest(hdr, what)
         check_push(self.handler, rnd, sender, weight)  # leadership, participant, duplicate
         inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what)
         started = time.monotonic()  # waiting for admission does not count against the rate
@@ -853,12 +859,7 @@ class DataServer:
             raise PayloadRejected(f"{what}: {total} bytes announced, the slice takes "
                                   f"{spec.payload_bytes}; the sender's model differs from the "
                                   "swarm's training spec")
-        try:
-            digest = bytes.fromhex(str(hdr.get("digest", "")))
-        except ValueError:
-            digest = b""
-        if len(digest) != 32:
-            raise PayloadRejected(f"{what}: the header's digest is not a SHA-256 (32 bytes)")
+        digest = _header_digest(hdr, what)
         started = time.monotonic()
         tls.settimeout(min(self.idle_s, _STALL_S))
         watched = _Watched(tls, what, started, started)
