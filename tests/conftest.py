@@ -19,10 +19,26 @@ from swarmnode.chain import launcher
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract, connect
 from swarmnode.chain.launcher import DevChain
+from swarmnode.cli.common import console, err_console
 from swarmnode.errors import ConfigError
 
 DEV_ACCOUNTS = 10  # anvil prefunds dev accounts 0..9
 SPEC_JSON = '{"merge_method": "mean", "min_peers": 2, "sync_frequency": 8}'
+CONSOLE_WIDTH = 400
+
+
+@pytest.fixture(autouse=True)
+def _wide_consoles() -> Iterator[None]:
+    """Tests read what CLI commands print: give the shared consoles a fixed, wide width. Rich
+    sizes a console that writes to no terminal once, at creation (``COLUMNS`` or 80), so a long
+    temporary path (pytest-xdist's ``popen-gwN`` folders) would wrap or truncate a line a test
+    looks for, depending on where the test runs."""
+    saved = [(c, c._width) for c in (console, err_console)]
+    for c, _ in saved:
+        c.width = CONSOLE_WIDTH
+    yield
+    for c, width in saved:
+        c._width = width
 
 
 @dataclass
