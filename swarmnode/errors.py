@@ -25,7 +25,9 @@ numbered band, so the CLI (and scripts around it) can tell failures apart::
     │       └── NonFiniteValues (45)  parameters hold NaN/Inf, or would overflow the merge
     ├── MergeError (50)             a merge rule could not be applied
     ├── RoundError (60)             the round protocol could not go on
-    │   └── RoundTimeout (61)       a round step did not finish in time           [TimeoutError]
+    │   ├── RoundTimeout (61)       a round step did not finish in time           [TimeoutError]
+    │   ├── RoundAbandoned (62)     a secure-aggregation round cannot complete; nothing revealed
+    │   └── AggregateRejected (63)  a masked sum or its parts fail a check (bound, hash, reveal)
     └── NodeError (70)              the node service failed
         └── NodeUnavailable (71)    no node service answers at the local API      [ConnectionError]
 """
@@ -33,6 +35,7 @@ numbered band, so the CLI (and scripts around it) can tell failures apart::
 from __future__ import annotations
 
 __all__ = [
+    "AggregateRejected",
     "BadArgument",
     "ChainError",
     "ChainTimeout",
@@ -51,6 +54,7 @@ __all__ = [
     "PayloadRejected",
     "PeerRefused",
     "PeerUnavailable",
+    "RoundAbandoned",
     "RoundError",
     "RoundTimeout",
     "SpecMismatch",
@@ -175,6 +179,16 @@ class RoundError(SwarmError):
 class RoundTimeout(RoundError, TimeoutError):
     exit_code = 61
     help = "a round step did not finish in time"
+
+
+class RoundAbandoned(RoundError):
+    exit_code = 62
+    help = "a secure-aggregation round cannot complete and is abandoned; nothing is revealed"
+
+
+class AggregateRejected(RoundError):
+    exit_code = 63
+    help = "a masked sum or its parts fail a check (bound, hash, reveal, verification)"
 
 
 class NodeError(SwarmError):
