@@ -260,6 +260,11 @@ class _Handle:
         return rpc_stats(self._w3)
 
     @property
+    def pending_transactions(self) -> int:
+        """Transactions this client has sent that are not yet mined and confirmed."""
+        return 0 if self._sender is None else self._sender.pending
+
+    @property
     def rpc_calls_by_method(self) -> dict[str, int]:
         """JSON-RPC requests this client sent, by method (eth_call, eth_sendRawTransaction...)."""
         return rpc_calls_by_method(self._w3)

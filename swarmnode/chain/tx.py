@@ -108,6 +108,24 @@ class TxSender:
         where = getattr(w3.provider, "endpoint_uri", None) or f"in-process {id(w3.provider)}"
         self._key = f"{where}|{account.address}"
         self._lock = _account_lock(self._key)
+        self._pending = 0  # sent by this sender, not yet mined and confirmed
+        self._pending_guard = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        """Transactions this sender has submitted that are not yet mined and confirmed (an
+        operator's sign of a chain that stopped taking them: the metrics port shows it)."""
+        return self._pending
+
+    @contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        with self._pending_guard:
+            self._pending += 1
+        try:
+            yield
+        finally:
+            with self._pending_guard:
+                self._pending -= 1
 
     def send(
         self,
@@ -156,7 +174,8 @@ class TxSender:
                             tx.update(_takeover(fees))
                     tx["nonce"] = nonce
                     try:
-                        receipt = self._mine(tx, what, refused)
+                        with self._in_flight():
+                            receipt = self._mine(tx, what, refused)
                     except Exception as exc:
                         # another process signed with this account since: read the nonce again
                         if cached is not None and "nonce" in str(exc).lower():
@@ -165,7 +184,8 @@ class TxSender:
                         raise  # the nonce is read again next time
                     _nonces[self._key] = nonce + 1
                     break
-            receipt = self._confirm(receipt, tx, what, refused)
+            with self._in_flight():
+                receipt = self._confirm(receipt, tx, what, refused)
         if receipt["status"] != 1:
             raise refused(self._replay_reason(tx, receipt))
         return receipt

@@ -503,6 +503,8 @@ class NodeService:
                     "chain's answers (divide by the requests for the mean latency)", seconds),
             counter("swarmnode_chain_errors_total", "JSON-RPC requests that failed (the chain "
                     "unreachable, a timeout, an error answer)", errors),
+            gauge("swarmnode_pending_transactions", "Transactions this node sent that are not "
+                  "yet mined and confirmed", self.chain.pending_transactions),
         ]
         names = ["starting", "ready", "idle", "checkin", "election", "push", "collect",
                  "commit", "pull", "done"]

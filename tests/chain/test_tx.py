@@ -131,9 +131,11 @@ def test_a_pending_transaction_is_replaced_with_a_higher_fee(manual_chain: Web3)
         time.sleep(0.05)
     assert sender.replaced >= 2, "the stuck transaction was never replaced"
     assert _pool_size(w3) == 1  # replacements take the stuck one's place; nothing queues behind
+    assert sender.pending == 1  # what the metrics port shows as swarmnode_pending_transactions
     _mine(w3)
     thread.join(30)
     assert "error" not in out, out.get("error")
+    assert sender.pending == 0
     receipt = out["receipt"]
     assert receipt["status"] == 1
     assert int(receipt["effectiveGasPrice"]) > first_price  # the replacement was mined

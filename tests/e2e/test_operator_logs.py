@@ -58,6 +58,7 @@ def test_a_waiting_trainer_names_the_missing_site_and_node_logs_are_json(tmp_pat
         assert done['swarmnode_round_stage_seconds_count{stage="round"}'] == \
             done["swarmnode_rounds_total"]
         assert done["swarmnode_chain_requests_total"] > moving["swarmnode_chain_requests_total"]
+        assert done["swarmnode_pending_transactions"] == 0  # every check-in and commit mined
         assert "swarmnode_site_loss" in done and done["swarmnode_last_commit_age_seconds"] >= 0
         records = [json.loads(x) for x in swarm.log(0, "node").read_text().splitlines()
                    if x.startswith("{")]
