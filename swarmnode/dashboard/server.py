@@ -1,0 +1,113 @@
+"""The dashboard's HTTP server (standard library only): the page, its script and style, and
+``/api/status``. Read-only: GET and HEAD only, no parameters, nothing it serves changes
+anything; every other method is answered 405.
+
+The page is static; it takes its data from ``/api/status`` and puts every string into the
+document as text (never as markup). The JSON escapes ``<``, ``>`` and ``&`` as well, and every
+answer forbids sniffing, framing and any script, style or connection from elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from swarmnode.dashboard.page import PAGE_CSS, PAGE_HTML, PAGE_JS
+from swarmnode.dashboard.state import DashboardState
+
+__all__ = ["DashboardServer", "to_json"]
+
+log = logging.getLogger("swarmnode.dashboard")
+
+_SECURITY = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; img-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+_STATIC = {
+    "/": ("text/html; charset=utf-8", PAGE_HTML),
+    "/dashboard.js": ("text/javascript; charset=utf-8", PAGE_JS),
+    "/dashboard.css": ("text/css; charset=utf-8", PAGE_CSS),
+}
+
+
+def to_json(data: Any) -> bytes:
+    """Strict JSON (no NaN), with ``<``, ``>`` and ``&`` escaped: a string from the chain or a
+    peer stays a string wherever the bytes end up."""
+    text = json.dumps(data, allow_nan=False, separators=(",", ":"), sort_keys=True)
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .encode())
+
+
+class DashboardServer:
+    """Serves ``state`` on ``host:port`` (port 0: any free one; :attr:`port` once started)."""
+
+    def __init__(self, host: str, port: int, state: DashboardState) -> None:
+        self.host, self.port, self.state = host, port, state
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> int:
+        state = self.state
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "swarmnode-dashboard"
+            sys_version = ""
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                if code == 405:
+                    self.send_header("Allow", "GET, HEAD")
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in _SECURITY.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.split("?", 1)[0]
+                if path in _STATIC:
+                    ctype, text = _STATIC[path]
+                    self._send(200, ctype, text.encode())
+                elif path == "/api/status":
+                    try:
+                        code, data = 200, state.current()
+                    except LookupError as exc:  # the chain never answered yet
+                        code, data = 503, {"error": str(exc)}
+                    self._send(code, "application/json", to_json(data))
+                else:
+                    self._send(404, "application/json", to_json(
+                        {"error": f"no such page: {path[:100]} (the dashboard serves / and "
+                                  "/api/status)"}))
+
+            do_HEAD = do_GET  # noqa: N815
+
+            def _read_only(self) -> None:
+                self._send(405, "application/json", to_json(
+                    {"error": f"{self.command} is not served: the dashboard is read-only"}))
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = _read_only  # noqa: N815
+            do_OPTIONS = do_CONNECT = do_TRACE = _read_only  # noqa: N815
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("dashboard: %s %s", self.address_string(), format % args)
+
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, name="dashboard",
+                         daemon=True).start()
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
