@@ -21,7 +21,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported (register(app)).
-_COMMAND_MODULES = ["chain_cmds", "certs_cmds", "node_cmds", "provision_cmds"]
+_COMMAND_MODULES = ["chain_cmds", "certs_cmds", "node_cmds", "provision_cmds", "dashboard_cmds"]
 
 
 def _load() -> None:

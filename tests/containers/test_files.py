@@ -287,3 +287,41 @@ def test_a_site_behind_the_gateway_gives_its_node_the_client_certificate(
     mounted = {f"/run/secrets/{s['source']}" for s in node["secrets"]}
     for var in ("SWARMNODE_CHAIN_CERT", "SWARMNODE_CHAIN_KEY", "SWARMNODE_CHAIN_TRUST"):
         assert node["environment"][var] in mounted
+
+
+def test_the_dashboard_profile_serves_the_sentinels_chain_on_loopback(example: Path) -> None:
+    """`--profile dashboard` adds `swarmnode dashboard` (the node image) on the sentinel's chain
+    and its sites.csv, published on this host's loopback; the sentinel's own profile leaves it
+    out."""
+    import typer.main
+
+    from swarmnode.cli import app
+
+    def services(*profiles: str) -> dict:
+        flags = [x for p in profiles for x in ("--profile", p)]
+        done = subprocess.run([compose_binary(), "--project-directory", str(example), "-f",
+                               str(HOSPITAL), *flags, "config", "--format", "json"],
+                              capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+        return json.loads(done.stdout)["services"]
+
+    assert "dashboard" not in services("sentinel")
+    svc = services("sentinel", "dashboard")
+    dash = svc["dashboard"]
+    assert dash["image"] == svc["node"]["image"]
+    env = dash["environment"]
+    assert env["SWARMNODE_RPC_URL"] == "http://chain:8545"
+    assert env["SWARMNODE_CONTRACT"] == svc["deploy"]["environment"]["SWARMNODE_CONTRACT"]
+    assert list(dash["networks"]) == ["consortium"]
+    assert [(p["host_ip"], p["target"]) for p in dash["ports"]] == [("127.0.0.1", 8780)]
+    mounts = {v["target"]: v for v in dash["volumes"]}
+    assert mounts["/consortium"]["read_only"] and mounts["/consortium"]["source"] == \
+        svc["deploy"]["volumes"][0]["source"]
+    assert "8780" in " ".join(dash["healthcheck"]["test"])
+    # the command's flags are the CLI's: parsed as `swarmnode dashboard` parses them
+    command = typer.main.get_command(app)
+    assert dash["command"][0] == "dashboard"
+    ctx = command.commands["dashboard"].make_context(  # type: ignore[attr-defined]
+        "dashboard", list(dash["command"][1:]))
+    assert ctx.params["listen"] == "0.0.0.0:8780"
+    assert str(ctx.params["names"]) == "/consortium/sites.csv"
