@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from swarmnode.errors import ConfigError, SpecMismatch
+from swarmnode.privacy.guards import check_spec as check_secure_aggregation
 from swarmnode.transport.compression import check_mode
 
 __all__ = ["TensorSpec", "TrainingSpec", "dtype_name"]
@@ -55,9 +56,18 @@ class TrainingSpec:
     # feedback); see swarmnode.transport.compression. A swarm policy, like max_weight: trainers
     # are not compared on it.
     compression: str = "none"
+    # Secure aggregation (swarmnode.privacy): the leader would learn only the sum of the
+    # updates. Its core exists; the round engine does not run it yet, so deployment and node
+    # start refuse a spec that sets it (swarmnode.privacy.guards.refuse_until_wired).
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         try:
+            if self.secure_aggregation:
+                check_secure_aggregation(
+                    merge_method=self.merge_method, merge_options=self.merge_options,
+                    min_peers=self.min_peers, topology=self.topology,
+                    compression=self.compression, max_weight=self.max_weight)
             check_topology(self.topology, self.merge_method, self.merge_options,
                            self.compression)
         except ValueError as exc:
@@ -93,7 +103,8 @@ class TrainingSpec:
             },
         } | ({"max_weight": self.max_weight} if self.max_weight is not None else {}) | (
             {"topology": self.topology} if self.topology != "leader" else {}) | (
-            {"compression": self.compression} if self.compression != "none" else {})
+            {"compression": self.compression} if self.compression != "none" else {}) | (
+            {"secure_aggregation": True} if self.secure_aggregation else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -121,6 +132,8 @@ class TrainingSpec:
                 max_weight=_max_weight(raw.get("max_weight")),
                 topology=str(raw.get("topology", "leader")),
                 compression=check_mode(raw.get("compression", "none")),
+                secure_aggregation=_flag(raw.get("secure_aggregation", False),
+                                         "secure_aggregation"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
@@ -207,3 +220,9 @@ def _max_weight(value: Any) -> int | None:
     if not 1 <= int(value) <= MAX_WEIGHT:
         raise ValueError(f"max_weight must be between 1 and 2^96-1, got {value!r}")
     return int(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value

@@ -154,6 +154,13 @@ def spec(
         "participant merges one slice of the parameters: the same merged model, 2(N-1)/N "
         "models per site a round instead of 2(N-1) at the leader; mean, coordmedian, "
         "trimmedmean).")] = "leader",
+    clip_norm: Annotated[float | None, typer.Option(
+        "--clip-norm", help="Clip each site's change per round to this "
+        "L2 norm (merge option clip_norm). Default: no clipping.")] = None,
+    secure_aggregation: Annotated[bool, typer.Option(
+        "--secure-aggregation", help="Pin secure aggregation (the leader learns only the sum; "
+        "needs --merge mean, --min-peers >= 3, --clip-norm and --max-weight). Not yet run by "
+        "the round engine: deployment refuses such a spec.")] = False,
 ) -> None:
     """Write the training spec (for `contract deploy --spec`) from a model's weights file.
 
@@ -168,6 +175,8 @@ def spec(
         from swarmnode.transport import serde
 
         merge.get(merge_method)
+        if clip_norm is not None and not 0 < clip_norm < float("inf"):
+            raise ConfigError(f"--clip-norm {clip_norm} must be a positive number")
         try:
             data = weights.read_bytes()
         except OSError as exc:
@@ -175,7 +184,8 @@ def spec(
         state = serde.decode(data, expected_digest=None, spec=None, max_bytes=len(data),
                              reject_nonfinite=False)
         ts = TrainingSpec.from_state(state, sync_frequency=sync_frequency, min_peers=min_peers,
-                                     merge_method=merge_method)
+                                     merge_method=merge_method, merge_options=None
+                                     if clip_norm is None else {"clip_norm": clip_norm})
         if max_weight is not None:
             import dataclasses
 
@@ -197,6 +207,10 @@ def spec(
             import dataclasses
 
             ts = dataclasses.replace(ts, topology=topology)  # ConfigError: what to change
+        if secure_aggregation:
+            import dataclasses
+
+            ts = dataclasses.replace(ts, secure_aggregation=True)  # ConfigError: what to change
         out.write_text(ts.to_json() + "\n")
         console.print(f"wrote {out}: {len(ts.params)} tensors, spec hash {ts.digest.hex()}")
 

@@ -49,6 +49,7 @@ from swarmnode.node.metrics import Family, Histogram, MetricsServer, counter, ga
 from swarmnode.node.peers import ChainAuthority, PeerPool
 from swarmnode.node.sharding import ShardExchange
 from swarmnode.node.store import ModelStore, StoredModel
+from swarmnode.privacy.guards import refuse_until_wired
 from swarmnode.spec import TrainingSpec
 from swarmnode.transport import compression, serde
 from swarmnode.transport.local import LocalServer
@@ -204,7 +205,9 @@ class NodeService:
             attach, (*_TRANSIENT, ContractNotFound), f"the chain at {config.rpc_url} and {named}",
         )
         self.me = self.chain.account_address
-        self.spec = TrainingSpec.from_json(self.chain.spec_json(), "the contract's training spec")
+        spec_json = self.chain.spec_json()
+        refuse_until_wired(spec_json)
+        self.spec = TrainingSpec.from_json(spec_json, "the contract's training spec")
         self.param_spec = serde.ParamSpec(
             {name: (p.shape, p.dtype) for name, p in self.spec.params.items()}
         )

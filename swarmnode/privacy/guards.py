@@ -1,0 +1,76 @@
+"""The rules a training spec with ``secure_aggregation: true`` must keep, and the refusal to run
+one while the round engine does not implement it.
+
+Each rule raises ValueError saying what to change (TrainingSpec turns it into a ConfigError).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from swarmnode.errors import ConfigError
+from swarmnode.privacy import ring
+
+__all__ = ["MIN_SITES", "check_spec", "refuse_until_wired"]
+
+# With two sites the leader (itself a participant) learns the other's update from the sum.
+MIN_SITES = 3
+
+
+def check_spec(*, merge_method: str, merge_options: Mapping[str, float], min_peers: int,
+               topology: str, compression: str, max_weight: int | None) -> None:
+    """ValueError unless secure aggregation can run with these settings."""
+    if merge_method != "mean":
+        raise ValueError(
+            f"secure aggregation gives the leader only the sum of the updates, and merge rule "
+            f"'{merge_method}' needs each update apart (a robust rule looks at individual "
+            "updates); use merge_method 'mean' (with clip_norm as the defence) or turn "
+            "secure_aggregation off")
+    if min_peers < MIN_SITES:
+        raise ValueError(
+            f"secure aggregation needs min_peers at least {MIN_SITES}, got {min_peers}: with 2 "
+            "sites the leader learns the other's update from the sum; raise min_peers")
+    if topology != "leader":
+        raise ValueError(
+            f"secure aggregation runs with topology 'leader' only, got '{topology}': the "
+            "masks, the dropout reveals and the norm check span the whole update, and a slice "
+            "owner sees one slice; use topology 'leader'")
+    if compression != "none":
+        raise ValueError(
+            f"secure aggregation cannot use compression '{compression}': masked values are "
+            "uniform ring elements that rounding would destroy (the masks would no longer "
+            "cancel), and the update is already sent as fixed point of the change; use "
+            "compression 'none'")
+    clip = merge_options.get("clip_norm")
+    if clip is None:
+        raise ValueError(
+            "secure aggregation needs merge option clip_norm (the L2 bound each site clips "
+            "its change to before encoding): the ring's width and the leader's check of the "
+            "sum depend on it; set clip_norm (e.g. `swarmnode spec --clip-norm 10`)")
+    if max_weight is None:
+        raise ValueError(
+            "secure aggregation needs max_weight (the largest weight a site checks in with): "
+            "the ring must hold every weight times clip_norm; set max_weight")
+    try:
+        ring.plan(ring.MAX_SITES, max_weight, clip)
+    except ConfigError as exc:
+        raise ValueError(
+            f"{exc} (the spec's ring holds up to {ring.MAX_SITES} sites at "
+            f"{ring.FRACTION_BITS} fractional bits in {ring.RING_BITS} bits)") from None
+
+
+def refuse_until_wired(spec_json: str) -> None:
+    """ConfigError when the spec asks for secure aggregation, which the round engine does not
+    implement yet: running it would send every update in the clear while the spec says they
+    are protected. The one place this refusal lives (training deploy and node start call it)."""
+    try:
+        raw = json.loads(spec_json)
+    except ValueError:
+        return  # not JSON: the spec's own parser says what is wrong
+    if isinstance(raw, dict) and raw.get("secure_aggregation"):
+        raise ConfigError(
+            "the training spec sets secure_aggregation, which the round engine does not "
+            "implement yet (only its core, swarmnode.privacy, exists): the leader would still "
+            "receive every update in the clear. Make the spec without it (`swarmnode spec` "
+            "without --secure-aggregation) and deploy that")
