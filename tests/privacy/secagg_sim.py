@@ -88,7 +88,7 @@ def clipped(change: np.ndarray, clip: float) -> np.ndarray:
 def uniform_z(values: np.ndarray, ring_bits: int = 64) -> float:
     """How far the bytes of k-bit ring elements are from uniform: a chi-square over 256 bins for
     each byte position, summed, as a standard normal score (Wilson-Hilferty). Uniform values
-    score about N(0, 1); a fixed seed makes each test's score a fixed number."""
+    score about N(0, 1)."""
     v = values.astype(np.uint64)
     stat, df = 0.0, 0
     for byte in range((ring_bits + 7) // 8):
