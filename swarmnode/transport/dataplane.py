@@ -77,6 +77,7 @@ from swarmnode.errors import (
 from swarmnode.identity import TlsFiles, fingerprint
 from swarmnode.transport import parts, serde
 from swarmnode.transport.listener import ListenerLimits, TlsListener
+from swarmnode.transport.shards import EncodedSlice
 
 __all__ = ["TRAFFIC", "DataClient", "DataServer", "Traffic", "bind_address", "check_push",
            "stripe_blocks"]
@@ -971,13 +972,15 @@ class DataClient:
 
     def _send_for_verdict(self, tls: ssl.SSLSocket, view: memoryview,
                           blocks: list[tuple[int, int]], sent: Callable[[int, int], None],
-                          what: str) -> None:
-        """Send ``blocks`` of a request's payload, then take the server's verdict; a server
-        that refused early (on the header) cut the connection: raise its reason. The verdict
-        comes once the server checked the whole payload (digest, header, NaN/Inf, the fold):
-        the wait for it grows with the payload's size (a 1 GB update on a loaded leader takes
-        longer than _PROGRESS_S to check)."""
+                          what: str, head: bytes = b"") -> None:
+        """Send ``head`` then ``blocks`` of a request's payload, then take the server's
+        verdict; a server that refused early (on the header) cut the connection: raise its
+        reason. The verdict comes once the server checked the whole payload (digest, header,
+        NaN/Inf, the fold): the wait for it grows with the payload's size (a 1 GB update on a
+        loaded leader takes longer than _PROGRESS_S to check)."""
         try:
+            if head:
+                tls.sendall(head)
             _send_blocks(tls, view, blocks, sent)
         except (OSError, ssl.SSLError) as exc:
             with contextlib.suppress(OSError, ssl.SSLError):
@@ -1167,20 +1170,24 @@ class DataClient:
 
     # -- slices of a sharded round (node.sharding) ---------------------------------------------
     def push_shard(self, round: int, attempt: int, index: int, weight: int,
-                   payload: serde.Buffer, digest: bytes, timeout: float) -> None:
-        """Send slice ``index`` of this node's update (canonical safetensors) to its owner."""
-        view = memoryview(payload).cast("B")
+                   piece: EncodedSlice, timeout: float) -> None:
+        """Send slice ``index`` of this node's update to its owner: its header, then its body
+        straight from the payload it views (no copy)."""
         what = f"slice {index} of round {round} to {self.who}"
+        body = piece.body.cast("B")
         with self._connect(timeout) as tls:
             _send_frame(tls, {"op": "shard_push", "address": self.own_address, "round": round,
                               "attempt": attempt, "index": index, "weight": weight,
-                              "total_bytes": len(view), "digest": digest.hex()})
-            self._send_for_verdict(tls, view, [(0, len(view))], lambda start, end: None, what)
+                              "total_bytes": piece.nbytes, "digest": piece.digest.hex()})
+            self._send_for_verdict(tls, body, [(0, len(body))], lambda start, end: None, what,
+                                   head=piece.head)
 
-    def pull_shard(self, round: int, attempt: int, index: int, timeout: float,
-                   wait_s: float) -> serde.Received:
-        """The owner's merged slice ``index`` (RoundError while it is not merged: ask again),
-        its SHA-256 checked against the reply's."""
+    def pull_shard_into(self, round: int, attempt: int, index: int, head: bytes,
+                        into: memoryview, timeout: float, wait_s: float) -> None:
+        """The owner's merged slice ``index`` (RoundError while it is not merged: ask again):
+        its header, which must be ``head`` (the layout's), and its tensors' bytes received
+        straight into ``into`` (their place in the model being assembled). Nothing is hashed
+        here: the assembled model's digest checks every byte (node.sharding.gather)."""
         what = f"merged slice {index} of round {round} from {self.who}"
         with self._connect(timeout) as tls:
             tls.settimeout(min(timeout, _PROGRESS_S) + wait_s)
@@ -1190,17 +1197,16 @@ class DataClient:
                 reply = _recv_frame(tls, what)
                 self._verdict(reply, what)
                 total = _int(reply, "total_bytes", what, 0, self.max_bytes)
+                if total != len(head) + len(into):
+                    raise PayloadRejected(f"{what}: {total} bytes announced, the slice takes "
+                                          f"{len(head) + len(into)}; the owner's model differs "
+                                          "from the swarm's training spec")
                 tls.settimeout(min(timeout, _PROGRESS_S))
-                buf = serde.buffer(total)  # pages committed as bytes arrive: a lying size
-                with memoryview(buf) as view:
-                    _recv_blocks(tls, view, [(0, total)], what, lambda _n: None)
+                if _recv_exact(tls, len(head), what) != head:
+                    raise PayloadRejected(f"{what}: its header is not the slice's of the "
+                                          "training spec; the owner's model differs")
+                _recv_blocks(tls, into, [(0, len(into))], what, lambda _n: None)
             except SwarmError:
                 raise
             except (OSError, ssl.SSLError) as exc:
                 raise TransportError(f"{what}: the connection broke: {exc}") from None
-        received = serde.Received(buf, serde.digest(buf))
-        try:
-            received.check_digest(bytes.fromhex(str(reply.get("digest", ""))))
-        except (ValueError, PayloadRejected) as exc:
-            raise PayloadRejected(f"{what}: {exc}") from None
-        return received

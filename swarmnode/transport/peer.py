@@ -73,6 +73,7 @@ from swarmnode.transport.dataplane import (
 )
 from swarmnode.transport.listener import ListenerLimits
 from swarmnode.transport.proto import peer_pb2 as pb
+from swarmnode.transport.shards import EncodedSlice
 from swarmnode.transport.tlscheck import probe
 
 __all__ = ["DEFAULT_MAX_BYTES", "PeerAuthority", "PeerClient", "PeerHandler", "PeerServer"]
@@ -610,20 +611,21 @@ class PeerClient:
         return left
 
     def push_shard(self, round: int, attempt: int, index: int, weight: int,
-                   payload: serde.Buffer, digest: bytes, timeout: float) -> None:
+                   piece: EncodedSlice, timeout: float) -> None:
         """Send slice ``index`` of this node's update to the peer that owns it (a sharded
         round). Slices travel on the data plane only: a peer without one cannot take part in
         a sharded attempt (the next attempt gathers whole updates at its leader)."""
         left = self._budget(f"slice {index} of round {round}", timeout)
-        self._shard_plane(left(), round).push_shard(round, attempt, index, weight, payload,
-                                                    digest, left())
+        self._shard_plane(left(), round).push_shard(round, attempt, index, weight, piece,
+                                                    left())
 
-    def pull_shard(self, round: int, attempt: int, index: int, timeout: float,
-                   wait_s: float) -> serde.Received:
-        """The peer's merged slice ``index`` of a sharded round (RoundError: not merged yet)."""
+    def pull_shard_into(self, round: int, attempt: int, index: int, head: bytes,
+                        into: memoryview, timeout: float, wait_s: float) -> None:
+        """The peer's merged slice ``index`` of a sharded round received into ``into`` (its
+        header must be ``head``; RoundError: not merged yet)."""
         left = self._budget(f"merged slice {index} of round {round}", timeout)
-        return self._shard_plane(left(), round).pull_shard(round, attempt, index, left(),
-                                                           min(wait_s, left()))
+        self._shard_plane(left(), round).pull_shard_into(round, attempt, index, head, into,
+                                                         left(), min(wait_s, left()))
 
     def _shard_plane(self, timeout: float, round: int) -> DataClient:
         data = self._data_plane(timeout)

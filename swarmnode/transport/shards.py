@@ -9,7 +9,12 @@ as even as that allows.
 A *slice* is what one range holds: for each tensor the range overlaps, the elements inside it,
 flattened, under the tensor's own name. Slices travel as canonical safetensors (a slice's
 :meth:`ShardLayout.slice_spec` says exactly which names, lengths and dtypes it must have, so the
-receiver checks it like any payload).
+receiver checks it like any payload). Those bytes are the slice's own header followed by the
+payload's bytes in the range, unchanged (the slice keeps the payload's canonical tensor order and
+has no holes): :meth:`ShardLayout.encode` sends them as the header and a *view* of the payload,
+and a member assembling the merged model receives each slice's tensor bytes straight into their
+place in the model (:meth:`ShardLayout.body`), so no slice is ever copied into a buffer of its
+own.
 
 Why this gives the leader topology's bytes: the coordinate-wise rules (mean, coordmedian,
 trimmedmean) compute every element from that element's values alone, in the fold order, so merging
@@ -20,6 +25,7 @@ byte for byte the one the leader topology commits.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ import torch
 from swarmnode.errors import PayloadRejected
 from swarmnode.transport import serde
 
-__all__ = ["ALIGN", "Segment", "ShardLayout"]
+__all__ = ["ALIGN", "EncodedSlice", "Segment", "ShardLayout"]
 
 ALIGN = 8  # bytes: the largest item size a canonical payload holds
 
@@ -54,6 +60,24 @@ class Segment:
         return self.count * self.dtype.itemsize
 
 
+@dataclass(frozen=True, eq=False)
+class EncodedSlice:
+    """A slice as canonical safetensors without a copy: its header, then its tensors' bytes (a
+    view of the payload it was cut from, valid while that payload is), and the SHA-256 of the
+    two together."""
+
+    head: bytes
+    body: memoryview
+    digest: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.head) + len(self.body)
+
+    def to_bytes(self) -> bytes:
+        return self.head + bytes(self.body)
+
+
 class ShardLayout:
     """The cut of one training's model among ``owners`` (any order; kept in fold order)."""
 
@@ -70,6 +94,7 @@ class ShardLayout:
         cuts = [0] + [self.total * i // n // ALIGN * ALIGN for i in range(1, n)] + [self.total]
         self.ranges = [(cuts[i], cuts[i + 1]) for i in range(n)]
         self._segments = [self._cut(lo, hi) for lo, hi in self.ranges]
+        self._heads: dict[int, bytes] = {}
 
     def _cut(self, lo: int, hi: int) -> list[Segment]:
         out = []
@@ -111,17 +136,13 @@ class ShardLayout:
     def cut(self, payload: serde.Buffer, index: int) -> dict[str, torch.Tensor]:
         """Slice ``index`` of a canonical payload of the spec: tensors viewing its bytes (not
         copies; valid while ``payload`` is)."""
-        view = memoryview(payload).cast("B")
-        if len(view) != self.head_len + self.total:
-            raise PayloadRejected(
-                f"a payload of {len(view)} bytes is not a canonical payload of the training "
-                f"spec ({self.head_len + self.total} bytes): cannot cut slice {index}")
+        body, lo = self.body(payload, index), self.ranges[index][0]
         out = {}
         with warnings.catch_warnings():  # a read-only payload: the views are only read
             warnings.simplefilter("ignore", UserWarning)
             for s in self._segments[index]:
-                out[s.name] = torch.frombuffer(view, dtype=s.dtype, count=s.count,
-                                               offset=self.head_len + s.start)
+                out[s.name] = torch.frombuffer(body, dtype=s.dtype, count=s.count,
+                                               offset=s.start - lo)
         return out
 
     def place(self, into: serde.Buffer, index: int, state: Mapping[str, torch.Tensor]) -> None:
@@ -134,9 +155,44 @@ class ShardLayout:
             src = state[s.name].detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             view[at:at + s.nbytes] = memoryview(src).cast("B")
 
-    def encode(self, payload: serde.Buffer, index: int) -> tuple[serde.Buffer, bytes]:
-        """Slice ``index`` of ``payload`` as canonical safetensors, and their SHA-256."""
-        return serde.Encoded(self.cut(payload, index)).to_buffer()
+    def header(self, index: int) -> bytes:
+        """The canonical safetensors header of slice ``index`` (length field included): the
+        same for every payload of the spec, so a received slice's header is compared, not
+        parsed."""
+        head = self._heads.get(index)
+        if head is None:
+            head = self._heads[index] = self.slice_spec(index)._canonical()[0]
+        return head
+
+    def body(self, payload: serde.Buffer, index: int) -> memoryview:
+        """The bytes of slice ``index``'s tensors inside ``payload`` (a canonical payload of
+        the spec), as a view: what follows the slice's header on the wire."""
+        view = memoryview(payload).cast("B")
+        if len(view) != self.head_len + self.total:
+            raise PayloadRejected(
+                f"a payload of {len(view)} bytes is not a canonical payload of the training "
+                f"spec ({self.head_len + self.total} bytes): cannot cut slice {index}")
+        lo, hi = self.ranges[index]
+        return view[self.head_len + lo:self.head_len + hi]
+
+    def encode(self, payload: serde.Buffer, index: int) -> EncodedSlice:
+        """Slice ``index`` of ``payload`` as canonical safetensors (its header and a view of
+        the payload, not a copy), with their SHA-256: the one pass over these bytes here."""
+        head, body = self.header(index), self.body(payload, index)
+        sha = hashlib.sha256(head)
+        sha.update(body)  # hashlib releases the GIL: the slices of a scatter hash side by side
+        return EncodedSlice(head, body, sha.digest())
+
+    def slice_body(self, data: serde.Buffer, index: int) -> memoryview:
+        """The tensors' bytes of a canonical slice ``index`` (``data``: its header and body, as
+        :meth:`encode` or a merge made it); PayloadRejected if its header is not the slice's."""
+        view = memoryview(data).cast("B")
+        head = self.header(index)
+        lo, hi = self.ranges[index]
+        if len(view) != len(head) + hi - lo or view[:len(head)] != head:
+            raise PayloadRejected(f"slice {index}: not a canonical slice of the training spec "
+                                  f"({len(view)} bytes; its header differs from the layout's)")
+        return view[len(head):]
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -58,7 +58,7 @@ def _sharded(method: str, options: dict[str, float], states: list[dict[str, torc
         c = Collector(1, 1, method, options, spec=layout.slice_spec(i))
         c.expect(OWNERS[: len(states)])
         for p, w, node in zip(payloads, weights, OWNERS, strict=False):
-            raw, _ = layout.encode(p, i)  # what travels: canonical safetensors of the slice
+            raw = layout.encode(p, i).to_bytes()  # what travels: the slice's safetensors
             c.add(Update(_decode(raw, layout.slice_spec(i)), w, node))
         merged, _, _ = c.seal()
         done = c.encoded()
@@ -92,6 +92,29 @@ def test_slices_cover_the_tensor_bytes_once_on_aligned_cuts() -> None:
         assert covered == spec.nbytes
         sizes = [hi - lo for lo, hi in layout.ranges]
         assert max(sizes) - min(sizes) <= 2 * ALIGN or n * ALIGN > spec.nbytes
+
+
+def test_a_slice_travels_as_its_header_and_a_view_of_the_payload() -> None:
+    """encode copies nothing and gives the very bytes (and SHA-256) of the slice encoded as a
+    state dict of its own; slice_body finds the tensors' bytes of a canonical slice and refuses
+    one whose header is not the layout's."""
+    spec = serde.ParamSpec.from_state(_model(0))
+    payload = bytearray(serde.encode(_model(3)))
+    for n in (1, 3, 5, 8):
+        layout = ShardLayout(spec, [f"0x{i:02x}" for i in range(n)])
+        for i in range(n):
+            if layout.empty(i):
+                continue
+            piece = layout.encode(payload, i)
+            whole, digest = serde.Encoded(layout.cut(payload, i)).to_buffer()
+            assert piece.to_bytes() == bytes(whole) and piece.digest == digest
+            assert piece.nbytes == layout.slice_payload_bytes(i)
+            assert piece.body.obj is payload  # a view, not a copy
+            assert bytes(layout.slice_body(whole, i)) == bytes(piece.body)
+            other = (i + 1) % n
+            if n > 1 and layout.header(other) != layout.header(i):
+                with pytest.raises(PayloadRejected, match="not a canonical slice"):
+                    layout.slice_body(whole, other)
 
 
 def test_owners_are_in_fold_order_whatever_order_they_come_in() -> None:
