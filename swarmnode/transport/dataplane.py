@@ -40,11 +40,21 @@ Security is the peer API's, on every connection:
   bytes pushes brought in.
 * An update counts only when every stripe arrived, its SHA-256 equals the announced digest, and it
   passes the same checks as any payload (:mod:`serde`: header, spec, NaN/Inf; never pickle).
+* Resumable pushes: when a push's link breaks mid-stream (not when it is refused), the server
+  keeps what arrived (the buffer, the in-order hash so far, the bytes of each stripe) for
+  ``resume_s`` (120 s), keyed by sender, round and digest: one update per sender (a newer push
+  from it replaces it), ``max_partials`` (4) in all, dropped once a later round's push arrives,
+  or once a push from that sender for that round is refused on its header. The client's next
+  push of the same update asks to resume; every check runs again on its header, then the server
+  says how many bytes of each stripe it holds and only the rest travels. Each byte is hashed
+  once, in order, whatever the cuts; the digest is checked at the end as for any push.
 
 Wire format (little-endian): a frame is a 4-byte length then UTF-8 JSON. Push: request frame
 ``{"op": "push", "address", "round", "weight", "total_bytes", "digest" (hex), "stripe",
 "stripes"}`` then the stripe's bytes; the reply frame ``{"ok": true}`` or ``{"ok": false,
-"error": class name, "message"}`` comes once the whole update was accepted or refused. Pull:
+"error": class name, "message"}`` comes once the whole update was accepted or refused. A push
+that resumes adds ``"resume": true`` and waits for ``{"ok": true, "from": n}`` (or a refusal)
+before it sends the stripe's bytes from byte ``n`` of the stripe on. Pull:
 ``{"op": "pull", "address", "round", "stripe", "stripes", "wait_s"}``; the reply frame
 ``{"ok": true, "total_bytes", "digest"}`` then the stripe's bytes.
 """
@@ -107,6 +117,18 @@ def stripe_blocks(total: int, index: int, count: int) -> list[tuple[int, int]]:
     in order right behind them (and holds little that is received but not yet hashed)."""
     step = count * STRIPE_BLOCK
     return [(b, min(total, b + STRIPE_BLOCK)) for b in range(index * STRIPE_BLOCK, total, step)]
+
+
+def _skip(blocks: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """``blocks`` without their first ``n`` bytes (what a resumed stripe still carries)."""
+    out = []
+    for start, end in blocks:
+        if n >= end - start:
+            n -= end - start
+            continue
+        out.append((start + n, end))
+        n = 0
+    return out
 
 
 def _send_frame(sock: ssl.SSLSocket, obj: dict[str, Any]) -> None:
@@ -393,6 +415,8 @@ class _Inbound:
     receiving: set[ssl.SSLSocket] = field(default_factory=set)  # stripes still taking bytes
     finished: threading.Event = field(default_factory=threading.Event)
     error: SwarmError | None = None
+    have: list[int] = field(default_factory=list)  # bytes of each stripe in the buffer
+    kept_at: float | None = None  # cut and kept to be resumed (DataServer._partials) since
 
 
 class DataServer:
@@ -418,8 +442,12 @@ class DataServer:
         idle_s: float = 10.0,
         spill_dir: str | None = None,
         limits: ListenerLimits | None = None,
+        resume_s: float = 120.0,
+        max_partials: int = 4,
     ) -> None:
-        """``limits``: what connections still in their TLS handshake may take
+        """``resume_s``, ``max_partials``: how long, and for how many senders at once (one
+        each), the bytes of a push cut mid-stream are kept for the sender to resume
+        (:meth:`_keep`). ``limits``: what connections still in their TLS handshake may take
         (:class:`~swarmnode.transport.listener.TlsListener`). ``spill_dir``: receive updates of
         SPILL_MIN bytes or more into files there (see
         :func:`serde.spill_buffer`) instead of anonymous memory, so an update waiting for its
@@ -448,6 +476,9 @@ class DataServer:
                                               daemon=True)
         self._per_peer: dict[str, int] = {}
         self._inbound: dict[tuple[str, int, bytes], _Inbound] = {}
+        # Pushes cut mid-stream, kept for their sender to resume: sender (lower case) -> update
+        self._partials: dict[str, _Inbound] = {}
+        self.resume_s, self.max_partials = resume_s, max(0, max_partials)
         # Updates received at once: each is a model's worth of memory until it is folded in,
         # so the others wait (before their first byte is read) instead of all arriving together;
         # the waiting one first in the leader's fold order (by address) goes in first.
@@ -471,6 +502,7 @@ class DataServer:
         self._stop.set()
         if self._listener is not None:
             self._listener.stop()
+        self._drop_partials(lambda p: True)
 
     # -- one connection ---------------------------------------------------------------------------
     def _serve(self, tls: ssl.SSLSocket, where: str, first: bytes) -> None:
@@ -552,6 +584,7 @@ class DataServer:
         in, not at the reads). Its admission slot then goes to the next update waiting."""
         while not self._stop.wait(_WATCH_S):
             now = time.monotonic()
+            self._drop_partials(lambda p, t=now: t - (p.kept_at or t) > self.resume_s)
             with self._lock:
                 watched = list(self._watched.values())
             for w in watched:
@@ -602,8 +635,18 @@ class DataServer:
         stripes = _int(hdr, "stripes", what, 1, MAX_STRIPES)
         index = _int(hdr, "stripe", what, 0, stripes - 1)
         digest = _header_digest(hdr, what)
-        check_push(self.handler, rnd, sender, weight)  # leadership, participant, duplicate
-        inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what)
+        try:
+            check_push(self.handler, rnd, sender, weight)  # leadership, participant, duplicate
+        except SwarmError:  # that round is over for this sender here: nothing to resume
+            self._drop_partials(lambda p: p.sender.lower() == sender.lower()
+                                and p.round == rnd)
+            raise
+        self._drop_partials(lambda p: p.round < rnd)  # a later round began here
+        resume = hdr.get("resume") is True
+        inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what, resume)
+        base = inbound.have[index]  # bytes of this stripe already held (a resumed push)
+        if resume:
+            _send_frame(tls, {"ok": True, "from": base})
         started = time.monotonic()  # waiting for admission does not count against the rate
         # An admitted sender was blocked sending: its bytes flow at once. One that stalls holds
         # memory and the admission others wait for, so it is cut sooner than an idle request;
@@ -616,10 +659,11 @@ class DataServer:
         try:
             def progress(got: int) -> None:
                 watched.moved = got
-                inbound.hasher.advance(index, got)
+                inbound.have[index] = base + got
+                inbound.hasher.advance(index, base + got)
 
             with memoryview(inbound.buf) as view:
-                _recv_blocks(tls, view, stripe_blocks(total, index, stripes),
+                _recv_blocks(tls, view, _skip(stripe_blocks(total, index, stripes), base),
                              f"{what}, stripe {index}", progress)
         except BaseException as exc:
             err: BaseException = exc
@@ -627,8 +671,10 @@ class DataServer:
                 err = TransportError(f"{what}: stripe {index} {watched.reason}")
             elif inbound.error is not None:
                 err = inbound.error
+            link = isinstance(exc, OSError | ssl.SSLError | TransportError)  # not a refusal
             self._fail(inbound, err if isinstance(err, SwarmError)
-                       else TransportError(f"{what}: stripe {index} broke off: {err}"))
+                       else TransportError(f"{what}: stripe {index} broke off: {err}"),
+                       keep=link)
             raise err from None
         finally:
             with self._lock:
@@ -641,7 +687,7 @@ class DataServer:
         until = time.monotonic() + self.idle_s
         while not inbound.finished.wait(0.25):
             if time.monotonic() > until and len(inbound.claimed) < inbound.stripes:
-                self._fail(inbound, TransportError(
+                self._fail(inbound, keep=True, exc=TransportError(
                     f"{what}: only {len(inbound.claimed)} of {inbound.stripes} stripes arrived"))
             elif time.monotonic() - started > self.deadline_s:
                 self._fail(inbound, TransportError(f"{what}: ran past the deadline"))
@@ -650,9 +696,13 @@ class DataServer:
         _send_frame(tls, {"ok": True})
 
     def _join(self, sender: str, rnd: int, weight: int, digest: bytes, total: int, stripes: int,
-              index: int, what: str) -> _Inbound:
-        """The update this stripe belongs to, with its buffer, once it is admitted."""
+              index: int, what: str, resume: bool = False) -> _Inbound:
+        """The update this stripe belongs to, with its buffer, once it is admitted. The first
+        stripe of a push that asks to ``resume`` takes the bytes kept of the same update (same
+        sender, round, digest, size, stripes and weight) cut earlier; any other push from that
+        sender drops them."""
         key = (sender, rnd, digest)
+        partial = None
         with self._lock:
             inbound = self._inbound.get(key)
             creator = inbound is None or inbound.finished.is_set()
@@ -661,8 +711,15 @@ class DataServer:
                 raise PeerRefused(f"{what}: {sender} is already sending another update for "
                                   f"round {rnd}; one at a time")
             if creator:
-                inbound = _Inbound(sender, rnd, weight, digest, total, stripes)
+                inbound = _Inbound(sender, rnd, weight, digest, total, stripes,
+                                   have=[0] * stripes)
                 self._inbound[key] = inbound
+                partial = self._partials.pop(sender.lower(), None)
+                if partial is not None and not (resume and (
+                        partial.round, partial.digest, partial.total, partial.stripes,
+                        partial.weight) == (rnd, digest, total, stripes, weight)):
+                    partial.hasher.cancel()  # another update: what was kept of it goes
+                    partial = None
             assert inbound is not None
             if (inbound.weight, inbound.total, inbound.stripes) != (weight, total, stripes):
                 raise PayloadRejected(f"{what}: stripe {index} disagrees with the others on "
@@ -672,18 +729,72 @@ class DataServer:
             inbound.claimed.add(index)
         if creator:
             if not self._admit.acquire((rnd, sender.lower()), timeout=self.deadline_s):
+                if partial is not None:
+                    partial.hasher.cancel()
                 self._fail(inbound, TransportError(f"{what}: not admitted in time"))
             else:
                 with self._lock:
                     inbound.admitted = True
-                inbound.buf = serde.buffer(total, self.spill_dir, populate=self.spec is not None)
-                inbound.hasher = _OrderedHash(inbound.buf, total, stripes)
+                if partial is not None and self._settled(partial):
+                    inbound.buf, inbound.hasher = partial.buf, partial.hasher
+                    inbound.have = list(partial.have)
+                    log.info("data plane: %s resumes at %d of %d bytes", what,
+                             sum(inbound.have), total)
+                else:
+                    if partial is not None:
+                        partial.hasher.cancel()
+                    inbound.buf = serde.buffer(total, self.spill_dir,
+                                               populate=self.spec is not None)
+                    inbound.hasher = _OrderedHash(inbound.buf, total, stripes)
             inbound.ready.set()
         elif not inbound.ready.wait(self.deadline_s):
             self._fail(inbound, TransportError(f"{what}: not admitted in time"))
         if inbound.error is not None:
             raise inbound.error
         return inbound
+
+    @staticmethod
+    def _settled(partial: _Inbound) -> bool:
+        """Whether every stripe of a cut push stopped filling its buffer (they end at once once
+        cut; waited for up to _STALL_S)."""
+        until = time.monotonic() + _STALL_S
+        while partial.receiving:
+            if time.monotonic() > until:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _keep(self, inbound: _Inbound) -> list[_Inbound]:
+        """Keep a push cut mid-stream (its buffer, its in-order hash so far, the bytes of each
+        stripe) for its sender to resume within ``resume_s``: one per sender (a newer one
+        replaces it), ``max_partials`` in all (the oldest goes). Called under the lock; returns
+        the partials dropped to make room."""
+        dropped = []
+        old = self._partials.pop(inbound.sender.lower(), None)
+        if old is not None:
+            dropped.append(old)
+        while self._partials and len(self._partials) >= self.max_partials:
+            oldest = min(self._partials, key=lambda k: self._partials[k].kept_at or 0.0)
+            dropped.append(self._partials.pop(oldest))
+        if self.max_partials:
+            inbound.kept_at = time.monotonic()
+            self._partials[inbound.sender.lower()] = inbound
+        return dropped
+
+    def partials(self) -> dict[str, tuple[int, bytes, int]]:
+        """The pushes kept to be resumed: sender -> (round, digest, bytes held)."""
+        with self._lock:
+            return {p.sender: (p.round, p.digest, sum(p.have)) for p in self._partials.values()}
+
+    def _drop_partials(self, which: Callable[[_Inbound], bool]) -> None:
+        """Forget the kept partial pushes ``which`` selects (their memory goes)."""
+        with self._lock:
+            gone = [k for k, v in self._partials.items() if which(v)]
+            dropped = [self._partials.pop(k) for k in gone]
+        for p in dropped:
+            p.hasher.cancel()
+            log.info("data plane: dropped the partial update for round %d from %s (%d of %d "
+                     "bytes)", p.round, p.sender, sum(p.have), p.total)
 
     def _finish(self, inbound: _Inbound) -> None:
         """The update is done (accepted or refused): let the next one in."""
@@ -693,14 +804,24 @@ class DataServer:
         if release:
             self._admit.release()
 
-    def _fail(self, inbound: _Inbound, exc: SwarmError) -> None:
-        if inbound.hasher is not None:
-            inbound.hasher.cancel()
+    def _fail(self, inbound: _Inbound, exc: SwarmError, keep: bool = False) -> None:
+        """The update failed: its other stripes are cut and its admission slot goes. ``keep``:
+        the link broke (not a refusal): what arrived is kept for the sender to resume
+        (:meth:`_keep`) when it is the first failure of an admitted update."""
+        dropped: list[_Inbound] = []
         with self._lock:
-            if inbound.error is None and not inbound.finished.is_set():
+            first = inbound.error is None and not inbound.finished.is_set()
+            if first:
                 inbound.error = exc
+            if (first and keep and inbound.admitted and inbound.hasher is not None
+                    and any(inbound.have)):
+                dropped = self._keep(inbound)
             cut = list(inbound.receiving)
-        for conn in cut:  # the other stripes stop filling a buffer that is given up
+        if inbound.hasher is not None and inbound.kept_at is None:
+            inbound.hasher.cancel()
+        for p in dropped:
+            p.hasher.cancel()
+        for conn in cut:  # the other stripes stop filling a buffer that is given up (or kept)
             _cut(conn)
         with self._lock:
             if self._inbound.get((inbound.sender, inbound.round, inbound.digest)) is inbound:
@@ -933,6 +1054,10 @@ class DataClient:
         self.expected, self.who = expected_fingerprint, who
         self.stripes, self.max_bytes = max(1, min(stripes, MAX_STRIPES)), max_bytes
         self._ctx = _context(tls, server=False)
+        # pushes whose link broke, (round, digest) -> when: the next try asks the server how far
+        # it got
+        self._cut: dict[tuple[int, bytes], float] = {}
+        self._cut_lock = threading.Lock()
 
     def _connect(self, timeout: float) -> ssl.SSLSocket:
         try:
@@ -1028,20 +1153,60 @@ class DataClient:
 
     def push(self, round: int, weight: int, payload: serde.Buffer, digest: bytes,
              timeout: float) -> None:
+        """Send an update. A push whose link broke is resumed by the next push of the same
+        update (round and digest): each stripe asks the server how many of its bytes it kept
+        (``"resume": true``; the server answers ``{"ok": true, "from": n}`` once every check
+        passed and the update is admitted) and sends only the rest."""
         view = memoryview(payload).cast("B")
         total = len(view)
         what = f"push of round {round} to {self.who}"
         count = self.stripes_for(total)
+        key = (round, digest)
+        with self._cut_lock:
+            resume = key in self._cut
 
         def stripe(i: int) -> None:
             with self._connect(timeout) as tls:
-                _send_frame(tls, {"op": "push", "address": self.own_address, "round": round,
-                                  "weight": weight, "total_bytes": total, "digest": digest.hex(),
-                                  "stripe": i, "stripes": count})
-                self._send_for_verdict(tls, view, stripe_blocks(total, i, count),
+                hdr = {"op": "push", "address": self.own_address, "round": round,
+                       "weight": weight, "total_bytes": total, "digest": digest.hex(),
+                       "stripe": i, "stripes": count}
+                blocks = stripe_blocks(total, i, count)
+                if resume:
+                    _send_frame(tls, {**hdr, "resume": True})
+                    try:
+                        reply = _recv_frame(tls, what)
+                    except (OSError, ssl.SSLError) as exc:
+                        raise TransportError(f"{what}: no answer: {exc}") from None
+                    self._verdict(reply, what)
+                    held = _int(reply, "from", what, 0, sum(e - s for s, e in blocks))
+                    blocks = _skip(blocks, held)
+                else:
+                    _send_frame(tls, hdr)
+                self._send_for_verdict(tls, view, blocks,
                                        lambda start, end: serde.evict(payload, start, end), what)
 
-        self._parallel(stripe, count)
+        try:
+            self._parallel(stripe, count)
+        except PeerUnavailable:  # not reached: nothing sent, a push cut before stays resumable
+            raise
+        except SwarmError as exc:
+            cut = (isinstance(exc, TransportError)  # the link broke mid-push, not a refusal
+                   and not isinstance(exc, PeerRefused | PayloadRejected))
+            with self._cut_lock:
+                self._cut.pop(key, None)
+                if cut:
+                    self._cut[key] = time.monotonic()
+                    while len(self._cut) > 8:
+                        del self._cut[next(iter(self._cut))]
+            raise
+        with self._cut_lock:
+            self._cut.pop(key, None)
+
+    def resumable(self, round: int, digest: bytes) -> bool:
+        """Whether a push of this update broke off less than a minute ago (the server keeps
+        what arrived for longer): its next try resumes it."""
+        with self._cut_lock:
+            return time.monotonic() - self._cut.get((round, digest), -1e9) < 60.0
 
     def stripes_for(self, total: int) -> int:
         """Stripes for ``total`` bytes: one per STRIPE_MIN bytes, at most ``stripes`` (a TLS

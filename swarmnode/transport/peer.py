@@ -581,6 +581,8 @@ class PeerClient:
             try:
                 return data.push(round, weight, payload, digest, left())
             except PeerUnavailable as exc:
+                if data.resumable(round, digest):  # the link is down mid-push: the next try
+                    raise                          # resumes it here, not whole over gRPC
                 self._no_data_plane(exc)
 
         def stream() -> Iterator[pb.Chunk | memoryview]:
