@@ -1,11 +1,12 @@
 """The sharded topology's cut (transport.shards): merging slice by slice with the leader's own
 collector gives the very bytes the whole merge gives, for every coordinate-wise rule, and the spec
-refuses what cannot shard."""
+refuses what cannot shard; slices and merged slices over the real data plane."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transport_support import Pki
 
 from swarmnode.errors import ConfigError, PayloadRejected
 from swarmnode.node.collector import Collector
@@ -178,3 +179,63 @@ def test_every_number_of_owners_and_odd_tensor_lengths_give_the_same_bytes(
             for weights in ([3.0, 8.0, 13.0], [1.0, 1.0, 1.0]):
                 assert (_sharded(method, options, states, weights, spec)
                         == _whole(method, options, states, weights, spec)), (owners, method)
+
+
+def test_a_slice_and_a_merged_slice_travel_over_the_real_data_plane(pki: Pki) -> None:
+    """push_shard sends the header and the payload's view; the owner's server checks and takes
+    the very bytes encode gives. pull_shard_into puts a merged slice's tensor bytes straight
+    into their place in the model being assembled, and refuses one whose header is not the
+    layout's before taking its body."""
+    from transport_support import MemoryAuthority
+
+    from swarmnode.transport.dataplane import DataClient
+    from swarmnode.transport.peer import PeerServer
+
+    me, owner = "0x" + "c" * 40, "0x" + "d" * 40
+    tls = {a: pki.node(f"sh-{a[2:4]}") for a in (me, owner)}
+    state = _model(5)
+    spec = serde.ParamSpec.from_state(state)
+    layout = ShardLayout(spec, [me, owner])
+    index = layout.index_of(owner)
+    assert index is not None
+    payload = serde.encode(state)
+    merged = {index: serde.Encoded(layout.cut(serde.encode(_model(6)), index)).to_bytes()}
+
+    class Owner:
+        taken: dict[str, torch.Tensor] = {}
+
+        def check_shard(self, round: int, attempt: int, i: int, sender: str,
+                        weight: int) -> serde.ParamSpec:
+            return layout.slice_spec(i)
+
+        def accept_shard(self, round: int, attempt: int, i: int, sender: str, weight: int,
+                         state: dict[str, torch.Tensor]) -> None:
+            Owner.taken = {k: v.clone() for k, v in state.items()}
+
+        def merged_shard(self, round: int, attempt: int, i: int, timeout: float,
+                         to: str | None = None) -> tuple[bytes, bytes] | None:
+            return merged[i], serde.digest(merged[i])
+
+    authority = MemoryAuthority(fingerprints={a: t.fingerprint() for a, t in tls.items()},
+                                participants={1: {me, owner}})
+    srv = PeerServer("127.0.0.1:0", tls[owner], authority, Owner(), spec, max_bytes=1 << 24)
+    srv.start()
+    try:
+        assert srv.data is not None
+        plane = DataClient("127.0.0.1", srv.data.port, tls[me], me,
+                           lambda: tls[owner].fingerprint(), "the owner")
+        piece = layout.encode(payload, index)
+        plane.push_shard(1, 1, index, 7, piece, timeout=30)
+        assert serde.encode(Owner.taken) == piece.to_bytes()
+
+        out, _ = spec.allocate()
+        into = layout.body(out, index)
+        plane.pull_shard_into(1, 1, index, layout.header(index), into, timeout=30, wait_s=1)
+        assert bytes(into) == bytes(layout.slice_body(merged[index], index))
+        with pytest.raises(PayloadRejected, match="header is not the slice's"):
+            other = bytearray(layout.header(index))
+            other[-1:] = b"x"  # same length, another header
+            plane.pull_shard_into(1, 1, index, bytes(other), into, timeout=30, wait_s=1)
+        into.release()
+    finally:
+        srv.stop(0)
