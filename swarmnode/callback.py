@@ -40,13 +40,29 @@ same model (:mod:`swarmnode.ranks`). ``num_samples`` is the site's whole trainin
 every rank (the dataset's length, not a rank's shard); it, ``node_weight``, ``sync_frequency``,
 ``min_peers`` and the end-of-training policy must agree on every rank, or every rank raises
 ConfigError at ``on_train_begin``. Validation runs on the talking rank's ``val_data`` only.
+
+Differential privacy at a site (DP-SGD with Opacus, ``pip install swarmnode[dp]``): give the
+callback the module Opacus' ``PrivacyEngine.make_private`` returned (a ``GradSampleModule``; the
+model it wraps works as well), the engine and the delta the site sets::
+
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, ...)
+    swarm = SwarmCallback(model, ..., privacy_engine=engine, target_delta=1e-5)
+
+The swarm merges the wrapped model (its names without Opacus' ``_module.`` prefix, so a DP site
+and a non-DP site of the same model merge together) and loads the merged parameters into the live
+module in place: the same tensors, Opacus' per-sample gradient hooks stay attached. Every sync
+(and the final model's metrics) reports the site's epsilon spent so far,
+``engine.get_epsilon(target_delta)`` from its accountant, with the loss and metric; a callback
+without an engine reports none (the node reads that as "not DP").
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -59,6 +75,7 @@ import torch
 from swarmnode.errors import ConfigError, NodeUnavailable, SwarmError
 from swarmnode.ranks import SiteRanks
 from swarmnode.spec import TrainingSpec
+from swarmnode.tracking import Tracker
 from swarmnode.transport import serde
 from swarmnode.transport.local import LocalClient
 
@@ -186,9 +203,12 @@ class SwarmCallback:
         local_api: str | None = None,
         timeout: float | None = None,
         reconnect_s: float = 600.0,
+        tensorboard_dir: str | os.PathLike[str] | None = None,
         logger: logging.Logger | None = None,
         process_group: Any = None,
         talking_rank: int = 0,
+        privacy_engine: Any = None,
+        target_delta: float | None = None,
         **aliases: Any,
     ) -> None:
         given: dict[str, Any] = dict(
@@ -215,7 +235,7 @@ class SwarmCallback:
                     "swarmnode's own: sync_frequency, min_peers, merge_method, node_weight, "
                     "num_samples, on_train_end_policy, val_data, total_epochs, loss_fn, "
                     "metric_fn, merge_options, local_api, timeout, reconnect_s, logger, "
-                    "process_group, talking_rank"
+                    "process_group, talking_rank, privacy_engine, target_delta"
                 )
         if given["on_train_end_policy"] is None:  # not given: HPE's default for HPE-style
             # callers, else the one the quality study found best (results/quality.md)
@@ -235,6 +255,7 @@ class SwarmCallback:
             raise ConfigError("SwarmCallback needs min_peers >= 1")
         if float(given["node_weight"]) < 0:
             raise ConfigError(f"node_weight must be >= 0, got {given['node_weight']}")
+        self.privacy_engine, self.target_delta = _check_privacy(privacy_engine, target_delta)
         self.model = unwrap(model)
         self.sync_frequency = int(given["sync_frequency"])
         self.min_peers = int(given["min_peers"])
@@ -254,6 +275,8 @@ class SwarmCallback:
         self.ranks = SiteRanks.detect(process_group, int(talking_rank))
         self._group = (process_group, int(talking_rank))
         self.client: LocalClient | None = None  # the talking rank's only
+        # TensorBoard (swarmnode.tracking): the talking rank's only, when the site asks
+        self.tracker: Tracker | None = None
         if self.is_talking_rank:
             target = local_api or os.environ.get("SWARMNODE_LOCAL_API")
             if not target:
@@ -267,6 +290,7 @@ class SwarmCallback:
                     f"or set SWARMNODE_LOCAL_API (e.g. unix:///run/swarm/node.sock){hint}"
                 )
             self.client = LocalClient(target)
+            self.tracker = Tracker.from_settings(tensorboard_dir)
         self.logger = logger or _hpe_logger()
         self.state = SwarmState()
         self.node_info: dict[str, Any] = {}
@@ -376,6 +400,8 @@ class SwarmCallback:
         self.state.training_finished = True
         self.state.final_digest = str(reply.get("digest", ""))
         self.state.last_round = int(reply.get("round", self.state.last_round))
+        if self.tracker is not None:
+            self.tracker.finished(self.state.last_round, self.state.final_digest)
         self._report_final()
 
     def _report_final(self) -> None:
@@ -385,13 +411,15 @@ class SwarmCallback:
         if loss is None and metric is None:
             return
         try:
-            self._call("final_metrics", {"loss": loss, "metric": metric}, None,
-                       self.timeout or 120.0)
+            self._call("final_metrics", {"loss": loss, "metric": metric, **self._privacy()},
+                       None, self.timeout or 120.0)
         except SwarmError as exc:
             log.warning("the final model's metrics were not recorded: %s", exc)
         else:
             self.logger.info("final model (round %d): loss %s, metric %s", self.state.last_round,
                              loss, metric)
+            if self.tracker is not None:
+                self.tracker.final_metrics(self.state.last_round, loss, metric)
 
     # -- state (JSON, never pickle) ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -497,7 +525,9 @@ class SwarmCallback:
             args["loss"] = loss
         if metric is not None:
             args["metric"] = metric
-        reply, payload = self._call("sync", args, self._payload(), self.timeout)
+        args.update(self._privacy())
+        update = self._payload()
+        reply, payload = self._call("sync", args, update, self.timeout)
         self.last_reply = reply
         if payload is not None:
             self._load(payload)
@@ -506,6 +536,32 @@ class SwarmCallback:
         self.state.last_round = int(reply.get("round", 0))
         self.state.last_digest = str(reply.get("digest", ""))
         self.state.training_finished = bool(reply.get("training_finished", False))
+        if self.tracker is not None:
+            self.tracker.merged(self.state.last_round, loss=loss, metric=metric,
+                                digest=self.state.last_digest, seconds=reply.get("seconds"),
+                                update_bytes=update.nbytes)
+
+    def epsilon(self) -> float | None:
+        """The site's epsilon spent so far at ``target_delta`` (its Opacus accountant's), None
+        without a privacy engine; ``inf`` when the engine adds no noise."""
+        if self.privacy_engine is None:
+            return None
+        accountant = getattr(self.privacy_engine, "accountant", None)
+        if accountant is not None and len(accountant) == 0:
+            return 0.0  # no private step yet: nothing spent (not every accountant says so)
+        return float(self.privacy_engine.get_epsilon(self.target_delta))
+
+    def _privacy(self) -> dict[str, float]:
+        """What a sync and the final metrics carry of the site's privacy: ``epsilon`` and
+        ``delta``, or nothing when the site does not train with differential privacy."""
+        epsilon = self.epsilon()
+        if epsilon is None:
+            return {}
+        assert self.target_delta is not None
+        if math.isinf(epsilon):
+            log.warning("epsilon is infinite at delta %g: the privacy engine adds no noise "
+                        "(noise_multiplier 0?)", self.target_delta)
+        return {"epsilon": epsilon, "delta": self.target_delta}
 
     def _validate(self) -> tuple[float | None, float | None]:
         """Loss and metric of the local model on the validation data (reported on chain)."""
@@ -533,11 +589,46 @@ class SwarmCallback:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose state the swarm merges: ``model.module`` of a DistributedDataParallel or
-    DataParallel wrapper (so the names have no ``module.`` prefix), else the model itself."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+    DataParallel wrapper (so the names have no ``module.`` prefix), the module an Opacus
+    ``GradSampleModule`` wraps (no ``_module.`` prefix; the same parameter tensors, so loading
+    into it loads into the wrapper, whose hooks stay on its submodules), else the model itself."""
+    wrappers: tuple[type, ...] = (torch.nn.parallel.DistributedDataParallel,
+                                  torch.nn.DataParallel)
+    opacus_gsm = _opacus_grad_sample_module()
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif opacus_gsm is not None and isinstance(model, opacus_gsm):
+            model = model._module
+        else:
+            return model
+
+
+def _opacus_grad_sample_module() -> type | None:
+    """Opacus' wrapper class when the script imported Opacus (never imported here: the training
+    side does not need it)."""
+    module = sys.modules.get("opacus.grad_sample.gsm_base")
+    return getattr(module, "AbstractGradSampleModule", None) if module is not None else None
+
+
+def _check_privacy(engine: Any, delta: Any) -> tuple[Any, float | None]:
+    """The privacy engine and delta a DP site passed, checked: both or neither."""
+    if engine is None and delta is None:
+        return None, None
+    if engine is None:
+        raise ConfigError("SwarmCallback got target_delta without privacy_engine: pass the Opacus "
+                          "PrivacyEngine whose epsilon the site reports, or drop target_delta")
+    if not callable(getattr(engine, "get_epsilon", None)):
+        raise ConfigError(f"SwarmCallback: privacy_engine is a {type(engine).__name__}, which has "
+                          "no get_epsilon(delta); pass Opacus' PrivacyEngine")
+    if delta is None:
+        raise ConfigError("SwarmCallback got privacy_engine without target_delta: pass the delta "
+                          "the site's epsilon is reported at (e.g. target_delta=1e-5, below "
+                          "1 / the site's number of samples)")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ConfigError(f"SwarmCallback: target_delta must be a number in (0, 1), got "
+                          f"{delta!r} (e.g. 1e-5)")
+    return engine, float(delta)
 
 
 class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]

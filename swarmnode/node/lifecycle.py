@@ -13,8 +13,9 @@ is done.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from swarmnode.errors import ConfigError
 
@@ -22,6 +23,7 @@ __all__ = [
     "END_POLICIES",
     "EndStep",
     "Metrics",
+    "Privacy",
     "adopts_merged",
     "capped_weight",
     "check_policy",
@@ -120,6 +122,33 @@ def eligible_metrics(round: int, committed: bool, contributed: bool, loss: float
     if (loss is None and metric is None) or not committed or not contributed:
         return None
     return Metrics(round, loss or 0.0, metric or 0.0)
+
+
+class Privacy(NamedTuple):
+    """A DP site's privacy spent so far, as its trainer reports it with its metrics: epsilon at
+    the trainer's delta (Opacus' accountant). A trainer that sends none is not DP."""
+
+    epsilon: float
+    delta: float
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any], method: str) -> Privacy | None:
+        """``epsilon`` and ``delta`` of a local API call: both absent (an older callback, or no
+        DP) is None; anything else must be a number >= 0 (``inf``: no noise) and one in (0, 1)."""
+        epsilon, delta = args.get("epsilon"), args.get("delta")
+        if epsilon is None and delta is None:
+            return None
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not number(epsilon) or math.isnan(epsilon) or epsilon < 0:
+            raise ConfigError(f"{method}: epsilon must be a number >= 0 (the trainer's privacy "
+                              f"spent), got {epsilon!r}")
+        if not number(delta) or not 0 < delta < 1:
+            raise ConfigError(f"{method}: delta must be a number in (0, 1) beside epsilon, got "
+                              f"{delta!r}")
+        return cls(float(epsilon), float(delta))
 
 
 def pending_after(pending: Metrics | None, new: Metrics | None) -> Metrics | None:

@@ -43,7 +43,7 @@ from swarmnode.identity import TlsFiles, describe
 from swarmnode.node import lifecycle, rules
 from swarmnode.node.collector import Collectors
 from swarmnode.node.driver import RoundDriver, RoundOutcome
-from swarmnode.node.lifecycle import END_POLICIES
+from swarmnode.node.lifecycle import END_POLICIES, Privacy
 from swarmnode.node.machine import Timing
 from swarmnode.node.metrics import Family, Histogram, MetricsServer, counter, gauge
 from swarmnode.node.peers import ChainAuthority, PeerPool
@@ -152,6 +152,7 @@ class _Progress:
     last_commit: float = 0.0  # unix time this node last held a committed round's model
     loss: float | None = None  # the site's last reported loss and metric
     metric: float | None = None
+    privacy: Privacy | None = None  # the site's last reported (epsilon, delta); None: not DP
 
 
 class NodeService:
@@ -524,6 +525,11 @@ class NodeService:
         if p.metric is not None:
             out.append(gauge("swarmnode_site_metric", "The metric this site's trainer "
                              "reported with its last sync", p.metric))
+        if p.privacy is not None:  # absent: the site does not train with differential privacy
+            out.append(gauge("swarmnode_site_epsilon", "The privacy this site's trainer spent "
+                             "so far (DP-SGD epsilon at the delta labelled), reported with its "
+                             "last sync or final metrics", p.privacy.epsilon,
+                             delta=f"{p.privacy.delta:g}"))
         return out
 
     def health(self) -> dict[str, Any]:
@@ -574,6 +580,16 @@ class NodeService:
         saying so in the log), never passed to the trainer as a failure."""
         return self._chain_wait(fn, _TRANSIENT, "the chain to answer again")
 
+    def note_privacy(self, round: int, loss: float | None, metric: float | None,
+                     privacy: Privacy | None) -> None:
+        """A DP site's epsilon, reported with its loss and metric: kept for the metrics port
+        and logged with them (not on chain: the metric record has no field for it)."""
+        if privacy is None:
+            return
+        self.progress.privacy = privacy
+        log.info("round %d: the trainer reports loss %s, metric %s, epsilon %.4g at delta %g",
+                 round, loss, metric, privacy.epsilon, privacy.delta)
+
     def report_final_metrics(self, loss: float | None, metric: float | None) -> bool:
         """The trainer's evaluation of the final model, recorded on chain for the final round
         (no check-in follows it to carry them: `swarmnode report` shows that round). False when
@@ -607,7 +623,8 @@ class NodeService:
         return self.driver.latest_committed_before(self._read(self.chain.current_round))
 
     def sync(
-        self, payload: serde.Buffer, weight: int, loss: float | None, metric: float | None
+        self, payload: serde.Buffer, weight: int, loss: float | None, metric: float | None,
+        privacy: Privacy | None = None,
     ) -> RoundOutcome:
         state = self._decode_own(payload)
         # the digest a push announces, hashed while the round checks in (off its critical path)
@@ -629,6 +646,7 @@ class NodeService:
                 outcome = self.driver.run_round(self._read(self.chain.current_round), state,
                                                 payload, weight)
             self._after_round(outcome, loss, metric)
+            self.note_privacy(outcome.round, loss, metric, privacy)
             self.driver.forget_own()
             return outcome
 
@@ -800,7 +818,8 @@ class _LocalApi:
                 weight = lifecycle.capped_weight(weight, cap)
             t0 = time.monotonic()
             if method == "sync":
-                outcome = self.node.sync(payload, weight, args.get("loss"), args.get("metric"))
+                outcome = self.node.sync(payload, weight, args.get("loss"), args.get("metric"),
+                                         Privacy.from_args(args, method))
             else:
                 outcome = self.node.finish(payload, weight, str(args.get("policy", "inactive")))
             reply = {
@@ -819,8 +838,10 @@ class _LocalApi:
             return reply, outcome.data if outcome.data is not None else payload
         if method == "final_metrics":
             loss, metric = args.get("loss"), args.get("metric")
+            privacy = Privacy.from_args(args, method)
             recorded = self.node.report_final_metrics(
                 None if loss is None else float(loss), None if metric is None else float(metric))
+            self.node.note_privacy(self.node.round, loss, metric, privacy)
             return {"recorded": recorded}, None
         raise NodeError(f"unknown local API method {method!r} (hello, sync, finish, "
                         "final_metrics, status)")
