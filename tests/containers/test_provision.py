@@ -3,9 +3,11 @@ makes the CA and the kits, each site makes its keys in its own folder and sends 
 installs its kit and runs `docker-compose up -d` in its folder (no flags: the kit's .env names the
 compose files and profile). The sites train to the chain's final model, each signing with the
 chain account it made itself (funded and authorised by the sentinel's deploy service). Then the
-consortium's next training on the same registry (`swarmnode consortium training`, the kits sent
-again, `docker-compose up -d`): trained to its own final model with no authorisation between the
-two. (Two trainings at once, and a revocation stopping a site in both: with real node processes,
+consortium's next two trainings on the same registry, back to back with the first and at the same
+time as each other (`swarmnode consortium training`, the kits sent again; B in each site's own
+project, C beside it as a project of its own: `swarmnode site training`), with no authorisation
+between them; a revocation in the registry stops hospital-3 in both while the other two finish
+both. (The same with real node processes, and a third training after them:
 tests/node/test_trainings_on_one_registry.py.)"""
 
 from __future__ import annotations
@@ -57,61 +59,119 @@ def _read(stream) -> bytes:  # type: ignore[no-untyped-def]
         return tar.extractfile(member).read()  # type: ignore[union-attr]
 
 
-def _the_next_training(tmp_path: Path, conf: Path, folders: dict[str, Path], client: Any,
-                       rpc_url: str, first: SwarmContract, script: str) -> None:
-    """The consortium's next training on its registry, as its people do it: the admin deploys
-    it (`swarmnode consortium training`: no authorisation) and sends the kits again; each site
-    installs its kit, puts the training's script in app/ and runs `docker-compose up -d`. The
-    three train it to its final model with no new authorisation; each node's latest model is
-    this training's, not the first's."""
+def _two_trainings_at_once(tmp_path: Path, conf: Path, folders: dict[str, Path], client: Any,
+                           rpc_url: str, first: SwarmContract, script: str) -> None:
+    """The consortium's next two trainings on its registry, at the same sites at the same time,
+    as its people do it. The admin deploys B (`swarmnode consortium training`: no authorisation)
+    and sends the kits; each site installs its kit (B follows A in the site's own project). The
+    admin deploys C and sends the kits again; each site runs C beside B as its own compose project
+    (`swarmnode site training KIT --project c`: the same certificate and account). While both
+    run, the admin revokes hospital-3 in the registry: it is set aside in both at once, and
+    hospital-1 and -2 finish both, each training to its own final model."""
     registry = first.registry
     authorised = len(registry.events(names={"Authorized"}))
-    # the next training: the same model, merged every 2 batches, 1 epoch (a short one)
-    spec = TrainingSpec.from_state(make_model(30, seed=0).state_dict(), sync_frequency=2,
-                                   min_peers=3, merge_method="mean")
-    (tmp_path / "next-spec.json").write_text(spec.to_json())
-    out = cli("consortium", "training", conf, "--spec", tmp_path / "next-spec.json",
-              "--rpc-url", rpc_url, "--grace", "2", "--deadline", "10")
-    assert "no site authorised again" in out
-    nxt = SwarmContract(connect(rpc_url), registry.trainings()[-1])
-    assert nxt.address != first.address and nxt.registry.address == registry.address
+    admin = conf.parent / "admin"
+    trainings: dict[str, SwarmContract] = {}
+    # B merges every 2 batches for 10 epochs (it runs while C starts), C every 3 for 6: two
+    # trainings, two final models
+    for tag, sync, epochs in (("b", 2, 10), ("c", 3, 6)):
+        spec = TrainingSpec.from_state(make_model(30, seed=0).state_dict(), sync_frequency=sync,
+                                       min_peers=2, merge_method="mean")
+        (tmp_path / f"{tag}-spec.json").write_text(spec.to_json())
+        out = cli("consortium", "training", conf, "--spec", tmp_path / f"{tag}-spec.json",
+                  "--rpc-url", rpc_url, "--grace", "2", "--deadline", "10")
+        assert "no site authorised again" in out
+        trainings[tag] = SwarmContract(connect(rpc_url), registry.trainings()[-1])
+        for name in SITES:
+            kit = admin / "kits" / name
+            if tag == "b":  # B in the site's own project (after A)
+                cli("site", "install", kit, "--dir", folders[name])
+                app = folders[name] / "app"
+            else:  # C beside it, its own project
+                cli("site", "training", kit, "--dir", folders[name], "--project", "c")
+                app = folders[name] / "c" / "app"
+            (app / "train.py").write_text(
+                script.replace("SYNC_FREQUENCY = 4 ", f"SYNC_FREQUENCY = {sync} ")
+                .replace("EPOCHS = 20\n", f"EPOCHS = {epochs}\n"))
+    b, c = trainings["b"], trainings["c"]
+    assert len({first.address, b.address, c.address}) == 3
+    assert b.registry.address == c.registry.address == registry.address
     started = {n: _container(client, n, "ml").attrs["State"]["StartedAt"] for n in SITES}
-    for name in SITES:
-        cli("site", "install", conf.parent / "admin" / "kits" / name, "--dir", folders[name])
-        (folders[name] / "app" / "train.py").write_text(
-            script.replace("MIN_PEERS = 2\n", "MIN_PEERS = 3\n")
-            .replace("SYNC_FREQUENCY = 4 ", "SYNC_FREQUENCY = 2 ").replace("EPOCHS = 20\n",
-                                                                          "EPOCHS = 1\n"))
-    # each site on its own (the chain runs on; each node container is recreated for its new
-    # CONTRACT, each trainer started again): at once, as separate hospitals would
-    with ThreadPoolExecutor(len(SITES)) as pool:
-        ups = dict(zip(SITES, pool.map(lambda n: _compose(folders[n], "up", "-d"), SITES),
-                       strict=True))
-    for name, done in ups.items():
-        assert done.returncode == 0, (name, done.stderr[-2000:])
+    address = {n: json.loads((folders[n] / f"{n}.request.json").read_text())["address"]
+               for n in SITES}
+    revoked = address["hospital-3"]
 
-    def restarted(name: str):  # type: ignore[no-untyped-def]
-        ml = _container(client, name, "ml")
-        return ml if ml.attrs["State"]["StartedAt"] != started[name] else None
+    def merged_in(t: SwarmContract) -> set[str]:
+        return set().union(*(ev.args["members"] for ev in t.events(names={"MergeCommitted"})))
 
-    for name in SITES:
-        wait_until(lambda name=name: restarted(name), 300, f"{name}'s trainer started again",
-                   poll=1.0)
-    codes = {n: restarted(n).wait(timeout=600)["StatusCode"] for n in SITES}
-    logs = {n: _container(client, n, "ml").logs(tail=20).decode(errors="replace")
-            for n in SITES}
-    assert all(c == 0 for c in codes.values()), (codes, logs)
-    final = bytes(nxt.events(names={"TrainingFinished"})[-1].args["digest"])
-    assert final != bytes(first.events(names={"TrainingFinished"})[-1].args["digest"])
-    for name in SITES:
-        ml, node = _container(client, name, "ml"), _container(client, name, "node")
-        assert serde.digest(_read(ml.get_archive("/workspace/out/final.safetensors")[0])) == final
-        assert serde.digest(_read(node.get_archive(
-            "/var/lib/swarmnode/latest.safetensors")[0])) == final, name
-    members = set().union(*(ev.args["members"] for ev in nxt.events(names={"MergeCommitted"})))
-    assert len(members) == 3
-    # no authorisation between the two trainings (the deploy service's re-run sent none)
+    def up(projects: list[tuple[str, Path]], t: SwarmContract, running: list[SwarmContract]):
+        """``docker-compose up -d`` in each site's folder at once, as separate hospitals would;
+        then wait until ``t`` merged hospital-3, with every training in ``running`` unfinished
+        (the trainings overlap)."""
+        with ThreadPoolExecutor(len(projects)) as pool:
+            ups = dict(zip([p for p, _ in projects],
+                           pool.map(lambda pf: _compose(pf[1], "up", "-d"), projects),
+                           strict=True))
+        for project, done in ups.items():
+            assert done.returncode == 0, (project, done.stderr[-2000:])
+
+        def merged_hospital_3() -> bool:
+            finished = [x.address for x in running if x.training_finished()]
+            assert not finished, f"{finished} finished before the revocation: not overlapping"
+            return revoked in merged_in(t)
+
+        wait_until(merged_hospital_3, 600, f"hospital-3 merged in {t.address}", poll=2.0,
+                   describe=lambda: "\n".join(
+                       f"{p}: {_container(client, p, 'node').logs(tail=3).decode(errors='replace')}"
+                       for p, _ in projects))
+
+    # B in each site's own project (its node container recreated for the new CONTRACT, its
+    # trainer started again), then C beside it, each site's project of its own
+    up([(n, folders[n]) for n in SITES], b, [b])
+    up([(f"{n}-c", folders[n] / "c") for n in SITES], c, [b, c])
+    # no authorisation between the trainings: the registry's three, once
     assert len(registry.events(names={"Authorized"})) == authorised == 3
+
+    # the admin revokes hospital-3 in the registry: set aside in both running trainings at once
+    cli("revoke", revoked, "--contract", registry.address, "--rpc-url", rpc_url, "--keystore",
+        admin / "chain" / "admin.keystore.json", "--password-file",
+        admin / "chain" / "admin.keystore.password")
+    at = {}
+    for t in (b, c):
+        assert t.node(revoked).state == "revoked", t.address
+        (event,) = t.events(names={"NodeRevoked"})
+        assert event.args["node"] == revoked
+        at[t.address] = event.block
+    # hospital-1 and -2 finish both, each to that training's final model
+    for name in SITES[:2]:
+        wait_until(lambda name=name: _container(client, name, "ml").attrs["State"]["StartedAt"]
+                   != started[name], 300, f"{name}'s trainer started again for B", poll=1.0)
+    ours = [(n, b) for n in SITES[:2]] + [(f"{n}-c", c) for n in SITES[:2]]
+    codes = {p: _container(client, p, "ml").wait(timeout=600)["StatusCode"] for p, _ in ours}
+    logs = {p: _container(client, p, "ml").logs(tail=20).decode(errors="replace")
+            for p, _ in ours}
+    assert all(code == 0 for code in codes.values()), (codes, logs)
+    finals = {}
+    for project, t in ours:
+        final = finals.setdefault(t.address, bytes(t.events(names={"TrainingFinished"})[-1]
+                                                   .args["digest"]))
+        ml, node = _container(client, project, "ml"), _container(client, project, "node")
+        assert serde.digest(_read(ml.get_archive("/workspace/out/final.safetensors")[0])) == \
+            final, project
+        assert serde.digest(_read(node.get_archive(
+            "/var/lib/swarmnode/latest.safetensors")[0])) == final, project
+    for t in (b, c):
+        late = [e for e in t.events(names={"MergeCommitted"})
+                if e.block > at[t.address] and revoked in e.args["members"]]
+        assert late == [], f"{t.address} merged hospital-3 after its revocation"
+        assert merged_in(t) >= {address["hospital-1"], address["hospital-2"]}
+    assert len(set(finals.values())) == 2  # B and C: two final models
+    assert bytes(first.events(names={"TrainingFinished"})[-1].args["digest"]) not in \
+        finals.values()
+    # each site's two node containers took turns with its one account through one lock folder
+    for name in SITES:
+        assert list((folders[name] / "chain" / "tx-lock").glob("*.lock")), name
+    assert len(registry.events(names={"Authorized"})) == authorised
 
 
 def test_three_sites_from_one_consortium_file_train_to_the_final_model(
@@ -180,9 +240,12 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
         enrolled = {contract.node(requests[n]["address"]).endpoint for n in SITES}
         assert enrolled == {f"{n}:7441" for n in SITES}
         assert members == {requests[n]["address"] for n in SITES}
-        _the_next_training(tmp_path, conf, folders, client, f"http://127.0.0.1:{port}",
-                           contract, script.read_text())
+        _two_trainings_at_once(tmp_path, conf, folders, client, f"http://127.0.0.1:{port}",
+                               contract, script.read_text())
     finally:
+        for name in reversed(order):  # the trainings beside the sites' own projects first
+            if (folders[name] / "c" / ".env").exists():
+                _compose(folders[name] / "c", "down", "-v", "--remove-orphans", "-t", "5")
         for name in reversed(order):
             _compose(folders[name], "down", "-v", "--remove-orphans", "-t", "5")
         client.close()
