@@ -78,6 +78,19 @@ class PeerPool:
         self.chain, self.me, self.tls, self.authority = chain, me, tls, authority
         self._lock = threading.Lock()
         self._clients: dict[str, tuple[str, PeerClient]] = {}
+        self._dropped: set[str] = set()  # dropped after a failure, not reached since
+
+    def reachability(self) -> tuple[int, int]:
+        """(peers reachable, peers not) as this node's last attempt to reach each found it; a
+        peer not tried yet counts in neither."""
+        with self._lock:
+            states = {a: c.reachable for a, (_, c) in self._clients.items()}
+            dropped = set(self._dropped)
+        for address in dropped:
+            if states.get(address) is None:
+                states[address] = False
+        return (sum(1 for v in states.values() if v is True),
+                sum(1 for v in states.values() if v is False))
 
     def client(self, address: str) -> PeerClient:
         info = self.authority.node(address)
@@ -91,12 +104,16 @@ class PeerPool:
                 cached[1].close()
             client = PeerClient(info.endpoint, self.tls, self.me, address, self.authority)
             self._clients[address] = (info.endpoint, client)
+            if cached is None and address in self._dropped:
+                client.reachable = False  # until it is reached again
+            self._dropped.discard(address)
             return client
 
     def drop(self, address: str) -> None:
         self.authority.forget(address)
         with self._lock:
             cached = self._clients.pop(address, None)
+            self._dropped.add(address)
         if cached:
             cached[1].close()
 

@@ -490,6 +490,7 @@ class NodeService:
         p = self.progress
         stage = self.stage
         requests, seconds, errors = self.chain.rpc_stats
+        reachable, unreachable = self.pool.reachability()
         out = [
             gauge("swarmnode_round", "The round this node takes part in (0: none yet)", p.round),
             counter("swarmnode_rounds_total", "Rounds this node has completed", p.rounds_done),
@@ -509,6 +510,9 @@ class NodeService:
                     "unreachable, a timeout, an error answer)", errors),
             gauge("swarmnode_pending_transactions", "Transactions this node sent that are not "
                   "yet mined and confirmed", self.chain.pending_transactions),
+            gauge("swarmnode_peers", "Peers by how this node's last attempt to reach each went "
+                  "(not yet tried: in neither)", reachable, state="reachable"),
+            gauge("swarmnode_peers", "", unreachable, state="unreachable"),
         ]
         names = ["starting", "ready", "idle", "checkin", "election", "push", "collect",
                  "commit", "pull", "done"]

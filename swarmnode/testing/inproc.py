@@ -338,6 +338,10 @@ class MemoryPeerPool:
     def drop(self, address: str) -> None:
         self.authority.forget(address)
 
+    def reachability(self) -> tuple[int, int]:
+        """In process there is no connection to fail: no peer counts as reached or not."""
+        return (0, 0)
+
     def close(self) -> None:
         pass
 

@@ -496,6 +496,9 @@ class PeerClient:
         self.stripes = stripes if stripes is not None else max(1, min(4, os.cpu_count() or 1))
         self._data: DataClient | None = None
         self._data_checked = 0.0
+        # how the last attempt to reach the peer went (None: not tried yet): the node's metrics
+        # count its peers reachable from it
+        self.reachable: bool | None = None
 
     def _data_plane(self, timeout: float) -> DataClient | None:
         """The peer's data plane, learnt from its Health (asked again every minute while it
@@ -538,8 +541,13 @@ class PeerClient:
             pin = self._pin
         if pin is not None and pin[0] == expected and time.monotonic() - pin[1] < self.pin_ttl:
             return
-        got = probe(self.endpoint, self.tls.cert, self.tls.key, self.tls.trust,
-                    timeout=min(timeout, 10.0), who=self.who)
+        try:
+            got = probe(self.endpoint, self.tls.cert, self.tls.key, self.tls.trust,
+                        timeout=min(timeout, 10.0), who=self.who)
+        except SwarmError:
+            self.reachable = False
+            raise
+        self.reachable = True
         if got.fingerprint != expected:
             raise PeerRefused(
                 f"the server at {self.endpoint} presented certificate {got.subject} (sha256 "
@@ -557,6 +565,8 @@ class PeerClient:
         except grpc.RpcError as err:
             with self._lock:
                 self._pin = None
+            if err.code() is grpc.StatusCode.UNAVAILABLE:
+                self.reachable = False
             if err.code() is grpc.StatusCode.UNAVAILABLE and swarm_error_name(err) is None:
                 self._check_peer(min(timeout, 5.0))  # the precise reason: TLS or identity
             raise error_from_rpc(err, f"{self.who}: {what}") from None

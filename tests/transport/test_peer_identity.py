@@ -65,7 +65,9 @@ def still_serving(swarm: Swarm) -> Iterator[None]:
 
 def test_good_client(swarm: Swarm) -> None:
     with swarm.client(ALICE) as client:
+        assert client.reachable is None  # not tried yet
         health = client.health(timeout=5)
+        assert client.reachable is True  # what the node's swarmnode_peers metric counts
         assert health.pop("data_port") == swarm.server.data.port  # where model bytes go
         assert health == {"round": 1, "stage": "collecting"}
         assert client.pull_merged(1, timeout=5) == swarm.handler.merged_models[1]
@@ -168,6 +170,7 @@ def test_unreachable_peer(swarm: Swarm, unused_port: int) -> None:
                     swarm.authority) as client:
         with pytest.raises(PeerUnavailable, match=r"cannot reach peer 0xLEADER at 127\.0\.0\.1"):
             client.health(timeout=2)
+        assert client.reachable is False
 
 
 def test_pull_of_a_round_this_node_does_not_hold(swarm: Swarm) -> None:
