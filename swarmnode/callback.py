@@ -53,7 +53,9 @@ and a non-DP site of the same model merge together) and loads the merged paramet
 module in place: the same tensors, Opacus' per-sample gradient hooks stay attached. Every sync
 (and the final model's metrics) reports the site's epsilon spent so far,
 ``engine.get_epsilon(target_delta)`` from its accountant, with the loss and metric; a callback
-without an engine reports none (the node reads that as "not DP").
+without an engine reports none (the node reads that as "not DP"). The accountant is asked at
+every sync: ``PrivacyEngine(accountant="rdp")`` answers in ~0.05 s on a loaded 2-core machine,
+Opacus' default ``prv`` in ~0.4 s.
 """
 
 from __future__ import annotations
