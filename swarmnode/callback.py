@@ -41,6 +41,10 @@ every rank (the dataset's length, not a rank's shard); it, ``node_weight``, ``sy
 ``min_peers`` and the end-of-training policy must agree on every rank, or every rank raises
 ConfigError at ``on_train_begin``. Validation runs on the talking rank's ``val_data`` only.
 
+Experiment tracking (``pip install 'swarmnode[tracking]'``): ``tensorboard_dir=`` or the
+``SWARMNODE_TENSORBOARD_DIR`` environment variable logs each merge's loss, metric and digest to
+TensorBoard at step = the swarm round, on the talking rank (:mod:`swarmnode.tracking`).
+
 Differential privacy at a site (DP-SGD with Opacus, ``pip install swarmnode[dp]``): give the
 callback the module Opacus' ``PrivacyEngine.make_private`` returned (a ``GradSampleModule``; the
 model it wraps works as well), the engine and the delta the site sets::
@@ -237,7 +241,8 @@ class SwarmCallback:
                     "swarmnode's own: sync_frequency, min_peers, merge_method, node_weight, "
                     "num_samples, on_train_end_policy, val_data, total_epochs, loss_fn, "
                     "metric_fn, merge_options, local_api, timeout, reconnect_s, logger, "
-                    "process_group, talking_rank, privacy_engine, target_delta"
+                    "process_group, talking_rank, privacy_engine, target_delta, "
+                    "tensorboard_dir"
                 )
         if given["on_train_end_policy"] is None:  # not given: HPE's default for HPE-style
             # callers, else the one the quality study found best (results/quality.md)
