@@ -444,9 +444,17 @@ class NodeService:
     def merged_shard(self, round: int, attempt: int, index: int, timeout: float,
                      to: str | None = None) -> tuple[serde.Buffer, bytes] | None:
         """This node's merged slice ``index`` of (round, attempt), waited for up to
-        ``timeout`` (at most 10 s); None while it is not merged."""
-        info = self._sharded_info(round, attempt)
+        ``timeout`` (at most 10 s); None while it is not merged. A slice merged here is still
+        served once the round moved on (committed): a member slower than the leader assembles
+        the model from the slices instead of pulling it whole."""
         shards = self.driver.shards
+        try:
+            info = self._sharded_info(round, attempt)
+        except RoundError:
+            held = shards.held(round, attempt, index) if shards is not None else None
+            if held is None:
+                raise
+            return held
         assert shards is not None
         mine = shards.mine(round, info.participants)
         if index != mine:

@@ -138,6 +138,16 @@ class ShardExchange:
                                 timeout=max(0.0, wait_s))
             return self._merged.get(key)
 
+    def held(self, round: int, attempt: int, index: int) -> tuple[serde.Buffer, bytes] | None:
+        """Slice ``index`` of (round, attempt) if this node merged it (and still holds it),
+        whatever the round became since; None otherwise. Does not wait."""
+        with self._cond:
+            layout = self._layouts.get(round)
+            if layout is None or layout.index_of(self.me) != index:
+                return None
+            return self._merged.get((round, attempt))
+
+
 # -- the transfers ---------------------------------------------------------------------------------
 def _parallel(jobs: Mapping[int, Callable[[], Any]]) -> dict[int, Any]:
     """Run each job on a thread of its own; index -> its result or the SwarmError it raised."""

@@ -92,3 +92,24 @@ def test_a_site_lost_mid_exchange_costs_one_deadline_then_the_round_merges_whole
         final = swarm.final_digest()
         for site in sites[:3]:
             assert site.final_digest == final
+
+
+def test_a_merged_slice_is_still_served_once_the_round_moved_on() -> None:
+    """ShardExchange.held: the slice this node merged, for its own index only, without waiting
+    (NodeService.merged_shard serves it after the commit, so a member slower than the leader
+    still assembles from the slices)."""
+    from swarmnode.node.sharding import ShardExchange
+    from swarmnode.transport import serde
+    from swarmnode.types import Update
+
+    spec = serde.ParamSpec.from_state(INITIAL)
+    owners = ["0x" + c * 40 for c in "ab"]
+    ex = ShardExchange(spec, "mean", {}, me=owners[1])
+    mine = ex.mine(4, owners)
+    assert ex.held(4, 1, mine) is None  # nothing merged yet
+    c = ex.collector(4, 1, owners, owners[1:])
+    payload = serde.encode({n: t + 1 for n, t in INITIAL.items()})
+    c.add(Update(ex.layout(4, owners).cut(payload, mine), 3.0, owners[1]))
+    done = ex.reduce(4, 1, owners, owners[1:])
+    assert ex.held(4, 1, mine) is done
+    assert ex.held(4, 1, 1 - mine) is None and ex.held(4, 2, mine) is None
