@@ -129,8 +129,9 @@ def test_two_sites_log_each_round_as_the_chain_records_it(
         assert abs(logged - row.loss) <= 2e-6, (row, loss)
     # each merge's digest, the final round and the final digest (the chain's)
     digests = dict(_text(acc, "swarm/digest"))
-    assert digests[steps[-1]] == site0.state.last_digest or site0.state.last_digest == ""
-    assert all(len(d) == 64 for d in digests.values())
+    assert len(digests) >= 2 and all(len(d) == 64 for d in digests.values())
+    if site0.state.last_digest:  # empty when its last round was abandoned
+        assert digests[steps[-1]] == site0.state.last_digest
     assert [e.value for e in acc.Scalars("swarm/final_round")] == [final_round]
     assert _text(acc, "swarm/final_digest") == [(final_round, final_digest)]
     assert site0.state.final_digest == site1.state.final_digest == final_digest
