@@ -54,6 +54,10 @@ def dashboard(
     scrape_timeout: Annotated[float, typer.Option(
         "--scrape-timeout", min=0.1, help="Seconds to wait for a node's metrics before showing "
         "it unreachable.")] = 1.5,
+    allow_host: Annotated[list[str] | None, typer.Option(
+        "--allow-host", help="A host name the page may be opened under (behind your own proxy, "
+        "say). IP addresses and localhost always work; other names are refused, so that a web "
+        "page elsewhere cannot read this one by pointing its own name here. Repeatable.")] = None,
 ) -> None:
     """Serve one read-only page for the training: sites and their states, the current round
     and what it waits for, leaders and digests, each site's loss and metric per round, and
@@ -85,7 +89,7 @@ def dashboard(
                            read=lambda c: read_status(
                                c, rounds=rounds, names=by_address, targets=targets,
                                metrics_port=metrics_port, scrape_timeout=scrape_timeout))
-    server = DashboardServer(host, port, state)
+    server = DashboardServer(host, port, state, allow_host or ())
     try:
         bound = server.start()
     except OSError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -88,7 +89,8 @@ def parse_exposition(text: str) -> list[tuple[str, dict[str, str], float | None]
             continue
         m = _LINE.fullmatch(line)
         if m is None:
-            raise ValueError(f"line {number} is not a Prometheus sample: {line[:80]!r}")
+            # the line itself is not echoed: the answer may be anything the target serves
+            raise ValueError(f"line {number} is not a Prometheus sample: not a node's metrics")
         labels = {k: re.sub(r'\\[\\"n]', lambda e: _UNESCAPE[e.group(0)], v)
                   for k, v in _LABEL.findall(m.group(2) or "")}
         samples.append((m.group(1), labels, _value(m.group(3))))
@@ -124,18 +126,44 @@ def summarize(samples: list[tuple[str, dict[str, str], float | None]]) -> dict[s
     return out
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy from the env
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A metrics port that answers with a redirect is not followed: the target comes from a
+    site's endpoint on chain, and a redirect would send the dashboard anywhere."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+# no proxy from the environment, no redirects
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+
+
+def _read(reply: Any, deadline: float) -> bytes:
+    """The answer's body, up to MAX_BYTES + 1, by the deadline (a byte a second does not
+    hold the page)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_BYTES:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer did not arrive in time")
+        chunk = reply.read1(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def scrape(url: str, timeout: float) -> dict[str, Any]:
     """``{"state": "ok", "url", ...summary}`` or ``{"state": "unreachable", "url", "error"}``."""
+    deadline = time.monotonic() + timeout
     try:
         with _OPENER.open(url, timeout=timeout) as reply:
-            body = reply.read(MAX_BYTES + 1)
+            body = _read(reply, deadline)
         if len(body) > MAX_BYTES:
             raise ValueError(f"answered more than {MAX_BYTES} bytes: not a node's metrics")
         summary = summarize(parse_exposition(body.decode("utf-8")))
-    except urllib.error.HTTPError as exc:
+    except urllib.error.HTTPError as exc:  # a redirect too (not followed)
         return {"state": "unreachable", "url": url, "error": f"HTTP {exc.code}"}
     except (OSError, ValueError) as exc:  # refused, timed out, not Prometheus text
         reason = getattr(exc, "reason", None) or exc

@@ -9,14 +9,17 @@ answer forbids sniffing, framing and any script, style or connection from elsewh
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from swarmnode.dashboard.page import PAGE_CSS, PAGE_HTML, PAGE_JS
 from swarmnode.dashboard.state import DashboardState
+from swarmnode.httpd import BoundedHTTPServer
 
 __all__ = ["DashboardServer", "to_json"]
 
@@ -46,15 +49,38 @@ def to_json(data: Any) -> bytes:
             .encode())
 
 
+def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:
+    """A request's Host names this server: an IP address (a name bound to it by someone else's
+    DNS cannot be one), ``localhost``, or a name the operator allowed. A browser lured to a page
+    whose name later resolves here sends that name, and is refused."""
+    if not header:
+        return False
+    host = header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in ("localhost", *allowed):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class DashboardServer:
     """Serves ``state`` on ``host:port`` (port 0: any free one; :attr:`port` once started)."""
 
-    def __init__(self, host: str, port: int, state: DashboardState) -> None:
+    def __init__(self, host: str, port: int, state: DashboardState,
+                 allowed_hosts: Iterable[str] = ()) -> None:
         self.host, self.port, self.state = host, port, state
-        self._server: ThreadingHTTPServer | None = None
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
+        self._server: BoundedHTTPServer | None = None
 
     def start(self) -> int:
         state = self.state
+        allowed = self.allowed_hosts
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "swarmnode-dashboard"
@@ -74,7 +100,12 @@ class DashboardServer:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 path = self.path.split("?", 1)[0]
-                if path in _STATIC:
+                if not host_allowed(self.headers.get("Host"), allowed):
+                    # DNS rebinding: a page from elsewhere that renamed itself to this address
+                    self._send(421, "application/json", to_json(
+                        {"error": "this dashboard answers to an IP address or localhost (or a "
+                                  "name given with --allow-host)"}))
+                elif path in _STATIC:
                     ctype, text = _STATIC[path]
                     self._send(200, ctype, text.encode())
                 elif path == "/api/status":
@@ -100,8 +131,7 @@ class DashboardServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("dashboard: %s %s", self.address_string(), format % args)
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
+        self._server = BoundedHTTPServer((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name="dashboard",
                          daemon=True).start()

@@ -17,8 +17,10 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from swarmnode.httpd import BoundedHTTPServer
 
 __all__ = ["Histogram", "MetricsServer", "counter", "gauge", "render"]
 
@@ -116,7 +118,7 @@ class MetricsServer:
 
     def __init__(self, host: str, port: int, collect: Callable[[], list[Family]]) -> None:
         self.host, self.port, self.collect = host, port, collect
-        self._server: ThreadingHTTPServer | None = None
+        self._server: BoundedHTTPServer | None = None
 
     def start(self) -> int:
         collect = self.collect
@@ -141,8 +143,7 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass  # scrapes every few seconds would drown the node's log
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
+        self._server = BoundedHTTPServer((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True).start()
         log.info("metrics (Prometheus) on http://%s:%d/metrics", self.host, self.port)

@@ -215,3 +215,68 @@ def test_the_command_names_a_bad_flag() -> None:
     result = runner.invoke(app, ["dashboard", "--contract", "0x" + "1" * 40, "--metrics", "x"],
                            env=env)
     assert result.exit_code != 0 and "write SITE=HOST:PORT" in result.output
+
+
+def test_hostile_clients_neither_hold_the_page_nor_reach_it_under_another_name() -> None:
+    """200 connections that send half a request line and stay: the page still answers (the
+    server serves a bounded number at once, each with an idle timeout). A request naming a host
+    that is not an IP address, localhost or allowed (DNS rebinding) is refused."""
+    state = DashboardState(lambda: (_ for _ in ()).throw(LookupError("no chain")))
+    server = DashboardServer("127.0.0.1", 0, state, allowed_hosts=["dash.example.org"])
+    port = server.start()
+    held = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"GET /api/sta")
+            held.append(s)
+        code, _, body = _get(f"http://127.0.0.1:{port}/")
+        assert code == 200 and body.decode() == PAGE_HTML
+        for host, expected in (("evil.example.com", 421), ("dash.example.org:8780", 200),
+                               ("localhost:1", 200), ("[::1]:8780", 200), ("", 421)):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/",
+                                             headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as reply:
+                    got = reply.status
+            except urllib.error.HTTPError as exc:
+                got = exc.code
+            assert got == expected, host
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+
+
+def test_a_metrics_port_that_redirects_is_not_followed_and_its_answer_not_echoed() -> None:
+    """A site's endpoint is on chain: its 'metrics port' must not send the dashboard elsewhere
+    or have what it fetched shown on the page."""
+    import http.server
+    import threading
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/metrics":
+                self.send_response(302)
+                self.send_header("Location", "/secret")
+                self.end_headers()
+            else:
+                body = b"SECRET-TOKEN=abc123\n"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        redirected = scrape(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        direct = scrape(f"http://127.0.0.1:{port}/secret", timeout=5)
+    finally:
+        server.shutdown()
+    assert redirected["state"] == "unreachable" and redirected["error"] == "HTTP 302"
+    assert direct["state"] == "unreachable" and "SECRET" not in direct["error"]
