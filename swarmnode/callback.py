@@ -560,12 +560,22 @@ class SwarmCallback:
 
     def _privacy(self) -> dict[str, float]:
         """What a sync and the final metrics carry of the site's privacy: ``epsilon`` and
-        ``delta``, or nothing when the site does not train with differential privacy."""
-        epsilon = self.epsilon()
+        ``delta``, or nothing when the site does not train with differential privacy. An
+        accountant that fails is a report lost, not a training: it is logged (once) and the sync
+        goes on without it."""
+        try:
+            epsilon = self.epsilon()
+        except Exception as exc:  # the engine's own code: any error, never the training's end
+            if not getattr(self, "_privacy_failed", False):
+                self._privacy_failed = True
+                log.warning("the privacy engine's accountant failed (%s: %s); epsilon is not "
+                            "reported until it answers again", type(exc).__name__, exc)
+            return {}
         if epsilon is None:
             return {}
         assert self.target_delta is not None
-        if math.isinf(epsilon):
+        if math.isinf(epsilon) and not getattr(self, "_privacy_inf_said", False):
+            self._privacy_inf_said = True
             log.warning("epsilon is infinite at delta %g: the privacy engine adds no noise "
                         "(noise_multiplier 0?)", self.target_delta)
         return {"epsilon": epsilon, "delta": self.target_delta}

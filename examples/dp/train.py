@@ -180,7 +180,9 @@ def main() -> None:
                      optimizer.noise_multiplier, epsilon, delta, epochs)
     swarm = SwarmCallback(
         model, sync_frequency=SYNC_FREQUENCY, min_peers=MIN_PEERS, merge_method=MERGE_METHOD,
-        num_samples=len(y), val_data=(torch.as_tensor(X), torch.as_tensor(y)),
+        # the loss and metric go on chain every round, outside the accountant's epsilon: they
+        # are measured on held-out data, never on the private training data
+        num_samples=len(y), val_data=(torch.as_tensor(X_test), torch.as_tensor(y_test)),
         loss_fn=loss_fn, metric_fn=accuracy_fn,
         privacy_engine=engine, target_delta=delta if engine is not None else None,
     )

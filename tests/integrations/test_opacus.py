@@ -144,3 +144,23 @@ def test_unwrap_drops_opacus_prefix_and_bad_privacy_settings_are_refused(tmp_pat
                        privacy_engine=engine, target_delta=1e-5)
     assert cb.epsilon() == 0.0  # no private step yet
     assert SwarmCallback(model, sync_frequency=2, min_peers=2, local_api=sock).epsilon() is None
+
+
+def test_a_failing_accountant_costs_the_report_not_the_training(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An accountant that raises (a numerical error, a custom engine): the sync and the final
+    metrics go on without epsilon, and the site's log says why once."""
+    class Broken:
+        accountant = [object()]  # it took private steps
+
+        def get_epsilon(self, delta: float) -> float:
+            raise FloatingPointError("overflow in the RDP orders")
+
+    model = torch.nn.Linear(4, 2)
+    cb = SwarmCallback(model, sync_frequency=2, min_peers=2,
+                       local_api=f"unix://{tmp_path}/node.sock", privacy_engine=Broken(),
+                       target_delta=1e-5)
+    with caplog.at_level("WARNING", logger="swarmnode"):
+        assert cb._privacy() == {} and cb._privacy() == {}  # noqa: SLF001
+    said = [r.getMessage() for r in caplog.records if "accountant failed" in r.getMessage()]
+    assert len(said) == 1 and "overflow in the RDP orders" in said[0]
