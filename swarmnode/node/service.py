@@ -454,6 +454,9 @@ class NodeService:
             held = shards.held(round, attempt, index) if shards is not None else None
             if held is None:
                 raise
+            now = self.chain.round(round)
+            if now.status is not RoundStatus.COMMITTED or now.attempt != attempt:
+                raise  # an attempt set aside (re-elected, abandoned): its slices are not served
             return held
         assert shards is not None
         mine = shards.mine(round, info.participants)

@@ -563,6 +563,7 @@ class DataServer:
 
     def _enter(self, peer: str) -> None:
         with self._lock:
+            peer = peer.lower()  # one identity, however the sender spells its address
             busy = self._per_peer.get(peer, 0)
             if busy >= self.per_peer:
                 raise PeerRefused(f"{peer} already has {busy} data plane connection(s) open to "
@@ -570,6 +571,7 @@ class DataServer:
             self._per_peer[peer] = busy + 1
 
     def _leave(self, peer: str) -> None:
+        peer = peer.lower()
         with self._lock:
             left = self._per_peer.get(peer, 1) - 1
             if left > 0:
@@ -645,8 +647,6 @@ class DataServer:
         resume = hdr.get("resume") is True
         inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what, resume)
         base = inbound.have[index]  # bytes of this stripe already held (a resumed push)
-        if resume:
-            _send_frame(tls, {"ok": True, "from": base})
         started = time.monotonic()  # waiting for admission does not count against the rate
         # An admitted sender was blocked sending: its bytes flow at once. One that stalls holds
         # memory and the admission others wait for, so it is cut sooner than an idle request;
@@ -657,6 +657,9 @@ class DataServer:
             self._watched[id(watched)] = watched
             inbound.receiving.add(tls)
         try:
+            if resume:  # inside: a sender gone before this reply frees its admission too
+                _send_frame(tls, {"ok": True, "from": base})
+
             def progress(got: int) -> None:
                 watched.moved = got
                 inbound.have[index] = base + got
@@ -701,12 +704,12 @@ class DataServer:
         stripe of a push that asks to ``resume`` takes the bytes kept of the same update (same
         sender, round, digest, size, stripes and weight) cut earlier; any other push from that
         sender drops them."""
-        key = (sender, rnd, digest)
+        key = (sender.lower(), rnd, digest)  # one identity, however it spells its address
         partial = None
         with self._lock:
             inbound = self._inbound.get(key)
             creator = inbound is None or inbound.finished.is_set()
-            if creator and any(k[0] == sender and k[1] == rnd and not v.finished.is_set()
+            if creator and any(k[0] == key[0] and k[1] == rnd and not v.finished.is_set()
                                for k, v in self._inbound.items()):
                 raise PeerRefused(f"{what}: {sender} is already sending another update for "
                                   f"round {rnd}; one at a time")
@@ -813,8 +816,10 @@ class DataServer:
             first = inbound.error is None and not inbound.finished.is_set()
             if first:
                 inbound.error = exc
+            # worth resuming (a block, or a tenth of the update): a sender cannot pin a
+            # model-sized buffer with a byte
             if (first and keep and inbound.admitted and inbound.hasher is not None
-                    and any(inbound.have)):
+                    and sum(inbound.have) >= min(STRIPE_BLOCK, max(1, inbound.total // 10))):
                 dropped = self._keep(inbound)
             cut = list(inbound.receiving)
         if inbound.hasher is not None and inbound.kept_at is None:
@@ -824,8 +829,9 @@ class DataServer:
         for conn in cut:  # the other stripes stop filling a buffer that is given up (or kept)
             _cut(conn)
         with self._lock:
-            if self._inbound.get((inbound.sender, inbound.round, inbound.digest)) is inbound:
-                del self._inbound[(inbound.sender, inbound.round, inbound.digest)]
+            key = (inbound.sender.lower(), inbound.round, inbound.digest)
+            if self._inbound.get(key) is inbound:
+                del self._inbound[key]
         inbound.ready.set()
         self._finish(inbound)
 
@@ -833,9 +839,9 @@ class DataServer:
         with self._lock:
             inbound.done_stripes.add(index)
             complete = len(inbound.done_stripes) == inbound.stripes
-            if complete and self._inbound.get((inbound.sender, inbound.round,
-                                               inbound.digest)) is inbound:
-                del self._inbound[(inbound.sender, inbound.round, inbound.digest)]
+            key = (inbound.sender.lower(), inbound.round, inbound.digest)
+            if complete and self._inbound.get(key) is inbound:
+                del self._inbound[key]
         if not complete:
             return
         what = f"update for round {inbound.round} from {inbound.sender}"

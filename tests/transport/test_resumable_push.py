@@ -234,3 +234,46 @@ def test_a_sender_cannot_make_the_receiver_keep_more_than_one_cut_push(
     assert data.payload_bytes_in - before == len(payload)
     assert data.partials() == {}
     assert node["handler"].updates[(1, ALICE)][2] == digest
+
+
+def test_a_resume_reset_before_its_reply_frees_its_admission(certs: dict[str, Any]) -> None:
+    """A participant asks to resume, then resets the connection while it waits for admission:
+    once admitted, the server's reply fails; the admission slot and the update's entry must go,
+    or two such resets would hold every push to the leader until it restarts."""
+    import json
+    import ssl
+    import struct
+
+    from swarmnode.transport.dataplane import DataServer, _context
+
+    tls = certs
+    authority = MemoryAuthority(fingerprints={a: t.fingerprint() for a, t in tls.items()},
+                                participants={1: {LEADER, ALICE, BOB}})
+    server = DataServer("127.0.0.1", 0, tls[LEADER], authority, MemoryHandler(), None, 1 << 26,
+                        inflight=1, idle_s=1.0, deadline_s=6.0)
+    port = server.start()
+    payload, digest = _payload(200_000, 3)
+
+    def raw(me: str, resume: bool) -> ssl.SSLSocket:
+        sock = _context(tls[me], server=False).wrap_socket(
+            socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1")
+        head = json.dumps({"op": "push", "address": me, "round": 1, "weight": 1,
+                           "total_bytes": len(payload), "digest": digest.hex(), "stripe": 0,
+                           "stripes": 1, **({"resume": True} if resume else {})}).encode()
+        sock.sendall(struct.pack("<I", len(head)) + head)
+        return sock
+
+    try:
+        holder = raw(BOB, resume=False)  # takes the one slot, then stalls (cut by the server)
+        holder.sendall(bytes(payload[:1000]))
+        wait_until(lambda: server._admit._free == 0, 10, "Bob admitted")  # noqa: SLF001
+        waiting = raw(ALICE, resume=True)
+        time.sleep(0.3)  # its header is in; it waits for admission
+        waiting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        waiting.close()  # reset
+        # the stalled holder is cut, Alice's push is admitted, its reply fails: all freed
+        wait_until(lambda: server._admit._free == 1 and not server._inbound, 20,  # noqa: SLF001
+                   "the admission slot back and no update entry left")
+        _client({"tls": tls}, BOB, port).push(1, 1, payload, digest, timeout=15)
+    finally:
+        server.stop()
