@@ -88,6 +88,8 @@ TRAINING_NONCE = 1
 ADMIN_KIT_FILES = ("admin-chain/keystore.json", "admin-chain/keystore.password")
 #: In a site's folder: the account's nonce lock, shared by the site's node containers
 ACCOUNT_LOCK_DIR = "chain/tx-lock"
+#: The node's metrics port in a kit (peer API 7441, data plane 7442).
+METRICS_PORT = 7443
 #: The dev chain as every site reaches it on one host (the sentinel's ``chain`` service on the
 #: shared consortium network), and the sentinel's gateway port on separate hosts
 ONE_HOST_RPC_URL = "http://chain:8545"
@@ -736,6 +738,9 @@ def _env(conf: ConsortiumFile, site: SiteEntry, registry: str, contract: str, se
         "SCRIPT_DIR=./app",
         "# The training's quorum (HPE scripts read MIN_PEERS); MAX_EPOCHS=N for HPE's, if needed.",
         f"MIN_PEERS={min_peers}",
+        "# The node's Prometheus metrics (GET /metrics) on this port; published on this host's",
+        "# loopback (`docker-compose port node 7443`; METRICS_PUBLISH to change); empty: off.",
+        f"METRICS_PORT={METRICS_PORT}",
     ]
     if not conf.one_host:
         lines += [

@@ -134,7 +134,8 @@ def site_training(kit_dir: Path, site_dir: Path, project: str,
                  f"PEER_PUBLISH=0.0.0.0:{peer_port}", f"DATA_PORT={peer_port + 1}",
                  f"DATA_PUBLISH=0.0.0.0:{peer_port + 1}"]
     carried = [f"{k}={env[k]}" for k in ("SWARMNODE_VERSION", "RPC_URL", "REGISTRY", "CONTRACT",
-                                         "KEY_INDEX", "CHAIN_CERT", "CHAIN_KEY", "CHAIN_TRUST")
+                                         "KEY_INDEX", "CHAIN_CERT", "CHAIN_KEY", "CHAIN_TRUST",
+                                         "METRICS_PORT")
                if k in env]
     lines = [
         f"# {name}'s training {contract}, beside the one {site_dir.name}/ runs: its own compose",

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import tarfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
 
 
-def _compose(folder: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    # exactly what the site's admin types, in the site's folder
+def _compose(folder: Path, *args: str, timeout: float = 600,
+             **env: str) -> subprocess.CompletedProcess[str]:
+    # exactly what the site's admin types, in the site's folder (``env``: what the shell's
+    # environment sets over the .env's values)
     return subprocess.run([compose_binary(), *args], cwd=folder, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **env})
+
+
+def _scrape(client, project: str) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """The node's metrics, as the site's monitoring reads them: its published metrics port."""
+    node = _container(client, project, "node")
+    node.reload()
+    port = node.attrs["NetworkSettings"]["Ports"]["7443/tcp"][0]["HostPort"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines()
+                                        if line and not line.startswith("#"))}
 
 
 def _container(docker_client, project: str, service: str):  # type: ignore[no-untyped-def]
@@ -66,15 +81,15 @@ def _two_trainings_at_once(tmp_path: Path, conf: Path, folders: dict[str, Path],
     and sends the kits; each site installs its kit (B follows A in the site's own project). The
     admin deploys C and sends the kits again; each site runs C beside B as its own compose project
     (`swarmnode site training KIT --project c`: the same certificate and account). While both
-    run, the admin revokes hospital-3 in the registry: it is set aside in both at once, and
-    hospital-1 and -2 finish both, each training to its own final model."""
+    run (each one's trainers paused once it merged hospital-3, so that neither ends before the
+    other started), the admin revokes hospital-3 in the registry: it is set aside in both at once,
+    and hospital-1 and -2 finish both, each training to its own final model."""
     registry = first.registry
     authorised = len(registry.events(names={"Authorized"}))
     admin = conf.parent / "admin"
     trainings: dict[str, SwarmContract] = {}
-    # B merges every 2 batches for 10 epochs (it runs while C starts), C every 3 for 6: two
-    # trainings, two final models
-    for tag, sync, epochs in (("b", 2, 10), ("c", 3, 6)):
+    # B merges every 2 batches for 6 epochs, C every 3 for 6: two trainings, two final models
+    for tag, sync, epochs in (("b", 2, 6), ("c", 3, 6)):
         spec = TrainingSpec.from_state(make_model(30, seed=0).state_dict(), sync_frequency=sync,
                                        min_peers=2, merge_method="mean")
         (tmp_path / f"{tag}-spec.json").write_text(spec.to_json())
@@ -107,23 +122,31 @@ def _two_trainings_at_once(tmp_path: Path, conf: Path, folders: dict[str, Path],
     def up(projects: list[tuple[str, Path]], t: SwarmContract, running: list[SwarmContract]):
         """``docker-compose up -d`` in each site's folder at once, as separate hospitals would;
         then wait until ``t`` merged hospital-3, with every training in ``running`` unfinished
-        (the trainings overlap)."""
+        (the trainings overlap), and pause the trainers (``docker pause``: the training stays
+        unfinished, its nodes serving, however long the next project takes to start)."""
+        # hospital-1 first (the sentinel, whose project also re-runs the deploy service: the
+        # slowest to start), then the others at once: with min_peers 2, two sites up before it
+        # could train the whole training without it
+        ups = {projects[0][0]: _compose(projects[0][1], "up", "-d")}
         with ThreadPoolExecutor(len(projects)) as pool:
-            ups = dict(zip([p for p, _ in projects],
-                           pool.map(lambda pf: _compose(pf[1], "up", "-d"), projects),
+            ups.update(zip([p for p, _ in projects[1:]],
+                           pool.map(lambda pf: _compose(pf[1], "up", "-d"), projects[1:]),
                            strict=True))
-        for project, done in ups.items():
-            assert done.returncode == 0, (project, done.stderr[-2000:])
+        for (project, done), (_, folder) in zip(ups.items(), projects, strict=True):
+            assert done.returncode == 0, (project, done.stderr[-2000:], _compose(
+                folder, "logs", "chain-check", "node").stdout[-6000:])
 
         def merged_hospital_3() -> bool:
             finished = [x.address for x in running if x.training_finished()]
             assert not finished, f"{finished} finished before the revocation: not overlapping"
             return revoked in merged_in(t)
 
-        wait_until(merged_hospital_3, 600, f"hospital-3 merged in {t.address}", poll=2.0,
+        wait_until(merged_hospital_3, 600, f"hospital-3 merged in {t.address}", poll=0.5,
                    describe=lambda: "\n".join(
                        f"{p}: {_container(client, p, 'node').logs(tail=3).decode(errors='replace')}"
                        for p, _ in projects))
+        for project, _ in projects:
+            _container(client, project, "ml").pause()
 
     # B in each site's own project (its node container recreated for the new CONTRACT, its
     # trainer started again), then C beside it, each site's project of its own
@@ -132,6 +155,7 @@ def _two_trainings_at_once(tmp_path: Path, conf: Path, folders: dict[str, Path],
     # no authorisation between the trainings: the registry's three, once
     assert len(registry.events(names={"Authorized"})) == authorised == 3
 
+    assert not b.training_finished() and not c.training_finished()
     # the admin revokes hospital-3 in the registry: set aside in both running trainings at once
     cli("revoke", revoked, "--contract", registry.address, "--rpc-url", rpc_url, "--keystore",
         admin / "chain" / "admin.keystore.json", "--password-file",
@@ -142,6 +166,8 @@ def _two_trainings_at_once(tmp_path: Path, conf: Path, folders: dict[str, Path],
         (event,) = t.events(names={"NodeRevoked"})
         assert event.args["node"] == revoked
         at[t.address] = event.block
+    for project in [*SITES, *(f"{n}-c" for n in SITES)]:  # the trainers go on
+        _container(client, project, "ml").unpause()
     # hospital-1 and -2 finish both, each to that training's final model
     for name in SITES[:2]:
         wait_until(lambda name=name: _container(client, name, "ml").attrs["State"]["StartedAt"]
@@ -164,7 +190,17 @@ def _two_trainings_at_once(tmp_path: Path, conf: Path, folders: dict[str, Path],
         late = [e for e in t.events(names={"MergeCommitted"})
                 if e.block > at[t.address] and revoked in e.args["members"]]
         assert late == [], f"{t.address} merged hospital-3 after its revocation"
-        assert merged_in(t) >= {address["hospital-1"], address["hospital-2"]}
+        if not merged_in(t) >= {address["hospital-1"], address["hospital-2"]}:
+            project = {b.address: "", c.address: "-c"}[t.address]
+            said = tmp_path / "not-every-site-merged.txt"
+            said.write_text("\n".join([
+                f"training {t.address} ({'b' if project == '' else 'c'}); sites {address}",
+                *(f"round {e.args['round']}: {e.args['members']}"
+                  for e in t.events(names={"MergeCommitted"})),
+                *(f"--- {n}{project} {svc}\n"
+                  + _container(client, f"{n}{project}", svc).logs(tail=60).decode(
+                      errors="replace") for n in SITES[:2] for svc in ("node", "ml"))]))
+            pytest.fail(f"{t.address}: hospital-1 or -2 never merged in it; see {said}")
     assert len(set(finals.values())) == 2  # B and C: two final models
     assert bytes(first.events(names={"TrainingFinished"})[-1].args["digest"]) not in \
         finals.values()
@@ -201,9 +237,21 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
     try:
         ups = {}
         for name in order:
+            if name == order[-1]:
+                # a chain URL this site cannot reach: `up` fails fast, naming the check, whose
+                # log names the setting to fix (not a node waiting and an `up` saying "Waiting")
+                began = time.monotonic()
+                bad = _compose(folders[name], "up", "-d", RPC_URL="http://127.0.0.1:9",
+                               CHAIN_CHECK_WAIT_S="3")
+                assert bad.returncode != 0 and "chain-check" in bad.stderr, bad.stderr[-2000:]
+                assert time.monotonic() - began < 90
+                why = _compose(folders[name], "logs", "chain-check").stdout
+                assert "no JSON-RPC answer at http://127.0.0.1:9" in why and "check RPC_URL" in \
+                    why, why[-2000:]
             done = _compose(folders[name], "up", "-d")
             assert done.returncode == 0 and "dependency failed" not in done.stderr, \
-                done.stderr[-2000:]
+                done.stderr[-2000:] + _compose(folders[name], "logs", "deploy", "chain-check",
+                                               "node").stdout[-6000:]
             ups[name] = done.stdout[-2000:] + done.stderr[-3000:]
         chain = _container(client, "hospital-1", "chain")
         chain.reload()
@@ -211,6 +259,16 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
         env = dict(line.split("=", 1) for line in (folders["hospital-1"] / ".env").read_text()
                    .splitlines() if line and not line.startswith("#"))
         contract = SwarmContract(connect(f"http://127.0.0.1:{port}"), env["CONTRACT"])
+        # the site's monitoring (the kit turns metrics on): the round advances, the bytes grow
+        first = wait_until(lambda: (m := _scrape(client, "hospital-2"))["swarmnode_rounds_total"]
+                           >= 1 and m, 300, "a round on hospital-2's metrics port", poll=1.0)
+        later = wait_until(lambda: (m := _scrape(client, "hospital-2"))["swarmnode_rounds_total"]
+                           >= first["swarmnode_rounds_total"] + 2 and m, 300,
+                           "two more rounds on hospital-2's metrics port", poll=1.0)
+        assert later["swarmnode_round"] > first["swarmnode_round"]
+        for way in ("sent", "received"):
+            key = f'swarmnode_peer_bytes_total{{direction="{way}"}}'
+            assert later[key] > first[key] > 0, (way, first[key], later[key])
         deadline = time.monotonic() + 900
         codes = {name: _container(client, name, "ml").wait(  # blocks until the trainer exits
             timeout=max(deadline - time.monotonic(), 1))["StatusCode"] for name in SITES}
@@ -243,6 +301,8 @@ def test_three_sites_from_one_consortium_file_train_to_the_final_model(
         _two_trainings_at_once(tmp_path, conf, folders, client, f"http://127.0.0.1:{port}",
                                contract, script.read_text())
     finally:
+        for paused in client.containers.list(filters={"status": "paused"}):
+            paused.unpause()  # a failure while the trainings' trainers were paused
         for name in reversed(order):  # the trainings beside the sites' own projects first
             if (folders[name] / "c" / ".env").exists():
                 _compose(folders[name] / "c", "down", "-v", "--remove-orphans", "-t", "5")

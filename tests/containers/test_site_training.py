@@ -112,8 +112,11 @@ def test_on_separate_hosts_a_training_beside_the_first_takes_other_ports(tmp_pat
     assert node["environment"]["SWARMNODE_PEER_ENDPOINT"] == "h2.example.org:7443"
     assert node["environment"]["SWARMNODE_DATA_PORT"] == "7444"
     # the same numbers outside and in for the data plane (it is advertised as bound)
-    assert {(p["published"], p["target"]) for p in node["ports"]} == {("7443", 7441),
-                                                                      ("7444", 7444)}
+    # the peer API and the data plane published for the other sites; the metrics port (7443
+    # inside the container) on this host's loopback only, on a port of the engine's choosing
+    assert {(p["host_ip"], p["published"], p["target"]) for p in node["ports"]} == {
+        ("0.0.0.0", "7443", 7441), ("0.0.0.0", "7444", 7444), ("127.0.0.1", "0", 7443)}
+    assert node["environment"]["SWARMNODE_METRICS_LISTEN"] == "0.0.0.0:7443"
     assert node["environment"]["SWARMNODE_RPC_URL"] == "https://h1.example.org:8545"
     assert node["environment"]["SWARMNODE_CHAIN_CERT"] == "/run/secrets/node_cert"
     # no wildcard name: on separate hosts the site's host name, other ports
