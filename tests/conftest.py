@@ -212,3 +212,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             top = parts[parts.index("tests") + 1]
             if top in _SERIAL_GROUPS:
                 item.add_marker(pytest.mark.xdist_group(top))
+    # The dashboard's browser test runs last: in-process swarm tests with 1-4 s deadlines that
+    # ran after it in the same process missed their deadlines (3 of 13 runs; never alone). Not
+    # understood yet: no thread, process or CPU use is left behind that we could find.
+    last = [i for i in items if i.path.name == "test_dashboard_browser.py"]
+    items[:] = [i for i in items if i.path.name != "test_dashboard_browser.py"] + last

@@ -108,6 +108,7 @@ class TxSender:
         where = getattr(w3.provider, "endpoint_uri", None) or f"in-process {id(w3.provider)}"
         self._key = f"{where}|{account.address}"
         self._lock = _account_lock(self._key)
+        self._nonce_key = self._key  # + the chain's id and genesis, known at the first send
         self._pending = 0  # sent by this sender, not yet mined and confirmed
         self._pending_guard = threading.Lock()
 
@@ -145,6 +146,10 @@ class TxSender:
         with rpc_guard(w3, what):
             if self._chain_id is None:
                 self._chain_id = int(w3.eth.chain_id)
+                # the cached nonce is per chain, not per URL: a dev chain started later on a
+                # port an earlier one used has the same URL and accounts but fresh nonces
+                genesis = bytes(w3.eth.get_block(0)["hash"]).hex()
+                self._nonce_key = f"{self._key}|{self._chain_id}|{genesis}"
             if gas is None:
                 try:
                     estimate = w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
@@ -158,7 +163,7 @@ class TxSender:
             tx["chainId"] = self._chain_id
             with self._lock, _host_lock(self._key):
                 fees = self._fees()
-                cached = _nonces.pop(self._key, None)
+                cached = _nonces.pop(self._nonce_key, None)
                 while True:
                     for name in _FEE_FIELDS:
                         tx.pop(name, None)
@@ -182,7 +187,7 @@ class TxSender:
                             cached = None
                             continue
                         raise  # the nonce is read again next time
-                    _nonces[self._key] = nonce + 1
+                    _nonces[self._nonce_key] = nonce + 1
                     break
             with self._in_flight():
                 receipt = self._confirm(receipt, tx, what, refused)
