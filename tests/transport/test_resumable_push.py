@@ -275,5 +275,6 @@ def test_a_resume_reset_before_its_reply_frees_its_admission(certs: dict[str, An
         wait_until(lambda: server._admit._free == 1 and not server._inbound, 20,  # noqa: SLF001
                    "the admission slot back and no update entry left")
         _client({"tls": tls}, BOB, port).push(1, 1, payload, digest, timeout=15)
+        holder.close()
     finally:
         server.stop()
