@@ -268,7 +268,8 @@ def test_a_resume_reset_before_its_reply_frees_its_admission(certs: dict[str, An
         holder.sendall(bytes(payload[:1000]))
         wait_until(lambda: server._admit._free == 0, 10, "Bob admitted")  # noqa: SLF001
         waiting = raw(ALICE, resume=True)
-        time.sleep(0.3)  # its header is in; it waits for admission
+        wait_until(lambda: any(k[0] == ALICE.lower() for k in server._inbound),  # noqa: SLF001
+                   10, "Alice's header in, waiting for admission")
         waiting.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         waiting.close()  # reset
         # the stalled holder is cut, Alice's push is admitted, its reply fails: all freed
