@@ -10,10 +10,10 @@ import json
 import socket
 import ssl
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+from transport_support import send_blind
 
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.models import RoundStatus
@@ -48,21 +48,8 @@ def _push(port: int, tls: TlsFiles, address: str, rnd: int, payload: bytes,
                           "total_bytes": len(payload), "digest": serde.digest(payload).hex(),
                           "stripe": 0, "stripes": 1, **(op or {})}).encode()
         sock.sendall(struct.pack("<I", len(raw)) + raw)
-        with ThreadPoolExecutor(1) as pool:
-            sending = pool.submit(sock.sendall, payload)
-            head = b""
-            while len(head) < 4:
-                more = sock.recv(4 - len(head))
-                assert more, "the server closed without a verdict"
-                head += more
-            body = b""
-            while len(body) < struct.unpack("<I", head)[0]:
-                body += sock.recv(65536)
-            try:
-                sending.result(timeout=30)
-            except (OSError, ssl.SSLError):
-                pass  # the server closed: it took nothing more
-    reply: dict[str, Any] = json.loads(body)
+        reply = send_blind(sock, payload)
+    assert isinstance(reply, dict), f"the server closed without a verdict ({reply})"
     return reply
 
 

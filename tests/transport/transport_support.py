@@ -8,10 +8,16 @@ and the TLS handshakes in the tests are real.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import select
+import ssl
+import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,3 +121,41 @@ def raw_stub(endpoint: str, trust: Path, tls: TlsFiles | None = None):  # type: 
     creds = grpc.ssl_channel_credentials(trust.read_bytes(), key, cert)
     channel = grpc.secure_channel(endpoint, creds)
     return channel, peer_pb2_grpc.PeerStub(channel)
+
+
+def send_blind(sock: ssl.SSLSocket, data: bytes, timeout: float = 30.0) -> dict[str, Any] | str:
+    """As a hostile sender: send all of ``data`` without waiting for a verdict, while taking the
+    server's reply frame as it comes; the reply (a dict), or ``"closed: ..."`` when the server
+    closed without one. One thread drives the TLS connection (an SSL object must never be read
+    and written from two threads at once: OpenSSL is not thread-safe per connection, and doing
+    so corrupts it, or crashes the process)."""
+    sock.setblocking(False)
+    view, sent, got = memoryview(data), 0, b""
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            want_write = sent < len(view)
+            ready_r, ready_w, _ = select.select([sock], [sock] if want_write else [], [], 0.5)
+            if ready_r or sock.pending():
+                try:
+                    more = sock.recv(65536)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    more = None
+                if more == b"":
+                    return "closed: end of stream before a verdict"
+                if more:
+                    got += more
+                    if len(got) >= 4 and len(got) >= 4 + struct.unpack("<I", got[:4])[0]:
+                        n = struct.unpack("<I", got[:4])[0]
+                        reply: dict[str, Any] = json.loads(got[4:4 + n])
+                        return reply
+            if want_write and ready_w:
+                try:
+                    sent += sock.send(view[sent:sent + (1 << 16)])
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+                except (OSError, ssl.SSLError):
+                    sent = len(view)  # the server stopped taking bytes: read what it said
+        return "closed: no verdict in time"
+    except (OSError, ssl.SSLError) as exc:
+        return f"closed: {exc}"
