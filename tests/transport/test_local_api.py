@@ -205,10 +205,16 @@ def test_group_socket_lets_only_the_group_call(tmp_path_factory) -> None:
             # The connect() is where the kernel checks the socket's permissions, for gRPC too.
             # The system Python: the venv's may live in a folder other users cannot enter.
             python = shutil.which("python3", path="/usr/bin:/usr/local/bin") or sys.executable
-            run = lambda uid, g: subprocess.run(  # noqa: E731
-                [python, "-c", _CONNECT, str(path)], user=uid, group=g, extra_groups=[g],
-                capture_output=True, text=True, timeout=60, cwd=base,
-            ).stdout.strip()
+
+            def run(uid: int, g: int) -> str:
+                done = subprocess.run([python, "-c", _CONNECT, str(path)], user=uid, group=g,
+                                      extra_groups=[g], capture_output=True, text=True,
+                                      timeout=60, cwd=base)
+                out = done.stdout.strip()
+                assert out, f"the helper as uid {uid} printed nothing (exit {done.returncode}):" \
+                            f" {done.stderr.strip()!r}"
+                return out
+
             assert run(47012, gid) == "connected"
             assert run(47013, 47013).startswith("refused: [Errno 13]")
     finally:
