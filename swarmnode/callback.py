@@ -41,9 +41,12 @@ every rank (the dataset's length, not a rank's shard); it, ``node_weight``, ``sy
 ``min_peers`` and the end-of-training policy must agree on every rank, or every rank raises
 ConfigError at ``on_train_begin``. Validation runs on the talking rank's ``val_data`` only.
 
-Experiment tracking (``pip install 'swarmnode[tracking]'``): ``tensorboard_dir=`` or the
-``SWARMNODE_TENSORBOARD_DIR`` environment variable logs each merge's loss, metric and digest to
-TensorBoard at step = the swarm round, on the talking rank (:mod:`swarmnode.tracking`).
+Experiment tracking, on the talking rank (:mod:`swarmnode.tracking`): ``tensorboard_dir=`` or
+the ``SWARMNODE_TENSORBOARD_DIR`` environment variable logs each merge's loss, metric and digest to
+TensorBoard at step = the swarm round (``pip install 'swarmnode[tracking]'``);
+``mlflow_experiment=`` or ``SWARMNODE_MLFLOW_EXPERIMENT`` logs them to an MLflow tracking server
+(``mlflow_tracking_uri=`` or ``MLFLOW_TRACKING_URI``; no extra package:
+:mod:`swarmnode.tracking_mlflow`).
 
 Differential privacy at a site (DP-SGD with Opacus, ``pip install swarmnode[dp]``): give the
 callback the module Opacus' ``PrivacyEngine.make_private`` returned (a ``GradSampleModule``; the
@@ -78,10 +81,10 @@ from typing import Any
 
 import torch
 
+from swarmnode import tracking
 from swarmnode.errors import ConfigError, NodeUnavailable, SwarmError
 from swarmnode.ranks import SiteRanks
 from swarmnode.spec import TrainingSpec
-from swarmnode.tracking import Tracker
 from swarmnode.transport import serde
 from swarmnode.transport.local import LocalClient
 
@@ -210,6 +213,8 @@ class SwarmCallback:
         timeout: float | None = None,
         reconnect_s: float = 600.0,
         tensorboard_dir: str | os.PathLike[str] | None = None,
+        mlflow_experiment: str | None = None,
+        mlflow_tracking_uri: str | None = None,
         logger: logging.Logger | None = None,
         process_group: Any = None,
         talking_rank: int = 0,
@@ -242,7 +247,7 @@ class SwarmCallback:
                     "num_samples, on_train_end_policy, val_data, total_epochs, loss_fn, "
                     "metric_fn, merge_options, local_api, timeout, reconnect_s, logger, "
                     "process_group, talking_rank, privacy_engine, target_delta, "
-                    "tensorboard_dir"
+                    "tensorboard_dir, mlflow_experiment, mlflow_tracking_uri"
                 )
         if given["on_train_end_policy"] is None:  # not given: HPE's default for HPE-style
             # callers, else the one the quality study found best (results/quality.md)
@@ -282,8 +287,8 @@ class SwarmCallback:
         self.ranks = SiteRanks.detect(process_group, int(talking_rank))
         self._group = (process_group, int(talking_rank))
         self.client: LocalClient | None = None  # the talking rank's only
-        # TensorBoard (swarmnode.tracking): the talking rank's only, when the site asks
-        self.tracker: Tracker | None = None
+        # TensorBoard / MLflow (swarmnode.tracking): the talking rank's only, when the site asks
+        self.trackers: list[Any] = []
         if self.is_talking_rank:
             target = local_api or os.environ.get("SWARMNODE_LOCAL_API")
             if not target:
@@ -297,7 +302,8 @@ class SwarmCallback:
                     f"or set SWARMNODE_LOCAL_API (e.g. unix:///run/swarm/node.sock){hint}"
                 )
             self.client = LocalClient(target)
-            self.tracker = Tracker.from_settings(tensorboard_dir)
+            self.trackers = tracking.start(tensorboard_dir, mlflow_experiment,
+                                           mlflow_tracking_uri)
         self.logger = logger or _hpe_logger()
         self.state = SwarmState()
         self.node_info: dict[str, Any] = {}
@@ -349,6 +355,12 @@ class SwarmCallback:
             "hello", {"spec": self.training_spec().to_json()}, None, self.timeout or 600.0
         )
         self.node_info = reply
+        settings = {"sync_frequency": self.sync_frequency, "min_peers": self.min_peers,
+                    "merge_method": self.merge_method, "node_weight": self.node_weight,
+                    "on_train_end_policy": self.policy, "num_samples": self.num_samples,
+                    "target_delta": self.target_delta}
+        for tracker in self.trackers:
+            tracker.joined(reply, settings)
         if reply.get("training_finished"):
             self.state.training_finished = True
         if payload is not None:  # a late joiner or a restart: the latest merged model
@@ -407,8 +419,8 @@ class SwarmCallback:
         self.state.training_finished = True
         self.state.final_digest = str(reply.get("digest", ""))
         self.state.last_round = int(reply.get("round", self.state.last_round))
-        if self.tracker is not None:
-            self.tracker.finished(self.state.last_round, self.state.final_digest)
+        for tracker in self.trackers:
+            tracker.finished(self.state.last_round, self.state.final_digest)
         self._report_final()
 
     def _report_final(self) -> None:
@@ -425,8 +437,8 @@ class SwarmCallback:
         else:
             self.logger.info("final model (round %d): loss %s, metric %s", self.state.last_round,
                              loss, metric)
-            if self.tracker is not None:
-                self.tracker.final_metrics(self.state.last_round, loss, metric)
+            for tracker in self.trackers:
+                tracker.final_metrics(self.state.last_round, loss, metric)
 
     # -- state (JSON, never pickle) ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -543,10 +555,10 @@ class SwarmCallback:
         self.state.last_round = int(reply.get("round", 0))
         self.state.last_digest = str(reply.get("digest", ""))
         self.state.training_finished = bool(reply.get("training_finished", False))
-        if self.tracker is not None:
-            self.tracker.merged(self.state.last_round, loss=loss, metric=metric,
-                                digest=self.state.last_digest, seconds=reply.get("seconds"),
-                                update_bytes=update.nbytes)
+        for tracker in self.trackers:
+            tracker.merged(self.state.last_round, loss=loss, metric=metric,
+                           digest=self.state.last_digest, seconds=reply.get("seconds"),
+                           update_bytes=update.nbytes, epsilon=args.get("epsilon"))
 
     def epsilon(self) -> float | None:
         """The site's epsilon spent so far at ``target_delta`` (its Opacus accountant's), None

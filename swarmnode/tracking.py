@@ -1,4 +1,5 @@
-"""Experiment tracking: the callback's per-round swarm metrics in TensorBoard.
+"""Experiment tracking: the callback's per-round swarm metrics in TensorBoard (here) and in
+MLflow (:mod:`swarmnode.tracking_mlflow`); :func:`start` builds the ones a site asks for.
 
 A site asks for it with ``SwarmCallback(..., tensorboard_dir="runs/site-a")`` or, without
 editing the script (a container site's ``.env``), with the environment variable
@@ -13,7 +14,7 @@ trainer's restart; a restarted trainer adds an event file beside the old one):
   loss and metric the site reported for that round, the values the chain records), the round
   (``swarm/round``), the seconds the sync took (``swarm/sync_seconds``), the bytes of the update
   the site handed its node (``swarm/update_bytes``), and the merged model's digest as text
-  (``swarm/digest``);
+  (``swarm/digest``), and at a DP site the epsilon spent so far (``swarm/epsilon``);
 - at the end: ``swarm/final_round``, the final model's digest (``swarm/final_digest``) and, when
   the callback validates, the final model's ``swarm/final_loss`` / ``swarm/final_metric``.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -36,7 +38,7 @@ from typing import Any
 
 from swarmnode.errors import ConfigError
 
-__all__ = ["ENV_TENSORBOARD_DIR", "EXTRA", "Tracker", "TrackingUnavailable"]
+__all__ = ["ENV_TENSORBOARD_DIR", "EXTRA", "Tracker", "TrackingUnavailable", "start"]
 
 log = logging.getLogger("swarmnode.callback")
 
@@ -94,11 +96,18 @@ class Tracker:
         where = tensorboard_dir or os.environ.get(ENV_TENSORBOARD_DIR, "").strip()
         return cls(where) if where else None
 
+    def joined(self, info: dict[str, Any], settings: dict[str, Any]) -> None:
+        """The node's hello and the site's settings: nothing for TensorBoard (the directory
+        names the run)."""
+
     def merged(self, round: int, *, loss: float | None, metric: float | None, digest: str,
-               seconds: float | None, update_bytes: int | None) -> None:
+               seconds: float | None, update_bytes: int | None,
+               epsilon: float | None = None) -> None:
         """One sync's outcome: what the site reported for ``round`` and what the round merged."""
         scalars = {"swarm/round": round, "swarm/loss": loss, "swarm/metric": metric,
-                   "swarm/sync_seconds": seconds, "swarm/update_bytes": update_bytes}
+                   "swarm/sync_seconds": seconds, "swarm/update_bytes": update_bytes,
+                   "swarm/epsilon": epsilon if epsilon is None or math.isfinite(epsilon)
+                   else None}
         self._write(round, scalars, {"swarm/digest": digest})
 
     def finished(self, round: int, digest: str) -> None:
@@ -132,3 +141,16 @@ class Tracker:
 
 
 _files = itertools.count()
+
+
+def start(tensorboard_dir: str | os.PathLike[str] | None = None,
+          mlflow_experiment: str | None = None,
+          mlflow_tracking_uri: str | None = None) -> list[Any]:
+    """The trackers a site asks for (arguments, else ``SWARMNODE_TENSORBOARD_DIR`` /
+    ``SWARMNODE_MLFLOW_EXPERIMENT``), each with the methods ``joined``, ``merged``, ``finished``
+    and ``final_metrics``, each swallowing its own failures; empty when none is asked for."""
+    from swarmnode.tracking_mlflow import MLflowTracker
+
+    trackers: list[Any] = [Tracker.from_settings(tensorboard_dir),
+                           MLflowTracker.from_settings(mlflow_experiment, mlflow_tracking_uri)]
+    return [t for t in trackers if t is not None]
