@@ -26,6 +26,7 @@ __all__ = [
     "SiteSummary",
     "collect",
     "figure",
+    "finished_round",
     "report",
     "site_colours",
     "summarize",
@@ -181,12 +182,20 @@ def site_colours(sites: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def finished_round(contract: SwarmContract) -> int | None:
+    """The training's final round once it is committed (the training finished), else None."""
+    return contract.final_round() if contract.training_finished() else None
+
+
 def figure(rows: Sequence[Row], title: str = "swarm convergence",
-           metric_name: str = "metric") -> Any:
+           metric_name: str = "metric", final_round: int | None = None) -> Any:
     """The report's figure (a matplotlib Figure on an Agg canvas, no pyplot state): validation
     loss (top; a log axis when its values span more than :data:`LOG_RATIO`x) and the metric
     (bottom, labelled with its name) per round, every reported round up to the final one, one
-    line per site in the site's own colour and the swarm's mean (dashed)."""
+    line per site in the site's own colour and the swarm's mean (dashed). ``final_round`` (the
+    training finished): a dotted line at that round on both axes (in the legend as "final round
+    N") and each site's values there (its final model's, when it reported them) as stars
+    (``gid`` "final")."""
     if not rows:
         raise ConfigError("no metrics to plot: no site has reported metrics yet")
     try:
@@ -231,19 +240,32 @@ def figure(rows: Sequence[Row], title: str = "swarm convergence",
         if max(losses) > 2 * high > 0 and high > low:
             top.set_ylim(low - 0.05 * (high - low), high + 0.3 * (high - low))
             top.set_ylabel("validation loss (clipped: round 1 above)")
+    if final_round is not None:
+        for ax, value in ((top, "loss"), (bottom, "metric")):
+            ax.axvline(final_round, color="0.35", linestyle=":", linewidth=1.5,
+                       label=f"final round {final_round}" if ax is top else "_final")
+            for summary in sites:
+                at = [getattr(r, value) for r in by_site[summary.address]
+                      if r.round == final_round]
+                if at:
+                    ax.scatter([final_round], at[-1:], marker="*", s=140, zorder=3,
+                               color=colours[summary.site], edgecolors="black",
+                               linewidths=0.5, gid="final", label="_final")
     # every round up to the final one on the axis, however the locator rounds it
-    top.set_xlim(rounds_seen[0] - 0.5, rounds_seen[-1] + 0.5)
+    last = max(rounds_seen[-1], final_round or 0)
+    top.set_xlim(rounds_seen[0] - 0.5, last + 0.5)
     top.set_title(title)
-    bottom.set_xlabel(f"round (last: {rounds_seen[-1]})")
+    bottom.set_xlabel(f"round (final: {final_round})" if final_round is not None
+                      else f"round (last: {rounds_seen[-1]}; the training has not finished)")
     top.legend(loc="best", fontsize="small", ncols=2 if len(sites) > 6 else 1)
     return fig
 
 
 def write_png(rows: Sequence[Row], path: Path | str, title: str = "swarm convergence",
-              metric_name: str = "metric") -> Path:
+              metric_name: str = "metric", final_round: int | None = None) -> Path:
     """Write :func:`figure` as a PNG; needs matplotlib."""
     path = Path(path)
-    fig = figure(rows, title, metric_name)
+    fig = figure(rows, title, metric_name, final_round)
     try:
         fig.savefig(path, format="png")
     except OSError as exc:
@@ -273,7 +295,7 @@ def report(contract: SwarmContract, out_dir: Path | str, names: dict[str, str] |
     try:
         png_path = write_png(rows, out / "report.png",
                              title=f"swarm convergence: contract {contract.address[:10]}…",
-                             metric_name=metric_name)
+                             metric_name=metric_name, final_round=finished_round(contract))
     except ConfigError as exc:
         raise ConfigError(f"{exc} ({csv_path} was written)") from None
     return csv_path, png_path

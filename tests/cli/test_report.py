@@ -20,6 +20,7 @@ from swarmnode.chain.report import (
     Row,
     collect,
     figure,
+    finished_round,
     site_colours,
     summarize,
     write_csv,
@@ -114,6 +115,9 @@ def test_report_writes_the_rounds_metrics_by_site(
 
     png = png_path.read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 20_000
+    # the sites finished, the final round is not committed: the plot marks no final round
+    chain = SwarmContract.resolve(connect(anvil.url), address)
+    assert not chain.training_finished() and finished_round(chain) is None
     # the summary: each site's first and last round
     assert "hospital-a.example.org" in result.stdout and "0.6931" in result.stdout
     assert "0.4120" in result.stdout and "0.8123" in result.stdout
@@ -237,6 +241,36 @@ def test_the_plot_is_readable_whatever_round_1_did() -> None:
     assert site_colours(["b", "a"]) == site_colours(["a", "b"])
     many = site_colours(f"hospital-{i}" for i in range(20))
     assert len(set(many.values())) == 20  # no two of 20 sites share a colour
+
+
+def test_the_plot_marks_the_final_round() -> None:
+    """Issue 21: the final round was not marked. A finished training's final round is a dotted
+    line on both axes, named in the legend, and each site's value there a star in its colour."""
+    from matplotlib.colors import to_hex
+
+    rows = hand_rows()
+    colours = site_colours(["north", "south"])
+    fig = figure(rows, metric_name="accuracy", final_round=5)
+    top, bottom = fig.axes[:2]
+    assert bottom.get_xlabel() == "round (final: 5)"
+    for ax, value in ((top, "loss"), (bottom, "metric")):
+        marks = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [5, 5]
+        stars = [c for c in ax.collections if c.get_gid() == "final"]
+        got = {to_hex(c.get_facecolor()[0]): [float(x) for x in c.get_offsets()[0]]
+               for c in stars}
+        want = {colours[r.site]: [5.0, getattr(r, value)] for r in rows if r.round == 5}
+        assert got.keys() == want.keys() and len(got) == 2
+        for colour, point in want.items():
+            assert got[colour] == pytest.approx(point)
+    assert "final round 5" in [t.get_text() for t in top.get_legend().get_texts()]
+    assert top.get_xlim()[1] > 5
+    # a final round past the last reported one (its metrics not reported yet) is on the axis
+    assert figure(rows, final_round=7).axes[0].get_xlim()[1] > 7
+    # a training still running says so, and marks nothing
+    running = figure(rows).axes
+    assert "not finished" in running[1].get_xlabel()
+    assert not [line for line in running[0].get_lines() if line.get_linestyle() == ":"]
 
 
 def test_write_png_without_matplotlib_says_what_to_install(
