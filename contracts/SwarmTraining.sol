@@ -113,6 +113,10 @@ contract SwarmTraining {
     event FinalRound(uint256 indexed round);
     event TrainingFinished(uint256 indexed round, bytes32 digest);
     event MetricsReported(uint256 indexed round, address indexed node, int256 loss, int256 metric);
+    /// Secure aggregation: the SHA-256 of the masked update `node` checked in with for `round`
+    /// (swarmnode.privacy.wire). An event, not a slot: the leader and any auditor read it from
+    /// the log, nothing on chain needs it, and a plain training pays no storage for it.
+    event MaskedUpdate(uint256 indexed round, address indexed node, bytes32 hash);
 
     error SpecHashMismatch(bytes32 given, bytes32 actual);
     error ZeroSetting(uint8 which); // 0 minPeers, 1 roundDeadline, 2 maxWeight
@@ -235,10 +239,16 @@ contract SwarmTraining {
     /// this check-in completes the set of required sites. An absent site returns with it.
     /// `metricsRound` (0: none) with `loss` and `metric` (fixed point x1e6) records the site's
     /// evaluation of that round's merged model: only the round it last checked in for, and only
-    /// if that round was committed.
-    function checkin(uint256 round, uint256 weight, uint256 metricsRound, int256 loss, int256 metric)
-        external
-    {
+    /// if that round was committed. `maskedHash` (0: none): with secure aggregation, the hash
+    /// of the masked update the site will push for this round (logged as MaskedUpdate).
+    function checkin(
+        uint256 round,
+        uint256 weight,
+        uint256 metricsRound,
+        int256 loss,
+        int256 metric,
+        bytes32 maskedHash
+    ) external {
         State memory s = _s;
         if (s.finished) revert TrainingOver(s.finalRound);
         Member memory m = _live(msg.sender);
@@ -257,6 +267,7 @@ contract SwarmTraining {
         s.openCount++;
         if (!m.finished) s.openActive++;
         emit CheckedIn(round, msg.sender, weight);
+        if (maskedHash != 0) emit MaskedUpdate(round, msg.sender, maskedHash);
         if (_allRequired(s, round)) _elect(s, round);
         else _s = s;
     }

@@ -279,6 +279,11 @@ class _Handle:
         """Where the contract lives (RPC URL), for messages."""
         return describe(self._w3)
 
+    def chain_id(self) -> int:
+        """The chain's id (EIP-155)."""
+        with rpc_guard(self._w3, "reading the chain id"):
+            return int(self._w3.eth.chain_id)
+
     def latest_block(self) -> tuple[int, int]:
         """The latest block's number and timestamp."""
         with rpc_guard(self._w3, "reading the latest block"):
@@ -620,15 +625,33 @@ class SwarmContract(_Handle):
         return self._transact("updateEndpoint", (endpoint,), f"updateEndpoint({endpoint!r})")
 
     def checkin(self, round: int, weight: int,
-                metrics: tuple[int, float, float] | None = None) -> TxResult:
+                metrics: tuple[int, float, float] | None = None,
+                masked_hash: bytes | None = None) -> TxResult:
         """Check in for the open round; elects the leader when this completes the round.
 
         ``metrics`` = (round, loss, metric): the evaluation of the committed round this site
-        last checked in for, carried by the check-in (no transaction of its own)."""
+        last checked in for, carried by the check-in (no transaction of its own).
+        ``masked_hash``: with secure aggregation, the SHA-256 of the masked update this site
+        pushes for the round (logged as MaskedUpdate; :meth:`masked_hashes` reads it back)."""
         if not isinstance(weight, int) or weight < 0:
             raise ConfigError(f"check-in weight {weight!r} must be a non-negative integer")
+        if masked_hash is not None and (not isinstance(masked_hash, bytes)
+                                        or len(masked_hash) != 32 or not any(masked_hash)):
+            raise ConfigError("a masked update's hash is 32 bytes, not all zero (SHA-256 of "
+                              "swarmnode.privacy.wire.to_bytes)")
         what = f"checkin(round {round}, weight {weight})"
-        return self._transact("checkin", (round, weight, *_metrics_args(metrics)), what)
+        return self._transact(
+            "checkin", (round, weight, *_metrics_args(metrics), masked_hash or bytes(32)), what)
+
+    def masked_hashes(self, round: int) -> dict[str, bytes]:
+        """Secure aggregation: site -> the hash of the masked update it checked in with for
+        ``round`` (sites that checked in without one are absent)."""
+        self._round_arg(round)
+        topic = "0x" + round.to_bytes(32, "big").hex()
+        out: dict[str, bytes] = {}
+        for e in self.events(names={"MaskedUpdate"}, round_topic=topic):
+            out.setdefault(str(e.args["node"]), bytes(e.args["hash"]))
+        return out
 
     def elect(self, round: int) -> TxResult:
         """Elect the open round's leader once ``min_peers`` checked in and the grace passed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Callable
@@ -166,3 +167,21 @@ def test_unmined_receipt_and_vanished_chain(spec_json: str) -> None:
             slow.authorize(dev_account(1).address, b"\x01" * 32)
     with pytest.raises(ChainUnavailable, match=f"no JSON-RPC answer at {chain.url}"):
         contract.current_round()
+
+
+def test_masked_update_hash_rides_on_the_checkin(make_swarm: MakeSwarm) -> None:
+    """Secure aggregation: the check-in logs the masked update's hash (MaskedUpdate), read back
+    per round; a plain check-in logs none; a malformed hash is refused before any transaction."""
+    swarm = make_swarm(nodes=3, min_peers=3)
+    a, b, c = swarm.nodes
+    ha, hb = hashlib.sha256(b"a").digest(), hashlib.sha256(b"b").digest()
+    a.checkin(1, 2, masked_hash=ha)
+    b.checkin(1, 3, masked_hash=hb)
+    plain = c.checkin(1, 1)
+    assert "MaskedUpdate" not in plain.events
+    assert swarm.admin.masked_hashes(1) == {a.account_address: ha, b.account_address: hb}
+    assert swarm.admin.masked_hashes(2) == {}
+    with pytest.raises(ConfigError, match="32 bytes, not all zero"):
+        a.checkin(2, 1, masked_hash=bytes(32))
+    with pytest.raises(ConfigError, match="32 bytes, not all zero"):
+        a.checkin(2, 1, masked_hash=b"short")
