@@ -956,6 +956,38 @@ class InstallResult:
     site: str
     sentinel: bool
     not_chowned: list[Path]
+    kept: tuple[str, ...] = ()  # the site's own .env settings carried over from before
+    replaced: tuple[str, ...] = ()  # settings of the kit's the site had changed: the kit's now
+
+
+_OWN_SETTINGS = "# This site's own settings (kept by `swarmnode site install`; the kit's win)."
+
+
+def _env_keys(text: str) -> dict[str, str]:
+    """``KEY=value`` lines of a .env by key (comments and blank lines left out)."""
+    out = {}
+    for line in text.splitlines():
+        key, eq, _ = line.partition("=")
+        if eq and key.strip() and not key.lstrip().startswith("#"):
+            out[key.strip()] = line
+    return out
+
+
+def _keep_own_settings(before: str, new_env: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Append to the kit's ``new_env`` the settings of the site's .env as it was ``before``
+    that the kit does not set (a script's MAX_EPOCHS, SCRIPT=, tracking variables): installing
+    the next kit must not drop them. A setting the kit also sets takes the kit's value. The
+    keys kept, and the keys whose value the site had changed (now the kit's)."""
+    old = _env_keys(before)
+    new_text = new_env.read_text()
+    kit = _env_keys(new_text)
+    own = {k: line for k, line in old.items() if k not in kit}
+    replaced = tuple(k for k, line in old.items() if k in kit and kit[k] != line)
+    if own:
+        sep = "" if new_text.endswith("\n") else "\n"
+        new_env.write_text(new_text + sep + _OWN_SETTINGS + "\n" + "\n".join(own.values())
+                           + "\n")
+    return tuple(own), replaced
 
 
 def site_install(kit_dir: Path, site_dir: Path) -> InstallResult:
@@ -994,10 +1026,15 @@ def site_install(kit_dir: Path, site_dir: Path) -> InstallResult:
             raise ConfigError(f"the kit lists chain address {manifest.get('address')} for {name} "
                               f"but this site's account is {sent.get('address')}; ask the admin "
                               "to sign this site's request again")
+    before = (site_dir / ".env").read_text() if (site_dir / ".env").is_file() else None
     for rel in manifest["files"]:
         dest = site_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(kit / rel, dest)
+    kept: tuple[str, ...] = ()
+    replaced: tuple[str, ...] = ()
+    if before is not None and (site_dir / ".env").is_file():
+        kept, replaced = _keep_own_settings(before, site_dir / ".env")
     shutil.copy(kit / "kit.json", site_dir / "kit.json")
     for d in ("data", "app"):
         (site_dir / d).mkdir(exist_ok=True)
@@ -1005,7 +1042,7 @@ def site_install(kit_dir: Path, site_dir: Path) -> InstallResult:
                 *(site_dir / name for name in ADMIN_KIT_FILES), account_lock_dir(site_dir)]
     not_chowned = _give_to_node_user([p for p in secrets_ if p.exists()])
     return InstallResult(site=name, sentinel=bool(manifest.get("sentinel")),
-                         not_chowned=not_chowned)
+                         not_chowned=not_chowned, kept=kept, replaced=replaced)
 
 
 def account_lock_dir(site_dir: Path) -> Path:

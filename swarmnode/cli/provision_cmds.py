@@ -164,8 +164,19 @@ def install(
                   f"{' (the sentinel)' if done.sentinel else ''}")
     for p in done.not_chowned:
         console.print(f"[yellow]run `sudo chown 10001 {p}`: the node container's user reads it[/]")
-    console.print(f"next: your training script (train.py) and data/ in {site_dir}, `make images` "
-                  f"(once per host), then `docker-compose up -d` in {site_dir}")
+    if done.kept:
+        console.print(f"kept this site's own settings in {site_dir / '.env'}: "
+                      f"{', '.join(done.kept)}")
+    if done.replaced:
+        console.print(f"[yellow]the kit sets {', '.join(done.replaced)} in {site_dir / '.env'}: "
+                      "this site's own values of them were replaced[/]")
+    order = ("first: its project runs the chain the others wait for" if done.sentinel
+             else "once the sentinel's is up")
+    console.print(f"next: your training script as {site_dir / 'app' / 'train.py'} (or "
+                  f"SCRIPT=NAME.py in {site_dir / '.env'}, with your script's own settings), "
+                  f"its data in {site_dir / 'data'} (the script reads it at /data), `make "
+                  f"images` in the swarmnode checkout (once per host), then `docker-compose up "
+                  f"-d` in {site_dir} ({order})")
 
 
 @site_app.command("training")
