@@ -581,11 +581,13 @@ def _from_data_dir(data_dir: Path) -> tuple[str | None, str | None]:
 def report(
     contract: Annotated[str | None, typer.Option(
         "--contract", envvar="SWARMNODE_CONTRACT",
-        help="Address of the SwarmLearning contract (else the one in --data-dir's node config).",
+        help="Address of the SwarmLearning contract (else the one in --data-dir's node config, "
+        "else, in a site's folder, its kit's training).",
     )] = None,
     rpc_url: Annotated[str | None, typer.Option(
         "--rpc-url", envvar="SWARMNODE_RPC_URL",
-        help=f"Chain JSON-RPC URL (else --data-dir's node config, else {DEFAULT_RPC_URL}).",
+        help=f"Chain JSON-RPC URL (else --data-dir's node config, else the one a site folder's "
+        f"kit names, as this host reaches it, else {DEFAULT_RPC_URL}).",
     )] = None,
     names: Annotated[Path | None, typer.Option(
         "--names", help="CSV with name and address columns (the consortium's sites.csv): "
@@ -598,7 +600,7 @@ def report(
         "(node.yaml there or in its parent) when --rpc-url / --contract are not given.")] = None,
     metric_name: Annotated[str, typer.Option(
         "--metric-name", help="What the sites' metric is (the plot's label; the chain records "
-        "only its values), e.g. accuracy, F1Score.")] = "metric",
+        "only its values), e.g. accuracy, F1Score (HPE's metricFunction).")] = "metric",
 ) -> None:
     """The swarm's convergence: validation loss and metric per round and site, as report.csv
     and report.png."""
