@@ -5,8 +5,8 @@ is done.
   instead of dropping the trainer's work (:func:`missed_checkin`), unless training is over;
 - a trainer's weight above the swarm's ``max_weight`` counts at the cap (:func:`capped_weight`);
 - the end-of-training policies (:func:`end_step`, :func:`adopts_merged`);
-- which round holds the final model and whether this node must fetch it (:func:`final_round`,
-  :func:`holds_final`);
+- which round holds the final model, whether this node must fetch it and which sites may have
+  it (:func:`final_round`, :func:`holds_final`, :func:`may_take_final`);
 - which rounds' metrics go on chain, carried by the next check-in or by ``finish``
   (:func:`eligible_metrics`, :func:`pending_after`, :func:`pending_after_sent`).
 """
@@ -31,6 +31,7 @@ __all__ = [
     "end_step",
     "final_round",
     "holds_final",
+    "may_take_final",
     "missed_checkin",
     "pending_after",
     "pending_after_sent",
@@ -96,6 +97,15 @@ def final_round(current_round: int) -> int:
     """The final model is the merged model of the round before the current one (the contract
     opens no round after the final one)."""
     return current_round - 1
+
+
+def may_take_final(joined: bool, authorized: bool, revoked: bool, finished: bool) -> bool:
+    """Whether a site may have the training's final model: one that joined it, or, once it
+    finished, one its registry authorised that did not join (its node came up after the
+    others finished). A revoked site never; a site the registry never authorised never."""
+    if revoked:
+        return False
+    return joined or (authorized and finished)
 
 
 def holds_final(chain_digest: bytes | None, held_digest: bytes | None) -> bool:

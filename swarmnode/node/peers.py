@@ -4,31 +4,65 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 from swarmnode.chain.client import RoundStatus, SwarmContract
 from swarmnode.chain.models import NodeInfo
 from swarmnode.errors import PeerUnavailable
 from swarmnode.identity import TlsFiles
+from swarmnode.node import lifecycle
 from swarmnode.transport.peer import PeerClient
 
 __all__ = ["ChainAuthority", "PeerPool"]
+
+_SLOT_S = 0.25  # without a block source, a round's participants are re-read this often at most
+_READS_PER_BLOCK = 4  # rounds read per block at most, whatever rounds callers name
+
+
+class _Round(NamedTuple):
+    """A round as the authority last read it: its status, participants (lower case), whether
+    it is the training's final round, and the block (or time slot) it was read in."""
+
+    status: RoundStatus
+    members: frozenset[str]
+    final: bool
+    mark: int
 
 
 class ChainAuthority:
     """Answers the peer API's identity questions from the contract (PeerAuthority protocol).
 
-    A certificate is accepted for an address only while the contract holds its fingerprint for an
-    enrolled, non-revoked node. Caches keep a busy round from hammering the RPC node (one read per
-    node per ``ttl``, not one per call): a revocation takes effect within ``ttl`` seconds. A
-    round's participants are read once it is elected (they are fixed from then on).
+    A certificate is accepted for an address only while the contract holds its fingerprint for
+    a node that joined this training and is not revoked; once the training finished, also for a
+    site of its registry that never joined (authorised, not revoked): it may pull the final
+    model and nothing else (:meth:`is_participant`). Caches keep a busy round from hammering the
+    RPC node (one read per node per ``ttl``, not one per call): a revocation takes effect within
+    ``ttl`` seconds. A round's participants are re-read for a caller they do not name at most
+    once per block (``block``: the latest block number this node knows, its BlockWatcher's;
+    without one, once per ``_SLOT_S`` seconds), never once per request: a check-in mined a
+    moment ago is seen at the next block, and a non-participant's requests cost no chain reads.
     """
 
-    def __init__(self, chain: SwarmContract, ttl: float = 5.0) -> None:
+    def __init__(self, chain: SwarmContract, ttl: float = 5.0,
+                 block: Callable[[], int] | None = None) -> None:
         self.chain = chain
         self.ttl = ttl
+        self.block = block
         self._lock = threading.Lock()
         self._nodes: dict[str, tuple[float, NodeInfo]] = {}
-        self._rounds: dict[int, tuple[RoundStatus, frozenset[str]]] = {}
+        self._rounds: dict[int, _Round] = {}
+        self._finished: tuple[float, bool] | None = None  # (when read, training finished)
+        self.round_reads = 0  # chain reads of rounds (what the bound on re-reads is about)
+        self._reads = (0, 0)  # (block, rounds read in it)
+
+    def _mark(self) -> int:
+        """The block this node knows as the latest (or, without a block source, a time slot)."""
+        if self.block is not None:
+            block = self.block()
+            if block >= 0:  # -1: the watcher has seen no block yet
+                return block
+        return int(time.monotonic() / _SLOT_S) - (1 << 40)  # never a block number
 
     def node(self, address: str) -> NodeInfo:
         """The contract's record of ``address``, at most ``ttl`` seconds old."""
@@ -48,27 +82,74 @@ class ChainAuthority:
         with self._lock:
             self._nodes.pop(address.lower(), None)
 
+    def training_finished(self) -> bool:
+        """Whether the training finished (read at most every ``ttl`` s until it has; final)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._finished
+        if hit is not None and (hit[1] or now - hit[0] < self.ttl):
+            return hit[1]
+        done = self.chain.training_finished()
+        with self._lock:
+            self._finished = (now, done)
+        return done
+
     def fingerprint_of(self, address: str) -> bytes | None:
         info = self.node(address)
-        return info.fingerprint if info.enrolled and not info.revoked else None
+        if info.revoked:
+            return None
+        if info.enrolled:
+            return info.fingerprint
+        # a site of the consortium that did not join: only once the training finished (the
+        # final model is all it may take), so a site that could still join is not served
+        if lifecycle.may_take_final(info.enrolled, info.authorized, info.revoked,
+                                    self.training_finished()):
+            return info.fingerprint
+        return None
 
     def is_participant(self, round: int, address: str) -> bool:
-        """A participant of ``round``; once it is committed, any enrolled node may pull it."""
+        """A participant of ``round``; once it is committed, any node that joined this training
+        may pull it, and once the training finished a site of its registry that did not join
+        may pull the final round's."""
+        key = address.lower()
         with self._lock:
             hit = self._rounds.get(round)
-        if hit is not None and address.lower() in hit[1]:
+        if hit is not None and key in hit.members:
             return True
-        if hit is None or hit[0] is not RoundStatus.COMMITTED:
-            info = self.chain.round(round)
-            hit = (info.status, frozenset(p.lower() for p in info.participants))
-            if info.status is not RoundStatus.OPEN:
-                with self._lock:
-                    self._rounds[round] = hit
-                    for old in sorted(self._rounds)[:-8]:
-                        del self._rounds[old]
-        if address.lower() in hit[1]:
+        if hit is None or (hit.status is not RoundStatus.COMMITTED
+                           and hit.mark != self._mark()):
+            read = self._read_round(round)
+            if read is None:  # this block's reads are spent: the caller asks again later
+                return False
+            hit = read
+        if key in hit.members:
             return True
-        return hit[0] is RoundStatus.COMMITTED and self.fingerprint_of(address) is not None
+        if hit.status is not RoundStatus.COMMITTED:
+            return False
+        info = self.node(address)
+        if info.enrolled and not info.revoked:
+            return True
+        return hit.final and self.fingerprint_of(address) is not None
+
+    def _read_round(self, round: int) -> _Round | None:
+        """``round`` read now (and kept); None when ``_READS_PER_BLOCK`` rounds were read in
+        this block already (a caller naming ever new rounds costs no more)."""
+        mark = self._mark()
+        with self._lock:
+            if self._reads[0] != mark:
+                self._reads = (mark, 0)
+            if self._reads[1] >= _READS_PER_BLOCK:
+                return None
+            self._reads = (mark, self._reads[1] + 1)
+        info = self.chain.round(round)
+        got = _Round(info.status, frozenset(p.lower() for p in info.participants),
+                     info.is_final, mark)
+        with self._lock:
+            self.round_reads += 1
+            self._rounds[round] = got
+            for old in sorted(self._rounds)[:-8]:
+                del self._rounds[old]
+        return got
 
 
 class PeerPool:

@@ -228,7 +228,8 @@ class NodeService:
                                              self._round_start)
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
                                      on_add=self.watcher.notify, spec=self.param_spec)
-        self.authority = ChainAuthority(self.chain)
+        # a round's participants are re-read at most once per block (this watcher's)
+        self.authority = ChainAuthority(self.chain, block=lambda: self.watcher.block)
         self.pool = (peers or PeerPool)(self.chain, self.me, self.tls, self.authority)
         deadline = float(self.settings.deadline_s)
         self.timing = Timing(
@@ -249,6 +250,7 @@ class NodeService:
             codec=self.codec,
         )
         self.progress = _Progress()
+        self._late = False  # started after the training finished: it only takes the final model
         self._waiting_cache: tuple[float, dict[str, Any]] | None = None
         self._round_lock = threading.Lock()
         self.peer_server: PeerServer | None = None
@@ -281,6 +283,8 @@ class NodeService:
             metrics_port = self.metrics_server.start()
         self.progress.stage = "ready"
         self._write_health(port, metrics_port)
+        if self._late:  # fetched now, so the model is here (and served) before the trainer asks
+            threading.Thread(target=self._take_final, name="final-model", daemon=True).start()
         log.info(
             "node %s (%s) ready: peer API on port %d, local API at %s",
             self.config.name, self.me, port, self.config.local_target,
@@ -335,6 +339,13 @@ class NodeService:
                 f"admin to authorise it again with `swarmnode authorize {self.me} --cert "
                 f"{self.config.cert}`"
             )
+        if not info.authorized and self.chain.training_finished():
+            raise IdentityError(
+                f"address {self.me} is not authorised on contract {self.chain.address}, whose "
+                "training has finished: its final model is only for the sites of its consortium; "
+                f"ask the swarm admin to run `swarmnode authorize {self.me} --cert "
+                f"{self.config.cert}`"
+            )
         if not info.authorized:
             raise _NotYetAuthorised(
                 f"address {self.me} is not authorised on contract {self.chain.address}; ask the "
@@ -357,12 +368,37 @@ class NodeService:
         host, _, cfg_port = endpoint.rpartition(":")
         if cfg_port == "0":
             endpoint = f"{host}:{port}"
+        if self._late_start(info):
+            return
         if not info.enrolled:
             self.chain.enroll(endpoint)
             log.info("enrolled %s at %s", self.me, endpoint)
         elif info.endpoint != endpoint:
             self.chain.update_endpoint(endpoint)
             log.info("updated endpoint of %s to %s", self.me, endpoint)
+
+    def _late_start(self, info: Any) -> bool:
+        """Whether the training finished before this node started: then it neither joins nor
+        updates its endpoint (the contract refuses both: TrainingOver); it takes the final model
+        from the sites that hold it, verified against the chain's digest, and hands it to its
+        trainer (the peers serve it to a site that did not join only then: ChainAuthority)."""
+        if not self._read(self.chain.training_finished):
+            return False
+        self._late = True
+        final = lifecycle.final_round(self._read(self.chain.current_round))
+        log.info("the training finished with round %d before this node started; taking its "
+                 "final model from the sites that hold it%s", final,
+                 "" if info.enrolled else " (this site did not take part in the training)")
+        return True
+
+    def _take_final(self) -> None:
+        """A late node's final model, fetched at start (else at the trainer's first call)."""
+        try:
+            with self._round_lock:
+                self._final_outcome()
+        except SwarmError as exc:
+            log.warning("the final model could not be fetched yet (%s); the trainer's call "
+                        "tries again", exc)
 
     # -- PeerHandler ------------------------------------------------------------------------------
     def accept_update(
@@ -611,6 +647,11 @@ class NodeService:
         there is nothing to send or the chain refuses it (the training not finished, this node
         not in it): logged, never a failure of the trainer, whose model is final either way."""
         if loss is None and metric is None:
+            return False
+        if self._late and self._read(lambda: self.chain.node(self.me)).last_checkin_round != \
+                lifecycle.final_round(self._read(self.chain.current_round)):
+            log.info("the final model's loss %s and metric %s are not recorded on chain: this "
+                     "node did not take part in the final round", loss, metric)
             return False
         try:
             self._read(lambda: self.chain.report_final_metrics(loss or 0.0, metric or 0.0))

@@ -69,3 +69,16 @@ def test_the_newest_eligible_metrics_are_pending_until_a_checkin_carries_them() 
     assert lifecycle.pending_after_sent(m4, m4) is None
     assert lifecycle.pending_after_sent(m4, m3) == m4  # newer came meanwhile: still pending
     assert lifecycle.pending_after_sent(m4, None) == m4
+
+
+@pytest.mark.parametrize(("joined", "authorized", "revoked", "finished", "may"), [
+    (True, True, False, False, True),  # took part: always
+    (False, True, False, False, False),  # did not join, the training runs: it could still join
+    (False, True, False, True, True),  # did not join, the training finished: the final model
+    (False, False, False, True, False),  # never authorised in the consortium
+    (True, True, True, True, False),  # revoked: never
+    (False, True, True, True, False),
+])
+def test_who_may_have_the_final_model(joined: bool, authorized: bool, revoked: bool,
+                                      finished: bool, may: bool) -> None:
+    assert lifecycle.may_take_final(joined, authorized, revoked, finished) is may
