@@ -16,8 +16,8 @@ from swarmnode.transport.peer import PeerClient
 
 __all__ = ["ChainAuthority", "PeerPool"]
 
-_SLOT_S = 0.25  # without a block source, a round's participants are re-read this often at most
-_READS_PER_BLOCK = 4  # rounds read per block at most, whatever rounds callers name
+_SLOT_S = 0.25  # without a block source: how long a 'block' of the read bound lasts
+_READS_PER_BLOCK = 3  # rounds read per block for one caller at most, whatever rounds it names
 
 
 class _Round(NamedTuple):
@@ -38,10 +38,12 @@ class ChainAuthority:
     site of its registry that never joined (authorised, not revoked): it may pull the final
     model and nothing else (:meth:`is_participant`). Caches keep a busy round from hammering the
     RPC node (one read per node per ``ttl``, not one per call): a revocation takes effect within
-    ``ttl`` seconds. A round's participants are re-read for a caller they do not name at most
-    once per block (``block``: the latest block number this node knows, its BlockWatcher's;
-    without one, once per ``_SLOT_S`` seconds), never once per request: a check-in mined a
-    moment ago is seen at the next block, and a non-participant's requests cost no chain reads.
+    ``ttl`` seconds. A round is read again for a caller its participants do not name: an open
+    round each time, an elected one once per block (``block``: the latest block number this
+    node knows, its BlockWatcher's; without one, per ``_SLOT_S`` seconds), and at most
+    ``_READS_PER_BLOCK`` rounds per block for one caller: a check-in mined a moment ago is seen
+    at once, and a non-participant's requests cost a few chain reads per block, not one per
+    request (callers are addresses their certificates proved: one cannot spend another's).
     """
 
     def __init__(self, chain: SwarmContract, ttl: float = 5.0,
@@ -53,8 +55,7 @@ class ChainAuthority:
         self._nodes: dict[str, tuple[float, NodeInfo]] = {}
         self._rounds: dict[int, _Round] = {}
         self._finished: tuple[float, bool] | None = None  # (when read, training finished)
-        self.round_reads = 0  # chain reads of rounds (what the bound on re-reads is about)
-        self._reads = (0, 0)  # (block, rounds read in it)
+        self._reads: tuple[int, dict[str, int]] = (0, {})  # (block, reads in it by caller)
 
     def _mark(self) -> int:
         """The block this node knows as the latest (or, without a block source, a time slot)."""
@@ -116,9 +117,13 @@ class ChainAuthority:
             hit = self._rounds.get(round)
         if hit is not None and key in hit.members:
             return True
-        if hit is None or (hit.status is not RoundStatus.COMMITTED
-                           and hit.mark != self._mark()):
-            read = self._read_round(round)
+        # an open round's participants grow with each check-in (the caller's may have been
+        # mined a moment ago, in a block this node has not seen yet): read again; an elected
+        # one's are fixed, so only its status can change (committed: others may pull), once
+        # per block; a committed one's never. Either way within this block's reads.
+        if hit is None or hit.status is RoundStatus.OPEN or (
+                hit.status is not RoundStatus.COMMITTED and hit.mark != self._mark()):
+            read = self._read_round(round, key)
             if read is None:  # this block's reads are spent: the caller asks again later
                 return False
             hit = read
@@ -131,21 +136,22 @@ class ChainAuthority:
             return True
         return hit.final and self.fingerprint_of(address) is not None
 
-    def _read_round(self, round: int) -> _Round | None:
-        """``round`` read now (and kept); None when ``_READS_PER_BLOCK`` rounds were read in
-        this block already (a caller naming ever new rounds costs no more)."""
+    def _read_round(self, round: int, caller: str) -> _Round | None:
+        """``round`` read now (and kept) for ``caller`` (an address its certificate proved);
+        None when ``_READS_PER_BLOCK`` rounds were read for it in this block already: a caller
+        naming ever new rounds costs no more, and uses up no other caller's reads."""
         mark = self._mark()
         with self._lock:
             if self._reads[0] != mark:
-                self._reads = (mark, 0)
-            if self._reads[1] >= _READS_PER_BLOCK:
+                self._reads = (mark, {})
+            spent = self._reads[1].get(caller, 0)
+            if spent >= _READS_PER_BLOCK:
                 return None
-            self._reads = (mark, self._reads[1] + 1)
+            self._reads[1][caller] = spent + 1
         info = self.chain.round(round)
         got = _Round(info.status, frozenset(p.lower() for p in info.participants),
                      info.is_final, mark)
         with self._lock:
-            self.round_reads += 1
             self._rounds[round] = got
             for old in sorted(self._rounds)[:-8]:
                 del self._rounds[old]
