@@ -40,8 +40,9 @@ class FaultSettings(BaseModel):
         "", description="ROUND:ATTEMPT[:SECONDS],...: as that round's leader at that attempt, "
         "hang before committing.")
     exit: str = Field(
-        "", description="POINT:ROUND[+]: the process exits (137) at before-push, after-push or "
-        "after-commit of that round (+: or the first later one that gets there).")
+        "", description="POINT:ROUND[+]: the process exits (137) at before-checkin, "
+        "before-push, after-push or after-commit of that round (+: or the first later one that "
+        "gets there).")
 
     @model_validator(mode="after")
     def _parses(self) -> FaultSettings:

@@ -56,9 +56,9 @@ class TrainingSpec:
     # feedback); see swarmnode.transport.compression. A swarm policy, like max_weight: trainers
     # are not compared on it.
     compression: str = "none"
-    # Secure aggregation (swarmnode.privacy): the leader would learn only the sum of the
-    # updates. Its core exists; the round engine does not run it yet, so deployment and node
-    # start refuse a spec that sets it (swarmnode.privacy.guards.refuse_until_wired).
+    # Secure aggregation (swarmnode.privacy, swarmnode.node.secure): the round's leader learns
+    # only the sum of the updates (a node without a data plane refuses it at start:
+    # swarmnode.privacy.guards.refuse_until_wired).
     secure_aggregation: bool = False
 
     def __post_init__(self) -> None:

@@ -523,9 +523,6 @@ class SwarmContract(_Handle):
     ) -> SwarmContract:
         """Deploy a new training on ``registry`` (a handle or address; None: a new registry of
         its own) and list it there; ``admin`` signs and must be the registry's admin."""
-        from swarmnode.privacy.guards import refuse_until_wired
-
-        refuse_until_wired(spec_json)  # before anything touches the chain
         for name, value in (("min_peers", min_peers), ("grace_s", grace_s),
                             ("deadline_s", deadline_s)):
             if not isinstance(value, int) or not 0 <= value <= UINT32_MAX:

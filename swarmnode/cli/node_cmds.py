@@ -97,6 +97,10 @@ def demo(
     containers: Annotated[bool, typer.Option(
         "--containers", help="Run each hospital as containers (compose/hospital.yaml) on a Docker "
         "engine, the sentinel's chain too; needs a checkout of the repository.")] = False,
+    secure_aggregation: Annotated[bool, typer.Option(
+        "--secure-aggregation", help="Train with secure aggregation: each round's leader "
+        "receives only masked updates and learns only their sum (needs 3 or more hospitals; "
+        "the demo's processes, not --containers).")] = False,
 ) -> None:
     """A whole swarm on this machine: chain, certificates, N node services, N trainers."""
 
@@ -110,6 +114,11 @@ def demo(
         )
         from swarmnode.errors import ConfigError
 
+        if secure_aggregation and (containers or nodes < 3 or topology != "leader"
+                                   or merge != "mean"):
+            raise ConfigError("--secure-aggregation runs the demo's processes (not "
+                              "--containers) with 3 or more hospitals (--nodes 3), the leader "
+                              "topology and merge rule mean (the leader sees only the sum)")
         if containers and topology != "leader":
             raise ConfigError("--topology applies to the demo's processes; the container demo "
                               "trains with the leader topology (drop --topology or "
@@ -119,7 +128,8 @@ def demo(
         summary = run(
             DemoOptions(nodes=nodes, merge=merge, workdir=workdir, seed=seed,
                         kill_leader_round=kill_leader_round, example=chosen,
-                        topology=topology),
+                        topology=topology, secure_aggregation=secure_aggregation,
+                        min_peers=3 if secure_aggregation else 2),
             console=console,
         )
         show_summary(summary, console)
@@ -128,7 +138,9 @@ def demo(
 
             json_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
             console.print(f"summary written to {json_path}")
-        if not summary["all_nodes_agree"]:
+        secure = summary["secure_aggregation"]
+        if not summary["all_nodes_agree"] or (secure is not None and (
+                secure["plain_updates_received"] or not secure["masked_updates_received"])):
             raise typer.Exit(1)
 
     body()

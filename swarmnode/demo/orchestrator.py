@@ -9,6 +9,7 @@ and the proof that every node holds the model whose digest is on chain.
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ __all__ = [
 SUMMARY_KEYS = frozenset({
     "nodes", "killed", "central_auc", "central_accuracy", "chain_final_digest", "all_nodes_agree",
     "rounds", "merge", "contract", "seconds", "example", "headline", "swarm_vs_best_local",
-    "report",
+    "report", "secure_aggregation",
 })
 NODE_KEYS = frozenset({
     "name", "samples", "labels", "final_digest", "local_auc", "local_accuracy", "swarm_auc",
@@ -84,6 +85,7 @@ class DemoOptions:
     example: str = DEFAULT_TASK  # digits or breast-cancer (swarmnode.demo.tasks)
     policy: str = "inactive"  # the trainers' end-of-training policy (reproducible rounds)
     topology: str = "leader"  # the spec's: leader or sharded
+    secure_aggregation: bool = False  # the spec's (the leader learns only the sum)
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
@@ -94,7 +96,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any
     with LocalSwarm(opts.workdir, opts.nodes, merge=opts.merge, sync_frequency=sync_frequency,
                     min_peers=opts.min_peers, grace_s=opts.grace_s, deadline_s=opts.deadline_s,
                     seed=opts.seed, epochs=opts.epochs, task=task.name,
-                    topology=opts.topology) as swarm:
+                    topology=opts.topology,
+                    secure_aggregation=opts.secure_aggregation) as swarm:
         console.print(f"[bold]swarmnode demo[/]: {opts.nodes} hospitals, example {task.name} "
                       f"({task.default_split} split), merge rule {opts.merge} ({opts.topology} "
                       "topology), dev chain at "
@@ -197,9 +200,26 @@ def _summary(swarm: SwarmHarness, rounds: list[dict[str, Any]], killed: set[int]
         "headline": head,
         "swarm_vs_best_local": swarm_score - best_local,
         "report": report_path,
+        "secure_aggregation": _secure_evidence(swarm),
     }
     assert set(summary) == SUMMARY_KEYS and all(set(n) == NODE_KEYS for n in summary["nodes"])
     return summary
+
+
+def _secure_evidence(swarm: SwarmHarness) -> dict[str, int] | None:
+    """With secure aggregation: what the node services' logs say each leader received (masked
+    updates, plain ones) and summed; None without it."""
+    if not getattr(swarm, "secure_aggregation", False):
+        return None
+    masked = plain = sums = 0
+    for i in range(swarm.n):
+        path = swarm.log(i, "node")  # type: ignore[attr-defined]
+        text = path.read_text(errors="replace") if path.exists() else ""
+        masked += len(re.findall(r"round \d+: masked update from ", text))
+        plain += len(re.findall(r"round \d+: update from ", text))
+        sums += len(re.findall(r"round \d+: summed \d+ masked updates", text))
+    return {"masked_updates_received": masked, "plain_updates_received": plain,
+            "rounds_summed": sums}
 
 
 def _expected_rounds(swarm: SwarmHarness, opts: DemoOptions) -> list[int]:
@@ -336,4 +356,12 @@ def show_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(f"{summary['example']}: swarm {head} {'+' if gap >= 0 else ''}{gap:.4f} against "
                   "the best hospital's own model")
     console.print(f"per-round validation loss and metric of every site: {summary['report']}")
+    secure = summary.get("secure_aggregation")
+    if secure is not None:
+        never = secure["plain_updates_received"] == 0 and secure["masked_updates_received"] > 0
+        console.print(
+            f"secure aggregation: {secure['rounds_summed']} rounds summed from "
+            f"{secure['masked_updates_received']} masked updates; "
+            + ("[green]the leader never held a plain update[/]" if never else
+               f"[red]{secure['plain_updates_received']} plain updates were received[/]"))
     console.print(f"{verdict}  ({summary['seconds']} s)")

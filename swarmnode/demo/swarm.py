@@ -33,6 +33,11 @@ from swarmnode.spec import TrainingSpec
 
 __all__ = ["LocalSwarm", "wait_until"]
 
+# The demo's secure-aggregation settings: each site clips its round's change to this L2 norm;
+# a weight is its sample count (well under the cap); cap x clip fits the 2^64 ring
+SECURE_CLIP_NORM = 50.0
+SECURE_MAX_WEIGHT = 100_000
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, *, poll: float = 0.1,
                describe: Callable[[], str] | None = None) -> Any:
@@ -68,17 +73,21 @@ class LocalSwarm:
         task: str = "breast-cancer",
         split: str | None = None,
         topology: str = "leader",
+        secure_aggregation: bool = False,
     ) -> None:
         """``state_file``: the chain keeps its state in a file, so it can be stopped and started
         again (an outage) without losing the swarm. ``instant_mining=False``: transactions wait
         for the next block (every ``block_time`` s), as on a chain that is not anvil's.
         ``initial_state``: the model (state dict) of a training script other than the demo's;
         the training spec is made from it. ``task``/``split``: the demo example the trainers
-        train (:mod:`swarmnode.demo.tasks`) and its data split (default: the task's first)."""
+        train (:mod:`swarmnode.demo.tasks`) and its data split (default: the task's first).
+        ``secure_aggregation``: the spec turns it on (with SECURE_CLIP_NORM and
+        SECURE_MAX_WEIGHT); min_peers must be 3 or more."""
         self.work = Path(workdir).resolve()
         self.n = nodes
         self.merge = merge
         self.topology = topology
+        self.secure_aggregation = secure_aggregation
         self.sync_frequency = sync_frequency
         self.min_peers = min_peers
         self.grace_s = grace_s
@@ -138,6 +147,10 @@ class LocalSwarm:
         )
         if self.topology != "leader":
             self.spec = dataclasses.replace(self.spec, topology=self.topology)
+        if self.secure_aggregation:
+            self.spec = dataclasses.replace(
+                self.spec, merge_options={"clip_norm": SECURE_CLIP_NORM},
+                max_weight=SECURE_MAX_WEIGHT, secure_aggregation=True)
         self.w3 = connect(self.chain.url)
         self.contract = SwarmContract.deploy(
             self.w3, dev_account(0), self.spec.to_json(), self.min_peers, self.grace_s,
@@ -214,6 +227,8 @@ class LocalSwarm:
             cmd += ["--epochs", str(epochs)]
         if self.task.name != "breast-cancer":  # the trainer's default (scripts in tests lack it)
             cmd += ["--task", self.task.name]
+        if "clip_norm" in self.spec.merge_options:
+            cmd += ["--clip-norm", str(self.spec.merge_options["clip_norm"])]
         self.trainers[i] = self._spawn(cmd, self.log(i, "trainer"), self.env)
         return self.trainers[i]
 

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sync-frequency", type=int, default=4)
     p.add_argument("--min-peers", type=int, default=2)
     p.add_argument("--merge", default="mean")
+    p.add_argument("--clip-norm", type=float, default=None,
+                   help="The swarm's merge option clip_norm (secure aggregation needs it).")
     p.add_argument("--task", default="breast-cancer", help="The demo example: digits or "
                    "breast-cancer (its model, loss, scores and default settings).")
     p.add_argument("--epochs", type=int, default=None)
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     swarm = SwarmCallback(
         model, sync_frequency=args.sync_frequency, min_peers=args.min_peers,
         merge_method=args.merge, num_samples=len(y), local_api=args.local_api,
+        merge_options={"clip_norm": args.clip_norm} if args.clip_norm is not None else None,
         val_data=(torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)),
         loss_fn=task.loss_fn, metric_fn=task.accuracy_fn,
         on_train_end_policy=args.on_train_end,

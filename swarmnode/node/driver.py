@@ -18,6 +18,7 @@ from swarmnode.chain.client import SwarmContract
 from swarmnode.chain.models import RoundInfo, RoundStatus
 from swarmnode.chain.watch import BlockWatcher
 from swarmnode.errors import (
+    AggregateRejected,
     ChainError,
     ChainTimeout,
     ChainUnavailable,
@@ -26,6 +27,7 @@ from swarmnode.errors import (
     NodeUnavailable,
     NonFiniteValues,
     PayloadRejected,
+    RoundAbandoned,
     RoundError,
     RoundTimeout,
     SwarmError,
@@ -48,15 +50,19 @@ from swarmnode.node.machine import (
     Push,
     Reduce,
     Reelect,
+    Reveals,
     RoundMachine,
     Scatter,
+    SecureView,
     Stage,
     Timing,
     Wait,
     absent_check_due,
 )
 from swarmnode.node.peers import PeerPool
+from swarmnode.node.secure import SecureAggregation
 from swarmnode.node.store import ModelStore, StoredModel
+from swarmnode.privacy.dropout import SeedReveal
 from swarmnode.transport import compression, parts, serde
 from swarmnode.types import StateDict, Update
 
@@ -135,14 +141,17 @@ class RoundDriver:
         topology: str = "leader",
         shards: sharding.ShardExchange | None = None,
         codec: compression.UpdateCodec | None = None,
+        secure: SecureAggregation | None = None,
     ) -> None:
         """``watcher``: waits end at the next block (or update) instead of after a fixed
         interval; without one the round polls every ``timing.poll_s``. ``faults``: what the
         failure tests inject (none in production). ``peer_parts``: members fetch the merged
         model in verified parts, their share from the leader and the rest from each other
         (:mod:`swarmnode.transport.parts`), instead of each the whole model from the leader.
-        ``codec``: how updates travel (the spec's ``compression``; default: whole)."""
+        ``codec``: how updates travel (the spec's ``compression``; default: whole).
+        ``secure``: the training runs secure aggregation (masked updates, seed reveals)."""
         self.me = me
+        self.secure = secure
         self.peer_parts = peer_parts
         # topology 'sharded': the first attempt of a round merges in slices (node.sharding)
         self.topology = topology
@@ -187,7 +196,7 @@ class RoundDriver:
             MarkAbsent: self._mark_absent, Draw: self._draw, Push: self._push,
             Scatter: self._scatter, Reduce: self._reduce,
             Merge: self._merge, Reelect: self._reelect,
-            Pull: self._pull, Done: self._done,
+            Pull: self._pull, Done: self._done, Reveals: self._reveals,
         }
 
     @property
@@ -275,7 +284,8 @@ class RoundDriver:
         or the round was abandoned. ``contribute=False``: only take the merged model.
         """
         machine = RoundMachine(self.me, round, weight, self.timing, contribute=contribute,
-                               drive=drive, metrics=self.pending_metrics if contribute else None)
+                               drive=drive, metrics=self.pending_metrics if contribute else None,
+                               secure=self.secure is not None)
         rnd = Round(machine, state, payload, weight, started=time.monotonic())
         if self._depth == 0:  # a nested fetch runs in its own Round, not as the current one
             self.current = rnd
@@ -340,7 +350,15 @@ class RoundDriver:
             del self.seen[min(self.seen)]
         collected: frozenset[str] = frozenset()
         sharded, shard_in = self.sharded_attempt(info)
-        if info.status is RoundStatus.ELECTED and info.leader == self.me and not sharded:
+        secure = None
+        if self.secure is not None:
+            led = info.status is RoundStatus.ELECTED and info.leader == self.me
+            if led:
+                collected = self.secure.senders(round)
+            if info.status in (RoundStatus.OPEN, RoundStatus.ELECTED):
+                secure = SecureView(self.secure.roster(round),
+                                    self.secure.revealed(round) if led else frozenset())
+        elif info.status is RoundStatus.ELECTED and info.leader == self.me and not sharded:
             if info.attempt not in rnd.seeded and self.me in info.participants:
                 self._seed_own(rnd, info)
                 rnd.seeded.add(info.attempt)
@@ -353,7 +371,7 @@ class RoundDriver:
             absent = tuple(self.chain.absent_candidates())
         action: Action = machine.decide(Observation(now, info, collected, absent,
                                                     time.monotonic() - self._chain_ok_since,
-                                                    sharded, shard_in))
+                                                    sharded, shard_in, secure))
         # what this step's time is reported as: the action, or what a wait waits for
         rnd.action = (f"wait_{machine.stage.value}" if isinstance(action, Wait)
                       else type(action).__name__.lower())
@@ -454,8 +472,11 @@ class RoundDriver:
 
     def _checkin(self, rnd: Round, action: CheckIn, info: RoundInfo, now: float) -> None:
         machine = rnd.machine
+        self._die_at("before-checkin", action.round)
+        masked = self._masked_hash(rnd, action) if action.masked else None
         try:
-            result = self.chain.checkin(action.round, action.weight, metrics=action.metrics)
+            result = self.chain.checkin(action.round, action.weight, metrics=action.metrics,
+                                        masked_hash=masked)
         except ContractReverted as exc:
             info = self.chain.round(action.round)
             if self.me in info.participants:  # an earlier try landed: its reply was lost
@@ -473,6 +494,109 @@ class RoundDriver:
         if "RoundClosed" in result.events:
             machine.on_closed()
         log.info("round %d: checked in with weight %d", action.round, action.weight)
+
+    def _start_state(self, round: int) -> StateDict | None:
+        """The model ``round`` starts from (the latest committed before it), None if none."""
+        held = self.latest_committed_before(round)
+        if held is None:
+            return None
+        return serde.view_state(held.data, spec=self.spec, reject_nonfinite=False)
+
+    def _masked_hash(self, rnd: Round, action: CheckIn) -> bytes:
+        """Secure aggregation: this node's masked update for the round (made once), its hash
+        for the check-in."""
+        assert self.secure is not None
+        roster = self.secure.roster(action.round)
+        if roster is None:
+            raise RoundError(f"round {action.round}: the mask set is not fixed; no check-in")
+        _, digest = self.secure.masked(action.round, rnd.state, action.weight,
+                                       self._start_state(action.round), roster)
+        return digest
+
+    def _push_masked(self, rnd: Round, action: Push) -> bool:
+        """Secure aggregation: push the masked update this node checked in with (its hash on
+        chain); False: it does not hold that update (restarted after its check-in), so it
+        pushes nothing and the round is abandoned."""
+        assert self.secure is not None
+        held = self.secure.held(action.round)
+        onchain = self.secure.hashes(action.round, refresh=True).get(self.me.lower())
+        if held is None or onchain is None or held[1] != onchain:
+            log.error("round %d: this node checked in with a masked update it no longer holds "
+                      "(restarted after its check-in?); it pushes nothing: the round is "
+                      "abandoned, the next goes on", action.round)
+            return False
+        payload = SecureAggregation.payload(held[0])
+        self.pool.client(action.leader).push_update(
+            action.round, rnd.weight, payload, timeout=action.timeout_s,
+            digest=serde.digest(payload))
+        return True
+
+    def _reveals(self, rnd: Round, action: Reveals, info: RoundInfo, now: float) -> None:
+        """Secure-aggregation leader: the survivors' seeds with the sites that never checked
+        in (this node's own computed here)."""
+        assert self.secure is not None
+        roster = self.secure.roster(action.round) or ()
+        dropouts = {p.lower() for p in roster} - {p.lower() for p in info.participants}
+        for survivor in action.survivors:
+            try:
+                if survivor.lower() == self.me.lower():
+                    got = self.secure.reveal(action.round, roster, info.participants)
+                else:
+                    pairs = self.pool.client(survivor).reveal_seeds(
+                        action.round, timeout=self.timing.transfer_s)
+                    got = [SeedReveal(survivor.lower(), m.lower(), action.round, 0, seed)
+                           for m, seed in pairs]
+                    if {r.missing for r in got} != dropouts or len(got) != len(dropouts):
+                        raise PayloadRejected(
+                            f"{survivor} revealed seeds for {sorted(r.missing for r in got)}, "
+                            f"not for the sites that never checked in ({sorted(dropouts)})")
+            except SwarmError as exc:
+                log.warning("round %d: seed reveals from %s: %s", action.round, survivor, exc)
+                continue
+            self.secure.add_reveals(action.round, survivor, got)
+        log.info("round %d: seed reveals in from %d of %d survivors", action.round,
+                 len(self.secure.revealed(action.round)), len(action.survivors))
+
+    def _merge_secure(self, rnd: Round, action: Merge, info: RoundInfo) -> bool:
+        """Secure-aggregation leader: the sum of the masked updates, masks removed, decoded,
+        bound-checked, added to the round's starting model and stored; False: this attempt
+        cannot be committed (the members re-elect at the deadline)."""
+        assert self.secure is not None
+        round = action.round
+        if action.keep:  # too few sites to sum: the starting model is committed again
+            held = self.latest_committed_before(round)
+            if held is None:
+                log.error("round %d: too few sites of the mask set checked in to sum their "
+                          "updates, and no model was committed before; the round is re-elected "
+                          "at its deadline", round)
+                rnd.machine.on_vetoed(action.attempt)
+                return False
+            log.warning("round %d: only %d sites checked in: too few to sum masked updates; "
+                        "committing the round's starting model again", round,
+                        len(info.participants))
+            rnd.merged[action.attempt] = (held.digest, action.members)
+            self.store.put(round, held.digest, held.data)
+            return True
+        try:
+            base = self._start_state(round)
+            plan = self.secure.plan_for(base)
+            roster = self.secure.roster(round) or ()
+            result = self.secure.aggregate(round, roster, self._weights_of(info), plan)
+            merged = self.secure.unflatten(result.mean, base, rnd.state)
+            data, digest = serde.Encoded(merged).to_buffer()
+            serde.view_state(data, spec=self.spec, reject_nonfinite=True)
+        except (RoundAbandoned, AggregateRejected, NonFiniteValues) as exc:
+            log.error("round %d: the masked updates cannot be merged: %s; the round is "
+                      "re-elected at its deadline", round, exc)
+            rnd.machine.on_vetoed(action.attempt)
+            return False
+        inside = set(result.contributors)
+        members = tuple(p for p in info.participants if p.lower() in inside)
+        log.info("round %d: summed %d masked updates (%d dropouts' masks removed); the leader "
+                 "holds only the sum", round, len(members), len(result.dropouts))
+        rnd.merged[action.attempt] = (digest, members)
+        self.store.put(round, digest, data)
+        return True
 
     def _seed_own(self, rnd: Round, info: RoundInfo) -> None:
         log.info("round %d: elected leader (attempt %d)", info.round, info.attempt)
@@ -500,6 +624,23 @@ class RoundDriver:
 
     def _push(self, rnd: Round, action: Push, info: RoundInfo, now: float) -> None:
         self._die_at("before-push", action.round)
+        if self.secure is not None:
+            try:
+                if not self._push_masked(rnd, action):
+                    rnd.machine.on_pushed(action.attempt)  # nothing to push: wait for the end
+                    return
+            except DuplicateUpdate:
+                pass
+            except SwarmError as exc:
+                log.warning("round %d: masked push to leader %s failed: %s", action.round,
+                            action.leader, exc)
+                return
+            rnd.machine.on_pushed(action.attempt)
+            self._die_at("after-push", action.round)
+            log.info("round %d: masked update sent to leader %s", action.round, action.leader)
+            if action.prefetch:
+                self._start_prefetch(action.round, action.leader)
+            return
         payload = self.codec.outgoing(action.round, rnd.state, rnd.payload)
         try:
             self.pool.client(action.leader).push_update(
@@ -761,6 +902,9 @@ class RoundDriver:
         if action.sharded and action.attempt not in rnd.merged:
             if not self._assemble(rnd, action, info, now):
                 return
+        if self.secure is not None and action.attempt not in rnd.merged:
+            if not self._merge_secure(rnd, action, info):
+                return
         if action.attempt not in rnd.merged:
             collector = self.collectors.get(action.round, action.attempt)
             merged, senders, total = collector.seal(self._reference(collector, action.round))
@@ -795,7 +939,8 @@ class RoundDriver:
             self.store.put(action.round, digest, data)
             del data
         digest, members = rnd.merged[action.attempt]
-        pushed = self.collectors.get(action.round, action.attempt).senders - {self.me}
+        pushed = (set(self.secure.senders(action.round)) if self.secure is not None
+                  else self.collectors.get(action.round, action.attempt).senders) - {self.me}
         if not action.sharded:  # sharded: every member assembles the model from the owners
             self._await_replica(action.round, set(pushed))
         t1 = time.monotonic()

@@ -10,7 +10,8 @@ kinds the end-to-end tests need:
   SECONDS.
 - ``exit``: "POINT:ROUND" or "POINT:ROUND+": the process dies (exit 137, no clean-up) at that
   point of that round (with "+": of that round or the first later one that gets there). Points:
-  ``before-push``, ``after-push`` (a member), ``after-commit`` (the leader).
+  ``before-checkin`` (any site), ``before-push``, ``after-push`` (a member), ``after-commit``
+  (the leader).
 
 Pure values and decisions; the driver performs what they say.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 __all__ = ["EXIT_POINTS", "NO_FAULTS", "ExitAt", "Faults", "Stall"]
 
-EXIT_POINTS = ("before-push", "after-push", "after-commit")
+EXIT_POINTS = ("before-checkin", "before-push", "after-push", "after-commit")
 
 
 @dataclass(frozen=True)

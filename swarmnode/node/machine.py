@@ -37,6 +37,7 @@ from enum import Enum
 from swarmnode.chain.models import RoundInfo, RoundStatus
 from swarmnode.errors import RoundError
 from swarmnode.node.lifecycle import Metrics
+from swarmnode.privacy.guards import MIN_SITES
 
 __all__ = [
     "Action",
@@ -51,8 +52,10 @@ __all__ = [
     "Push",
     "Reduce",
     "Reelect",
+    "Reveals",
     "RoundMachine",
     "Scatter",
+    "SecureView",
     "Stage",
     "Timing",
     "Wait",
@@ -76,6 +79,17 @@ class CheckIn:
     round: int
     weight: int
     metrics: Metrics | None = None  # an earlier round's, carried by this check-in
+    masked: bool = False  # secure aggregation: carries the hash of this site's masked update
+
+
+@dataclass(frozen=True)
+class Reveals:
+    """Secure-aggregation leader: ask these participants (this node included) for their round
+    seeds with the mask-set sites that never checked in."""
+
+    round: int
+    attempt: int
+    survivors: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -138,6 +152,9 @@ class Merge:
     attempt: int
     members: tuple[str, ...]
     sharded: bool = False
+    # secure aggregation with fewer than MIN_SITES checked-in sites of the mask set: commit the
+    # round's starting model again (no sum is formed: the sum of two gives each away)
+    keep: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,7 +187,7 @@ class Done:
 
 
 Action = (CheckIn | Elect | Draw | MarkAbsent | Push | Scatter | Reduce | Merge | Reelect | Pull
-          | Wait | Done)
+          | Reveals | Wait | Done)
 
 
 @dataclass(frozen=True)
@@ -197,6 +214,16 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class SecureView:
+    """What a secure-aggregation round looks like to this node: the round's mask set (None:
+    not fixed yet, see privacy.roster) and, leading, the participants whose seed reveals are
+    in (addresses compared case-insensitively)."""
+
+    roster: tuple[str, ...] | None
+    revealed: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Observation:
     now: float  # chain time (unix seconds)
     info: RoundInfo  # the round as the contract holds it
@@ -210,6 +237,7 @@ class Observation:
     # node's share is in (weight-0 ones count as in: they send nothing)
     sharded: bool = False
     shard_in: frozenset[str] = frozenset()
+    secure: SecureView | None = None  # secure aggregation (the machine was made secure)
 
 
 class RoundMachine:
@@ -225,10 +253,12 @@ class RoundMachine:
         contribute: bool = True,
         drive: bool = True,
         metrics: Metrics | None = None,
+        secure: bool = False,
     ) -> None:
         """``drive=False``: never elect (a node whose trainer is done must not turn rounds over
         by itself while another site still trains); it still sets silent sites aside.
-        ``metrics``: an earlier round's, for the check-in to carry."""
+        ``metrics``: an earlier round's, for the check-in to carry. ``secure``: the training
+        runs secure aggregation (its observations carry a :class:`SecureView`)."""
         self.me = me
         self.round = round
         self.weight = weight
@@ -246,6 +276,7 @@ class RoundMachine:
         self.refused_digest: bytes | None = None
         self.vetoed_attempt: int | None = None
         self.metrics = metrics
+        self.secure = secure
         self.closer = False  # this node's transaction closed the round (or re-elected)
         self.unpullable_since: float | None = None  # chain time of the first failed pull
         self.gave_up = False  # no participant served the committed model for a deadline
@@ -296,6 +327,19 @@ class RoundMachine:
         info, t = obs.info, self.timing
         if self.me in info.participants:
             self.checked_in = True
+        if not self.checked_in and not self.late and self.secure:
+            roster = obs.secure.roster if obs.secure is not None else None
+            if roster is None:
+                self.stage = Stage.CHECKIN
+                return Wait(t.poll_s, "waiting for the round's mask set (members joining)")
+            if self.me.lower() not in {p.lower() for p in roster}:
+                # not in the mask set (it joined during this round): the others masked without
+                # it, so it takes the merged model and adds nothing (a weight-0 site of the set
+                # checks in and pushes a masked zero: its masks must cancel the others')
+                self.late = True
+            else:
+                self.stage = Stage.CHECKIN
+                return CheckIn(self.round, self.weight, self.metrics, masked=True)
         if not self.checked_in and not self.late:
             self.stage = Stage.CHECKIN
             return CheckIn(self.round, self.weight, self.metrics)
@@ -338,6 +382,8 @@ class RoundMachine:
                 self.stage = Stage.COMMIT
                 return Wait(t.poll_s, "merge vetoed (NaN/Inf): waiting for the re-election")
             self.stage = Stage.COLLECT
+            if self.secure:
+                return self._secure_collect(obs, attempt)
             members = frozenset(info.participants) & (obs.collected | {self.me})
             everyone = len(members) == len(info.participants)
             quorum = min(t.min_peers, len(info.participants))
@@ -349,8 +395,10 @@ class RoundMachine:
             return Wait(t.poll_s, f"collecting updates ({len(members)}/{len(info.participants)})")
         if self._overdue(obs) and self._may_try(f"reelect{attempt}", obs.now):
             return Reelect(self.round, attempt, leader)
-        if self.pushed_attempt != attempt and self.weight == 0:
+        if self.pushed_attempt != attempt and self.weight == 0 and not self.secure:
             self.pushed_attempt = attempt  # nothing to add: the leader counts it as in
+        if self.pushed_attempt != attempt and self.secure and not self._summed(obs):
+            self.pushed_attempt = attempt  # too few to sum: the leader keeps the starting model
         if self.pushed_attempt != attempt:
             self.stage = Stage.PUSH
             if self._may_try(f"push{attempt}", obs.now):
@@ -359,6 +407,46 @@ class RoundMachine:
             return Wait(t.poll_s, "retrying the push soon")
         self.stage = Stage.COMMIT
         return Wait(t.poll_s, "waiting for the leader's commit")
+
+    @staticmethod
+    def _summed(obs: Observation) -> bool:
+        """Secure aggregation: whether the round's masked updates are summed (at least
+        MIN_SITES sites of the mask set checked in)."""
+        roster = obs.secure.roster if obs.secure is not None else None
+        low = {p.lower() for p in roster or ()}
+        return sum(1 for p in obs.info.participants if p.lower() in low) >= MIN_SITES
+
+    def _secure_collect(self, obs: Observation, attempt: int) -> Action:
+        """Secure-aggregation leader: every checked-in site of the mask set must push (a missing
+        masked update leaves its masks in the others' and only its own seeds could remove
+        them: no quorum merge, the round is re-elected at its deadline and, every leader
+        failing, abandoned); then, if some mask-set sites never checked in, every survivor's
+        seed reveals for them; then the merge."""
+        info, t = obs.info, self.timing
+        roster = obs.secure.roster if obs.secure is not None else None
+        if not roster:
+            return Wait(t.poll_s, "waiting for the round's mask set")
+        low = {p.lower() for p in roster}
+        required = {p.lower(): p for p in info.participants if p.lower() in low}
+        if len(required) < MIN_SITES:  # too few to sum: the starting model goes on, no sum
+            if self._may_try(f"merge{attempt}", obs.now):
+                return Merge(self.round, attempt, tuple(sorted(info.participants)), keep=True)
+            return Wait(t.poll_s, "committing the starting model again")
+        have = {c.lower() for c in obs.collected} | {self.me.lower()}
+        missing = set(required) - have
+        if missing:
+            return Wait(t.poll_s, f"collecting masked updates ({len(required) - len(missing)}"
+                        f"/{len(required)})")
+        dropouts = low - set(required)
+        revealed = {r.lower() for r in obs.secure.revealed} if obs.secure is not None else set()
+        need = sorted(required[p] for p in set(required) - revealed) if dropouts else []
+        if need:
+            if self._may_try(f"reveal{attempt}", obs.now):
+                return Reveals(self.round, attempt, tuple(need))
+            return Wait(t.poll_s, f"waiting for seed reveals ({len(need)} to come)")
+        if self._may_try(f"merge{attempt}", obs.now):
+            return Merge(self.round, attempt, tuple(sorted(required.values())))
+        return Wait(t.poll_s, "merging the masked updates")
 
     def _sharded(self, obs: Observation, leader: str, attempt: int) -> Action:
         """An attempt of a sharded round: send the slices, merge this node's slice once every

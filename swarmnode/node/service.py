@@ -47,6 +47,7 @@ from swarmnode.node.lifecycle import END_POLICIES, Privacy
 from swarmnode.node.machine import Timing
 from swarmnode.node.metrics import Family, Histogram, MetricsServer, counter, gauge
 from swarmnode.node.peers import ChainAuthority, PeerPool
+from swarmnode.node.secure import SecureAggregation, load_or_make_key, masked_params
 from swarmnode.node.sharding import ShardExchange
 from swarmnode.node.store import ModelStore, StoredModel
 from swarmnode.privacy.guards import refuse_until_wired
@@ -207,7 +208,9 @@ class NodeService:
         )
         self.me = self.chain.account_address
         spec_json = self.chain.spec_json()
-        refuse_until_wired(spec_json)
+        # secure aggregation's seed reveals travel on the data plane (or in process: a pool)
+        refuse_until_wired(spec_json,
+                           reveals_carried=peers is not None or config.data_port != -1)
         self.spec = TrainingSpec.from_json(spec_json, "the contract's training spec")
         self.param_spec = serde.ParamSpec(
             {name: (p.shape, p.dtype) for name, p in self.spec.params.items()}
@@ -226,6 +229,14 @@ class NodeService:
         # how updates travel (the spec's compression): the change from the round's start
         self.codec = compression.UpdateCodec(self.spec.compression, self.param_spec.params,
                                              self._round_start)
+        self.secure: SecureAggregation | None = None
+        if self.spec.secure_aggregation:  # pushes are masked updates (one int64 vector)
+            self.secure = SecureAggregation(
+                self.me, self.chain, load_or_make_key(config.data_dir), self.param_spec.params,
+                clip=float(self.spec.merge_options["clip_norm"]),
+                weight_cap=int(self.spec.max_weight or 1), min_peers=self.settings.min_peers)
+            self.codec = compression.UpdateCodec(
+                "none", masked_params(self.param_spec.params), self._round_start)
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
                                      on_add=self.watcher.notify, spec=self.param_spec)
         # a round's participants are re-read at most once per block (this watcher's)
@@ -247,7 +258,7 @@ class NodeService:
             topology=self.spec.topology, shards=ShardExchange(
                 self.param_spec, self.spec.merge_method, self.spec.merge_options, self.me,
                 on_add=self.watcher.notify),
-            codec=self.codec,
+            codec=self.codec, secure=self.secure,
         )
         self.progress = _Progress()
         self._late = False  # started after the training finished: it only takes the final model
@@ -370,6 +381,10 @@ class NodeService:
             endpoint = f"{host}:{port}"
         if self._late_start(info):
             return
+        if self.secure is not None:  # the key is posted before the site joins the training
+            if not self.chain.registry.site(self.me).enrolled:
+                self.chain.registry.enroll(endpoint)
+            self.secure.publish_key()
         if not info.enrolled:
             self.chain.enroll(endpoint)
             log.info("enrolled %s at %s", self.me, endpoint)
@@ -406,6 +421,13 @@ class NodeService:
         evict: Callable[[], None] | None = None,
     ) -> None:
         info = self._check_push(round, sender, weight)
+        if self.secure is not None:  # a masked update: kept once its hash is the check-in's
+            self.secure.receive(round, sender, state, self.secure.plan)
+            if evict is not None:
+                evict()
+            self.watcher.notify()
+            log.info("round %d: masked update from %s (weight %d)", round, sender, weight)
+            return
         state = self.codec.incoming(round, state, sender)  # a compressed change: the full model
         self.driver.collector(info).add(Update(state, float(weight), sender, evict=evict))
         log.info("round %d: update from %s (weight %d)", round, sender, weight)
@@ -415,6 +437,21 @@ class NodeService:
         from); pull=False: only a model this node holds (a transport thread asks)."""
         held = self.driver.latest_committed_before(round, pull=pull)
         return None if held is None else held.data
+
+    def reveal_seeds(self, round: int, caller: str) -> list[tuple[str, bytes]]:
+        """Secure aggregation: this site's round seeds with the mask-set sites that never
+        checked in, for ``caller`` only if it is the round's elected leader (SecureAggregation.
+        answer_reveal says what else is refused)."""
+        if self.secure is None:
+            raise PeerRefused(f"round {round}: this training does not run secure aggregation; "
+                              "there is no seed to reveal")
+        info = self.chain.round(round)
+        reveals = self.secure.answer_reveal(round, caller, info.participants, info.leader,
+                                            info.status is RoundStatus.ELECTED)
+        log.info("round %d: revealed %d round seeds (sites that never checked in: %s) to the "
+                 "leader %s", round, len(reveals), ", ".join(r.missing for r in reveals),
+                 caller)
+        return [(r.missing, r.seed) for r in reveals]
 
     def check_push(self, round: int, sender: str, weight: int) -> None:
         """The servers ask this with a push's header, before its payload is read or admitted."""

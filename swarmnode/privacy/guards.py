@@ -1,5 +1,5 @@
 """The rules a training spec with ``secure_aggregation: true`` must keep, and the refusal to run
-one while the round engine does not implement it.
+one on a node whose transport cannot carry its seed reveals (no data plane).
 
 Each rule raises ValueError saying what to change (TrainingSpec turns it into a ConfigError).
 """
@@ -60,17 +60,20 @@ def check_spec(*, merge_method: str, merge_options: Mapping[str, float], min_pee
             f"{ring.FRACTION_BITS} fractional bits in {ring.RING_BITS} bits)") from None
 
 
-def refuse_until_wired(spec_json: str) -> None:
-    """ConfigError when the spec asks for secure aggregation, which the round engine does not
-    implement yet: running it would send every update in the clear while the spec says they
-    are protected. The one place this refusal lives (training deploy and node start call it)."""
+def refuse_until_wired(spec_json: str, *, reveals_carried: bool) -> None:
+    """ConfigError when the spec asks for secure aggregation and this node's transport cannot
+    carry the seed-reveal request: the in-process transport (:mod:`swarmnode.testing.inproc`)
+    and the data plane carry it; a node whose data plane is turned off (``data_port: -1``)
+    could not complete a round with a dropout, so it is refused at start. The one place this
+    refusal lives (node start calls it)."""
+    if reveals_carried:
+        return
     try:
         raw = json.loads(spec_json)
     except ValueError:
         return  # not JSON: the spec's own parser says what is wrong
     if isinstance(raw, dict) and raw.get("secure_aggregation"):
         raise ConfigError(
-            "the training spec sets secure_aggregation, which the round engine does not "
-            "implement yet (only its core, swarmnode.privacy, exists): the leader would still "
-            "receive every update in the clear. Make the spec without it (`swarmnode spec` "
-            "without --secure-aggregation) and deploy that")
+            "the training spec sets secure_aggregation, whose seed reveals travel on the data "
+            "plane, and this node turns its data plane off (data_port: -1); remove data_port "
+            "from node.yaml (default: the peer port + 1) or set a port")

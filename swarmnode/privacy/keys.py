@@ -1,7 +1,9 @@
-"""Keys for secure aggregation: one X25519 key pair per site and training, pair keys, round seeds.
+"""Keys for secure aggregation: one X25519 key pair per site, pair keys, round seeds.
 
-- Each site makes a fresh X25519 key pair for one training (never its TLS or chain key: a round
-  seed may be revealed, and nothing derived from a long-term identity key ever must be).
+- Each site makes an X25519 key pair for secure aggregation alone (never its TLS or chain key:
+  a round seed may be revealed, and nothing derived from an identity key ever must be) and posts
+  it in the registry's per-site slot; the trainings on that registry share it, each with pair
+  keys of its own (below).
 - Pair key of sites a and b: HKDF-SHA256 over the X25519 shared secret, its context binding the
   chain id, the training's address and both site addresses in ascending order, so a and b derive
   the same 32 bytes and no other training, chain or pair does.

@@ -273,6 +273,13 @@ class MemoryPeerClient:
         self.network.pulls += 1
         return received
 
+    def reveal_seeds(self, round: int, timeout: float) -> list[tuple[str, bytes]]:
+        """Secure aggregation: the peer's round seeds with the sites that never checked in,
+        asked as this node (the peer answers only the round's elected leader)."""
+        peer, own_cert = self._reach()
+        caller = bind_address(peer.authority, self.own_address, own_cert)
+        return [(str(missing), bytes(seed)) for missing, seed in peer.reveal_seeds(round, caller)]
+
     # -- sharded rounds: slices to their owners, merged slices back --------------------------------
     def push_shard(self, round: int, attempt: int, index: int, weight: int,
                    piece: EncodedSlice, timeout: float) -> None:

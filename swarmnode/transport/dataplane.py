@@ -535,6 +535,8 @@ class DataServer:
                     self._shard_push(tls, sender, hdr)
                 elif op == "shard_pull":
                     self._shard_pull(tls, sender, hdr, started)
+                elif op == "reveal":
+                    self._reveal(tls, sender, hdr)
                 else:
                     raise PayloadRejected(f"unknown data plane operation {op!r}")
             except SwarmError as exc:
@@ -1014,6 +1016,19 @@ class DataServer:
         self.handler.accept_shard(rnd, attempt, index, sender, _int(hdr, "weight", what), state)
         _send_frame(tls, {"ok": True})
 
+    def _reveal(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any]) -> None:
+        """``{"op": "reveal", "address", "round"}``: secure aggregation, this node's round seeds
+        with the mask-set sites that never checked in, for the round's elected leader only (the
+        handler's ``reveal_seeds`` decides): ``{"ok": true, "reveals": [[site, seed hex],
+        ...]}``."""
+        rnd = _int(hdr, "round", f"seed reveal request from {caller}", 1, 1 << 62)
+        reveal = getattr(self.handler, "reveal_seeds", None)
+        if reveal is None:
+            raise PeerRefused("this node does not run secure aggregation: no seed to reveal")
+        pairs = reveal(rnd, caller)
+        _send_frame(tls, {"ok": True, "reveals": [[str(m), bytes(seed).hex()]
+                                                   for m, seed in pairs]})
+
     def _shard_pull(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any],
                     started: float) -> None:
         """``{"op": "shard_pull", "address", "round", "attempt", "index", "wait_s"}``: this
@@ -1352,6 +1367,37 @@ class DataClient:
                               "total_bytes": piece.nbytes, "digest": piece.digest.hex()})
             self._send_for_verdict(tls, body, [(0, len(body))], lambda start, end: None, what,
                                    head=piece.head)
+
+    def reveal_seeds(self, round: int, timeout: float) -> list[tuple[str, bytes]]:
+        """Secure aggregation: the peer's round seeds with the sites that never checked in
+        (answered only when this node is the round's elected leader), as (site, 32-byte seed)."""
+        what = f"seed reveals of round {round} from {self.who}"
+        with self._connect(timeout) as tls:
+            tls.settimeout(min(timeout, _PROGRESS_S))
+            _send_frame(tls, {"op": "reveal", "address": self.own_address, "round": round})
+            try:
+                reply = _recv_frame(tls, what)
+            except SwarmError:
+                raise
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"{what}: the connection broke: {exc}") from None
+        self._verdict(reply, what)
+        got = reply.get("reveals")
+        out: list[tuple[str, bytes]] = []
+        if not isinstance(got, list) or len(got) > 4096:
+            raise PayloadRejected(f"{what}: the reply holds no list of reveals")
+        for item in got:
+            ok = (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                  and isinstance(item[1], str) and len(item[1]) == 64)
+            try:
+                seed = bytes.fromhex(item[1]) if ok else b""
+            except ValueError:
+                seed = b""
+            if len(seed) != 32 or len(item[0]) != 42 or not item[0].startswith("0x"):
+                raise PayloadRejected(f"{what}: a reveal is not [site address, 32-byte seed "
+                                      "as hex]")
+            out.append((item[0], seed))
+        return out
 
     def pull_shard_into(self, round: int, attempt: int, index: int, head: bytes,
                         into: memoryview, timeout: float, wait_s: float) -> None:

@@ -639,6 +639,16 @@ class PeerClient:
         self._shard_plane(left(), round).pull_shard_into(round, attempt, index, head, into,
                                                          left(), min(wait_s, left()))
 
+    def reveal_seeds(self, round: int, timeout: float) -> list[tuple[str, bytes]]:
+        """Secure aggregation: the peer's round seeds with the sites that never checked in,
+        asked on its data plane (answered only to the round's elected leader)."""
+        left = self._budget(f"seed reveals of round {round}", timeout)
+        data = self._data_plane(left())
+        if data is None:
+            raise PeerUnavailable(f"{self.who} names no data plane (or it cannot be reached): "
+                                  f"its seed reveals of round {round} cannot be asked for")
+        return data.reveal_seeds(round, left())
+
     def _shard_plane(self, timeout: float, round: int) -> DataClient:
         data = self._data_plane(timeout)
         if data is None:

@@ -1,7 +1,6 @@
 """`secure_aggregation` in the training spec: left out of the JSON when false (existing spec
 hashes stay), its guards say what to change, `swarmnode spec --secure-aggregation` writes it,
-and a training that sets it is refused at deployment and node start while the round engine does
-not run it."""
+and a node that could not carry its seed reveals (no data plane) refuses to start."""
 
 from __future__ import annotations
 
@@ -107,14 +106,15 @@ def test_swarmnode_spec_writes_it_and_refuses_what_cannot_run(tmp_path: Path) ->
         result.output.split())
 
 
-def test_deployment_refuses_it_until_the_round_engine_runs_it(tester_w3: Web3) -> None:
+def test_a_node_without_a_data_plane_refuses_it_at_start(tester_w3: Web3) -> None:
+    """The seed reveals travel on the data plane (or in process): a training with secure
+    aggregation deploys, and a node whose data plane is off (data_port: -1) refuses to start."""
     spec_json = _spec().to_json()
-    before = tester_w3.eth.block_number
-    with pytest.raises(ConfigError, match="does not implement yet.*in the clear"):
-        SwarmContract.deploy(tester_w3, dev_account(0), spec_json, 3, 100, 100)
-    assert tester_w3.eth.block_number == before  # nothing deployed
-    # the node's start reads the spec from the chain and calls the same refusal
-    with pytest.raises(ConfigError, match="without --secure-aggregation"):
-        refuse_until_wired(spec_json)
-    refuse_until_wired(dataclasses.replace(_spec(), secure_aggregation=False).to_json())
-    refuse_until_wired("not json")  # the spec's own parser reports that
+    training = SwarmContract.deploy(tester_w3, dev_account(0), spec_json, 3, 100, 100)
+    assert training.spec_json() == spec_json
+    with pytest.raises(ConfigError, match="data plane off.*remove data_port"):
+        refuse_until_wired(spec_json, reveals_carried=False)
+    refuse_until_wired(spec_json, reveals_carried=True)
+    refuse_until_wired(dataclasses.replace(_spec(), secure_aggregation=False).to_json(),
+                       reveals_carried=False)
+    refuse_until_wired("not json", reveals_carried=False)  # the spec's parser reports that

@@ -1,0 +1,369 @@
+"""One site's secure aggregation over a training: its key, the round's mask set, its masked
+update, the masked updates and seed reveals its leader receives, and the leader's sum.
+
+The pure rules live in :mod:`swarmnode.privacy` (ring, encoding, keys, masks, dropout,
+aggregate, wire, roster); the round's decisions in :mod:`swarmnode.node.machine`; this module
+holds the state between them and the chain reads they need.
+
+- Key: one X25519 key per site (``secagg.key`` in the site's data folder, 0600), posted in the
+  registry's per-site key slot. Several trainings share a registry and the slot: the pair keys
+  are bound to the training (chain id, training address and both site addresses in the HKDF
+  context), so each training's seeds differ, and only per-round pair seeds are ever revealed.
+- What is masked: the flattened floating tensors (sorted by name) of the site's update minus
+  the model the round starts from (the latest committed one); before any commit, the parameters
+  themselves, bounded by the widest clip the ring holds rather than ``clip_norm`` (the first
+  round has no common starting model, as in a plain ``mean``, which merges it unclipped).
+  Tensors that are not floating point are not summed: the merged model takes the starting
+  model's (the leader's own before any commit).
+- Seeds are those of attempt 0 of the round: the check-in fixes the masked update (its hash is
+  on chain), and a re-elected leader receives the same vector. A site masks one vector per round
+  (cached): the same seeds never mask two different vectors; a site that restarted after its
+  check-in and no longer holds the vector it checked in with pushes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from swarmnode.chain.client import SwarmContract
+from swarmnode.errors import (
+    AggregateRejected,
+    ConfigError,
+    IdentityError,
+    PayloadRejected,
+    PeerRefused,
+    RoundAbandoned,
+    RoundError,
+)
+from swarmnode.privacy import aggregate as agg
+from swarmnode.privacy import dropout, encoding, guards, keys, masks, ring, roster, wire
+from swarmnode.transport import serde
+from swarmnode.types import StateDict
+
+__all__ = ["KEY_FILE", "MASKED", "SecureAggregation", "load_or_make_key", "masked_params"]
+
+log = logging.getLogger("swarmnode.node")
+
+KEY_FILE = "secagg.key"
+MASKED = "secagg.masked"  # the one tensor of a pushed masked update (int64: the ring's bits)
+ATTEMPT = 0  # seeds of attempt 0: one masked vector per round (see the module docstring)
+
+
+def load_or_make_key(data_dir: Path) -> keys.SiteKey:
+    """This site's secure-aggregation key from ``data_dir``, made (0600) the first time."""
+    path = Path(data_dir) / KEY_FILE
+    if path.exists():
+        raw = path.read_bytes()
+        try:
+            return keys.SiteKey.from_private_bytes(raw)
+        except IdentityError:
+            raise IdentityError(f"{path} is not a 32-byte X25519 private key; remove it to make "
+                                "a new one (the site then posts the new public key, and a "
+                                "round running with the old one is abandoned)") from None
+    key = keys.SiteKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes())
+    return key
+
+
+def _floating(params: Mapping[str, tuple[tuple[int, ...], str]]) -> list[tuple[str, int]]:
+    """(name, element count) of the floating tensors, sorted by name: the masked layout."""
+    out = []
+    for name in sorted(params):
+        shape, dtype = params[name]
+        if getattr(torch, dtype).is_floating_point:
+            out.append((name, math.prod(shape)))
+    return out
+
+
+def masked_params(params: Mapping[str, tuple[tuple[int, ...], str]]
+                  ) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The layout of a pushed masked update: one int64 vector, an element per floating one."""
+    n = sum(c for _, c in _floating(params))
+    if n == 0:
+        raise ConfigError("secure aggregation needs a model with floating-point parameters")
+    return {MASKED: ((n,), "int64")}
+
+
+def first_round_clip(weight_cap: int) -> float:
+    """The widest clip the spec's ring holds at ``weight_cap``: the bound of a round that has no
+    starting model (its parameters are encoded whole)."""
+    limit = ((1 << (ring.RING_BITS - 1)) - 1) // ring.MAX_SITES
+    return float(limit // (weight_cap << ring.FRACTION_BITS) - 2)
+
+
+@dataclass
+class _Mine:
+    vector: np.ndarray
+    hash: bytes
+
+
+class SecureAggregation:
+    """A site's secure aggregation in one training (thread-safe: the round loop and the peer
+    API's threads share it)."""
+
+    def __init__(self, me: str, chain: SwarmContract, key: keys.SiteKey,
+                 params: Mapping[str, tuple[tuple[int, ...], str]], *, clip: float,
+                 weight_cap: int, min_peers: int) -> None:
+        self.me, self.chain, self.key = me, chain, key
+        self.params = dict(params)
+        self.layout = _floating(self.params)
+        self.size = sum(c for _, c in self.layout)
+        self.min_peers = min_peers
+        self.plan = ring.plan(ring.MAX_SITES, weight_cap, clip)
+        self.first_plan = ring.plan(ring.MAX_SITES, weight_cap, first_round_clip(weight_cap))
+        self._lock = threading.Lock()
+        self._chain_id: int | None = None
+        self._rosters: dict[int, tuple[str, ...]] = {}
+        self._pair: dict[tuple[str, bytes], bytes] = {}  # (peer, its public key) -> pair key
+        self._mine: dict[int, _Mine] = {}
+        self._plans: dict[int, ring.RingPlan] = {}  # round -> the plan its vectors use
+        self._received: dict[int, dict[str, np.ndarray]] = {}
+        self._reveals: dict[int, dict[str, list[dropout.SeedReveal]]] = {}
+        self._hashes: dict[int, dict[str, bytes]] = {}
+
+    # -- keys -------------------------------------------------------------------------------------
+    def publish_key(self) -> None:
+        """Post this site's public key in the registry's slot unless it is there already."""
+        registry = self.chain.registry
+        if registry.site(self.me).public_key != self.key.public_bytes:
+            registry.set_public_key(self.key.public_bytes)
+            log.info("posted this site's secure-aggregation key in the registry")
+
+    def _pair_key(self, peer: str) -> bytes:
+        public = self.chain.registry.site(peer).public_key
+        if public is None:
+            raise RoundError(f"secure aggregation: {peer} is in the round's mask set but has "
+                             "posted no key in the registry; its node must run with "
+                             "secure_aggregation (it posts the key at start)")
+        with self._lock:
+            cached = self._pair.get((peer.lower(), public))
+        if cached is not None:
+            return cached
+        if self._chain_id is None:
+            self._chain_id = self.chain.chain_id()
+        pair = keys.pair_key(self.key, public, chain_id=self._chain_id,
+                             training=self.chain.address, me=self.me, peer=peer)
+        with self._lock:
+            self._pair[(peer.lower(), public)] = pair
+        return pair
+
+    def seeds(self, round: int, peers: Collection[str]) -> dict[str, bytes]:
+        """This round's pair seed with each of ``peers``."""
+        return {p: keys.round_seed(self._pair_key(p), round, ATTEMPT) for p in peers
+                if p.lower() != self.me.lower()}
+
+    # -- the mask set -----------------------------------------------------------------------------
+    def roster(self, round: int) -> tuple[str, ...] | None:
+        """The round's mask set (privacy.roster); None while it is not fixed."""
+        with self._lock:
+            held = self._rosters.get(round)
+        if held is not None:
+            return held
+        members = [(n.address, n.enrolled_round) for n in self.chain.nodes()]
+        got = roster.mask_set(members, round, self.min_peers)
+        if got is not None:
+            with self._lock:
+                self._rosters = {r: v for r, v in self._rosters.items() if r >= round - 2}
+                self._rosters[round] = got
+        return got
+
+    def plan_for(self, base: StateDict | None) -> ring.RingPlan:
+        return self.plan if base is not None else self.first_plan
+
+    # -- a member's masked update -----------------------------------------------------------------
+    def flatten(self, state: Mapping[str, torch.Tensor], base: StateDict | None) -> np.ndarray:
+        """The change from ``base`` (the parameters whole when None) as one float64 vector."""
+        out = np.empty(self.size, dtype=np.float64)
+        at = 0
+        for name, count in self.layout:
+            t = state[name].detach().reshape(-1).to(torch.float64)
+            if base is not None:
+                t = t - base[name].detach().reshape(-1).to(torch.float64)
+            out[at: at + count] = t.numpy()
+            at += count
+        return out
+
+    def masked(self, round: int, state: Mapping[str, torch.Tensor], weight: int,
+               base: StateDict | None, roster_: Collection[str]) -> tuple[np.ndarray, bytes]:
+        """This site's masked update for ``round`` and its hash: made once per round (the same
+        seeds never mask a second vector)."""
+        with self._lock:
+            held = self._mine.get(round)
+        if held is not None:
+            return held.vector, held.hash
+        plan = self.plan_for(base)
+        change = self.flatten(state, base)
+        seed = int.from_bytes(hashlib.sha256(
+            b"swarmnode-secagg/1 rounding" + keys.address_bytes(self.chain.address)
+            + keys.address_bytes(self.me) + round.to_bytes(8, "big")).digest()[:16], "big")
+        if weight == 0:  # adds nothing, but its masks must cancel the others'
+            values = np.zeros(self.size, dtype=np.uint64)
+        else:
+            encoded = encoding.encode(change, weight, plan, seed)
+            values = encoded.values
+            if encoded.clipped:
+                log.info("round %d: the update's change (norm %.4g) was clipped to %g", round,
+                         encoded.norm, plan.clip)
+        vector = masks.mask_update(values, self.me,
+                                   self.seeds(round, [p for p in roster_ if p != self.me]), plan)
+        digest = wire.update_hash(vector, plan)
+        with self._lock:
+            self._mine = {r: m for r, m in self._mine.items() if r >= round - 1}
+            self._mine.setdefault(round, _Mine(vector, digest))
+            return self._mine[round].vector, self._mine[round].hash
+
+    def held(self, round: int) -> tuple[np.ndarray, bytes] | None:
+        with self._lock:
+            m = self._mine.get(round)
+        return None if m is None else (m.vector, m.hash)
+
+    @staticmethod
+    def payload(vector: np.ndarray) -> serde.Buffer:
+        """The pushed bytes: safetensors of one int64 tensor holding the ring elements."""
+        return serde.encode({MASKED: torch.from_numpy(vector.view(np.int64).copy())})
+
+    # -- the leader: masked updates and reveals ---------------------------------------------------
+    def hashes(self, round: int, refresh: bool = False) -> dict[str, bytes]:
+        """site (lower-case) -> the masked hash it checked in with for ``round`` (chain)."""
+        with self._lock:
+            held = self._hashes.get(round)
+        if held is None or refresh:
+            held = {k.lower(): v for k, v in self.chain.masked_hashes(round).items()}
+            with self._lock:
+                self._hashes = {r: h for r, h in self._hashes.items() if r >= round - 1}
+                self._hashes[round] = held
+        return held
+
+    def receive(self, round: int, sender: str, state: StateDict, plan: ring.RingPlan) -> None:
+        """A member's masked update: kept once its hash is the one its check-in carries."""
+        tensor = state.get(MASKED)
+        if tensor is None or len(state) != 1:
+            raise PayloadRejected(f"round {round}: {sender} sent no masked update (a training "
+                                  "with secure aggregation takes only those)")
+        vector = tensor.numpy().view(np.uint64).copy()
+        onchain = self.hashes(round).get(sender.lower()) or self.hashes(round, True).get(
+            sender.lower())
+        if onchain is None:
+            raise PeerRefused(f"round {round}: {sender} checked in without a masked update's "
+                              "hash; its update is refused")
+        if wire.update_hash(vector, plan) != onchain:
+            raise PayloadRejected(f"round {round}: the masked update of {sender} does not match "
+                                  "the hash its check-in carries on chain; refused")
+        with self._lock:
+            got = self._received.setdefault(round, {})
+            if sender.lower() in got:
+                from swarmnode.errors import DuplicateUpdate
+                raise DuplicateUpdate(f"round {round}: {sender}'s masked update is already in")
+            got[sender.lower()] = vector
+            self._received = {r: v for r, v in self._received.items() if r >= round - 1}
+
+    def senders(self, round: int) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._received.get(round, {}))
+
+    def add_reveals(self, round: int, revealer: str, reveals: list[dropout.SeedReveal]) -> None:
+        with self._lock:
+            self._reveals.setdefault(round, {})[revealer.lower()] = reveals
+            self._reveals = {r: v for r, v in self._reveals.items() if r >= round - 1}
+
+    def revealed(self, round: int) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._reveals.get(round, {}))
+
+    def reveal(self, round: int, roster_: Collection[str],
+               checked_in: Collection[str]) -> list[dropout.SeedReveal]:
+        """This site's reveals for ``round``: its seed with each roster site that never checked
+        in (dropout.reveal_seeds refuses anything else)."""
+        lower = {p.lower(): p for p in roster_}
+        missing = [p for p in lower if p not in {c.lower() for c in checked_in}]
+        seeds = {p: keys.round_seed(self._pair_key(lower[p]), round, ATTEMPT) for p in missing}
+        return dropout.reveal_seeds(self.me.lower(), lower, [c.lower() for c in checked_in
+                                                            if c.lower() in lower],
+                                    round, ATTEMPT, seeds)
+
+    def answer_reveal(self, round: int, caller: str, participants: Collection[str],
+                      leader: str | None, elected: bool) -> list[dropout.SeedReveal]:
+        """A reveal request from ``caller``: answered only to the round's elected leader, once
+        the check-ins are closed, and only with seeds for sites that never checked in."""
+        if not elected:
+            raise RoundError(f"round {round}: its check-ins are not closed (not elected); no "
+                             "seed is revealed before")
+        if leader is None or caller.lower() != leader.lower():
+            raise PeerRefused(f"round {round}: {caller} asked for seed reveals but is not the "
+                              f"round's elected leader ({leader}); refused")
+        if self.me.lower() not in {p.lower() for p in participants}:
+            raise RoundError(f"round {round}: this site did not check in; it reveals nothing")
+        roster_ = self.roster(round)
+        if roster_ is None:
+            raise RoundError(f"round {round}: its mask set is not fixed; nothing to reveal")
+        return self.reveal(round, roster_, participants)
+
+    def aggregate(self, round: int, roster_: Collection[str], weights: Mapping[str, int],
+                  plan: ring.RingPlan) -> agg.Aggregate:
+        """The leader's sum of the checked-in roster sites' masked updates (its own included),
+        the dropouts' masks removed with the survivors' reveals, decoded and bound-checked.
+        Weight-0 sites push a masked zero: in the sum (their masks cancel), not in the total
+        weight. Fewer than MIN_SITES sites with weight (but some): abandoned, since the sum of
+        two updates gives each away; none: the mean change is zero."""
+        low = {p.lower() for p in roster_}
+        w = {p.lower(): int(v) for p, v in weights.items() if p.lower() in low}
+        with self._lock:
+            received = dict(self._received.get(round, {}))
+            reveals = [r for rs in self._reveals.get(round, {}).values() for r in rs]
+            mine = self._mine.get(round)
+        if mine is not None:
+            received[self.me.lower()] = mine.vector
+        masked = {s: v for s, v in received.items() if s in w}
+        where = f"round {round}"
+        for site, weight in w.items():
+            if not 0 <= weight <= plan.weight_cap:
+                raise AggregateRejected(f"{where}: {site}'s weight {weight} is outside "
+                                        f"0..{plan.weight_cap} (the spec's max_weight)")
+        adding = sorted(s for s, v in w.items() if v > 0)
+        if 0 < len(adding) < guards.MIN_SITES:
+            raise RoundAbandoned(
+                f"{where} is abandoned: only {len(adding)} sites add weight and secure "
+                f"aggregation needs at least {guards.MIN_SITES} (the sum of two gives each "
+                "away); nothing is revealed, the next round goes on")
+        ring_sum = agg.unmasked_sum(low, w.keys(), masked, reveals, plan, round, ATTEMPT)
+        weighted = encoding.decode_sum(ring_sum, plan)
+        total = sum(w.values())
+        if total:
+            agg.check_bound(weighted, total, len(adding), plan, where)
+        return agg.Aggregate(ring_sum, weighted, max(total, 1), tuple(sorted(w)),
+                             tuple(sorted(low - set(w))))
+
+    def unflatten(self, mean: np.ndarray, base: StateDict | None,
+                  own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The merged model: ``base`` + the mean change (the mean itself without a base), in the
+        spec's dtypes; tensors that are not floating point from ``base`` (else ``own``)."""
+        out: dict[str, torch.Tensor] = {}
+        at = 0
+        counts = dict(self.layout)
+        for name in sorted(self.params):
+            shape, dtype = self.params[name]
+            target = getattr(torch, dtype)
+            if name not in counts:
+                src = base if base is not None else own
+                out[name] = src[name].detach().clone()
+                continue
+            n = counts[name]
+            part = torch.from_numpy(mean[at: at + n].copy()).reshape(shape)
+            at += n
+            if base is not None:
+                part = base[name].detach().to(torch.float64) + part
+            out[name] = part.to(target).contiguous()
+        return out

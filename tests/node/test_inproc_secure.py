@@ -1,0 +1,161 @@
+"""Secure aggregation in a swarm of real node services (swarmnode.testing.inproc: the real
+contracts on eth-tester, each site's NodeService, in-memory transport): each member checks in
+with the hash of its masked update and pushes only that; the round's leader sums the masked
+updates, removes the masks of sites that never checked in with the survivors' seed reveals, and
+commits the weighted mean. Checked against the float arithmetic of what the trainers handed
+their nodes, and against what each leader received."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from swarmnode.chain.models import RoundStatus
+from swarmnode.node.secure import MASKED
+from swarmnode.privacy import encoding
+from swarmnode.spec import TrainingSpec
+from swarmnode.testing.inproc import InProcessSwarm, Site, decode
+
+INITIAL = {"w": torch.zeros(24, 16), "b": torch.zeros(16)}
+CLIP = 10.0
+
+
+def _spec(min_peers: int = 3) -> TrainingSpec:
+    plain = TrainingSpec.from_state(INITIAL, sync_frequency=1, min_peers=min_peers,
+                                    merge_method="mean", merge_options={"clip_norm": CLIP})
+    return dataclasses.replace(plain, max_weight=100, secure_aggregation=True)
+
+
+def _stepper(rounds: int):  # type: ignore[no-untyped-def]
+    def step(site: Site, k: int, model: Mapping[str, torch.Tensor] | None):  # type: ignore[no-untyped-def]
+        if k >= rounds:
+            return None
+        base = model if model is not None else INITIAL
+        gen = torch.Generator().manual_seed(1000 * site.index + k)
+        return ({n: t + 0.1 * (site.index + 1) * torch.randn(t.shape, generator=gen)
+                 for n, t in base.items()}, 10 + 7 * site.index)
+    return step
+
+
+def _record_pushes(swarm: InProcessSwarm) -> list[tuple[str, int, str, torch.Tensor]]:
+    """What every leader's service was handed as a member's update: (leader, round, sender,
+    tensor), recorded at the service's entry point, after the transport's checks."""
+    got: list[tuple[str, int, str, torch.Tensor]] = []
+    for site in swarm.sites:
+        service = site.service
+        accept = service.accept_update
+
+        def spy(round, sender, weight, state, digest, evict=None,  # type: ignore[no-untyped-def]
+                _accept=accept, _me=service.me):
+            got.append((_me, round, sender, {n: t.clone() for n, t in state.items()}))
+            return _accept(round, sender, weight, state, digest, evict)
+
+        service.accept_update = spy  # type: ignore[method-assign]
+    return got
+
+
+def _check_means(sites: list[Site], contributors: Mapping[int, list[int]]) -> None:
+    """Each committed round's merged model is the weighted mean of what its contributors'
+    trainers sent (every site starts a round from the same committed model, so the mean of
+    the changes added to it is the mean of the models), within the encoding's error."""
+    by_round: dict[int, dict[int, tuple[dict[str, torch.Tensor], int]]] = {}
+    merged: dict[int, dict[str, torch.Tensor]] = {}
+    for site in sites:
+        for sent in site.syncs:
+            r = sent.outcome.round
+            if sent.outcome.contributed:
+                by_round.setdefault(r, {})[site.index] = (decode(sent.payload), sent.weight)
+            if sent.outcome.data is not None:
+                merged[r] = decode(sent.outcome.data)
+    for r, who in contributors.items():
+        got = by_round[r]
+        assert sorted(got) == who, (r, sorted(got))
+        total = sum(w for _, w in got.values())
+        for name in INITIAL:
+            want = sum(s[name].double() * w for s, w in got.values()) / total
+            torch.testing.assert_close(merged[r][name].double(), want, rtol=0, atol=1e-6)
+
+
+def test_a_secure_swarm_commits_the_weighted_mean_and_leaders_hold_only_masked_updates() -> None:
+    started = time.monotonic()
+    rounds = 3
+    with InProcessSwarm(3, _spec(), grace_s=2, deadline_s=20) as swarm:
+        pushes = _record_pushes(swarm)
+        sites = swarm.run(_stepper(rounds), timeout=240)
+        final = swarm.final_digest()
+        assert final is not None and [s.final_digest for s in sites] == [final] * 3
+        _check_means(sites, {r: [0, 1, 2] for r in range(1, rounds + 1)})
+        hashes = {r: swarm.admin.masked_hashes(r) for r in range(1, rounds + 1)}
+    assert all(len(h) == 3 for h in hashes.values())  # every check-in carried its hash
+    # what a leader received of a member is a masked vector, never its update: decoded as if
+    # it were a plain encoding, it is ring noise (about 2^31 per coordinate), not a change
+    # bounded by the clip norm; and no float of the member's model is in it
+    assert len(pushes) >= 2 * rounds
+    for leader, r, sender, state in pushes:
+        assert leader != sender and list(state) == [MASKED]
+        vector = state[MASKED].numpy().view(np.uint64)
+        assert vector.shape == (24 * 16 + 16,)
+        plan = swarm.sites[0].service.secure.plan  # type: ignore[union-attr]
+        as_plain = encoding.decode_sum(vector.copy(), plan)
+        assert float(np.abs(as_plain).max()) > 1e6 * CLIP
+        mine = next(s for s in sites if s.address == sender)
+        synced = [x.payload for x in mine.syncs if x.outcome.round == r]
+        if not synced:  # the final round: the finished sites push a masked zero
+            continue
+        sent = decode(synced[0])
+        floats = torch.cat([sent["b"].reshape(-1), sent["w"].reshape(-1)]).double().numpy()
+        assert not np.isin(as_plain, floats).any()
+    print(f"3 sites, {rounds} rounds with secure aggregation: {time.monotonic() - started:.1f} s")
+
+
+def test_the_same_secure_run_gives_the_same_final_digest() -> None:
+    digests = []
+    for _ in range(2):
+        with InProcessSwarm(3, _spec(), grace_s=2, deadline_s=20) as swarm:
+            swarm.run(_stepper(2), timeout=240)
+            digests.append(swarm.final_digest())
+    assert digests[0] is not None and digests[0] == digests[1]
+
+
+def test_a_site_that_never_checks_in_is_unmasked_by_the_survivors_reveals() -> None:
+    """Site 4 dies before its round-2 check-in: it is in round 2's mask set (it joined in round
+    1), so the three others reveal their round-2 seeds with it and the round completes with
+    the mean of the three."""
+    started = time.monotonic()
+    with InProcessSwarm(4, _spec(), grace_s=2, deadline_s=20,
+                        faults={3: {"exit": "before-checkin:2"}}) as swarm:
+        sites = swarm.run(_stepper(3), timeout=240)
+        assert sites[3].died == 2
+        final = swarm.final_digest()
+        assert final is not None and [s.final_digest for s in sites[:3]] == [final] * 3
+        assert set(swarm.admin.masked_hashes(2)) == {s.address for s in sites[:3]}
+        info = swarm.admin.round(2)
+        assert info.digest is not None and sites[3].address not in info.participants
+    # round 1's mask set is the first min_peers members; site 4 joined in round 1 past them
+    _check_means(sites, {1: [0, 1, 2], 2: [0, 1, 2], 3: [0, 1, 2]})
+    print(f"dropout before check-in: {time.monotonic() - started:.1f} s")
+
+
+def test_a_site_that_checked_in_and_never_pushed_abandons_that_round_only() -> None:
+    """Site 4 checks in for round 2 (or the first later round it is a member in) and dies before
+    pushing: no leader can remove its masks without unmasking it, so that round is abandoned
+    (nothing revealed) and the next completes without it."""
+    started = time.monotonic()
+    with InProcessSwarm(4, _spec(), grace_s=2, deadline_s=6,
+                        faults={3: {"exit": "before-push:2+"}}) as swarm:
+        sites = swarm.run(_stepper(5), timeout=240)  # 5: site 4 is a member of one of 2-5
+        died = sites[3].died
+        assert died is not None
+        assert swarm.admin.round(died).status is RoundStatus.ABANDONED
+        assert swarm.admin.masked_hashes(died).keys() >= {sites[3].address}  # it checked in
+        later = swarm.admin.round(died + 1)
+        assert later.status is RoundStatus.COMMITTED and sites[3].address not in \
+            later.participants
+        final = swarm.final_digest()
+        assert final is not None and [s.final_digest for s in sites[:3]] == [final] * 3
+    print(f"checked in, never pushed (round {died} abandoned): "
+          f"{time.monotonic() - started:.1f} s")
