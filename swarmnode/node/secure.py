@@ -11,8 +11,9 @@ holds the state between them and the chain reads they need.
   context), so each training's seeds differ, and only per-round pair seeds are ever revealed.
 - What is masked: the flattened floating tensors (sorted by name) of the site's update minus
   the model the round starts from (the latest committed one); before any commit, the parameters
-  themselves, bounded by the widest clip the ring holds rather than ``clip_norm`` (the first
-  round has no common starting model, as in a plain ``mean``, which merges it unclipped).
+  themselves, in 16 fractional bits and bounded by the widest clip the ring then holds rather
+  than ``clip_norm`` (the first round has no common starting model, as in a plain ``mean``,
+  which merges it unclipped).
   Tensors that are not floating point are not summed: the merged model takes the starting
   model's (the leader's own before any commit).
 - Seeds are those of attempt 0 of the round: the check-in fixes the masked update (its hash is
@@ -97,11 +98,17 @@ def masked_params(params: Mapping[str, tuple[tuple[int, ...], str]]
     return {MASKED: ((n,), "int64")}
 
 
+# A round with no starting model encodes the parameters whole: their norm is far larger than a
+# round's change, so it trades fractional bits for range (2^-16 per site and unit of weight:
+# the mean's error is n 2^-16 / total weight, with weights that are sample counts)
+FIRST_FRACTION_BITS = 16
+
+
 def first_round_clip(weight_cap: int) -> float:
-    """The widest clip the spec's ring holds at ``weight_cap``: the bound of a round that has no
-    starting model (its parameters are encoded whole)."""
+    """The widest clip the spec's ring holds at ``weight_cap`` with FIRST_FRACTION_BITS: the
+    bound of a round that has no starting model (its parameters are encoded whole)."""
     limit = ((1 << (ring.RING_BITS - 1)) - 1) // ring.MAX_SITES
-    return float(limit // (weight_cap << ring.FRACTION_BITS) - 2)
+    return float(limit // (weight_cap << FIRST_FRACTION_BITS) - 2)
 
 
 @dataclass
@@ -123,7 +130,8 @@ class SecureAggregation:
         self.size = sum(c for _, c in self.layout)
         self.min_peers = min_peers
         self.plan = ring.plan(ring.MAX_SITES, weight_cap, clip)
-        self.first_plan = ring.plan(ring.MAX_SITES, weight_cap, first_round_clip(weight_cap))
+        self.first_plan = ring.plan(ring.MAX_SITES, weight_cap, first_round_clip(weight_cap),
+                                    fraction_bits=FIRST_FRACTION_BITS)
         self._lock = threading.Lock()
         self._chain_id: int | None = None
         self._rosters: dict[int, tuple[str, ...]] = {}

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from swarmnode.chain.models import RoundStatus
-from swarmnode.node.secure import MASKED
+from swarmnode.node.secure import FIRST_FRACTION_BITS, MASKED
 from swarmnode.privacy import encoding
+from swarmnode.privacy.ring import FRACTION_BITS
 from swarmnode.spec import TrainingSpec
 from swarmnode.testing.inproc import InProcessSwarm, Site, decode
 
@@ -61,7 +62,8 @@ def _record_pushes(swarm: InProcessSwarm) -> list[tuple[str, int, str, torch.Ten
 def _check_means(sites: list[Site], contributors: Mapping[int, list[int]]) -> None:
     """Each committed round's merged model is the weighted mean of what its contributors'
     trainers sent (every site starts a round from the same committed model, so the mean of
-    the changes added to it is the mean of the models), within the encoding's error."""
+    the changes added to it is the mean of the models), within the encoding's stated error
+    (round 1 encodes the parameters whole, in 16 fractional bits) and float32's rounding."""
     by_round: dict[int, dict[int, tuple[dict[str, torch.Tensor], int]]] = {}
     merged: dict[int, dict[str, torch.Tensor]] = {}
     for site in sites:
@@ -75,9 +77,11 @@ def _check_means(sites: list[Site], contributors: Mapping[int, list[int]]) -> No
         got = by_round[r]
         assert sorted(got) == who, (r, sorted(got))
         total = sum(w for _, w in got.values())
+        bits = FIRST_FRACTION_BITS if r == 1 else FRACTION_BITS
+        atol = len(got) * 2.0 ** -bits / total + 1e-6
         for name in INITIAL:
             want = sum(s[name].double() * w for s, w in got.values()) / total
-            torch.testing.assert_close(merged[r][name].double(), want, rtol=0, atol=1e-6)
+            torch.testing.assert_close(merged[r][name].double(), want, rtol=0, atol=atol)
 
 
 def test_a_secure_swarm_commits_the_weighted_mean_and_leaders_hold_only_masked_updates() -> None:
@@ -159,3 +163,16 @@ def test_a_site_that_checked_in_and_never_pushed_abandons_that_round_only() -> N
         assert final is not None and [s.final_digest for s in sites[:3]] == [final] * 3
     print(f"checked in, never pushed (round {died} abandoned): "
           f"{time.monotonic() - started:.1f} s")
+
+
+def test_a_round_without_a_starting_model_has_room_for_whole_parameters() -> None:
+    """Round 1 encodes the parameters themselves: at the spec's largest sensible weight cap the
+    ring still holds a parameter vector of norm over 5 million (a 25M-parameter model at its
+    initialisation is in the hundreds), and the plan fits the ring for 256 sites."""
+    from swarmnode.node.secure import first_round_clip
+    from swarmnode.privacy import ring
+
+    for cap in (100, 100_000):
+        clip = first_round_clip(cap)
+        assert clip > 5e6
+        ring.plan(ring.MAX_SITES, cap, clip, fraction_bits=FIRST_FRACTION_BITS)
