@@ -192,6 +192,7 @@ class ContainerConsortium:
     def up(self, timeout: float = 600) -> None:
         """Start every hospital's project (the sentinel first); returns once every node is
         healthy (enrolled, serving) and every trainer started."""
+        self._clear_stale_network()
         self.docker.networks.create(self.network, driver="bridge", labels={_LABEL: self.prefix})
         self.compose(0, "up", "-d", "chain")
         self.rpc_url = self._chain_url()
@@ -297,6 +298,26 @@ class ContainerConsortium:
         if i not in self._results:
             self._results[i] = json.loads(self.read_file(i, "ml", "/workspace/out/scores.json"))
         return self._results[i]
+
+    def _clear_stale_network(self) -> None:
+        """Docker lets two networks share a name, and compose then refuses both ("multiple
+        networks with name ..."): a network of this name left by a run that was killed before
+        its teardown is removed when it is ours (our label) and nothing is attached to it; any
+        other is reported with what to do."""
+        for net in self.docker.networks.list(names=[self.network]):
+            if net.name != self.network:  # the engine matches names by prefix
+                continue
+            net.reload()
+            if net.attrs.get("Labels", {}).get(_LABEL) == self.prefix and not net.containers:
+                log.info("removing network %s left by an earlier run", self.network)
+                net.remove()
+                continue
+            raise NodeError(
+                f"a Docker network named {self.network} already exists ({net.short_id}, "
+                f"{len(net.containers)} containers attached): another swarm with this prefix runs "
+                f"on this engine, or one was left by hand. Stop that swarm (`docker-compose -p "
+                f"{self.project(0)} down -v`, and the other hospitals' projects), or remove the "
+                f"network (`docker network rm {net.short_id}`), then start again")
 
     def save_logs(self) -> None:
         for i in range(self.n):

@@ -49,9 +49,13 @@ def _leftovers(c: ContainerConsortium) -> list[str]:
 
 def test_consortium_trains_to_the_end_and_survives_a_killed_node(images, workdir) -> None:
     c = ContainerConsortium(workdir, 3, prefix=f"swt{os.getpid()}")
+    # a network of this consortium left by a killed run: two of one name stop compose cold
+    stale = c.docker.networks.create(c.network, driver="bridge",
+                                     labels={"org.swarmnode.consortium": c.prefix})
     t0 = time.monotonic()
     with c:
         c.up()
+        assert stale.id not in {n.id for n in c.docker.networks.list(names=[c.network])}
         up_s = time.monotonic() - t0
         assert c.contract.settings().min_peers == 2
         # every node enrolled the endpoint its peers dial (never 0.0.0.0)
