@@ -151,6 +151,11 @@ class ChainAuthority:
         info = self.chain.round(round)
         got = _Round(info.status, frozenset(p.lower() for p in info.participants),
                      info.is_final, mark)
+        if got.status is RoundStatus.OPEN and not got.members:
+            # a round ahead of the current one (or one nobody checked in to yet) is not kept:
+            # an open round is read again on every call anyway, and the cache keeps the
+            # highest rounds, so a caller naming far-future rounds would push out the ones in use
+            return got
         with self._lock:
             self._rounds[round] = got
             for old in sorted(self._rounds)[:-8]:
