@@ -356,8 +356,12 @@ class RoundDriver:
             if led:
                 collected = self.secure.senders(round)
             if info.status in (RoundStatus.OPEN, RoundStatus.ELECTED):
+                # once elected, who adds weight: weight-0 sites do not count towards a sum
+                adding = (frozenset(p.lower() for p in info.participants
+                                    if self.weight_of(round, p) > 0)
+                          if info.status is RoundStatus.ELECTED else None)
                 secure = SecureView(self.secure.roster(round),
-                                    self.secure.revealed(round) if led else frozenset())
+                                    self.secure.revealed(round) if led else frozenset(), adding)
         elif info.status is RoundStatus.ELECTED and info.leader == self.me and not sharded:
             if info.attempt not in rnd.seeded and self.me in info.participants:
                 self._seed_own(rnd, info)

@@ -216,11 +216,14 @@ class Timing:
 @dataclass(frozen=True)
 class SecureView:
     """What a secure-aggregation round looks like to this node: the round's mask set (None:
-    not fixed yet, see privacy.roster) and, leading, the participants whose seed reveals are
-    in (addresses compared case-insensitively)."""
+    not fixed yet, see privacy.roster), leading, the participants whose seed reveals are in,
+    and, once elected, the participants that checked in with a weight above 0 (lower-case;
+    None: not read, and then nothing is summed). A weight-0 site's masked zero adds nothing
+    to the sum, so it does not count towards the MIN_SITES a sum needs."""
 
     roster: tuple[str, ...] | None
     revealed: frozenset[str] = frozenset()
+    adding: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -410,10 +413,13 @@ class RoundMachine:
 
     @staticmethod
     def _summed(obs: Observation) -> bool:
-        """Secure aggregation: whether the round's masked updates are summed (at least
-        MIN_SITES sites of the mask set checked in)."""
-        roster = obs.secure.roster if obs.secure is not None else None
-        low = {p.lower() for p in roster or ()}
+        """Secure aggregation: whether the round's masked updates are summed: at least
+        MIN_SITES sites of the mask set checked in with a weight above 0 (with fewer, the sum
+        gives an update away: weight-0 sites add a masked zero). Weights not known: no."""
+        view = obs.secure
+        if view is None or view.roster is None or view.adding is None:
+            return False
+        low = {p.lower() for p in view.roster} & view.adding
         return sum(1 for p in obs.info.participants if p.lower() in low) >= MIN_SITES
 
     def _secure_collect(self, obs: Observation, attempt: int) -> Action:
@@ -428,7 +434,7 @@ class RoundMachine:
             return Wait(t.poll_s, "waiting for the round's mask set")
         low = {p.lower() for p in roster}
         required = {p.lower(): p for p in info.participants if p.lower() in low}
-        if len(required) < MIN_SITES:  # too few to sum: the starting model goes on, no sum
+        if not self._summed(obs):  # too few to sum: the starting model goes on, no sum
             if self._may_try(f"merge{attempt}", obs.now):
                 return Merge(self.round, attempt, tuple(sorted(info.participants)), keep=True)
             return Wait(t.poll_s, "committing the starting model again")
