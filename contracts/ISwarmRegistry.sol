@@ -14,4 +14,18 @@ interface ISwarmRegistry {
 
     /// @notice Whether the admin listed `training` (its revocations reach it).
     function isTraining(address training) external view returns (bool);
+
+    /// @notice What the registry holds on `site` (the last word: its key slot, 0 when empty).
+    function siteInfo(address site)
+        external
+        view
+        returns (
+            bytes32 fingerprint,
+            string memory endpoint,
+            bool authorized,
+            bool enrolled,
+            bool revoked,
+            uint256 enrolledAt,
+            bytes32 publicKey
+        );
 }

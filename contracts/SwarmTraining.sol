@@ -79,6 +79,8 @@ contract SwarmTraining {
     uint96 public immutable maxWeight;
     /// @notice The block this contract was deployed in: its event log starts there.
     uint256 public immutable deployedBlock;
+    /// @notice The spec's secure_aggregation: a site joins with its registry key (snapshot).
+    bool public immutable secureAggregation;
 
     State private _s;
     address[] private _memberList;
@@ -88,6 +90,7 @@ contract SwarmTraining {
     mapping(uint256 => uint256) private _entries; // (i << 1 | r & 1) -> address | weight << 160
     bytes32[2] private _ringDigest; // the merged digest of round r in _ringDigest[r & 1]
     mapping(uint256 => uint256) private _abandonedBits; // bit r & 255 of word r >> 8
+    mapping(address => bytes32) private _maskKey; // secure aggregation: the key at join
 
     event SpecPublished(bytes32 indexed specHash, string specJson);
     event Joined(address indexed node, string endpoint);
@@ -157,6 +160,7 @@ contract SwarmTraining {
     error RoundPruned(uint256 round, uint256 oldestKept);
     error NotRevoked(address node);
     error NotListed(address training);
+    error NoMaskKey(address node);
 
     constructor(
         ISwarmRegistry registry_,
@@ -165,7 +169,8 @@ contract SwarmTraining {
         uint32 minPeers_,
         uint32 graceSeconds_,
         uint32 roundDeadlineSeconds_,
-        uint96 maxWeight_
+        uint96 maxWeight_,
+        bool secureAggregation_
     ) {
         bytes32 actual = sha256(bytes(specJson));
         if (actual != specHash_) revert SpecHashMismatch(specHash_, actual);
@@ -176,6 +181,7 @@ contract SwarmTraining {
         if (msg.sender != regAdmin) revert NotRegistryAdmin(msg.sender, regAdmin);
         registry = registry_;
         maxWeight = maxWeight_;
+        secureAggregation = secureAggregation_;
         deployedBlock = block.number;
         specHash = specHash_;
         minPeers = minPeers_;
@@ -195,6 +201,8 @@ contract SwarmTraining {
 
     /// @notice Join this training: the calling site must be enrolled (and not revoked) in the
     /// registry. `endpoint` (host:port) overrides the registry's for this training; empty: none.
+    /// With secure aggregation the site's registry key is copied here (`maskKeyOf`): its pair
+    /// keys stay those of the join however the registry's slot changes later; no key: refused.
     function join(string calldata endpoint) external {
         State memory s = _s;
         if (s.finished) revert TrainingOver(s.finalRound);
@@ -215,6 +223,11 @@ contract SwarmTraining {
         _member[msg.sender] = m;
         _memberList.push(msg.sender);
         if (bytes(endpoint).length != 0) _endpoint[msg.sender] = endpoint;
+        if (secureAggregation) {
+            (,,,,,, bytes32 key) = registry.siteInfo(msg.sender);
+            if (key == 0) revert NoMaskKey(msg.sender);
+            _maskKey[msg.sender] = key;
+        }
         // the participant slots this site will ever need: written over, never from zero
         _entries[k << 1] = 1;
         _entries[(k << 1) | 1] = 1;
@@ -564,6 +577,11 @@ contract SwarmTraining {
     function endpointOf(address node) public view returns (string memory) {
         string memory e = _endpoint[node];
         return bytes(e).length != 0 ? e : registry.endpointOf(node);
+    }
+
+    /// @notice The secure-aggregation key `node` joined with (0: none, or a plain training).
+    function maskKeyOf(address node) external view returns (bytes32) {
+        return _maskKey[node];
     }
 
     function nodeInfo(address node)

@@ -122,6 +122,15 @@ def _spec_max_weight(spec_json: str) -> int:
     return value
 
 
+def _spec_secure(spec_json: str) -> bool:
+    """Whether the spec sets secure_aggregation (pinned in the contract: joins then need a key)."""
+    try:
+        raw = json.loads(spec_json)
+    except ValueError:
+        return False
+    return isinstance(raw, dict) and raw.get("secure_aggregation") is True
+
+
 def _to_fixed(value: float, name: str) -> int:
     if not math.isfinite(value):
         raise ConfigError(f"metric {name}={value} is not a finite number; report finite values")
@@ -537,7 +546,8 @@ class SwarmContract(_Handle):
         max_weight = _spec_max_weight(spec_json)
         what = f"deploy(min_peers={min_peers}, grace={grace_s}s, deadline={deadline_s}s)"
         data = cls._deploy_data(w3, BYTECODE, what, registry.address, spec_hash, spec_json,
-                                min_peers, grace_s, deadline_s, max_weight)
+                                min_peers, grace_s, deadline_s, max_weight,
+                                _spec_secure(spec_json))
         receipt = TxSender(w3, admin, receipt_timeout).send(
             {"data": data}, what, cls._deploy_refused(what, admin))
         training = cls(w3, receipt["contractAddress"], admin, receipt_timeout=receipt_timeout,
@@ -710,6 +720,7 @@ class SwarmContract(_Handle):
                 absent_after_rounds=int(self._call("ABSENT_AFTER_ROUNDS")),
                 max_weight=int(self._call("maxWeight")),
                 deployed_block=int(self._call("deployedBlock")),
+                secure_aggregation=bool(self._call("secureAggregation")),
             )
         return self._settings
 
@@ -764,6 +775,13 @@ class SwarmContract(_Handle):
             finished=bool(finished), last_seen=int(last_seen), absent=bool(absent),
             last_checkin_round=int(last_checkin), enrolled_round=int(joined_round),
         )
+
+    def mask_key(self, address: str) -> bytes | None:
+        """The secure-aggregation key ``address`` joined with (the registry's slot then, kept
+        here: a later ``setPublicKey`` does not change it); None for none."""
+        address = self._address_arg(address, "node")
+        key = bytes(self._call("maskKeyOf", address))
+        return key if any(key) else None
 
     def nodes(self) -> list[NodeInfo]:
         """Every site that joined this training, in joining order."""

@@ -38,6 +38,7 @@ class ContractSettings:
     absent_after_rounds: int = 2  # markAbsent needs this many rounds since the last check-in
     max_weight: int = (1 << 96) - 1  # the largest weight a check-in may carry
     deployed_block: int = 0  # the contract's event log starts in this block
+    secure_aggregation: bool = False  # the spec's: a join copies the site's registry key
 
 
 @dataclass(frozen=True)

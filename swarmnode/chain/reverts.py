@@ -91,6 +91,10 @@ TABLE: dict[str, Row] = {
                         "nothing to do; a new endpoint goes through updateEndpoint"),
     "JoinClosed": _r(NotNow, lambda a: f"joining is closed: the final round {a['finalRound']} is "
                      "fixed", "join the consortium's next training"),
+    "NoMaskKey": _r(NotNow, lambda a: f"site {a['node']} has no key in the registry and this "
+                    "training uses secure aggregation (a site joins with its key)",
+                    "start the site's node for this training: it posts its secure-aggregation key "
+                    "(SwarmRegistry.setPublicKey), then joins"),
     "TrainingFull": _r(NotNow, lambda a: f"the training holds {a['members']} sites, its maximum",
                        "deploy another training"),
     # ---------------------------------------------------------------- a training: rounds

@@ -9,6 +9,9 @@ holds the state between them and the chain reads they need.
   registry's per-site key slot. Several trainings share a registry and the slot: the pair keys
   are bound to the training (chain id, training address and both site addresses in the HKDF
   context), so each training's seeds differ, and only per-round pair seeds are ever revealed.
+  The training copies the slot when the site joins (``maskKeyOf``): pair keys come from that
+  copy only, so a key posted again later changes nothing for a running training; a member whose
+  copy is no usable key is out of every mask set (privacy.roster).
 - What is masked: the flattened floating tensors (sorted by name) of the site's update minus
   the model the round starts from (the latest committed one); before any commit, the parameters
   themselves, in 16 fractional bits and bounded by the widest clip the ring then holds rather
@@ -69,8 +72,9 @@ def load_or_make_key(data_dir: Path) -> keys.SiteKey:
             return keys.SiteKey.from_private_bytes(raw)
         except IdentityError:
             raise IdentityError(f"{path} is not a 32-byte X25519 private key; remove it to make "
-                                "a new one (the site then posts the new public key, and a "
-                                "round running with the old one is abandoned)") from None
+                                "a new one (the site then posts the new public key; a "
+                                "training it already joined keeps the key of its join, and "
+                                "its node refuses to start without that one)") from None
     key = keys.SiteKey.generate()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -136,6 +140,7 @@ class SecureAggregation:
         self._chain_id: int | None = None
         self._rosters: dict[int, tuple[str, ...]] = {}
         self._pair: dict[tuple[str, bytes], bytes] = {}  # (peer, its public key) -> pair key
+        self._joined: dict[str, bytes] = {}  # site (lower-case) -> the key it joined with
         self._mine: dict[int, _Mine] = {}
         self._plans: dict[int, ring.RingPlan] = {}  # round -> the plan its vectors use
         self._received: dict[int, dict[str, np.ndarray]] = {}
@@ -150,12 +155,35 @@ class SecureAggregation:
             registry.set_public_key(self.key.public_bytes)
             log.info("posted this site's secure-aggregation key in the registry")
 
+    def check_joined_key(self) -> None:
+        """After the join: the key the training holds for this site must be this site's (its
+        pair keys are made from it). IdentityError saying what to do otherwise."""
+        held = self.joined_key(self.me)
+        if held != self.key.public_bytes:
+            what = "no key" if held is None else f"key {held.hex()[:16]}..."
+            raise IdentityError(
+                f"secure aggregation: {self.me} joined training {self.chain.address} with "
+                f"{what}, not this site's secagg.key; pair keys are made from the key of the "
+                "join: restore the secagg.key the site joined with, or leave this training")
+
+    def joined_key(self, site: str) -> bytes | None:
+        """The key ``site`` joined the training with (the contract's copy: fixed once joined,
+        so cached; a site that has not joined yet is read again)."""
+        with self._lock:
+            if site.lower() in self._joined:
+                return self._joined[site.lower()]
+        key = self.chain.mask_key(site)
+        if key is not None:
+            with self._lock:
+                self._joined[site.lower()] = key
+        return key
+
     def _pair_key(self, peer: str) -> bytes:
-        public = self.chain.registry.site(peer).public_key
-        if public is None:
-            raise RoundError(f"secure aggregation: {peer} is in the round's mask set but has "
-                             "posted no key in the registry; its node must run with "
-                             "secure_aggregation (it posts the key at start)")
+        public = self.joined_key(peer)
+        if not keys.usable_public(public):
+            raise RoundError(f"secure aggregation: {peer} joined with no usable key; it is in "
+                             "no mask set (privacy.roster) and has no pair key")
+        assert public is not None
         with self._lock:
             cached = self._pair.get((peer.lower(), public))
         if cached is not None:
@@ -180,7 +208,8 @@ class SecureAggregation:
             held = self._rosters.get(round)
         if held is not None:
             return held
-        members = [(n.address, n.enrolled_round) for n in self.chain.nodes()]
+        members = [(n.address, n.enrolled_round, self.joined_key(n.address))
+                   for n in self.chain.nodes()]
         got = roster.mask_set(members, round, self.min_peers)
         if got is not None:
             with self._lock:

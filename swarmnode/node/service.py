@@ -391,6 +391,8 @@ class NodeService:
         elif info.endpoint != endpoint:
             self.chain.update_endpoint(endpoint)
             log.info("updated endpoint of %s to %s", self.me, endpoint)
+        if self.secure is not None:  # its pair keys are made from the key it joined with
+            self.secure.check_joined_key()
 
     def _late_start(self, info: Any) -> bool:
         """Whether the training finished before this node started: then it neither joins nor

@@ -31,12 +31,32 @@ from cryptography.hazmat.primitives.serialization import (
 
 from swarmnode.errors import ConfigError, IdentityError
 
-__all__ = ["KEY_BYTES", "SiteKey", "address_bytes", "pair_key", "round_seed"]
+__all__ = ["KEY_BYTES", "SiteKey", "address_bytes", "pair_key", "round_seed", "usable_public"]
 
 KEY_BYTES = 32
 _PAIR_SALT = b"swarmnode-secagg/1 pair key"
 _ROUND_LABEL = b"swarmnode-secagg/1 round seed"
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+_P = (1 << 255) - 19
+# u-coordinates (mod p) of the points of order dividing 8 on Curve25519 and its twist: X25519
+# with any clamped scalar (a multiple of 8) maps them to the all-zero secret, and only them
+_LOW_ORDER = frozenset({
+    0, 1, _P - 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+})
+
+
+def usable_public(key: bytes | None) -> bool:
+    """Whether ``key`` is an X25519 public key a pair key can be made with: 32 bytes and not a
+    low-order point (all zero included, any encoding: the top bit ignored, u taken mod p), the
+    points ``pair_key`` refuses. Pure: every site computes the same answer."""
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        return False
+    u = int.from_bytes(key, "little") & ((1 << 255) - 1)
+    return u % _P not in _LOW_ORDER
 
 
 def address_bytes(address: str, what: str = "address") -> bytes:

@@ -16,6 +16,13 @@ not known (None) and nobody checks in. A site outside M_r (it joined while round
 past the first ``min_peers``) takes round r's merged model without adding to it and is in the
 mask set from round r + 1 on.
 
+A member whose key (the registry's slot as the training copied it when the site joined: a later
+``setPublicKey`` does not change it) is not a usable X25519 public key (``keys.usable_public``:
+all zero, or a low-order point no pair key can be made with) is left out of M_r, in every round:
+no site could mask with it, and one such member must not stop every honest site's check-in. It
+still counts towards K_r (the prefix is the join order's, whatever the keys), so leaving it out
+changes no other member's place.
+
 Revoked, finished and absent members stay in the set (the rule must not change mid-round): they
 never check in, so every survivor reveals its round seed with them (one seed each; nothing of
 theirs is in the sum). A site that checked in but is not in M_r (a site not following the rule)
@@ -27,21 +34,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from swarmnode.errors import ConfigError
+from swarmnode.privacy.keys import usable_public
 
 __all__ = ["mask_set"]
 
 
-def mask_set(members: Sequence[tuple[str, int]], round_number: int,
+def mask_set(members: Sequence[tuple[str, int, bytes | None]], round_number: int,
              min_peers: int) -> tuple[str, ...] | None:
     """M_r (sorted by address, lower-case compare) from ``members``: every member of the
-    training in join order, as (address, the round open when it joined). None while it is not
-    fixed yet (fewer members than K_r)."""
+    training in join order, as (address, the round open when it joined, the key it joined with
+    or None). None while it is not fixed yet (fewer members than K_r)."""
     if isinstance(round_number, bool) or not isinstance(round_number, int) or round_number < 1:
         raise ConfigError(f"secure aggregation: round {round_number!r} must be a whole number "
                           ">= 1")
     if isinstance(min_peers, bool) or not isinstance(min_peers, int) or min_peers < 1:
         raise ConfigError(f"secure aggregation: min_peers {min_peers!r} must be >= 1")
-    joined = [r for _, r in members]
+    joined = [r for _, r, _ in members]
     if any(b < a for a, b in zip(joined, joined[1:], strict=False)):
         raise ConfigError("secure aggregation: the member list is not in join order (a "
                           "member's joined round is lower than an earlier member's)")
@@ -49,4 +57,4 @@ def mask_set(members: Sequence[tuple[str, int]], round_number: int,
     k = max(min_peers, before)
     if len(members) < k:
         return None
-    return tuple(sorted((a for a, _ in members[:k]), key=str.lower))
+    return tuple(sorted((a for a, _, key in members[:k] if usable_public(key)), key=str.lower))

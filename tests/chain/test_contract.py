@@ -116,11 +116,11 @@ def test_constructor_checks_spec_hash_and_settings(backend: Backend, spec_json: 
                         r, reason=r))
 
     actual = hashlib.sha256(spec_json.encode()).digest()
-    wrong = factory.constructor(registry.address, b"\x01" * 32, spec_json, 1, 0, 10, 5)
+    wrong = factory.constructor(registry.address, b"\x01" * 32, spec_json, 1, 0, 10, 5, False)
     with refused(BadArgument, "SpecHashMismatch", given="0x" + "01" * 32,
                  actual="0x" + actual.hex()):
         deploy_raw(wrong.data_in_transaction)
-    no_weight = factory.constructor(registry.address, actual, spec_json, 1, 0, 10, 0)
+    no_weight = factory.constructor(registry.address, actual, spec_json, 1, 0, 10, 0, False)
     with refused(BadArgument, "ZeroSetting", which=2):
         deploy_raw(no_weight.data_in_transaction)
     assert registry.trainings() == []

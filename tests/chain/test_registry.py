@@ -40,7 +40,7 @@ def deploy_unlisted(w3: Any, registry: str, min_peers: int = 2) -> SwarmContract
     """A training on ``registry`` that the registry does not list (no addTraining)."""
     factory = w3.eth.contract(abi=ABI, bytecode=BYTECODE)
     data = factory.constructor(registry, hashlib.sha256(SPEC.encode()).digest(), SPEC,
-                               min_peers, 0, 1000, 2**96 - 1).data_in_transaction
+                               min_peers, 0, 1000, 2**96 - 1, False).data_in_transaction
     receipt = send(w3, dev_account(0), {"data": data})
     return SwarmContract(w3, receipt["contractAddress"], dev_account(0))
 

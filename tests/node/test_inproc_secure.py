@@ -176,3 +176,53 @@ def test_a_round_without_a_starting_model_has_room_for_whole_parameters() -> Non
         clip = first_round_clip(cap)
         assert clip > 5e6
         ring.plan(ring.MAX_SITES, cap, clip, fraction_bits=FIRST_FRACTION_BITS)
+
+
+# a point of order 8 on Curve25519: X25519 with it gives the all-zero secret (keys.pair_key
+# refuses it); the registry takes any 32 bytes
+LOW_ORDER_KEY = (325606250916557431795983626356110631294008115727848805560023387167927233504
+                 ).to_bytes(32, "little")
+
+
+def test_a_member_with_a_low_order_key_or_a_key_posted_again_does_not_halt_the_training() -> None:
+    """Issue 20: a 4th member joins (in round 1, so it is in round 2's mask set by join order)
+    with a low-order key it posted in the registry, and never checks in; site 2 posts a new key
+    in the registry during the training. The honest sites take their pair keys from the keys
+    of the join, leave the low-order member out of every mask set, and finish with one final
+    digest. Before: every honest check-in of round 2 failed making a pair key with the 4th
+    member, and the key posted again changed site 2's pair keys at the others' end only."""
+    from swarmnode.chain.accounts import dev_account
+    from swarmnode.privacy.keys import SiteKey
+    from swarmnode.testing.inproc import _FUNDS
+
+    started = time.monotonic()
+    with InProcessSwarm(3, _spec(), grace_s=2, deadline_s=20) as swarm:
+        bad = swarm.admin.with_account(dev_account(4))
+        swarm.w3.eth.send_transaction({"from": swarm.w3.eth.accounts[0],
+                                       "to": bad.account_address, "value": _FUNDS})
+        swarm.admin.authorize(bad.account_address, b"\x05" * 32)
+        bad.registry.enroll("bad.inproc:7441")
+        bad.registry.set_public_key(LOW_ORDER_KEY)
+        bad.join()
+        assert swarm.admin.mask_key(bad.account_address) == LOW_ORDER_KEY
+        reposter = swarm.sites[1]
+        joined_with = swarm.admin.mask_key(reposter.address)
+        step = _stepper(3)
+
+        def repost(site: Site, k: int, model: Mapping[str, torch.Tensor] | None):  # type: ignore[no-untyped-def]
+            if site is reposter and k == 1:  # before its round-2 check-in
+                site.service.chain.registry.set_public_key(SiteKey.generate().public_bytes)
+            return step(site, k, model)
+
+        sites = swarm.run(repost, timeout=240)
+        final = swarm.final_digest()
+        assert final is not None and [s.final_digest for s in sites] == [final] * 3
+        assert swarm.admin.registry.site(reposter.address).public_key != joined_with
+        assert swarm.admin.mask_key(reposter.address) == joined_with
+        honest = {s.address.lower() for s in sites}
+        for s in sites:
+            roster = s.service.secure.roster(2)  # type: ignore[union-attr]
+            assert roster is not None and {a.lower() for a in roster} == honest
+        assert set(swarm.admin.masked_hashes(2)) == {s.address for s in sites}
+    _check_means(sites, {r: [0, 1, 2] for r in range(1, 4)})
+    print(f"low-order member and a key posted again: {time.monotonic() - started:.1f} s")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from swarmnode.chain.models import RoundInfo, RoundStatus
-from swarmnode.errors import ConfigError
+from swarmnode.errors import ConfigError, IdentityError
 from swarmnode.node.machine import (
     CheckIn,
     Merge,
@@ -20,9 +20,12 @@ from swarmnode.node.machine import (
     Timing,
     Wait,
 )
+from swarmnode.privacy.keys import SiteKey, pair_key, usable_public
 from swarmnode.privacy.roster import mask_set
 
 A, B, C, E = "0xA", "0xB", "0xC", "0xE"
+KEY = SiteKey.generate().public_bytes  # a usable key (the one every member joined with here)
+S1, S2, T_ADDR = "0x" + "1" * 40, "0x" + "2" * 40, "0x" + "7" * 40
 ABC = frozenset({"0xa", "0xb", "0xc"})  # participants checked in with weight above 0
 T = Timing(grace_s=2.0, deadline_s=10.0, collect_s=5.0, min_peers=3, poll_s=0.05, retry_s=0.5)
 
@@ -35,19 +38,60 @@ def info(status=RoundStatus.OPEN, participants=(), leader=None, attempt=1,
 
 
 def test_the_mask_set_is_a_join_order_prefix_fixed_before_the_round() -> None:
-    members = [(A, 1), (B, 1), (C, 1)]
+    members = [(A, 1, KEY), (B, 1, KEY), (C, 1, KEY)]
     # round 1: the first min_peers members, once that many joined; not fixed before
     assert mask_set(members[:2], 1, 3) is None
     assert mask_set(members, 1, 3) == (A, B, C)
-    assert mask_set([*members, (E, 1)], 1, 3) == (A, B, C)  # a 4th join changes nothing
+    assert mask_set([*members, (E, 1, KEY)], 1, 3) == (A, B, C)  # a 4th join changes nothing
     # round 2: every member that joined before it opened; a join during round 2 is left out
-    assert mask_set([*members, (E, 1)], 2, 3) == (A, B, C, E)
-    assert mask_set([*members, (E, 2)], 2, 3) == (A, B, C)
-    assert mask_set([*members, (E, 2)], 3, 3) == (A, B, C, E)
+    assert mask_set([*members, (E, 1, KEY)], 2, 3) == (A, B, C, E)
+    assert mask_set([*members, (E, 2, KEY)], 2, 3) == (A, B, C)
+    assert mask_set([*members, (E, 2, KEY)], 3, 3) == (A, B, C, E)
     with pytest.raises(ConfigError, match="not in join order"):
-        mask_set([(A, 2), (B, 1), (C, 1)], 2, 3)
+        mask_set([(A, 2, KEY), (B, 1, KEY), (C, 1, KEY)], 2, 3)
     with pytest.raises(ConfigError, match="round 0"):
         mask_set(members, 0, 3)
+
+
+_P = 2**255 - 19
+_ORDER_8 = (325606250916557431795983626356110631294008115727848805560023387167927233504,
+            39382357235489614581723060781553021112529911719440698176882885853963445705823)
+
+
+def _u(value: int) -> bytes:
+    return value.to_bytes(32, "little")
+
+
+# every encoding of a low-order point: u = 0, 1, p - 1, the two of order 8, u + p where it
+# fits in 255 bits, each also with the top bit set (X25519 ignores it)
+LOW_ORDER = [_u(v | top) for v in (0, 1, _P - 1, *_ORDER_8, _P, _P + 1)
+             for top in (0, 1 << 255)]
+
+
+def test_a_key_no_pair_key_can_be_made_with_is_unusable_as_pair_key_finds_it() -> None:
+    """usable_public refuses exactly what keys.pair_key refuses (X25519 gives the all-zero
+    secret): checked against the real exchange, and every random key is usable."""
+    me = SiteKey.generate()
+    for bad in [*LOW_ORDER, None, b"", b"\x01" * 31]:
+        assert not usable_public(bad)
+    for bad in LOW_ORDER:
+        with pytest.raises(IdentityError, match="low-order"):
+            pair_key(me, bad, chain_id=1, training=T_ADDR, me=S1, peer=S2)
+    for _ in range(200):
+        good = SiteKey.generate().public_bytes
+        assert usable_public(good)
+        pair_key(me, good, chain_id=1, training=T_ADDR, me=S1, peer=S2)
+
+
+def test_a_member_with_no_usable_key_is_left_out_of_every_mask_set() -> None:
+    """A member whose join-time key is low-order or none is in no round's mask set, and still
+    holds its place in the join order (K_r counts it): the others' sets do not shift."""
+    for bad in (LOW_ORDER[3], None, bytes(32)):
+        members = [(A, 1, KEY), (B, 1, bad), (C, 1, KEY), (E, 1, KEY)]
+        assert mask_set(members[:2], 1, 3) is None  # still waits for 3 members
+        assert mask_set(members, 1, 3) == (A, C)  # the first 3 joins, B left out
+        assert mask_set(members, 2, 3) == (A, C, E)
+        assert mask_set([*members[:3], (E, 2, KEY)], 2, 3) == (A, C)
 
 
 def test_a_site_checks_in_masked_only_once_the_mask_set_is_fixed_and_holds_it() -> None:
