@@ -106,7 +106,9 @@ def _parse(target: str, tls: TlsFiles | None) -> _Target:
                 f"local API socket path {path} is longer than {_UNIX_PATH_MAX} bytes (a unix "
                 "socket limit); choose a shorter local_api or data_dir"
             )
-        return _Target(f"unix://{path}", path)
+        # gRPC's unix:// form counts the "//" against the 107-byte socket path limit; its
+        # unix:/abs/path form does not, so paths of up to 107 bytes work as the check says
+        return _Target(f"unix:{path}", path)
     host_port(target, "local API target")
     if tls is None:
         raise ConfigError(
@@ -338,7 +340,7 @@ class LocalServer:
     def address(self) -> str:
         """The target a client dials (the real port when bound to port 0)."""
         if self.target.path is not None:
-            return self.target.grpc
+            return f"unix://{self.target.path}"
         host, _ = host_port(self.target.grpc)
         return f"{host}:{self.port}"
 

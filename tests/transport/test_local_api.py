@@ -149,6 +149,25 @@ def test_socket_file_handling(sock: str, tmp_path: Path) -> None:
         LocalServer(f"unix://{tmp_path}/{'x' * 120}.sock", Node())
 
 
+def test_a_socket_path_of_107_bytes_serves() -> None:
+    """The limit the check states is the one that holds: gRPC's unix:// form would count its
+    "//" and refuse paths of 106 and 107 bytes (a node under a long data_dir, as under pytest's
+    xdist, failed to start: "address in use or not writable")."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="swarmnode-long-"))
+    try:
+        path = base / ("x" * (107 - len(str(base)) - 1))
+        assert len(str(path)) == 107
+        with LocalServer(f"unix://{path}", Node()) as server, \
+                LocalClient(f"unix://{path}") as client:
+            assert client.call("status", {}) == ({"stage": "round"}, None)
+            assert server.address == f"unix://{path}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_tcp_needs_and_uses_mutual_tls(pki: Pki) -> None:
     node_tls, trainer_tls = pki.node("local-node"), pki.node("trainer")
     with pytest.raises(ConfigError, match=r"over TCP \(127.0.0.1:0\) needs mutual TLS"):
@@ -207,9 +226,12 @@ def test_group_socket_lets_only_the_group_call(tmp_path_factory) -> None:
             python = shutil.which("python3", path="/usr/bin:/usr/local/bin") or sys.executable
 
             def run(uid: int, g: int) -> str:
-                done = subprocess.run([python, "-c", _CONNECT, str(path)], user=uid, group=g,
-                                      extra_groups=[g], capture_output=True, text=True,
-                                      timeout=60, cwd=base)
+                # -I -S and a bare environment: nothing of this process's Python setup (its
+                # venv, PYTHONPATH, user site) reaches the interpreter run as another user
+                done = subprocess.run([python, "-I", "-S", "-c", _CONNECT, str(path)],
+                                      user=uid, group=g, extra_groups=[g],
+                                      env={"PATH": "/usr/bin:/bin", "HOME": str(base)},
+                                      capture_output=True, text=True, timeout=60, cwd=base)
                 out = done.stdout.strip()
                 assert out, f"the helper as uid {uid} printed nothing (exit {done.returncode}):" \
                             f" {done.stderr.strip()!r}"
