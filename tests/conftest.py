@@ -205,6 +205,10 @@ def make_swarm(backend: Backend) -> Callable[..., Swarm]:
 _SERIAL_GROUPS = {"containers", "wan"}
 
 
+# tryfirst: before xdist's worker turns the marks into groups (nodeid@group). Pinned to pytest 8:
+# pytest 9 keeps the nodeid elsewhere, so xdist 3.8's groups silently did nothing and the
+# container tests ran on both workers at once (two swarms on one engine and one network name).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         parts = item.path.parts

@@ -66,7 +66,7 @@ class ContainerConsortium:
         workdir: Path,
         nodes: int = 3,
         *,
-        prefix: str = "swarmnode",
+        prefix: str = "swarmnode-demo",
         merge: str = "mean",
         sync_frequency: int = demo_model.SYNC_FREQUENCY,
         min_peers: int = 2,
@@ -87,6 +87,8 @@ class ContainerConsortium:
         self.root = repo_root()
         self.compose_file = self.root / "compose" / "hospital.yaml"
         self.script_dir = self.root / "examples" / example
+        # not the kits' default network (swarmnode-consortium): a demo and a consortium's own
+        # sites on one engine must not share, or take down, each other's network
         self.network = f"{prefix}-consortium"
         self.docker = docker.from_env(timeout=300)
         # dev account 0's first transaction deploys the registry, its second the training
