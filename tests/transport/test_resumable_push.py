@@ -210,6 +210,8 @@ def test_a_resumed_push_is_checked_again_before_a_byte_and_the_kept_bytes_go(
     kept = wait_until(lambda: _kept(data, digest), 20, "the leader to keep the cut push")
     assert set(kept) == {ALICE} and kept[ALICE][0] == 1
     assert kept[ALICE][1] == digest and 0.5 * total < kept[ALICE][2] < total
+    # the cut push's receiving thread counts its bytes as it ends, just after it keeps them
+    wait_until(lambda: data.payload_bytes_in >= kept[ALICE][2], 20, "the cut push's bytes counted")
     handler.current_round = 2  # round 1 is over at the leader
     link.come_back()
     before = data.payload_bytes_in
