@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -188,8 +189,15 @@ def test_sigterm_during_a_sync_stops_the_node_promptly_and_a_restart_resumes(
     with _training_past_round_3(tmp_path, batch_delay=0.02) as swarm:
         c = swarm.contract
         t0 = time.monotonic()
-        swarm.nodes[0].send_signal(signal.SIGTERM)
-        code = swarm.nodes[0].wait(timeout=30)
+        node = swarm.nodes[0]
+        node.send_signal(signal.SIGTERM)
+        try:
+            code = node.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say what the process made of the signal (seen once)
+            status = Path(f"/proc/{node.pid}/status").read_text().splitlines()
+            node.kill()
+            pytest.fail(f"node pid {node.pid} still runs 30 s after SIGTERM: "
+                        f"{[x for x in status if x.startswith(('State', 'Sig', 'Shd'))]}")
         took = time.monotonic() - t0
         assert took < 10, f"the node took {took:.1f} s to stop after SIGTERM"
         assert code == 0
