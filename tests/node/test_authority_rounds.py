@@ -5,6 +5,9 @@ read the chain, and past its few reads per block be refused as a non-participant
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from swarmnode.chain.accounts import dev_account
@@ -16,7 +19,9 @@ from swarmnode.testing.inproc import InProcessSwarm
 INITIAL = {"w": torch.zeros(6, 4), "b": torch.zeros(4)}
 
 
-def test_far_future_rounds_named_by_a_hostile_site_do_not_evict_the_round_in_use() -> None:
+@contextmanager
+def _counted_chain() -> Iterator[tuple[InProcessSwarm, SwarmContract, list[int]]]:
+    """A two-site in-process swarm and site 1's chain client, whose round reads are listed."""
     spec = TrainingSpec.from_state(INITIAL, sync_frequency=1, min_peers=2, merge_method="mean")
     with InProcessSwarm(2, spec, min_peers=2, grace_s=2, deadline_s=8) as swarm:
         chain: SwarmContract = swarm.admin.with_account(dev_account(1))
@@ -28,6 +33,11 @@ def test_far_future_rounds_named_by_a_hostile_site_do_not_evict_the_round_in_use
             return real(r)
 
         chain.round = counted  # type: ignore[method-assign]
+        yield swarm, chain, reads
+
+
+def test_far_future_rounds_named_by_a_hostile_site_do_not_evict_the_round_in_use() -> None:
+    with _counted_chain() as (swarm, chain, reads):
         hostile = dev_account(5).address
         one, two = (dev_account(i).address for i in (1, 2))
         current = chain.current_round()
@@ -48,3 +58,42 @@ def test_far_future_rounds_named_by_a_hostile_site_do_not_evict_the_round_in_use
             assert authority.is_participant(current, one)
             assert authority.is_participant(current, two)
         assert reads == [], reads
+
+
+def test_a_non_participant_costs_a_few_round_reads_per_block_and_a_check_in_counts_at_once(
+) -> None:
+    """A caller the round does not name (an outsider's pushes) makes the authority read the
+    round again a few times per block at most, however many requests it sends: before, every
+    request read the chain (a hostile site could make a leader hammer its RPC node). A member
+    whose check-in was mined a moment ago, in a block the leader has not seen yet, is a
+    participant at once: an open round is read again for it (a view kept from before the
+    check-in must not refuse its push until the next block)."""
+    with _counted_chain() as (swarm, chain, reads):
+        outsider = dev_account(5).address
+        one, two = (dev_account(i).address for i in (1, 2))
+        current = chain.current_round()  # open: nobody checked in yet
+        # without a block source: a few reads per time slot (a quarter second)
+        plain = ChainAuthority(chain)
+        for _ in range(50):
+            assert not plain.is_participant(current, outsider)
+        assert len(reads) <= 6, reads  # 3 a slot, 6 across a slot's end; before: 50
+        reads.clear()
+        block = [100]  # the latest block this node knows: it stays put below (a slow watcher)
+        authority = ChainAuthority(chain, block=lambda: block[0])
+        for _ in range(50):
+            assert not authority.is_participant(current, outsider)
+        for r in range(current + 1, current + 20):  # ever new rounds: nothing more this block
+            assert not authority.is_participant(r, outsider)
+        assert len(reads) == 3, reads
+        # both check in (the second closes the round) while this node still knows block 100:
+        # the outsider spent its reads of this block, not theirs
+        swarm.admin.with_account(dev_account(1)).checkin(current, 10)
+        swarm.admin.with_account(dev_account(2)).checkin(current, 20)
+        assert authority.is_participant(current, one) and authority.is_participant(current, two)
+        reads.clear()
+        for _ in range(50):  # elected: its participants are fixed; read once per block
+            assert not authority.is_participant(current, outsider)
+        assert reads == [], reads
+        block[0] += 1
+        assert not authority.is_participant(current, outsider)
+        assert reads == [current], reads
