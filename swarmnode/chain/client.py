@@ -650,13 +650,14 @@ class SwarmContract(_Handle):
         return self._transact(
             "checkin", (round, weight, *_metrics_args(metrics), masked_hash or bytes(32)), what)
 
-    def masked_hashes(self, round: int) -> dict[str, bytes]:
+    def masked_hashes(self, round: int, from_block: int | None = None) -> dict[str, bytes]:
         """Secure aggregation: site -> the hash of the masked update it checked in with for
-        ``round`` (sites that checked in without one are absent)."""
+        ``round`` (sites that checked in without one are absent). ``from_block``: read from
+        there (a block at or before the check-ins asked about), not from the deployment."""
         self._round_arg(round)
         topic = "0x" + round.to_bytes(32, "big").hex()
         out: dict[str, bytes] = {}
-        for e in self.events(names={"MaskedUpdate"}, round_topic=topic):
+        for e in self.events(from_block, names={"MaskedUpdate"}, round_topic=topic):
             out.setdefault(str(e.args["node"]), bytes(e.args["hash"]))
         return out
 
