@@ -205,8 +205,10 @@ class NodeConfig(BaseModel):
 
     @property
     def fault_plan(self) -> Faults:
-        """The faults this node injects (none unless the test-only ``faults:`` section says)."""
-        return self.faults.build() if self.faults is not None else NO_FAULTS
+        """The faults this node injects (none unless the test-only ``faults:`` section says);
+        an exit fault that already fired on this data folder is not injected again."""
+        return self.faults.build().once_in(self.data_dir) if self.faults is not None \
+            else NO_FAULTS
 
     @property
     def endpoint(self) -> str:
