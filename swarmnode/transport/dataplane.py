@@ -86,7 +86,8 @@ from swarmnode.errors import (
 )
 from swarmnode.identity import TlsFiles, fingerprint
 from swarmnode.transport import parts, serde
-from swarmnode.transport.listener import ListenerLimits, TlsListener
+from swarmnode.transport.listener import ListenerLimits, Router, TlsListener
+from swarmnode.transport.oneport import DATA_ALPN
 from swarmnode.transport.shards import EncodedSlice
 
 __all__ = ["TRAFFIC", "DataClient", "DataServer", "Traffic", "bind_address", "check_push",
@@ -273,6 +274,8 @@ def _context(tls: TlsFiles, server: bool) -> ssl.SSLContext:
     ctx.load_verify_locations(cafile=str(tls.trust))
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
     ctx.verify_mode = ssl.CERT_REQUIRED
+    # the data plane's protocol: what routes a connection here on a one-port node (oneport.py)
+    ctx.set_alpn_protocols([DATA_ALPN])
     if not server:
         # The peer is pinned by the fingerprint the contract holds (checked on this connection),
         # which is stronger than a host name; endpoints may be IPs without SANs.
@@ -444,6 +447,7 @@ class DataServer:
         limits: ListenerLimits | None = None,
         resume_s: float = 120.0,
         max_partials: int = 4,
+        router: Router | None = None,
     ) -> None:
         """``resume_s``, ``max_partials``: how long, and for how many senders at once (one
         each), the bytes of a push cut mid-stream are kept for the sender to resume
@@ -485,11 +489,12 @@ class DataServer:
         self._admit = _OrderedSlots(max(1, inflight))
         self._listener: TlsListener | None = None
         self._stop = threading.Event()
+        self._router = router  # one-port mode: the peer API's connections go there (oneport.py)
 
     def start(self) -> int:
         self._listener = TlsListener(self.host, self.port, self._ctx, self._serve, self.limits,
                                      workers=self._workers, frame_length=_frame_length,
-                                     name="data-plane")
+                                     name="data-plane", router=self._router)
         self.port = self._listener.start()
         self._watch_thread.start()
         log.info("data plane listening on %s:%d (mutual TLS; handshake within %g s, %d pending "
@@ -974,10 +979,11 @@ class DataServer:
 
     def _shard_push(self, tls: ssl.SSLSocket, sender: str, hdr: dict[str, Any]) -> None:
         """``{"op": "shard_push", "address", "round", "attempt", "index", "weight",
-        "total_bytes", "digest"}`` then the slice's bytes (canonical safetensors); the reply
-        frame once it was accepted or refused. Every check (participant, sharded attempt,
-        this node owns the slice, weight, duplicate, exact size) runs on the header, before a
-        byte of payload is read."""
+        "total_bytes"}`` then the slice's bytes (canonical safetensors); the reply frame once
+        it was accepted or refused. Every check (participant, sharded attempt, this node owns
+        the slice, weight, duplicate, exact size) runs on the header, before a byte of payload
+        is read. A slice is not hashed: TLS authenticates its bytes and the merged model's
+        digest checks the result; a header that still names a ``digest`` has it checked."""
         rnd, attempt, index = self._shard_header(sender, hdr, "shard_push")
         what = f"slice {index} of round {rnd} from {sender}"
         check = getattr(self.handler, "check_shard", None)
@@ -989,7 +995,7 @@ class DataServer:
             raise PayloadRejected(f"{what}: {total} bytes announced, the slice takes "
                                   f"{spec.payload_bytes}; the sender's model differs from the "
                                   "swarm's training spec")
-        digest = _header_digest(hdr, what)
+        digest = _header_digest(hdr, what) if "digest" in hdr else None
         started = time.monotonic()
         tls.settimeout(min(self.idle_s, _STALL_S))
         watched = _Watched(tls, what, started, started)
@@ -1009,7 +1015,8 @@ class DataServer:
                 self._watched.pop(id(watched), None)
                 self.payload_bytes_in += watched.moved
         try:
-            serde.Received(buf, serde.digest(buf)).check_digest(digest)
+            if digest is not None:
+                serde.Received(buf, serde.digest(buf)).check_digest(digest)
             state = serde.view_state(buf, spec=spec, reject_nonfinite=self.reject_nonfinite)
         except PayloadRejected as exc:
             raise PayloadRejected(f"{what}: {exc}") from None
@@ -1358,13 +1365,13 @@ class DataClient:
     def push_shard(self, round: int, attempt: int, index: int, weight: int,
                    piece: EncodedSlice, timeout: float) -> None:
         """Send slice ``index`` of this node's update to its owner: its header, then its body
-        straight from the payload it views (no copy)."""
+        straight from the payload it views (no copy, not hashed)."""
         what = f"slice {index} of round {round} to {self.who}"
         body = piece.body.cast("B")
         with self._connect(timeout) as tls:
             _send_frame(tls, {"op": "shard_push", "address": self.own_address, "round": round,
                               "attempt": attempt, "index": index, "weight": weight,
-                              "total_bytes": piece.nbytes, "digest": piece.digest.hex()})
+                              "total_bytes": piece.nbytes})
             self._send_for_verdict(tls, body, [(0, len(body))], lambda start, end: None, what,
                                    head=piece.head)
 

@@ -15,6 +15,11 @@ bounded twice:
 
 A connection whose handshake succeeded but whose request frame does not arrive in time is
 dropped the same way, so a trusted certificate that is not enrolled cannot hold workers either.
+
+With a ``router`` (the one-port mode, :mod:`swarmnode.transport.oneport`), a new connection is
+first only peeked at, as a pending one under the same limits and deadline: the router reads its
+ClientHello and says whether this listener runs the TLS handshake, the connection goes to the
+router whole (nothing read from it), or it is closed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from swarmnode.errors import ConfigError
 
@@ -65,11 +71,30 @@ FrameLength = Callable[[bytes], int | None]
 Serve = Callable[[ssl.SSLSocket, str, bytes], None]
 
 
-class _Pending:
-    __slots__ = ("address", "buf", "deadline", "done", "fd", "gone", "peer", "since", "tls")
+class Router(Protocol):
+    """Routes a new connection by its first bytes, before any TLS work (one-port mode)."""
 
-    def __init__(self, tls: ssl.SSLSocket, peer: tuple[str, int], deadline: float) -> None:
+    max_peek: int  # the most bytes of a connection's start it may need to see
+
+    def route(self, first: bytes) -> str | int:
+        """``"tls"``: this listener takes it; ``"splice"``: :meth:`splice` takes it; an int: the
+        bytes needed before it can say (more than ``len(first)``); ValueError: refuse it."""
+        ...
+
+    def splice(self, sock: socket.socket, peer: tuple[str, int], deadline: float) -> None:
+        """Take ``sock`` over (non-blocking, nothing read from it); ``deadline``: the accept's
+        handshake deadline (monotonic)."""
+        ...
+
+
+class _Pending:
+    __slots__ = ("address", "buf", "deadline", "done", "fd", "gone", "peeked", "peer", "since",
+                 "tls")
+
+    def __init__(self, tls: ssl.SSLSocket | socket.socket, peer: tuple[str, int],
+                 deadline: float) -> None:
         self.tls, self.peer, self.address = tls, peer, peer[0]
+        self.peeked = -1  # bytes of the ClientHello seen (router only; -1: routed, or none)
         self.deadline, self.since = deadline, time.monotonic()
         self.done = False  # the handshake is done
         self.buf = b""
@@ -84,8 +109,10 @@ class TlsListener:
 
     def __init__(self, host: str, port: int, ctx: ssl.SSLContext, serve: Serve,
                  limits: ListenerLimits | None = None, *, workers: int = 64,
-                 frame_length: FrameLength | None = None, name: str = "tls") -> None:
+                 frame_length: FrameLength | None = None, name: str = "tls",
+                 router: Router | None = None) -> None:
         self.host, self.port, self.ctx, self.serve = host, port, ctx, serve
+        self.router = router
         self.limits = limits or ListenerLimits()
         self.workers, self.frame_length, self.name = workers, frame_length, name
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
@@ -99,7 +126,8 @@ class TlsListener:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self.stats = {"accepted": 0, "handed": 0, "failed_handshakes": 0, "timed_out": 0,
-                      "refused_per_address": 0, "evicted": 0, "refused_busy": 0}
+                      "refused_per_address": 0, "evicted": 0, "refused_busy": 0,
+                      "refused_hello": 0, "spliced": 0}
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> int:
@@ -194,11 +222,18 @@ class TlsListener:
             conn.setblocking(False)
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tls = self.ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+                if self.router is not None:  # peeked at first, wrapped once routed here
+                    tls: ssl.SSLSocket | socket.socket = conn
+                    _low_water(conn, _RECORD_HEADER)
+                else:
+                    tls = self.ctx.wrap_socket(conn, server_side=True,
+                                               do_handshake_on_connect=False)
             except (OSError, ssl.SSLError):
                 conn.close()
                 continue
             p = _Pending(tls, peer, time.monotonic() + self.limits.handshake_timeout_s)
+            if self.router is not None:
+                p.peeked = 0
             with self._lock:
                 self._pending[p.fd] = p
             self._per_address[address] = self._per_address.get(address, 0) + 1
@@ -220,6 +255,9 @@ class TlsListener:
 
     def _step(self, p: _Pending) -> None:
         """Take the handshake, then the first frame, as far as the bytes that came allow."""
+        if p.peeked >= 0 and not self._route(p):
+            return None
+        assert isinstance(p.tls, ssl.SSLSocket)
         try:
             if not p.done:
                 try:
@@ -255,6 +293,55 @@ class TlsListener:
         self._hand_over(p)
         return None
 
+    def _route(self, p: _Pending) -> bool:
+        """Peek at the ClientHello and route the connection; True once it is this listener's
+        TLS socket (the handshake goes on), False while the router needs more bytes or when the
+        connection left (refused, or the router took it)."""
+        assert self.router is not None
+        try:
+            first = p.tls.recv(self.router.max_peek, socket.MSG_PEEK)
+            if not first:
+                raise ConnectionResetError("closed before its ClientHello")
+            if len(first) <= p.peeked:  # woken without a byte more: not a client taking turns
+                raise ValueError(f"its ClientHello stopped at {len(first)} bytes")
+            p.peeked = len(first)
+            way = self.router.route(first)
+            if isinstance(way, int):  # wait (no wakeup) until that many bytes are here
+                _low_water(p.tls, min(way, self.router.max_peek))
+                return False
+            _low_water(p.tls, 1)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except ValueError as exc:
+            self.stats["refused_hello"] += 1
+            log.info("%s: refused %s:%d: %s", self.name, *p.peer[:2], exc)
+            self._drop(p)
+            return False
+        except OSError as exc:
+            self.stats["failed_handshakes"] += 1
+            log.debug("%s: %s:%d: %s", self.name, *p.peer[:2], exc)
+            self._drop(p)
+            return False
+        if way == "splice":
+            self._forget(p)
+            self.stats["spliced"] += 1
+            self.router.splice(p.tls, p.peer, p.deadline)
+            return False
+        if way != "tls":
+            raise RuntimeError(f"router answered {way!r}")
+        self._sel.unregister(p.tls)
+        try:
+            p.tls = self.ctx.wrap_socket(p.tls, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ssl.SSLError) as exc:
+            self.stats["failed_handshakes"] += 1
+            log.debug("%s: %s:%d: %s", self.name, *p.peer[:2], exc)
+            self._forget(p)
+            p.tls.close()
+            return False
+        p.peeked = -1
+        self._sel.register(p.tls, selectors.EVENT_READ, p)
+        return True
+
     def _forget(self, p: _Pending) -> None:
         if p.gone:
             return
@@ -280,6 +367,7 @@ class TlsListener:
 
     def _hand_over(self, p: _Pending) -> None:
         self._forget(p)
+        assert isinstance(p.tls, ssl.SSLSocket)
         with self._lock:
             full = self._busy >= self.workers
             if not full:
@@ -311,3 +399,15 @@ class TlsListener:
                 tls.close()
             except OSError:
                 pass
+
+
+_RECORD_HEADER = 5  # a TLS record's header: no routing decision before it
+
+
+def _low_water(sock: socket.socket, nbytes: int) -> None:
+    """Wake for reads only once ``nbytes`` are here (or at EOF): a connection that trickles its
+    ClientHello costs no wakeups until it is whole. Best effort where the OS lacks it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, nbytes))
+    except (OSError, AttributeError):
+        pass
