@@ -3,8 +3,11 @@
     python benchmarks/round.py [--configs 1M:2,1M:4,25M:4,250M:3:4] [--rounds 6] \
         [--out results/round.json] [--append]
 
-Per configuration (``P:N`` or ``P:N:R``: P float32 parameters, N sites, R rounds, default
-``--rounds``) it reports, with medians over rounds 2..R of every trainer's syncs:
+Per configuration (``P:N``, ``P:N:R`` or ``P:N:R:MERGE``: P float32 parameters, N sites, R
+rounds, default ``--rounds``; MERGE ``mean`` (default) or ``secure``, ``mean`` with secure
+aggregation at the demo's clip norm and weight cap; a ``secure`` row measured after the same
+``mean`` one in one run gets ``over_plain_mean``, the ratio of their rounds) it reports, with
+medians over rounds 2..R of every trainer's syncs:
 
 * ``median_round_s``: the trainer's whole sync (hand the parameters over, the round, take the
   merged model back), and its split into stages: ``upload_handback`` (trainer <-> node, the local
@@ -44,6 +47,7 @@ memory above its baseline: peak RSS (VmHWM, reset before the push) - RSS before.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -66,6 +70,7 @@ import yaml  # noqa: E402
 from swarmnode.chain.accounts import dev_account  # noqa: E402
 from swarmnode.chain.client import SwarmContract, connect  # noqa: E402
 from swarmnode.chain.launcher import DevChain  # noqa: E402
+from swarmnode.demo.swarm import SECURE_CLIP_NORM, SECURE_MAX_WEIGHT  # noqa: E402
 from swarmnode.identity import (  # noqa: E402
     TlsFiles,
     create_ca,
@@ -134,12 +139,16 @@ def raw_bound(nbytes: int) -> float:
     return seconds
 
 
-def _spec(params: int, nodes: int) -> TrainingSpec:
+def _spec(params: int, nodes: int, secure: bool = False) -> TrainingSpec:
     sys.path.insert(0, str(HERE))
     from round_trainer import Synthetic
 
-    return TrainingSpec.from_state(Synthetic(params).state_dict(), sync_frequency=1,
+    spec = TrainingSpec.from_state(Synthetic(params).state_dict(), sync_frequency=1,
                                    min_peers=nodes, merge_method="mean")
+    if secure:  # the demo's settings: a step of the synthetic trainer moves far less than this
+        spec = dataclasses.replace(spec, merge_options={"clip_norm": SECURE_CLIP_NORM},
+                                   max_weight=SECURE_MAX_WEIGHT, secure_aggregation=True)
+    return spec
 
 
 def _mem_available() -> int:
@@ -299,7 +308,7 @@ def transfer(params: int, work: Path) -> dict[str, Any]:
 
 
 def run_config(params: int, nodes: int, rounds: int, work: Path,
-               min_free: int = 0) -> dict[str, Any]:
+               min_free: int = 0, secure: bool = False) -> dict[str, Any]:
     work.mkdir(parents=True)
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1"}
     ca_cert, ca_key = create_ca(work / "ca", "bench-ca", org="bench")
@@ -310,8 +319,9 @@ def run_config(params: int, nodes: int, rounds: int, work: Path,
         w3 = connect(chain.url)
         # a round's deadline: 120 s, more for models whose bytes take longer on a loaded host
         deadline_s = max(120, int(60 + model_bytes / 10e6))
-        contract = SwarmContract.deploy(w3, dev_account(0), _spec(params, nodes).to_json(),
-                                        nodes, 2, deadline_s)
+        contract = SwarmContract.deploy(w3, dev_account(0),
+                                        _spec(params, nodes, secure).to_json(), nodes, 2,
+                                        deadline_s)
         nodes_p, socks = [], []
         for i in range(nodes):
             name = f"site-{i + 1}"
@@ -348,7 +358,8 @@ def run_config(params: int, nodes: int, rounds: int, work: Path,
                 t = subprocess.Popen(
                     [sys.executable, str(HERE / "round_trainer.py"), "--local-api", socks[i],
                      "--params", str(params), "--nodes", str(nodes), "--rounds", str(rounds),
-                     "--index", str(i), "--out", str(work / f"t{i}.json")],
+                     "--index", str(i), "--out", str(work / f"t{i}.json"),
+                     *(["--clip-norm", str(SECURE_CLIP_NORM)] if secure else [])],
                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 procs.append(t)
                 trainers.append(t)
@@ -407,6 +418,7 @@ def run_config(params: int, nodes: int, rounds: int, work: Path,
                          - split["transfer"] - split["merge"])
     return {
         "params": params, "nodes": nodes, "rounds": rounds, "rounds_completed": played + 1,
+        "merge": "mean+secure_aggregation" if secure else "mean",
         "median_round_s": round(median_round, 4), "raw_bound_s": round(bound, 4),
         "round_over_bound": round(median_round / bound, 2),
         "leader_growth_over_model": round(max(growth), 2),
@@ -454,13 +466,24 @@ def main() -> None:
             transfers.append(row)
             print(f"transfer P={size}: {row}", flush=True)
         for n, spec in enumerate(x for x in a.configs.split(",") if x):
-            params, nodes, *rounds = spec.split(":")
+            params, nodes, *rest = spec.split(":")
+            rounds = rest[0] if rest and rest[0] else None
+            mode = rest[1] if len(rest) > 1 else "mean"
+            if mode not in ("mean", "secure"):
+                p.error(f"--configs {spec}: the fourth field is the merge, 'mean' or 'secure' "
+                        f"(mean with secure aggregation), not {mode!r}")
             keep = os.environ.get("SWARMNODE_BENCH_KEEP")  # a folder: keep the logs there
             work = (Path(keep) if keep else Path(tmp)) / str(n)
-            run = run_config(_size(params), int(nodes), int(rounds[0]) if rounds else a.rounds,
-                             work, int(a.min_free_gib * 2**30))
+            run = run_config(_size(params), int(nodes), int(rounds) if rounds else a.rounds,
+                             work, int(a.min_free_gib * 2**30), secure=mode == "secure")
+            plain = next((r for r in runs if (r["params"], r["nodes"], r["merge"])
+                          == (run["params"], run["nodes"], "mean")), None)
+            if mode == "secure" and plain is not None:  # measured in the same run
+                run["over_plain_mean"] = round(run["median_round_s"] / plain["median_round_s"],
+                                               2)
             runs.append(run)
-            print(f"P={params:>4} N={int(nodes):>2}: round {run['median_round_s']:.3f} s, "
+            print(f"P={params:>4} N={int(nodes):>2} {run['merge']}: "
+                  f"round {run['median_round_s']:.3f} s, "
                   f"raw bound {run['raw_bound_s']:.3f} s ({run['round_over_bound']}x), "
                   f"leader growth {run['leader_growth_over_model']}x, "
                   f"trainer growth {run['trainer_growth_over_model']}x, "
@@ -469,8 +492,11 @@ def main() -> None:
                   flush=True)
     if a.append and a.out.exists():
         before = json.loads(a.out.read_text())
-        new = {(r["params"], r["nodes"]) for r in runs}
-        runs = [r for r in before["runs"] if (r["params"], r["nodes"]) not in new] + runs
+        def key(r: dict[str, Any]) -> tuple[int, int, str]:
+            return r["params"], r["nodes"], r.get("merge", "mean")
+
+        new = {key(r) for r in runs}
+        runs = [r for r in before["runs"] if key(r) not in new] + runs
         sizes = {t["params"] for t in transfers}
         transfers = [t for t in before.get("transfers", [])
                      if t["params"] not in sizes] + transfers

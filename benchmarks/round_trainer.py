@@ -82,12 +82,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, required=True)
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--clip-norm", type=float, default=None,
+                   help="The swarm's merge option clip_norm (secure aggregation needs it).")
     a = p.parse_args()
     torch.set_num_threads(1)
     model = Synthetic(a.params)
     _step(model, a.index)
     swarm = SwarmCallback(model, sync_frequency=1, min_peers=a.nodes,
-                          num_samples=100 + a.index, local_api=a.local_api, timeout=1800.0)
+                          num_samples=100 + a.index, local_api=a.local_api, timeout=1800.0,
+                          merge_options=None if a.clip_norm is None
+                          else {"clip_norm": a.clip_norm})
     spent = _instrument(swarm)
     rss_train = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here on

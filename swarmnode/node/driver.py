@@ -878,7 +878,7 @@ class RoundDriver:
     def note_served(self, round: int, to: str) -> None:
         """The peer API handed ``round``'s merged model to ``to`` (a member now holds a copy)."""
         with self._replica:
-            self._served.setdefault(round, set()).add(to)
+            self._served.setdefault(round, set()).add(to.lower())  # as _merge's pushed
             self._served = {r: v for r, v in self._served.items() if r >= round - 2}
             self._replica.notify_all()
 
@@ -943,8 +943,10 @@ class RoundDriver:
             self.store.put(action.round, digest, data)
             del data
         digest, members = rnd.merged[action.attempt]
-        pushed = (set(self.secure.senders(action.round)) if self.secure is not None
-                  else self.collectors.get(action.round, action.attempt).senders) - {self.me}
+        # addresses lowercased: the secure path keeps them so, peers name themselves checksummed
+        pushed = {a.lower() for a in (
+            self.secure.senders(action.round) if self.secure is not None
+            else self.collectors.get(action.round, action.attempt).senders)} - {self.me.lower()}
         if not action.sharded:  # sharded: every member assembles the model from the owners
             self._await_replica(action.round, set(pushed))
         t1 = time.monotonic()
