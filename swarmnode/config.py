@@ -86,6 +86,12 @@ class NodeConfig(BaseModel):
         "free port when the peer port is 0); -1: none (models then travel over gRPC, slower). "
         "Reachable at this number: publish it 1:1.",
     )
+    one_port: bool = Field(
+        False,
+        description="Serve the peer API and the data plane on the one port of peer_listen, told "
+        "apart by the TLS ClientHello's ALPN (for a site that can open only one port); gRPC "
+        "then listens on loopback behind it and carries control; leave data_port unset.",
+    )
     data_handshake_timeout_s: float = Field(
         10.0, gt=0, le=300,
         description="A connection to the data plane must finish its TLS handshake and send its "
@@ -175,6 +181,14 @@ class NodeConfig(BaseModel):
                 f"data_pending_per_address {self.data_pending_per_address} is more than "
                 f"data_pending_total {self.data_pending_total}: one address could take every "
                 "pending slot; lower data_pending_per_address or raise data_pending_total")
+        return self
+
+    @model_validator(mode="after")
+    def _one_port(self) -> NodeConfig:
+        if self.one_port and self.data_port is not None:
+            raise ValueError(
+                f"one_port serves the data plane on the peer port, yet data_port is "
+                f"{self.data_port}; remove data_port (or one_port)")
         return self
 
     @model_validator(mode="after")

@@ -278,6 +278,7 @@ class NodeService:
             spec=self.codec.update_spec, max_bytes=self.max_bytes,
             reject_nonfinite=self.config.reject_nonfinite, data_port=self.config.data_port,
             spill_dir=str(self._spill_dir()), listener=self.config.listener_limits,
+            one_port=self.config.one_port,
         )
         port = self.peer_server.start()
         self._enroll(port)

@@ -66,19 +66,25 @@ def _reassemble(buf: bytes) -> tuple[bytes, int]:
         end = pos + _RECORD + length
         if end > MAX_PEEK:
             raise HelloError(f"the ClientHello's records run past {MAX_PEEK} bytes")
+        size = _check_start(message + buf[pos + _RECORD:end])  # refused before it is whole
         if len(buf) < end:
             return b"", end
         message += buf[pos + _RECORD:end]
         pos = end
-        if len(message) >= 4:
-            if message[0] != _CLIENT_HELLO:
-                raise HelloError(f"the first handshake message is type {message[0]}, not a "
-                                 "ClientHello")
-            size = int.from_bytes(message[1:4], "big")
-            if size > MAX_HELLO:
-                raise HelloError(f"a {size}-byte ClientHello, over the {MAX_HELLO}-byte limit")
-            if len(message) >= 4 + size:
-                return bytes(message[4:4 + size]), 0
+        if size is not None and len(message) >= 4 + size:
+            return bytes(message[4:4 + size]), 0
+
+
+def _check_start(message: bytes) -> int | None:
+    """The ClientHello's size once its handshake header is here (None before)."""
+    if len(message) < 4:
+        return None
+    if message[0] != _CLIENT_HELLO:
+        raise HelloError(f"the first handshake message is type {message[0]}, not a ClientHello")
+    size = int.from_bytes(message[1:4], "big")
+    if size > MAX_HELLO:
+        raise HelloError(f"a {size}-byte ClientHello, over the {MAX_HELLO}-byte limit")
+    return size
 
 
 class _Reader:

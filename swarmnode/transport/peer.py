@@ -61,6 +61,7 @@ from swarmnode.transport._rpc import (
     abort,
     channel_options,
     error_from_rpc,
+    host_port,
     server_options,
     swarm_error_name,
 )
@@ -72,6 +73,7 @@ from swarmnode.transport.dataplane import (
     check_push,
 )
 from swarmnode.transport.listener import ListenerLimits
+from swarmnode.transport.oneport import OnePortRouter, SpliceLimits
 from swarmnode.transport.proto import peer_pb2 as pb
 from swarmnode.transport.shards import EncodedSlice
 from swarmnode.transport.tlscheck import probe
@@ -318,7 +320,9 @@ class _Servicer:
         def body() -> pb.HealthReply:
             self._identify(context)
             info = dict(self.o.handler.health())
-            if self.o.data is not None:
+            if self.o.one_port:  # model bytes on this very port, by ALPN (oneport.py)
+                info["one_port"] = True
+            elif self.o.data is not None:
                 info["data_port"] = self.o.data.port  # where this node takes model bytes
             return pb.HealthReply(json=json.dumps(info, default=str))
 
@@ -364,8 +368,13 @@ class PeerServer:
         data_port: int | None = None,
         spill_dir: str | None = None,
         listener: ListenerLimits | None = None,
+        one_port: bool = False,
+        splice: SpliceLimits | None = None,
     ) -> None:
-        """``listener``: the data plane's limits on connections still in their TLS handshake
+        """``one_port``: serve the peer API and the data plane on ``bind``'s one port, told
+        apart by ALPN (:mod:`~swarmnode.transport.oneport`): gRPC then listens on loopback
+        only, its connections relayed (bounded by ``splice``). ``listener``: the data plane's
+        limits on connections still in their TLS handshake
         (:class:`~swarmnode.transport.listener.ListenerLimits`). The stream limits: see
         :class:`_StreamGuard`. ``rate_grace_s`` covers a pull's wait for the merged model (up to
         2 s) and the slowest honest start of a stream.
@@ -386,6 +395,12 @@ class PeerServer:
         self._server: grpc.Server | None = None
         self.data: DataServer | None = None
         self._data_port = data_port
+        if one_port and data_port is not None:
+            raise ConfigError(
+                f"one_port takes the data plane onto the peer port; data_port={data_port} "
+                "contradicts it: remove data_port (or one_port)")
+        self.one_port, self._splice = one_port, splice
+        self._router: OnePortRouter | None = None
         self._data_args = dict(tls=tls, authority=authority, handler=handler, spec=spec,
                                max_bytes=max_bytes, reject_nonfinite=reject_nonfinite,
                                per_peer=max(8, per_peer_streams * 2), deadline_s=stream_deadline_s,
@@ -399,6 +414,8 @@ class PeerServer:
             options=server_options(),
         )
         server.add_generic_rpc_handlers((_handlers(_Servicer(self)),))
+        if self.one_port:
+            return self._start_one_port(server)
         try:
             port = server.add_secure_port(self.bind, self._creds)
         except RuntimeError:
@@ -430,10 +447,38 @@ class PeerServer:
         )
         return port
 
+    def _start_one_port(self, server: grpc.Server) -> int:
+        """gRPC on a loopback port of its own; the data plane's listener on ``bind``, routing
+        each connection by its ALPN (gRPC's relayed there whole: its own mutual TLS, the
+        caller's own certificate)."""
+        inner = server.add_secure_port("127.0.0.1:0", self._creds)
+        if not inner:
+            raise ConfigError("cannot bind the peer API to a loopback port (one_port)")
+        router = OnePortRouter(("127.0.0.1", inner), self._splice)
+        host, _, want = self.bind.rpartition(":")
+        host = host.strip("[]") or "0.0.0.0"
+        data = DataServer(host, int(want or 0), router=router,
+                          **self._data_args)  # type: ignore[arg-type]
+        try:
+            port = data.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot bind the peer API to {self.bind} ({exc.strerror or exc}): the port is "
+                "in use or the address is not local; change peer_listen") from None
+        router.start()
+        server.start()
+        self.data, self._router, self._server, self.port = data, router, server, port
+        log.info("peer API and data plane on one port, %s (port %d), told apart by ALPN; gRPC "
+                 "on 127.0.0.1:%d behind it", self.bind, port, inner)
+        return port
+
     def stop(self, grace: float | None = None) -> None:
         if self.data is not None:
             self.data.stop()
             self.data = None
+        if self._router is not None:
+            self._router.stop()
+            self._router = None
         self.guard.close()
         if self._server is not None:
             self._server.stop(grace).wait()
@@ -507,9 +552,12 @@ class PeerClient:
             return self._data
         self._data_checked = time.monotonic()
         try:
-            port = self.health(min(timeout, 10.0)).get("data_port")
+            info = self.health(min(timeout, 10.0))
         except SwarmError:
             return None
+        port = info.get("data_port")
+        if info.get("one_port") is True:  # its data plane answers on its peer port (by ALPN)
+            port = host_port(self.endpoint)[1]
         if isinstance(port, int) and 0 < port < 65536:
             host = self.endpoint.rpartition(":")[0].strip("[]")
             self._data = DataClient(

@@ -8,11 +8,15 @@ handshake never finishes), ``unenrolled`` (a complete handshake with CERT from t
 whose address is not enrolled, then no request). COUNT connections are spread over SOURCES
 loopback addresses (127.0.0.2, 127.0.0.3, ...); each one that the node drops is opened again
 after 0.2 s. Prints ``ready`` once COUNT are open at once, then holds them until stdin closes,
-and prints ``opened N dropped M`` at exit.
+and prints ``opened N dropped M`` at exit. ``hello`` without CERT sends a ClientHello with no
+certificate to follow. ``HOSTILE_ALPN=h2,swarmnode-data/1`` in the environment: connection i
+offers the i-th of those protocols (round robin) in its ClientHello (a one-port node routes by
+it); unset: no ALPN.
 """
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl
@@ -23,12 +27,19 @@ import threading
 def main() -> None:
     mode, host, port, count, sources = sys.argv[1], sys.argv[2], int(sys.argv[3]), \
         int(sys.argv[4]), int(sys.argv[5])
-    ctx = None
+    contexts: list[ssl.SSLContext | None] = [None]
     if mode in ("hello", "unenrolled"):
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE  # an attacker does not care who answers
-        ctx.load_cert_chain(sys.argv[6], sys.argv[7])
+        contexts = []
+        for alpn in os.environ.get("HOSTILE_ALPN", "").split(",") if os.environ.get(
+                "HOSTILE_ALPN") else [""]:
+            made = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            made.check_hostname = False
+            made.verify_mode = ssl.CERT_NONE  # an attacker does not care who answers
+            if len(sys.argv) > 7:
+                made.load_cert_chain(sys.argv[6], sys.argv[7])
+            if alpn:
+                made.set_alpn_protocols([alpn])
+            contexts.append(made)
     stop = threading.Event()
     lock = threading.Lock()
     state = {"open": 0, "opened": 0, "dropped": 0}
@@ -36,6 +47,7 @@ def main() -> None:
 
     def hold(i: int) -> None:
         source = f"127.0.0.{2 + i % sources}"
+        ctx = contexts[i % len(contexts)]
         while not stop.is_set():
             try:
                 raw = socket.create_connection((host, port), timeout=30,
