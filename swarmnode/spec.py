@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from swarmnode.errors import ConfigError, SpecMismatch
+from swarmnode.privacy.guards import check_noise
 from swarmnode.privacy.guards import check_spec as check_secure_aggregation
+from swarmnode.privacy.noise import DistributedNoise
 from swarmnode.transport.compression import check_mode
 
 __all__ = ["TensorSpec", "TrainingSpec", "dtype_name"]
@@ -60,6 +62,10 @@ class TrainingSpec:
     # only the sum of the updates (a node without a data plane refuses it at start:
     # swarmnode.privacy.guards.refuse_until_wired).
     secure_aggregation: bool = False
+    # Distributed noise on the masked sum (swarmnode.privacy.noise; only with secure
+    # aggregation): each site adds its share of discrete Gaussian noise before masking, and the
+    # swarm's epsilon is reported per round and in total (swarmnode.privacy.accountant).
+    distributed_noise: DistributedNoise | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -68,6 +74,9 @@ class TrainingSpec:
                     merge_method=self.merge_method, merge_options=self.merge_options,
                     min_peers=self.min_peers, topology=self.topology,
                     compression=self.compression, max_weight=self.max_weight)
+            check_noise(self.distributed_noise, secure_aggregation=self.secure_aggregation,
+                        merge_options=self.merge_options, max_weight=self.max_weight,
+                        params=self.params)
             check_topology(self.topology, self.merge_method, self.merge_options,
                            self.compression)
         except ValueError as exc:
@@ -104,7 +113,9 @@ class TrainingSpec:
         } | ({"max_weight": self.max_weight} if self.max_weight is not None else {}) | (
             {"topology": self.topology} if self.topology != "leader" else {}) | (
             {"compression": self.compression} if self.compression != "none" else {}) | (
-            {"secure_aggregation": True} if self.secure_aggregation else {})
+            {"secure_aggregation": True} if self.secure_aggregation else {}) | (
+            {"distributed_noise": self.distributed_noise.to_dict()}
+            if self.distributed_noise is not None else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -134,6 +145,7 @@ class TrainingSpec:
                 compression=check_mode(raw.get("compression", "none")),
                 secure_aggregation=_flag(raw.get("secure_aggregation", False),
                                          "secure_aggregation"),
+                distributed_noise=DistributedNoise.from_raw(raw.get("distributed_noise")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(

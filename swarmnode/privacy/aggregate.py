@@ -118,12 +118,13 @@ def unmasked_sum(roster: Collection[str], checked_in: Collection[str],
 
 
 def check_bound(weighted_sum: np.ndarray, total_weight: int, n_contributors: int,
-                plan: RingPlan, where: str = "the sum") -> None:
-    """AggregateRejected unless ||sum||_2 <= W C (+ the encoding error): an honest sum of
-    clipped, weighted changes never exceeds it; a wrong revealed seed or a site that skipped
+                plan: RingPlan, where: str = "the sum", noise: float = 0.0) -> None:
+    """AggregateRejected unless ||sum||_2 <= W C (+ the encoding error, + ``noise``: the bound
+    on the distributed noise's norm in ring units, privacy.noise.sum_noise_bound): an honest sum
+    of clipped, weighted changes never exceeds it; a wrong revealed seed or a site that skipped
     clipping does."""
     norm = math.sqrt(float(np.dot(weighted_sum, weighted_sum)))
-    error = math.sqrt(weighted_sum.shape[0]) * plan.sum_error(n_contributors)
+    error = math.sqrt(weighted_sum.shape[0]) * plan.sum_error(n_contributors) + noise * plan.unit
     limit = (total_weight * plan.clip + error) * (1 + 1e-9)
     if not norm <= limit:
         raise AggregateRejected(

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 from swarmnode.errors import ConfigError
 from swarmnode.privacy import ring
 
-__all__ = ["MIN_SITES", "check_spec", "refuse_until_wired"]
+__all__ = ["MIN_SITES", "check_noise", "check_spec", "refuse_until_wired"]
 
 # With two sites the leader (itself a participant) learns the other's update from the sum.
 MIN_SITES = 3
@@ -58,6 +59,26 @@ def check_spec(*, merge_method: str, merge_options: Mapping[str, float], min_pee
         raise ValueError(
             f"{exc} (the spec's ring holds up to {ring.MAX_SITES} sites at "
             f"{ring.FRACTION_BITS} fractional bits in {ring.RING_BITS} bits)") from None
+
+
+def check_noise(noise: Any, *, secure_aggregation: bool, merge_options: Mapping[str, float],
+                max_weight: int | None, params: Mapping[str, Any]) -> None:
+    """ValueError unless the spec's ``distributed_noise`` (a noise.DistributedNoise, or None) can
+    run: only with secure aggregation (the shares are summed under the masks: without them the
+    leader would see each site's noisy update with its one share), and the ring must hold the
+    noise on top of the updates (noise.check_ring). Call after :func:`check_spec`."""
+    if noise is None:
+        return
+    if not secure_aggregation:
+        raise ValueError(
+            "distributed_noise needs secure_aggregation: true: each site adds only its share "
+            "of the noise, which protects an update only inside the masked sum (in the clear "
+            "the leader would see each update with one share); set secure_aggregation, or use "
+            "DP-SGD at each site (SwarmCallback(..., privacy_engine=...)) instead")
+    from swarmnode.privacy import noise as dn  # numpy only, but not needed without noise
+
+    plan = ring.plan(ring.MAX_SITES, int(max_weight or 1), merge_options["clip_norm"])
+    dn.check_ring(noise, plan, max(dn.parameter_count(params), 1))
 
 
 def refuse_until_wired(spec_json: str, *, reveals_carried: bool) -> None:
