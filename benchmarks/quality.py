@@ -4,6 +4,8 @@
         ->  results/quality.md, .json, .png
     python benchmarks/quality.py --compression [--seeds 1]
         ->  results/quality_compression.md, .json
+    python benchmarks/quality.py --secure [--seeds 1]
+        ->  results/quality_secure.md, .json
 
 For each demo example (``swarmnode.demo.tasks``: digits, breast-cancer) and each of its splits
 (digits: each hospital holds only some digits / every digit, uneven sizes; breast-cancer: uneven
@@ -39,6 +41,12 @@ fp16, int8; :mod:`swarmnode.transport.compression`), the same seeds in the same 
 score next to float32's, and the update bytes the members pushed per round (counted where the
 in-memory transport hands them to the leader) next to float32's.
 
+``--secure`` runs the secure-aggregation rows the same way: each example and split with ``mean``
+as in the study (updates in the clear) and with secure aggregation (``secure_aggregation: true``:
+each site's change masked, the leaders summing masked updates; clip norm SECURE_CLIP_NORM, weight
+cap SECURE_MAX_WEIGHT, ``min_peers`` 3 as secure aggregation requires, so every round waits for
+the three hospitals where the plain rows go on with two): the score next to plain ``mean``'s.
+
 Counting as the Nature paper (Warnat-Herresthal et al., 2021) does: a (site, seed) comparison is
 won when the swarm's score is at least that site's local-only score.
 """
@@ -68,6 +76,7 @@ sys.path.insert(0, str(ROOT))
 
 from swarmnode.demo import model as bc_model  # noqa: E402
 from swarmnode.demo.data import DemoData  # noqa: E402
+from swarmnode.demo.swarm import SECURE_CLIP_NORM, SECURE_MAX_WEIGHT  # noqa: E402
 from swarmnode.demo.tasks import TASKS, Task  # noqa: E402
 from swarmnode.spec import TrainingSpec  # noqa: E402
 from swarmnode.transport import serde  # noqa: E402
@@ -86,11 +95,13 @@ MIN_PEERS = 2  # as `swarmnode demo`: a round goes on without a site that is don
 
 def swarm(task: Task, data: DemoData, seed: int, rule: str = "mean", policy: str = "inactive",
           syncs: int | None = None, compression: str = "none",
-          traffic: dict[str, int] | None = None) -> tuple[torch.nn.Module, int]:
+          traffic: dict[str, int] | None = None,
+          secure: bool = False) -> tuple[torch.nn.Module, int]:
     """The hospitals as a swarm of real node services in this process (see the module
     docstring); the final model (the chain's final digest) and the training's final round.
     ``syncs``: stop each trainer after that many syncs (the tests' short runs);
-    ``compression``: the spec's; ``traffic``: filled with the pushes and their payload bytes."""
+    ``compression``: the spec's; ``traffic``: filled with the pushes and their payload bytes;
+    ``secure``: with secure aggregation (SECURE_CLIP_NORM, SECURE_MAX_WEIGHT, min_peers 3)."""
     from swarmnode.testing.inproc import InProcessSwarm, Site
 
     n_features = data.X_test.shape[1]
@@ -117,10 +128,14 @@ def swarm(task: Task, data: DemoData, seed: int, rule: str = "mean", policy: str
         task.train_epoch(model, block, optimizers[site.index])
         return model.state_dict(), len(data.hospitals[site.index].y)
 
+    min_peers = SECURE_MIN_PEERS if secure else MIN_PEERS
     spec = TrainingSpec.from_state(models[0].state_dict(), sync_frequency=task.sync_frequency,
-                                   min_peers=MIN_PEERS, merge_method=rule)
+                                   min_peers=min_peers, merge_method=rule)
     spec = dataclasses.replace(spec, compression=compression)
-    with InProcessSwarm(len(data.hospitals), spec, min_peers=MIN_PEERS, policy=policy) as sw:
+    if secure:
+        spec = dataclasses.replace(spec, merge_options={"clip_norm": SECURE_CLIP_NORM},
+                                   max_weight=SECURE_MAX_WEIGHT, secure_aggregation=True)
+    with InProcessSwarm(len(data.hospitals), spec, min_peers=min_peers, policy=policy) as sw:
         sites = sw.run(step, timeout=3600)
         digest = sw.final_digest()
         if digest is None or any(s.final_digest != digest for s in sites):
@@ -154,6 +169,8 @@ def swarm_cell(example: str, split: str, seed: int, rule: str, policy: str,
 
 
 COMPRESSIONS = ("none", "bf16", "fp16", "int8")
+SECURE_ROWS = ("none", "secure")  # the secure rows: plain mean, then with secure aggregation
+SECURE_MIN_PEERS = 3  # secure aggregation refuses fewer (with 2 a leader learns the other's)
 
 
 def compression_cell(example: str, split: str, seed: int, compression: str,
@@ -166,7 +183,9 @@ def compression_cell(example: str, split: str, seed: int, compression: str,
     data = task.split(HOSPITALS, seed, split)
     t0 = time.monotonic()
     traffic: dict[str, int] = {}
-    model, rounds = swarm(task, data, seed, "mean", "inactive", syncs, compression, traffic)
+    secure = compression == "secure"  # a row of --secure: plain-text bytes, masked updates
+    model, rounds = swarm(task, data, seed, "mean", "inactive", syncs,
+                          "none" if secure else compression, traffic, secure=secure)
     score = task.evaluate(model, data.X_test, data.y_test)[task.headline]
     return {"example": example, "split": split, "seed": seed, "compression": compression,
             "score": float(score), "rounds": rounds, **traffic,
@@ -175,12 +194,14 @@ def compression_cell(example: str, split: str, seed: int, compression: str,
 
 
 def run_compression(seeds: int, jobs: int = 2, syncs: int | None = None,
-                    report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """The compression rows: every example and split, float32 and each code, seeds 0..S-1.
-    ``report``: called with the rows so far after each swarm (a cut run keeps what it did);
-    float32 and bf16 first, the smaller example first."""
+                    report: Callable[[dict[str, Any]], None] | None = None,
+                    rows: tuple[str, ...] = COMPRESSIONS) -> dict[str, Any]:
+    """The compression rows (``rows``: COMPRESSIONS, or SECURE_ROWS for the secure rows): every
+    example and split, float32 and each code, seeds 0..S-1. ``report``: called with the rows so
+    far after each swarm (a cut run keeps what it did); float32 and bf16 first, the smaller
+    example first."""
     torch.set_num_threads(1)
-    cells = [(task.name, split, seed, c) for codes in (COMPRESSIONS[:2], COMPRESSIONS[2:])
+    cells = [(task.name, split, seed, c) for codes in (rows[:2], rows[2:])
              for task in sorted(TASKS.values(), key=lambda t: t.name != "breast-cancer")
              for split in task.splits for seed in range(seeds) for c in codes]
     done: dict[tuple[str, str, int, str], dict[str, Any]] = {}
@@ -202,8 +223,9 @@ def _compression_result(cells: list[tuple[str, str, int, str]],
                         done: dict[tuple[str, str, int, str], dict[str, Any]], seeds: int,
                         jobs: int, syncs: int | None, t0: float) -> dict[str, Any]:
     rows = []
+    order = (*COMPRESSIONS, *SECURE_ROWS[1:])
     for example, split, seed, code in sorted(cells, key=lambda c: (
-            c[0], c[1], c[2], COMPRESSIONS.index(c[3]))):
+            c[0], c[1], c[2], order.index(c[3]))):
         cell, plain = done.get((example, split, seed, code)), done.get((example, split, seed,
                                                                         "none"))
         if cell is None or plain is None:
@@ -215,6 +237,7 @@ def _compression_result(cells: list[tuple[str, str, int, str]],
                      "bytes_vs_float32": cell["push_bytes_per_round"]
                      / plain["push_bytes_per_round"]})
     bf16 = [r for r in rows if r["compression"] == "bf16"]
+    secure = [r for r in rows if r["compression"] == "secure"]
     return {"seeds": seeds, "hospitals": HOSPITALS, "rule": "mean", "policy": "inactive",
             "swarm": "in-process runtime", "syncs": syncs, "jobs": jobs,
             "swarm_seconds": round(time.monotonic() - t0, 1), "cells": len(cells),
@@ -222,31 +245,48 @@ def _compression_result(cells: list[tuple[str, str, int, str]],
             "bf16_largest_score_change": max((abs(r["score_change"]) for r in bf16),
                                              default=None),
             "bf16_within_0_005": bool(bf16) and all(abs(r["score_change"]) < 0.005
-                                                    for r in bf16)}
+                                                    for r in bf16),
+            "secure_largest_score_change": max((abs(r["score_change"]) for r in secure),
+                                               default=None),
+            "secure_within_0_005": bool(secure) and all(abs(r["score_change"]) < 0.005
+                                                        for r in secure)}
+
+
+_SECURE_INTRO = (
+    "Secure aggregation's rows: `mean` in the clear (min_peers 2, as the study) and with secure "
+    "aggregation (clip norm {clip}, weight cap {cap}, min_peers 3: every round waits for the "
+    "three hospitals; the leaders sum masked updates). The secure rows' bytes are masked updates "
+    "(64-bit ring words: twice float32's). ")
 
 
 def write_compression_markdown(result: dict[str, Any], path: Path) -> None:
+    secure = any(r["compression"] == "secure" for r in result["rows"])
+    base, label = ("plain mean", {"none": "plain mean", "secure": "secure aggregation"}) \
+        if secure else ("float32", {"none": "float32 (none)"})
     lines = [
+        "# Secure aggregation: the swarm's score against plain `mean`" if secure else
         "# Compressed updates: the swarm's score and the bytes pushed per round",
         "",
-        f"Written by `benchmarks/quality.py --compression`: seed(s) 0..{result['seeds'] - 1}, "
+        (_SECURE_INTRO.format(clip=SECURE_CLIP_NORM, cap=SECURE_MAX_WEIGHT) if secure else "")
+        + f"Written by `benchmarks/quality.py {'--secure' if secure else '--compression'}`: "
+        f"seed(s) 0..{result['seeds'] - 1}, "
         f"{result['hospitals']} hospitals, rule `{result['rule']}`, the in-process runtime (real "
         "node services and contracts; updates moving as safetensors bytes through the in-memory "
-        "transport, whose pushes are counted). Every code ran beside float32 in the same sitting. "
+        f"transport, whose pushes are counted). Every row ran beside {base} in the same sitting. "
         "*bytes/round*: the update payload bytes the members pushed to the leaders, over the "
         "training's rounds (the first round's updates travel whole: no model was committed "
-        "before it). *change*: the score minus float32's, same example, split and seed."
+        f"before it). *change*: the score minus {base}'s, same example, split and seed."
         + (f" **A smoke run: each trainer stopped after {result['syncs']} syncs; these scores "
            "mean nothing.**" if result.get("syncs") else ""),
         "",
-        "| example | split | seed | metric | compression | score | change vs float32 | "
-        "rounds | bytes/round | vs float32 |",
+        f"| example | split | seed | metric | {'updates' if secure else 'compression'} | score "
+        f"| change vs {base} | rounds | bytes/round | vs {base} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['example']} | {r['split']} | {r['seed']} | {r['metric']} | "
-            f"{'float32 (none)' if r['compression'] == 'none' else r['compression']} | "
+            f"{label.get(r['compression'], r['compression'])} | "
             f"{r['score']:.4f} | {r['score_change']:+.4f} | {r['rounds']} | "
             f"{r['push_bytes_per_round']:,.0f} | {r['bytes_vs_float32']:.3f}x |")
     if result["cells_done"] < result["cells"]:
@@ -255,6 +295,10 @@ def write_compression_markdown(result: dict[str, Any], path: Path) -> None:
         lines += ["", "bfloat16's largest score change: "
                   f"{result['bf16_largest_score_change']:.4f} (less than 0.005 on every row: "
                   f"{result['bf16_within_0_005']})."]
+    if result.get("secure_largest_score_change") is not None:
+        lines += ["", "Secure aggregation's largest score change against plain `mean`: "
+                  f"{result['secure_largest_score_change']:.4f} (less than 0.005 on every row: "
+                  f"{result['secure_within_0_005']})."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -508,6 +552,9 @@ def main() -> None:
     p.add_argument("--compression", action="store_true",
                    help="Run the compression rows instead (float32, bf16, fp16, int8; mean): "
                         "results/quality_compression.md and .json.")
+    p.add_argument("--secure", action="store_true",
+                   help="Run the secure-aggregation rows instead (mean in the clear and with "
+                        "secure aggregation): results/quality_secure.md and .json.")
     p.add_argument("--syncs", type=int, default=None,
                    help="Stop each trainer after this many syncs: a quick run of the whole "
                         "pipeline (its scores mean nothing).")
@@ -515,17 +562,18 @@ def main() -> None:
     if args.seeds < 1 or args.jobs < 1:
         p.error(f"--seeds and --jobs must be at least 1, got {args.seeds} and {args.jobs}")
     t0 = time.monotonic()
-    if args.compression:
+    if args.compression or args.secure:
         args.out.mkdir(parents=True, exist_ok=True)
+        name = "quality_secure" if args.secure else "quality_compression"
 
         def write(found: dict[str, Any]) -> None:
             found["seconds"] = round(time.monotonic() - t0, 1)
-            (args.out / "quality_compression.json").write_text(json.dumps(found, indent=1)
-                                                               + "\n")
-            write_compression_markdown(found, args.out / "quality_compression.md")
+            (args.out / f"{name}.json").write_text(json.dumps(found, indent=1) + "\n")
+            write_compression_markdown(found, args.out / f"{name}.md")
 
-        write(run_compression(args.seeds, jobs=args.jobs, syncs=args.syncs, report=write))
-        print(f"wrote {args.out / 'quality_compression.md'} in {time.monotonic() - t0:.0f} s")
+        write(run_compression(args.seeds, jobs=args.jobs, syncs=args.syncs, report=write,
+                              rows=SECURE_ROWS if args.secure else COMPRESSIONS))
+        print(f"wrote {args.out / name}.md in {time.monotonic() - t0:.0f} s")
         return
     result = run(args.seeds, real=not args.no_real, jobs=args.jobs, syncs=args.syncs)
     result["seconds"] = round(time.monotonic() - t0, 1)
