@@ -36,8 +36,14 @@ Security is the peer API's, on every connection:
   ``min_rate`` bytes a second over every window of ``grace_s`` seconds (a watchdog judges the
   bytes taken in, so a trickle of TLS fragments does not escape it), else it is cut and its
   admission slot goes to the next update waiting; a pull is cut once its average rate since its
-  start falls below ``min_rate`` after ``grace_s``. ``payload_bytes_in`` counts the payload
-  bytes pushes brought in.
+  start falls below ``min_rate`` after ``grace_s``. Streams share the node's link, so each is
+  held to its share of ``min_rate`` (divided among the streams moving that way at once).
+  ``payload_bytes_in`` counts the payload bytes pushes brought in.
+* Timeouts judge the link, not one stream's place in a queue: a send or receive whose socket
+  timed out goes on while this node's link moved bytes that way on any stream within that
+  timeout (TCP may starve one of many streams for a while), up to the transfer's deadline; a
+  push waiting for an admission slot is told its place every few seconds and waits while that
+  queue moves.
 * An update counts only when every stripe arrived, its SHA-256 equals the announced digest, and it
   passes the same checks as any payload (:mod:`serde`: header, spec, NaN/Inf; never pickle).
 * Resumable pushes: when a push's link breaks mid-stream (not when it is refused), the server
@@ -53,8 +59,11 @@ Wire format (little-endian): a frame is a 4-byte length then UTF-8 JSON. Push: r
 ``{"op": "push", "address", "round", "weight", "total_bytes", "digest" (hex), "stripe",
 "stripes"}`` then the stripe's bytes; the reply frame ``{"ok": true}`` or ``{"ok": false,
 "error": class name, "message"}`` comes once the whole update was accepted or refused. A push
-that resumes adds ``"resume": true`` and waits for ``{"ok": true, "from": n}`` (or a refusal)
-before it sends the stripe's bytes from byte ``n`` of the stripe on. Pull:
+that adds ``"admit": true`` (every push of this client; ``"resume": true`` too) waits for
+``{"ok": true, "from": n}`` (or a refusal) before it sends the stripe's bytes from byte ``n`` of
+the stripe on (0 unless it resumes); while it waits for admission it gets ``{"queued": place,
+"moved": bytes}`` (updates ahead of it, bytes this node's link took in so far) every
+:data:`_NOTE_S`. Pull:
 ``{"op": "pull", "address", "round", "stripe", "stripes", "wait_s"}``; the reply frame
 ``{"ok": true, "total_bytes", "digest"}`` then the stripe's bytes.
 """
@@ -102,9 +111,10 @@ STRIPE_BLOCK = 4 << 20  # stripes interleave blocks of this size (whole pages an
 _STALL_S = 5.0  # seconds an admitted push may go without a byte
 _REPLY_S = 5.0  # seconds a refusal's reply frame may take to leave
 _WATCH_S = 0.25  # how often the watchdog looks at the admitted pushes' progress
-# Client: seconds one send or receive may go without progress (a peer that froze: SIGSTOP, a
-# hung host) before the transfer fails, whatever the transfer's overall timeout. Long enough for
-# a push queued behind others for admission, and for a leader's 2 s hold of a pull.
+_NOTE_S = 2.0  # how often a push waiting for admission is told its place in the queue
+# Client: seconds one send or receive may go without progress on the node's link (a peer that
+# froze: SIGSTOP, a hung host) before the transfer fails, whatever the transfer's overall
+# timeout; a push queued for admission waits while its queue moves (DataClient._admitted).
 _PROGRESS_S = 30.0
 # Client: the slowest a server is assumed to check a received payload (bytes a second; a loaded
 # 2-core leader hashes, parses and folds a 1 GB update in about 20 s): the verdict's extra wait.
@@ -222,50 +232,102 @@ def bind_address(authority: Any, claimed: str, certificate: bytes) -> str:
 
 class Traffic:
     """Payload bytes this process moved on data planes, sent and received, as server and as
-    client (what a node's metrics report)."""
+    client (what a node's metrics report), and when its link last moved bytes each way: the
+    clock a stream's timeout judges (:func:`_link_moved`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.sent = 0
         self.received = 0
+        self.last_sent = self.last_received = -1e9  # time.monotonic() of the last bytes moved
 
     def add(self, sent: int = 0, received: int = 0) -> None:
+        now = time.monotonic()
         with self._lock:
             self.sent += sent
             self.received += received
+            if sent:
+                self.last_sent = now
+            if received:
+                self.last_received = now
 
 
 TRAFFIC = Traffic()
+_COUNT_EVERY = 1 << 20  # bytes a stream moves between its updates of TRAFFIC
+
+
+def _link_moved(sending: bool, within: float) -> bool:
+    """Whether this node's link moved bytes that way (on any data plane stream) in the last
+    ``within`` seconds. A stream whose own socket timed out waits on while it did: the link is
+    busy with the round's own traffic (a queue of streams shares it; TCP may starve one of them
+    for a while), which is not a frozen peer."""
+    last = TRAFFIC.last_sent if sending else TRAFFIC.last_received
+    return time.monotonic() - last < within
 
 
 def _recv_blocks(tls: ssl.SSLSocket, view: memoryview, blocks: list[tuple[int, int]],
-                 what: str, progress: Callable[[int], None]) -> None:
+                 what: str, progress: Callable[[int], None], until: float | None = None) -> None:
     """Fill the ``blocks`` of ``view`` from ``tls`` (decrypted straight into place), calling
-    ``progress(bytes so far)`` after every read; TransportError if the stream ends first."""
+    ``progress(bytes so far)`` after every read; TransportError if the stream ends first.
+
+    A read that times out (the socket's timeout) is tried again while this node's link
+    received bytes on any stream within that timeout (:func:`_link_moved`), up to ``until``
+    (a ``time.monotonic()`` deadline; None: no other bound); then the timeout is raised."""
     want = sum(end - start for start, end in blocks)
-    got = 0
-    for start, end in blocks:
-        pos = start
-        while pos < end:
-            n = tls.recv_into(view[pos:end])
-            if not n:
-                raise TransportError(f"{what}: the stream ended after {got} of {want} bytes")
-            pos += n
-            got += n
-            TRAFFIC.add(received=n)
-            progress(got)
+    got = counted = 0
+    patience = tls.gettimeout()
+    try:
+        for start, end in blocks:
+            pos = start
+            while pos < end:
+                try:
+                    n = tls.recv_into(view[pos:end])
+                except TimeoutError:
+                    if (patience is None or not _link_moved(False, patience)
+                            or (until is not None and time.monotonic() > until)):
+                        raise
+                    continue
+                if not n:
+                    raise TransportError(f"{what}: the stream ended after {got} of {want} "
+                                         "bytes")
+                pos += n
+                got += n
+                if got - counted >= _COUNT_EVERY:
+                    TRAFFIC.add(received=got - counted)
+                    counted = got
+                progress(got)
+    finally:
+        if got > counted:
+            TRAFFIC.add(received=got - counted)
 
 
 def _send_blocks(tls: ssl.SSLSocket, view: memoryview, blocks: list[tuple[int, int]],
-                 sent: Callable[[int, int], None]) -> None:
-    """Send the ``blocks`` of ``view``; ``sent(start, end)`` after each piece went out."""
-    for start, end in blocks:
-        pos = start
-        while pos < end:
-            n = tls.send(view[pos:end])
-            TRAFFIC.add(sent=n)
-            sent(pos, pos + n)
-            pos += n
+                 sent: Callable[[int, int], None], until: float | None = None) -> None:
+    """Send the ``blocks`` of ``view``; ``sent(start, end)`` after each piece went out. A send
+    that times out is tried again (the same bytes: OpenSSL resumes the record it began) while
+    this node's link sent bytes on any stream within the socket's timeout, up to ``until``."""
+    patience = tls.gettimeout()
+    moved = counted = 0
+    try:
+        for start, end in blocks:
+            pos = start
+            while pos < end:
+                try:
+                    n = tls.send(view[pos:min(end, pos + _COUNT_EVERY)])
+                except TimeoutError:
+                    if (patience is None or not _link_moved(True, patience)
+                            or (until is not None and time.monotonic() > until)):
+                        raise
+                    continue
+                moved += n
+                if moved - counted >= _COUNT_EVERY:
+                    TRAFFIC.add(sent=moved - counted)
+                    counted = moved
+                sent(pos, pos + n)
+                pos += n
+    finally:
+        if moved > counted:
+            TRAFFIC.add(sent=moved - counted)
 
 
 def _context(tls: TlsFiles, server: bool) -> ssl.SSLContext:
@@ -294,23 +356,45 @@ class _OrderedSlots:
         self._waiting: list[tuple[Any, int]] = []
         self._seq = 0
 
-    def acquire(self, key: Any, timeout: float) -> bool:
+    def acquire(self, key: Any, timeout: float,
+                note: Callable[[int], bool] | None = None) -> bool:
+        """Wait for a slot (False after ``timeout``). ``note(place)`` is called every
+        :data:`_NOTE_S` while waiting, outside the lock, with the number of updates ahead in the
+        queue; when it returns False the wait ends (False)."""
         deadline = time.monotonic() + timeout
         with self._cv:
             self._seq += 1
             entry = (key, self._seq)
             self._waiting.append(entry)
-            try:
-                while not (self._free > 0 and entry == min(self._waiting)):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
+        try:
+            while True:
+                with self._cv:
+                    until = min(deadline, time.monotonic() + _NOTE_S)
+                    while not (self._free > 0 and entry == min(self._waiting)):
+                        left = until - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
+                    else:
+                        self._free -= 1
+                        return True
+                    if time.monotonic() >= deadline:
                         return False
-                    self._cv.wait(left)
-                self._free -= 1
-                return True
-            finally:
+                    place = sum(1 for e in self._waiting if e < entry) + (self._free <= 0)
+                if note is not None and not note(place):
+                    return False
+        finally:
+            with self._cv:
                 self._waiting.remove(entry)
                 self._cv.notify_all()
+
+    def place(self, key: Any) -> int:
+        """Updates ahead of the first waiting update with ``key`` (0 if none waits)."""
+        with self._cv:
+            mine = [e for e in self._waiting if e[0] == key]
+            if not mine:
+                return 0
+            return sum(1 for e in self._waiting if e < mine[0]) + (self._free <= 0)
 
     def release(self) -> None:
         with self._cv:
@@ -476,6 +560,7 @@ class DataServer:
         # payload bytes taken in by pushes, over the server's life (what the tests count)
         self.payload_bytes_in = 0
         self._watched: dict[int, _Watched] = {}
+        self._sending = 0  # streams sending (pulls, parts, slices) at once: _check_rate
         self._watch_thread = threading.Thread(target=self._watch, name="data-plane-watch",
                                               daemon=True)
         self._per_peer: dict[str, int] = {}
@@ -596,31 +681,49 @@ class DataServer:
             self._drop_partials(lambda p, t=now: t - (p.kept_at or t) > self.resume_s)
             with self._lock:
                 watched = list(self._watched.values())
+            # the link's rate is shared: each admitted stripe must bring its share of min_rate
+            share = self.min_rate / max(1, len(watched))
             for w in watched:
                 span = now - w.mark_t
                 if now - w.started > self.deadline_s:
                     w.reason = f"ran past the server's {self.deadline_s:g} s deadline"
                 elif span < self.grace_s:
                     continue
-                elif w.moved - w.mark_moved >= self.min_rate * span:
+                elif w.moved - w.mark_moved >= share * span:
                     w.mark_t, w.mark_moved = now, w.moved
                     continue
                 else:
                     w.reason = (f"moved {w.moved - w.mark_moved} bytes in {span:.1f} s, below "
-                                f"the minimum rate of {self.min_rate:g} B/s; its admission slot "
-                                "goes to the next update waiting")
+                                f"its share ({share:.0f} B/s) of the minimum rate of "
+                                f"{self.min_rate:g} B/s; its admission slot goes to the next "
+                                "update waiting")
                 log.warning("data plane: %s cut off: %s", w.what, w.reason)
                 with self._lock:
                     self._watched.pop(id(w), None)
                 _cut(w.tls)
 
     def _check_rate(self, started: float, moved: int, who: str) -> None:
+        """A stream this node sends on moves at least its share of ``min_rate`` (divided among
+        the streams sending at once: they share the node's uplink) after ``grace_s``."""
         age = time.monotonic() - started
         if age > self.deadline_s:
             raise TransportError(f"{who}: ran past the server's {self.deadline_s:g} s deadline")
-        if age > self.grace_s and moved < self.min_rate * (age - self.grace_s):
-            raise TransportError(f"{who}: moved {moved} bytes in {age:.1f} s, below the minimum "
-                                 f"rate of {self.min_rate:g} B/s")
+        share = self.min_rate / max(1, self._sending)
+        if age > self.grace_s and moved < share * (age - self.grace_s):
+            raise TransportError(f"{who}: moved {moved} bytes in {age:.1f} s, below its share "
+                                 f"({share:.0f} B/s) of the minimum rate of {self.min_rate:g} "
+                                 "B/s")
+
+    @contextlib.contextmanager
+    def _outgoing(self) -> Any:
+        """One more stream sending on this node's uplink while inside."""
+        with self._lock:
+            self._sending += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sending -= 1
 
     # -- push -------------------------------------------------------------------------------------
     def _push(self, tls: ssl.SSLSocket, sender: str, hdr: dict[str, Any], started: float) -> None:
@@ -652,7 +755,23 @@ class DataServer:
             raise
         self._drop_partials(lambda p: p.round < rnd)  # a later round began here
         resume = hdr.get("resume") is True
-        inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what, resume)
+        # "admit": the sender waits for {"ok": true, "from": n} before it sends a byte and
+        # meanwhile is told its place in the admission queue, {"queued": place, "moved": bytes
+        # this node's link took in so far}, every _NOTE_S: a queue with its holders moving
+        # bytes is not a stalled transfer
+        told = resume or hdr.get("admit") is True
+
+        def note(place: int) -> bool:
+            if not told:
+                return True
+            try:
+                _send_frame(tls, {"queued": place, "moved": TRAFFIC.received})
+                return True
+            except (OSError, ssl.SSLError):
+                return False  # the sender is gone: it leaves the queue
+
+        inbound = self._join(sender, rnd, weight, digest, total, stripes, index, what, resume,
+                             note)
         base = inbound.have[index]  # bytes of this stripe already held (a resumed push)
         started = time.monotonic()  # waiting for admission does not count against the rate
         # An admitted sender was blocked sending: its bytes flow at once. One that stalls holds
@@ -664,7 +783,7 @@ class DataServer:
             self._watched[id(watched)] = watched
             inbound.receiving.add(tls)
         try:
-            if resume:  # inside: a sender gone before this reply frees its admission too
+            if told:  # inside: a sender gone before this reply frees its admission too
                 _send_frame(tls, {"ok": True, "from": base})
 
             def progress(got: int) -> None:
@@ -674,7 +793,8 @@ class DataServer:
 
             with memoryview(inbound.buf) as view:
                 _recv_blocks(tls, view, _skip(stripe_blocks(total, index, stripes), base),
-                             f"{what}, stripe {index}", progress)
+                             f"{what}, stripe {index}", progress,
+                             until=started + self.deadline_s)
         except BaseException as exc:
             err: BaseException = exc
             if watched.reason is not None:
@@ -706,7 +826,8 @@ class DataServer:
         _send_frame(tls, {"ok": True})
 
     def _join(self, sender: str, rnd: int, weight: int, digest: bytes, total: int, stripes: int,
-              index: int, what: str, resume: bool = False) -> _Inbound:
+              index: int, what: str, resume: bool = False,
+              note: Callable[[int], bool] | None = None) -> _Inbound:
         """The update this stripe belongs to, with its buffer, once it is admitted. The first
         stripe of a push that asks to ``resume`` takes the bytes kept of the same update (same
         sender, round, digest, size, stripes and weight) cut earlier; any other push from that
@@ -738,7 +859,7 @@ class DataServer:
                 raise PayloadRejected(f"{what}: stripe {index} sent twice")
             inbound.claimed.add(index)
         if creator:
-            if not self._admit.acquire((rnd, sender.lower()), timeout=self.deadline_s):
+            if not self._admit.acquire((rnd, sender.lower()), self.deadline_s, note):
                 if partial is not None:
                     partial.hasher.cancel()
                 self._fail(inbound, TransportError(f"{what}: not admitted in time"))
@@ -757,8 +878,14 @@ class DataServer:
                                                populate=self.spec is not None)
                     inbound.hasher = _OrderedHash(inbound.buf, total, stripes)
             inbound.ready.set()
-        elif not inbound.ready.wait(self.deadline_s):
-            self._fail(inbound, TransportError(f"{what}: not admitted in time"))
+        else:
+            until = time.monotonic() + self.deadline_s
+            while not inbound.ready.wait(_NOTE_S):
+                if time.monotonic() > until or (
+                        note is not None
+                        and not note(self._admit.place((rnd, sender.lower())))):
+                    self._fail(inbound, TransportError(f"{what}: not admitted in time"))
+                    break
         if inbound.error is not None:
             raise inbound.error
         return inbound
@@ -899,7 +1026,9 @@ class DataServer:
             moved[0] += end - start
             self._check_rate(started, moved[0], f"pull of round {rnd} by {caller}")
 
-        _send_blocks(tls, view, stripe_blocks(len(view), index, stripes), sent)
+        with self._outgoing():
+            _send_blocks(tls, view, stripe_blocks(len(view), index, stripes), sent,
+                         until=started + self.deadline_s)
 
 
     # -- parts: members serve each other the merged model (transport.parts) -----------------------
@@ -949,6 +1078,12 @@ class DataServer:
             raise PayloadRejected(f"parts: 'parts' must be a list of at most {parts.MAX_PARTS} "
                                   "part numbers")
         _send_frame(tls, {"ok": True})
+        with self._outgoing():
+            self._send_parts(tls, caller, rnd, part_size, wait, source, wanted, started)
+        _send_frame(tls, {"ok": True, "end": True})
+
+    def _send_parts(self, tls: ssl.SSLSocket, caller: str, rnd: int, part_size: int,
+                    wait: float, source: Any, wanted: list[int], started: float) -> None:
         moved = 0
         for i in wanted:
             t0 = time.monotonic()
@@ -958,14 +1093,14 @@ class DataServer:
                 _send_frame(tls, {"part": i, "bytes": -1})
                 continue
             _send_frame(tls, {"part": i, "bytes": len(data)})
-            tls.sendall(data)
-            TRAFFIC.add(sent=len(data))
+            with memoryview(data) as view:
+                _send_blocks(tls, view.cast("B"), [(0, len(view))], lambda _s, _e: None,
+                             until=started + self.deadline_s)
             moved += len(data)
             self._check_rate(started, moved, f"parts of round {rnd} for {caller}")
             note = getattr(source, "sent", None)
             if note is not None:
                 note(i, part_size, caller)
-        _send_frame(tls, {"ok": True, "end": True})
 
 
     # -- slices of a sharded round (node.sharding) -------------------------------------------------
@@ -1007,7 +1142,8 @@ class DataServer:
                 watched.moved = got
 
             with memoryview(buf) as view:
-                _recv_blocks(tls, view, [(0, total)], what, progress)
+                _recv_blocks(tls, view, [(0, total)], what, progress,
+                             until=started + self.deadline_s)
         except (OSError, ssl.SSLError, TransportError) as exc:
             raise TransportError(f"{what}: {watched.reason or exc}") from None
         finally:
@@ -1059,7 +1195,8 @@ class DataServer:
             moved[0] += end - start
             self._check_rate(started, moved[0], f"slice {index} of round {rnd} for {caller}")
 
-        _send_blocks(tls, view, [(0, len(view))], sent)
+        with self._outgoing():
+            _send_blocks(tls, view, [(0, len(view))], sent, until=started + self.deadline_s)
 
 
 # -- client ---------------------------------------------------------------------------------------
@@ -1125,7 +1262,7 @@ class DataClient:
 
     def _send_for_verdict(self, tls: ssl.SSLSocket, view: memoryview,
                           blocks: list[tuple[int, int]], sent: Callable[[int, int], None],
-                          what: str, head: bytes = b"") -> None:
+                          what: str, head: bytes = b"", until: float | None = None) -> None:
         """Send ``head`` then ``blocks`` of a request's payload, then take the server's
         verdict; a server that refused early (on the header) cut the connection: raise its
         reason. The verdict comes once the server checked the whole payload (digest, header,
@@ -1134,7 +1271,7 @@ class DataClient:
         try:
             if head:
                 tls.sendall(head)
-            _send_blocks(tls, view, blocks, sent)
+            _send_blocks(tls, view, blocks, sent, until)
         except (OSError, ssl.SSLError) as exc:
             with contextlib.suppress(OSError, ssl.SSLError):
                 self._verdict(_recv_frame(tls, what), what)
@@ -1193,25 +1330,20 @@ class DataClient:
         with self._cut_lock:
             resume = key in self._cut
 
+        until = time.monotonic() + timeout
+
         def stripe(i: int) -> None:
             with self._connect(timeout) as tls:
                 hdr = {"op": "push", "address": self.own_address, "round": round,
                        "weight": weight, "total_bytes": total, "digest": digest.hex(),
-                       "stripe": i, "stripes": count}
+                       "stripe": i, "stripes": count, "admit": True}
                 blocks = stripe_blocks(total, i, count)
-                if resume:
-                    _send_frame(tls, {**hdr, "resume": True})
-                    try:
-                        reply = _recv_frame(tls, what)
-                    except (OSError, ssl.SSLError) as exc:
-                        raise TransportError(f"{what}: no answer: {exc}") from None
-                    self._verdict(reply, what)
-                    held = _int(reply, "from", what, 0, sum(e - s for s, e in blocks))
-                    blocks = _skip(blocks, held)
-                else:
-                    _send_frame(tls, hdr)
-                self._send_for_verdict(tls, view, blocks,
-                                       lambda start, end: serde.evict(payload, start, end), what)
+                _send_frame(tls, {**hdr, "resume": True} if resume else hdr)
+                reply = self._admitted(tls, what, total, until)
+                held = _int(reply, "from", what, 0, sum(e - s for s, e in blocks))
+                self._send_for_verdict(tls, view, _skip(blocks, held),
+                                       lambda start, end: serde.evict(payload, start, end), what,
+                                       until=until)
 
         try:
             self._parallel(stripe, count)
@@ -1230,6 +1362,34 @@ class DataClient:
         with self._cut_lock:
             self._cut.pop(key, None)
 
+    def _admitted(self, tls: ssl.SSLSocket, what: str, total: int,
+                  until: float) -> dict[str, Any]:
+        """Wait for the server to admit a push (``{"ok": true, "from": n}``; its refusal
+        raises). While the update waits for an admission slot the server tells it its place
+        every few seconds, with the bytes its link took in so far: the push waits on as long
+        as that queue moves (its place or those bytes change within _PROGRESS_S plus the time
+        a received update takes to check), whatever its own socket did meanwhile."""
+        allowance = _PROGRESS_S + total / _CHECK_RATE
+        changed, seen = time.monotonic(), None
+        while True:
+            try:
+                reply = _recv_frame(tls, what)
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"{what}: no answer: {exc}") from None
+            if "queued" not in reply:
+                self._verdict(reply, what)
+                return reply
+            now = time.monotonic()
+            state = (reply.get("queued"), reply.get("moved"))
+            if state != seen:
+                changed, seen = now, state
+            if now - changed > allowance:
+                raise TransportError(f"{what}: queued for admission (place {state[0]}) for "
+                                     f"{now - changed:.0f} s while that queue did not move")
+            if now > until:
+                raise TransportError(f"{what}: still queued for admission (place {state[0]}) "
+                                     "at the transfer's deadline")
+
     def resumable(self, round: int, digest: bytes) -> bool:
         """Whether a push of this update broke off less than a minute ago (the server keeps
         what arrived for longer): its next try resumes it."""
@@ -1246,6 +1406,7 @@ class DataClient:
         """``size_hint``: the model's size if known (the training spec), to choose the stripes."""
         what = f"merged model of round {round} from {self.who}"
         count = self.stripes if size_hint is None else self.stripes_for(size_hint)
+        until = time.monotonic() + timeout
         lock = threading.Lock()
         shared: dict[str, Any] = {}
 
@@ -1275,7 +1436,8 @@ class DataClient:
                 try:
                     with memoryview(buf) as view:
                         _recv_blocks(tls, view, stripe_blocks(total, i, count),
-                                     f"{what}, stripe {i}", lambda got: hasher.advance(i, got))
+                                     f"{what}, stripe {i}", lambda got: hasher.advance(i, got),
+                                     until)
                 except (OSError, ssl.SSLError) as exc:
                     raise TransportError(f"{what}: the connection broke: {exc}") from None
 
@@ -1373,7 +1535,7 @@ class DataClient:
                               "attempt": attempt, "index": index, "weight": weight,
                               "total_bytes": piece.nbytes})
             self._send_for_verdict(tls, body, [(0, len(body))], lambda start, end: None, what,
-                                   head=piece.head)
+                                   head=piece.head, until=time.monotonic() + timeout)
 
     def reveal_seeds(self, round: int, timeout: float) -> list[tuple[str, bytes]]:
         """Secure aggregation: the peer's round seeds with the sites that never checked in
@@ -1429,7 +1591,8 @@ class DataClient:
                 if _recv_exact(tls, len(head), what) != head:
                     raise PayloadRejected(f"{what}: its header is not the slice's of the "
                                           "training spec; the owner's model differs")
-                _recv_blocks(tls, into, [(0, len(into))], what, lambda _n: None)
+                _recv_blocks(tls, into, [(0, len(into))], what, lambda _n: None,
+                             time.monotonic() + timeout)
             except SwarmError:
                 raise
             except (OSError, ssl.SSLError) as exc:

@@ -25,6 +25,7 @@ byte for byte the one the leader topology commits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
@@ -63,16 +64,23 @@ class Segment:
 @dataclass(frozen=True, eq=False)
 class EncodedSlice:
     """A slice as canonical safetensors without a copy: its header, then its tensors' bytes (a
-    view of the payload it was cut from, valid while that payload is), and the SHA-256 of the
-    two together."""
+    view of the payload it was cut from, valid while that payload is). Nothing hashes it on the
+    way: TLS authenticates every byte of the hop, and a digest the sender sends along the same
+    connection adds nothing to that; :attr:`digest` is computed only when asked."""
 
     head: bytes
     body: memoryview
-    digest: bytes
 
     @property
     def nbytes(self) -> int:
         return len(self.head) + len(self.body)
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """The SHA-256 of the slice's bytes (head and body), computed once when first asked."""
+        sha = hashlib.sha256(self.head)
+        sha.update(self.body)
+        return sha.digest()
 
     def to_bytes(self) -> bytes:
         return self.head + bytes(self.body)
@@ -176,12 +184,9 @@ class ShardLayout:
         return view[self.head_len + lo:self.head_len + hi]
 
     def encode(self, payload: serde.Buffer, index: int) -> EncodedSlice:
-        """Slice ``index`` of ``payload`` as canonical safetensors (its header and a view of
-        the payload, not a copy), with their SHA-256: the one pass over these bytes here."""
-        head, body = self.header(index), self.body(payload, index)
-        sha = hashlib.sha256(head)
-        sha.update(body)  # hashlib releases the GIL: the slices of a scatter hash side by side
-        return EncodedSlice(head, body, sha.digest())
+        """Slice ``index`` of ``payload`` as canonical safetensors: its header and a view of
+        the payload (no copy, no pass over the bytes)."""
+        return EncodedSlice(self.header(index), self.body(payload, index))
 
     def slice_body(self, data: serde.Buffer, index: int) -> memoryview:
         """The tensors' bytes of a canonical slice ``index`` (``data``: its header and body, as
