@@ -25,7 +25,9 @@ bridge's address. In the same run it measures:
 ``topology`` is the merge topology (``leader``: the elected leader collects, merges and serves)
 and ``compression`` the update encoding (the spec's: ``none`` sends the float32 model,
 ``bf16``/``fp16``/``int8`` its change from the round's starting model; ``--compression``), with
-``update_bytes`` what one update takes after the first round. The namespaces, the bridge and its
+``update_bytes`` what one update takes after the first round; ``load_avg`` the host's load
+averages as the run began and ended. Rows of configurations not run stay in the output file; a
+configuration run again replaces its row. The namespaces, the bridge and its
 forwarding rule are removed at the end, also on Ctrl-C or SIGTERM; ``python -m
 swarmnode.testing.netns clean`` removes what a killed run left.
 """
@@ -106,6 +108,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
         raise ValueError(f"pulls must be one of {PULLS}, not {pulls!r}")
     work.mkdir(parents=True, exist_ok=True)
     model_bytes = params * 4
+    load_before = os.getloadavg()
     spec = _spec(params, nodes, compression, topology)
     update_bytes = wire_bytes({n: (p.shape, p.dtype) for n, p in spec.params.items()},
                               compression)
@@ -222,6 +225,11 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
         "bytes_per_round_over_model": round(statistics.median(row[3] for row in rows)
                                             / model_bytes, 2),
         "all_digests_agree": bool(final_digest) and all(d == final_digest for d in digests),
+        # the host's 1/5/15-minute load averages as the run began and ended (a shared 2-core
+        # machine: compare periods within one sitting)
+        "load_avg": [[round(x, 2) for x in load_before],
+                     [round(x, 2) for x in os.getloadavg()]],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -268,8 +276,16 @@ def main() -> None:
                   f"all-reduce bound {run['allreduce_bound_s']:.2f} s, leader out "
                   f"{run['leader_out_over_model']}x (N-1)M, digests agree "
                   f"{run['all_digests_agree']}", flush=True)
+    # rows of other configurations already in the file stay; a configuration run again
+    # replaces its row
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(row.get(k) for k in ("params", "nodes", "link_mbit", "topology", "pulls",
+                                          "compression"))
+
+    old = json.loads(a.out.read_text()).get("runs", []) if a.out.exists() else []
+    fresh = {key(r) for r in runs}
     out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-           "runs": runs}
+           "runs": [r for r in old if key(r) not in fresh] + runs}
     a.out.write_text(json.dumps(out, indent=2) + "\n")
 
 
