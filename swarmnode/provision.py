@@ -105,6 +105,8 @@ class SiteEntry(_Strict):
     name: str = Field(description="The site's name: its compose project, certificate CN.")
     host: str | None = Field(None, description="The DNS name other sites dial (default: name).")
     peer_port: int = Field(7441, ge=1, le=65535)
+    one_port: bool = Field(False, description="The site opens only peer_port: its node serves "
+                           "the peer API and the data plane there, told apart by ALPN.")
     organisation_ca: Path | None = Field(
         None, description="The site's organisation's own CA certificate: that CA signs the "
         "site's certificate and joins the trust bundle (relative to the consortium file).")
@@ -742,7 +744,14 @@ def _env(conf: ConsortiumFile, site: SiteEntry, registry: str, contract: str, se
         "# loopback (`docker-compose port node 7443`; METRICS_PUBLISH to change); empty: off.",
         f"METRICS_PORT={METRICS_PORT}",
     ]
-    if not conf.one_host:
+    if not conf.one_host and site.one_port:
+        lines += [
+            "# Other sites dial this host on one port: the peer API and the data plane (models)",
+            "# behind it, told apart by the TLS ALPN.",
+            "ONE_PORT=true",
+            f"PEER_PUBLISH=0.0.0.0:{site.peer_port}",
+        ]
+    elif not conf.one_host:
         lines += [
             "# Other sites dial this host: the peer API and the data plane (models) published.",
             f"PEER_PUBLISH=0.0.0.0:{site.peer_port}",

@@ -161,7 +161,7 @@ def test_sites_on_separate_hosts_publish_their_ports_and_dial_the_sentinels_gate
     conf = write_consortium(tmp_path / "desk", ["hospital-1", "hospital-2"])
     raw = yaml.safe_load(conf.read_text())
     raw.update(one_host=False, chain={"rpc_url": "https://h1.example.org:8545"})
-    raw["sites"] = [{"name": "hospital-1", "host": "h1.example.org"},
+    raw["sites"] = [{"name": "hospital-1", "host": "h1.example.org", "one_port": True},
                     {"name": "hospital-2", "host": "h2.example.org", "peer_port": 8441}]
     conf.write_text(yaml.safe_dump(raw))
     cli("consortium", "init", conf)
@@ -184,6 +184,9 @@ def test_sites_on_separate_hosts_publish_their_ports_and_dial_the_sentinels_gate
     assert "gateway" not in two.split("COMPOSE_FILE=")[1].splitlines()[0]
     assert "PEER_ENDPOINT=h2.example.org:8441" in two and "PEER_PUBLISH=0.0.0.0:8441" in two
     assert "DATA_PUBLISH=0.0.0.0:7442" in two and "CONSORTIUM_EXTERNAL" not in two
+    # a site that opens one port publishes that one, its node serving both behind it
+    assert "ONE_PORT=true" in one and "PEER_PUBLISH=0.0.0.0:7441" in one
+    assert "DATA_PUBLISH" not in one and "ONE_PORT" not in two
     assert "h2.example.org" in describe(kits / "hospital-2" / "certs" / "hospital-2.pem").dns
     # the gateway presents the sentinel's certificate: it names the host in rpc_url
     assert "h1.example.org" in describe(kits / "hospital-1" / "certs" / "hospital-1.pem").dns
