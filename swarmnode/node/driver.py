@@ -1024,6 +1024,8 @@ class RoundDriver:
 
     def _pull(self, rnd: Round, action: Pull, info: RoundInfo, now: float) -> None:
         machine = rnd.machine
+        if self.secure is not None and self.secure.noise is not None:
+            self._account(action.round, info)  # distributed noise: the round's epsilon, logged
         held = self.store.get(action.round)
         if held is not None and held.digest == action.digest:
             machine.on_pulled(action.digest)
@@ -1067,6 +1069,17 @@ class RoundDriver:
         machine.on_pull_failed(now)  # the machine retries, then gives up after a deadline
         log.warning("round %d: could not pull the merged model yet: %s", action.round,
                     "; ".join(errors))
+
+    def _account(self, round: int, info: RoundInfo) -> None:
+        """A member's log of the round's epsilon (SecureAggregation.account, once a round)."""
+        assert self.secure is not None
+        if self.secure.accounted(round):
+            return
+        try:
+            covered = self.latest_committed_before(round, pull=False) is not None
+        except RoundError:  # committed before, not held here: the round had a starting model
+            covered = True
+        self.secure.account(round, self._weights_of(info), covered)
 
     def _verify(self, got: serde.Received, digest: bytes) -> None:
         """A pulled model is the committed one: its digest (hashed as it arrived) is the chain's,

@@ -49,8 +49,19 @@ from swarmnode.errors import (
     RoundAbandoned,
     RoundError,
 )
+from swarmnode.privacy import (
+    accountant,
+    dropout,
+    encoding,
+    guards,
+    keys,
+    masks,
+    noise,
+    ring,
+    roster,
+    wire,
+)
 from swarmnode.privacy import aggregate as agg
-from swarmnode.privacy import dropout, encoding, guards, keys, masks, ring, roster, wire
 from swarmnode.transport import serde
 from swarmnode.types import StateDict
 
@@ -146,6 +157,10 @@ class SecureAggregation:
         self._received: dict[int, dict[str, np.ndarray]] = {}
         self._reveals: dict[int, dict[str, list[dropout.SeedReveal]]] = {}
         self._hashes: dict[int, dict[str, bytes]] = {}
+        # distributed noise (privacy.noise; the spec's, set by the node): each masked vector
+        # carries this site's share; the rounds' epsilon this site saw (privacy.accountant)
+        self.noise: noise.DistributedNoise | None = None
+        self._ledger: dict[int, accountant.RoundNoise] = {}
 
     # -- keys -------------------------------------------------------------------------------------
     def publish_key(self) -> None:
@@ -254,6 +269,10 @@ class SecureAggregation:
             if encoded.clipped:
                 log.info("round %d: the update's change (norm %.4g) was clipped to %g", round,
                          encoded.norm, plan.clip)
+        if self.noise is not None and base is not None:  # a weight-0 site adds its share too
+            rng = noise.generator(self.key.private_bytes(), keys.address_bytes(
+                self.chain.address), keys.address_bytes(self.me), round)
+            values += noise.share(self.noise, plan, self.size, len(roster_), rng)
         vector = masks.mask_update(values, self.me,
                                    self.seeds(round, [p for p in roster_ if p != self.me]), plan)
         digest = wire.update_hash(vector, plan)
@@ -379,9 +398,46 @@ class SecureAggregation:
         weighted = encoding.decode_sum(ring_sum, plan)
         total = sum(w.values())
         if total:
-            agg.check_bound(weighted, total, len(adding), plan, where)
+            agg.check_bound(weighted, total, len(adding), plan, where,
+                            noise=self._noise_bound(plan, len(w), len(low)))
+        if self.noise is not None:
+            self.account(round, w, plan is self.plan)
         return agg.Aggregate(ring_sum, weighted, max(total, 1), tuple(sorted(w)),
                              tuple(sorted(low - set(w))))
+
+    # -- distributed noise: the bound the sum keeps, the epsilon it gives -------------------------
+    def _noise_bound(self, plan: ring.RingPlan, shares: int, expected: int) -> float:
+        """The sum's noise norm bound (ring units) with ``shares`` of ``expected`` shares."""
+        if self.noise is None or plan is not self.plan:
+            return 0.0
+        sigma = noise.sigma(self.noise, plan, self.size) * math.sqrt(shares / expected)
+        return noise.sum_noise_bound(sigma, self.size)
+
+    def accounted(self, round: int) -> bool:
+        with self._lock:
+            return round in self._ledger
+
+    def account(self, round: int, weights: Mapping[str, int], covered: bool
+                ) -> accountant.RoundEpsilon | None:
+        """Log ``round``'s epsilon (once; None without noise or a fixed mask set): the noise its
+        sum carried from the checked-in sites of the mask set (``weights``: every participant
+        -> its weight) and the total over the rounds this site saw."""
+        if self.noise is None:
+            return None
+        roster_ = self.roster(round)
+        if roster_ is None:
+            return None
+        got = noise.round_noise(round, roster_, weights, self.noise, self.plan, self.size,
+                                covered)
+        with self._lock:
+            fresh = round not in self._ledger
+            self._ledger[round] = got
+            ledger = list(self._ledger.values())
+        summary = accountant.summarise(ledger, self.noise.delta)
+        this = next(r for r in summary.rounds if r.round == round)
+        if fresh:
+            log.info("%s; %s (the rounds this site saw)", this.line(), summary.line())
+        return this
 
     def unflatten(self, mean: np.ndarray, base: StateDict | None,
                   own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -237,6 +237,7 @@ class NodeService:
                 weight_cap=int(self.spec.max_weight or 1), min_peers=self.settings.min_peers)
             self.codec = compression.UpdateCodec(
                 "none", masked_params(self.param_spec.params), self._round_start)
+            self.secure.noise = self.spec.distributed_noise  # each site's share (privacy.noise)
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
                                      on_add=self.watcher.notify, spec=self.param_spec)
         # a round's participants are re-read at most once per block (this watcher's)

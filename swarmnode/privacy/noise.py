@@ -151,11 +151,10 @@ def check_ring(noise: DistributedNoise, plan: ring.RingPlan, size: int) -> None:
 
 def parameter_count(params: Mapping[str, Any]) -> int:
     """The number of summed coordinates of a spec's params (floating tensors only)."""
-    total = 0
-    for p in params.values():
-        if p.dtype.startswith(("float", "bfloat")):
-            total += math.prod(p.shape)
-    return total
+    import torch  # the spec's dtypes are torch's names
+
+    return sum(math.prod(p.shape) for p in params.values()
+               if getattr(torch, p.dtype).is_floating_point)
 
 
 def round_noise(round: int, roster: Collection[str], weights: Mapping[str, int],
