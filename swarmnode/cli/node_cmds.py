@@ -238,8 +238,21 @@ def audit(
                      "safetensors, or a torch.save'd state dict."),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    round_: Annotated[int | None, typer.Option(
+        "--round", help="Secure aggregation: check committed round N's masked sum through this "
+        "site's running node (it fetches the leader's evidence and checks it against the "
+        "hashes and digest on chain) instead of replaying the log.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="With --round: the node's config (its local API).")] = None,
+    local_api: Annotated[str | None, typer.Option(
+        "--local-api", help="With --round: the node's local API (default: the config's, "
+        "else unix socket swarm-data/node.sock).")] = None,
 ) -> None:
-    """Replay the training's on-chain audit log and check it (and optionally a model file)."""
+    """Replay the training's on-chain audit log and check it (and optionally a model file);
+    with --round N (secure aggregation), have this site's node check round N's masked sum."""
+    if round_ is not None:
+        audit_round(round_, config, local_api, fmt)
+        return
 
     @command
     def body() -> None:
@@ -285,6 +298,46 @@ def audit(
             console.print("[green]audit log consistent[/]" if report.ok else "[red]audit failed[/]")
         if not report.ok:
             raise typer.Exit(1)
+
+    body()
+
+
+def audit_round(round_: int, config: Path | None, local_api: str | None, fmt: str) -> None:
+    """``swarmnode audit --round N``: the site's node checks committed round N's masked sum
+    (node.secaudit) and says what differed, if anything."""
+
+    @command
+    def body() -> None:
+        from swarmnode.errors import ConfigError
+        from swarmnode.transport.local import LocalClient
+
+        if round_ < 1:
+            raise ConfigError(f"--round {round_}: rounds are numbered from 1")
+        target = local_api
+        if target is None:
+            if config is not None:
+                from swarmnode.config import load_config
+
+                target = load_config(config, {}).local_target
+            else:
+                target = f"unix://{(Path('swarm-data') / 'node.sock').resolve()}"
+        client = LocalClient(target)
+        try:
+            result, _ = client.call("audit_round", {"round": round_}, timeout=600.0)
+        finally:
+            client.close()
+        if fmt == "json":
+            import json
+
+            print(json.dumps(result, indent=2))
+        elif result.get("kept_starting_model"):
+            console.print(f"round {round_}: fewer than 3 sites added weight, no sum was formed; "
+                          "the starting model was committed again")
+        else:
+            console.print(f"round {round_}: [green]the leader's sum checks out[/]: "
+                          f"{len(result['summed'])} masked updates as hashed on chain, "
+                          f"{len(result['dropouts'])} dropouts' masks removed, digest "
+                          f"{result['digest']} is their mean")
 
     body()
 

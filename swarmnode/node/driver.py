@@ -9,10 +9,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from swarmnode.chain.client import SwarmContract
 from swarmnode.chain.models import RoundInfo, RoundStatus
@@ -69,6 +69,42 @@ from swarmnode.types import StateDict, Update
 __all__ = ["Round", "RoundDriver", "RoundOutcome"]
 
 log = logging.getLogger("swarmnode.node")
+
+
+T = TypeVar("T")
+
+
+def ask_all(peers: Sequence[str], ask: Callable[[str], T], timeout: float,
+            what: str) -> list[tuple[str, T]]:
+    """``ask(peer)`` for every peer at once, each in a thread of its own; the answers in within
+    ``timeout`` seconds, in ``peers``' order. A peer that failed (a SwarmError) or did not
+    answer in time is logged and left out; a late answer is dropped."""
+    done: dict[str, T] = {}
+    lock = threading.Condition()
+    pending = set(peers)
+
+    def one(peer: str) -> None:
+        try:
+            got = ask(peer)
+        except SwarmError as exc:
+            log.warning("%s from %s: %s", what, peer, exc)
+            got = None
+        with lock:
+            pending.discard(peer)
+            if got is not None:
+                done[peer] = got
+            lock.notify_all()
+
+    for peer in peers:
+        threading.Thread(target=one, args=(peer,), name=f"ask-{peer[:10]}",
+                         daemon=True).start()
+    with lock:
+        lock.wait_for(lambda: not pending, timeout=timeout)
+        late = sorted(pending)
+        out = [(p, done[p]) for p in peers if p in done]
+    if late:
+        log.warning("%s: no answer from %s within %.1f s", what, ", ".join(late), timeout)
+    return out
 
 
 _EVENT_WAIT_S = 0.5  # with a block watcher, the longest a round sleeps between looks
@@ -495,6 +531,8 @@ class RoundDriver:
             return
         machine.on_checked_in()
         self.metrics_sent(action.metrics)
+        if masked is not None and self.secure is not None:  # its hash's event is in that block
+            self.secure.note_checkin(action.round, result.block)
         if "RoundClosed" in result.events:
             machine.on_closed()
         log.info("round %d: checked in with weight %d", action.round, action.weight)
@@ -523,7 +561,7 @@ class RoundDriver:
         pushes nothing and the round is abandoned."""
         assert self.secure is not None
         held = self.secure.held(action.round)
-        onchain = self.secure.hashes(action.round, refresh=True).get(self.me.lower())
+        onchain = self.secure.own_hash(action.round)  # from its check-in's block, kept once read
         if held is None or onchain is None or held[1] != onchain:
             log.error("round %d: this node checked in with a masked update it no longer holds "
                       "(restarted after its check-in?); it pushes nothing: the round is "
@@ -537,26 +575,28 @@ class RoundDriver:
 
     def _reveals(self, rnd: Round, action: Reveals, info: RoundInfo, now: float) -> None:
         """Secure-aggregation leader: the survivors' seeds with the sites that never checked
-        in (this node's own computed here)."""
+        in (this node's own computed here), asked of all survivors at once and waited for no
+        longer than the machine's transfer timeout (tied to the round's deadline): a silent
+        survivor costs that once, not once per survivor."""
         assert self.secure is not None
         roster = self.secure.roster(action.round) or ()
         dropouts = {p.lower() for p in roster} - {p.lower() for p in info.participants}
-        for survivor in action.survivors:
-            try:
-                if survivor.lower() == self.me.lower():
-                    got = self.secure.reveal(action.round, roster, info.participants)
-                else:
-                    pairs = self.pool.client(survivor).reveal_seeds(
-                        action.round, timeout=self.timing.transfer_s)
-                    got = [SeedReveal(survivor.lower(), m.lower(), action.round, 0, seed)
-                           for m, seed in pairs]
-                    if {r.missing for r in got} != dropouts or len(got) != len(dropouts):
-                        raise PayloadRejected(
-                            f"{survivor} revealed seeds for {sorted(r.missing for r in got)}, "
-                            f"not for the sites that never checked in ({sorted(dropouts)})")
-            except SwarmError as exc:
-                log.warning("round %d: seed reveals from %s: %s", action.round, survivor, exc)
-                continue
+        timeout = action.timeout_s or self.timing.transfer_s
+
+        def ask(survivor: str) -> list[SeedReveal]:
+            if survivor.lower() == self.me.lower():
+                return self.secure.reveal(action.round, roster, info.participants)  # type: ignore[union-attr]
+            pairs = self.pool.client(survivor).reveal_seeds(action.round, timeout=timeout)
+            got = [SeedReveal(survivor.lower(), m.lower(), action.round, 0, seed)
+                   for m, seed in pairs]
+            if {r.missing for r in got} != dropouts or len(got) != len(dropouts):
+                raise PayloadRejected(
+                    f"{survivor} revealed seeds for {sorted(r.missing for r in got)}, "
+                    f"not for the sites that never checked in ({sorted(dropouts)})")
+            return got
+
+        for survivor, got in ask_all(action.survivors, ask, timeout,
+                                     f"round {action.round}: seed reveals"):
             self.secure.add_reveals(action.round, survivor, got)
         log.info("round %d: seed reveals in from %d of %d survivors", action.round,
                  len(self.secure.revealed(action.round)), len(action.survivors))
@@ -589,6 +629,9 @@ class RoundDriver:
             merged = self.secure.unflatten(result.mean, base, rnd.state)
             data, digest = serde.Encoded(merged).to_buffer()
             serde.view_state(data, spec=self.spec, reject_nonfinite=True)
+            start = self.latest_committed_before(round) if base is not None else None
+            self.secure.keep_evidence(  # for members' checks (node.secaudit)
+                round, digest, data if start is None else start.data, first=start is None)
         except (RoundAbandoned, AggregateRejected, NonFiniteValues) as exc:
             log.error("round %d: the masked updates cannot be merged: %s; the round is "
                       "re-elected at its deadline", round, exc)

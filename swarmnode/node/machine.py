@@ -90,6 +90,9 @@ class Reveals:
     round: int
     attempt: int
     survivors: tuple[str, ...]
+    # how long to wait for them (equality ignores it): the transfer timeout, tied to the
+    # round's deadline (a reveal past it is moot: the members re-elect)
+    timeout_s: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -448,7 +451,8 @@ class RoundMachine:
         need = sorted(required[p] for p in set(required) - revealed) if dropouts else []
         if need:
             if self._may_try(f"reveal{attempt}", obs.now):
-                return Reveals(self.round, attempt, tuple(need))
+                return Reveals(self.round, attempt, tuple(need),
+                               timeout_s=self._transfer_timeout(obs))
             return Wait(t.poll_s, f"waiting for seed reveals ({len(need)} to come)")
         if self._may_try(f"merge{attempt}", obs.now):
             return Merge(self.round, attempt, tuple(sorted(required.values())))

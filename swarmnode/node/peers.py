@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
 from swarmnode.chain.client import RoundStatus, SwarmContract
 from swarmnode.chain.models import NodeInfo
-from swarmnode.errors import PeerUnavailable
+from swarmnode.errors import PeerRefused, PeerUnavailable
 from swarmnode.identity import TlsFiles
 from swarmnode.node import lifecycle
 from swarmnode.transport.peer import PeerClient
@@ -18,6 +19,8 @@ __all__ = ["ChainAuthority", "PeerPool"]
 
 _SLOT_S = 0.25  # without a block source: how long a 'block' of the read bound lasts
 _READS_PER_BLOCK = 3  # rounds read per block for one caller at most, whatever rounds it names
+_CLAIMS_PER_BLOCK = 3  # addresses not cached read per block for one presented certificate
+_MAX_NODES = 1024  # node records kept (least recently used dropped first)
 
 
 class _Round(NamedTuple):
@@ -52,7 +55,9 @@ class ChainAuthority:
         self.ttl = ttl
         self.block = block
         self._lock = threading.Lock()
-        self._nodes: dict[str, tuple[float, NodeInfo]] = {}
+        self._nodes: OrderedDict[str, tuple[float, NodeInfo]] = OrderedDict()
+        # (block, chain reads in it by presented certificate) for claimed addresses
+        self._claims: tuple[int, dict[bytes, int]] = (0, {})
         self._rounds: dict[int, _Round] = {}
         self._finished: tuple[float, bool] | None = None  # (when read, training finished)
         self._reads: tuple[int, dict[str, int]] = (0, {})  # (block, reads in it by caller)
@@ -66,17 +71,47 @@ class ChainAuthority:
         return int(time.monotonic() / _SLOT_S) - (1 << 40)  # never a block number
 
     def node(self, address: str) -> NodeInfo:
-        """The contract's record of ``address``, at most ``ttl`` seconds old."""
+        """The contract's record of ``address``, at most ``ttl`` seconds old (the newest
+        ``_MAX_NODES`` addresses asked about are kept)."""
         now = time.monotonic()
         key = address.lower()
         with self._lock:
             hit = self._nodes.get(key)
+            if hit is not None:
+                self._nodes.move_to_end(key)
         if hit and now - hit[0] < self.ttl:
             return hit[1]
         info = self.chain.node(address)
         with self._lock:
             self._nodes[key] = (now, info)
+            self._nodes.move_to_end(key)
+            while len(self._nodes) > _MAX_NODES:
+                self._nodes.popitem(last=False)
         return info
+
+    def claimed_fingerprint(self, address: str, presented: bytes) -> bytes | None:
+        """:meth:`fingerprint_of` for an address a connection claims, its certificate's
+        fingerprint ``presented``: an address not held fresh in the cache costs a chain read,
+        and one certificate gets ``_CLAIMS_PER_BLOCK`` of those per block (per ``_SLOT_S`` s
+        without a block source): a CA-certificate holder claiming ever new addresses makes a
+        few reads per block, not one per connection. PeerRefused past that."""
+        key = address.lower()
+        with self._lock:
+            hit = self._nodes.get(key)
+        if hit is None or time.monotonic() - hit[0] >= self.ttl:
+            mark = self._mark()
+            with self._lock:
+                if self._claims[0] != mark:
+                    self._claims = (mark, {})
+                spent = self._claims[1].get(presented, 0)
+                if spent >= _CLAIMS_PER_BLOCK:
+                    raise PeerRefused(
+                        f"this certificate claimed {spent} addresses the node had to look up "
+                        f"on chain in this block (the limit is {_CLAIMS_PER_BLOCK}); {address} "
+                        "is refused for now: claim the address your certificate is enrolled "
+                        "for, and try again in the next block")
+                self._claims[1][presented] = spent + 1
+        return self.fingerprint_of(address)
 
     def forget(self, address: str) -> None:
         """Read ``address`` afresh next time (after a failed connection, say)."""

@@ -62,6 +62,7 @@ from swarmnode.privacy import (
     wire,
 )
 from swarmnode.privacy import aggregate as agg
+from swarmnode.privacy.evidence import Evidence
 from swarmnode.transport import serde
 from swarmnode.types import StateDict
 
@@ -72,6 +73,8 @@ log = logging.getLogger("swarmnode.node")
 KEY_FILE = "secagg.key"
 MASKED = "secagg.masked"  # the one tensor of a pushed masked update (int64: the ring's bits)
 ATTEMPT = 0  # seeds of attempt 0: one masked vector per round (see the module docstring)
+EVIDENCE_DIR = "secagg-evidence"  # in the data folder: the summed rounds' evidence (a leader's)
+KEEP_EVIDENCE = 8  # summed rounds whose evidence a leader keeps (the newest)
 
 
 def load_or_make_key(data_dir: Path) -> keys.SiteKey:
@@ -138,8 +141,11 @@ class SecureAggregation:
 
     def __init__(self, me: str, chain: SwarmContract, key: keys.SiteKey,
                  params: Mapping[str, tuple[tuple[int, ...], str]], *, clip: float,
-                 weight_cap: int, min_peers: int) -> None:
+                 weight_cap: int, min_peers: int, evidence_dir: Path | None = None) -> None:
+        """``evidence_dir``: where a leader keeps its summed rounds' evidence (the newest
+        KEEP_EVIDENCE; None: kept nowhere, and members cannot check its sums)."""
         self.me, self.chain, self.key = me, chain, key
+        self.evidence_dir = evidence_dir
         self.params = dict(params)
         self.layout = _floating(self.params)
         self.size = sum(c for _, c in self.layout)
@@ -161,6 +167,11 @@ class SecureAggregation:
         # carries this site's share; the rounds' epsilon this site saw (privacy.accountant)
         self.noise: noise.DistributedNoise | None = None
         self._ledger: dict[int, accountant.RoundNoise] = {}
+        self._closed: dict[int, tuple[dict[str, int], dict[str, bytes]]] = {}  # checkins()
+        self._own_hash: dict[int, bytes] = {}  # round -> this site's hash as read from chain
+        self._checkin_block: dict[int, int] = {}  # round -> the block of this site's check-in
+        self._summed: dict[int, tuple[dict[str, np.ndarray], list[dropout.SeedReveal],
+                                      np.ndarray]] = {}  # round -> what the leader summed
 
     # -- keys -------------------------------------------------------------------------------------
     def publish_key(self) -> None:
@@ -395,6 +406,9 @@ class SecureAggregation:
                 f"aggregation needs at least {guards.MIN_SITES} (the sum of two gives each "
                 "away); nothing is revealed, the next round goes on")
         ring_sum = agg.unmasked_sum(low, w.keys(), masked, reveals, plan, round, ATTEMPT)
+        with self._lock:  # the evidence, kept once the merged model's digest is known
+            self._summed = {r: v for r, v in self._summed.items() if r >= round - 1}
+            self._summed[round] = (masked, reveals, ring_sum)
         weighted = encoding.decode_sum(ring_sum, plan)
         total = sum(w.values())
         if total:
@@ -404,6 +418,92 @@ class SecureAggregation:
             self.account(round, w, plan is self.plan)
         return agg.Aggregate(ring_sum, weighted, max(total, 1), tuple(sorted(w)),
                              tuple(sorted(low - set(w))))
+
+    # -- the evidence of a summed round (privacy.evidence) -----------------------------------------
+    def _evidence_path(self, round: int) -> Path:
+        assert self.evidence_dir is not None
+        return self.evidence_dir / f"round-{round}.safetensors"
+
+    def keep_evidence(self, round: int, digest: bytes, model: bytes, first: bool) -> None:
+        """The leader: keep what it summed for ``round`` (aggregate's parts) with the digest of
+        the model it made of them and ``model`` (the starting model's bytes; ``first``: there
+        was none, the merged model's), on disk, the newest KEEP_EVIDENCE rounds."""
+        with self._lock:
+            parts = self._summed.pop(round, None)
+        if parts is None or self.evidence_dir is None:
+            return
+        masked, reveals, ring_sum = parts
+        data = Evidence(round, first, digest, ring_sum, masked, reveals,
+                        bytes(model)).to_bytes()
+        self.evidence_dir.mkdir(parents=True, exist_ok=True)
+        path = self._evidence_path(round)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        kept = sorted((int(p.stem.split("-", 1)[1]), p)
+                      for p in self.evidence_dir.glob("round-*.safetensors")
+                      if p.stem.split("-", 1)[1].isdigit())
+        for _, old in kept[:-KEEP_EVIDENCE]:
+            old.unlink(missing_ok=True)
+
+    def evidence(self, round: int) -> bytes | None:
+        """The bytes of ``round``'s evidence if this node summed it and still keeps it."""
+        if self.evidence_dir is None:
+            return None
+        try:
+            return self._evidence_path(round).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def evidence_digest(self, data: bytes) -> bytes:
+        """The digest the leader committed, as the evidence ``data`` states it."""
+        return Evidence.from_bytes(data, self.size, "this node's evidence").digest
+
+    def checkins(self, round: int) -> tuple[dict[str, int], dict[str, bytes]]:
+        """A closed round's check-ins from its events, in one read (kept: they are final):
+        site (lower-case) -> weight, and site -> the masked hash it checked in with."""
+        with self._lock:
+            held = self._closed.get(round)
+        if held is not None:
+            return held
+        weights: dict[str, int] = {}
+        hashes: dict[str, bytes] = {}
+        for e in self.chain.events(names={"CheckedIn", "MaskedUpdate"},
+                                   round_topic="0x" + round.to_bytes(32, "big").hex()):
+            site = str(e.args["node"]).lower()
+            if e.name == "CheckedIn":
+                weights.setdefault(site, int(e.args["weight"]))
+            else:
+                hashes.setdefault(site, bytes(e.args["hash"]))
+        with self._lock:
+            self._closed[round] = (weights, hashes)
+            for old in sorted(self._closed)[:-KEEP_EVIDENCE]:
+                del self._closed[old]
+        return weights, hashes
+
+    # -- a member: its own check-in's hash --------------------------------------------------------
+    def note_checkin(self, round: int, block: int) -> None:
+        """This site's check-in for ``round`` was mined in ``block`` (its hash's event is there)."""
+        with self._lock:
+            self._checkin_block = {r: b for r, b in self._checkin_block.items()
+                                   if r >= round - 1}
+            self._checkin_block[round] = block
+
+    def own_hash(self, round: int) -> bytes | None:
+        """The masked hash this site checked in with for ``round`` (chain): read from the block
+        of its check-in when known (not from the deployment on), kept once found."""
+        with self._lock:
+            held = self._own_hash.get(round)
+            since = self._checkin_block.get(round)
+        if held is not None:
+            return held
+        got = {k.lower(): v for k, v in
+               self.chain.masked_hashes(round, from_block=since).items()}.get(self.me.lower())
+        if got is not None:
+            with self._lock:
+                self._own_hash = {r: h for r, h in self._own_hash.items() if r >= round - 1}
+                self._own_hash[round] = got
+        return got
 
     # -- distributed noise: the bound the sum keeps, the epsilon it gives -------------------------
     def _noise_bound(self, plan: ring.RingPlan, shares: int, expected: int) -> float:

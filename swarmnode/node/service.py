@@ -47,7 +47,12 @@ from swarmnode.node.lifecycle import END_POLICIES, Privacy
 from swarmnode.node.machine import Timing
 from swarmnode.node.metrics import Family, Histogram, MetricsServer, counter, gauge
 from swarmnode.node.peers import ChainAuthority, PeerPool
-from swarmnode.node.secure import SecureAggregation, load_or_make_key, masked_params
+from swarmnode.node.secure import (
+    EVIDENCE_DIR,
+    SecureAggregation,
+    load_or_make_key,
+    masked_params,
+)
 from swarmnode.node.sharding import ShardExchange
 from swarmnode.node.store import ModelStore, StoredModel
 from swarmnode.privacy.guards import refuse_until_wired
@@ -234,7 +239,8 @@ class NodeService:
             self.secure = SecureAggregation(
                 self.me, self.chain, load_or_make_key(config.data_dir), self.param_spec.params,
                 clip=float(self.spec.merge_options["clip_norm"]),
-                weight_cap=int(self.spec.max_weight or 1), min_peers=self.settings.min_peers)
+                weight_cap=int(self.spec.max_weight or 1), min_peers=self.settings.min_peers,
+                evidence_dir=Path(config.data_dir) / EVIDENCE_DIR)
             self.codec = compression.UpdateCodec(
                 "none", masked_params(self.param_spec.params), self._round_start)
             self.secure.noise = self.spec.distributed_noise  # each site's share (privacy.noise)
@@ -456,6 +462,66 @@ class NodeService:
                  "leader %s", round, len(reveals), ", ".join(r.missing for r in reveals),
                  caller)
         return [(r.missing, r.seed) for r in reveals]
+
+    def secure_evidence(self, round: int, caller: str) -> bytes:
+        """Secure aggregation: the evidence of committed round ``round`` if this node summed
+        it (privacy.evidence; masked updates are masked), for a member of the training that
+        is not revoked."""
+        if self.secure is None:
+            raise PeerRefused(f"round {round}: this training does not run secure aggregation; "
+                              "there is no evidence to give")
+        node = self.authority.node(caller)
+        if not node.enrolled or node.revoked:
+            raise PeerRefused(f"{caller} is not a member of this training (or was revoked): "
+                              f"the evidence of round {round} is for its members")
+        info = self.chain.round(round)
+        if info.status is not RoundStatus.COMMITTED or info.digest is None:
+            raise RoundError(f"round {round} is {info.status.value}: evidence is given for "
+                             "committed rounds only")
+        data = self.secure.evidence(round)
+        if data is None:
+            raise RoundError(f"this node keeps no evidence of round {round}: it did not sum "
+                             f"it (leader {info.leader}), or the round is older than the "
+                             "newest rounds kept")
+        if self.secure.evidence_digest(data) != info.digest:
+            raise RoundError(f"the sum this node made of round {round} is not the model "
+                             "committed (another attempt's leader committed); ask that leader")
+        log.info("round %d: gave its secure-aggregation evidence (%d bytes) to %s", round,
+                 len(data), caller)
+        return data
+
+    def audit_round(self, round: int) -> dict[str, Any]:
+        """Secure aggregation: check committed round ``round`` from its leader's evidence
+        (node.secaudit); AggregateRejected naming what differed."""
+        from swarmnode.node.secaudit import check_round
+
+        if self.secure is None:
+            raise ConfigError("this training does not run secure aggregation: there is no "
+                              "masked sum to check (`swarmnode audit` checks the chain's log)")
+        info = self.chain.round(round)
+        if info.status is not RoundStatus.COMMITTED or info.digest is None or not info.leader:
+            raise RoundError(f"round {round} is {info.status.value}, not committed: only a "
+                             "committed round's sum can be checked")
+        start = None
+        for r in range(round - 1, 0, -1):  # the model the round started from: its digest
+            before = self.chain.round(r)
+            if before.status is RoundStatus.COMMITTED and before.digest is not None:
+                start = before.digest
+                break
+        if start == info.digest:
+            # fewer than 3 sites added weight: no sum was formed, the starting model went on
+            return {"round": round, "leader": info.leader, "digest": info.digest.hex(),
+                    "kept_starting_model": True, "ok": True}
+        evidence = self.pool.client(info.leader).secure_evidence(
+            round, timeout=self.timing.transfer_s)
+        # weights and hashes from the check-ins' events (a pruned round's are not in storage)
+        weights, hashes = self.secure.checkins(round)
+        result = check_round(self.secure, info, weights, hashes, evidence, start,
+                             self.param_spec)
+        log.info("round %d: checked leader %s's sum: %d masked updates as hashed on chain, "
+                 "%d dropouts' reveals, the committed digest is their mean", round,
+                 info.leader, len(result.summed), len(result.dropouts))
+        return result.to_json()
 
     def check_push(self, round: int, sender: str, weight: int) -> None:
         """The servers ask this with a push's header, before its payload is read or admitted."""
@@ -897,6 +963,11 @@ class _LocalApi:
         if method == "hello":
             spec = TrainingSpec.from_json(str(args.get("spec", "")), "the trainer's settings")
             return self.node.hello(spec)
+        if method == "audit_round":  # secure aggregation: check a committed round's sum
+            rnd = args.get("round")
+            if not isinstance(rnd, int) or isinstance(rnd, bool) or rnd < 1:
+                raise ConfigError(f"audit_round: round must be a positive integer, not {rnd!r}")
+            return self.node.audit_round(rnd), None
         if method == "status":
             status = self.node.health()
             if args.get("waiting"):

@@ -280,6 +280,12 @@ class MemoryPeerClient:
         caller = bind_address(peer.authority, self.own_address, own_cert)
         return [(str(missing), bytes(seed)) for missing, seed in peer.reveal_seeds(round, caller)]
 
+    def secure_evidence(self, round: int, timeout: float) -> bytes:
+        """Secure aggregation: the evidence of a committed round the peer summed."""
+        peer, own_cert = self._reach()
+        caller = bind_address(peer.authority, self.own_address, own_cert)
+        return bytes(peer.secure_evidence(round, caller))  # copied, as the wire would
+
     # -- sharded rounds: slices to their owners, merged slices back --------------------------------
     def push_shard(self, round: int, attempt: int, index: int, weight: int,
                    piece: EncodedSlice, timeout: float) -> None:

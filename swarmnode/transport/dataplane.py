@@ -215,7 +215,10 @@ def bind_address(authority: Any, claimed: str, certificate: bytes) -> str:
     the one the contract holds for that enrolled, non-revoked address; PeerRefused otherwise.
     Both servers (the peer API and the data plane) bind callers this way."""
     got = fingerprint(certificate)
-    expected = authority.fingerprint_of(claimed)
+    # an authority that bounds the chain reads a certificate's claims cost (node.peers)
+    claimed_fingerprint = getattr(authority, "claimed_fingerprint", None)
+    expected = (claimed_fingerprint(claimed, got) if claimed_fingerprint is not None
+                else authority.fingerprint_of(claimed))
     if expected is None:
         raise PeerRefused(
             f"{claimed} is not an enrolled node on chain (never enrolled, or revoked); "
@@ -627,6 +630,8 @@ class DataServer:
                     self._shard_pull(tls, sender, hdr, started)
                 elif op == "reveal":
                     self._reveal(tls, sender, hdr)
+                elif op == "evidence":
+                    self._evidence(tls, sender, hdr)
                 else:
                     raise PayloadRejected(f"unknown data plane operation {op!r}")
             except SwarmError as exc:
@@ -1172,6 +1177,19 @@ class DataServer:
         _send_frame(tls, {"ok": True, "reveals": [[str(m), bytes(seed).hex()]
                                                    for m, seed in pairs]})
 
+    def _evidence(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any]) -> None:
+        """``{"op": "evidence", "address", "round"}``: secure aggregation, the evidence of a
+        committed round this node summed (privacy.evidence: masked updates, reveals, the sum),
+        for a member of the training (the handler's ``secure_evidence`` decides): reply frame
+        ``{"ok": true, "bytes": n}`` then its bytes."""
+        rnd = _int(hdr, "round", f"evidence request from {caller}", 1, 1 << 62)
+        find = getattr(self.handler, "secure_evidence", None)
+        if find is None:
+            raise PeerRefused("this node does not run secure aggregation: no evidence to give")
+        data = find(rnd, caller)
+        _send_frame(tls, {"ok": True, "bytes": len(data)})
+        tls.sendall(data)
+
     def _shard_pull(self, tls: ssl.SSLSocket, caller: str, hdr: dict[str, Any],
                     started: float) -> None:
         """``{"op": "shard_pull", "address", "round", "attempt", "index", "wait_s"}``: this
@@ -1567,6 +1585,23 @@ class DataClient:
                                       "as hex]")
             out.append((item[0], seed))
         return out
+
+    def secure_evidence(self, round: int, timeout: float) -> bytes:
+        """Secure aggregation: the evidence of committed round ``round`` from the node that
+        summed it (privacy.evidence bytes; the caller checks them)."""
+        what = f"evidence of round {round} from {self.who}"
+        with self._connect(timeout) as tls:
+            tls.settimeout(min(timeout, _PROGRESS_S))
+            _send_frame(tls, {"op": "evidence", "address": self.own_address, "round": round})
+            try:
+                reply = _recv_frame(tls, what)
+                self._verdict(reply, what)
+                n = _int(reply, "bytes", what, 1, self.max_bytes)
+                return _recv_exact(tls, n, what)
+            except SwarmError:
+                raise
+            except (OSError, ssl.SSLError) as exc:
+                raise TransportError(f"{what}: the connection broke: {exc}") from None
 
     def pull_shard_into(self, round: int, attempt: int, index: int, head: bytes,
                         into: memoryview, timeout: float, wait_s: float) -> None:

@@ -697,6 +697,16 @@ class PeerClient:
                                   f"its seed reveals of round {round} cannot be asked for")
         return data.reveal_seeds(round, left())
 
+    def secure_evidence(self, round: int, timeout: float) -> bytes:
+        """Secure aggregation: the evidence of committed round ``round`` from the node that
+        summed it, asked on its data plane (answered to members of the training)."""
+        left = self._budget(f"evidence of round {round}", timeout)
+        data = self._data_plane(left())
+        if data is None:
+            raise PeerUnavailable(f"{self.who} names no data plane (or it cannot be reached): "
+                                  f"its evidence of round {round} cannot be asked for")
+        return data.secure_evidence(round, left())
+
     def _shard_plane(self, timeout: float, round: int) -> DataClient:
         data = self._data_plane(timeout)
         if data is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 from swarmnode.chain.accounts import dev_account
@@ -97,3 +98,53 @@ def test_a_non_participant_costs_a_few_round_reads_per_block_and_a_check_in_coun
         block[0] += 1
         assert not authority.is_participant(current, outsider)
         assert reads == [current], reads
+
+
+def test_a_certificate_claiming_new_addresses_costs_a_few_node_reads_per_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A holder of a consortium certificate that claims ever new addresses (each a chain read
+    of that address's record) gets a few reads per block, then a refusal saying why, and the
+    records kept stay bounded; an honest site's claims, with its own certificate, still bind.
+    Before: every claim read the chain and was kept for good."""
+    from pathlib import Path
+
+    from swarmnode.errors import PeerRefused
+    from swarmnode.node import peers
+    from swarmnode.transport.dataplane import bind_address
+
+    monkeypatch.setattr(peers, "_MAX_NODES", 8)
+    with _counted_chain() as (swarm, chain, _):
+        node_reads: list[str] = []
+        real = chain.node
+
+        def counted(address: str):  # type: ignore[no-untyped-def]
+            node_reads.append(address)
+            return real(address)
+
+        chain.node = counted  # type: ignore[method-assign]
+        one, two = swarm.sites
+        hostile_cert = Path(one.service.config.cert).read_bytes()
+        honest_cert = Path(two.service.config.cert).read_bytes()
+        block = [100]
+        authority = ChainAuthority(chain, block=lambda: block[0])
+        refused = 0
+        for i in range(20):  # new addresses, none of them the certificate's
+            try:
+                bind_address(authority, f"0x{0x1000 + i:040x}", hostile_cert)
+            except PeerRefused as exc:
+                refused += 1
+                assert "try again in the next block" in str(exc) or "not an enrolled" in str(exc)
+        assert len(node_reads) == 3, node_reads
+        assert refused == 20
+        # the honest site's claim is its certificate's own budget, not the hostile one's
+        assert bind_address(authority, two.address, honest_cert) == two.address
+        for _ in range(5):  # and is then answered from the cache
+            assert bind_address(authority, two.address, honest_cert) == two.address
+        assert len(node_reads) == 4, node_reads
+        for _ in range(10):  # ten more blocks of claims: 3 reads each, 8 records kept at most
+            block[0] += 1
+            for i in range(5):
+                with pytest.raises(PeerRefused):
+                    bind_address(authority, f"0x{block[0] * 16 + i:040x}", hostile_cert)
+        assert len(node_reads) == 4 + 30, len(node_reads)
+        assert len(authority._nodes) <= 8

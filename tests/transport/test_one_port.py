@@ -400,9 +400,5 @@ def test_400_outsider_connections_on_the_one_port_do_not_slow_an_honest_member(p
     assert listener.stats["handed"] - handed <= honest * 2 * 4
     assert splicer.stats["refused_per_address"] == 0 and splicer.stats["evicted"] == 0
     for before, during in ((base_push, push), (base_pull, pull)):
-        usual = statistics.median(before)
-        assert statistics.median(during) < 3 * usual + 1.0, (before, during)
-        # most within the same bound as the data port's test; none near a timeout (a loaded
-        # test machine may stall one transfer now and then)
-        assert statistics.quantiles(during, n=10)[-1] < 3 * usual + 2.0, (before, during)
-        assert max(during) < 15, (before, during)
+        assert statistics.median(during) < 3 * statistics.median(before) + 1.0, (before, during)
+        assert max(during) < 3 * statistics.median(before) + 3.0, (before, during)
