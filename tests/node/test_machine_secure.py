@@ -138,8 +138,11 @@ def test_the_leader_asks_every_survivor_for_its_reveals_when_a_mask_set_site_is_
     m.on_checked_in()
     elected = info(RoundStatus.ELECTED, [A, B, C], leader=A, elected_at=100, first=90)
     roster = (A, B, C, E)  # E never checked in
-    assert m.decide(Observation(101, elected, frozenset({B, C}),
-                                secure=SecureView(roster, adding=ABC))) == Reveals(2, 1, (A, B, C))
+    asked = m.decide(Observation(101, elected, frozenset({B, C}),
+                                 secure=SecureView(roster, adding=ABC)))
+    assert asked == Reveals(2, 1, (A, B, C))
+    # the reveals are waited for while the deadline allows (9 s left + 2), not 120 s each
+    assert isinstance(asked, Reveals) and asked.timeout_s == 11.0
     act = m.decide(Observation(101.1, elected, frozenset({B, C}),
                                secure=SecureView(roster, frozenset({"0xa", "0xb"}), ABC)))
     assert isinstance(act, Wait) and "reveals" in act.reason  # rate-limited retry
