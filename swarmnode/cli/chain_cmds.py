@@ -602,8 +602,8 @@ def report(
         "--metric-name", help="What the sites' metric is (the plot's label; the chain records "
         "only its values), e.g. accuracy, F1Score (HPE's metricFunction).")] = "metric",
 ) -> None:
-    """The swarm's convergence: validation loss and metric per round and site (a DP site's
-    epsilon at its delta too), as report.csv and report.png."""
+    """The swarm's convergence: validation loss and metric per round and site, as report.csv
+    and report.png."""
     from swarmnode.chain.overview import read_names
     from swarmnode.chain.report import collect, summarize
     from swarmnode.chain.report import report as write_report
@@ -624,36 +624,13 @@ def report(
     console.print(f"{csv_path}\n{png_path}", highlight=False, markup=False, soft_wrap=True)
     table = Table(title=f"{len({r.round for r in rows})} round(s) with metrics")
     for col in ("site", "rounds", "first round", "loss", "metric", "last round", "loss",
-                "metric", "epsilon (δ)"):
+                "metric"):
         table.add_column(col)
     for s in summarize(rows):
         table.add_row(s.site, str(s.rounds), str(s.first.round), f"{s.first.loss:.4f}",
                       f"{s.first.metric:.4f}", str(s.last.round), f"{s.last.loss:.4f}",
-                      f"{s.last.metric:.4f}", s.last.privacy)
+                      f"{s.last.metric:.4f}")
     console.print(table)
-    _print_privacy(chain, out)
-
-
-def _print_privacy(chain: SwarmContract, out: Path) -> None:
-    """Distributed noise (privacy.ledger): the swarm's epsilon per round and in total, computed
-    from the chain's record alone, printed and written to privacy.json."""
-    from swarmnode.privacy.ledger import from_chain
-
-    summary = from_chain(chain)
-    if summary is None:
-        return
-    path = out / "privacy.json"
-    path.write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
-    table = Table(title=f"distributed noise: the swarm's epsilon at delta {summary.delta:g} "
-                        "(against any one participant; outsider: a reader who took no part)")
-    for col in ("round", "noise shares", "epsilon", "outsider"):
-        table.add_column(col)
-    for r in summary.rounds:
-        shown = (("-", "-") if not r.summed else ("not covered", "not covered")
-                 if not r.covered else (f"{r.epsilon:.4g}", f"{r.outsider:.4g}"))
-        table.add_row(str(r.round), f"{r.shares} of {r.expected}", *shown)
-    console.print(table)
-    console.print(f"{summary.line()}\n{path}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _when(ts: int) -> str:
@@ -683,18 +660,15 @@ def _print_overview(view: Overview) -> None:
         console.print(f"round {w.round} waits{since} for {what}{joined}", highlight=False,
                       soft_wrap=True)
     nodes = Table(title="sites")
-    for col in ("site", "address", "endpoint", "certificate", "state", "last seen (UTC)",
-                "epsilon (δ)"):
+    for col in ("site", "address", "endpoint", "certificate", "state", "last seen (UTC)"):
         nodes.add_column(col)
     for n in view.nodes:
-        dp = view.privacy.get(n.address)
         nodes.add_row(view.names.get(n.address, n.address), n.address, n.endpoint,
-                      _short(n.fingerprint, 12), n.state, _when(n.last_seen),
-                      f"{dp.label} r{dp.round}" if dp else "-")
+                      _short(n.fingerprint, 12), n.state, _when(n.last_seen))
     console.print(nodes)
     rounds = Table(title="rounds")
     for col in ("round", "status", "leader", "attempt", "participants", "digest", "loss",
-                "metric", "epsilon"):
+                "metric"):
         rounds.add_column(col)
     for r in view.rounds:
         i = r.info
@@ -704,7 +678,6 @@ def _print_overview(view: Overview) -> None:
             str(len(i.participants)), _short(i.digest),
             f"{r.mean_loss:.4f}" if r.mean_loss is not None else "-",
             f"{r.mean_metric:.4f}" if r.mean_metric is not None else "-",
-            ", ".join(f"{view.name(a)} {p.epsilon:.4g}" for a, p in r.privacy.items()) or "-",
         )
     console.print(rounds)
 

@@ -223,6 +223,14 @@ def spec(
             import dataclasses
 
             ts = dataclasses.replace(ts, secure_aggregation=True)  # ConfigError: what to change
+            from swarmnode.privacy.guards import check_initial
+
+            norm = sum(float(t.double().square().sum()) for t in state.values()
+                       if t.is_floating_point()) ** 0.5
+            try:  # round 1 encodes the parameters whole: they must fit its bound
+                check_initial(norm, int(ts.max_weight or 1))
+            except ValueError as exc:
+                raise ConfigError(f"--secure-aggregation: {exc}") from None
         out.write_text(ts.to_json() + "\n")
         console.print(f"wrote {out}: {len(ts.params)} tensors, spec hash {ts.digest.hex()}")
 

@@ -116,17 +116,10 @@ def masked_params(params: Mapping[str, tuple[tuple[int, ...], str]]
     return {MASKED: ((n,), "int64")}
 
 
-# A round with no starting model encodes the parameters whole: their norm is far larger than a
-# round's change, so it trades fractional bits for range (2^-16 per site and unit of weight:
-# the mean's error is n 2^-16 / total weight, with weights that are sample counts)
-FIRST_FRACTION_BITS = 16
-
-
-def first_round_clip(weight_cap: int) -> float:
-    """The widest clip the spec's ring holds at ``weight_cap`` with FIRST_FRACTION_BITS: the
-    bound of a round that has no starting model (its parameters are encoded whole)."""
-    limit = ((1 << (ring.RING_BITS - 1)) - 1) // ring.MAX_SITES
-    return float(limit // (weight_cap << FIRST_FRACTION_BITS) - 2)
+# A round with no starting model encodes the parameters whole (privacy.ring: the rule; the
+# spec guard refuses a max_weight that leaves it no room)
+FIRST_FRACTION_BITS = ring.FIRST_FRACTION_BITS
+first_round_clip = ring.first_round_clip
 
 
 @dataclass

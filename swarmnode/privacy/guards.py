@@ -13,7 +13,7 @@ from typing import Any
 from swarmnode.errors import ConfigError
 from swarmnode.privacy import ring
 
-__all__ = ["MIN_SITES", "check_noise", "check_spec", "refuse_until_wired"]
+__all__ = ["MIN_SITES", "check_initial", "check_noise", "check_spec", "refuse_until_wired"]
 
 # With two sites the leader (itself a participant) learns the other's update from the sum.
 MIN_SITES = 3
@@ -59,6 +59,30 @@ def check_spec(*, merge_method: str, merge_options: Mapping[str, float], min_pee
         raise ValueError(
             f"{exc} (the spec's ring holds up to {ring.MAX_SITES} sites at "
             f"{ring.FRACTION_BITS} fractional bits in {ring.RING_BITS} bits)") from None
+    # round 1 has no starting model: the parameters are encoded whole, in fewer fractional
+    # bits, and bounded by first_round_clip (the widest the ring then holds)
+    first = ring.first_round_clip(max_weight)
+    if first < 1:
+        widest = ((1 << (ring.RING_BITS - 1)) - 1) // ring.MAX_SITES // (
+            3 << ring.FIRST_FRACTION_BITS)
+        raise ValueError(
+            f"max_weight {max_weight} leaves round 1 no room: it has no starting model, so "
+            f"the sites encode their parameters whole ({ring.FIRST_FRACTION_BITS} fractional "
+            f"bits), and the ring then holds a parameter vector of norm {first:g}; lower "
+            f"max_weight to at most {widest} (far lower for a large model: at most "
+            "2^55 / (2^16 x the parameters' norm))")
+
+
+def check_initial(norm: float, max_weight: int) -> None:
+    """ValueError when the initial parameters' L2 norm (floating tensors) is over round 1's
+    bound at ``max_weight`` (ring.first_round_clip): round 1 would scale the model down."""
+    first = ring.first_round_clip(max_weight)
+    if not norm <= first:
+        raise ValueError(
+            f"the initial parameters have L2 norm {norm:.6g}, over {first:.6g}, the widest "
+            f"round 1 holds at max_weight {max_weight} (it encodes the parameters whole): its "
+            "merged model would be scaled down; lower max_weight (the bound grows as "
+            "2^55 / (2^16 x max_weight))")
 
 
 def check_noise(noise: Any, *, secure_aggregation: bool, merge_options: Mapping[str, float],

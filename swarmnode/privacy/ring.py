@@ -29,10 +29,12 @@ import numpy as np
 from swarmnode.errors import ConfigError
 
 __all__ = [
+    "FIRST_FRACTION_BITS",
     "FRACTION_BITS",
     "MAX_SITES",
     "RING_BITS",
     "RingPlan",
+    "first_round_clip",
     "largest_weight_cap",
     "plan",
     "required_bits",
@@ -45,6 +47,18 @@ __all__ = [
 RING_BITS = 64
 FRACTION_BITS = 32
 MAX_SITES = 256
+# A round with no starting model encodes the parameters whole: their norm is far larger than a
+# round's change, so it trades fractional bits for range (2^-16 per site and unit of weight:
+# the mean's error is n 2^-16 / total weight, with weights that are sample counts)
+FIRST_FRACTION_BITS = 16
+
+
+def first_round_clip(weight_cap: int) -> float:
+    """The widest clip the spec's ring holds at ``weight_cap`` with FIRST_FRACTION_BITS: the
+    bound of a round that has no starting model (its parameters are encoded whole, clipped to
+    this L2 norm). Below 1 when ``weight_cap`` leaves such a round no room."""
+    limit = ((1 << (RING_BITS - 1)) - 1) // MAX_SITES
+    return float(limit // (weight_cap << FIRST_FRACTION_BITS) - 2)
 
 
 def _magnitude(n_sites: int, weight_cap: int, clip: float, fraction_bits: int) -> int:

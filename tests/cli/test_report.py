@@ -179,15 +179,13 @@ def test_report_before_any_metrics_is_a_clear_error(anvil: DevChain, tmp_path: P
 
 
 def hand_rows() -> list[Row]:
-    """North trains with DP (epsilon 1.5 per round at delta 1e-5), south without."""
     rows = []
     for r in range(1, 6):
         for i, site in enumerate(("north", "south")):
             rows.append(Row(round=r, site=site, address=f"0x{i:040x}", loss=1.0 / (r + i),
                             metric=0.5 + 0.08 * r - 0.01 * i, leader="north",
                             leader_address=f"0x{0:040x}", participants=2,
-                            digest=f"{r:064x}" if r < 5 else None,
-                            epsilon=1.5 * r if i == 0 else None, delta=1e-5 if i == 0 else None))
+                            digest=f"{r:064x}" if r < 5 else None))
     return rows
 
 
@@ -199,8 +197,7 @@ def test_write_csv_and_png_from_rows(tmp_path: Path) -> None:
     assert back[1] == {"round": "1", "site": "south", "address": f"0x{1:040x}",
                        "loss": "0.500000", "metric": "0.570000", "leader": "north",
                        "leader_address": f"0x{0:040x}", "participants": "2",
-                       "digest": f"{1:064x}", "epsilon": "", "delta": ""}  # south: not DP
-    assert (back[-2]["epsilon"], back[-2]["delta"]) == ("7.500000", "1e-05")  # north, round 5
+                       "digest": f"{1:064x}"}
     assert back[-1]["digest"] == ""  # what the chain lacks stays empty
 
     path = write_png(rows, tmp_path / "r.png", title="test")
@@ -211,7 +208,6 @@ def test_write_csv_and_png_from_rows(tmp_path: Path) -> None:
     (north, south) = summarize(rows)
     assert (north.site, north.rounds, north.first.round, north.last.round) == ("north", 5, 1, 5)
     assert south.last.loss == pytest.approx(1 / 6)
-    assert (north.last.privacy, south.last.privacy) == ("7.5 (δ 1e-05)", "-")
     with pytest.raises(ConfigError, match="no site has reported metrics yet"):
         write_png([], tmp_path / "empty.png")
 

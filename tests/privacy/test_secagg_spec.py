@@ -59,6 +59,9 @@ def test_off_by_default_and_absent_from_the_json() -> None:
     ({"max_weight": None}, "needs max_weight"),
     ({"max_weight": 10 ** 7, "merge_options": {"clip_norm": 10.0}},
      "lower max_weight to at most 838860 at clip_norm 10.0"),
+    # fits the ring at clip_norm 1e-6, but round 1 (parameters whole) would have no room
+    ({"max_weight": 8 * 10 ** 12, "merge_options": {"clip_norm": 1e-6}},
+     "max_weight 8000000000000 leaves round 1 no room.*lower max_weight to at most"),
 ])
 def test_each_guard_says_what_to_change(changes: dict, says: str) -> None:
     with pytest.raises(ConfigError, match=says):
@@ -118,3 +121,27 @@ def test_a_node_without_a_data_plane_refuses_it_at_start(tester_w3: Web3) -> Non
     refuse_until_wired(dataclasses.replace(_spec(), secure_aggregation=False).to_json(),
                        reveals_carried=False)
     refuse_until_wired("not json", reveals_carried=False)  # the spec's parser reports that
+
+
+def test_deploy_and_swarmnode_spec_refuse_what_round_1_cannot_hold(tester_w3: Web3,
+                                                                    tmp_path: Path) -> None:
+    """Round 1 encodes the parameters whole: a secure spec whose max_weight leaves it no room
+    is refused at deployment (before any transaction; before, the nodes failed at start), and
+    `swarmnode spec` refuses initial weights whose norm is over round 1's bound (round 1 would
+    scale the model down)."""
+    raw = json.loads(_spec().to_json())
+    raw["max_weight"], raw["merge_options"] = 8 * 10 ** 12, {"clip_norm": 1e-6}
+    block = tester_w3.eth.block_number
+    with pytest.raises(ConfigError, match="leaves round 1 no room"):
+        SwarmContract.deploy(tester_w3, dev_account(0), json.dumps(raw), 3, 100, 100)
+    assert tester_w3.eth.block_number == block  # nothing was sent
+    big = tmp_path / "big.safetensors"
+    save_file({"fc.weight": torch.full((3, 4), 3e5)}, str(big))  # norm 1.04e6
+    out = tmp_path / "spec.json"
+    args = ["spec", str(big), "--sync-frequency", "4", "--out", str(out), "--min-peers", "3",
+            "--clip-norm", "5", "--secure-aggregation"]
+    result = CliRunner().invoke(app, [*args, "--max-weight", "1600000"])  # bound ~3.4e5
+    assert result.exit_code == 10 and not out.exists()
+    assert "initial parameters have L2 norm 1.03923e+06" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*args, "--max-weight", "1000"])  # bound ~5.5e8
+    assert result.exit_code == 0, result.output
