@@ -144,6 +144,9 @@ class Splicer:
     def add(self, client: socket.socket, peer: tuple[str, int], deadline: float) -> None:
         """Relay ``client`` (non-blocking, nothing read from it yet); its handshake must be done
         by ``deadline`` (monotonic)."""
+        if self._stop.is_set():
+            client.close()
+            return
         self._incoming.append((client, peer, deadline))
         self._wake()
 
