@@ -173,6 +173,14 @@ def spec(
         "--secure-aggregation", help="Pin secure aggregation (the leader learns only the sum; "
         "needs --merge mean, --min-peers >= 3, --clip-norm and --max-weight). Not yet run by "
         "the round engine: deployment refuses such a spec.")] = False,
+    noise_multiplier: Annotated[float | None, typer.Option(
+        "--noise-multiplier", help="With --secure-aggregation: distributed noise on the masked "
+        "sum (each site adds its share of discrete Gaussian noise; the sum's sigma is this x "
+        "max_weight x clip_norm) and the swarm's epsilon per round in the logs and `swarmnode "
+        "report`. Default: no noise.")] = None,
+    dp_delta: Annotated[float, typer.Option(
+        "--dp-delta", help="The delta the swarm's epsilon is reported at (with "
+        "--noise-multiplier).")] = 1e-5,
 ) -> None:
     """Write the training spec (for `contract deploy --spec`) from a model's weights file.
 
@@ -231,6 +239,16 @@ def spec(
                 check_initial(norm, int(ts.max_weight or 1))
             except ValueError as exc:
                 raise ConfigError(f"--secure-aggregation: {exc}") from None
+        if noise_multiplier is not None:
+            import dataclasses
+
+            from swarmnode.privacy.noise import DistributedNoise
+
+            try:
+                noise = DistributedNoise(noise_multiplier, dp_delta)
+            except ValueError as exc:
+                raise ConfigError(f"--noise-multiplier/--dp-delta: {exc}") from None
+            ts = dataclasses.replace(ts, distributed_noise=noise)  # ConfigError: what to change
         out.write_text(ts.to_json() + "\n")
         console.print(f"wrote {out}: {len(ts.params)} tensors, spec hash {ts.digest.hex()}")
 

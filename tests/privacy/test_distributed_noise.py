@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,27 @@ def test_lighter_rounds_and_rounds_without_a_sum_or_a_starting_model() -> None:
         [full.noise_multiplier(), light.noise_multiplier()], z.delta))
     assert "round(s) 1 summed the parameters whole" in s.line()
     assert s.to_dict()["rounds"][0]["epsilon"] == "inf"
+
+
+def test_swarmnode_spec_writes_the_noise_and_refuses_it_alone(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from swarmnode.cli import app
+
+    weights = tmp_path / "initial.safetensors"
+    save_file({"fc.weight": torch.zeros(3, 4), "fc.bias": torch.zeros(3)}, str(weights))
+    out = tmp_path / "spec.json"
+    args = ["spec", str(weights), "--sync-frequency", "4", "--out", str(out), "--min-peers", "3",
+            "--clip-norm", "5", "--max-weight", "500", "--noise-multiplier", "0.7"]
+    result = CliRunner().invoke(app, [*args, "--secure-aggregation", "--dp-delta", "1e-6"])
+    assert result.exit_code == 0, result.output
+    assert TrainingSpec.from_json(out.read_text()).distributed_noise == DistributedNoise(0.7,
+                                                                                         1e-6)
+    out.unlink()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 10 and not out.exists()
+    assert "distributed_noise needs secure_aggregation" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*args, "--secure-aggregation", "--dp-delta", "2"])
+    assert result.exit_code == 10 and "delta must be a number in (0, 1)" in " ".join(
+        result.output.split())
