@@ -331,7 +331,8 @@ def run_config(params: int, nodes: int, rounds: int, work: Path,
             cfg = {"name": name, "rpc_url": chain.url, "contract": contract.address,
                    "key_index": i + 1, "peer_listen": "127.0.0.1:0", "cert": str(cert),
                    "key": str(key), "trust": str(trust), "data_dir": str(work / name / "data"),
-                   "max_update_mb": max(64.0, model_bytes * 1.2 / 2**20)}
+                   # a masked update is 8 bytes a parameter (ring words), twice float32's
+                   "max_update_mb": max(64.0, model_bytes * (2.4 if secure else 1.2) / 2**20)}
             (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
             log = open(work / f"{name}-node.log", "wb")  # noqa: SIM115
             p = subprocess.Popen([sys.executable, "-m", "swarmnode", "run", "--config",

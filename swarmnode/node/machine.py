@@ -384,9 +384,13 @@ class RoundMachine:
             if self.merged_attempt == attempt:
                 self.stage = Stage.COMMIT
                 return Wait(t.poll_s, "commit sent")
-            if self.vetoed_attempt == attempt:  # the NaN veto: the deadline re-elects
+            if self.vetoed_attempt == attempt:  # nothing to commit: the deadline re-elects
                 self.stage = Stage.COMMIT
-                return Wait(t.poll_s, "merge vetoed (NaN/Inf): waiting for the re-election")
+                # the leader is a participant too: when it is the only one (the others set
+                # aside), nobody else would replace it and the round would never end
+                if self._overdue(obs) and self._may_try(f"reelect{attempt}", obs.now):
+                    return Reelect(self.round, attempt, leader)
+                return Wait(t.poll_s, "merge vetoed: waiting for the re-election")
             self.stage = Stage.COLLECT
             if self.secure:
                 return self._secure_collect(obs, attempt)
@@ -550,8 +554,10 @@ class RoundMachine:
         self.stage = Stage.COMMIT
 
     def on_vetoed(self, attempt: int) -> None:
-        """Leader: the merge of ``attempt`` holds NaN/Inf, so it is not committed (every member
-        would refuse it) nor merged again; the members re-elect at the deadline."""
+        """Leader: ``attempt`` has nothing to commit (its merge holds NaN/Inf, which every
+        member would refuse; or a secure round had too few sites to sum and no model before
+        it), so it is not merged again; the participants, this leader included, re-elect at the
+        deadline."""
         self.vetoed_attempt = attempt
         self.stage = Stage.COMMIT
 

@@ -304,8 +304,18 @@ def test_a_vetoed_merge_is_not_merged_again_the_deadline_re_elects() -> None:
     e = info(RoundStatus.ELECTED, [A, B], leader=A, elected_at=100)
     assert m.decide(Observation(101, e, frozenset({B}))) == Merge(1, 0, (A, B))
     m.on_vetoed(0)
-    for now in (101.6, 105, 120):
+    for now in (101.6, 105, 109.9):
         assert isinstance(m.decide(Observation(now, e, frozenset({B}))), Wait)
+    # past the deadline the leader re-elects too: as the only participant (the others set
+    # aside) nobody else would, and the round would never end
+    assert m.decide(Observation(120, e, frozenset({B}))) == Reelect(1, 0, A)
+    alone = RoundMachine(A, 2, weight=1, timing=T)
+    alone.on_checked_in()
+    only = info(RoundStatus.ELECTED, [A], leader=A, elected_at=100, round=2)
+    assert alone.decide(Observation(100.5, only)) == Merge(2, 0, (A,))
+    alone.on_vetoed(0)
+    assert isinstance(alone.decide(Observation(105, only)), Wait)
+    assert alone.decide(Observation(110.5, only)) == Reelect(2, 0, A)
     again = info(RoundStatus.ELECTED, [A, B], leader=A, attempt=1, elected_at=111)
     assert m.decide(Observation(121, again, frozenset({B}))) == Merge(1, 1, (A, B))
 
