@@ -39,9 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SPEC = json.dumps({"merge_method": "mean", "min_peers": 2, "sync_frequency": 32}, sort_keys=True)
 
 
-def measure(url: str, nodes: int, rounds: int, secure: bool = False) -> dict[str, Any]:
+def measure(url: str, nodes: int, rounds: int, secure: bool = False,
+            dp: bool = False) -> dict[str, Any]:
     """Deploy, enrol ``nodes`` nodes and run ``rounds`` full rounds; gas and timings.
-    ``secure``: each check-in carries a masked update's hash (secure aggregation)."""
+    ``secure``: each check-in carries a masked update's hash (secure aggregation); ``dp``: each
+    site's metrics carry its epsilon at its delta (every site trains with DP)."""
     w3 = connect(url)
     admin = SwarmContract.deploy(w3, dev_account(0), SPEC, min(2, nodes), 5, 60)
     sizes = {name: len(w3.eth.get_code(addr)) for name, addr in
@@ -61,7 +63,8 @@ def measure(url: str, nodes: int, rounds: int, secure: bool = False) -> dict[str
         t0 = time.perf_counter()
         round_gas = 0
         for i, h in enumerate(handles):
-            carried = (r - 1, 0.6931 / r + 0.01 * i, 0.80 + 0.01 * r) if r > 1 else None
+            privacy = (2.5 * r + 0.01 * i, 1e-5) if dp else None
+            carried = (r - 1, 0.6931 / r + 0.01 * i, 0.80 + 0.01 * r, privacy) if r > 1 else None
             masked = hashlib.sha256(b"%d/%d" % (r, i)).digest() if secure else None
             res = h.checkin(r, 400 + 37 * i, metrics=carried, masked_hash=masked)
             (elect_checkin if i == nodes - 1 else checkin).append(res.gas_used)
@@ -98,24 +101,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results: dict[str, Any] = {}
     secure: dict[str, Any] = {}
+    dp: dict[str, Any] = {}
     sizes: dict[str, int] = {}
     with DevChain() as chain:
         for n in (3, 8):
             results[str(n)], sizes = measure(chain.url, n, args.rounds)
             secure[str(n)], _ = measure(chain.url, n, args.rounds, secure=True)
+            dp[str(n)], _ = measure(chain.url, n, args.rounds, dp=True)
     anvil_version = subprocess.run([str(anvil_binary()), "--version"], capture_output=True,
                                    text=True).stdout.splitlines()[0]
     artifact = load_artifact("SwarmTraining")
     report = {
         "nodes": results,
         "nodes_secure_aggregation": secure,
+        "nodes_dp": dp,
         "budget_per_node_per_round": {str(k): v for k, v in BUDGET.items()},
         "bytecode_bytes": sizes,
         "max_runtime_bytes": MAX_RUNTIME_BYTES,
         "notes": "gas_used per transaction; per_node_per_round = (sum of check-ins incl. the "
                  "electing one, each carrying its metrics of the round before from round 2 on "
                  "+ draw + commitMerge) / nodes; nodes_secure_aggregation: the same with each "
-                 "check-in carrying its masked update's hash; "
+                 "check-in carrying its masked update's hash; nodes_dp: the same with each "
+                 "site's metrics carrying its epsilon at its delta (PrivacyReported); "
                  "bytecode_bytes = deployed runtime code; "
                  "round_wall_s = "
                  "median wall time of one round's chain calls made sequentially from one "
@@ -135,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 "round"):
         table.add_column(col, justify="right")
     over = False
-    rows = [*results.items(), *((f"{n} secagg", r) for n, r in secure.items())]
+    rows = [*results.items(), *((f"{n} secagg", r) for n, r in secure.items()),
+            *((f"{n} dp", r) for n, r in dp.items())]
     for n, r in rows:
         over |= r["per_node_per_round"] >= r["budget"]
         table.add_row(n, f"{r['checkin']:,}", f"{r['checkin_electing']:,}",

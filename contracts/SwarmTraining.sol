@@ -13,7 +13,8 @@ import {ISwarmRegistry} from "./ISwarmRegistry.sol";
 /// A site whose process died stays joined; once it missed ABSENT_AFTER_ROUNDS rounds any site may
 /// mark it absent (a leader that let its deadline pass is marked at once; a site revoked in the
 /// registry at any time), and no round waits for it any more. Checking in again brings it back.
-/// Metrics ride on the next check-in (or `finish`), for the round the sender last took part in.
+/// Metrics ride on the next check-in (or `finish`), for the round the sender last took part in;
+/// a site that trains with differential privacy adds its privacy spent (`PrivacyReported`).
 /// @dev Gas layout: the global counters and those of the open round share one slot (`_s`); a
 /// site's flags, last-seen time and rounds share one slot; the current and the previous round
 /// live in a ring of two slots, each participant of them in a ring slot (address | weight),
@@ -116,6 +117,11 @@ contract SwarmTraining {
     event FinalRound(uint256 indexed round);
     event TrainingFinished(uint256 indexed round, bytes32 digest);
     event MetricsReported(uint256 indexed round, address indexed node, int256 loss, int256 metric);
+    /// A DP site's privacy spent so far, reported with its metrics of `round`: epsilon x1e6
+    /// (2^128-1: infinite, no noise) at delta x1e18. An event of its own, emitted only for a DP
+    /// site: a plain site's report costs one zero calldata word more, MetricsReported is as before.
+    event PrivacyReported(uint256 indexed round, address indexed node, uint256 epsilonE6,
+        uint256 deltaE18);
     /// Secure aggregation: the SHA-256 of the masked update `node` checked in with for `round`
     /// (swarmnode.privacy.wire). An event, not a slot: the leader and any auditor read it from
     /// the log, nothing on chain needs it, and a plain training pays no storage for it.
@@ -161,6 +167,7 @@ contract SwarmTraining {
     error NotRevoked(address node);
     error NotListed(address training);
     error NoMaskKey(address node);
+    error BadPrivacy(uint256 epsilonE6, uint256 deltaE18);
 
     constructor(
         ISwarmRegistry registry_,
@@ -252,7 +259,9 @@ contract SwarmTraining {
     /// this check-in completes the set of required sites. An absent site returns with it.
     /// `metricsRound` (0: none) with `loss` and `metric` (fixed point x1e6) records the site's
     /// evaluation of that round's merged model: only the round it last checked in for, and only
-    /// if that round was committed. `maskedHash` (0: none): with secure aggregation, the hash
+    /// if that round was committed. `privacy` (0: the site is not DP) rides with those metrics:
+    /// epsilon x1e6 in the low 128 bits, delta x1e18 (0 < delta < 1) in the high 128 bits
+    /// (logged as PrivacyReported). `maskedHash` (0: none): with secure aggregation, the hash
     /// of the masked update the site will push for this round (logged as MaskedUpdate).
     function checkin(
         uint256 round,
@@ -260,6 +269,7 @@ contract SwarmTraining {
         uint256 metricsRound,
         int256 loss,
         int256 metric,
+        uint256 privacy,
         bytes32 maskedHash
     ) external {
         State memory s = _s;
@@ -269,7 +279,7 @@ contract SwarmTraining {
         if (s.elected) revert RoundAlreadyElected(round, _leaderOf(s, _ring[round & 1], round));
         if (m.lastCheckinRound == round) revert AlreadyCheckedIn(msg.sender, round);
         if (weight > maxWeight) revert WeightOverMax(weight, maxWeight);
-        if (metricsRound != 0) _metrics(m, metricsRound, loss, metric);
+        if (metricsRound != 0) _metrics(m, metricsRound, loss, metric, privacy);
         if (m.absent) _return(msg.sender, m, s);
         m.lastCheckinRound = uint32(round);
         m.lastSeen = uint40(block.timestamp);
@@ -397,15 +407,15 @@ contract SwarmTraining {
         else _s = s;
     }
 
-    /// @notice The calling site's trainer is done; `metricsRound`, `loss`, `metric` as in
-    /// `checkin`. When no active site is left the final round is fixed; every live site then
+    /// @notice The calling site's trainer is done; `metricsRound`, `loss`, `metric`, `privacy` as
+    /// in `checkin`. When no active site is left the final round is fixed; every live site then
     /// takes part in it.
-    function finish(uint256 metricsRound, int256 loss, int256 metric) external {
+    function finish(uint256 metricsRound, int256 loss, int256 metric, uint256 privacy) external {
         State memory s = _s;
         if (s.finished) revert TrainingOver(s.finalRound);
         Member memory m = _live(msg.sender);
         if (m.finished) revert AlreadyFinished(msg.sender);
-        if (metricsRound != 0) _metrics(m, metricsRound, loss, metric);
+        if (metricsRound != 0) _metrics(m, metricsRound, loss, metric, privacy);
         if (m.absent) _return(msg.sender, m, s);
         m.finished = true;
         m.lastSeen = uint40(block.timestamp);
@@ -422,8 +432,8 @@ contract SwarmTraining {
 
     /// @notice The site's evaluation of the final model: no check-in follows the final round, so
     /// this is the one report with a transaction of its own. Only once the training finished,
-    /// by a site that took part in the final round.
-    function reportFinalMetrics(int256 loss, int256 metric) external {
+    /// by a site that took part in the final round. `privacy` as in `checkin`.
+    function reportFinalMetrics(int256 loss, int256 metric, uint256 privacy) external {
         State memory s = _s;
         if (!s.finished) revert MetricsNotEligible(s.finalRound, msg.sender, 0);
         Member memory m = _member[msg.sender];
@@ -432,7 +442,7 @@ contract SwarmTraining {
         if (m.revoked || registry.siteFlags(msg.sender) & FLAG_REVOKED != 0) {
             revert Revoked(msg.sender);
         }
-        _metrics(m, s.finalRound, loss, metric);
+        _metrics(m, s.finalRound, loss, metric, privacy);
     }
 
     /// @notice Set `node` aside: revoked in the registry (at once, for good), or it missed the
@@ -689,12 +699,21 @@ contract SwarmTraining {
         ok = block.timestamp >= silentUntil || (cur >= from && block.timestamp >= quietUntil);
     }
 
-    /// Emit the metrics of `round` for the site `m`: the round it last checked in for, committed.
-    function _metrics(Member memory m, uint256 round, int256 loss, int256 metric) internal {
+    /// Emit the metrics of `round` for the site `m`: the round it last checked in for, committed;
+    /// with its privacy (packed as in `checkin`) when it is a DP site.
+    function _metrics(Member memory m, uint256 round, int256 loss, int256 metric, uint256 privacy)
+        internal
+    {
         if (round != m.lastCheckinRound || round >= _s.currentRound || _abandoned(round)) {
             revert MetricsNotEligible(round, msg.sender, m.lastCheckinRound);
         }
         emit MetricsReported(round, msg.sender, loss, metric);
+        if (privacy != 0) {
+            uint256 epsilonE6 = uint128(privacy);
+            uint256 deltaE18 = privacy >> 128;
+            if (deltaE18 == 0 || deltaE18 >= 1e18) revert BadPrivacy(epsilonE6, deltaE18);
+            emit PrivacyReported(round, msg.sender, epsilonE6, deltaE18);
+        }
     }
 
     /// Every site required for `round` has checked in: all active sites, or in the final round

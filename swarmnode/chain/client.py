@@ -24,6 +24,7 @@ from eth_utils import event_abi_to_log_topic, function_abi_to_4byte_selector
 from web3 import Web3
 from web3.exceptions import Web3TypeError, Web3ValidationError, Web3ValueError
 
+from swarmnode.chain import epsilon
 from swarmnode.chain.compile import load_artifact
 from swarmnode.chain.models import (
     ChainEvent,
@@ -137,13 +138,32 @@ def _to_fixed(value: float, name: str) -> int:
     return int(builtins.round(value * FIXED_POINT))
 
 
-def _metrics_args(metrics: tuple[int, float, float] | None) -> tuple[int, int, int]:
+#: (epsilon, delta) of a DP site, or None
+Privacy = tuple[float, float] | None
+#: (round, loss, metric), or (round, loss, metric, privacy): a DP site's privacy rides with them
+Metrics = tuple[int, float, float] | tuple[int, float, float, Privacy]
+
+
+def _privacy_word(privacy: Privacy) -> int:
+    if privacy is None:
+        return 0
+    try:
+        eps, delta = privacy
+    except (TypeError, ValueError):
+        raise ConfigError(f"privacy {privacy!r} must be (epsilon, delta) or None") from None
+    return epsilon.pack(eps, delta)
+
+
+def _metrics_args(metrics: Metrics | None) -> tuple[int, int, int, int]:
     if metrics is None:
-        return (0, 0, 0)
-    round_, loss, metric = metrics
+        return (0, 0, 0, 0)
+    if len(metrics) not in (3, 4):
+        raise ConfigError(f"metrics {metrics!r} must be (round, loss, metric[, privacy])")
+    round_, loss, metric = metrics[0], metrics[1], metrics[2]
     if not isinstance(round_, int) or round_ < 1:
         raise ConfigError(f"metrics round {round_!r} must be a round number from 1 on")
-    return (round_, _to_fixed(loss, "loss"), _to_fixed(metric, "metric"))
+    word = _privacy_word(metrics[3] if len(metrics) == 4 else None)  # type: ignore[misc]
+    return (round_, _to_fixed(loss, "loss"), _to_fixed(metric, "metric"), word)
 
 
 def _read_events(w3: Web3, contract: Any, address: str, abis: dict[str, dict[str, Any]],
@@ -636,12 +656,14 @@ class SwarmContract(_Handle):
         return self._transact("updateEndpoint", (endpoint,), f"updateEndpoint({endpoint!r})")
 
     def checkin(self, round: int, weight: int,
-                metrics: tuple[int, float, float] | None = None,
+                metrics: Metrics | None = None,
                 masked_hash: bytes | None = None) -> TxResult:
         """Check in for the open round; elects the leader when this completes the round.
 
         ``metrics`` = (round, loss, metric): the evaluation of the committed round this site
-        last checked in for, carried by the check-in (no transaction of its own).
+        last checked in for, carried by the check-in (no transaction of its own); a DP site adds
+        its privacy spent, (round, loss, metric, (epsilon, delta)) (:mod:`.epsilon`; read back
+        with :meth:`privacy_reports`).
         ``masked_hash``: with secure aggregation, the SHA-256 of the masked update this site
         pushes for the round (logged as MaskedUpdate; :meth:`masked_hashes` reads it back)."""
         if not isinstance(weight, int) or weight < 0:
@@ -700,16 +722,24 @@ class SwarmContract(_Handle):
         node = self._address_arg(node, "node")
         return self._transact("markAbsent", (node,), f"markAbsent({node})")
 
-    def finish(self, metrics: tuple[int, float, float] | None = None) -> TxResult:
+    def finish(self, metrics: Metrics | None = None) -> TxResult:
         """This site's trainer is done (the last one fixes the final round); ``metrics`` as in
         :meth:`checkin`."""
         return self._transact("finish", _metrics_args(metrics), "finish()")
 
-    def report_final_metrics(self, loss: float, metric: float) -> TxResult:
+    def report_final_metrics(self, loss: float, metric: float,
+                             privacy: Privacy = None) -> TxResult:
         """The evaluation of the final model (the one report with a transaction of its own: no
-        check-in follows the final round); only once the training finished."""
-        args = (_to_fixed(loss, "loss"), _to_fixed(metric, "metric"))
+        check-in follows the final round); only once the training finished. ``privacy``: a DP
+        site's (epsilon, delta), as in :meth:`checkin`."""
+        args = (_to_fixed(loss, "loss"), _to_fixed(metric, "metric"), _privacy_word(privacy))
         return self._transact("reportFinalMetrics", args, "reportFinalMetrics()")
+
+    def privacy_reports(self) -> dict[tuple[int, str], tuple[float, float]]:
+        """(round, site) -> (epsilon, delta): every DP site's privacy spent, as reported with
+        its metrics of that round (a site reporting a round twice: its last report)."""
+        return {(int(e.args["round"]), str(e.args["node"])): epsilon.from_event(e.args)
+                for e in self.events(names={"PrivacyReported"})}
 
     # ------------------------------------------------------------------ views
 

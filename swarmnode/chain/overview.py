@@ -1,4 +1,5 @@
-"""A read-only summary of one training on chain: settings, nodes, rounds (``swarmnode status``)."""
+"""A read-only summary of one training on chain: settings, nodes, rounds (``swarmnode status``),
+and each DP site's privacy spent (epsilon at its delta, as reported with its metrics)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swarmnode.chain import epsilon as chain_epsilon
 from swarmnode.chain.client import FIXED_POINT, SwarmContract
 from swarmnode.chain.models import ContractSettings, NodeInfo, RoundInfo, RoundStatus
 from swarmnode.errors import ConfigError
 
-__all__ = ["Overview", "RoundSummary", "Waiting", "overview", "read_names", "site_name"]
+__all__ = ["Overview", "RoundSummary", "SitePrivacy", "Waiting", "overview", "read_names",
+           "site_name"]
 
 
 def read_names(path: Path) -> dict[str, str]:
@@ -86,13 +89,33 @@ class Waiting:
 
 
 @dataclass(frozen=True)
+class SitePrivacy:
+    """A DP site's privacy spent, as it reported it with its metrics of ``round``."""
+
+    round: int
+    epsilon: float
+    delta: float
+
+    @property
+    def label(self) -> str:
+        return chain_epsilon.label(self.epsilon, self.delta)
+
+    def to_json(self) -> dict[str, Any]:
+        # JSON has no infinity: an infinite epsilon (no noise) is the string "inf"
+        eps = "inf" if self.epsilon == float("inf") else self.epsilon
+        return {"round": self.round, "epsilon": eps, "delta": self.delta}
+
+
+@dataclass(frozen=True)
 class RoundSummary:
-    """A round with the mean of the metrics its nodes reported (None when none did)."""
+    """A round with the mean of the metrics its nodes reported (None when none did), and the
+    privacy its DP sites reported with theirs (by address)."""
 
     info: RoundInfo
     mean_loss: float | None
     mean_metric: float | None
     reports: int
+    privacy: dict[str, SitePrivacy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,7 @@ class Overview:
     names: dict[str, str] = field(default_factory=dict)  # address -> site name
     waiting: Waiting | None = None
     now: int = 0  # the chain's time when read
+    privacy: dict[str, SitePrivacy] = field(default_factory=dict)  # a DP site's latest report
 
     def name(self, address: str | None) -> str | None:
         return None if address is None else self.names.get(address, address)
@@ -141,6 +165,9 @@ class Overview:
                     "state": n.state,
                     "last_seen": n.last_seen,
                     "last_checkin_round": n.last_checkin_round,
+                    # a DP site's latest epsilon at its delta; None: not DP (or none reported)
+                    "privacy": (self.privacy[n.address].to_json()
+                                if n.address in self.privacy else None),
                 }
                 for n in self.nodes
             ],
@@ -158,6 +185,8 @@ class Overview:
                     "mean_loss": r.mean_loss,
                     "mean_metric": r.mean_metric,
                     "metric_reports": r.reports,
+                    "privacy": [{"name": self.name(a), "address": a, **p.to_json()}
+                                for a, p in r.privacy.items()],
                 }
                 for r in self.rounds
             ],
@@ -216,8 +245,18 @@ def overview(contract: SwarmContract, last_rounds: int = 20,
     last = current - 1 if finished else current
     first = max(1, last - last_rounds + 1)
     metrics: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for event in contract.events(names={"MetricsReported"}):
-        metrics[int(event.args["round"])].append((event.args["loss"], event.args["metric"]))
+    privacy: dict[int, dict[str, SitePrivacy]] = defaultdict(dict)
+    latest: dict[str, SitePrivacy] = {}
+    for event in contract.events(names={"MetricsReported", "PrivacyReported"}):
+        r = int(event.args["round"])
+        if event.name == "MetricsReported":
+            metrics[r].append((event.args["loss"], event.args["metric"]))
+            continue
+        node = str(event.args["node"])
+        p = SitePrivacy(r, *chain_epsilon.from_event(event.args))
+        privacy[r][node] = p
+        if node not in latest or latest[node].round <= r:
+            latest[node] = p
     rounds = []
     for r in range(first, last + 1):
         info = contract.round(r)
@@ -230,6 +269,7 @@ def overview(contract: SwarmContract, last_rounds: int = 20,
             mean_loss=sum(x for x, _ in reported) / n / FIXED_POINT if n else None,
             mean_metric=sum(y for _, y in reported) / n / FIXED_POINT if n else None,
             reports=n,
+            privacy=dict(privacy.get(r, {})),
         ))
     nodes = tuple(contract.nodes())
     named = {n.address: site_name(n, names) for n in nodes}
@@ -250,4 +290,5 @@ def overview(contract: SwarmContract, last_rounds: int = 20,
                          tuple(contract.waiting_for(current)), named, settings.deadline_s,
                          finished),
         now=max(contract.block_timestamp(), 0) or int(time.time()),
+        privacy=latest,
     )

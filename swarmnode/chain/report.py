@@ -2,8 +2,10 @@
 (``swarmnode report``).
 
 Each node reports its validation loss and metric for every committed round it took part in
-(``MetricsReported`` events, fixed point x1e6); the leader, the participant count and the merged
-digest of each round come from the ``RoundClosed`` and ``MergeCommitted`` events. Everything is
+(``MetricsReported`` events, fixed point x1e6), a DP site its privacy spent with them
+(``PrivacyReported``: epsilon at its delta, :mod:`swarmnode.chain.epsilon`); the leader, the
+participant count and the merged digest of each round come from the ``RoundClosed`` and
+``MergeCommitted`` events. Everything is
 read with one log query, never one call per round. matplotlib is imported only by
 :func:`write_png`, so the base install imports this module without it.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from swarmnode.chain import epsilon as chain_epsilon
 from swarmnode.chain.client import FIXED_POINT, SwarmContract
 from swarmnode.chain.overview import site_name
 from swarmnode.errors import ConfigError
@@ -35,8 +38,8 @@ __all__ = [
 ]
 
 CSV_COLUMNS = ("round", "site", "address", "loss", "metric", "leader", "leader_address",
-               "participants", "digest")
-_EVENTS = {"MetricsReported", "MergeCommitted", "RoundClosed"}
+               "participants", "digest", "epsilon", "delta")
+_EVENTS = {"MetricsReported", "PrivacyReported", "MergeCommitted", "RoundClosed"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,13 @@ class Row:
     leader_address: str | None = None
     participants: int | None = None  # nodes that checked in for the round
     digest: str | None = None  # the merged model's SHA-256 (hex)
+    epsilon: float | None = None  # a DP site's privacy spent, at its delta; None: not DP
+    delta: float | None = None
+
+    @property
+    def privacy(self) -> str:
+        """The site's epsilon at its delta as ``status`` and ``report`` show it (``-``: not DP)."""
+        return chain_epsilon.label(self.epsilon, self.delta)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ def collect(contract: SwarmContract, names: dict[str, str] | None = None) -> lis
     address. A site reporting a round twice counts with its last report. Empty when no site has
     reported yet."""
     reports: dict[tuple[int, str], tuple[int, int]] = {}
+    privacy: dict[tuple[int, str], tuple[float, float]] = {}
     commits: dict[int, dict[str, Any]] = {}
     counts: dict[int, int] = {}
     for event in contract.events(names=_EVENTS):
@@ -79,6 +90,9 @@ def collect(contract: SwarmContract, names: dict[str, str] | None = None) -> lis
         if event.name == "MetricsReported":
             reports[(r, str(event.args["node"]))] = (int(event.args["loss"]),
                                                      int(event.args["metric"]))
+            privacy.pop((r, str(event.args["node"])), None)  # a later report without it: not DP
+        elif event.name == "PrivacyReported":  # in the same transaction, after its metrics
+            privacy[(r, str(event.args["node"]))] = chain_epsilon.from_event(event.args)
         elif event.name == "MergeCommitted":
             commits[r] = event.args
         else:  # RoundClosed: the last (re-)election's participant count
@@ -97,6 +111,7 @@ def collect(contract: SwarmContract, names: dict[str, str] | None = None) -> lis
             reports.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)), kv[0][1])):
         commit = commits.get(r)
         leader = str(commit["leader"]) if commit else None
+        eps, delta = privacy.get((r, address), (None, None))
         rows.append(Row(
             round=r,
             site=name(address),
@@ -107,6 +122,8 @@ def collect(contract: SwarmContract, names: dict[str, str] | None = None) -> lis
             leader_address=leader,
             participants=counts.get(r, len(commit["members"]) if commit else None),
             digest=bytes(commit["digest"]).hex() if commit else None,
+            epsilon=eps,
+            delta=delta,
         ))
     return rows
 
@@ -128,9 +145,17 @@ def _fixed(value: float) -> str:
     return f"{value:.6f}"  # the chain's fixed point: exact, no float noise
 
 
+def _epsilon(row: Row) -> tuple[str, str]:
+    if row.epsilon is None or row.delta is None:
+        return "", ""
+    # delta as recorded (x1e18): its shortest exact decimal
+    return ("inf" if row.epsilon == float("inf") else _fixed(row.epsilon)), repr(row.delta)
+
+
 def write_csv(rows: Sequence[Row], path: Path | str) -> Path:
-    """Write ``rows`` as CSV (columns :data:`CSV_COLUMNS`, loss and metric with 6 decimals, the
-    chain's precision; empty cells where the chain has no value)."""
+    """Write ``rows`` as CSV (columns :data:`CSV_COLUMNS`, loss, metric and a DP site's epsilon
+    with 6 decimals, the chain's precision; empty cells where the chain has no value: no epsilon
+    and delta for a site without DP)."""
     path = Path(path)
     try:
         with open(path, "w", newline="", encoding="utf-8") as f:
@@ -141,6 +166,7 @@ def write_csv(rows: Sequence[Row], path: Path | str) -> Path:
                     row.round, row.site, row.address, _fixed(row.loss), _fixed(row.metric),
                     row.leader or "", row.leader_address or "",
                     "" if row.participants is None else row.participants, row.digest or "",
+                    *_epsilon(row),
                 ])
     except OSError as exc:
         raise ConfigError(f"cannot write the report {path}: {exc.strerror or exc}") from None

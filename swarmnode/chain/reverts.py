@@ -164,6 +164,10 @@ TABLE: dict[str, Row] = {
                              f"{a['node']} refused: a site reports only the committed round it "
                              f"last checked in for ({a['lastCheckinRound']})",
                              "report the metrics of that round, with the next check-in"),
+    "BadPrivacy": _r(BadArgument, lambda a: f"privacy refused: epsilon x1e6 {a['epsilonE6']} "
+                     f"at delta x1e18 {a['deltaE18']} (delta must be in (0, 1))",
+                     "send (epsilon, delta) through the chain client, which packs it "
+                     "(swarmnode.chain.epsilon.pack), or 0 for a site without DP"),
     "NotRevoked": _r(BadArgument, lambda a: f"site {a['node']} is not revoked in the registry",
                      "only the registry's revoked sites are expelled from a training"),
     "NotListed": _r(NotNow, lambda a: f"training {a['training']} is not listed in its registry "

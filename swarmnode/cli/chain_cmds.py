@@ -602,8 +602,8 @@ def report(
         "--metric-name", help="What the sites' metric is (the plot's label; the chain records "
         "only its values), e.g. accuracy, F1Score (HPE's metricFunction).")] = "metric",
 ) -> None:
-    """The swarm's convergence: validation loss and metric per round and site, as report.csv
-    and report.png."""
+    """The swarm's convergence: validation loss and metric per round and site (a DP site's
+    epsilon at its delta too), as report.csv and report.png."""
     from swarmnode.chain.overview import read_names
     from swarmnode.chain.report import collect, summarize
     from swarmnode.chain.report import report as write_report
@@ -624,12 +624,12 @@ def report(
     console.print(f"{csv_path}\n{png_path}", highlight=False, markup=False, soft_wrap=True)
     table = Table(title=f"{len({r.round for r in rows})} round(s) with metrics")
     for col in ("site", "rounds", "first round", "loss", "metric", "last round", "loss",
-                "metric"):
+                "metric", "epsilon (δ)"):
         table.add_column(col)
     for s in summarize(rows):
         table.add_row(s.site, str(s.rounds), str(s.first.round), f"{s.first.loss:.4f}",
                       f"{s.first.metric:.4f}", str(s.last.round), f"{s.last.loss:.4f}",
-                      f"{s.last.metric:.4f}")
+                      f"{s.last.metric:.4f}", s.last.privacy)
     console.print(table)
 
 
@@ -660,15 +660,18 @@ def _print_overview(view: Overview) -> None:
         console.print(f"round {w.round} waits{since} for {what}{joined}", highlight=False,
                       soft_wrap=True)
     nodes = Table(title="sites")
-    for col in ("site", "address", "endpoint", "certificate", "state", "last seen (UTC)"):
+    for col in ("site", "address", "endpoint", "certificate", "state", "last seen (UTC)",
+                "epsilon (δ)"):
         nodes.add_column(col)
     for n in view.nodes:
+        dp = view.privacy.get(n.address)
         nodes.add_row(view.names.get(n.address, n.address), n.address, n.endpoint,
-                      _short(n.fingerprint, 12), n.state, _when(n.last_seen))
+                      _short(n.fingerprint, 12), n.state, _when(n.last_seen),
+                      f"{dp.label} r{dp.round}" if dp else "-")
     console.print(nodes)
     rounds = Table(title="rounds")
     for col in ("round", "status", "leader", "attempt", "participants", "digest", "loss",
-                "metric"):
+                "metric", "epsilon"):
         rounds.add_column(col)
     for r in view.rounds:
         i = r.info
@@ -678,6 +681,7 @@ def _print_overview(view: Overview) -> None:
             str(len(i.participants)), _short(i.digest),
             f"{r.mean_loss:.4f}" if r.mean_loss is not None else "-",
             f"{r.mean_metric:.4f}" if r.mean_metric is not None else "-",
+            ", ".join(f"{view.name(a)} {p.epsilon:.4g}" for a, p in r.privacy.items()) or "-",
         )
     console.print(rounds)
 

@@ -8,15 +8,16 @@ is done.
 - which round holds the final model, whether this node must fetch it and which sites may have
   it (:func:`final_round`, :func:`holds_final`, :func:`may_take_final`);
 - which rounds' metrics go on chain, carried by the next check-in or by ``finish``
-  (:func:`eligible_metrics`, :func:`pending_after`, :func:`pending_after_sent`).
+  (:func:`eligible_metrics`, :func:`pending_after`, :func:`pending_after_sent`), a DP site's
+  privacy spent with them (:class:`Privacy`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from swarmnode.chain import epsilon as chain_epsilon
 from swarmnode.errors import ConfigError
 
 __all__ = [
@@ -116,27 +117,10 @@ def holds_final(chain_digest: bytes | None, held_digest: bytes | None) -> bool:
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-class Metrics(NamedTuple):
-    """An earlier round's validation loss and metric, as ``checkin``/``finish`` carry them."""
-
-    round: int
-    loss: float
-    metric: float
-
-
-def eligible_metrics(round: int, committed: bool, contributed: bool, loss: float | None,
-                     metric: float | None) -> Metrics | None:
-    """The trainer's metrics of ``round`` go on chain only for a committed round this node took
-    part in (checked in, not late; what the contract accepts), and only if it measured any (a
-    missing one goes as 0)."""
-    if (loss is None and metric is None) or not committed or not contributed:
-        return None
-    return Metrics(round, loss or 0.0, metric or 0.0)
-
-
 class Privacy(NamedTuple):
     """A DP site's privacy spent so far, as its trainer reports it with its metrics: epsilon at
-    the trainer's delta (Opacus' accountant). A trainer that sends none is not DP."""
+    the trainer's delta (Opacus' accountant). A trainer that sends none is not DP. It goes on
+    chain with the metrics it came with (:mod:`swarmnode.chain.epsilon`)."""
 
     epsilon: float
     delta: float
@@ -144,21 +128,36 @@ class Privacy(NamedTuple):
     @classmethod
     def from_args(cls, args: dict[str, Any], method: str) -> Privacy | None:
         """``epsilon`` and ``delta`` of a local API call: both absent (an older callback, or no
-        DP) is None; anything else must be a number >= 0 (``inf``: no noise) and one in (0, 1)."""
+        DP) is None; anything else must be a number >= 0 (``inf``: no noise) and one in (0, 1)
+        (chain.epsilon.problem: what the chain records)."""
         epsilon, delta = args.get("epsilon"), args.get("delta")
         if epsilon is None and delta is None:
             return None
-
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-        if not number(epsilon) or math.isnan(epsilon) or epsilon < 0:
-            raise ConfigError(f"{method}: epsilon must be a number >= 0 (the trainer's privacy "
-                              f"spent), got {epsilon!r}")
-        if not number(delta) or not 0 < delta < 1:
-            raise ConfigError(f"{method}: delta must be a number in (0, 1) beside epsilon, got "
-                              f"{delta!r}")
+        why = chain_epsilon.problem(epsilon, delta)
+        if why is not None:
+            raise ConfigError(f"{method}: {why}")
         return cls(float(epsilon), float(delta))
+
+
+class Metrics(NamedTuple):
+    """An earlier round's validation loss and metric, as ``checkin``/``finish`` carry them, with
+    a DP site's privacy spent as it reported it with them."""
+
+    round: int
+    loss: float
+    metric: float
+    privacy: Privacy | None = None
+
+
+def eligible_metrics(round: int, committed: bool, contributed: bool, loss: float | None,
+                     metric: float | None, privacy: Privacy | None = None) -> Metrics | None:
+    """The trainer's metrics of ``round`` go on chain only for a committed round this node took
+    part in (checked in, not late; what the contract accepts), and only if it measured any (a
+    missing one goes as 0); a DP site's ``privacy`` rides with them (none measured: neither
+    goes)."""
+    if (loss is None and metric is None) or not committed or not contributed:
+        return None
+    return Metrics(round, loss or 0.0, metric or 0.0, privacy)
 
 
 def pending_after(pending: Metrics | None, new: Metrics | None) -> Metrics | None:

@@ -741,16 +741,18 @@ class NodeService:
     def note_privacy(self, round: int, loss: float | None, metric: float | None,
                      privacy: Privacy | None) -> None:
         """A DP site's epsilon, reported with its loss and metric: kept for the metrics port
-        and logged with them (not on chain: the metric record has no field for it)."""
+        and logged with them (on chain it rides with the metrics: eligible_metrics)."""
         if privacy is None:
             return
         self.progress.privacy = privacy
         log.info("round %d: the trainer reports loss %s, metric %s, epsilon %.4g at delta %g",
                  round, loss, metric, privacy.epsilon, privacy.delta)
 
-    def report_final_metrics(self, loss: float | None, metric: float | None) -> bool:
+    def report_final_metrics(self, loss: float | None, metric: float | None,
+                             privacy: Privacy | None = None) -> bool:
         """The trainer's evaluation of the final model, recorded on chain for the final round
-        (no check-in follows it to carry them: `swarmnode report` shows that round). False when
+        (no check-in follows it to carry them: `swarmnode report` shows that round), with a DP
+        site's ``privacy`` spent (epsilon at its delta, :class:`Privacy`). False when
         there is nothing to send or the chain refuses it (the training not finished, this node
         not in it): logged, never a failure of the trainer, whose model is final either way."""
         if loss is None and metric is None:
@@ -761,7 +763,8 @@ class NodeService:
                      "node did not take part in the final round", loss, metric)
             return False
         try:
-            self._read(lambda: self.chain.report_final_metrics(loss or 0.0, metric or 0.0))
+            self._read(lambda: self.chain.report_final_metrics(loss or 0.0, metric or 0.0,
+                                                               privacy))
         except SwarmError as exc:
             log.warning("the final model's loss and metric were not recorded: %s", exc)
             return False
@@ -808,7 +811,7 @@ class NodeService:
                 log.info("round %d: missed; contributing to round %d instead", r, r + 1)
                 outcome = self.driver.run_round(self._read(self.chain.current_round), state,
                                                 payload, weight)
-            self._after_round(outcome, loss, metric)
+            self._after_round(outcome, loss, metric, privacy)
             self.note_privacy(outcome.round, loss, metric, privacy)
             self.driver.forget_own()
             return outcome
@@ -884,7 +887,8 @@ class NodeService:
         return serde.view_state(payload, spec=self.param_spec,
                                 reject_nonfinite=self.config.reject_nonfinite)
 
-    def _after_round(self, outcome: RoundOutcome, loss: float | None, metric: float | None) -> None:
+    def _after_round(self, outcome: RoundOutcome, loss: float | None, metric: float | None,
+                     privacy: Privacy | None = None) -> None:
         self.progress.rounds_done += 1
         self.progress.stage = "idle"
         if outcome.digest:
@@ -895,9 +899,10 @@ class NodeService:
         for step, seconds in outcome.stages.items():
             self.stage_seconds.observe(step, seconds)
         self.stage_seconds.observe("round", outcome.seconds)
-        # metrics of committed rounds it took part in: carried by the next check-in or finish
+        # metrics of committed rounds it took part in (with a DP site's privacy spent): carried
+        # by the next check-in or finish
         self.driver.note_metrics(lifecycle.eligible_metrics(
-            outcome.round, bool(outcome.digest), outcome.contributed, loss, metric))
+            outcome.round, bool(outcome.digest), outcome.contributed, loss, metric, privacy))
 
     @property
     def _idle_check_s(self) -> float:
@@ -1008,7 +1013,8 @@ class _LocalApi:
             loss, metric = args.get("loss"), args.get("metric")
             privacy = Privacy.from_args(args, method)
             recorded = self.node.report_final_metrics(
-                None if loss is None else float(loss), None if metric is None else float(metric))
+                None if loss is None else float(loss), None if metric is None else float(metric),
+                privacy)
             self.node.note_privacy(self.node.round, loss, metric, privacy)
             return {"recorded": recorded}, None
         raise NodeError(f"unknown local API method {method!r} (hello, sync, finish, "

@@ -29,6 +29,7 @@ Use::
 
     with InProcessSwarm(3, spec, min_peers=3) as swarm:
         sites = swarm.run(step)        # step(site, k, model) -> (state, weight) or None: done
+                                       # (or (state, weight, report): what the sync says, below)
         swarm.final_digest()           # what every site's final model hashes to
 """
 
@@ -65,6 +66,7 @@ from swarmnode.identity import (
     make_bundle,
 )
 from swarmnode.node.driver import RoundOutcome
+from swarmnode.node.lifecycle import Privacy
 from swarmnode.node.peers import ChainAuthority
 from swarmnode.node.service import NodeService
 from swarmnode.spec import TrainingSpec
@@ -363,8 +365,12 @@ class MemoryPeerPool:
 # What a site's trainer does at its k-th sync (k = 0, 1, ...), given the model it holds (the
 # swarm's latest merged model, or None before the first round): (state, weight) to sync, or None
 # when the trainer is done (it then finishes with the swarm's end policy).
+#: step(site, k, model) -> (state, weight), or (state, weight, report) where ``report`` is what
+#: the trainer's sync says besides its parameters, as the local API's arguments: ``loss``,
+#: ``metric``, a DP site's ``epsilon`` and ``delta``; None: the trainer is done
 Step = Callable[["Site", int, "dict[str, torch.Tensor] | None"],
-                "tuple[Mapping[str, torch.Tensor], int] | None"]
+                "tuple[Mapping[str, torch.Tensor], int] | "
+                "tuple[Mapping[str, torch.Tensor], int, Mapping[str, Any]] | None"]
 
 
 @dataclass
@@ -533,9 +539,12 @@ class InProcessSwarm:
             last: tuple[bytes, int] | None = None
             k = 0
             while (got := step(site, k, model)) is not None:
-                state, weight = got
+                state, weight = got[0], got[1]
+                report = dict(got[2]) if len(got) > 2 else {}  # type: ignore[misc]
                 payload = serde.encode({n: t.detach().contiguous() for n, t in state.items()})
-                outcome = site.service.sync(payload, weight, None, None)
+                outcome = site.service.sync(payload, weight, report.get("loss"),
+                                            report.get("metric"),
+                                            Privacy.from_args(report, "sync"))
                 site.syncs.append(Sent(payload, weight, outcome))
                 last = (payload, weight)
                 if outcome.data is not None:

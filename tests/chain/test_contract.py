@@ -5,6 +5,7 @@ custom error's name, arguments and SwarmError class, never by message text."""
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -955,6 +956,71 @@ def test_metrics_ride_on_the_next_checkin_and_on_finish(make_swarm: MakeSwarm) -
     reported = swarm.admin.events(names={"MetricsReported"})
     assert [(e.args["round"], e.args["node"]) for e in reported] == [
         (1, other.account_address), (1, node.account_address)]
+
+
+def test_a_dp_sites_privacy_rides_with_its_metrics_and_reads_back_exactly(
+        make_swarm: MakeSwarm) -> None:
+    """A DP site's epsilon at its delta rides with its metrics (check-in, finish, final metrics)
+    as one word and is logged as PrivacyReported beside MetricsReported; a plain site's report
+    logs no privacy. It reads back as sent, at the chain's precision (epsilon 1e-6, delta 1e-18);
+    an infinite epsilon (no noise) is recorded as such. A word with delta outside (0, 1) is refused
+    by the contract; malformed values are refused by the client before anything is sent."""
+    swarm = make_swarm(nodes=3, min_peers=3, grace=1000)
+    dp, plain, other = swarm.nodes
+    for n in swarm.nodes:
+        n.checkin(1, 1)
+    swarm.leader(1).commit_merge(1, DIGEST, [n.account_address for n in swarm.nodes])
+    result = dp.checkin(2, 1, metrics=(1, 0.5, 0.75, (7.98345678, 1e-5)))
+    assert tx_events(swarm, result) == [
+        ("MetricsReported", {"round": 1, "node": dp.account_address, "loss": 500_000,
+                             "metric": 750_000}),
+        ("PrivacyReported", {"round": 1, "node": dp.account_address, "epsilonE6": 7_983_457,
+                             "deltaE18": 10**13}),
+        ("CheckedIn", {"round": 2, "node": dp.account_address, "weight": 1}),
+    ]
+    assert names(swarm, plain.checkin(2, 1, metrics=(1, 0.5, 0.75, None))) == [
+        "MetricsReported", "CheckedIn"]
+    # the client refuses a malformed privacy before sending anything (the chain is unchanged)
+    block = swarm.backend.w3.eth.block_number
+    for bad, said in (((math.nan, 1e-5), "epsilon must be a number >= 0"),
+                      ((-0.5, 1e-5), "epsilon must be a number >= 0"),
+                      ((1.0, 0.0), r"delta must be a number in \(0, 1\)"),
+                      ((1.0, 1.0), r"delta must be a number in \(0, 1\)"),
+                      ((1.0, math.nan), r"delta must be a number in \(0, 1\)"),
+                      ((1.0, 1e-19), "below 1e-18"),
+                      ((1.0,), r"must be \(epsilon, delta\)")):
+        with pytest.raises(ConfigError, match="privacy"):
+            other.checkin(2, 1, metrics=(1, 0.5, 0.75, bad))
+        with pytest.raises(ConfigError, match=said):
+            other.finish(metrics=(1, 0.5, 0.75, bad))
+    assert swarm.backend.w3.eth.block_number == block
+    # the contract refuses a word whose delta is 0 or not below 1 (a client that does not pack)
+    for word, delta in ((8_000_000, 0), (8_000_000 | 10**18 << 128, 10**18)):
+        with refused(BadArgument, "BadPrivacy", epsilonE6=8_000_000, deltaE18=delta):
+            other._transact("checkin", (2, 1, 1, 0, 0, word, bytes(32)), "checkin")
+    result = other.finish(metrics=(1, 0.25, 0.5, (math.inf, 1 / 60_000)))
+    assert tx_events(swarm, result)[1] == (
+        "PrivacyReported", {"round": 1, "node": other.account_address,
+                            "epsilonE6": 2**128 - 1, "deltaE18": 16_666_666_666_667})
+    # other's finish closed round 2 (dp and plain are in); their finish carries its metrics
+    members = [dp.account_address, plain.account_address]
+    swarm.leader(2).commit_merge(2, DIGEST, members)
+    assert names(swarm, dp.finish(metrics=(2, 0.3, 0.8, (7.99, 1e-5))))[:2] == [
+        "MetricsReported", "PrivacyReported"]
+    plain.finish(metrics=(2, 0.3, 0.7))
+    for n in swarm.nodes:  # the final round, 3: every live site takes part
+        n.checkin(3, 1)
+    swarm.leader(3).commit_merge(3, DIGEST, [n.account_address for n in swarm.nodes])
+    assert swarm.admin.training_finished()
+    assert names(swarm, dp.report_final_metrics(0.25, 0.8, privacy=(8.0, 1e-5))) == [
+        "MetricsReported", "PrivacyReported"]
+    assert names(swarm, plain.report_final_metrics(0.3, 0.7)) == ["MetricsReported"]
+    assert swarm.admin.privacy_reports() == {
+        (1, dp.account_address): (7.983457, 1e-5),
+        (1, other.account_address): (math.inf, 16_666_666_666_667 / 10**18),
+        (2, dp.account_address): (7.99, 1e-5),
+        (3, dp.account_address): (8.0, 1e-5),
+    }
 
 
 def test_the_specs_max_weight_caps_every_checkin(backend: Backend) -> None:

@@ -23,8 +23,10 @@ MAX_RUNTIME_BYTES = 20_480
 SPEC = '{"merge_method": "mean", "min_peers": 2, "sync_frequency": 32}'
 
 
-def _per_site_per_round(w3: Web3, sites: int, rounds: int = 3, secure: bool = False) -> float:
-    """``secure``: each check-in carries its masked update's hash (secure aggregation)."""
+def _per_site_per_round(w3: Web3, sites: int, rounds: int = 3, secure: bool = False,
+                        dp: bool = False) -> float:
+    """``secure``: each check-in carries its masked update's hash (secure aggregation); ``dp``:
+    each site's metrics carry its privacy spent (PrivacyReported)."""
     admin = SwarmContract.deploy(w3, dev_account(0), SPEC, 2, 5, 60)
     handles = [admin.with_account(dev_account(i)) for i in range(1, sites + 1)]
     for i, h in enumerate(handles):
@@ -34,7 +36,8 @@ def _per_site_per_round(w3: Web3, sites: int, rounds: int = 3, secure: bool = Fa
     total = 0
     for r in range(1, rounds + 1):
         for i, h in enumerate(handles):
-            carried = (r - 1, 0.5 + 0.01 * i, 0.8) if r > 1 else None
+            privacy = (1.5 * r + 0.01 * i, 1e-5) if dp else None
+            carried = (r - 1, 0.5 + 0.01 * i, 0.8, privacy) if r > 1 else None
             masked = hashlib.sha256(b"%d/%d" % (r, i)).digest() if secure else None
             total += h.checkin(r, 400 + 37 * i, metrics=carried, masked_hash=masked).gas_used
         total += handles[0].draw(r).gas_used
@@ -60,6 +63,13 @@ def test_secure_aggregation_rounds_stay_under_budget(tester_w3: Web3) -> None:
     """The masked update's hash rides on the check-in (an event): still under budget."""
     for sites in (3, 8):
         per_site = _per_site_per_round(tester_w3, sites, secure=True)
+        assert per_site < BUDGET[sites], f"{per_site:.0f} gas per site per round at {sites}"
+
+
+def test_dp_sites_rounds_stay_under_budget(tester_w3: Web3) -> None:
+    """Every site trains with DP: its epsilon rides on each check-in (an event): under budget."""
+    for sites in (3, 8):
+        per_site = _per_site_per_round(tester_w3, sites, dp=True)
         assert per_site < BUDGET[sites], f"{per_site:.0f} gas per site per round at {sites}"
 
 

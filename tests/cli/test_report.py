@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ REPORTS = {
     (1, 0): (0.693147, 0.5125), (1, 1): (0.70123449, 0.48), (1, 2): (0.65, 0.55),
     (2, 0): (0.412, 0.8031), (2, 1): (0.3999999, 0.8123456),
 }
+# site a trains with DP: its (epsilon, delta) rides with its metrics of each round
+PRIVACY = {(1, 0): (3.14159265, 1e-5), (2, 0): (7.9999996, 1e-5)}
 SPEC_JSON = '{"merge_method": "mean", "min_peers": 2}'
 NO_CHAIN_ENV = {"SWARMNODE_CONTRACT": None, "SWARMNODE_RPC_URL": None}
 
@@ -71,7 +74,8 @@ def played(anvil: DevChain) -> tuple[str, dict[int, tuple[str, bytes]], list[str
     rounds = {}
     for r in (1, 2):
         for i, site in enumerate(sites):  # a check-in carries the site's metrics of r - 1
-            carried = (r - 1, *REPORTS[(r - 1, i)]) if (r - 1, i) in REPORTS else None
+            carried = ((r - 1, *REPORTS[(r - 1, i)], PRIVACY.get((r - 1, i)))
+                       if (r - 1, i) in REPORTS else None)
             site.checkin(r, 10, metrics=carried)
         info = admin.round(r)
         if info.leader is None:
@@ -83,7 +87,7 @@ def played(anvil: DevChain) -> tuple[str, dict[int, tuple[str, bytes]], list[str
         rounds[r] = (info.leader, digest)
     for i, site in enumerate(sites):  # round 2's metrics ride on finish
         if (2, i) in REPORTS:
-            site.finish(metrics=(2, *REPORTS[(2, i)]))
+            site.finish(metrics=(2, *REPORTS[(2, i)], PRIVACY.get((2, i))))
     return admin.address, rounds, [s.account_address for s in sites]
 
 
@@ -112,6 +116,15 @@ def test_report_writes_the_rounds_metrics_by_site(
         assert row["leader_address"] == leader
         assert row["leader"] == HOSTS[sites.index(leader)]
         assert row["participants"] == "3" and row["digest"] == digest.hex()
+        # site a's epsilon at the chain's precision (1e-6) at its delta; empty for the others
+        eps, delta = PRIVACY.get((r, i), (None, None))
+        assert (row["epsilon"], row["delta"]) == (
+            (f"{round(eps * 1_000_000) / 1_000_000:.6f}", "1e-05") if eps else ("", ""))
+    # the table: each site's last epsilon (at its delta), "-" for a site without DP
+    table = {line.split()[1]: line for line in result.stdout.splitlines()
+             if line.startswith("│ hospital-")}
+    assert "8 (δ 1e-05)" in table[HOSTS[0]]
+    assert "δ" not in table[HOSTS[1]] and re.search(r"│ - +│$", table[HOSTS[1]].rstrip())
 
     png = png_path.read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 20_000
@@ -179,13 +192,15 @@ def test_report_before_any_metrics_is_a_clear_error(anvil: DevChain, tmp_path: P
 
 
 def hand_rows() -> list[Row]:
+    """North trains with DP (epsilon 1.5 per round at delta 1e-5), south without."""
     rows = []
     for r in range(1, 6):
         for i, site in enumerate(("north", "south")):
             rows.append(Row(round=r, site=site, address=f"0x{i:040x}", loss=1.0 / (r + i),
                             metric=0.5 + 0.08 * r - 0.01 * i, leader="north",
                             leader_address=f"0x{0:040x}", participants=2,
-                            digest=f"{r:064x}" if r < 5 else None))
+                            digest=f"{r:064x}" if r < 5 else None,
+                            epsilon=1.5 * r if i == 0 else None, delta=1e-5 if i == 0 else None))
     return rows
 
 
@@ -197,7 +212,8 @@ def test_write_csv_and_png_from_rows(tmp_path: Path) -> None:
     assert back[1] == {"round": "1", "site": "south", "address": f"0x{1:040x}",
                        "loss": "0.500000", "metric": "0.570000", "leader": "north",
                        "leader_address": f"0x{0:040x}", "participants": "2",
-                       "digest": f"{1:064x}"}
+                       "digest": f"{1:064x}", "epsilon": "", "delta": ""}  # south: not DP
+    assert (back[-2]["epsilon"], back[-2]["delta"]) == ("7.500000", "1e-05")  # north, round 5
     assert back[-1]["digest"] == ""  # what the chain lacks stays empty
 
     path = write_png(rows, tmp_path / "r.png", title="test")
@@ -208,6 +224,7 @@ def test_write_csv_and_png_from_rows(tmp_path: Path) -> None:
     (north, south) = summarize(rows)
     assert (north.site, north.rounds, north.first.round, north.last.round) == ("north", 5, 1, 5)
     assert south.last.loss == pytest.approx(1 / 6)
+    assert (north.last.privacy, south.last.privacy) == ("7.5 (δ 1e-05)", "-")
     with pytest.raises(ConfigError, match="no site has reported metrics yet"):
         write_png([], tmp_path / "empty.png")
 
