@@ -8,19 +8,24 @@ the sum's mean is caught, each with an error naming the round and what differed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Mapping
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from swarmnode.chain.accounts import dev_account
+from swarmnode.cli import app
 from swarmnode.errors import AggregateRejected, PeerRefused, RoundError
 from swarmnode.node.secaudit import check_round
+from swarmnode.node.service import _LocalApi
 from swarmnode.privacy.evidence import Evidence
 from swarmnode.spec import TrainingSpec
 from swarmnode.testing.inproc import InProcessSwarm, Site
+from swarmnode.transport.local import LocalServer
 
 INITIAL = {"w": torch.zeros(12, 8), "b": torch.zeros(8)}
 
@@ -113,6 +118,23 @@ def test_members_check_the_leaders_sum_and_catch_a_leader_that_tampered() -> Non
         changed[other.address.lower()][0] += np.uint64(1)
         tampered(masked=changed)
         caught(f"{other.address.lower()}'s masked update does not match the hash")
+        # the same through `swarmnode audit --round N`, over the node's local API (unix socket)
+        sock = swarm.workdir / "audit.sock"
+        local = LocalServer(f"unix:{sock}", _LocalApi(auditor.service))
+        local.start()
+        try:
+            runner = CliRunner()
+            result = runner.invoke(app, ["audit", "--round", str(r), "--local-api",
+                                         f"unix:{sock}"])
+            assert result.exit_code == AggregateRejected.exit_code, result.output
+            assert "does not match the hash" in " ".join(result.output.split())
+            path.write_bytes(honest)
+            result = runner.invoke(app, ["audit", "--round", str(r), "--local-api",
+                                         f"unix:{sock}", "--format", "json"])
+            assert result.exit_code == 0, result.output
+            assert json.loads(result.output)["dropouts"] == [sites[3].address.lower()]
+        finally:
+            local.stop()
         # one dropped: the updates are not those of the sites that checked in
         tampered(masked={k: v for k, v in ev.masked.items() if k != other.address.lower()})
         caught("not those of the sites that checked in")
