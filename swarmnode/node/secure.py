@@ -420,24 +420,32 @@ class SecureAggregation:
     def keep_evidence(self, round: int, digest: bytes, model: bytes, first: bool) -> None:
         """The leader: keep what it summed for ``round`` (aggregate's parts) with the digest of
         the model it made of them and ``model`` (the starting model's bytes; ``first``: there
-        was none, the merged model's), on disk, the newest KEEP_EVIDENCE rounds."""
+        was none, the merged model's), on disk, the newest KEEP_EVIDENCE rounds. Written by a
+        thread of its own, off the commit's path (served once the file is in place)."""
         with self._lock:
             parts = self._summed.pop(round, None)
         if parts is None or self.evidence_dir is None:
             return
-        masked, reveals, ring_sum = parts
-        data = Evidence(round, first, digest, ring_sum, masked, reveals,
-                        bytes(model)).to_bytes()
-        self.evidence_dir.mkdir(parents=True, exist_ok=True)
-        path = self._evidence_path(round)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        kept = sorted((int(p.stem.split("-", 1)[1]), p)
-                      for p in self.evidence_dir.glob("round-*.safetensors")
-                      if p.stem.split("-", 1)[1].isdigit())
-        for _, old in kept[:-KEEP_EVIDENCE]:
-            old.unlink(missing_ok=True)
+        evidence = Evidence(round, first, digest, parts[2], parts[0], parts[1], bytes(model))
+        threading.Thread(target=self._write_evidence, args=(evidence,), daemon=True,
+                         name=f"evidence-{round}").start()
+
+    def _write_evidence(self, evidence: Evidence) -> None:
+        assert self.evidence_dir is not None
+        try:
+            self.evidence_dir.mkdir(parents=True, exist_ok=True)
+            path = self._evidence_path(evidence.round)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(evidence.to_bytes())
+            os.replace(tmp, path)
+            kept = sorted((int(p.stem.split("-", 1)[1]), p)
+                          for p in self.evidence_dir.glob("round-*.safetensors")
+                          if p.stem.split("-", 1)[1].isdigit())
+            for _, old in kept[:-KEEP_EVIDENCE]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("round %d: could not keep the evidence of the sum in %s: %s; members "
+                        "cannot check this round", evidence.round, self.evidence_dir, exc)
 
     def evidence(self, round: int) -> bytes | None:
         """The bytes of ``round``'s evidence if this node summed it and still keeps it."""

@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 
 from swarmnode.chain.accounts import dev_account
 from swarmnode.cli import app
+from swarmnode.demo.swarm import wait_until
 from swarmnode.errors import AggregateRejected, PeerRefused, RoundError
 from swarmnode.node.secaudit import check_round
+from swarmnode.node.secure import KEEP_EVIDENCE
 from swarmnode.node.service import _LocalApi
 from swarmnode.privacy.evidence import Evidence
 from swarmnode.spec import TrainingSpec
@@ -182,5 +184,17 @@ def test_members_check_the_leaders_sum_and_catch_a_leader_that_tampered() -> Non
             leader.service.secure_evidence(final + 5, auditor.address)
         with pytest.raises(RoundError, match="keeps no evidence"):
             auditor.service.secure_evidence(r, other.address)
+
+        # a leader keeps the evidence of its newest KEEP_EVIDENCE summed rounds, no more
+        for later in range(100, 100 + KEEP_EVIDENCE + 3):
+            secure._summed[later] = (dict(ev.masked), list(ev.reveals), ev.ring_sum)
+            secure.keep_evidence(later, ev.digest, ev.model, first=False)
+        newest = [f"round-{n}.safetensors" for n in range(103, 111)]
+
+        def kept() -> list[str]:
+            return sorted(f.name for f in secure.evidence_dir.glob("*.safetensors"))  # type: ignore[union-attr]
+
+        wait_until(lambda: kept() == sorted(newest), 60, "the newest 8 rounds' evidence kept",
+                   describe=lambda: str(kept()))
     print(f"secure audit: {final} rounds checked, 7 tamperings caught in "
           f"{time.monotonic() - started:.1f} s")
