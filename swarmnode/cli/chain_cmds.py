@@ -631,6 +631,29 @@ def report(
                       f"{s.first.metric:.4f}", str(s.last.round), f"{s.last.loss:.4f}",
                       f"{s.last.metric:.4f}", s.last.privacy)
     console.print(table)
+    _print_privacy(chain, out)
+
+
+def _print_privacy(chain: SwarmContract, out: Path) -> None:
+    """Distributed noise (privacy.ledger): the swarm's epsilon per round and in total, computed
+    from the chain's record alone, printed and written to privacy.json."""
+    from swarmnode.privacy.ledger import from_chain
+
+    summary = from_chain(chain)
+    if summary is None:
+        return
+    path = out / "privacy.json"
+    path.write_text(json.dumps(summary.to_dict(), indent=1) + "\n")
+    table = Table(title=f"distributed noise: the swarm's epsilon at delta {summary.delta:g} "
+                        "(against any one participant; outsider: a reader who took no part)")
+    for col in ("round", "noise shares", "epsilon", "outsider"):
+        table.add_column(col)
+    for r in summary.rounds:
+        shown = (("-", "-") if not r.summed else ("not covered", "not covered")
+                 if not r.covered else (f"{r.epsilon:.4g}", f"{r.outsider:.4g}"))
+        table.add_row(str(r.round), f"{r.shares} of {r.expected}", *shown)
+    console.print(table)
+    console.print(f"{summary.line()}\n{path}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _when(ts: int) -> str:

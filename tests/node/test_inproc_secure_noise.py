@@ -7,15 +7,18 @@ mean); the nodes log each round's epsilon; the chain's record alone gives the sa
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
 
+from swarmnode.cli.chain_cmds import _print_privacy
 from swarmnode.privacy import noise
 from swarmnode.privacy.ledger import from_chain
 from swarmnode.privacy.noise import DistributedNoise
@@ -47,7 +50,7 @@ def _stepper(rounds: int):  # type: ignore[no-untyped-def]
 
 
 def test_noise_shares_reach_the_model_and_each_round_reports_its_epsilon(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     """4 sites; site 4 dies before its round-3 check-in: round 2 carries 4 of 4 shares, round
     3 only 3 of 4 (the dropout took its share), so its epsilon is higher; round 1 (no
     starting model) adds no noise and is listed as not covered. Each merged round's distance
@@ -63,7 +66,10 @@ def test_noise_shares_reach_the_model_and_each_round_reports_its_epsilon(
         assert final is not None and [s.final_digest for s in sites[:3]] == [final] * 3
         summary = from_chain(swarm.admin)
         plan = sites[0].service.secure.plan  # type: ignore[union-attr]
+        _print_privacy(swarm.admin, tmp_path)  # what `swarmnode report` prints and writes
     assert summary is not None
+    assert json.loads((tmp_path / "privacy.json").read_text()) == json.loads(
+        json.dumps(summary.to_dict()))
     by = {r.round: r for r in summary.rounds}
     assert (by[2].shares, by[2].expected) == (4, 4)
     assert (by[3].shares, by[3].expected) == (3, 4)
