@@ -26,10 +26,12 @@ bridge's address. In the same run it measures:
 and ``compression`` the update encoding (the spec's: ``none`` sends the float32 model,
 ``bf16``/``fp16``/``int8`` its change from the round's starting model; ``--compression``), with
 ``update_bytes`` what one update takes after the first round; ``load_avg`` the host's load
-averages as the run began and ended. Rows of configurations not run stay in the output file; a
-configuration run again replaces its row. The namespaces, the bridge and its
-forwarding rule are removed at the end, also on Ctrl-C or SIGTERM; ``python -m
-swarmnode.testing.netns clean`` removes what a killed run left.
+averages as the run began and ended; ``node_warnings`` the WARNING lines of all node logs (a
+failed, refused or retried transfer, a missed deadline; not an ask for what a peer does not
+hold yet; a few in ``warning_samples``). Rows
+of configurations not run stay in the output file; a configuration run again replaces its row.
+The namespaces, the bridge and its forwarding rule are removed at the end, also on Ctrl-C or
+SIGTERM; ``python -m swarmnode.testing.netns clean`` removes what a killed run left.
 """
 
 from __future__ import annotations
@@ -202,6 +204,13 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
     for i in range(nodes):
         out = json.loads((work / f"t{i}.json").read_text())
         digests.append(out.get("final_digest", ""))
+    # what went wrong on the way, as the nodes logged it (a failed or refused transfer, a
+    # retried push, a missed deadline): every WARNING line of every node's log but the asks
+    # for a part or a slice a peer did not hold yet (the asker asks again or elsewhere)
+    warnings = [line.split(" WARNING ", 1)[1].strip()
+                for i in range(nodes)
+                for line in (work / f"site-{i + 1}-node.log").read_text(errors="replace")
+                .splitlines() if " WARNING " in line and "(yet)" not in line]
     period = statistics.median(row[0] for row in rows)
     leader_out = statistics.median(row[2] for row in rows)
     return {
@@ -225,6 +234,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
         "bytes_per_round_over_model": round(statistics.median(row[3] for row in rows)
                                             / model_bytes, 2),
         "all_digests_agree": bool(final_digest) and all(d == final_digest for d in digests),
+        "node_warnings": len(warnings), "warning_samples": sorted(set(warnings))[:5],
         # the host's 1/5/15-minute load averages as the run began and ended (a shared 2-core
         # machine: compare periods within one sitting)
         "load_avg": [[round(x, 2) for x in load_before],

@@ -609,7 +609,11 @@ class NodeService:
 
     def _sharded_info(self, round: int, attempt: int) -> RoundInfo:
         info = self.driver.seen.get(round)
-        if info is None or info.status is not RoundStatus.ELECTED or info.attempt != attempt:
+        # what this node last saw may predate the leader's draw (elected, no leader yet) while
+        # the sender already saw it: read the chain then, or a sender's slice is refused and
+        # waits for its retry
+        if (info is None or info.status is not RoundStatus.ELECTED or info.attempt != attempt
+                or not info.leader):
             info = self.chain.round(round)
         if self.driver.shards is None or not (
                 info.status is RoundStatus.ELECTED and info.attempt == attempt

@@ -1508,6 +1508,7 @@ class DataClient:
         what = f"parts of round {round} from {self.who}"
         m = into.manifest
         got: set[int] = set()
+        until = time.monotonic() + timeout + wait_s
         with self._connect(timeout) as tls:
             tls.settimeout(min(timeout, _PROGRESS_S) + wait_s)
             _send_frame(tls, {"op": "parts", "address": self.own_address, "round": round,
@@ -1529,7 +1530,7 @@ class DataClient:
                     data = bytearray(end - start)
                     view = memoryview(data)
                     _recv_blocks(tls, view, [(0, len(data))], f"{what}, part {i}",
-                                 lambda _n: None)
+                                 lambda _n: None, until)
                     into.put(i, data)  # PayloadRejected: not the manifest's part
                     got.add(i)
                 self._verdict(_recv_frame(tls, what), what)
