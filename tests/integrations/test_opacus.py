@@ -3,7 +3,8 @@ real swarm: real anvil, real node services (mTLS between them), the DP site's Sw
 the test process, the other site the example `examples/dp/train.py` with DP off, as its own
 process. The DP site's wrapped model (GradSampleModule, names `_module.*`) merges with the plain
 one, takes the merged parameters into its live tensors with Opacus' hooks intact, and its node
-shows the epsilon the site's accountant says; the plain site's node shows none."""
+shows the epsilon the site's accountant says, the chain records it with the site's metrics
+(what `status` and `report` show); the plain site shows none."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch
 from integration_support import cpu_state, state_digest
 
 from swarmnode.callback import SwarmCallback, unwrap
+from swarmnode.chain.overview import overview
+from swarmnode.chain.report import collect
 from swarmnode.demo.swarm import LocalSwarm
 from swarmnode.errors import ConfigError
 from swarmnode.healthcheck import HEALTH_FILE
@@ -123,6 +126,23 @@ def test_a_dp_site_and_a_plain_site_merge_and_the_dp_site_reports_its_epsilon(
         logged = [line for line in swarm.log(0, "node").read_text().splitlines()
                   if "the trainer reports loss" in line]
         assert logged and f"epsilon {epsilon:.4g} at delta {DELTA:g}" in logged[-1]
+
+        # on the chain's record: the DP site's epsilon with each round's metrics (1e-6), its
+        # final model's last; none of the plain site. `status` and `report` read them there.
+        dp_site, plain_site = (a.address for a in swarm.accounts[:2])
+        recorded = swarm.contract.privacy_reports()
+        final_round = swarm.contract.final_round()
+        assert {site for _, site in recorded} == {dp_site}, recorded
+        assert recorded[(final_round, dp_site)] == (round(epsilon, 6), DELTA)
+        spent = [recorded[k] for k in sorted(recorded)]  # by round: it only grows
+        assert all(d == DELTA for _, d in spent), recorded
+        assert [e for e, _ in spent] == sorted(e for e, _ in spent), recorded
+        view = overview(swarm.contract)
+        assert set(view.privacy) == {dp_site}
+        assert view.privacy[dp_site].epsilon == round(epsilon, 6)
+        rows = collect(swarm.contract)
+        assert {r.epsilon for r in rows if r.address == plain_site} == {None}
+        assert [r.epsilon for r in rows if r.address == dp_site][-1] == round(epsilon, 6)
 
 
 def test_unwrap_drops_opacus_prefix_and_bad_privacy_settings_are_refused(tmp_path: Path) -> None:
