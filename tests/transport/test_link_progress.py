@@ -38,9 +38,9 @@ def node(certs: dict[str, Any]) -> Iterator[dict[str, Any]]:
     authority = MemoryAuthority(fingerprints={a: t.fingerprint() for a, t in tls.items()},
                                 participants={1: {LEADER, ALICE, BOB, CAROL}})
     handler = MemoryHandler(merged_models={1: _payload(24, 9)})
-    # one admission slot; a stream's own write timeout of 0.5 s; rate rules out of the way
+    # one admission slot; a stream's own write timeout of 2 s; rate rules out of the way
     srv = DataServer("127.0.0.1", 0, tls[LEADER], authority, handler, None, 1 << 28,
-                     inflight=1, idle_s=0.5, min_rate=16 * 1024, grace_s=30.0)
+                     inflight=1, idle_s=2.0, min_rate=16 * 1024, grace_s=30.0)
     port = srv.start()
     try:
         yield {"port": port, "tls": tls, "handler": handler, "server": srv}
@@ -71,12 +71,12 @@ def _slow_push(node: dict[str, Any], me: str, data: bytes, rate: float, out: dic
 
 def test_a_queued_push_waits_while_the_slot_holder_moves_bytes(node: dict[str, Any],
                                                                monkeypatch) -> None:
-    """Bob holds the only admission slot for about 3 s; Alice's push, queued behind him, waits
-    past her own 1 s no-progress timeout (before: 'no verdict' after it) and is accepted; her
+    """Bob holds the only admission slot for about 6 s; Alice's push, queued behind him, waits
+    past her own 2 s no-progress timeout (before: 'no verdict' after it) and is accepted; her
     bytes cross once."""
-    monkeypatch.setattr(dataplane, "_PROGRESS_S", 1.0)
+    monkeypatch.setattr(dataplane, "_PROGRESS_S", 2.0)
     monkeypatch.setattr(dataplane, "_NOTE_S", 0.2, raising=False)
-    bob, out = _payload(6, 1), {}
+    bob, out = _payload(12, 1), {}
     holder = threading.Thread(target=_slow_push, args=(node, BOB, bob, 2e6, out))
     holder.start()
     deadline = time.monotonic() + 30
@@ -89,7 +89,7 @@ def test_a_queued_push_waits_while_the_slot_holder_moves_bytes(node: dict[str, A
     holder.join(60)
     assert out[BOB] == {"ok": True}
     assert {(r, s) for r, s in node["handler"].updates} == {(1, BOB), (1, ALICE)}
-    assert waited > 1.5  # it queued well past its own no-progress timeout
+    assert waited > 3.0  # it queued well past its own no-progress timeout
     assert dataplane.TRAFFIC.sent - sent0 == len(alice)  # sent once, no retry
 
 
@@ -120,22 +120,23 @@ def _paced_pull(node: dict[str, Any], me: str, pause: float, rate: float,
 
 def test_a_starved_pull_stream_waits_while_the_link_moves_and_not_otherwise(
         node: dict[str, Any]) -> None:
-    """Carol leaves her pull unread for 2 s (the server's write timeout is 0.5 s) while Alice's
-    pull moves bytes on the same link the whole time: both get the model, and the leader sent
-    it exactly twice. Alone, the same starved pull is cut (nothing moved on the link)."""
+    """Carol leaves her pull unread for 5 s (the server's write timeout is 2 s) while Alice's
+    pull moves bytes on the same link the whole time (24 MiB at 4 MB/s): both get the model,
+    and the leader sent it exactly twice. Alone, the same starved pull is cut (nothing moved on
+    the link)."""
     model = node["handler"].merged_models[1]
     out: dict[str, Any] = {}
     sent0 = dataplane.TRAFFIC.sent
-    pulls = [threading.Thread(target=_paced_pull, args=(node, ALICE, 0.0, 8e6, out)),
-             threading.Thread(target=_paced_pull, args=(node, CAROL, 2.0, 1e9, out))]
+    pulls = [threading.Thread(target=_paced_pull, args=(node, ALICE, 0.0, 4e6, out)),
+             threading.Thread(target=_paced_pull, args=(node, CAROL, 5.0, 1e9, out))]
     for t in pulls:
         t.start()
     for t in pulls:
         t.join(120)
     assert out[ALICE] == model
-    assert out[CAROL] == model  # before: cut by the 0.5 s write timeout
+    assert out[CAROL] == model  # before: cut by the 2 s write timeout
     assert dataplane.TRAFFIC.sent - sent0 == 2 * len(model)
 
     alone: dict[str, Any] = {}
-    _paced_pull(node, CAROL, 2.0, 1e9, alone)
+    _paced_pull(node, CAROL, 5.0, 1e9, alone)
     assert isinstance(alone[CAROL], str) and "ended" in alone[CAROL]
