@@ -556,10 +556,13 @@ class SwarmContract(_Handle):
                             ("deadline_s", deadline_s)):
             if not isinstance(value, int) or not 0 <= value <= UINT32_MAX:
                 raise ConfigError(f"{name}={value!r} must be an integer in 0..{UINT32_MAX}")
-        if _spec_secure(spec_json):  # its rules (round 1's room too), before any transaction
-            from swarmnode.spec import TrainingSpec
+        if _spec_secure(spec_json):
+            from swarmnode.privacy.guards import check_first_round
 
-            TrainingSpec.from_json(spec_json, "the training spec")
+            try:  # round 1 (parameters encoded whole) must fit the ring: refused before any tx
+                check_first_round(_spec_max_weight(spec_json))
+            except ValueError as exc:
+                raise ConfigError(f"training spec: {exc}") from None
         if registry is None:
             registry = SwarmRegistry.deploy(w3, admin, receipt_timeout=receipt_timeout)
         elif isinstance(registry, str):

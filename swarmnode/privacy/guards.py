@@ -13,7 +13,8 @@ from typing import Any
 from swarmnode.errors import ConfigError
 from swarmnode.privacy import ring
 
-__all__ = ["MIN_SITES", "check_initial", "check_noise", "check_spec", "refuse_until_wired"]
+__all__ = ["MIN_SITES", "check_first_round", "check_initial", "check_noise", "check_spec",
+           "refuse_until_wired"]
 
 # With two sites the leader (itself a participant) learns the other's update from the sum.
 MIN_SITES = 3
@@ -59,8 +60,13 @@ def check_spec(*, merge_method: str, merge_options: Mapping[str, float], min_pee
         raise ValueError(
             f"{exc} (the spec's ring holds up to {ring.MAX_SITES} sites at "
             f"{ring.FRACTION_BITS} fractional bits in {ring.RING_BITS} bits)") from None
-    # round 1 has no starting model: the parameters are encoded whole, in fewer fractional
-    # bits, and bounded by first_round_clip (the widest the ring then holds)
+    check_first_round(max_weight)
+
+
+def check_first_round(max_weight: int) -> None:
+    """ValueError when ``max_weight`` leaves round 1 no room: it has no starting model, so the
+    parameters are encoded whole, in fewer fractional bits, and bounded by
+    ring.first_round_clip (the widest the ring then holds)."""
     first = ring.first_round_clip(max_weight)
     if first < 1:
         widest = ((1 << (ring.RING_BITS - 1)) - 1) // ring.MAX_SITES // (
