@@ -85,3 +85,46 @@ def test_a_node_without_secure_aggregation_refuses_reveal_requests(
             _client(certs, server.port, LEADER).reveal_seeds(3, timeout=10)
     finally:
         server.stop()
+
+
+class EvidenceHandler(MemoryHandler):
+    """Gives round 3's evidence bytes to BOB; anyone else, or another round, is refused."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__()
+        self.data = data
+
+    def secure_evidence(self, round: int, caller: str) -> bytes:
+        if caller != BOB:
+            raise PeerRefused(f"{caller} is not a member of this training")
+        if round != 3:
+            raise RoundError(f"round {round} is open: evidence is given for committed rounds")
+        return self.data
+
+
+def test_a_rounds_evidence_travels_to_a_member_and_refusals_come_back_typed(
+        certs: dict[str, Any]) -> None:
+    """The `evidence` request (secure aggregation: a member checks the leader's sum) over the
+    real data plane: the bytes arrive whole (3 MB here), the caller is its certificate's
+    address, refusals keep their class; a node without secure aggregation refuses it."""
+    data = bytes(range(256)) * (3 << 12)
+    authority = MemoryAuthority(fingerprints={a: t.fingerprint() for a, t in certs.items()},
+                                participants={3: {LEADER, ALICE, BOB}})
+    server = DataServer("127.0.0.1", 0, certs[ALICE], authority, EvidenceHandler(data), None,
+                        1 << 20)
+    plain = DataServer("127.0.0.1", 0, certs[ALICE], authority, MemoryHandler(), None, 1 << 20)
+    server.start()
+    plain.start()
+    try:
+        assert _client(certs, server.port, BOB).secure_evidence(3, timeout=30) == data
+        with pytest.raises(PeerRefused, match="not a member"):
+            _client(certs, server.port, LEADER).secure_evidence(3, timeout=10)
+        with pytest.raises(PeerRefused):  # LEADER's certificate claiming BOB's address
+            _client(certs, server.port, LEADER, claims=BOB).secure_evidence(3, timeout=10)
+        with pytest.raises(RoundError, match="committed rounds"):
+            _client(certs, server.port, BOB).secure_evidence(4, timeout=10)
+        with pytest.raises(PeerRefused, match="does not run secure aggregation"):
+            _client(certs, plain.port, BOB).secure_evidence(3, timeout=10)
+    finally:
+        server.stop()
+        plain.stop()
