@@ -13,4 +13,6 @@ Web3 types and revert exceptions stay inside this package; callers see :class:`S
 - :mod:`~swarmnode.chain.compile`: solc via ``tools/solc.js``; ``load_artifact()``
 - :mod:`~swarmnode.chain.overview`: the read-only summary behind ``swarmnode status``
 - :mod:`~swarmnode.chain.report`: per-round metrics by site, CSV and plot (``swarmnode report``)
+- :mod:`~swarmnode.chain.epsilon`: a DP site's epsilon at its delta as the chain records it (the
+  rule for reported values, packing, reading ``PrivacyReported``)
 """
