@@ -51,16 +51,18 @@ def _stepper(rounds: int):  # type: ignore[no-untyped-def]
 
 def test_noise_shares_reach_the_model_and_each_round_reports_its_epsilon(
         caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
-    """4 sites; site 4 dies before its round-3 check-in: round 2 carries 4 of 4 shares, round
-    3 only 3 of 4 (the dropout took its share), so its epsilon is higher; round 1 (no
-    starting model) adds no noise and is listed as not covered. Each merged round's distance
-    from the exact weighted mean is the noise the accountant assumed (std within 20%)."""
+    """4 sites; site 4 dies before its round-3 check-in: round 2 carries (on a calm machine) 4
+    of 4 shares, rounds 3-4 only 3 of 4 (the dropout took its share), so their epsilon is
+    higher; round 1 (no starting model) adds no noise and is listed as not covered. Each
+    merged round's distance from the exact weighted mean is the noise the accountant assumed
+    (std within 20%). Asserted per round from what the chain says took part, so a site that
+    misses a check-in on a loaded machine changes the numbers, not the verdict."""
     started = time.monotonic()
     spec = _spec()
     caplog.set_level(logging.INFO, logger="swarmnode.node")
-    with InProcessSwarm(4, spec, grace_s=2, deadline_s=8,
+    with InProcessSwarm(4, spec, grace_s=4, deadline_s=8,
                         faults={3: {"exit": "before-checkin:3"}}) as swarm:
-        sites = swarm.run(_stepper(3), timeout=300)
+        sites = swarm.run(_stepper(4), timeout=600)
         assert sites[3].died == 3
         final = swarm.final_digest()
         assert final is not None and [s.final_digest for s in sites[:3]] == [final] * 3
@@ -71,22 +73,28 @@ def test_noise_shares_reach_the_model_and_each_round_reports_its_epsilon(
     assert json.loads((tmp_path / "privacy.json").read_text()) == json.loads(
         json.dumps(summary.to_dict()))
     by = {r.round: r for r in summary.rounds}
-    assert (by[2].shares, by[2].expected) == (4, 4)
-    assert (by[3].shares, by[3].expected) == (3, 4)
-    assert by[2].epsilon < by[3].epsilon
-    # any one participant faces k - 1 shares of sigma^2 / n; sensitivity 20 x C x 2^f + sqrt d
-    assert by[2].noise_multiplier == pytest.approx(Z * 100 / 20 * math.sqrt(3 / 4), rel=1e-4)
-    assert by[3].noise_multiplier == pytest.approx(Z * 100 / 20 * math.sqrt(2 / 4), rel=1e-4)
-    assert not by[1].covered and summary.uncovered == (1,)
-    assert summary.total > max(by[r].epsilon for r in (2, 3))
-    # the nodes said so in their logs (leader at its sum, members at their pull), in numbers
-    # equal to the chain's
+    noised = [r for r in summary.rounds if r.covered and r.summed]
+    assert noised, summary.rounds
     text = caplog.text
-    for r in (2, 3):
-        line = by[r].line()
-        assert line in text, (r, line)
-    assert "1 dropout(s) took their shares, lowering the noise" in text
-    assert re.search(r"round 1: no starting model, the parameters were summed whole", text)
+    for r in noised:
+        # any one participant faces k - 1 shares of sigma^2 / n; sensitivity 20 x C x 2^f +
+        # sqrt d (every weight is 20)
+        want = Z * 100 / 20 * math.sqrt((r.shares - 1) / r.expected)
+        assert r.noise_multiplier == pytest.approx(want, rel=1e-4), r
+        # the nodes said so in their logs (leader at its sum, members at their pull), in
+        # numbers equal to the chain's
+        assert r.line() in text, r
+    # site 4 died at its round-3 check-in: every summed round from 3 on lacks its share
+    lowered = [r for r in noised if r.round >= 3]
+    assert lowered and all(r.shares < r.expected for r in lowered), noised
+    assert "dropout(s) took their shares, lowering the noise" in text
+    for a in noised:  # one sensitivity: fewer shares, higher epsilon
+        assert all(a.epsilon < b.epsilon for b in noised if a.shares > b.shares)
+    first = min(r.round for r in summary.rounds if r.summed)
+    assert not by[first].covered and summary.uncovered == (first,)
+    assert re.search(rf"round {first}: no starting model, the parameters were summed whole",
+                     text)
+    assert summary.total > max(r.epsilon for r in noised)
     # the noise is in the model: distance from the trainers' exact weighted mean
     sent: dict[int, dict[int, tuple[dict[str, torch.Tensor], int]]] = {}
     merged: dict[int, dict[str, torch.Tensor]] = {}
@@ -100,11 +108,11 @@ def test_noise_shares_reach_the_model_and_each_round_reports_its_epsilon(
     size = sum(t.numel() for t in INITIAL.values())
     sigma = noise.sigma(spec.distributed_noise, plan, size) * plan.unit  # model units
     assert sigma == pytest.approx(Z * 100 * 10.0, rel=1e-3)
-    for r in (2, 3):
+    for r in (x.round for x in noised):
         total = sum(w for _, w in sent[r].values())
         want = {n: sum(m[n].double() * w for m, w in sent[r].values()) / total for n in INITIAL}
         gap = torch.cat([(merged[r][n].double() - want[n]).reshape(-1) for n in INITIAL])
         expect = sigma * math.sqrt(by[r].shares / by[r].expected) / total
         assert abs(float(gap.std()) / expect - 1) < 0.2, (r, float(gap.std()), expect)
-    print(f"4 sites, 3 rounds with distributed noise and a dropout: "
+    print(f"4 sites, 4 rounds with distributed noise and a dropout: "
           f"{time.monotonic() - started:.1f} s; {summary.line()}")
