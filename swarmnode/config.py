@@ -135,6 +135,11 @@ class NodeConfig(BaseModel):
         "model from the leader. Every node serves parts whatever this says; it only decides "
         "how this node fetches.")
     reject_nonfinite: bool = Field(True, description="Refuse updates holding NaN or Inf.")
+    secure_audit_every: int = Field(
+        0, ge=0, description="Secure aggregation: after every k-th committed round this site "
+        "added to (and did not lead), fetch the leader's evidence and check its sum against the "
+        "chain (node.secaudit; `swarmnode audit --round N` does it on demand); a mismatch is "
+        "logged as an error. 0: never (each check moves every summed masked update).")
     metrics_listen: str | None = Field(
         None, description="HOST:PORT for Prometheus metrics (GET /metrics, plain HTTP, "
         "read-only: the round, stage timings, bytes moved, chain latency, the site's last "

@@ -25,6 +25,7 @@ from swarmnode.chain.rpc import ChainTls, chain_tls
 from swarmnode.chain.watch import BlockWatcher
 from swarmnode.config import NodeConfig
 from swarmnode.errors import (
+    AggregateRejected,
     ChainTimeout,
     ChainUnavailable,
     ConfigError,
@@ -235,6 +236,7 @@ class NodeService:
         self.codec = compression.UpdateCodec(self.spec.compression, self.param_spec.params,
                                              self._round_start)
         self.secure: SecureAggregation | None = None
+        self.audits: dict[int, str] = {}  # round -> the automatic check's outcome (ok, failed)
         if self.spec.secure_aggregation:  # pushes are masked updates (one int64 vector)
             self.secure = SecureAggregation(
                 self.me, self.chain, load_or_make_key(config.data_dir), self.param_spec.params,
@@ -907,6 +909,37 @@ class NodeService:
         # by the next check-in or finish
         self.driver.note_metrics(lifecycle.eligible_metrics(
             outcome.round, bool(outcome.digest), outcome.contributed, loss, metric, privacy))
+        every = self.config.secure_audit_every
+        if (self.secure is not None and every and outcome.digest and outcome.contributed
+                and outcome.round % every == 0 and outcome.leader
+                and outcome.leader.lower() != self.me.lower()):
+            threading.Thread(target=self._audit_later, args=(outcome.round,), daemon=True,
+                             name=f"secure-audit-{outcome.round}").start()
+
+    def _audit_later(self, round: int, tries: int = 10) -> None:
+        """The automatic check of a committed secure round (config ``secure_audit_every``):
+        the leader writes its evidence just after the commit, so a round it does not hold yet
+        is asked for again; the outcome is logged and kept in :attr:`audits`."""
+        for attempt in range(tries):
+            try:
+                result = self.audit_round(round)
+            except AggregateRejected as exc:
+                log.error("round %d: the leader's sum does NOT check out: %s", round, exc)
+                self._note_audit(round, f"failed: {exc}")
+                return
+            except SwarmError as exc:
+                if attempt + 1 < tries and not self._stopped.wait(min(2.0 ** attempt, 10.0)):
+                    continue
+                log.warning("round %d: could not check the leader's sum: %s", round, exc)
+                self._note_audit(round, f"unchecked: {exc}")
+                return
+            self._note_audit(round, "ok" if result.get("ok") else str(result))
+            return
+
+    def _note_audit(self, round: int, outcome: str) -> None:
+        self.audits[round] = outcome
+        for old in sorted(self.audits)[:-64]:  # the newest 64 rounds' outcomes
+            self.audits.pop(old, None)
 
     @property
     def _idle_check_s(self) -> float:

@@ -428,11 +428,13 @@ class InProcessSwarm:
         round_timeout_s: float = 300.0,
         faults: Mapping[int, Mapping[str, str]] | None = None,
         chain_ahead_s: float = 0.0,
+        node_options: Mapping[str, Any] | None = None,
     ) -> None:
         """``grace_s``/``deadline_s``: the contract's, in chain seconds (which follow the host's
         clock here, a second per block at least); generous defaults keep a loaded machine from
         turning a slow site into a missed round. ``faults``: by site index, its node.yaml
-        ``faults:`` section. ``chain_ahead_s``: the chain's clock runs that far ahead."""
+        ``faults:`` section. ``chain_ahead_s``: the chain's clock runs that far ahead.
+        ``node_options``: more node.yaml settings, for every site."""
         if not 1 <= n <= MAX_SITES:
             raise ConfigError(f"an in-process swarm has 1..{MAX_SITES} sites, not {n}")
         self.spec = TrainingSpec.from_json(spec, "the swarm's spec") if isinstance(spec, str) \
@@ -460,6 +462,7 @@ class InProcessSwarm:
             min_peers if min_peers is not None else self.spec.min_peers, grace_s, deadline_s)
         self.clock = _Clock(self.w3, self.lock, ahead_s=chain_ahead_s)
         self.network = MemoryNetwork()
+        self.node_options = dict(node_options or {})
         self.stop = threading.Event()
         self._ended = threading.Event()  # set whenever a trainer's thread ends
         self._expected: Callable[[Site, BaseException], bool] | None = None  # run()'s
@@ -487,6 +490,7 @@ class InProcessSwarm:
             trust=trust, data_dir=self.workdir / name / "data", poll_s=poll_s,
             round_timeout_s=round_timeout_s, start_timeout_s=30.0,
             faults=FaultSettings(**faults) if faults is not None else None,
+            **self.node_options,
         )
         # a stop event of its own: a site that dies stops alone (_halt stops them all)
         service = NodeService(config, threading.Event(), chain=self.admin.with_account(account),

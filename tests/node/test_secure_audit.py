@@ -50,8 +50,10 @@ def _step(site: Site, k: int, model: Mapping[str, torch.Tensor] | None):  # type
 def test_members_check_the_leaders_sum_and_catch_a_leader_that_tampered() -> None:
     started = time.monotonic()
     # site 4 dies before its round-2 check-in: round 2's sum needs the survivors' reveals
+    # and every node checks each round it added to (secure_audit_every: 1) by itself
     with InProcessSwarm(4, _spec(), grace_s=2, deadline_s=20,
-                        faults={3: {"exit": "before-checkin:2"}}) as swarm:
+                        faults={3: {"exit": "before-checkin:2"}},
+                        node_options={"secure_audit_every": 1}) as swarm:
         reads: list[tuple[str, int, int | None]] = []
         for site in swarm.sites:
             chain = site.service.chain
@@ -79,6 +81,17 @@ def test_members_check_the_leaders_sum_and_catch_a_leader_that_tampered() -> Non
                 assert (s.address, r, block) in pushed_reads, (r, s.name, pushed_reads)
         deployed = swarm.admin.settings().deployed_block
         assert all(b is None or b > deployed for _, _, b in pushed_reads)
+
+        # the automatic checks: every live site that added to a round it did not lead
+        due = {(s.name, r) for r in (1, 2, 3) for s in sites[:3]
+               if s.address != swarm.admin.round(r).leader}
+
+        def checked() -> set[tuple[str, int]]:
+            return {(s.name, r) for s in sites[:3] for r, v in s.service.audits.items()
+                    if v == "ok"}
+
+        wait_until(lambda: due <= checked(), 90, "every member's automatic check",
+                   describe=lambda: str({s.name: s.service.audits for s in sites}))
 
         # every committed round checks out at a live member that did not lead it (round 2, with
         # its reveals, at both); the final round kept its starting model: no sum to check
@@ -120,6 +133,9 @@ def test_members_check_the_leaders_sum_and_catch_a_leader_that_tampered() -> Non
         changed[other.address.lower()][0] += np.uint64(1)
         tampered(masked=changed)
         caught(f"{other.address.lower()}'s masked update does not match the hash")
+        auditor.service._audit_later(r, tries=1)  # the automatic check records the failure
+        assert auditor.service.audits[r].startswith("failed: round 2")
+        assert "does not match the hash" in auditor.service.audits[r]
         # the same through `swarmnode audit --round N`, over the node's local API (unix socket)
         sock = swarm.workdir / "audit.sock"
         local = LocalServer(f"unix:{sock}", _LocalApi(auditor.service))
