@@ -256,7 +256,8 @@ _SECURE_INTRO = (
     "Secure aggregation's rows: `mean` in the clear (min_peers 2, as the study) and with secure "
     "aggregation (clip norm {clip}, weight cap {cap}, min_peers 3: every round waits for the "
     "three hospitals; the leaders sum masked updates). The secure rows' bytes are masked updates "
-    "(64-bit ring words: twice float32's). ")
+    "(64-bit ring words: twice float32's per update; once a hospital is done, fewer than three "
+    "add weight and the members push nothing, so fewer bytes per round in all). ")
 
 
 def write_compression_markdown(result: dict[str, Any], path: Path) -> None:
