@@ -11,6 +11,8 @@ starting model: without one, no noise).
 
 from __future__ import annotations
 
+import json
+
 from swarmnode.chain.client import SwarmContract
 from swarmnode.chain.models import RoundStatus
 from swarmnode.privacy import accountant, noise, ring
@@ -22,7 +24,14 @@ __all__ = ["from_chain"]
 
 def from_chain(chain: SwarmContract) -> accountant.Summary | None:
     """Each closed round's epsilon and the total (None: the spec adds no distributed noise)."""
-    spec = TrainingSpec.from_json(chain.spec_json(), "the contract's training spec")
+    text = chain.spec_json()
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return None  # not a swarmnode spec (a bare test contract's): no noise to account
+    if not isinstance(raw, dict) or raw.get("distributed_noise") is None:
+        return None
+    spec = TrainingSpec.from_json(text, "the contract's training spec")
     if spec.distributed_noise is None:
         return None
     plan = ring.plan(ring.MAX_SITES, int(spec.max_weight or 1), spec.merge_options["clip_norm"])
