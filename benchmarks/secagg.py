@@ -15,7 +15,13 @@ new numpy/Python memory (tracemalloc) over the model's float32 size:
 * ``sum``: the leader adding ``sites`` masked updates;
 * ``unmask``: the leader removing the ``sites`` revealed dropout masks (one run);
 * ``decode``, ``check_bound``: the ring sum to float64, and the norm check;
-* ``aggregate_all``: ``aggregate.aggregate`` end to end (sum, unmask, decode, check).
+* ``aggregate_all``: ``aggregate.aggregate`` end to end (sum, unmask, decode, check);
+* the node's own steps (``node.secure.SecureAggregation``) over a state dict of float32
+  tensors (1 Mparam each) and its starting model: ``flatten`` (the change as one float64
+  vector), ``pair_masks`` (a site's masks summed: made ahead, off the check-in's path),
+  ``mask_add`` (the encoded update plus those masks), ``hash`` (the check-in's hash),
+  ``payload`` (the pushed safetensors bytes), ``unflatten`` (the leader: starting model + mean
+  change, in the tensors' dtypes). The check-in waits for flatten + encode + mask_add + hash.
 
 Reported as CPU seconds per million parameters per site (encode, mask) and per million
 parameters per update (sum) or per revealed seed (unmask). Runs in well under a minute.
@@ -39,7 +45,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from swarmnode.privacy import aggregate, dropout, encoding, keys, masks, ring  # noqa: E402
+import torch  # noqa: E402
+
+from swarmnode.node.secure import SecureAggregation  # noqa: E402
+from swarmnode.privacy import aggregate, dropout, encoding, keys, masks, ring, wire  # noqa: E402
 
 CHAIN_ID, TRAINING = 31337, "0x" + "5a" * 20
 
@@ -107,6 +116,31 @@ def run(params: int, sites: int, reps: int) -> dict[str, Any]:
         lambda: aggregate.aggregate(addresses, weights, masked, reveals, plan, 1), reps)
     assert np.array_equal(result.ring_sum, total)
     assert np.allclose(result.mean, change, atol=1e-6)
+
+    # the node's own steps, over a state dict of float32 tensors and its starting model
+    sizes = [min(1 << 20, params - at) for at in range(0, params, 1 << 20)]
+    base_flat = rng.standard_normal(params).astype(np.float32)
+    base = {f"t{i:04d}": torch.from_numpy(t.copy())
+            for i, t in enumerate(np.split(base_flat, np.cumsum(sizes)[:-1]))}
+    state = {n: t + torch.from_numpy(c.copy()) for (n, t), c in
+             zip(base.items(), np.split(change, np.cumsum(sizes)[:-1]), strict=True)}
+    layout = {n: (tuple(t.shape), "float32") for n, t in state.items()}
+    node = SecureAggregation(me, None, site_keys[me], layout,  # type: ignore[arg-type]
+                             clip=10.0, weight_cap=1000, min_peers=2)
+    flatten_stats, flat = _timed(lambda: node.flatten(state, base), reps)
+    pair_stats, pair = _timed(lambda: masks.pair_masks(params, me, seeds[me]), reps)
+
+    def mask_add() -> np.ndarray:
+        v = enc.values + pair
+        if plan.ring_bits < 64:
+            v &= plan.modulus_mask
+        return v
+
+    add_stats, vector = _timed(mask_add, reps)
+    assert np.array_equal(vector, masks.mask_update(enc.values, me, seeds[me], plan))
+    hash_stats, _ = _timed(lambda: wire.update_hash(vector, plan), reps)
+    payload_stats, _ = _timed(lambda: SecureAggregation.payload(vector), reps)
+    unflatten_stats, _ = _timed(lambda: node.unflatten(flat, base, state), reps)
     mparams = params / 1e6
     model_bytes = params * 4
     return {
@@ -119,7 +153,9 @@ def run(params: int, sites: int, reps: int) -> dict[str, Any]:
         "prg": "AES-256-CTR (cryptography)",
         "phases": {"encode": enc_stats, "mask": mask_stats, "sum": sum_stats,
                    "unmask": unmask_stats, "decode": decode_stats, "check_bound": check_stats,
-                   "aggregate_all": full_stats},
+                   "aggregate_all": full_stats, "flatten": flatten_stats,
+                   "pair_masks": pair_stats, "mask_add": add_stats, "hash": hash_stats,
+                   "payload": payload_stats, "unflatten": unflatten_stats},
         "cpu_s_per_mparam": {
             "encode_per_site": round(enc_stats["cpu_s"] / mparams, 5),
             "mask_per_site": round(mask_stats["cpu_s"] / mparams, 5),
@@ -132,12 +168,21 @@ def run(params: int, sites: int, reps: int) -> dict[str, Any]:
             "leader_decode": round(decode_stats["cpu_s"] / mparams, 5),
             "leader_check_bound": round(check_stats["cpu_s"] / mparams, 5),
             "leader_aggregate_all": round(full_stats["cpu_s"] / mparams, 5),
+            "flatten_per_site": round(flatten_stats["cpu_s"] / mparams, 5),
+            "pair_masks_per_site": round(pair_stats["cpu_s"] / mparams, 5),
+            "checkin_path_per_site": round((flatten_stats["cpu_s"] + enc_stats["cpu_s"]
+                                            + add_stats["cpu_s"] + hash_stats["cpu_s"])
+                                           / mparams, 5),
+            "payload_per_site": round(payload_stats["cpu_s"] / mparams, 5),
+            "leader_unflatten": round(unflatten_stats["cpu_s"] / mparams, 5),
         },
         "peak_memory_x_model_float32": {
             name: round(s["peak_bytes"] / model_bytes, 2)
             for name, s in (("encode", enc_stats), ("mask", mask_stats), ("sum", sum_stats),
                             ("unmask", unmask_stats), ("decode", decode_stats),
-                            ("aggregate_all", full_stats))
+                            ("aggregate_all", full_stats), ("flatten", flatten_stats),
+                            ("pair_masks", pair_stats), ("payload", payload_stats),
+                            ("unflatten", unflatten_stats))
         },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "numpy": np.__version__},

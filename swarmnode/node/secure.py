@@ -128,6 +128,22 @@ class _Mine:
     hash: bytes
 
 
+# dtypes numpy reads from a torch tensor's memory as is (flatten, unflatten: no float64 copies
+# through torch; the same IEEE arithmetic, so the same bits)
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+class _PairMasks:
+    """A round's sum of this site's pair masks (masks.pair_masks), made by a thread of its own
+    as soon as the round's mask set is fixed: it does not depend on the update, so the check-in
+    waits only for the encoding, one addition and the hash."""
+
+    def __init__(self, peers: tuple[str, ...]) -> None:
+        self.peers = peers  # the other sites of the mask set it was made for
+        self.done = threading.Event()
+        self.total: np.ndarray | None = None  # None once done: it failed (made again inline)
+
+
 class SecureAggregation:
     """A site's secure aggregation in one training (thread-safe: the round loop and the peer
     API's threads share it)."""
@@ -152,6 +168,7 @@ class SecureAggregation:
         self._pair: dict[tuple[str, bytes], bytes] = {}  # (peer, its public key) -> pair key
         self._joined: dict[str, bytes] = {}  # site (lower-case) -> the key it joined with
         self._mine: dict[int, _Mine] = {}
+        self._pair_masks: dict[int, _PairMasks] = {}  # round -> its pair masks, made ahead
         self._plans: dict[int, ring.RingPlan] = {}  # round -> the plan its vectors use
         self._received: dict[int, dict[str, np.ndarray]] = {}
         self._reveals: dict[int, dict[str, list[dropout.SeedReveal]]] = {}
@@ -234,7 +251,44 @@ class SecureAggregation:
             with self._lock:
                 self._rosters = {r: v for r, v in self._rosters.items() if r >= round - 2}
                 self._rosters[round] = got
+            self._prepare_masks(round, got)
         return got
+
+    def _prepare_masks(self, round: int, roster_: Collection[str]) -> None:
+        """Start making ``round``'s pair masks (one uint64 vector) when this site is in its
+        mask set and has not masked it or a later round yet; older rounds' are dropped."""
+        if self.me not in roster_:
+            return
+        peers = tuple(sorted(p for p in roster_ if p != self.me))
+        if not peers:
+            return
+        job = _PairMasks(peers)
+        with self._lock:
+            if any(r >= round for r in self._mine) or any(r >= round for r in self._pair_masks):
+                return
+            self._pair_masks = {round: job}
+        threading.Thread(target=self._make_masks, args=(round, job), daemon=True,
+                         name=f"secagg-masks-{round}").start()
+
+    def _make_masks(self, round: int, job: _PairMasks) -> None:
+        try:
+            job.total = masks.pair_masks(self.size, self.me, self.seeds(round, job.peers))
+        except Exception as exc:  # noqa: BLE001 - made again (and raised) at the check-in
+            log.warning("round %d: could not make the pair masks ahead (%s); they are made "
+                        "at the check-in", round, exc)
+        finally:
+            job.done.set()
+
+    def _masks_for(self, round: int, peers: list[str]) -> np.ndarray:
+        """``round``'s pair masks with ``peers``: the ones made ahead (waited for), else made
+        now. Taken once: the same seeds never mask a second vector."""
+        with self._lock:
+            job = self._pair_masks.pop(round, None)
+        if job is not None and job.peers == tuple(sorted(peers)):
+            job.done.wait()
+            if job.total is not None:
+                return job.total
+        return masks.pair_masks(self.size, self.me, self.seeds(round, peers))
 
     def plan_for(self, base: StateDict | None) -> ring.RingPlan:
         return self.plan if base is not None else self.first_plan
@@ -245,11 +299,21 @@ class SecureAggregation:
         out = np.empty(self.size, dtype=np.float64)
         at = 0
         for name, count in self.layout:
-            t = state[name].detach().reshape(-1).to(torch.float64)
-            if base is not None:
-                t = t - base[name].detach().reshape(-1).to(torch.float64)
-            out[at: at + count] = t.numpy()
+            dst = out[at: at + count]
             at += count
+            a = state[name].detach().reshape(-1)
+            b = None if base is None else base[name].detach().reshape(-1)
+            if a.device.type == "cpu" and a.dtype in _NUMPY_FLOATS and (
+                    b is None or (b.device.type == "cpu" and b.dtype in _NUMPY_FLOATS)):
+                if b is None:
+                    np.copyto(dst, a.numpy())
+                else:  # in float64, as the torch path below
+                    np.subtract(a.numpy(), b.numpy(), out=dst, dtype=np.float64)
+                continue
+            t = a.to(torch.float64)
+            if b is not None:
+                t = t - b.to(torch.float64)
+            dst[:] = t.cpu().numpy()
         return out
 
     def masked(self, round: int, state: Mapping[str, torch.Tensor], weight: int,
@@ -277,8 +341,10 @@ class SecureAggregation:
             rng = noise.generator(self.key.private_bytes(), keys.address_bytes(
                 self.chain.address), keys.address_bytes(self.me), round)
             values += noise.share(self.noise, plan, self.size, len(roster_), rng)
-        vector = masks.mask_update(values, self.me,
-                                   self.seeds(round, [p for p in roster_ if p != self.me]), plan)
+        values += self._masks_for(round, [p for p in roster_ if p != self.me])
+        if plan.ring_bits < 64:  # as masks.mask_update: the same bits
+            values &= plan.modulus_mask
+        vector = values
         digest = wire.update_hash(vector, plan)
         with self._lock:
             self._mine = {r: m for r, m in self._mine.items() if r >= round - 1}
@@ -292,8 +358,9 @@ class SecureAggregation:
 
     @staticmethod
     def payload(vector: np.ndarray) -> serde.Buffer:
-        """The pushed bytes: safetensors of one int64 tensor holding the ring elements."""
-        return serde.encode({MASKED: torch.from_numpy(vector.view(np.int64).copy())})
+        """The pushed bytes: safetensors of one int64 tensor holding the ring elements (read
+        from ``vector`` itself: a held masked vector is never changed in place)."""
+        return serde.encode({MASKED: torch.from_numpy(vector.view(np.int64))})
 
     # -- the leader: masked updates and reveals ---------------------------------------------------
     def hashes(self, round: int, refresh: bool = False) -> dict[str, bytes]:
@@ -555,9 +622,23 @@ class SecureAggregation:
                 out[name] = src[name].detach().clone()
                 continue
             n = counts[name]
-            part = torch.from_numpy(mean[at: at + n].copy()).reshape(shape)
+            change = mean[at: at + n]
             at += n
-            if base is not None:
-                part = base[name].detach().to(torch.float64) + part
+            b = None if base is None else base[name].detach()
+            if target in (torch.float32, torch.float64) and (
+                    b is None or (b.device.type == "cpu" and b.dtype in _NUMPY_FLOATS)):
+                # straight into the tensor: float64 arithmetic, one rounding to the dtype (as
+                # the torch path below)
+                t = torch.empty(shape, dtype=target)
+                if b is None:
+                    np.copyto(t.numpy().reshape(-1), change, casting="unsafe")
+                else:
+                    np.add(b.reshape(-1).numpy(), change, out=t.numpy().reshape(-1),
+                           dtype=np.float64, casting="unsafe")
+                out[name] = t
+                continue
+            part = torch.from_numpy(change.copy()).reshape(shape)
+            if b is not None:
+                part = b.to(torch.float64) + part
             out[name] = part.to(target).contiguous()
         return out

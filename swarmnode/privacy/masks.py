@@ -22,7 +22,7 @@ from swarmnode.errors import ConfigError
 from swarmnode.privacy.keys import KEY_BYTES, address_bytes
 from swarmnode.privacy.ring import RingPlan
 
-__all__ = ["add_pair_mask", "adds_first", "expand", "mask_update"]
+__all__ = ["add_pair_mask", "adds_first", "expand", "mask_update", "pair_masks"]
 
 BLOCK = 1 << 20  # elements per keystream block
 _ZEROS = bytes(BLOCK * 8)
@@ -80,12 +80,26 @@ def mask_update(encoded: np.ndarray, me: str, seeds: Mapping[str, bytes],
     round (``seeds``: peer address -> this round's pair seed), + or - that pair's mask."""
     if encoded.dtype != np.uint64 or encoded.ndim != 1:
         raise ConfigError("secure aggregation masks a 1-D uint64 vector (from encode)")
-    if not seeds:
-        raise ConfigError("secure aggregation: a site masks with every other site of the "
-                          "round; it was given none")
     out = encoded.copy()
-    for peer, seed in sorted(seeds.items()):
-        add_pair_mask(out, seed, 1 if adds_first(me, peer) else -1)
+    _add_masks(out, me, seeds)
     if plan.ring_bits < 64:
         out &= plan.modulus_mask
     return out
+
+
+def pair_masks(n: int, me: str, seeds: Mapping[str, bytes]) -> np.ndarray:
+    """The sum of the ``n``-element masks :func:`mask_update` adds for ``me`` (modulo 2^64, not
+    reduced to k bits): it does not depend on the update, so a site can make it before its
+    update is ready; ``(encoded + pair_masks(...)) & modulus_mask`` is ``mask_update``'s vector
+    bit for bit (addition modulo 2^64 in any order)."""
+    out = np.zeros(n, dtype=np.uint64)
+    _add_masks(out, me, seeds)
+    return out
+
+
+def _add_masks(vector: np.ndarray, me: str, seeds: Mapping[str, bytes]) -> None:
+    if not seeds:
+        raise ConfigError("secure aggregation: a site masks with every other site of the "
+                          "round; it was given none")
+    for peer, seed in sorted(seeds.items()):
+        add_pair_mask(vector, seed, 1 if adds_first(me, peer) else -1)
