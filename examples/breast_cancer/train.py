@@ -12,6 +12,9 @@ compose/hospital.yaml and as a plain process:
     SITE           this hospital's name                                              [hospital]
     TRAIN_SEED     seed of the initial weights and the batch order                          [0]
     SWARMNODE_LOCAL_API   the node service's local API (the compose file sets it)
+    MIN_PEERS      the swarm's min_peers (the site's .env holds the contract's)         [2]
+    CLIP_NORM      the swarm's merge option clip_norm; a secure-aggregation spec needs it
+                   (empty: none)                                                          []
 
 Needs torch, numpy and swarmnode (the training side: `pip install swarmnode`); nothing else.
 """
@@ -35,8 +38,10 @@ from swarmnode.transport import serde
 
 # The swarm's settings: every hospital runs the same ones (the contract's training spec pins them).
 SYNC_FREQUENCY = 4  # batches between merges
-MIN_PEERS = 2
+MIN_PEERS = int(os.environ.get("MIN_PEERS") or 2)
 MERGE_METHOD = "mean"
+# clip_norm: each update's change is clipped to this L2 norm (secure aggregation needs it)
+CLIP_NORM = float(os.environ["CLIP_NORM"]) if os.environ.get("CLIP_NORM") else None
 # Local training.
 EPOCHS = 20
 BATCH_SIZE = 16
@@ -151,6 +156,7 @@ def main() -> None:
     model = make_model(X.shape[1], seed)  # the same loop, with the swarm
     swarm = SwarmCallback(
         model, sync_frequency=SYNC_FREQUENCY, min_peers=MIN_PEERS, merge_method=MERGE_METHOD,
+        merge_options={"clip_norm": CLIP_NORM} if CLIP_NORM is not None else None,
         num_samples=len(y), val_data=(torch.as_tensor(X), torch.as_tensor(y, dtype=torch.float32)),
         loss_fn=loss_fn, metric_fn=accuracy_fn,
         # On this data the end-of-training policies score the same (results/quality.md);

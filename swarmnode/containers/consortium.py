@@ -10,10 +10,20 @@ The Docker SDK drives what a person would otherwise type: it finds the container
 chain's published port, kills, pauses, restarts and disconnects containers (the fault tests), and
 reads the trainers' results from their own volumes. ``close`` takes every project down with its
 volumes and removes the network, leaving nothing behind.
+
+Each trainer gets the swarm's settings its script must match (``MIN_PEERS``, ``CLIP_NORM``) from
+``<site>/ml.env`` (the compose file's ``ML_ENV_FILE``). Two options for the failure tests:
+``secure_aggregation`` (the spec turns it on, with the demo's clip norm and weight cap) and
+``faults`` (a site's test-only ``faults:`` node.yaml section, see :mod:`swarmnode.node.faults`):
+such a site's node runs ``swarmnode run --config`` with that node.yaml mounted, through a compose
+override file of its own (``<site>/faults.compose.yaml``) that also turns its restart policy off,
+so an exit fault ends the node until :meth:`ContainerConsortium.start_node` starts it again, as
+``docker kill`` does. Every other setting still comes from the site's ``.env``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -23,16 +33,21 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from swarmnode import __version__
 from swarmnode.chain.accounts import dev_account
 from swarmnode.chain.client import SwarmContract, connect
+from swarmnode.config import FaultSettings
 from swarmnode.containers.engine import compose_binary
 from swarmnode.containers.images import repo_root
 from swarmnode.demo import model as demo_model
 from swarmnode.demo.data import DemoData, hospital_splits, save_shard
+from swarmnode.demo.swarm import SECURE_CLIP_NORM, SECURE_MAX_WEIGHT
 from swarmnode.errors import NodeError
 from swarmnode.identity import create_ca, issue_node_cert, make_bundle
 from swarmnode.spec import TrainingSpec
@@ -59,6 +74,12 @@ class ContainerConsortium:
 
     Use as a context manager: ``__enter__`` writes certificates, data and each site's ``.env``
     under ``workdir``; :meth:`up` starts the projects; ``__exit__`` tears everything down.
+
+    ``secure_aggregation``: the training's spec turns it on (merge option ``clip_norm``
+    SECURE_CLIP_NORM, ``max_weight`` SECURE_MAX_WEIGHT; it needs ``min_peers`` >= 3 and merge
+    ``mean``). ``faults``: by hospital index (0-based), the test-only ``faults:`` section of
+    that hospital's node.yaml (``{"exit": "before-push:4+"}``, ``{"stall_commit": "6:1"}``);
+    its node runs without a restart policy (see the module docstring).
     """
 
     def __init__(
@@ -74,8 +95,16 @@ class ContainerConsortium:
         deadline_s: int = 6,
         seed: int = 0,
         example: str = "breast_cancer",
+        secure_aggregation: bool = False,
+        faults: Mapping[int, Mapping[str, str]] | None = None,
     ) -> None:
         import docker
+
+        self.faults = {i: FaultSettings(**f) for i, f in (faults or {}).items()}  # validated
+        if any(not 0 <= i < nodes for i in self.faults):
+            raise NodeError(f"faults name hospitals {sorted(self.faults)}; there are {nodes} "
+                            f"(indices 0..{nodes - 1})")
+        self.secure_aggregation = secure_aggregation
 
         self.work = Path(workdir).resolve()
         self.n, self.prefix, self.merge, self.seed = nodes, prefix, merge, seed
@@ -167,21 +196,52 @@ class ContainerConsortium:
                 "MIN_PEERS": str(self.min_peers),
                 "GRACE_S": str(self.grace_s),
                 "DEADLINE_S": str(self.deadline_s),
+                # the trainer's own settings file (the swarm's settings its script must match)
+                "ML_ENV_FILE": str(site / "ml.env"),
             }
             self.env_file(i).write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+            trainer = {"MIN_PEERS": str(self.min_peers)}
+            if self.secure_aggregation:
+                trainer["CLIP_NORM"] = str(SECURE_CLIP_NORM)
+            (site / "ml.env").write_text("".join(f"{k}={v}\n" for k, v in trainer.items()))
+            if i in self.faults:
+                self._write_faults(i)
         (consortium / "sites.csv").write_text("\n".join(rows) + "\n")
         model = demo_model.make_model(self.data.X_test.shape[1], seed=self.seed)
         self.spec = TrainingSpec.from_state(
             model.state_dict(), sync_frequency=self.sync_frequency, min_peers=self.min_peers,
             merge_method=self.merge,
+            merge_options={"clip_norm": SECURE_CLIP_NORM} if self.secure_aggregation else None,
         )
+        if self.secure_aggregation:  # the spec's own checks say what else it needs
+            self.spec = dataclasses.replace(self.spec, max_weight=SECURE_MAX_WEIGHT,
+                                            secure_aggregation=True)
         (consortium / "spec.json").write_text(self.spec.to_json())
+
+    def fault_override(self, i: int) -> Path:
+        """Hospital ``i``'s compose override file for its faults (see the module docstring)."""
+        return self.work / self.names[i] / "faults.compose.yaml"
+
+    def _write_faults(self, i: int) -> None:
+        site = self.work / self.names[i]
+        config = site / "node.yaml"  # only the faults: the rest comes from the .env, as always
+        config.write_text(yaml.safe_dump({"faults": self.faults[i].model_dump()}))
+        config.chmod(0o644)  # the node image's user reads it
+        override = {"services": {"node": {
+            "command": ["run", "--config", "/etc/swarmnode/node.yaml"],
+            "restart": "no",
+            "volumes": [{"type": "bind", "source": str(config),
+                         "target": "/etc/swarmnode/node.yaml", "read_only": True}],
+        }}}
+        self.fault_override(i).write_text(yaml.safe_dump(override, sort_keys=False))
 
     def compose(self, i: int, *args: str, check: bool = True,
                 timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """``docker-compose`` for hospital ``i``'s project, as its admin would run it."""
         cmd = [compose_binary(), "-p", self.project(i), "--env-file", str(self.env_file(i)),
                "-f", str(self.compose_file)]
+        if i in self.faults:
+            cmd += ["-f", str(self.fault_override(i))]
         if i == 0:
             cmd += ["--profile", "sentinel"]
         done = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout)
@@ -191,18 +251,41 @@ class ContainerConsortium:
         return done
 
     # -- running ----------------------------------------------------------------------------------
-    def up(self, timeout: float = 600) -> None:
+    def up(self, timeout: float = 600, *, trainers_together: bool = False) -> None:
         """Start every hospital's project (the sentinel first); returns once every node is
-        healthy (enrolled, serving) and every trainer started."""
+        healthy (enrolled, serving) and every trainer started. ``trainers_together``: first
+        every node, then, once all are healthy, every trainer at once (as admins who agreed on
+        a start time): the first rounds then have every hospital, not only those whose node
+        came up first (a hospital's trainer otherwise starts when its own node is healthy, a
+        minute or more apart on a loaded host, and the others' rounds go on without it)."""
         self._clear_stale_network()
         self.docker.networks.create(self.network, driver="bridge", labels={_LABEL: self.prefix})
         self.compose(0, "up", "-d", "chain")
         self.rpc_url = self._chain_url()
+        if trainers_together:
+            self._up_all(timeout, "node")
+            deadline = time.monotonic() + timeout
+            while (sick := [i for i in range(self.n) if self.health(i) != "healthy"]):
+                if time.monotonic() > deadline:
+                    self.save_logs()
+                    raise NodeError(f"the nodes of {', '.join(self.names[i] for i in sick)} "
+                                    f"were not healthy within {timeout:.0f} s; logs under "
+                                    f"{self.work / 'logs'}")
+                time.sleep(1.0)
+            # the trainers alone: an `up` of every service would run the sentinel's one-shot
+            # deploy (and its chain check) again before its trainer, a minute on a loaded host
+            self._up_all(timeout, "--no-deps", "ml")
+        else:
+            self._up_all(timeout)
+        self.contract = SwarmContract(connect(self.rpc_url), self.contract_address)
+
+    def _up_all(self, timeout: float, *args: str) -> None:
+        """``docker-compose up -d [args]`` in every hospital's project at once."""
         errors: list[BaseException] = []
 
         def up_one(i: int) -> None:
             try:
-                self.compose(i, "up", "-d", timeout=timeout)
+                self.compose(i, "up", "-d", *args, timeout=timeout)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
@@ -214,7 +297,6 @@ class ContainerConsortium:
         if errors:
             self.save_logs()
             raise errors[0]
-        self.contract = SwarmContract(connect(self.rpc_url), self.contract_address)
 
     def _chain_url(self, timeout: float = 60.0) -> str:
         chain = self.container(0, "chain")
