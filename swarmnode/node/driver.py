@@ -363,6 +363,8 @@ class RoundDriver:
                 # a prefetch that finished after the pull: its copy is not needed any more
                 self._prefetched = {r: d for r, d in self._prefetched.items() if r > round}
                 self.collectors.forget(round)  # attempts that never merged: their memory goes
+                if self.secure is not None and self._depth == 1:  # the next round's masks
+                    self.secure.prepare_ahead()  # made while the trainer trains for it
                 return RoundOutcome(
                     round=round, leader=outcome[0], digest=outcome[1], data=outcome[2],
                     abandoned=outcome[1] is None,

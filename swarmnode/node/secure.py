@@ -254,6 +254,18 @@ class SecureAggregation:
             self._prepare_masks(round, got)
         return got
 
+    def prepare_ahead(self) -> None:
+        """Fix the mask set of the round open now and start making this site's pair masks for
+        it, in a thread (the node calls it when a round is over, while its trainer trains for
+        the next one). Nothing when the round's set is not fixed yet or it is masked already."""
+        def run() -> None:
+            try:
+                self.roster(self.chain.current_round())
+            except Exception as exc:  # noqa: BLE001 - only ahead of time: the check-in reads it
+                log.debug("the next round's mask set is not read ahead: %s", exc)
+
+        threading.Thread(target=run, daemon=True, name="secagg-ahead").start()
+
     def _prepare_masks(self, round: int, roster_: Collection[str]) -> None:
         """Start making ``round``'s pair masks (one uint64 vector) when this site is in its
         mask set and has not masked it or a later round yet; older rounds' are dropped."""
