@@ -628,7 +628,8 @@ class RoundDriver:
             plan = self.secure.plan_for(base)
             roster = self.secure.roster(round) or ()
             result = self.secure.aggregate(round, roster, self._weights_of(info), plan)
-            merged = self.secure.unflatten(result.mean, base, rnd.state)
+            merged = self.secure.unflatten(result.weighted_sum, base, rnd.state,
+                                           divide=float(result.total_weight))
             data, digest = serde.Encoded(merged).to_buffer()
             serde.view_state(data, spec=self.spec, reject_nonfinite=True)
             start = self.latest_committed_before(round) if base is not None else None

@@ -620,12 +620,16 @@ class SecureAggregation:
         return this
 
     def unflatten(self, mean: np.ndarray, base: StateDict | None,
-                  own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                  own: Mapping[str, torch.Tensor], *,
+                  divide: float | None = None) -> dict[str, torch.Tensor]:
         """The merged model: ``base`` + the mean change (the mean itself without a base), in the
-        spec's dtypes; tensors that are not floating point from ``base`` (else ``own``)."""
+        spec's dtypes; tensors that are not floating point from ``base`` (else ``own``).
+        ``divide``: ``mean`` is a weighted sum, divided by it here piece by piece (the same
+        bits as dividing the whole vector first, without that float64 copy)."""
         out: dict[str, torch.Tensor] = {}
         at = 0
         counts = dict(self.layout)
+        tmp = np.empty(min(encoding.CHUNK, max(counts.values(), default=0)))
         for name in sorted(self.params):
             shape, dtype = self.params[name]
             target = getattr(torch, dtype)
@@ -642,13 +646,22 @@ class SecureAggregation:
                 # straight into the tensor: float64 arithmetic, one rounding to the dtype (as
                 # the torch path below)
                 t = torch.empty(shape, dtype=target)
-                if b is None:
-                    np.copyto(t.numpy().reshape(-1), change, casting="unsafe")
-                else:
-                    np.add(b.reshape(-1).numpy(), change, out=t.numpy().reshape(-1),
-                           dtype=np.float64, casting="unsafe")
+                dst = t.numpy().reshape(-1)
+                flat_b = None if b is None else b.reshape(-1).numpy()
+                for start in range(0, n, encoding.CHUNK):
+                    piece = change[start: start + encoding.CHUNK]
+                    end = start + piece.shape[0]
+                    if divide is not None:
+                        piece = np.divide(piece, divide, out=tmp[: piece.shape[0]])
+                    if flat_b is None:
+                        np.copyto(dst[start: end], piece, casting="unsafe")
+                    else:
+                        np.add(flat_b[start: end], piece, out=dst[start: end],
+                               dtype=np.float64, casting="unsafe")
                 out[name] = t
                 continue
+            if divide is not None:
+                change = change / divide
             part = torch.from_numpy(change.copy()).reshape(shape)
             if b is not None:
                 part = b.to(torch.float64) + part
