@@ -103,17 +103,36 @@ class _LockedTesterProvider(EthereumTesterProvider):
     def make_request(self, method: Any, params: Any) -> Any:
         with self.lock:
             if method != "eth_call":
-                return super().make_request(method, params)
+                return self._request(method, params)
             head = self.ethereum_tester.backend.chain.get_canonical_head().hash
             if head != self._calls_at:
                 self._calls, self._calls_at = {}, head
             key = repr(params)
             if key not in self._calls:
-                response = super().make_request(method, params)
+                response = self._request(method, params)
                 if "error" in response:  # a revert: asked again, it is run again
                     return response
                 self._calls[key] = response
             return dict(self._calls[key])
+
+
+    def _request(self, method: Any, params: Any) -> Any:
+        """web3's eth-tester provider reads every revert's data as Error(string); a custom
+        error whose first argument is a small number and whose second is large (NotLeader(round,
+        leader, sender)) makes that an OverflowError, not the DecodingError it handles, and the
+        revert escaped as an OverflowError. Raised here as web3 raises an undecodable revert
+        (its raw data shown), which swarmnode.chain.rpc decodes."""
+        from eth_tester.exceptions import TransactionFailed
+
+        try:
+            return super().make_request(method, params)
+        except OverflowError as exc:
+            failed = exc.__context__
+            if not isinstance(failed, TransactionFailed) or not failed.args:
+                raise
+            raw = failed.args[0]
+            raw = raw.args[0] if isinstance(raw, Exception) and raw.args else raw
+            raise TransactionFailed(f"execution reverted: {raw}") from None
 
 
 def _estimate_gas(state: Any, transaction: Any) -> int:
