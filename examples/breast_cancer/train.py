@@ -12,9 +12,9 @@ compose/hospital.yaml and as a plain process:
     SITE           this hospital's name                                              [hospital]
     TRAIN_SEED     seed of the initial weights and the batch order                          [0]
     SWARMNODE_LOCAL_API   the node service's local API (the compose file sets it)
-    MIN_PEERS      the swarm's min_peers (the site's .env holds the contract's)         [2]
-    CLIP_NORM      the swarm's merge option clip_norm; a secure-aggregation spec needs it
-                   (empty: none)                                                          []
+    SWARM_MIN_PEERS   the swarm's min_peers, if not the script's MIN_PEERS below          []
+    SWARM_CLIP_NORM   the swarm's merge option clip_norm; a secure-aggregation spec needs it
+                      (empty: none)                                                       []
 
 Needs torch, numpy and swarmnode (the training side: `pip install swarmnode`); nothing else.
 """
@@ -38,10 +38,12 @@ from swarmnode.transport import serde
 
 # The swarm's settings: every hospital runs the same ones (the contract's training spec pins them).
 SYNC_FREQUENCY = 4  # batches between merges
-MIN_PEERS = int(os.environ.get("MIN_PEERS") or 2)
+MIN_PEERS = 2
+# a harness may state other settings (not MIN_PEERS: a kit's .env sets that for its contract)
+MIN_PEERS = int(os.environ.get("SWARM_MIN_PEERS") or MIN_PEERS)
 MERGE_METHOD = "mean"
 # clip_norm: each update's change is clipped to this L2 norm (secure aggregation needs it)
-CLIP_NORM = float(os.environ["CLIP_NORM"]) if os.environ.get("CLIP_NORM") else None
+CLIP_NORM = float(os.environ["SWARM_CLIP_NORM"]) if os.environ.get("SWARM_CLIP_NORM") else None
 # Local training.
 EPOCHS = 20
 BATCH_SIZE = 16

@@ -11,7 +11,8 @@ chain's published port, kills, pauses, restarts and disconnects containers (the 
 reads the trainers' results from their own volumes. ``close`` takes every project down with its
 volumes and removes the network, leaving nothing behind.
 
-Each trainer gets the swarm's settings its script must match (``MIN_PEERS``, ``CLIP_NORM``) from
+Each trainer gets the swarm's settings its script must match (``SWARM_MIN_PEERS``,
+``SWARM_CLIP_NORM``) from
 ``<site>/ml.env`` (the compose file's ``ML_ENV_FILE``). Two options for the failure tests:
 ``secure_aggregation`` (the spec turns it on, with the demo's clip norm and weight cap) and
 ``faults`` (a site's test-only ``faults:`` node.yaml section, see :mod:`swarmnode.node.faults`):
@@ -200,9 +201,9 @@ class ContainerConsortium:
                 "ML_ENV_FILE": str(site / "ml.env"),
             }
             self.env_file(i).write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-            trainer = {"MIN_PEERS": str(self.min_peers)}
+            trainer = {"SWARM_MIN_PEERS": str(self.min_peers)}
             if self.secure_aggregation:
-                trainer["CLIP_NORM"] = str(SECURE_CLIP_NORM)
+                trainer["SWARM_CLIP_NORM"] = str(SECURE_CLIP_NORM)
             (site / "ml.env").write_text("".join(f"{k}={v}\n" for k, v in trainer.items()))
             if i in self.faults:
                 self._write_faults(i)
