@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # make test TEST_WORKERS=1: serial. The default, 2 pytest-xdist workers, fits the suite in about
-# 17 minutes on 2 cores instead of 25+ (most of its time waits on blocks, deadlines and child
+# 22 minutes on 2 cores (last run, 1,505 tests) instead of 30+ (most of its time waits on blocks, deadlines and child
 # processes); tests/containers and tests/wan stay on one worker each (tests/conftest.py).
 TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
