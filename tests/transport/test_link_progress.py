@@ -16,6 +16,7 @@ import pytest
 import torch
 from transport_support import MemoryAuthority, MemoryHandler, Pki
 
+from swarmnode.demo.swarm import wait_until
 from swarmnode.transport import dataplane, serde
 from swarmnode.transport.dataplane import DataClient, DataServer
 
@@ -79,9 +80,7 @@ def test_a_queued_push_waits_while_the_slot_holder_moves_bytes(node: dict[str, A
     bob, out = _payload(12, 1), {}
     holder = threading.Thread(target=_slow_push, args=(node, BOB, bob, 2e6, out))
     holder.start()
-    deadline = time.monotonic() + 30
-    while node["server"]._admit._free and time.monotonic() < deadline:  # Bob admitted
-        time.sleep(0.01)
+    wait_until(lambda: not node["server"]._admit._free, 30, "Bob's admission", poll=0.01)
     alice = _payload(2, 2)
     sent0, t0 = dataplane.TRAFFIC.sent, time.monotonic()
     _client(node, ALICE).push(1, 5, alice, serde.digest(alice), timeout=60)
