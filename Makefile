@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # make test TEST_WORKERS=1: serial. The default, 2 pytest-xdist workers, fits the suite in about
-# 22 minutes on 2 cores (last run, 1,505 tests) instead of 30+ (most of its time waits on blocks, deadlines and child
+# 21-38 minutes on 2 cores (the last run 1,541 tests in 20:58; 37:38 once) instead of 30+ serial
+# (most of its time waits on blocks, deadlines and child
 # processes); tests/containers and tests/wan stay on one worker each (tests/conftest.py).
 TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed

@@ -5,9 +5,9 @@
 
 Per configuration (``P:N``, ``P:N:R`` or ``P:N:R:MERGE``: P float32 parameters, N sites, R
 rounds, default ``--rounds``; MERGE ``mean`` (default) or ``secure``, ``mean`` with secure
-aggregation at the demo's clip norm and weight cap; a ``secure`` row measured after the same
-``mean`` one in one run gets ``over_plain_mean``, the ratio of their rounds) it reports, with
-medians over rounds 2..R of every trainer's syncs:
+aggregation at the demo's clip norm and a weight cap of 128 (the 2^32 ring: ``_spec``); a
+``secure`` row measured after the same ``mean`` one in one run gets ``over_plain_mean``, the
+ratio of their rounds) it reports, with medians over rounds 2..R of every trainer's syncs:
 
 * ``median_round_s``: the trainer's whole sync (hand the parameters over, the round, take the
   merged model back), and its split into stages: ``upload_handback`` (trainer <-> node, the local
@@ -70,7 +70,7 @@ import yaml  # noqa: E402
 from swarmnode.chain.accounts import dev_account  # noqa: E402
 from swarmnode.chain.client import SwarmContract, connect  # noqa: E402
 from swarmnode.chain.launcher import DevChain  # noqa: E402
-from swarmnode.demo.swarm import SECURE_CLIP_NORM, SECURE_MAX_WEIGHT  # noqa: E402
+from swarmnode.demo.swarm import SECURE_CLIP_NORM  # noqa: E402
 from swarmnode.identity import (  # noqa: E402
     TlsFiles,
     create_ca,
@@ -84,6 +84,7 @@ from swarmnode.transport.local import LocalClient  # noqa: E402
 from swarmnode.transport.peer import PeerClient, PeerServer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+SECURE_ROUND_MAX_WEIGHT = 128  # the secure rows' max_weight (see _spec)
 ROOT = HERE.parent
 DEFAULT_CONFIGS = "1M:2,1M:4,1M:8,25M:2,25M:4,25M:8,1M:16,1M:32"
 
@@ -145,9 +146,12 @@ def _spec(params: int, nodes: int, secure: bool = False) -> TrainingSpec:
 
     spec = TrainingSpec.from_state(Synthetic(params).state_dict(), sync_frequency=1,
                                    min_peers=nodes, merge_method="mean")
-    if secure:  # the demo's settings: a step of the synthetic trainer moves far less than this
+    if secure:  # the demo's clip (a step of the synthetic trainer moves far less than it) and
+        # a weight cap that fits the trainers' weights (num_samples 100 + index): W C = 6,400
+        # leaves 4 sites 16 fraction bits, the 2^32 ring's floor (privacy.ring); the demo's cap
+        # (100,000) would take the 2^64 ring every round
         spec = dataclasses.replace(spec, merge_options={"clip_norm": SECURE_CLIP_NORM},
-                                   max_weight=SECURE_MAX_WEIGHT, secure_aggregation=True)
+                                   max_weight=SECURE_ROUND_MAX_WEIGHT, secure_aggregation=True)
     return spec
 
 
@@ -331,7 +335,7 @@ def run_config(params: int, nodes: int, rounds: int, work: Path,
             cfg = {"name": name, "rpc_url": chain.url, "contract": contract.address,
                    "key_index": i + 1, "peer_listen": "127.0.0.1:0", "cert": str(cert),
                    "key": str(key), "trust": str(trust), "data_dir": str(work / name / "data"),
-                   # a masked update is 8 bytes a parameter (ring words), twice float32's
+                   # a masked update is 4 bytes a parameter (32-bit ring words), 8 in round 1
                    "max_update_mb": max(64.0, model_bytes * (2.4 if secure else 1.2) / 2**20)}
             (work / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
             log = open(work / f"{name}-node.log", "wb")  # noqa: SIM115
@@ -477,7 +481,8 @@ def main() -> None:
             work = (Path(keep) if keep else Path(tmp)) / str(n)
             run = run_config(_size(params), int(nodes), int(rounds) if rounds else a.rounds,
                              work, int(a.min_free_gib * 2**30), secure=mode == "secure")
-            plain = next((r for r in runs if (r["params"], r["nodes"], r["merge"])
+            # the latest plain row of the same size: interleaved pairs compare pair by pair
+            plain = next((r for r in reversed(runs) if (r["params"], r["nodes"], r["merge"])
                           == (run["params"], run["nodes"], "mean")), None)
             if mode == "secure" and plain is not None:  # measured in the same run
                 run["over_plain_mean"] = round(run["median_round_s"] / plain["median_round_s"],

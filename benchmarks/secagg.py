@@ -138,7 +138,7 @@ def run(params: int, sites: int, reps: int) -> dict[str, Any]:
 
     add_stats, vector = _timed(mask_add, reps)
     assert np.array_equal(vector, masks.mask_update(enc.values, me, seeds[me], plan))
-    hash_stats, _ = _timed(lambda: wire.update_hash(vector, plan), reps)
+    hash_stats, _ = _timed(lambda: wire.update_hash(vector), reps)
     payload_stats, _ = _timed(lambda: SecureAggregation.payload(vector), reps)
     unflatten_stats, _ = _timed(lambda: node.unflatten(flat, base, state), reps)
     mparams = params / 1e6

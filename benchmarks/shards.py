@@ -137,7 +137,7 @@ class _Client:
         held = self.owner.merged(round, attempt, wait_s)
         if held is None:
             raise RoundError("not merged")
-        view = memoryview(held[0]).cast("B")
+        view = memoryview(held).cast("B")
         if view[:len(head)] != head:
             raise TransportError("not the slice's header")
         into[:] = view[len(head):]  # the socket's recv_into
@@ -145,11 +145,11 @@ class _Client:
     def pull_old(self, index: int) -> serde.Received:
         held = self.owner.merged(ROUND, ATTEMPT, 10.0)
         assert held is not None
-        view = memoryview(held[0]).cast("B")
+        view = memoryview(held).cast("B")
         buf = serde.buffer(len(view))  # as DataClient.pull_shard did
         buf[:] = view
         received = serde.Received(buf, serde.digest(buf))
-        received.check_digest(held[1])
+        received.check_digest(serde.digest(held))  # the owner hashed its merged slice then
         return received
 
 
@@ -197,7 +197,7 @@ def _gather_old(exchange: ShardExchange, pool: _Pool, parts: tuple[str, ...]) ->
         if index == me:
             held = exchange.merged(ROUND, ATTEMPT, 10.0)
             assert held is not None
-            data = held[0]
+            data = held
         else:
             data = pool.client(layout.owners[index]).pull_old(index).data
         results[index] = serde.decode(data, expected_digest=None, spec=spec,

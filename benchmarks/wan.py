@@ -11,7 +11,7 @@ bridge's address. In the same run it measures:
 
 * ``goodput_mbit``: one TCP stream from one site to another over the shaped links;
 * ``median_period_s``: the median time between the elections of successive rounds, over rounds
-  2..R (the chain's current round, watched every 50 ms);
+  2..R (the chain's current round, read at every new block, which is watched every 50 ms);
 * ``star_bound_s`` = 2 (N-1) M / B: the leader's one link carries N-1 updates in and the merged
   model to N-1 members (M model bytes, B the measured goodput); ``allreduce_bound_s`` =
   2 (N-1) M / (N B): a reduce-scatter + all-gather, each site sending and receiving 2 (N-1)/N
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import os
 import platform
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,36 @@ def _spec(params: int, nodes: int, compression: str = "none",
     return dataclasses.replace(spec, compression=compression, topology=topology)
 
 
+class _BlockNumber:
+    """The chain's latest block number by one bare ``eth_blockNumber`` request on a kept-alive
+    connection (no web3: watching the chain must not take the CPU the nodes measured need);
+    -1 when the chain does not answer (read again next time)."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1",
+                                               parsed.port or 80, timeout=5)
+        self.path = parsed.path or "/"
+
+    def __call__(self) -> int:
+        body = b'{"jsonrpc":"2.0","id":1,"method":"eth_blockNumber","params":[]}'
+        try:
+            self.conn.request("POST", self.path, body, {"Content-Type": "application/json"})
+            return int(json.loads(self.conn.getresponse().read())["result"], 16)
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+            self.conn.close()
+            return -1
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` used so far; nan when gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -100,7 +132,8 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
                *, timeout_s: float | None = None, pulls: str = "leader",
-               compression: str = "none", topology: str = "leader") -> dict[str, Any]:
+               compression: str = "none", topology: str = "leader",
+               node_threads: int | None = None) -> dict[str, Any]:
     """One swarm of ``nodes`` sites on links of ``mbit``, ``rounds`` rounds of a synthetic
     model of ``params`` float32 parameters; returns its row of results/wan.json. ``pulls``:
     ``leader`` (every member pulls the whole merged model from the leader) or ``peers`` (in
@@ -116,6 +149,9 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
                               compression)
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # the node services' torch threads (OpenMP): every site here shares this host's cores, and
+    # each site's idle threads spinning for work take them from the others
+    node_env = env if node_threads is None else {**env, "OMP_NUM_THREADS": str(node_threads)}
     ca_cert, ca_key = create_ca(work / "ca", "wan-ca", org="wan")
     trust = make_bundle([ca_cert], work / "trust.pem")
     procs: list[subprocess.Popen[bytes]] = []
@@ -151,7 +187,7 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
                     log = open(work / f"{name}-node.log", "wb")  # noqa: SIM115
                     procs.append(net.run(i, [sys.executable, "-m", "swarmnode", "run",
                                              "--config", str(work / f"{name}.yaml")],
-                                         stdout=log, stderr=subprocess.STDOUT, env=env))
+                                         stdout=log, stderr=subprocess.STDOUT, env=node_env))
                 limit = time.monotonic() + 300 + 10 * nodes  # a loaded host starts slowly
                 while not all(contract.node(a).enrolled for a in addresses):
                     if time.monotonic() > limit or any(p.poll() is not None for p in procs):
@@ -173,14 +209,24 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
                 # from its election to the next round's
                 elected: dict[int, tuple[float, list[Any]]] = {}
                 limit = time.monotonic() + (timeout_s or (600 + rounds * 4 * deadline))
+                # the chain changes only when a block is mined: the contract is read once per
+                # new block (watched every 50 ms with one bare JSON-RPC call), not every 50 ms
+                # (web3's contract calls cost this 2-core host's nodes ~10% of its CPU)
+                head = _BlockNumber(chain.url)
+                seen_block = -1
                 while any(t.poll() is None for t in trainers):
                     if any(t.poll() not in (None, 0) for t in trainers):
                         raise RuntimeError(f"a trainer failed; logs in {work}")
                     if time.monotonic() > limit:
                         raise RuntimeError(f"timed out; logs in {work}")
-                    r = contract.current_round()
-                    if r not in elected and contract.round(r).status is not RoundStatus.OPEN:
-                        elected[r] = (time.monotonic(), [net.counters(i) for i in range(nodes)])
+                    block = head()
+                    if block != seen_block:
+                        seen_block = block
+                        r = contract.current_round()
+                        if (r not in elected
+                                and contract.round(r).status is not RoundStatus.OPEN):
+                            elected[r] = (time.monotonic(),
+                                          [net.counters(i) for i in range(nodes)])
                     time.sleep(0.05)
                 final = contract.final_round()
                 final_digest = contract.round(final).digest.hex() if final else ""
@@ -196,6 +242,9 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
                     total = sum(b.sent - a.sent for a, b in zip(c0, c1, strict=True))
                     rows.append((t1 - t0, c1[k].received - c0[k].received,
                                  c1[k].sent - c0[k].sent, total))
+                # what each node service used of the host's CPU over the whole run (`ip netns
+                # exec` execs the command: the Popen's pid is the node's)
+                node_cpu = [_cpu_s(p.pid) for p in procs[:nodes]]
             finally:
                 _stop(procs)
     if not rows:
@@ -217,6 +266,8 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
         "params": params, "nodes": nodes, "link_mbit": mbit, "topology": topology,
         "pulls": pulls,
         "compression": compression, "rounds": rounds, "model_bytes": model_bytes,
+        # OMP_NUM_THREADS of the node services (None: torch's default, one per core)
+        "node_threads": node_threads,
         # what one member's update takes on the wire (rounds after the first; the first is whole)
         "update_bytes": update_bytes,
         "goodput_mbit": round(goodput, 1),
@@ -234,6 +285,9 @@ def run_config(params: int, nodes: int, mbit: float, rounds: int, work: Path,
         "bytes_per_round_over_model": round(statistics.median(row[3] for row in rows)
                                             / model_bytes, 2),
         "all_digests_agree": bool(final_digest) and all(d == final_digest for d in digests),
+        # CPU seconds (user + system) each node service used from its start to the end of the
+        # run (enrolment and all rounds): where the period goes when the cores are the bound
+        "node_cpu_s": [round(c, 2) for c in node_cpu],
         "node_warnings": len(warnings), "warning_samples": sorted(set(warnings))[:5],
         # the host's 1/5/15-minute load averages as the run began and ended (a shared 2-core
         # machine: compare periods within one sitting)
@@ -257,6 +311,9 @@ def main() -> None:
     p.add_argument("--topology", default="leader",
                    help="comma-separated merge topologies (leader, sharded: the spec's); each "
                    "configuration runs with each (pulls apply to the leader topology)")
+    p.add_argument("--node-threads", type=int, default=None,
+                   help="torch (OpenMP) threads per node service (default: torch's, one per "
+                   "core; the sites here share the host's cores)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "wan.json")
     a = p.parse_args()
 
@@ -277,7 +334,8 @@ def main() -> None:
             keep = os.environ.get("SWARMNODE_BENCH_KEEP")  # a folder: keep the logs there
             work = (Path(keep) if keep else Path(tmp)) / str(n)
             run = run_config(_size(params), int(nodes), float(mbit), a.rounds, work,
-                             pulls=pulls, compression=code, topology=topo)
+                             pulls=pulls, compression=code, topology=topo,
+                             node_threads=a.node_threads)
             runs.append(run)
             print(f"P={params:>4} N={int(nodes):>2} {float(mbit):>6.0f} Mbit/s {topo} "
                   f"pulls={pulls} compression={code} "

@@ -167,6 +167,7 @@ contract SwarmTraining {
     error NotRevoked(address node);
     error NotListed(address training);
     error NoMaskKey(address node);
+    error LowOrderMaskKey(address node, bytes32 key);
     error BadPrivacy(uint256 epsilonE6, uint256 deltaE18);
 
     constructor(
@@ -209,7 +210,8 @@ contract SwarmTraining {
     /// @notice Join this training: the calling site must be enrolled (and not revoked) in the
     /// registry. `endpoint` (host:port) overrides the registry's for this training; empty: none.
     /// With secure aggregation the site's registry key is copied here (`maskKeyOf`): its pair
-    /// keys stay those of the join however the registry's slot changes later; no key: refused.
+    /// keys stay those of the join however the registry's slot changes later; no key, or a
+    /// low-order X25519 point (no pair key can be made with it): refused.
     function join(string calldata endpoint) external {
         State memory s = _s;
         if (s.finished) revert TrainingOver(s.finalRound);
@@ -233,6 +235,7 @@ contract SwarmTraining {
         if (secureAggregation) {
             (,,,,,, bytes32 key) = registry.siteInfo(msg.sender);
             if (key == 0) revert NoMaskKey(msg.sender);
+            if (_lowOrderKey(key)) revert LowOrderMaskKey(msg.sender, key);
             _maskKey[msg.sender] = key;
         }
         // the participant slots this site will ever need: written over, never from zero
@@ -667,6 +670,23 @@ contract SwarmTraining {
     }
 
     // ------------------------------------------------------------------ internals
+
+    /// Whether `key` (an X25519 public key: 32 bytes, u little-endian) is a point of order
+    /// dividing 8 on Curve25519 or its twist, the set swarmnode.privacy.keys.usable_public
+    /// rejects: X25519 ignores the top bit of the last byte (the lowest byte of the bytes32), so
+    /// it is cleared first, and u is taken mod p = 2^255 - 19, so u = p and p + 1 (the only
+    /// non-canonical encodings of a low-order u below 2^255) are in the set as well as
+    /// 0, 1, p - 1 and the two points of order 8.
+    function _lowOrderKey(bytes32 key) internal pure returns (bool) {
+        bytes32 u = key & ~bytes32(uint256(0x80));
+        return u == 0
+            || u == 0x0100000000000000000000000000000000000000000000000000000000000000
+            || u == 0xe0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800
+            || u == 0x5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157
+            || u == 0xecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f
+            || u == 0xedffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f
+            || u == 0xeeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f;
+    }
 
     function _entry(uint256 round, uint256 i) internal view returns (uint256) {
         return _entries[(i << 1) | (round & 1)];

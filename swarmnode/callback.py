@@ -149,14 +149,27 @@ def _logits(output: Any) -> torch.Tensor:
     )
 
 
+WAIT_LOG_S = 5.0  # a sync waiting longer than this (or twice the usual sync) says why
+WAIT_LOG_USUAL = 2.0  # ... twice the time the last syncs took: a slow link's rounds are not news
+
+
+def wait_log_after(setting: str | None, usual_s: float | None) -> float:
+    """When a waiting sync starts to say what it waits for: ``SWARMNODE_WAIT_LOG_S`` if set
+    (0: never), else WAIT_LOG_S or WAIT_LOG_USUAL times the usual sync, whichever is longer
+    (on links where every round takes 20 s, a 25 s sync is not worth a log line)."""
+    if setting:
+        return float(setting)
+    return max(WAIT_LOG_S, WAIT_LOG_USUAL * (usual_s or 0.0))
+
+
 class _WaitReporter:
-    """While a sync/finish call waits longer than ``SWARMNODE_WAIT_LOG_S`` seconds (default 5;
-    0: never), log every ``SWARMNODE_WAIT_LOG_EVERY_S`` (default 10) what the round waits for:
+    """While a sync/finish call waits longer than :func:`wait_log_after` (5 s, or twice the
+    usual sync), log every ``SWARMNODE_WAIT_LOG_EVERY_S`` (default 10) what the round waits for:
     the round, the stage, the sites it waits for (the node reads it from the chain)."""
 
-    def __init__(self, client: LocalClient, method: str) -> None:
+    def __init__(self, client: LocalClient, method: str, usual_s: float | None = None) -> None:
         self.client, self.method = client, method
-        self.after_s = float(os.environ.get("SWARMNODE_WAIT_LOG_S", "5") or 0)
+        self.after_s = wait_log_after(os.environ.get("SWARMNODE_WAIT_LOG_S"), usual_s)
         self.every_s = max(float(os.environ.get("SWARMNODE_WAIT_LOG_EVERY_S", "10") or 10), 0.2)
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
@@ -308,6 +321,7 @@ class SwarmCallback:
         self.state = SwarmState()
         self.node_info: dict[str, Any] = {}
         self.last_reply: dict[str, Any] = {}  # the node's answer to the last sync (timings too)
+        self._usual_sync_s: float | None = None  # how long syncs take here (the wait log)
         self._loaded = False  # whether the last hook loaded a model from the node
 
     # -- settings ---------------------------------------------------------------------------------
@@ -511,9 +525,15 @@ class SwarmCallback:
     ) -> tuple[dict[str, Any], serde.Buffer | None]:
         """One local API call; if the node service is down (restarting), wait for it and retry,
         for up to ``reconnect_s`` seconds, so a node restart does not end the training. A call
-        that waits longer than ``SWARMNODE_WAIT_LOG_S`` (5 s) logs what the round waits for."""
-        with _WaitReporter(self._client(), method):
-            return self._call_once(method, args, payload, timeout)
+        that waits longer than :func:`wait_log_after` (5 s, or twice the usual sync) logs what
+        the round waits for."""
+        with _WaitReporter(self._client(), method, self._usual_sync_s):
+            reply = self._call_once(method, args, payload, timeout)
+        if method == "sync" and isinstance(reply[0].get("seconds"), (int, float)):
+            seconds = float(reply[0]["seconds"])  # a running mean of the syncs' time
+            usual = self._usual_sync_s
+            self._usual_sync_s = seconds if usual is None else 0.7 * usual + 0.3 * seconds
+        return reply
 
     def _call_once(
         self, method: str, args: dict[str, Any], payload: serde.Encoded | None,
@@ -555,6 +575,9 @@ class SwarmCallback:
         self.state.last_round = int(reply.get("round", 0))
         self.state.last_digest = str(reply.get("digest", ""))
         self.state.training_finished = bool(reply.get("training_finished", False))
+        if self.state.training_finished and reply.get("ended_early"):
+            log.warning("the swarm's training is over for this site before its data is: %s",
+                        reply["ended_early"])
         for tracker in self.trackers:
             tracker.merged(self.state.last_round, loss=loss, metric=metric,
                            digest=self.state.last_digest, seconds=reply.get("seconds"),

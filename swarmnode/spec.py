@@ -53,10 +53,10 @@ class TrainingSpec:
     # merges and serves the merged model) or "sharded" (each participant merges one slice of
     # the parameters, see swarmnode.transport.shards); both give the same merged bytes.
     topology: str = "leader"
-    # How members send their updates to the leader: "none" (the whole model), "bf16" / "fp16"
-    # (the change from the round's starting model, rounded) or "int8" (8-bit, with error
-    # feedback); see swarmnode.transport.compression. A swarm policy, like max_weight: trainers
-    # are not compared on it.
+    # How members send their updates (to the leader; sharded: each slice to its owner):
+    # "none" (the whole model), "bf16" / "fp16" (the change from the round's starting model,
+    # rounded) or "int8" (8-bit, with error feedback); see swarmnode.transport.compression. A
+    # swarm policy, like max_weight: trainers are not compared on it.
     compression: str = "none"
     # Secure aggregation (swarmnode.privacy, swarmnode.node.secure): the round's leader learns
     # only the sum of the updates (a node without a data plane refuses it at start:
@@ -77,8 +77,7 @@ class TrainingSpec:
             check_noise(self.distributed_noise, secure_aggregation=self.secure_aggregation,
                         merge_options=self.merge_options, max_weight=self.max_weight,
                         params=self.params)
-            check_topology(self.topology, self.merge_method, self.merge_options,
-                           self.compression)
+            check_topology(self.topology, self.merge_method, self.merge_options)
         except ValueError as exc:
             raise ConfigError(f"training spec: {exc}") from None
 
@@ -199,9 +198,10 @@ TOPOLOGIES = ("leader", "sharded")
 SHARDABLE = ("mean", "coordmedian", "trimmedmean")
 
 
-def check_topology(topology: str, merge_method: str, merge_options: Mapping[str, float],
-                   compression: str = "none") -> None:
-    """ValueError unless ``topology`` is known and the merge rule can run under it."""
+def check_topology(topology: str, merge_method: str, merge_options: Mapping[str, float]) -> None:
+    """ValueError unless ``topology`` is known and the merge rule can run under it. Every
+    ``compression`` runs under both topologies (sharded: each slice travels as its coded change,
+    node.sharding.scatter)."""
     if topology not in TOPOLOGIES:
         raise ValueError(f"topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
     if topology != "sharded":
@@ -215,10 +215,6 @@ def check_topology(topology: str, merge_method: str, merge_options: Mapping[str,
         raise ValueError(
             "topology 'sharded' cannot clip updates by norm (clip_norm): an update's norm spans "
             "every slice and no slice owner sees it whole; use topology 'leader' with clip_norm")
-    if compression != "none":
-        raise ValueError(
-            f"topology 'sharded' sends slices of the model as they are, so compression "
-            f"'{compression}' would do nothing; drop compression or use topology 'leader'")
 
 
 MAX_WEIGHT = (1 << 96) - 1  # what the contract can hold

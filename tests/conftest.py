@@ -201,8 +201,12 @@ def make_swarm(backend: Backend) -> Callable[..., Swarm]:
 # time is spent waiting on blocks, deadlines and child processes, not computing. Tests that share
 # one machine-wide resource run on one worker, one after another: the Docker engine and its images
 # (tests/containers) and network namespaces with shaped links (tests/wan, whose timings are the
-# point of the test).
-_SERIAL_GROUPS = {"containers", "wan"}
+# point of the test). Both in ONE group: on a fresh machine the container tests install Docker
+# (and with it iptables) and start its engine, which loads br_netfilter and sets the FORWARD
+# policy to DROP; a shaped-link test running beside them on the other worker had found no
+# iptables, added no ACCEPT rule for its bridge, and its sites lost each other mid-run (a 300 s
+# timeout, seen in a full run on a fresh machine).
+_SERIAL_GROUPS = {"containers": "machine", "wan": "machine"}
 
 
 # tryfirst: before xdist's worker turns the marks into groups (nodeid@group). Pinned to pytest 8:
@@ -215,7 +219,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "tests" in parts:
             top = parts[parts.index("tests") + 1]
             if top in _SERIAL_GROUPS:
-                item.add_marker(pytest.mark.xdist_group(top))
+                item.add_marker(pytest.mark.xdist_group(_SERIAL_GROUPS[top]))
     # The dashboard's browser test runs last: in-process swarm tests with 1-4 s deadlines that
     # ran after it in the same process missed their deadlines (3 of 13 runs; never alone). Not
     # understood yet: no thread, process or CPU use is left behind that we could find.

@@ -7,6 +7,7 @@ import csv
 import ipaddress
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,10 +218,11 @@ def _waiting(current: RoundSummary | None, waiting_for: tuple[str, ...], names: 
     return None
 
 
-def waiting_now(contract: SwarmContract,
-                names: dict[str, str] | None = None) -> tuple[Waiting | None, int]:
+def waiting_now(contract: SwarmContract, names: dict[str, str] | None = None,
+                nodes: Sequence[NodeInfo] | None = None) -> tuple[Waiting | None, int]:
     """What the current round waits for, from a few views (no event scan), and the chain's
-    time: what a node tells its waiting trainer."""
+    time: what a node tells its waiting trainer. ``nodes``: the enrolled nodes as the caller
+    read them recently (they only name the sites; default: read now, one view per node)."""
     finished = contract.training_finished()
     current = contract.current_round()
     r = current - 1 if finished else current
@@ -228,7 +230,8 @@ def waiting_now(contract: SwarmContract,
     now = max(contract.block_timestamp(), int(time.time()))
     if r < 1:
         return None, now
-    nodes = tuple(contract.nodes())
+    if nodes is None:
+        nodes = tuple(contract.nodes())
     named = {n.address: site_name(n, names) for n in nodes}
     summary = RoundSummary(info=contract.round(r), mean_loss=None, mean_metric=None, reports=0)
     waiting_for = tuple(contract.waiting_for(r))

@@ -95,6 +95,12 @@ TABLE: dict[str, Row] = {
                     "training uses secure aggregation (a site joins with its key)",
                     "start the site's node for this training: it posts its secure-aggregation key "
                     "(SwarmRegistry.setPublicKey), then joins"),
+    "LowOrderMaskKey": _r(NotNow, lambda a: f"site {a['node']}'s key in the registry "
+                          f"({a['key']}) is a low-order X25519 point (no pair key "
+                          "can be made with it) and this training uses secure aggregation",
+                          "start the site's node for this training: it posts its own "
+                          "secure-aggregation key (secagg.key, SwarmRegistry.setPublicKey), then "
+                          "joins"),
     "TrainingFull": _r(NotNow, lambda a: f"the training holds {a['members']} sites, its maximum",
                        "deploy another training"),
     # ---------------------------------------------------------------- a training: rounds

@@ -100,36 +100,24 @@ def demo(
     secure_aggregation: Annotated[bool, typer.Option(
         "--secure-aggregation", help="Train with secure aggregation: each round's leader "
         "receives only masked updates and learns only their sum (needs 3 or more hospitals; "
-        "the demo's processes, not --containers).")] = False,
+        "with the processes or --containers).")] = False,
 ) -> None:
     """A whole swarm on this machine: chain, certificates, N node services, N trainers."""
 
     @command
     def body() -> None:
         from swarmnode.demo.orchestrator import (
-            DemoOptions,
+            demo_options,
             run_demo,
             run_demo_containers,
             show_summary,
         )
-        from swarmnode.errors import ConfigError
 
-        if secure_aggregation and (containers or nodes < 3 or topology != "leader"
-                                   or merge != "mean"):
-            raise ConfigError("--secure-aggregation runs the demo's processes (not "
-                              "--containers) with 3 or more hospitals (--nodes 3), the leader "
-                              "topology and merge rule mean (the leader sees only the sum)")
-        if containers and topology != "leader":
-            raise ConfigError("--topology applies to the demo's processes; the container demo "
-                              "trains with the leader topology (drop --topology or "
-                              "--containers)")
         run = run_demo_containers if containers else run_demo
-        chosen = example or ("breast-cancer" if containers else "digits")
         summary = run(
-            DemoOptions(nodes=nodes, merge=merge, workdir=workdir, seed=seed,
-                        kill_leader_round=kill_leader_round, example=chosen,
-                        topology=topology, secure_aggregation=secure_aggregation,
-                        min_peers=3 if secure_aggregation else 2),
+            demo_options(containers=containers, nodes=nodes, merge=merge, topology=topology,
+                         example=example, secure_aggregation=secure_aggregation,
+                         workdir=workdir, seed=seed, kill_leader_round=kill_leader_round),
             console=console,
         )
         show_summary(summary, console)

@@ -404,14 +404,22 @@ class ContainerConsortium:
                 f"{self.project(0)} down -v`, and the other hospitals' projects), or remove the "
                 f"network (`docker network rm {net.short_id}`), then start again")
 
+    def log(self, i: int, service: str) -> Path:
+        """Hospital ``i``'s ``service`` log as it stands now, written to
+        ``logs/<hospital>-<service>.log`` (where LocalSwarm keeps its processes' logs; the demo
+        reads them there); not written when the service has no container."""
+        path = self.work / "logs" / f"{self.names[i]}-{service}.log"
+        try:
+            logs = self.container(i, service).logs()
+        except Exception:  # noqa: BLE001 - a service this hospital does not run
+            return path
+        path.write_bytes(logs)
+        return path
+
     def save_logs(self) -> None:
         for i in range(self.n):
             for service in ("node", "ml", "chain", "deploy"):
-                try:
-                    logs = self.container(i, service).logs()
-                except Exception:  # noqa: BLE001 - a service this hospital does not run
-                    continue
-                (self.work / "logs" / f"{self.names[i]}-{service}.log").write_bytes(logs)
+                self.log(i, service)
 
     def close(self) -> None:
         """Take every project down with its volumes and remove the consortium network."""

@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -24,11 +24,16 @@ from swarmnode.demo.swarm import LocalSwarm
 from swarmnode.demo.tasks import DEFAULT_TASK, get_task
 from swarmnode.errors import ConfigError, NodeError
 
+if TYPE_CHECKING:
+    from swarmnode.containers.consortium import ContainerConsortium
+
 __all__ = [
     "NODE_KEYS",
     "SUMMARY_KEYS",
     "DemoOptions",
     "SwarmHarness",
+    "demo_consortium",
+    "demo_options",
     "run_demo",
     "run_demo_containers",
     "show_summary",
@@ -88,6 +93,25 @@ class DemoOptions:
     secure_aggregation: bool = False  # the spec's (the leader learns only the sum)
 
 
+def demo_options(*, containers: bool = False, nodes: int = 3, merge: str = "mean",
+                 topology: str = "leader", example: str | None = None,
+                 secure_aggregation: bool = False, **given: Any) -> DemoOptions:
+    """The demo's options from ``swarmnode demo``'s flags (``given``: the other DemoOptions
+    fields), refused with what to change where they do not go together. The example defaults to
+    digits for processes and breast-cancer for containers; secure aggregation trains with
+    min_peers 3 (with 2 the leader would learn the other site's update from the sum)."""
+    if secure_aggregation and (nodes < 3 or topology != "leader" or merge != "mean"):
+        raise ConfigError("--secure-aggregation needs 3 or more hospitals (--nodes 3), the "
+                          "leader topology and merge rule mean (the leader sees only the sum)")
+    if containers and topology != "leader":
+        raise ConfigError("--topology applies to the demo's processes; the container demo "
+                          "trains with the leader topology (drop --topology or --containers)")
+    return DemoOptions(nodes=nodes, merge=merge, topology=topology,
+                       example=example or ("breast-cancer" if containers else "digits"),
+                       secure_aggregation=secure_aggregation,
+                       min_peers=3 if secure_aggregation else 2, **given)
+
+
 def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     t0 = time.monotonic()
@@ -115,30 +139,46 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> dict[str, Any
         return summarize(swarm, opts, console, t0)
 
 
-def run_demo_containers(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
-    """The same demo with each hospital as containers (``compose/hospital.yaml``: ml + node) and
-    the sentinel's chain, on a Docker engine (installed and started when none runs)."""
-    from swarmnode.containers.consortium import ContainerConsortium
-    from swarmnode.containers.engine import ensure_engine
-    from swarmnode.containers.images import build_images
-
-    console = console or Console()
+def _container_example(opts: DemoOptions) -> None:
     if opts.example != "breast-cancer":
         raise ConfigError(f"the container demo runs the breast-cancer example (its ml image trains "
                           f"examples/breast_cancer/train.py), not {opts.example}; use "
                           "--example breast-cancer with --containers")
+
+
+def demo_consortium(opts: DemoOptions) -> ContainerConsortium:
+    """The container demo's consortium (not entered yet: ``with`` writes its sites): the
+    breast-cancer example, the options' hospitals, merge rule, seed, timings and secure
+    aggregation. Needs a running Docker engine."""
+    from swarmnode.containers.consortium import ContainerConsortium
+
+    _container_example(opts)
+    return ContainerConsortium(opts.workdir, opts.nodes, merge=opts.merge, seed=opts.seed,
+                               sync_frequency=opts.sync_frequency or 4, min_peers=opts.min_peers,
+                               grace_s=opts.grace_s, deadline_s=opts.deadline_s,
+                               secure_aggregation=opts.secure_aggregation)
+
+
+def run_demo_containers(opts: DemoOptions, console: Console | None = None) -> dict[str, Any]:
+    """The same demo with each hospital as containers (``compose/hospital.yaml``: ml + node) and
+    the sentinel's chain, on a Docker engine (installed and started when none runs)."""
+    from swarmnode.containers.engine import ensure_engine
+    from swarmnode.containers.images import build_images
+
+    console = console or Console()
+    _container_example(opts)  # before starting an engine
     t0 = time.monotonic()
     engine = ensure_engine()
     try:
         for img in build_images():
             console.print(f"image {img.tag}: {img.size / 1e6:.0f} MB"
                           f"{' (built)' if img.built else ''}")
-        with ContainerConsortium(opts.workdir, opts.nodes, merge=opts.merge, seed=opts.seed,
-                                 sync_frequency=opts.sync_frequency or 4,
-                                 min_peers=opts.min_peers,
-                                 grace_s=opts.grace_s, deadline_s=opts.deadline_s) as swarm:
+        with demo_consortium(opts) as swarm:
+            secure = (f", secure aggregation (min_peers {opts.min_peers}: each leader "
+                      "receives only masked updates)" if opts.secure_aggregation else "")
             console.print(f"[bold]swarmnode demo --containers[/]: {opts.nodes} hospitals "
-                          f"(compose projects {swarm.project(0)}..), merge rule {opts.merge}")
+                          f"(compose projects {swarm.project(0)}..), merge rule {opts.merge}"
+                          f"{secure}")
             swarm.up()
             console.print(f"{opts.nodes} hospitals up, nodes enrolled and healthy, contract "
                           f"{swarm.contract.address} ({time.monotonic() - t0:.1f} s); training")

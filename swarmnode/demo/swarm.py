@@ -28,6 +28,7 @@ from swarmnode.chain.launcher import DevChain
 from swarmnode.demo.data import DemoData, save_shard
 from swarmnode.demo.tasks import get_task
 from swarmnode.errors import NodeError
+from swarmnode.healthcheck import HEALTH_FILE
 from swarmnode.identity import create_ca, describe, issue_node_cert, make_bundle
 from swarmnode.spec import TrainingSpec
 
@@ -207,6 +208,14 @@ class LocalSwarm:
                 return
             time.sleep(0.1)
         raise NodeError(f"node services did not enrol within {timeout:.0f} s; see {self.work}/logs")
+
+    def health(self, i: int, timeout: float = 60.0) -> dict[str, Any]:
+        """Site ``i``'s health file (its ports), once its node service has written it: a node
+        enrols before it writes the file (once its servers are up), so right after
+        :meth:`wait_enrolled` it may not be there yet."""
+        path = self.work / self.names[i] / "data" / HEALTH_FILE
+        self.wait_until(path.exists, timeout, f"{self.names[i]}'s health file")
+        return json.loads(path.read_text())  # written whole (a rename)
 
     def start_trainer(
         self, i: int, epochs: int | None = None, policy: str = "inactive",

@@ -189,6 +189,12 @@ class Collector:
     def encoded(self) -> tuple[Any, bytes] | None:
         """After :meth:`seal`: the merged model as canonical bytes and their SHA-256, when the
         mean was accumulated in place (else None: encode the merged state)."""
+        out = self.encoded_bytes()
+        return None if out is None else (out, serde.digest(out))
+
+    def encoded_bytes(self) -> Any | None:
+        """:meth:`encoded` without the SHA-256: the canonical bytes alone (a sharded round's
+        merged slice, whose digest nothing reads: the assembled model's is what is checked)."""
         with self._lock:
             if self._sealed is None or self._sealed[0] is None or self._out is None:
                 return None
@@ -197,7 +203,7 @@ class Collector:
                     view = self._views[name]
                     if tensor.data_ptr() != view.data_ptr() and view.numel():
                         view.copy_(tensor)  # a float16/bfloat16 mean, computed in float32
-            return self._out, serde.digest(self._out)
+            return self._out
 
     def release(self) -> None:
         """Free the merged tensors and the accumulator once the merged model is encoded (they

@@ -221,6 +221,9 @@ class RoundDriver:
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="digest")
         self._own: tuple[object, Future[bytes]] | None = None
         self._fetching: dict[int, threading.Thread] = {}
+        # sharded: round -> the model assembled from its slices, once checked free of NaN/Inf
+        # (on the gather's thread, while the round waits for its commit)
+        self._finite: dict[int, Any] = {}
         self._model_bytes = spec.nbytes if spec is not None else None
         self._served: dict[int, set[str]] = {}
         # models this node serves in parts: one it is still receiving, or a whole one it holds
@@ -253,7 +256,16 @@ class RoundDriver:
         self.pending_metrics = pending_after_sent(self.pending_metrics, sent)
 
     def prehash(self, payload: serde.Buffer) -> None:
-        """Start hashing this node's update now (a helper thread), for the push that follows."""
+        """Start hashing this node's update now (a helper thread), for the push that follows.
+        Not with topology sharded: its slices are not hashed (node.sharding), and only an
+        attempt after a re-election pushes the whole update (hashed then): a pass over the
+        model each round that nothing would read. Nor with secure aggregation: it pushes its
+        masked vector, whose digest is its check-in's hash (node.secure), never this payload
+        (at 25M parameters that pass cost each member 0.06 CPU-s a round for nothing)."""
+        if self.topology == "sharded" or self.secure is not None:
+            self._own = None
+            return
+
         def digest() -> bytes:
             try:
                 return serde.digest(payload)
@@ -362,7 +374,10 @@ class RoundDriver:
                     stages["merge"] -= stages.get("commit_tx", 0.0)
                 # a prefetch that finished after the pull: its copy is not needed any more
                 self._prefetched = {r: d for r, d in self._prefetched.items() if r > round}
+                self._finite = {r: d for r, d in self._finite.items() if r > round}
                 self.collectors.forget(round)  # attempts that never merged: their memory goes
+                if self.secure is not None:  # the masked updates it received: their memory too
+                    self.secure.forget(round)
                 if self.secure is not None and self._depth == 1:  # the next round's masks
                     self.secure.prepare_ahead()  # made while the trainer trains for it
                 return RoundOutcome(
@@ -426,7 +441,7 @@ class RoundDriver:
     def sharded_attempt(self, info: RoundInfo) -> tuple[bool, frozenset[str]]:
         """Whether this attempt of an elected round merges in slices (rules.runs_sharded), and
         the participants whose slice of this node's share is in."""
-        if (self.shards is None or info.status is not RoundStatus.ELECTED or not info.leader
+        if (self.shards is None or info.status is not RoundStatus.ELECTED
                 or self.me not in info.participants):
             return False, frozenset()
         weights = self._weights_of(info)
@@ -534,7 +549,8 @@ class RoundDriver:
         machine.on_checked_in()
         self.metrics_sent(action.metrics)
         if masked is not None and self.secure is not None:  # its hash's event is in that block
-            self.secure.note_checkin(action.round, result.block)
+            self.secure.note_checkin(action.round, result.block,
+                                     masked if "MaskedUpdate" in result.events else None)
         if "RoundClosed" in result.events:
             machine.on_closed()
         log.info("round %d: checked in with weight %d", action.round, action.weight)
@@ -569,10 +585,12 @@ class RoundDriver:
                       "(restarted after its check-in?); it pushes nothing: the round is "
                       "abandoned, the next goes on", action.round)
             return False
-        payload = SecureAggregation.payload(held[0])
+        pushed = self.secure.held_payload(action.round)  # the held vector's own bytes
+        if pushed is None:
+            return False
+        payload, digest = pushed
         self.pool.client(action.leader).push_update(
-            action.round, rnd.weight, payload, timeout=action.timeout_s,
-            digest=serde.digest(payload))
+            action.round, rnd.weight, payload, timeout=action.timeout_s, digest=digest)
         return True
 
     def _reveals(self, rnd: Round, action: Reveals, info: RoundInfo, now: float) -> None:
@@ -625,11 +643,11 @@ class RoundDriver:
             return True
         try:
             base = self._start_state(round)
-            plan = self.secure.plan_for(base)
             roster = self.secure.roster(round) or ()
-            result = self.secure.aggregate(round, roster, self._weights_of(info), plan)
-            merged = self.secure.unflatten(result.weighted_sum, base, rnd.state,
-                                           divide=float(result.total_weight))
+            plan = self.secure.plan_for(base, roster)
+            # summed, decoded into the model and bound-checked (one pass over the sum)
+            result, merged = self.secure.merge(round, roster, self._weights_of(info), plan,
+                                               base, rnd.state)
             data, digest = serde.Encoded(merged).to_buffer()
             serde.view_state(data, spec=self.spec, reject_nonfinite=True)
             start = self.latest_committed_before(round) if base is not None else None
@@ -717,7 +735,7 @@ class RoundDriver:
         failed = sharding.scatter(
             self.shards, self.pool, action.round, action.attempt, info.participants,
             rules.contributors(info.participants, self._weights_of(info)), rnd.payload,
-            rnd.weight, action.timeout_s, rnd.scattered)
+            rnd.weight, action.timeout_s, rnd.scattered, codec=self.codec, state=rnd.state)
         if failed:
             log.warning("round %d: slices not delivered yet: %s", action.round,
                         "; ".join(failed.values()))
@@ -737,13 +755,14 @@ class RoundDriver:
                       "at its deadline", action.round, exc)
             self.shards.fail(action.round, action.attempt, str(exc))
         rnd.machine.on_reduced(action.attempt)
-        if info.leader != self.me:  # assemble the merged model now, checked at the commit
-            fetch = threading.Thread(
-                target=self._gather, args=(action.round, action.attempt, info),
-                name=f"gather-{action.round}", daemon=True)
-            self._fetching = {r: t for r, t in self._fetching.items() if t.is_alive()}
-            self._fetching[action.round] = fetch
-            fetch.start()
+        # assemble the merged model now: a member's is checked at the commit, the leader's Merge
+        # takes it (_assemble); the leader may not be drawn yet, so every participant does it
+        fetch = threading.Thread(
+            target=self._gather, args=(action.round, action.attempt, info),
+            name=f"gather-{action.round}", daemon=True)
+        self._fetching = {r: t for r, t in self._fetching.items() if t.is_alive()}
+        self._fetching[action.round] = fetch
+        fetch.start()
 
     def _gather(self, round: int, attempt: int, info: RoundInfo) -> None:
         assert self.shards is not None
@@ -751,11 +770,20 @@ class RoundDriver:
         try:
             data, digest = sharding.gather(self.shards, self.pool, round, attempt,
                                            info.participants, self.timing.deadline_s, self.stop)
-        except SwarmError as exc:  # the pull after the commit asks the leader for it whole
+        except SwarmError as exc:  # a member's pull after the commit asks the leader for it
+            # whole; a leader's Merge gathers again (_assemble)
             log.warning("round %d: could not assemble the merged model from its slices: %s",
                         round, exc)
             return
+        try:  # checked here, off the round's path: after the commit only its digest is
+            serde.view_state(data, spec=self.spec, reject_nonfinite=True)
+            finite = True
+        except SwarmError:  # NaN/Inf: checked again where it is used, and refused there
+            finite = False
         if self.store.get(round) is None:
+            if finite:
+                self._finite = {r: d for r, d in self._finite.items() if r >= round - 1}
+                self._finite[round] = data
             self._prefetched = {r: d for r, d in self._prefetched.items() if r >= round - 1}
             self._prefetched[round] = serde.Received(data, digest)
         log.info("round %d: merged model assembled from %d slices in %.2f s", round,
@@ -1031,10 +1059,22 @@ class RoundDriver:
         committed (the members re-elect at the deadline; that attempt gathers whole updates)."""
         assert self.shards is not None
         left = max(1.0, info.elected_at + self.timing.deadline_s - now)
+        fetch = self._fetching.pop(action.round, None)
+        if fetch is not None:  # begun at this node's Reduce (_gather), maybe before the draw
+            t0 = time.monotonic()
+            fetch.join(left)
+            left = max(1.0, left - (time.monotonic() - t0))
+        early = self._prefetched.pop(action.round, None)
+        checked = early is not None and self._finite.pop(action.round, None) is early.data
         try:
-            data, digest = sharding.gather(self.shards, self.pool, action.round,
-                                           action.attempt, info.participants, left, self.stop)
-            serde.view_state(data, spec=self.spec, reject_nonfinite=True)
+            if early is not None:
+                data, digest = early.data, early.digest
+            else:  # none begun, or it failed: gather now
+                data, digest = sharding.gather(self.shards, self.pool, action.round,
+                                               action.attempt, info.participants, left,
+                                               self.stop)
+            if not checked:
+                serde.view_state(data, spec=self.spec, reject_nonfinite=True)
         except SwarmError as exc:
             log.error("round %d: the merged model cannot be assembled from its slices: %s; "
                       "the round is re-elected at its deadline", action.round, exc)
@@ -1081,8 +1121,9 @@ class RoundDriver:
             fetch.join(self.timing.transfer_s)
         early = self._prefetched.pop(action.round, None)
         if early is not None:
+            checked = self._finite.pop(action.round, None) is early.data
             try:
-                self._verify(early, action.digest)
+                self._verify(early, action.digest, checked)
             except NonFiniteValues:  # poison: the pull below says so and refuses it
                 pass
             except SwarmError as exc:  # not what was committed: pull it as usual
@@ -1127,12 +1168,14 @@ class RoundDriver:
             covered = True
         self.secure.account(round, self._weights_of(info), covered)
 
-    def _verify(self, got: serde.Received, digest: bytes) -> None:
+    def _verify(self, got: serde.Received, digest: bytes, checked: bool = False) -> None:
         """A pulled model is the committed one: its digest (hashed as it arrived) is the chain's,
         its header matches the training spec (parsed, not copied), and it holds no NaN/Inf (a
-        leader's poison is refused like a member's)."""
+        leader's poison is refused like a member's). ``checked``: the header and the values
+        were checked already (a sharded round's assembly, while it waited for the commit)."""
         got.check_digest(digest)
-        serde.view_state(got.data, spec=self.spec, reject_nonfinite=self.reject_nonfinite)
+        if not checked:
+            serde.view_state(got.data, spec=self.spec, reject_nonfinite=self.reject_nonfinite)
 
     def latest_committed_before(self, round: int, pull: bool = True) -> StoredModel | None:
         """The newest committed merged model before ``round`` (None if no round committed yet),

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 from swarmnode.chain import epsilon as chain_epsilon
 from swarmnode.errors import ConfigError
+from swarmnode.privacy.guards import MIN_SITES
 
 __all__ = [
     "END_POLICIES",
@@ -29,6 +30,7 @@ __all__ = [
     "capped_weight",
     "check_policy",
     "eligible_metrics",
+    "effective_policy",
     "end_step",
     "final_round",
     "holds_final",
@@ -36,6 +38,7 @@ __all__ = [
     "missed_checkin",
     "pending_after",
     "pending_after_sent",
+    "secure_sums_over",
 ]
 
 END_POLICIES = ("inactive", "snapshot", "active")
@@ -75,13 +78,36 @@ class EndStep:
     drive: bool  # may turn the round over (elect, draw): only in the final round
 
 
+def effective_policy(policy: str, secure: bool) -> str:
+    """The policy a finished site follows. With secure aggregation it is always ``inactive``:
+    a finished site that keeps adding weight adds a contribution the others can predict
+    (``active``: a zero change; ``snapshot``: the same final weights every round, which a
+    member removes by subtracting two rounds' sums), so with two sites still training each
+    would learn the other's updates from the sums, which secure aggregation exists to prevent.
+    A site that adds weight 0 adds nothing to the sum, and a round whose sites still training
+    are too few to sum keeps its starting model (the round core's rule)."""
+    check_policy(policy)
+    return "inactive" if secure else policy
+
+
+def secure_sums_over(mask_set: int, still_training: int) -> bool:
+    """Secure aggregation: whether no later round can be summed. A round sums only when at
+    least MIN_SITES sites add weight (with fewer, the sum gives an update away) and a finished
+    site adds none (:func:`effective_policy`): once a training whose mask set had room for a
+    sum has fewer than MIN_SITES sites still training (the others finished or were revoked),
+    every further round would commit its starting model again and the trainers' work would be
+    thrown away round after round. The sites still training then finish: their trainers stop
+    and take the final model (the last summed one) instead."""
+    return mask_set >= MIN_SITES and still_training < MIN_SITES
+
+
 def end_step(policy: str, round: int, final: int | None, weight: int) -> EndStep:
     """``inactive`` (default) stops contributing: it waits, takes part only in the final round,
     with weight 0 and the newest merged model (so rounds do not wait for it, and stay
     reproducible). ``snapshot`` keeps contributing its final weights, ``active`` the merged
     weights of each round (:func:`adopts_merged`), every round at the trainer's weight. Before
     the final round a finished node only follows: it must not turn rounds over while another
-    site still trains."""
+    site still trains. Secure aggregation: :func:`effective_policy` first."""
     check_policy(policy)
     last = final == round
     if policy == "inactive":

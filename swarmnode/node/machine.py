@@ -13,6 +13,8 @@ sockets, no chain. One machine lives for one round of one node::
     ELECTION -> PUSH (Scatter: a slice to each owner) -> COLLECT (Reduce: this node's slice,
     once every contributor's is in) -> leader: Merge(sharded) assembles and commits;
     member: COMMIT (assembling in the background) -> PULL -> DONE
+    (the slices' owners are the participants, fixed when the round closes: the scatter and the
+    reduce do not wait for the leader's draw; only the merge and the commit need the leader)
 
 The contract draws each round's leader from the hash of the block that closed the round (no
 participant knows it when it sends its transaction), so an elected round has no leader until a
@@ -372,14 +374,11 @@ class RoundMachine:
             return Wait(t.poll_s, "late: waiting for the merged model")
         self.checked_in = True
         leader, attempt = info.leader or "", info.attempt
+        if obs.sharded:  # the slices' owners are fixed at the close: no need to wait for the draw
+            return self._sharded(obs, leader, attempt)
         if not leader:  # closed, the draw block not mined yet (or no transaction since)
             self.stage = Stage.ELECTION
-            due = self.closer or (self.drive and obs.now >= info.elected_at + t.draw_wait_s)
-            if due and self._may_try(f"draw{attempt}", obs.now):
-                return Draw(self.round)
-            return Wait(t.poll_s, "waiting for the leader draw")
-        if obs.sharded:
-            return self._sharded(obs, leader, attempt)
+            return self._draw(obs) or Wait(t.poll_s, "waiting for the leader draw")
         if leader == self.me:
             if self.merged_attempt == attempt:
                 self.stage = Stage.COMMIT
@@ -466,14 +465,20 @@ class RoundMachine:
         """An attempt of a sharded round: send the slices, merge this node's slice once every
         contributor's is in, then the leader assembles and commits, the others wait for the
         commit (re-electing at the deadline, as in any round: a lost slice stalls the attempt,
-        and the next attempt gathers whole updates at its leader)."""
+        and the next attempt gathers whole updates at its leader).
+
+        The slices go out and this node's slice is merged before the leader is drawn: until
+        then the draw waits for the scatter and the merge of this node's slice (the others'
+        gathers wait for that slice; only the commit needs the leader), and is sent while
+        there is nothing else to do."""
         info, t = obs.info, self.timing
+        draw = self._draw if not leader else lambda _obs: None
         if self.merged_attempt == attempt or self.vetoed_attempt == attempt:
             self.stage = Stage.COMMIT
             return Wait(t.poll_s, "commit sent" if self.merged_attempt == attempt
                         else "the merged model could not be committed: waiting for the "
                         "re-election")
-        if (leader != self.me and self._overdue(obs)
+        if (leader and leader != self.me and self._overdue(obs)
                 and self._may_try(f"reelect{attempt}", obs.now)):
             return Reelect(self.round, attempt, leader)
         if self.scattered_attempt != attempt and self.weight == 0:
@@ -482,14 +487,17 @@ class RoundMachine:
             self.stage = Stage.PUSH
             if self._may_try(f"scatter{attempt}", obs.now):
                 return Scatter(self.round, attempt, self._transfer_timeout(obs))
-            return Wait(t.poll_s, "retrying the slices soon")
+            return draw(obs) or Wait(t.poll_s, "retrying the slices soon")
         if self.reduced_attempt != attempt:
             self.stage = Stage.COLLECT
             if set(info.participants) <= obs.shard_in and self._may_try(f"reduce{attempt}",
                                                                         obs.now):
                 return Reduce(self.round, attempt)
-            return Wait(t.poll_s, f"collecting slices ({len(obs.shard_in)}/"
-                        f"{len(info.participants)})")
+            return draw(obs) or Wait(t.poll_s, f"collecting slices ({len(obs.shard_in)}/"
+                                     f"{len(info.participants)})")
+        if not leader:
+            self.stage = Stage.ELECTION
+            return draw(obs) or Wait(t.poll_s, "slices merged: waiting for the leader draw")
         if leader == self.me:
             self.stage = Stage.COLLECT
             if self._may_try(f"merge{attempt}", obs.now):
@@ -498,6 +506,15 @@ class RoundMachine:
             return Wait(t.poll_s, "assembling the merged slices")
         self.stage = Stage.COMMIT
         return Wait(t.poll_s, "waiting for the leader's commit")
+
+    def _draw(self, obs: Observation) -> Draw | None:
+        """The leader draw, when this node is to send it now: at once if its transaction closed
+        the round, else once the leader is still undrawn ``draw_wait_s`` after the close."""
+        info, t = obs.info, self.timing
+        due = self.closer or (self.drive and obs.now >= info.elected_at + t.draw_wait_s)
+        if due and self._may_try(f"draw{info.attempt}", obs.now):
+            return Draw(self.round)
+        return None
 
     def _overdue(self, obs: Observation) -> bool:
         """The elected leader's deadline passed (and the chain was up long enough to judge)."""

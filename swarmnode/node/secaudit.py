@@ -11,12 +11,12 @@ The leader keeps each summed round's evidence (:mod:`swarmnode.privacy.evidence`
    round without one, the committed model itself;
 2. every seed it says this member revealed is the seed this member computes;
 3. ``privacy.audit.verify_sum``: the masked updates are those of exactly the mask-set sites
-   that checked in, each matching the hash its check-in carries, and the leader's ring sum is
-   their sum less the revealed masks (an update changed, dropped or added, or a wrong reveal,
-   fails here);
-4. the sum decoded (the round's plan), divided by the checked-in weights (on chain), added to
-   the round's starting model, has the digest committed on chain (a leader that summed one
-   thing and committed another fails here).
+   that checked in, each matching the hash its check-in carries (an update changed, dropped
+   or added fails here); their sum less the revealed masks is the round's sum (evidence from
+   an older leader that states its ring sum must state that one);
+4. that sum decoded (the round's plan), divided by the checked-in weights (on chain), added to
+   the round's starting model, has the digest committed on chain (a wrong reveal, or a leader
+   that summed one thing and committed another, fails here).
 
 Any failure is an AggregateRejected naming the round, its leader and what differed.
 """
@@ -103,10 +103,10 @@ def check_round(secure: SecureAggregation, info: RoundInfo, weights: Mapping[str
                     f"{where}: the evidence says this site revealed seed "
                     f"{r.seed.hex()[:12]}... for {r.missing}; its seed with that site is not "
                     "that: the leader used a reveal this site never gave")
-    plan = secure.plan_for(base)
-    verify_sum(set(low), hashes, ev.masked, ev.reveals, plan, ev.ring_sum, info.round,
-               ATTEMPT)
-    weighted = decode_sum(ev.ring_sum, plan)
+    plan = secure.plan_for(base, roster)  # the round's ring, as its sites and leader chose it
+    ring_sum = verify_sum(set(low), hashes, ev.masked, ev.reveals, plan, ev.ring_sum,
+                          info.round, ATTEMPT)  # the evidence's own sum, if it states one
+    weighted = decode_sum(ring_sum, plan)
     total = sum(int(weights[s]) for s in summed)
     merged = secure.unflatten(weighted / float(max(total, 1)), base, held)
     _, digest = serde.Encoded(merged).to_buffer()

@@ -20,7 +20,7 @@ from typing import Any
 from swarmnode import merge
 from swarmnode.chain.accounts import account_for
 from swarmnode.chain.client import SwarmContract, connect
-from swarmnode.chain.models import RoundInfo, RoundStatus
+from swarmnode.chain.models import NodeInfo, RoundInfo, RoundStatus
 from swarmnode.chain.rpc import ChainTls, chain_tls
 from swarmnode.chain.watch import BlockWatcher
 from swarmnode.config import NodeConfig
@@ -53,10 +53,11 @@ from swarmnode.node.secure import (
     SecureAggregation,
     load_or_make_key,
     masked_params,
+    masked_spec,
 )
 from swarmnode.node.sharding import ShardExchange
 from swarmnode.node.store import ModelStore, StoredModel
-from swarmnode.privacy.guards import refuse_until_wired
+from swarmnode.privacy.guards import MIN_SITES, refuse_until_wired
 from swarmnode.spec import TrainingSpec
 from swarmnode.transport import compression, serde
 from swarmnode.transport.local import LocalServer
@@ -72,6 +73,7 @@ _OWN_STAGES = {"push": "this node is pushing its update to the round's leader",
                "pull": "this node is fetching the merged model"}
 
 _WAIT_LOG_S = 10.0  # how often a wait says what it is waiting for
+_NODES_TTL_S = 60.0  # how long the enrolled nodes read for a waiting trainer's answer are kept
 _TRANSIENT = (ChainUnavailable, ChainTimeout)
 # Contract events that move a round on for the nodes waiting in it (check-ins are not among
 # them: a waiting node needs the election, not each of the N check-ins before it).
@@ -174,11 +176,22 @@ class NodeService:
         *,
         chain: SwarmContract | None = None,
         peers: Callable[[SwarmContract, str, TlsFiles, ChainAuthority], PeerPool] | None = None,
+        secure_end_control: bool = False,
     ) -> None:
         """``chain``: a handle of the training that signs as this site, used instead of
         connecting to ``config.rpc_url`` (an in-process chain: :mod:`swarmnode.testing`);
         ``peers``: builds the pool rounds push and pull through (default :class:`PeerPool`,
-        the peer API and the data plane). Production passes neither."""
+        the peer API and the data plane). Production passes neither.
+
+        ``secure_end_control``: a control for studies, not a product setting (the in-process
+        swarm's ``secure_end_control``): in a training without secure aggregation, this node
+        still ends as a secure one does (:meth:`_ends_as_secure`): a finished site runs as
+        ``inactive`` (lifecycle.effective_policy) and, once fewer than MIN_SITES sites still
+        train, the others finish at their next sync (lifecycle.secure_sums_over), so that a
+        plain swarm with this set differs from a secure one only in the masking and its
+        encoding (and the round core's rule that a secure round with fewer than MIN_SITES
+        sites adding weight keeps its starting model). Ignored under secure aggregation,
+        which applies these rules anyway."""
         self.config = config
         _return_freed_memory()
         self._stopped = stop or threading.Event()
@@ -237,7 +250,9 @@ class NodeService:
                                              self._round_start)
         self.secure: SecureAggregation | None = None
         self.audits: dict[int, str] = {}  # round -> the automatic check's outcome (ok, failed)
-        if self.spec.secure_aggregation:  # pushes are masked updates (one int64 vector)
+        self.ended_early: str | None = None  # why this site finished before its trainer did
+        self._secure_end_control = secure_end_control  # a study's control (see above)
+        if self.spec.secure_aggregation:  # pushes are masked updates (one int32/int64 vector)
             self.secure = SecureAggregation(
                 self.me, self.chain, load_or_make_key(config.data_dir), self.param_spec.params,
                 clip=float(self.spec.merge_options["clip_norm"]),
@@ -245,6 +260,8 @@ class NodeService:
                 evidence_dir=Path(config.data_dir) / EVIDENCE_DIR)
             self.codec = compression.UpdateCodec(
                 "none", masked_params(self.param_spec.params), self._round_start)
+            # a masked push is int32 (narrow ring) or int64 (wide): the round's plan decides
+            self.codec.update_spec = masked_spec(self.param_spec.params)
             self.secure.noise = self.spec.distributed_noise  # each site's share (privacy.noise)
         self.collectors = Collectors(self.spec.merge_method, self.spec.merge_options,
                                      on_add=self.watcher.notify, spec=self.param_spec)
@@ -272,6 +289,8 @@ class NodeService:
         self.progress = _Progress()
         self._late = False  # started after the training finished: it only takes the final model
         self._waiting_cache: tuple[float, dict[str, Any]] | None = None
+        self._waiting_nodes: tuple[float, tuple[NodeInfo, ...]] | None = None
+        self._finished_at: tuple[int, float, bool] | None = None  # (block, when, finished)
         self._round_lock = threading.Lock()
         self.peer_server: PeerServer | None = None
         self.local_server: LocalServer | None = None
@@ -286,7 +305,7 @@ class NodeService:
             self.config.peer_listen, self.tls, self.authority, self,
             spec=self.codec.update_spec, max_bytes=self.max_bytes,
             reject_nonfinite=self.config.reject_nonfinite, data_port=self.config.data_port,
-            spill_dir=str(self._spill_dir()), listener=self.config.listener_limits,
+            spill_dir=self._update_spill(), listener=self.config.listener_limits,
             one_port=self.config.one_port,
         )
         port = self.peer_server.start()
@@ -310,6 +329,15 @@ class NodeService:
             "node %s (%s) ready: peer API on port %d, local API at %s",
             self.config.name, self.me, port, self.config.local_target,
         )
+
+    def _update_spill(self) -> str | None:
+        """Where the data plane receives pushed updates: spill files (_spill_dir), but memory
+        under secure aggregation, where the leader adds each masked update to its running sum
+        as it arrives and keeps it only for the round's evidence (SecureAggregation.forget:
+        (n-1) x 8 bytes per parameter at most, n the sites of the round): receiving into a
+        spill file cost some 5x the CPU of anonymous memory in issue 20's profile (0.45 vs 0.09
+        CPU-s per 200 MB masked update), on the leader's path."""
+        return None if self.secure is not None else str(self._spill_dir())
 
     def _spill_dir(self) -> Path:
         """Where updates that are held but not being read live: files on the data volume (page
@@ -434,7 +462,7 @@ class NodeService:
     ) -> None:
         info = self._check_push(round, sender, weight)
         if self.secure is not None:  # a masked update: kept once its hash is the check-in's
-            self.secure.receive(round, sender, state, self.secure.plan)
+            self.secure.receive(round, sender, state, digest)
             if evict is not None:
                 evict()
             self.watcher.notify()
@@ -573,7 +601,8 @@ class NodeService:
                               "each slice to the participant that owns it")
         shards.collector(round, attempt, info.participants,
                          self.driver.contributors(info)).check(sender)
-        return shards.layout(round, info.participants).slice_spec(index)
+        # the slice whole, or (compression) its coded change from the round's starting model
+        return self.codec.slice_spec(shards.layout(round, info.participants), index)
 
     def accept_shard(self, round: int, attempt: int, index: int, sender: str, weight: int,
                      state: StateDict, evict: Callable[[], None] | None = None) -> None:
@@ -583,11 +612,14 @@ class NodeService:
         assert shards is not None
         collector = shards.collector(round, attempt, info.participants,
                                      self.driver.contributors(info))
+        # a coded change: the float32 slice it stands for (the round's starting model's + it)
+        state = self.codec.incoming_slice(round, shards.layout(round, info.participants), index,
+                                          state, sender)
         shards.add(collector, sender, weight, state, evict)
         log.info("round %d: slice %d from %s (weight %d)", round, index, sender, weight)
 
     def merged_shard(self, round: int, attempt: int, index: int, timeout: float,
-                     to: str | None = None) -> tuple[serde.Buffer, bytes] | None:
+                     to: str | None = None) -> serde.Buffer | None:
         """This node's merged slice ``index`` of (round, attempt), waited for up to
         ``timeout`` (at most 10 s); None while it is not merged. A slice merged here is still
         served once the round moved on (committed): a member slower than the leader assembles
@@ -611,11 +643,10 @@ class NodeService:
 
     def _sharded_info(self, round: int, attempt: int) -> RoundInfo:
         info = self.driver.seen.get(round)
-        # what this node last saw may predate the leader's draw (elected, no leader yet) while
-        # the sender already saw it: read the chain then, or a sender's slice is refused and
-        # waits for its retry
-        if (info is None or info.status is not RoundStatus.ELECTED or info.attempt != attempt
-                or not info.leader):
+        # what this node last saw may predate the close (still open) while the sender already
+        # saw it: read the chain then, or a sender's slice is refused and waits for its retry
+        # (the leader's draw does not matter: the owners are fixed at the close)
+        if info is None or info.status is not RoundStatus.ELECTED or info.attempt != attempt:
             info = self.chain.round(round)
         if self.driver.shards is None or not (
                 info.status is RoundStatus.ELECTED and info.attempt == attempt
@@ -730,13 +761,29 @@ class NodeService:
         if cached is not None and time.monotonic() - cached[0] < 3.0:
             return cached[1]
         try:
-            found, now = waiting_now(self.chain)
+            # the enrolled nodes only name the sites: one view per node, read at most once a
+            # minute (a wait reported every round of a swarm would read them every round)
+            listed = self._waiting_nodes
+            if listed is None or time.monotonic() - listed[0] >= _NODES_TTL_S:
+                listed = self._waiting_nodes = (time.monotonic(), tuple(self.chain.nodes()))
+            found, now = waiting_now(self.chain, nodes=listed[1])
         except SwarmError as exc:  # the chain is down: say so, the trainer logs it
             return {"error": str(exc)}
         answer = ({"stage": "not started"} if found is None
                   else {**found.to_json(now), "line": found.describe(now)})
         self._waiting_cache = (time.monotonic(), answer)
         return answer
+
+    def training_finished(self) -> bool:
+        """Whether the training is over, read at most once per block (and per second): a sync
+        asks when it begins and its reply says it when it ends, often in one block."""
+        block, now = self.watcher.block, time.monotonic()
+        held = self._finished_at
+        if held is not None and block >= 0 and held[0] == block and now - held[1] < 1.0:
+            return held[2]
+        done = bool(self._read(self.chain.training_finished))
+        self._finished_at = (block, now, done)
+        return done
 
     # -- what the trainer asks for ----------------------------------------------------------------
     def _read(self, fn):  # type: ignore[no-untyped-def]
@@ -798,16 +845,27 @@ class NodeService:
         self, payload: serde.Buffer, weight: int, loss: float | None, metric: float | None,
         privacy: Privacy | None = None,
     ) -> RoundOutcome:
+        if self._ends_as_secure() and self._secure_sums_over():
+            return self.finish(payload, weight, "inactive")
         state = self._decode_own(payload)
         # the digest a push announces, hashed while the round checks in (off its critical path)
         self.driver.prehash(payload)
         with self._round_lock:
-            if self._read(self.chain.training_finished):  # the callback loads it, should_stop
+            if self.training_finished():  # the callback loads it, should_stop
                 log.info("the swarm's training is over; handing the final model to the trainer")
                 return self._final_outcome()
             r = self._read(self.chain.current_round)
             self.progress.stage, self.progress.round = "round", r
-            outcome = self.driver.run_round(r, state, payload, weight)
+            try:
+                outcome = self.driver.run_round(r, state, payload, weight)
+            except RoundError:
+                # the final round was committed between the reads above and the check-in (which
+                # the contract then refuses: TrainingOver): the trainer takes the final model
+                if not self._read(self.chain.training_finished):
+                    raise
+                log.info("the swarm's training ended as this sync began; handing the final "
+                         "model to the trainer")
+                return self._final_outcome()
             if lifecycle.missed_checkin(outcome.contributed, outcome.abandoned, weight):
                 # Round r was elected before we checked in: rather than drop the trainer's work,
                 # contribute it to the next round (which opens now), unless training is over.
@@ -822,9 +880,51 @@ class NodeService:
             self.driver.forget_own()
             return outcome
 
+    def _ends_as_secure(self) -> bool:
+        """Whether this node follows secure aggregation's end rules (lifecycle.effective_policy,
+        lifecycle.secure_sums_over): under secure aggregation, or in the clear as a study's
+        control (``secure_end_control``)."""
+        return self.secure is not None or self._secure_end_control
+
+    def _secure_sums_over(self) -> bool:
+        """Secure aggregation: whether no later round can be summed (lifecycle.secure_sums_over):
+        then this site finishes rather than sync (logged once, with why). The control in the
+        clear (``secure_end_control``) has no mask set: the training's members stand for it
+        (every member would be in a round's mask set once it joined with a usable key)."""
+        if self._read(self.chain.training_finished):
+            return False
+        still = self._read(self.chain.active_count)
+        if still >= MIN_SITES:  # the usual case: one read
+            return False
+        still += self._read(self.chain.absent_count)  # absent ones may come back
+        r = self._read(self.chain.current_round)
+        if self.secure is not None:
+            room = len(self.secure.roster(r) or ())
+        else:  # the control in the clear
+            room = len(self._read(self.chain.node_list))
+        if not lifecycle.secure_sums_over(room, still):
+            return False
+        control = "" if self.secure is not None else (
+            " (a control in the clear: this plain training ends as a secure one would)")
+        self.ended_early = (
+            f"round {r}: only {still} site(s) still train; secure aggregation sums no round with "
+            f"fewer than {MIN_SITES} sites adding weight (the sum would give an update away), so "
+            "every further round would keep its starting model and throw this site's training "
+            "away: this site finishes now and its trainer takes the final model (the last "
+            f"summed one){control}")
+        log.warning("%s", self.ended_early)
+        return True
+
     def finish(self, payload: serde.Buffer, weight: int, policy: str) -> RoundOutcome:
         """The trainer is done: take part per ``policy`` until the final round, return its model."""
-        lifecycle.check_policy(policy)
+        asked, policy = policy, lifecycle.effective_policy(policy, self._ends_as_secure())
+        if policy != asked:
+            log.warning("the trainer asked for end-of-training policy %s; with secure "
+                        "aggregation a finished site runs as inactive (it adds weight 0): one "
+                        "that kept adding a predictable contribution would let the sites still "
+                        "training learn each other's updates from the sums%s", asked,
+                        "" if self.secure is not None else
+                        " (here a control in the clear: secure_end_control)")
         own = self._decode_own(payload)
         serde.evict(payload)  # checked; read again when it is pushed or folded
         with self._round_lock:
@@ -1038,8 +1138,10 @@ class _LocalApi:
                 "abandoned": outcome.abandoned, "contributed": outcome.contributed,
                 "seconds": time.monotonic() - t0,
                 "stages": {k: round(v, 6) for k, v in outcome.stages.items()},
-                "training_finished": self.node._read(self.node.chain.training_finished),
+                "training_finished": self.node.training_finished(),
             }
+            if self.node.ended_early is not None:
+                reply["ended_early"] = self.node.ended_early
             if outcome.data is None and not outcome.abandoned:
                 raise NodeError(
                     f"round {outcome.round} committed {reply['digest'][:12]}, but this node holds "

@@ -15,6 +15,7 @@ What this module decides nothing about: when to send, merge or give up (the roun
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -24,7 +25,8 @@ from typing import Any
 from swarmnode.errors import DuplicateUpdate, RoundError, SwarmError, TransportError
 from swarmnode.node.collector import Collector
 from swarmnode.transport import serde
-from swarmnode.transport.shards import ShardLayout
+from swarmnode.transport.compression import UpdateCodec
+from swarmnode.transport.shards import EncodedSlice, ShardLayout
 from swarmnode.types import StateDict, Update
 
 __all__ = ["ShardExchange", "gather", "scatter"]
@@ -44,7 +46,7 @@ class ShardExchange:
         self._cond = threading.Condition()
         self._layouts: dict[int, ShardLayout] = {}
         self._collectors: dict[_Key, Collector] = {}
-        self._merged: dict[_Key, tuple[serde.Buffer, bytes]] = {}
+        self._merged: dict[_Key, serde.Buffer] = {}
         self._failed: dict[_Key, str] = {}
 
     def layout(self, round: int, participants: Iterable[str]) -> ShardLayout:
@@ -94,9 +96,11 @@ class ShardExchange:
         collector.add(Update(state, float(weight), sender, evict=evict))
 
     def reduce(self, round: int, attempt: int, participants: Iterable[str],
-               contributors: Iterable[str]) -> tuple[serde.Buffer, bytes]:
+               contributors: Iterable[str]) -> serde.Buffer:
         """Merge this node's slice of (round, attempt) once (later calls return the same bytes):
-        canonical safetensors of the merged slice, and their SHA-256."""
+        canonical safetensors of the merged slice. Not hashed: nobody reads a slice's digest
+        (every site checks the assembled model's SHA-256 against the one the leader commits),
+        and a pass over the slice here would delay its serving."""
         key = (round, attempt)
         with self._cond:
             done = self._merged.get(key)
@@ -106,16 +110,17 @@ class ShardExchange:
         layout = self.layout(round, parts)
         index = self.mine(round, parts)
         collector = self.collector(round, attempt, parts, contributors)
+        done: serde.Buffer
         if layout.empty(index):
-            done = serde.Encoded({}).to_buffer()
+            done = serde.Encoded({}).to_bytes()
         else:
             merged, _senders, _total = collector.seal()
-            encoded = collector.encoded()
+            encoded = collector.encoded_bytes()
             if encoded is not None:
                 done = encoded
             else:
                 assert merged is not None
-                done = serde.Encoded(merged).to_buffer()
+                done = serde.Encoded(merged).to_bytes()
             collector.release()
         with self._cond:
             self._merged = {k: v for k, v in self._merged.items() if k[0] >= round - 1}
@@ -130,7 +135,7 @@ class ShardExchange:
             self._failed = {k: v for k, v in self._failed.items() if k[0] >= round - 1}
             self._cond.notify_all()
 
-    def merged(self, round: int, attempt: int, wait_s: float) -> tuple[serde.Buffer, bytes] | None:
+    def merged(self, round: int, attempt: int, wait_s: float) -> serde.Buffer | None:
         """This node's merged slice of (round, attempt), waited for up to ``wait_s``."""
         key = (round, attempt)
         with self._cond:
@@ -138,7 +143,7 @@ class ShardExchange:
                                 timeout=max(0.0, wait_s))
             return self._merged.get(key)
 
-    def held(self, round: int, attempt: int, index: int) -> tuple[serde.Buffer, bytes] | None:
+    def held(self, round: int, attempt: int, index: int) -> serde.Buffer | None:
         """Slice ``index`` of (round, attempt) if this node merged it (and still holds it),
         whatever the round became since; None otherwise. Does not wait."""
         with self._cond:
@@ -149,9 +154,12 @@ class ShardExchange:
 
 
 # -- the transfers ---------------------------------------------------------------------------------
-def _parallel(jobs: Mapping[int, Callable[[], Any]]) -> dict[int, Any]:
-    """Run each job on a thread of its own; index -> its result or the SwarmError it raised."""
+def _start(jobs: Mapping[int, Callable[[], Any]]
+           ) -> tuple[list[threading.Thread], dict[int, Any], dict[int, threading.Event]]:
+    """Start each job on a thread of its own: the threads, index -> its result or the
+    SwarmError it raised (once its event is set), index -> set when that job ended."""
     results: dict[int, Any] = {}
+    ended = {i: threading.Event() for i in jobs}
 
     def run(i: int, job: Callable[[], Any]) -> None:
         try:
@@ -161,11 +169,19 @@ def _parallel(jobs: Mapping[int, Callable[[], Any]]) -> dict[int, Any]:
         except Exception as exc:  # a bug or a broken peer's bytes: that slice failed
             log.exception("sharded transfer %d failed", i)
             results[i] = TransportError(f"{type(exc).__name__}: {exc}")
+        finally:
+            ended[i].set()
 
     threads = [threading.Thread(target=run, args=(i, job), name=f"shard-{i}", daemon=True)
                for i, job in jobs.items()]
     for t in threads:
         t.start()
+    return threads, results, ended
+
+
+def _parallel(jobs: Mapping[int, Callable[[], Any]]) -> dict[int, Any]:
+    """Run each job on a thread of its own; index -> its result or the SwarmError it raised."""
+    threads, results, _ = _start(jobs)
     for t in threads:
         t.join()
     return results
@@ -173,24 +189,53 @@ def _parallel(jobs: Mapping[int, Callable[[], Any]]) -> dict[int, Any]:
 
 def scatter(exchange: ShardExchange, pool: Any, round: int, attempt: int,
             participants: Iterable[str], contributors: Iterable[str], payload: serde.Buffer,
-            weight: int, timeout: float, done: set[int]) -> dict[int, str]:
+            weight: int, timeout: float, done: set[int],
+            codec: UpdateCodec | None = None, state: StateDict | None = None) -> dict[int, str]:
     """Send slice ``j`` of this node's update (canonical ``payload``) to owner ``j``, for every
     slice not in ``done`` (which gains each slice delivered; this node's own goes into its own
-    collector). Returns the failures: index -> why (retried by the next Scatter)."""
+    collector). Returns the failures: index -> why (retried by the next Scatter).
+
+    With a ``codec`` that compresses (the spec's ``compression``) and the round's starting
+    model at hand, each slice travels as its coded change from that model (``state``: the
+    update's tensors, viewing ``payload``), coded on the thread that sends it, so the slices
+    are coded and sent at once; this node's own slice is folded as its owner would fold it had
+    it been sent (coded, then decoded)."""
     parts, contrib = tuple(participants), tuple(contributors)
     layout = exchange.layout(round, parts)
     me = exchange.mine(round, parts)
+    coder = (codec if codec is not None and state is not None and codec.start_slices(round)
+             else None)
+    update: StateDict = state or {}
+
+    def coded_slice(index: int) -> serde.Buffer | None:
+        return None if coder is None else coder.outgoing_slice(round, update, layout, index)
+
+    def piece_of(index: int) -> EncodedSlice:
+        coded = coded_slice(index)
+        if coded is None:  # a view of the payload: no copy
+            return layout.encode(payload, index)
+        view = memoryview(coded).cast("B")  # its header, then its tensors' bytes
+        head = 8 + int.from_bytes(view[:8], "little")
+        return EncodedSlice(bytes(view[:head]), view[head:])
+
+    def own_slice(index: int) -> StateDict:
+        coded = coded_slice(index)
+        if coder is None or coded is None:  # views of the payload's bytes, no copy
+            return layout.cut(payload, index)
+        wire = serde.view_state(coded, spec=coder.slice_spec(layout, index),
+                                reject_nonfinite=False)
+        return coder.incoming_slice(round, layout, index, wire, exchange.me)
 
     def send(index: int) -> Callable[[], None]:
         def job() -> None:
-            if index == me:  # folded straight from the payload's bytes (views, no copy)
+            if index == me:
                 collector = exchange.collector(round, attempt, parts, contrib)
                 try:
-                    exchange.add(collector, exchange.me, weight, layout.cut(payload, index))
+                    exchange.add(collector, exchange.me, weight, own_slice(index))
                 except DuplicateUpdate:
                     pass
                 return
-            piece = layout.encode(payload, index)  # a view of the payload and its SHA-256
+            piece = piece_of(index)
             try:
                 pool.client(layout.owners[index]).push_shard(
                     round, attempt, index, weight, piece, timeout=timeout)
@@ -218,10 +263,10 @@ def gather(exchange: ShardExchange, pool: Any, round: int, attempt: int,
 
     The model is assembled in one buffer allocated up front: each owner's slice is received
     straight into its place (its header compared with the layout's, not parsed), and the whole
-    model is hashed once at the end. A slice's own SHA-256 is not computed again on the way:
-    TLS authenticates every byte of the hop, and the owner's claim about its slice adds nothing
-    the assembled model's digest (committed by the leader, checked by every member against the
-    chain) does not check."""
+    model is hashed once, in order, while the slices still to come are arriving. A slice's own
+    SHA-256 is not computed again on the way: TLS authenticates every byte of the hop, and the
+    owner's claim about its slice adds nothing the assembled model's digest (committed by the
+    leader, checked by every member against the chain) does not check."""
     parts = tuple(participants)
     layout = exchange.layout(round, parts)
     me = exchange.mine(round, parts)
@@ -236,7 +281,7 @@ def gather(exchange: ShardExchange, pool: Any, round: int, attempt: int,
                     held = exchange.merged(round, attempt, max(0.0, until - time.monotonic()))
                     if held is None:
                         raise RoundError(f"round {round}: this node's own slice is not merged")
-                    into[:] = layout.slice_body(held[0], index)
+                    into[:] = layout.slice_body(held, index)
                     return
                 while True:
                     left = until - time.monotonic()
@@ -256,10 +301,22 @@ def gather(exchange: ShardExchange, pool: Any, round: int, attempt: int,
         return job
 
     wanted = [i for i in range(len(layout.owners)) if not layout.empty(i)]
-    results = _parallel({i: fetch(i) for i in wanted})
+    threads, results, ended = _start({i: fetch(i) for i in wanted})
+    # hashed in the model's order as the slices come in (the header, then slice 0, 1, ...:
+    # the slices' ranges are contiguous), so little is left to hash once the last one is in
+    with memoryview(out) as whole:
+        sha = hashlib.sha256(bytes(whole[:layout.head_len]))
+    for i in wanted:
+        ended[i].wait()
+        if isinstance(results.get(i), SwarmError):
+            break
+        with layout.body(out, i) as body:
+            sha.update(body)
+    for t in threads:
+        t.join()
     missing = {i: r for i, r in results.items() if isinstance(r, SwarmError)}
     if missing:
         raise TransportError(
             f"round {round}: no merged slice from "
             + "; ".join(f"{layout.owners[i]} ({r})" for i, r in sorted(missing.items())))
-    return out, serde.digest(out)
+    return out, sha.digest()

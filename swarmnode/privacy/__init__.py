@@ -11,7 +11,7 @@ concept per module:
 - :mod:`~swarmnode.privacy.roster`: the round's mask set, fixed from the chain before check-ins;
 - :mod:`~swarmnode.privacy.dropout`: what a survivor reveals for a site that never checked in;
 - :mod:`~swarmnode.privacy.aggregate`: the leader's sum, unmasking, decoding and bound check;
-- :mod:`~swarmnode.privacy.wire`: a masked update's canonical bytes and hash (for the check-in);
+- :mod:`~swarmnode.privacy.wire`: a masked update's canonical bytes (the pushed payload) and hash;
 - :mod:`~swarmnode.privacy.audit`: any member's check that the sum matches the hashed updates;
 - :mod:`~swarmnode.privacy.guards`: the spec rules and the refusal where it is not wired.
 

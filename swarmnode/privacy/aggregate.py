@@ -19,7 +19,7 @@ import numpy as np
 
 from swarmnode.errors import AggregateRejected, RoundAbandoned
 from swarmnode.privacy.dropout import SeedReveal
-from swarmnode.privacy.encoding import SCREEN, decode_sum, squares
+from swarmnode.privacy.encoding import SCREEN, decode_sum, squares, sum_squares
 from swarmnode.privacy.guards import MIN_SITES
 from swarmnode.privacy.masks import add_pair_mask, adds_first
 from swarmnode.privacy.ring import RingPlan
@@ -31,8 +31,9 @@ __all__ = ["Aggregate", "aggregate", "check_bound", "unmasked_sum"]
 class Aggregate:
     """One round's result: the exact ring sum and what it decodes to."""
 
-    ring_sum: np.ndarray  # uint64: the sum of the encoded updates, masks removed (exact)
-    weighted_sum: np.ndarray  # float64: sum of weight x clipped change, per coordinate
+    ring_sum: np.ndarray  # the plan's dtype: the sum of the encoded updates, masks removed
+    weighted_sum: np.ndarray | None  # float64: sum of weight x clipped change, per coordinate
+    # (None: not decoded whole; a node decodes ring_sum a piece at a time into the model)
     total_weight: int
     contributors: tuple[str, ...]  # the sites whose updates are in the sum
     dropouts: tuple[str, ...]  # roster sites that never checked in
@@ -40,6 +41,9 @@ class Aggregate:
     @property
     def mean(self) -> np.ndarray:
         """The weighted mean change (add it to the round's starting model)."""
+        if self.weighted_sum is None:
+            raise AggregateRejected("this aggregate was not decoded whole: decode ring_sum "
+                                    "(encoding.decode_sum) with the round's plan")
         return self.weighted_sum / float(self.total_weight)
 
 
@@ -49,8 +53,12 @@ def _where(round_number: int, attempt: int) -> str:
 
 def unmasked_sum(roster: Collection[str], checked_in: Collection[str],
                  masked: Mapping[str, np.ndarray], reveals: Sequence[SeedReveal],
-                 plan: RingPlan, round_number: int, attempt: int = 0) -> np.ndarray:
-    """The exact ring sum of the checked-in sites' encoded updates (masks removed)."""
+                 plan: RingPlan, round_number: int, attempt: int = 0,
+                 summed: np.ndarray | None = None) -> np.ndarray:
+    """The exact ring sum of the checked-in sites' encoded updates (masks removed).
+    ``summed``: the sum (modulo the ring) of exactly the vectors in ``masked``, formed already (a
+    leader adds them as they arrive); every check still runs, and it is returned itself when
+    no revealed mask is to be removed (else a copy is)."""
     where = _where(round_number, attempt)
     roster_set, checked = set(roster), set(checked_in)
     if len(roster_set) > plan.n_sites:
@@ -102,32 +110,54 @@ def unmasked_sum(roster: Collection[str], checked_in: Collection[str],
     lengths = {v.shape for v in masked.values()}
     if len(lengths) != 1:
         raise AggregateRejected(f"{where}: masked updates of different lengths {lengths}")
-    total = np.zeros(next(iter(lengths)), dtype=np.uint64)
+    dtype = plan.dtype
     for site in sorted(masked):
         vector = masked[site]
-        if vector.dtype != np.uint64 or vector.ndim != 1:
-            raise AggregateRejected(f"{where}: {site}'s masked update is not a 1-D uint64 "
-                                    "vector")
-        total += vector
+        if vector.dtype != dtype or vector.ndim != 1:
+            raise AggregateRejected(
+                f"{where}: {site}'s masked update is not a 1-D {np.dtype(dtype).name} vector "
+                f"(the round's {plan.ring_bits}-bit ring); it was encoded with another plan")
+    if summed is not None:
+        if summed.dtype != dtype or summed.shape != next(iter(lengths)):
+            raise AggregateRejected(f"{where}: the running sum is not a "
+                                    f"{np.dtype(dtype).name} vector of the updates' length")
+        total = summed.copy() if by_pair else summed
+    else:
+        first, *rest = sorted(masked)
+        total = masked[first].copy()
+        for site in rest:
+            total += masked[site]
     for (survivor, dropout), r in sorted(by_pair.items()):
         # the survivor added (+) or subtracted (-) the pair's mask: take it back out
         add_pair_mask(total, r.seed, -1 if adds_first(survivor, dropout) else 1)
-    if plan.ring_bits < 64:
+    if plan.reduces:
         total &= plan.modulus_mask
     return total
 
 
 def check_bound(weighted_sum: np.ndarray, total_weight: int, n_contributors: int,
-                plan: RingPlan, where: str = "the sum", noise: float = 0.0) -> None:
+                plan: RingPlan, where: str = "the sum", noise: float = 0.0,
+                squares_: float | None = None) -> None:
     """AggregateRejected unless ||sum||_2 <= W C (+ the encoding error, + ``noise``: the bound
     on the distributed noise's norm in ring units, privacy.noise.sum_noise_bound): an honest sum
     of clipped, weighted changes never exceeds it; a wrong revealed seed or a site that skipped
-    clipping does."""
-    norm = math.sqrt(squares(weighted_sum))  # without BLAS; decided by it near the limit
+    clipping does. ``weighted_sum``: the decoded sum (float64), or the ring sum itself (uint32 /
+    uint64, decoded a chunk at a time: no float64 copy). ``squares_``: the decoded sum's sum of
+    squares, summed already by the pass that decoded it (a leader's, into the model): the check
+    then reads the vector again only when the norm is within SCREEN of the limit."""
+    if weighted_sum.dtype in (np.uint32, np.uint64):
+        def norm_(blas: bool) -> float:
+            return math.sqrt(sum_squares(weighted_sum, plan, blas))
+    else:
+        def norm_(blas: bool) -> float:
+            if blas:
+                return math.sqrt(float(np.dot(weighted_sum, weighted_sum)))
+            return math.sqrt(squares(weighted_sum))  # without BLAS; decided by it near the limit
+    norm = math.sqrt(squares_) if squares_ is not None else norm_(False)
     error = math.sqrt(weighted_sum.shape[0]) * plan.sum_error(n_contributors) + noise * plan.unit
     limit = (total_weight * plan.clip + error) * (1 + 1e-9)
     if not norm <= limit * (1 - SCREEN):
-        norm = math.sqrt(float(np.dot(weighted_sum, weighted_sum)))
+        norm = norm_(True)
     if not norm <= limit:
         raise AggregateRejected(
             f"{where}: the decoded sum has norm {norm:.6g}, over the bound {limit:.6g} (total "

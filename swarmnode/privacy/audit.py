@@ -19,22 +19,25 @@ __all__ = ["verify_sum"]
 
 def verify_sum(roster: Collection[str], hashes: Mapping[str, bytes],
                masked: Mapping[str, np.ndarray], reveals: Sequence[SeedReveal],
-               plan: RingPlan, ring_sum: np.ndarray, round_number: int,
-               attempt: int = 0) -> None:
-    """AggregateRejected unless ``ring_sum`` (the leader's exact sum, masks removed) is the sum
-    of exactly the updates in ``masked``, each matching the hash its site checked in with
-    (``hashes``: every checked-in site -> its hash), less the revealed dropout masks."""
+               plan: RingPlan, ring_sum: np.ndarray | None, round_number: int,
+               attempt: int = 0) -> np.ndarray:
+    """The exact ring sum of exactly the updates in ``masked``, each matching the hash its site
+    checked in with (``hashes``: every checked-in site -> its hash), less the revealed dropout
+    masks; AggregateRejected unless they are those, and unless ``ring_sum`` (the sum the leader
+    states, masks removed; None: it states none) is that sum."""
     where = f"round {round_number} (attempt {attempt})"
     if set(masked) != set(hashes):
         raise AggregateRejected(
             f"{where}: the updates given ({sorted(masked)}) are not those of the sites that "
             f"checked in ({sorted(hashes)})")
     for site in sorted(hashes):
-        if update_hash(masked[site], plan) != hashes[site]:
+        if update_hash(masked[site]) != hashes[site]:
             raise AggregateRejected(f"{where}: {site}'s masked update does not match the hash "
                                     "it checked in with")
     expected = unmasked_sum(roster, hashes.keys(), masked, reveals, plan, round_number, attempt)
-    if ring_sum.dtype != np.uint64 or ring_sum.shape != expected.shape \
-            or not np.array_equal(ring_sum, expected):
+    if ring_sum is not None and (ring_sum.dtype != expected.dtype
+                                 or ring_sum.shape != expected.shape
+                                 or not np.array_equal(ring_sum, expected)):
         raise AggregateRejected(f"{where}: the sum was not built from exactly the masked "
                                 "updates whose hashes are on chain (and the revealed seeds)")
+    return expected

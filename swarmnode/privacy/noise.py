@@ -99,11 +99,13 @@ def sigma(noise: DistributedNoise, plan: ring.RingPlan, size: int) -> float:
 
 def share(noise: DistributedNoise, plan: ring.RingPlan, size: int, expected: int,
           rng: np.random.Generator) -> np.ndarray:
-    """One site's share: N_Z(0, sigma^2 / expected) per coordinate, as ring elements (uint64,
-    two's complement: add it to the encoded update)."""
+    """One site's share: N_Z(0, sigma^2 / expected) per coordinate, as ring elements (the
+    plan's dtype, two's complement: add it to the encoded update). A round with noise uses the
+    wide ring (ring.round_plan: sigma is in units of the spec's fixed fraction bits)."""
     values = discrete_gaussian(sigma(noise, plan, size) ** 2 / expected, size, rng)
-    out = values.view(np.uint64)
-    if plan.ring_bits < 64:
+    out = values.view(np.uint64) if plan.dtype == np.uint64 else \
+        values.astype(plan.signed).view(plan.dtype)
+    if plan.reduces:
         out &= plan.modulus_mask
     return out
 

@@ -21,7 +21,9 @@ A member whose key (the registry's slot as the training copied it when the site 
 all zero, or a low-order point no pair key can be made with) is left out of M_r, in every round:
 no site could mask with it, and one such member must not stop every honest site's check-in. It
 still counts towards K_r (the prefix is the join order's, whatever the keys), so leaving it out
-changes no other member's place.
+changes no other member's place. A training deployed with this version's contract refuses such a
+key at ``join`` (``LowOrderMaskKey``, the same set), so no member of it holds one; the exclusion
+here stays for trainings deployed before, whose ``join`` took any non-zero key.
 
 Revoked, finished and absent members stay in the set (the rule must not change mid-round): they
 never check in, so every survivor reveals its round seed with them (one seed each; nothing of

@@ -313,10 +313,11 @@ class MemoryPeerClient:
         peer, own_cert = self._reach()
         sender = bind_address(peer.authority, self.own_address, own_cert)
         spec = peer.check_shard(round, attempt, index, sender, weight)  # on the header
-        size = spec.payload_bytes
-        if piece.nbytes != size:
+        size = piece.nbytes
+        if size not in spec.payload_sizes():
             raise PayloadRejected(f"slice {index} of round {round} from {sender}: "
-                                  f"{piece.nbytes} bytes, the slice takes {size}")
+                                  f"{piece.nbytes} bytes, the slice takes "
+                                  f"{spec.payload_sizes()}")
         what = f"slice {index} of round {round} from {sender}"
         with serde.Assembler(size, size, what) as assembler:
             assembler.add(piece.head)
@@ -327,6 +328,7 @@ class MemoryPeerClient:
                                 reject_nonfinite=peer.config.reject_nonfinite)
         peer.accept_shard(round, attempt, index, sender, weight, state)
         self.network.pushes += 1
+        self.network.push_bytes += size
 
     def pull_shard_into(self, round: int, attempt: int, index: int, head: bytes,
                         into: memoryview, timeout: float, wait_s: float) -> None:
@@ -337,7 +339,7 @@ class MemoryPeerClient:
         held = peer.merged_shard(round, attempt, index, wait_s, caller)
         if held is None:
             raise RoundError(f"round {round}: slice {index} is not merged (yet)")
-        view = memoryview(held[0]).cast("B")
+        view = memoryview(held).cast("B")
         what = f"merged slice {index} of round {round} from {self.who}"
         if len(view) != len(head) + len(into) or view[:len(head)] != head:
             raise PayloadRejected(f"{what}: not the slice of the training spec")
@@ -448,12 +450,17 @@ class InProcessSwarm:
         faults: Mapping[int, Mapping[str, str]] | None = None,
         chain_ahead_s: float = 0.0,
         node_options: Mapping[str, Any] | None = None,
+        secure_end_control: bool = False,
     ) -> None:
         """``grace_s``/``deadline_s``: the contract's, in chain seconds (which follow the host's
         clock here, a second per block at least); generous defaults keep a loaded machine from
         turning a slow site into a missed round. ``faults``: by site index, its node.yaml
         ``faults:`` section. ``chain_ahead_s``: the chain's clock runs that far ahead.
-        ``node_options``: more node.yaml settings, for every site."""
+        ``node_options``: more node.yaml settings, for every site. ``secure_end_control``: a
+        control for studies (``NodeService(secure_end_control=True)``, no product setting): a
+        plain training's nodes end as secure aggregation's do (once fewer than three sites
+        still train, the others finish at their next sync), so a plain swarm differs from a
+        secure one in the masking and its encoding."""
         if not 1 <= n <= MAX_SITES:
             raise ConfigError(f"an in-process swarm has 1..{MAX_SITES} sites, not {n}")
         self.spec = TrainingSpec.from_json(spec, "the swarm's spec") if isinstance(spec, str) \
@@ -482,6 +489,7 @@ class InProcessSwarm:
         self.clock = _Clock(self.w3, self.lock, ahead_s=chain_ahead_s)
         self.network = MemoryNetwork()
         self.node_options = dict(node_options or {})
+        self.secure_end_control = secure_end_control
         self.stop = threading.Event()
         self._ended = threading.Event()  # set whenever a trainer's thread ends
         self._expected: Callable[[Site, BaseException], bool] | None = None  # run()'s
@@ -513,7 +521,8 @@ class InProcessSwarm:
         )
         # a stop event of its own: a site that dies stops alone (_halt stops them all)
         service = NodeService(config, threading.Event(), chain=self.admin.with_account(account),
-                              peers=MemoryPeerPool.factory(self.network))
+                              peers=MemoryPeerPool.factory(self.network),
+                              secure_end_control=self.secure_end_control)
         service.driver.die = _raise_died  # type: ignore[method-assign]
         self.network.attach(service.me, service, Path(cert).read_bytes())
         service._enroll(7441)  # what start() does once its servers listen (none here)

@@ -52,6 +52,7 @@ from swarmnode.errors import (
     SwarmError,
 )
 from swarmnode.transport import serde
+from swarmnode.transport.shards import ShardLayout
 from swarmnode.types import StateDict
 
 __all__ = ["BLOCK", "MODES", "SCALE_SUFFIX", "UpdateCodec", "UpdateSpec", "check_mode", "decode",
@@ -154,15 +155,20 @@ def encode(
                 out[name] = t
                 continue
             acc = _acc(t.dtype)
-            change = t.to(acc) - base[name].to(acc)
+            # in place where the dtypes allow (one pass each, no temporaries); the same bits
+            # as (t.to(acc) - base.to(acc)) + residual.to(acc): each operand is promoted to acc
+            change = (torch.sub(t, base[name]) if t.dtype == acc == base[name].dtype
+                      else t.to(acc) - base[name].to(acc))
             if residual is not None and name in residual:
-                change = change + residual[name].to(acc)
+                change.add_(residual[name])
             if mode != "int8":
-                top = float(change.abs().max()) if change.numel() else 0.0
-                if not math.isfinite(top) or (mode == "fp16" and top > _FP16_MAX):
+                low, high = ((float(v) for v in torch.aminmax(change)) if change.numel()
+                             else (0.0, 0.0))  # one pass (NaN anywhere: both NaN)
+                if (not (math.isfinite(low) and math.isfinite(high))
+                        or (mode == "fp16" and max(-low, high) > _FP16_MAX)):
                     return None
                 out[name] = change.to(_CODE[mode])
-                kept[name] = (change - out[name].to(acc)).to(torch.float32)
+                kept[name] = change.sub_(out[name]).to(torch.float32)  # what the code dropped
                 continue
             q, scale = _quantize(change)
             if not bool(torch.isfinite(scale).all()):
@@ -190,7 +196,10 @@ def decode(
             target = getattr(torch, dtype)
             acc = _acc(target)
             change = (_dequantize(t, wire[name + SCALE_SUFFIX]) if mode == "int8" else t)
-            out[name] = (base[name].to(acc) + change.to(acc)).to(target)
+            if base[name].dtype == acc == target:  # one pass: the change is promoted to acc
+                out[name] = torch.add(base[name], change)
+            else:
+                out[name] = (base[name].to(acc) + change.to(acc)).to(target)
     return out
 
 
@@ -209,6 +218,11 @@ class UpdateSpec(serde.ParamSpec):
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, UpdateSpec) and self.params == other.params
                 and self.mode == other.mode)
+
+    def payload_sizes(self) -> tuple[int, ...]:
+        """Whole, then (if it differs) coded."""
+        whole, coded = self.payload_bytes, self.wire.payload_bytes
+        return (whole,) if coded == whole else (whole, coded)
 
     def is_compressed(self, got: Mapping[str, tuple[tuple[int, ...], str]]) -> bool:
         """Whether tensors named and typed as ``got`` are a compressed change (else: whole)."""
@@ -249,6 +263,11 @@ class UpdateCodec:
         self._bases: dict[int, StateDict | None] = {}
         self._sent: tuple[int, serde.Buffer] | None = None  # the last round encoded, its bytes
         self._residual: StateDict = {}  # what the codes sent so far dropped
+        # (round, the residual before that round): a round encoded again another way (whole
+        # after slices) starts from what the rounds before it dropped, not from itself
+        self._before: tuple[int, StateDict] | None = None
+        # a sharded round's coded slices: (round, index -> bytes or None: sent whole)
+        self._slices: tuple[int, dict[int, serde.Buffer | None]] | None = None
 
     @property
     def compresses(self) -> bool:
@@ -270,7 +289,8 @@ class UpdateCodec:
             log.warning("round %d: the model the round starts from is not at hand (%s); the "
                         "update is sent whole", round, exc)
             base = None
-        coded = None if base is None else encode(state, base, self.mode, self._residual)
+        coded = None if base is None else encode(state, base, self.mode,
+                                                 self._residual_for(round))
         if coded is None:
             if base is not None:
                 log.warning("round %d: the update's change does not fit %s (a value beyond its "
@@ -279,10 +299,127 @@ class UpdateCodec:
         else:
             wire, kept = coded
             data = serde.encode(wire)
-            self._residual = kept
+            with self._cond:
+                self._residual = kept
         with self._cond:
             self._sent = (round, data)
         return data
+
+    def _residual_for(self, round: int) -> StateDict:
+        """What the codes of the rounds before ``round`` dropped (added to its change)."""
+        with self._cond:
+            if self._before is None or self._before[0] != round:
+                self._before = (round, self._residual)
+            return self._before[1]
+
+    # -- sharded rounds: one coded slice per owner (transport.shards) ----------------------------
+    def slice_spec(self, layout: ShardLayout, index: int) -> UpdateSpec:
+        """What slice ``index`` of an update may look like: the slice whole (the model's
+        dtypes) or its coded change."""
+        return UpdateSpec(layout.slice_spec(index).params, self.mode)
+
+    def start_slices(self, round: int) -> bool:
+        """Before a sharded round's slices are coded (on the round's own thread): fetch the
+        model the round starts from. False: the slices go whole (no compression, the first
+        round, or that model cannot be had)."""
+        if not self.compresses:
+            return False
+        try:
+            base = self._base(round, pull=True)
+        except (ChainUnavailable, ChainTimeout):
+            raise
+        except SwarmError as exc:
+            log.warning("round %d: the model the round starts from is not at hand (%s); the "
+                        "slices are sent whole", round, exc)
+            return False
+        if base is None:
+            return False
+        with self._cond:
+            if self._slices is None or self._slices[0] != round:
+                # the residual after this round: each slice writes its own elements (what its
+                # code dropped; a slice sent whole keeps what was dropped there before), into
+                # the tensors of the residual two rounds back when there is one (no
+                # model-sized allocation a round)
+                old = self._before
+                previous = self._residual_for(round)
+                spare = (old[1] if old is not None and old[0] != round
+                         and old[1] is not previous else {})
+                self._slices = (round, {})
+                self._residual = {
+                    name: (spare[name] if name in spare and spare[name].shape == tuple(shape)
+                           and spare[name].dtype == torch.float32
+                           else torch.empty(shape, dtype=torch.float32))
+                    for name, (shape, dtype) in self.params.items()
+                    if getattr(torch, dtype).is_floating_point}
+        return True
+
+    def outgoing_slice(self, round: int, state: StateDict, layout: ShardLayout,
+                       index: int) -> serde.Buffer | None:
+        """Slice ``index`` of this site's update for ``round`` as its coded change (canonical
+        safetensors of :meth:`slice_spec`'s coded layout), the same bytes however often it is
+        asked; None: send the slice whole (nothing to code against, or its change does not fit
+        the code). Call :meth:`start_slices` first; slices may be coded on threads of their
+        own (each writes only its own elements of the residual)."""
+        with self._cond:
+            if self._slices is None or self._slices[0] != round:
+                return None
+            done = self._slices[1]
+            if index in done:
+                return done[index]
+            residual = self._before[1] if self._before is not None else {}
+            kept_into = self._residual
+        base = self._bases.get(round)
+        if base is None:
+            return None
+        coded = encode(layout.cut_state(state, index), layout.cut_state(base, index), self.mode,
+                       layout.cut_state(residual, index, partial=True))
+        data: serde.Buffer | None = None
+        kept: StateDict = {}
+        if coded is None:
+            log.warning("round %d: slice %d's change does not fit %s (a value beyond its range, "
+                        "or NaN/Inf); it is sent whole", round, index, self.mode)
+        else:
+            wire, kept = coded
+            data = serde.encode(wire)
+        before = layout.cut_state(residual, index, partial=True)
+        for name, into in layout.cut_state(kept_into, index, partial=True).items():
+            if name in kept:
+                into.copy_(kept[name])
+            elif name in before:  # sent whole (or not coded): what was dropped there stays
+                into.copy_(before[name])
+            else:
+                into.zero_()
+        with self._cond:
+            if self._slices is not None and self._slices[0] == round:
+                data = self._slices[1].setdefault(index, data)
+        return data
+
+    def incoming_slice(self, round: int, layout: ShardLayout, index: int, state: StateDict,
+                       sender: str) -> StateDict:
+        """The float32 slice (the model's dtypes) that slice ``index`` from ``sender``, checked
+        against :meth:`slice_spec`, stands for: itself if it came whole, else the round's
+        starting model's slice + the decoded change (the leader topology's :meth:`incoming`,
+        element by element, so the merged bytes are the same)."""
+        spec = self.slice_spec(layout, index)
+        got = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in state.items()}
+        if not spec.is_compressed(got):
+            return state
+        base = self._base_for_incoming(round, sender)
+        return decode(state, layout.cut_state(base, index), spec.params, self.mode)
+
+    def _base_for_incoming(self, round: int, sender: str) -> StateDict:
+        try:
+            base = self._base(round, pull=False)
+        except SwarmError as exc:
+            raise PayloadRejected(
+                f"round {round}: the {self.mode} update of {sender} is a change from the round's "
+                f"starting model, which this node does not hold ({exc}); send it again") from None
+        if base is None:
+            raise PayloadRejected(
+                f"round {round}: the update of {sender} is a {self.mode} change, but no model was "
+                "committed before this round to apply it to (the first round's updates travel "
+                "whole)")
+        return base
 
     def own(self, round: int, state: StateDict, payload: serde.Buffer) -> StateDict:
         """What the leader folds of its own update for ``round``: what a member would fold of
@@ -302,18 +439,7 @@ class UpdateCodec:
         got = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in state.items()}
         if not self.update_spec.is_compressed(got):
             return state
-        try:
-            base = self._base(round, pull=False)
-        except SwarmError as exc:
-            raise PayloadRejected(
-                f"round {round}: the {self.mode} update of {sender} is a change from the round's "
-                f"starting model, which this node does not hold ({exc}); send it again") from None
-        if base is None:
-            raise PayloadRejected(
-                f"round {round}: the update of {sender} is a {self.mode} change, but no model was "
-                "committed before this round to apply it to (the first round's updates travel "
-                "whole)")
-        return decode(state, base, self.params, self.mode)
+        return decode(state, self._base_for_incoming(round, sender), self.params, self.mode)
 
     def _base(self, round: int, pull: bool) -> StateDict | None:
         """The model ``round`` starts from (None: none was committed before it), cached."""

@@ -1131,10 +1131,11 @@ class DataServer:
             raise PayloadRejected(f"{what}: this node takes no slices")
         spec = check(rnd, attempt, index, sender, _int(hdr, "weight", what))
         total = _int(hdr, "total_bytes", what)
-        if total != spec.payload_bytes:
+        sizes = spec.payload_sizes()
+        if total not in sizes:
             raise PayloadRejected(f"{what}: {total} bytes announced, the slice takes "
-                                  f"{spec.payload_bytes}; the sender's model differs from the "
-                                  "swarm's training spec")
+                                  f"{' or '.join(map(str, sizes))}; the sender's model differs "
+                                  "from the swarm's training spec")
         digest = _header_digest(hdr, what) if "digest" in hdr else None
         started = time.monotonic()
         tls.settimeout(min(self.idle_s, _STALL_S))
@@ -1194,7 +1195,8 @@ class DataServer:
                     started: float) -> None:
         """``{"op": "shard_pull", "address", "round", "attempt", "index", "wait_s"}``: this
         node's merged slice, once merged (held up to ``wait_s``, at most 10 s): the reply frame
-        ``{"ok": true, "total_bytes", "digest"}`` then its bytes."""
+        ``{"ok": true, "total_bytes"}`` then its bytes (no digest: TLS authenticates the hop,
+        and the asker checks the assembled model's against the one the leader commits)."""
         rnd, attempt, index = self._shard_header(caller, hdr, "shard_pull")
         wait = hdr.get("wait_s", 0.0)
         wait = max(0.0, min(float(wait), 10.0)) if isinstance(wait, int | float) else 0.0
@@ -1204,9 +1206,8 @@ class DataServer:
         started += time.monotonic() - t0  # waiting for the merge is not a slow link
         if held is None:
             raise RoundError(f"round {rnd}: slice {index} is not merged here (yet)")
-        data, digest = held
-        view = memoryview(data).cast("B")
-        _send_frame(tls, {"ok": True, "total_bytes": len(view), "digest": digest.hex()})
+        view = memoryview(held).cast("B")
+        _send_frame(tls, {"ok": True, "total_bytes": len(view)})
         moved = [0]
 
         def sent(start: int, end: int) -> None:

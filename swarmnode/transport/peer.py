@@ -541,31 +541,41 @@ class PeerClient:
         self.stripes = stripes if stripes is not None else max(1, min(4, os.cpu_count() or 1))
         self._data: DataClient | None = None
         self._data_checked = 0.0
+        self._data_asking = threading.Lock()  # one Health ask at a time for the data plane
         # how the last attempt to reach the peer went (None: not tried yet): the node's metrics
         # count its peers reachable from it
         self.reachable: bool | None = None
 
     def _data_plane(self, timeout: float) -> DataClient | None:
         """The peer's data plane, learnt from its Health (asked again every minute while it
-        names none or cannot be reached)."""
-        if self._data is not None or time.monotonic() - self._data_checked < 60.0:
+        names none or cannot be reached). Callers that ask while another's Health ask is
+        under way wait for its answer (a sharded round's transfers ask at once: before, all but
+        the first got None and failed without asking)."""
+        if self._data is not None:
             return self._data
-        self._data_checked = time.monotonic()
+        if not self._data_asking.acquire(timeout=max(0.0, timeout)):
+            return self._data
         try:
-            info = self.health(min(timeout, 10.0))
-        except SwarmError:
-            return None
-        port = info.get("data_port")
-        if info.get("one_port") is True:  # its data plane answers on its peer port (by ALPN)
-            port = host_port(self.endpoint)[1]
-        if isinstance(port, int) and 0 < port < 65536:
-            host = self.endpoint.rpartition(":")[0].strip("[]")
-            self._data = DataClient(
-                host, port, self.tls, self.own_address,
-                lambda: self.authority.fingerprint_of(self.peer_address), self.who,
-                stripes=self.stripes, max_bytes=self.max_bytes,
-            )
-        return self._data
+            if self._data is not None or time.monotonic() - self._data_checked < 60.0:
+                return self._data
+            self._data_checked = time.monotonic()
+            try:
+                info = self.health(min(timeout, 10.0))
+            except SwarmError:
+                return None
+            port = info.get("data_port")
+            if info.get("one_port") is True:  # its data plane answers on its peer port (ALPN)
+                port = host_port(self.endpoint)[1]
+            if isinstance(port, int) and 0 < port < 65536:
+                host = self.endpoint.rpartition(":")[0].strip("[]")
+                self._data = DataClient(
+                    host, port, self.tls, self.own_address,
+                    lambda: self.authority.fingerprint_of(self.peer_address), self.who,
+                    stripes=self.stripes, max_bytes=self.max_bytes,
+                )
+            return self._data
+        finally:
+            self._data_asking.release()
 
     def data_plane(self, timeout: float) -> DataClient | None:
         """The peer's data plane (None: it names none, or cannot be reached): the parts of a

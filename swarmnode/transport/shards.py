@@ -153,6 +153,14 @@ class ShardLayout:
                                                offset=s.start - lo)
         return out
 
+    def cut_state(self, state: Mapping[str, torch.Tensor], index: int,
+                  partial: bool = False) -> dict[str, torch.Tensor]:
+        """Slice ``index`` of a whole model's tensors (name -> tensor of the spec's shape, any
+        dtype: a model, its change, a residual): flat views of each segment's elements, no
+        copy. ``partial``: tensors ``state`` lacks are left out (else KeyError)."""
+        return {s.name: state[s.name].reshape(-1)[s.first:s.first + s.count]
+                for s in self._segments[index] if not partial or s.name in state}
+
     def place(self, into: serde.Buffer, index: int, state: Mapping[str, torch.Tensor]) -> None:
         """Copy slice ``index`` (checked against :meth:`slice_spec`) into its place in ``into``,
         a canonical payload of the spec (e.g. from ``spec.allocate()``)."""

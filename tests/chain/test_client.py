@@ -6,6 +6,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -90,6 +91,40 @@ def test_events_filter_and_wait_for(make_swarm: MakeSwarm) -> None:
     assert swarm.admin.wait_for(lambda: swarm.admin.current_round(), 1, "a round") == 1
     with pytest.raises(ChainTimeout, match="leader of round 1 did not happen within 0.2 s"):
         swarm.admin.wait_for(lambda: swarm.admin.round(1).leader, 0.2, "leader of round 1")
+
+
+def _outcome(call: Callable[[], object]) -> object:
+    try:
+        value = call()
+    except Exception as exc:  # noqa: BLE001 - compared, not handled
+        return ("raised", type(exc), str(exc))
+    return (type(value), value)
+
+
+def test_view_calls_give_what_web3s_contract_call_gives(make_swarm: MakeSwarm) -> None:
+    """_Handle._call encodes and decodes a view itself (web3 looks the function up and validates
+    the whole ABI on every call): the same values, types and reverts as web3's own call."""
+    swarm = make_swarm(nodes=2)
+    a, b = swarm.nodes
+    a.checkin(1, 5)
+    b.checkin(1, 7)
+    me, nobody = a.account_address, "0x" + "42" * 20
+    training = [("currentRound", ()), ("activeCount", ()), ("absentCount", ()),
+                ("nodeList", ()), ("roundInfo", (1,)), ("roundInfo", (99,)),
+                ("participants", (1,)), ("participants", (7,)), ("checkinWeight", (1, me)),
+                ("checkinWeight", (2, me)), ("checkinWeight", (1, nobody))]
+    registry = [("admin", ()), ("siteList", ()), ("trainings", ()), ("siteInfo", (me,)),
+                ("siteInfo", (nobody,)), ("endpointOf", (me,)), ("isTraining", (me,))]
+    checked = 0
+    for handle, cases in ((swarm.admin, training), (swarm.admin.registry, registry)):
+        for fn, args in cases:
+            assert handle._view(fn) is not None, fn
+            ours = _outcome(partial(handle._call_view, fn, args))
+            theirs = _outcome(partial(getattr(handle._contract.functions, fn)(*args).call))
+            assert ours == theirs, (fn, args)
+            checked += 1
+    assert checked == len(training) + len(registry)
+    assert swarm.admin.round(1).participants == (a.account_address, b.account_address)
 
 
 @pytest.mark.anvil

@@ -15,6 +15,7 @@ from swarmnode.chain.client import SwarmContract, SwarmRegistry
 from swarmnode.chain.reverts import TABLE
 from swarmnode.errors import IdentityError, NotNow
 from swarmnode.node.secure import SecureAggregation
+from swarmnode.privacy import keys
 from swarmnode.privacy.keys import SiteKey
 
 if TYPE_CHECKING:
@@ -59,3 +60,52 @@ def test_a_secure_training_takes_only_sites_with_a_key_and_keeps_the_key_of_the_
     node(MINE).check_joined_key()
     with pytest.raises(IdentityError, match="restore the secagg.key the site joined with"):
         node(SiteKey.generate()).check_joined_key()
+
+
+def _encoding(u: int, top: bool = False) -> bytes:
+    return (u | (1 << 255 if top else 0)).to_bytes(32, "little")
+
+
+# every 32-byte key usable_public rejects: u (the key without its top bit, which X25519 ignores)
+# congruent mod p to a low-order point's u; below 2^255 that is u itself and, for u < 19, u + p
+_P = (1 << 255) - 19
+LOW_ORDER_KEYS = [_encoding(u, top) for lo in sorted(keys._LOW_ORDER)
+                  for u in (lo, lo + _P) if u < 1 << 255 for top in (False, True)]
+# one step from a low-order encoding, each a usable key (not a real point's, which joins above):
+# the neighbours of 1, p - 1 and p + 1, a bit flipped in each order-8 point, and the bit below the
+# ignored one set
+NEAR_MISSES = [_encoding(2), _encoding(_P - 2), _encoding(_P + 2, top=True),
+               _encoding(max(keys._LOW_ORDER - {_P - 1}) ^ 1),
+               _encoding(sorted(keys._LOW_ORDER)[3] ^ (1 << 8)), _encoding(1 << 254)]
+
+
+def test_a_secure_training_refuses_a_low_order_key_at_the_join_exactly_as_the_nodes_do(
+        backend: Backend) -> None:
+    assert len(LOW_ORDER_KEYS) == 14 and len(set(LOW_ORDER_KEYS)) == 14
+    assert not any(keys.usable_public(k) for k in LOW_ORDER_KEYS)
+    assert all(keys.usable_public(k) for k in NEAR_MISSES)
+    registry = SwarmRegistry.deploy(backend.w3, dev_account(0))
+    secure = SwarmContract.deploy(backend.w3, dev_account(0), SECURE, 3, 5, 60, registry=registry)
+    sites = [dev_account(i) for i in range(1, 1 + len(NEAR_MISSES))]
+    for account in sites:
+        registry.authorize(account.address, fingerprint_of(account.address))
+        secure.with_account(account).registry.enroll("10.0.0.5:7100")
+    site, mine = sites[0].address, secure.with_account(sites[0])
+
+    for key in LOW_ORDER_KEYS:
+        mine.registry.set_public_key(key)
+        if key == bytes(32):  # the registry's empty slot: no key at all
+            with refused(NotNow, "NoMaskKey", node=site):
+                mine.join()
+            continue
+        with refused(NotNow, "LowOrderMaskKey", node=site, key="0x" + key.hex()) as exc:
+            mine.join()
+        assert key.hex() in str(exc.value)  # the message names the key
+        assert secure.mask_key(site) is None  # nothing taken
+    assert "secure-aggregation key" in TABLE["LowOrderMaskKey"].hint
+
+    for account, key in zip(sites, NEAR_MISSES, strict=True):
+        handle = secure.with_account(account)
+        handle.registry.set_public_key(key)
+        handle.join()
+        assert secure.mask_key(account.address) == key

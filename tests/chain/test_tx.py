@@ -126,9 +126,8 @@ def test_a_pending_transaction_is_replaced_with_a_higher_fee(manual_chain: Web3)
     first_price, first_tip = int(w3.eth.gas_price), int(w3.eth.max_priority_fee)
     nonce = w3.eth.get_transaction_count(account.address)
     thread, out = _send_in_background(sender, dev_account(6).address)
-    deadline = time.monotonic() + 30
-    while sender.replaced < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: sender.replaced >= 2, 30, "the stuck transaction replaced twice",
+               poll=0.05)
     assert sender.replaced >= 2, "the stuck transaction was never replaced"
     assert _pool_size(w3) == 1  # replacements take the stuck one's place; nothing queues behind
     assert sender.pending == 1  # what the metrics port shows as swarmnode_pending_transactions
@@ -158,13 +157,14 @@ def test_a_transaction_left_pending_by_an_earlier_run_is_replaced_not_queued_beh
     stuck_hash = w3.eth.send_raw_transaction(stuck.raw_transaction)
     sender = TxSender(w3, account, receipt_timeout=60, bump_after_s=30)  # a new process
     thread, out = _send_in_background(sender, dev_account(9).address)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def mine_pending() -> dict:  # type: ignore[type-arg]
         pending = w3.provider.make_request("txpool_content", [])["result"]["pending"]  # type: ignore[arg-type]
-        mine = next((v for k, v in pending.items() if k.lower() == account.address.lower()), {})
-        if any(bytes.fromhex(tx["hash"][2:]) != bytes(stuck_hash) for tx in mine.values()):
-            break
-        time.sleep(0.05)
+        return next((v for k, v in pending.items() if k.lower() == account.address.lower()), {})
+
+    wait_until(lambda: any(bytes.fromhex(tx["hash"][2:]) != bytes(stuck_hash)
+                           for tx in mine_pending().values()),
+               30, "the new process's own transaction in the pool", poll=0.05)
+    mine = mine_pending()
     assert list(mine) == [str(nonce)], mine  # the same nonce, not nonce + 1 behind it
     _mine(w3)
     thread.join(30)
@@ -180,8 +180,8 @@ def test_a_receipt_counts_once_it_has_its_confirmations(manual_chain: Web3) -> N
     thread, out = _send_in_background(sender, dev_account(3).address)
     start = w3.eth.block_number
     for _ in range(3):  # the transaction's block, then two on top
-        while _pool_size(w3) == 0 and w3.eth.block_number == start:
-            time.sleep(0.02)
+        wait_until(lambda: _pool_size(w3) > 0 or w3.eth.block_number != start, 30,
+                   "the transfer (or a block) to mine", poll=0.02)
         assert "receipt" not in out
         _mine(w3)
         time.sleep(0.3)

@@ -25,7 +25,6 @@ from swarmnode.chain.overview import read_names
 from swarmnode.chain.report import collect
 from swarmnode.containers.images import repo_root
 from swarmnode.demo.swarm import LocalSwarm, wait_until
-from swarmnode.healthcheck import HEALTH_FILE
 from swarmnode.testing.browser import Element, dump_dom, ensure_chromium, parse_dom, screenshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.anvil]
@@ -74,8 +73,7 @@ def test_the_page_shows_what_status_shows(tmp_path: Path) -> None:
         for i in range(3):
             swarm.start_node(i, settings={"metrics_listen": "127.0.0.1:0"})
         swarm.wait_enrolled([0, 1, 2])
-        ports = [json.loads((swarm.work / n / "data" / HEALTH_FILE).read_text())["metrics_port"]
-                 for n in swarm.names]
+        ports = [swarm.health(i)["metrics_port"] for i in range(len(swarm.names))]
         swarm.kill_node(2)  # hospital-3: enrolled, then dead (silent; its port gone)
         chain = ["--contract", swarm.contract.address, "--rpc-url", swarm.rpc_url,
                  "--names", str(names)]

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from swarmnode.demo.swarm import LocalSwarm
-from swarmnode.healthcheck import HEALTH_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.anvil]
 
@@ -26,8 +25,8 @@ def test_a_waiting_trainer_names_the_missing_site_and_node_logs_are_json(tmp_pat
             swarm.start_node(i, settings={"metrics_listen": "127.0.0.1:0"})
         swarm.wait_enrolled([0, 1])
         urls = []
-        for name in swarm.names:
-            health = json.loads((swarm.work / name / "data" / HEALTH_FILE).read_text())
+        for i in range(len(swarm.names)):
+            health = swarm.health(i)  # waits for the file: a node enrols before writing it
             urls.append(f"http://127.0.0.1:{health['metrics_port']}/metrics")
         url = urls[0]
         swarm.start_trainer(0)  # hospital-2's trainer is late: round 1 waits for it

@@ -91,7 +91,12 @@ class PeerResult:
 def peer_process(script: str, swarm: LocalSwarm, i: int, out: Path) -> Iterator[
     subprocess.Popen[bytes]
 ]:
-    """Run ``script`` as site ``i``'s trainer in its own process; always stopped on exit."""
+    """Run ``script`` as site ``i``'s trainer in its own process; always stopped on exit.
+
+    Yields once site ``i`` has checked in for its first round. A peer that starts slowly (torch and
+    the framework take seconds to import on a loaded machine) would otherwise miss the rounds the
+    test's own site trains in; the swarm then marks it absent and merges without it, as it should
+    for a dead site, and the test would check a different run from the one it means."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "trainer.log"
     cmd = [sys.executable, script, "--shard", str(shard(swarm, i)),
@@ -99,6 +104,14 @@ def peer_process(script: str, swarm: LocalSwarm, i: int, out: Path) -> Iterator[
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=swarm.env)
     try:
+        def checked_in() -> bool:
+            if proc.poll() is not None:
+                tail = "\n".join(log.read_text().splitlines()[-30:])
+                raise AssertionError(f"peer trainer exited ({proc.returncode}) before its first "
+                                     f"check-in:\n{tail}")
+            return bool(checkins_of(swarm, i))
+
+        swarm.wait_until(checked_in, PEER_TIMEOUT, f"site {i}'s trainer to check in", poll=0.25)
         yield proc
     finally:
         if proc.poll() is None:

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from swarmnode.callback import SwarmCallback, _builtin_metric
+from swarmnode.callback import SwarmCallback, _builtin_metric, wait_log_after
 from swarmnode.errors import ConfigError
 
 API = "unix:///nonexistent/node.sock"  # construction does not connect
@@ -103,3 +103,12 @@ def test_the_integrations_swarmcallback_names_are_their_adapters() -> None:
     assert hf.SwarmCallback is hf.SwarmTrainerCallback
     lightning = pytest.importorskip("swarmnode.integrations.lightning")
     assert lightning.SwarmCallback is lightning.SwarmLightningCallback
+
+
+def test_a_waiting_sync_logs_after_5_s_or_twice_the_usual_sync_unless_told() -> None:
+    assert wait_log_after(None, None) == 5.0  # the first sync
+    assert wait_log_after(None, 1.2) == 5.0  # fast rounds: 5 s
+    assert wait_log_after(None, 20.0) == 40.0  # a slow link's 20 s rounds are not news
+    assert wait_log_after("", 20.0) == 40.0
+    assert wait_log_after("1", 20.0) == 1.0  # SWARMNODE_WAIT_LOG_S wins
+    assert wait_log_after("0", 20.0) == 0.0  # 0: never

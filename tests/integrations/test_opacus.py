@@ -27,7 +27,6 @@ from swarmnode.chain.overview import overview
 from swarmnode.chain.report import collect
 from swarmnode.demo.swarm import LocalSwarm
 from swarmnode.errors import ConfigError
-from swarmnode.healthcheck import HEALTH_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.anvil]
 
@@ -67,9 +66,8 @@ def test_a_dp_site_and_a_plain_site_merge_and_the_dp_site_reports_its_epsilon(
         for i in range(2):
             swarm.start_node(i, settings={"metrics_listen": "127.0.0.1:0"})
         swarm.wait_enrolled([0, 1])
-        urls = [f"http://127.0.0.1:"
-                f"{json.loads((swarm.work / n / 'data' / HEALTH_FILE).read_text())['metrics_port']}"
-                "/metrics" for n in swarm.names]
+        urls = [f"http://127.0.0.1:{swarm.health(i)['metrics_port']}/metrics"
+                for i in range(len(swarm.names))]
         out = tmp_path / "plain"
         env = dict(swarm.env, SWARMNODE_LOCAL_API=swarm.socket(1), SITE="hospital-2",
                    TRAIN_DATA=str(DIGITS / "hospital-2"), TRAIN_OUTPUT=str(out), TRAIN_SEED="1",

@@ -157,3 +157,19 @@ def test_a_site_that_did_not_join_is_served_nothing_while_the_training_runs() ->
         assert authority.fingerprint_of(outsider) is None
         swarm.run(_step, timeout=180)
         assert authority.fingerprint_of(outsider) == bytes(range(32))
+
+
+def test_a_sync_that_begins_as_the_final_round_commits_hands_over_the_final_model() -> None:
+    """A node read "not finished" (its per-block answer, or just before the final commit was
+    mined) and then checked in for the round after the final one: the contract refuses that
+    (TrainingOver), and the trainer gets the final model instead of an error (a restarted
+    hospital's trainer failed this way in the container consortium test)."""
+    spec = TrainingSpec.from_state(INITIAL, sync_frequency=1, min_peers=2, merge_method="mean")
+    with InProcessSwarm(2, spec, grace_s=2, deadline_s=20) as swarm:
+        swarm.run(_step, timeout=120)
+        final = swarm.final_digest()
+        service = swarm.sites[0].service
+        service.training_finished = lambda: False  # type: ignore[method-assign]  # the stale read
+        outcome = service.sync(serde.encode({n: t + 1 for n, t in INITIAL.items()}), 10, None,
+                               None)
+    assert final is not None and outcome.digest == final and outcome.data is not None

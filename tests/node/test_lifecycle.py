@@ -37,6 +37,17 @@ def test_snapshot_and_active_keep_contributing_but_drive_only_the_final_round(
     assert lifecycle.adopts_merged(policy) is (policy == "active")
 
 
+@pytest.mark.parametrize("policy", ["inactive", "snapshot", "active"])
+def test_with_secure_aggregation_a_finished_site_adds_weight_zero_whatever_its_policy(
+        policy: str) -> None:
+    assert lifecycle.effective_policy(policy, secure=False) == policy
+    secure = lifecycle.effective_policy(policy, secure=True)
+    assert lifecycle.end_step(secure, 5, None, 30).weight == 0
+    assert lifecycle.end_step(secure, 6, 6, 30) == EndStep(True, 0, "latest", True)
+    with pytest.raises(ConfigError, match="'snapshoot'"):
+        lifecycle.effective_policy("snapshoot", secure=True)
+
+
 def test_an_unknown_policy_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="'snapshoot'.*inactive, snapshot, active"):
         lifecycle.end_step("snapshoot", 1, None, 1)

@@ -431,6 +431,50 @@ def test_a_sharded_leader_assembles_and_commits_after_merging_its_own_slice() ->
     assert isinstance(_sharded(m2, 101, elected), Wait)
 
 
+def test_a_sharded_round_scatters_and_reduces_before_its_leader_is_drawn() -> None:
+    """The owners are the participants, fixed at the close: everyone scatters and merges its
+    slice while the draw block is still to come, the closer drawing once it has nothing else
+    to do (the others' gathers wait for its slice, only the commit for the leader); only the
+    merge and the commit wait for the leader, and nobody re-elects an undrawn leader."""
+    undrawn = info(RoundStatus.ELECTED, [A, B, C], attempt=1, elected_at=100, first=99)
+    closer = RoundMachine(A, 1, weight=10, timing=T)
+    closer.on_checked_in()
+    closer.on_closed()
+    assert isinstance(_sharded(closer, 100.1, undrawn), Scatter)
+    closer.on_scattered(1)
+    assert _sharded(closer, 100.2, undrawn, shard_in=[A, B, C]) == Reduce(1, 1)
+    closer.on_reduced(1)
+    assert _sharded(closer, 100.3, undrawn, shard_in=[A, B, C]) == Draw(1)
+    closer.on_drawn()
+    assert isinstance(_sharded(closer, 100.4, undrawn, shard_in=[A, B, C]), Wait)
+    waiting = RoundMachine(C, 1, weight=10, timing=T)  # a closer still waiting for slices
+    waiting.on_checked_in()
+    waiting.on_closed()
+    waiting.on_scattered(1)
+    assert _sharded(waiting, 100.2, undrawn, shard_in=[A]) == Draw(1)
+    other = RoundMachine(B, 1, weight=10, timing=T)
+    other.on_checked_in()
+    assert isinstance(_sharded(other, 100.1, undrawn), Scatter)
+    other.on_scattered(1)
+    assert _sharded(other, 100.3, undrawn, shard_in=[A, B, C]) == Reduce(1, 1)
+    other.on_reduced(1)
+    act = _sharded(other, 100.4, undrawn, shard_in=[A, B, C])
+    assert isinstance(act, Wait) and other.stage is Stage.ELECTION and "draw" in act.reason
+    # still undrawn well past the draw wait: drawn again, never re-elected (no leader to blame)
+    assert _sharded(other, 100 + T.draw_wait_s, undrawn) == Draw(1)
+    assert isinstance(_sharded(other, 100 + T.deadline_s + 1, undrawn), Draw | Wait)
+    # drawn: the leader assembles and commits, the others wait for its commit
+    drawn = info(RoundStatus.ELECTED, [A, B, C], leader=B, attempt=1, elected_at=100,
+                 first=99)
+    assert _sharded(other, 101, drawn, shard_in=[A, B, C]) == Merge(1, 1, (A, B, C),
+                                                                     sharded=True)
+    assert isinstance(_sharded(closer, 101, drawn, shard_in=[A, B, C]), Wait)
+    # the leader topology still waits for the draw
+    plain = RoundMachine(C, 1, weight=10, timing=T)
+    plain.on_checked_in()
+    assert isinstance(plain.decide(Observation(100.1, undrawn)), Wait)
+
+
 def test_a_weight_0_participant_sends_no_slices_but_still_merges_its_own() -> None:
     elected = info(RoundStatus.ELECTED, [A, B], leader=B, attempt=1, elected_at=100, first=99)
     m = RoundMachine(A, 1, weight=0, timing=T)

@@ -24,6 +24,8 @@ from swarmnode.errors import AggregateRejected, PeerRefused, RoundError
 from swarmnode.node.secaudit import check_round
 from swarmnode.node.secure import KEEP_EVIDENCE
 from swarmnode.node.service import _LocalApi
+from swarmnode.privacy import ring
+from swarmnode.privacy.audit import verify_sum
 from swarmnode.privacy.evidence import Evidence
 from swarmnode.spec import TrainingSpec
 from swarmnode.testing.inproc import InProcessSwarm, Site
@@ -69,7 +71,8 @@ def test_members_check_the_leaders_sum_and_catch_a_leader_that_tampered() -> Non
         final = swarm.final_round()
         assert final is not None and final >= 3
         pushed_reads = list(reads)
-        # a member's push reads its own hash from its check-in's block, not from the deployment
+        # a member's push takes its own hash from its check-in's receipt (no read) or reads it
+        # from its check-in's block, never from the deployment on
         checkins = {(e.args["round"], str(e.args["node"]).lower()): e.block
                     for e in swarm.admin.events(names={"CheckedIn"})}
         for r in (1, 2, 3):  # the trainers' rounds (the final one keeps the model: no push)
@@ -78,7 +81,8 @@ def test_members_check_the_leaders_sum_and_catch_a_leader_that_tampered() -> Non
                 if s.address == leader or (r, s.address.lower()) not in checkins:
                     continue
                 block = checkins[(r, s.address.lower())]
-                assert (s.address, r, block) in pushed_reads, (r, s.name, pushed_reads)
+                own = [b for a, rr, b in pushed_reads if a == s.address and rr == r]
+                assert all(b == block for b in own), (r, s.name, block, pushed_reads)
         deployed = swarm.admin.settings().deployed_block
         assert all(b is None or b > deployed for _, _, b in pushed_reads)
 
@@ -156,10 +160,25 @@ def test_members_check_the_leaders_sum_and_catch_a_leader_that_tampered() -> Non
         # one dropped: the updates are not those of the sites that checked in
         tampered(masked={k: v for k, v in ev.masked.items() if k != other.address.lower()})
         caught("not those of the sites that checked in")
-        # a wrong reveal (another survivor's seed): the sum is not the updates less the masks
+        # a wrong reveal (another survivor's seed): the updates less those masks decode to
+        # another model (the evidence states no sum: the member recomputes it)
+        assert ev.ring_sum is None
         wrong = [dataclasses.replace(x, seed=bytes(32)) if x.revealer == other.address.lower()
                  else x for x in ev.reveals]
         tampered(reveals=wrong)
+        caught("decodes to a model with digest")
+        # evidence that states its ring sum (older leaders wrote one) must state the real one
+        _, hashes_ = auditor.service.secure.checkins(r)  # type: ignore[union-attr]
+        roster_ = {p.lower() for p in secure.roster(r) or ()}
+        # round r has a starting model: the narrow ring of its mask set
+        plan = ring.round_plan(len(roster_), secure.weight_cap, secure.clip)
+        assert plan.ring_bits == 32
+        assert {v.dtype for v in ev.masked.values()} == {np.dtype(plan.dtype)}
+        real = verify_sum(roster_, {s: hashes_[s] for s in ev.masked}, ev.masked, ev.reveals,
+                          plan, None, r)
+        tampered(ring_sum=real)
+        assert auditor.service.audit_round(r)["ok"]
+        tampered(ring_sum=real + plan.dtype(1))
         caught("the sum was not built from exactly the masked updates")
         # a reveal the auditor never gave
         mine = [dataclasses.replace(x, seed=bytes(32)) if x.revealer == auditor.address.lower()

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from secagg_sim import CHAIN_ID, TRAINING, make_sites, play
 
 from swarmnode.errors import (
@@ -21,6 +22,7 @@ from swarmnode.errors import (
 )
 from swarmnode.privacy import audit, dropout, encoding, keys, masks, ring, wire
 from swarmnode.privacy.aggregate import aggregate
+from swarmnode.transport import serde
 
 
 # -- ring ------------------------------------------------------------------------------------------
@@ -147,22 +149,36 @@ def test_round_seeds_differ_by_round_and_attempt() -> None:
 
 
 # -- the check-in hash -----------------------------------------------------------------------------
-def test_the_update_hash_covers_canonical_bytes() -> None:
+def test_the_update_hash_is_the_pushed_payloads_digest() -> None:
     plan = ring.plan(3, 10, 1.0)
     v = np.arange(5, dtype=np.uint64) * np.uint64(2 ** 61)
-    data = wire.to_bytes(v, plan)
-    assert len(data) == len(wire.MAGIC) + 1 + 8 + 5 * 8
-    assert wire.update_hash(v, plan) == hashlib.sha256(data).digest()
+    data = wire.to_bytes(v)
+    # the canonical bytes are the payload a site pushes: the transport's digest is the hash
+    pushed = serde.encode({wire.FORMAT: torch.from_numpy(v.view(np.int64))})
+    assert data == pushed and data.startswith(wire.header(5))
+    assert len(data) == len(wire.header(5)) + 5 * 8 and wire.FORMAT.encode() in wire.header(5)
+    assert wire.update_hash(v) == hashlib.sha256(data).digest() == serde.digest(pushed)
+    state = serde.view_state(bytearray(data), spec=serde.ParamSpec(wire.params(5)),
+                             reject_nonfinite=True)
+    assert np.array_equal(state[wire.FORMAT].numpy().view(np.uint64), v)
     assert np.array_equal(wire.from_bytes(data, plan, 5), v)
     w = v.copy()
     w[3] ^= np.uint64(1)
-    assert wire.update_hash(w, plan) != wire.update_hash(v, plan)
+    assert wire.update_hash(w) != wire.update_hash(v)
     with pytest.raises(PayloadRejected, match="not a masked update of 6"):
         wire.from_bytes(data, plan, 6)
+    # the narrow ring: 4 bytes an element, one int32 tensor of the same name
     narrow = ring.plan(3, 1, 1.0, 8, 32)
-    small = np.array([1, 2 ** 32 - 1], dtype=np.uint64)
-    assert np.array_equal(wire.from_bytes(wire.to_bytes(small, narrow), narrow, 2), small)
-    assert len(wire.to_bytes(small, narrow)) == len(wire.MAGIC) + 1 + 8 + 2 * 4
+    small = np.array([1, 2 ** 32 - 1], dtype=np.uint32)
+    data = wire.to_bytes(small)
+    assert np.array_equal(wire.from_bytes(data, narrow, 2), small)
+    assert len(data) == len(wire.header(2, 32)) + 2 * 4
+    assert data == serde.encode({wire.FORMAT: torch.from_numpy(small.view(np.int32))})
+    with pytest.raises(PayloadRejected, match="not a masked update of 2 elements of the 32"):
+        wire.from_bytes(wire.to_bytes(small.astype(np.uint64)), narrow, 2)  # 8 bytes each
+    odd = ring.plan(3, 1, 1.0, 8, 30)  # a ring narrower than its type: values are checked
+    with pytest.raises(PayloadRejected, match="outside the 30-bit ring"):
+        wire.from_bytes(data, odd, 2)
 
 
 # -- the leader's refusals -------------------------------------------------------------------------
@@ -236,7 +252,7 @@ def test_a_site_that_skipped_clipping_is_caught_by_the_bound() -> None:
 def test_any_member_can_check_the_sum_against_the_hashes() -> None:
     sites, plan, rnd = _round()
     result = aggregate(rnd.roster, rnd.weights, rnd.masked, rnd.reveals, plan, 1)
-    hashes = {a: wire.update_hash(v, plan) for a, v in rnd.masked.items()}
+    hashes = {a: wire.update_hash(v) for a, v in rnd.masked.items()}
     audit.verify_sum(rnd.roster, hashes, rnd.masked, rnd.reveals, plan, result.ring_sum, 1)
     # a sum with one update left out
     one = sites[0].address
@@ -255,3 +271,109 @@ def test_any_member_can_check_the_sum_against_the_hashes() -> None:
 
 def encodings_of(rnd, site: str) -> np.ndarray:  # type: ignore[no-untyped-def]
     return rnd.encoded[site].values
+
+
+# -- the node's fused paths: the same results as the plain ones ------------------------------------
+def test_encoding_pieces_into_a_vector_is_the_flat_encoding_added() -> None:
+    rng = np.random.default_rng(3)
+    plan = ring.plan(3, 10, 2.0)
+    a = rng.standard_normal(70_000).astype(np.float32)
+    b = a + rng.standard_normal(70_000).astype(np.float32) * np.float32(1e-3)
+    flat = np.subtract(a, b, dtype=np.float64)
+    # pieces cut across the encoder's chunks, one of them whole (no starting value)
+    cut = [0, 5, encoding.STEP + 7, 70_000]
+    parts = [(a[i:j], b[i:j]) for i, j in zip(cut, cut[1:], strict=False)]
+    parts[0] = (flat[:5].copy(), None)
+    alone = encoding.encode(flat, 7, plan, seed=11)
+    masks_ = rng.integers(0, 2**64 - 1, 70_000, dtype=np.uint64, endpoint=True)
+    into = masks_.copy()
+    got = encoding.encode(encoding.Pieces(parts), 7, plan, seed=11, out=into)
+    assert got.values is into and got.norm == pytest.approx(alone.norm, rel=1e-12)
+    assert np.array_equal(into - masks_, alone.values)  # added modulo 2^64, bit for bit
+    with pytest.raises(ConfigError, match="uint64 vector of 70000"):
+        encoding.encode(flat, 7, plan, seed=11, out=np.zeros(5, np.uint64))
+
+
+def test_encoding_into_a_vector_clipped_or_refused_leaves_only_its_own_encoding() -> None:
+    # the encoder encodes as it sums the norm; clipped (or near the clip) it takes that pass
+    # back and encodes again: what it adds is the encoding alone, and a refused change adds
+    # nothing
+    rng = np.random.default_rng(4)
+    plan = ring.plan(3, 10, 1.0)
+    a = rng.standard_normal(150_000)
+    masks_ = rng.integers(0, 2**64 - 1, 150_000, dtype=np.uint64, endpoint=True)
+    norm = float(np.linalg.norm(a))
+    for within in (10.0, 1 - 3e-7, 1e-3):  # clipped, within SCREEN under the clip, far under
+        change = a * (within / norm)
+        alone = encoding.encode(change, 9, plan, seed=5)
+        into = masks_.copy()
+        got = encoding.encode(change, 9, plan, seed=5, out=into)
+        assert got.norm == alone.norm and got.clipped == alone.clipped == (within > 1)
+        assert np.array_equal(into - masks_, alone.values)
+    bad = a * 1e-3
+    bad[100_000] = np.inf
+    into = masks_.copy()
+    with pytest.raises(NonFiniteValues, match="NaN or Inf"):
+        encoding.encode(bad, 9, plan, seed=5, out=into)
+    assert np.array_equal(into, masks_)
+
+
+def test_pair_masks_into_a_used_vector_overwrite_it() -> None:
+    sites = make_sites(3, np.random.default_rng(0))
+    me, seeds = sites[0].address, sites[0].seeds(4)
+    used = np.full(1000, 12345, dtype=np.uint64)
+    assert masks.pair_masks(1000, me, seeds, out=used) is used
+    assert np.array_equal(used, masks.pair_masks(1000, me, seeds))
+
+
+def test_a_running_sum_gives_the_same_ring_sum_and_is_not_changed() -> None:
+    sites, plan, rnd = _round()
+    fresh = aggregate(rnd.roster, rnd.weights, rnd.masked, rnd.reveals, plan, 1)
+    from swarmnode.privacy.aggregate import check_bound, unmasked_sum
+
+    running = np.zeros_like(next(iter(rnd.masked.values())))
+    for v in rnd.masked.values():
+        running += v
+    before = running.copy()
+    got = unmasked_sum(rnd.roster, rnd.weights.keys(), rnd.masked, rnd.reveals, plan, 1,
+                       summed=running)
+    assert np.array_equal(got, fresh.ring_sum)
+    assert rnd.reveals and np.array_equal(running, before)  # reveals removed from a copy
+    # the bound judged on the ring sum (decoded a chunk at a time) as on the decoded sum
+    total = sum(rnd.weights.values())
+    check_bound(got, total, len(rnd.weights), plan)
+    tight = ring.plan(plan.n_sites, plan.weight_cap, 1e-6)
+    for form in (got, encoding.decode_sum(got, plan)):
+        with pytest.raises(AggregateRejected, match="did not clip"):
+            check_bound(form, total, len(rnd.weights), tight)
+
+
+def test_evidence_is_streamed_and_its_sum_is_optional() -> None:
+    import io
+
+    from swarmnode.privacy.evidence import Evidence
+
+    sites, plan, rnd = _round()
+    masked = {a.lower(): v for a, v in rnd.masked.items()}
+    reveals = [dropout.SeedReveal(r.revealer.lower(), r.missing.lower(), r.round, 0, r.seed)
+               for r in rnd.reveals]
+    ev = Evidence(1, False, bytes(range(32)), None, masked, reveals, b"model bytes")
+    f = io.BytesIO()
+    n = ev.write_to(f)
+    assert n == len(f.getvalue()) and f.getvalue() == ev.to_bytes()
+    size = next(iter(masked.values())).shape[0]
+    back = Evidence.from_bytes(f.getvalue(), size)
+    assert back.ring_sum is None and back.digest == ev.digest and back.model == ev.model
+    assert {k: v.tolist() for k, v in back.masked.items()} == {
+        k: v.tolist() for k, v in masked.items()}
+    assert set(back.reveals) == set(reveals) and len(back.reveals) == len(reveals)
+    # evidence that states its sum (older leaders) keeps it
+    stated = np.arange(size, dtype=np.uint64)
+    import dataclasses
+    old = Evidence.from_bytes(dataclasses.replace(ev, ring_sum=stated).to_bytes(), size)
+    assert old.ring_sum is not None and np.array_equal(old.ring_sum, stated)
+    # and the sum a member recomputes is the leader's
+    hashes = {a: wire.update_hash(v) for a, v in rnd.masked.items()}
+    fresh = aggregate(rnd.roster, rnd.weights, rnd.masked, rnd.reveals, plan, 1)
+    assert np.array_equal(audit.verify_sum(rnd.roster, hashes, rnd.masked, rnd.reveals, plan,
+                                           None, 1), fresh.ring_sum)

@@ -13,12 +13,20 @@ from swarmnode.privacy import aggregate, masks, ring
 TRIALS = 24
 
 
-def _trial(seed: int, ring_bits: int, fraction_bits: int) -> None:
+def _trial(seed: int, ring_bits: int, fraction_bits: int | None) -> None:
+    """``fraction_bits`` None: the round's plan (ring.round_plan: the narrow ring at the most
+    fraction bits the mask set leaves)."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(3, 17))
     sites = make_sites(n, rng)
-    cap, clip = int(rng.integers(1, 5000)), float(rng.choice([0.5, 2.0, 8.0]))
-    plan = ring.plan(n, cap, clip, fraction_bits, ring_bits)
+    # W C <= 2048: 16 sites keep the narrow ring's floor of 16 fraction bits
+    cap, clip = int(rng.integers(1, 257)), float(rng.choice([0.5, 2.0, 8.0]))
+    if fraction_bits is None:
+        plan = ring.round_plan(n, cap, clip)
+        assert plan.ring_bits == 32 and plan.dtype == np.uint32
+        assert plan.fraction_bits == ring.narrow_fraction_bits(n, cap, clip)
+    else:
+        plan = ring.plan(n, cap, clip, fraction_bits, ring_bits)
     dim = int(rng.choice([1, 7, int(rng.integers(100, 3000))]))
     n_drop = int(rng.integers(0, n - 3 + 1))
     dropped = set(rng.choice(n, size=n_drop, replace=False).tolist())
@@ -36,11 +44,12 @@ def _trial(seed: int, ring_bits: int, fraction_bits: int) -> None:
     result = aggregate.aggregate(rnd.roster, weights, rnd.masked, rnd.reveals, plan,
                                  rnd.round_number)
     # masks cancel exactly: the ring sum is the sum of the encodings, integer for integer
-    encodings = np.zeros(dim, dtype=np.uint64)
+    encodings = np.zeros(dim, dtype=plan.dtype)
     for enc in rnd.encoded.values():
+        assert enc.values.dtype == plan.dtype
         encodings += enc.values
     encodings &= plan.modulus_mask
-    assert np.array_equal(result.ring_sum, encodings)
+    assert result.ring_sum.dtype == plan.dtype and np.array_equal(result.ring_sum, encodings)
     # and a masked update is nothing like its encoding
     some = next(iter(rnd.masked))
     assert dim < 8 or not np.array_equal(rnd.masked[some], rnd.encoded[some].values)
@@ -58,6 +67,13 @@ def _trial(seed: int, ring_bits: int, fraction_bits: int) -> None:
 @pytest.mark.parametrize("seed", range(TRIALS))
 def test_sum_of_masked_updates_decodes_to_the_float_sum(seed: int) -> None:
     _trial(seed, ring.RING_BITS, ring.FRACTION_BITS)
+
+
+@pytest.mark.parametrize("seed", range(TRIALS))
+def test_the_32_bit_ring_of_the_round_plan_decodes_to_the_float_sum(seed: int) -> None:
+    """The narrow ring (format /3): uint32, 4 keystream bytes an element, the fraction bits the
+    round's mask set leaves; the same exactness and the same stated error."""
+    _trial(200 + seed, 32, None)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -228,6 +228,31 @@ def test_a_pull_checks_the_digest_the_server_announced(plane) -> None:
         client.pull(9, timeout=10, wait_s=0)
 
 
+def test_transfers_that_ask_for_a_peers_data_plane_at_once_all_get_it(plane) -> None:
+    """A sharded round's transfers (a slice to each owner, the merged slices from them) ask a
+    peer for its data plane at the same moment: those that ask while the first one's Health
+    ask is under way wait for its answer, not fail with 'names no data plane' (which only
+    the first would have escaped) and leave the peer unreachable for a minute."""
+    with PeerClient(plane["endpoint"], plane["tls"][ALICE], ALICE, LEADER,
+                    plane["authority"]) as alice:
+        health = alice.health
+
+        def slow_health(timeout: float) -> dict[str, Any]:  # a peer slow to answer
+            time.sleep(0.5)
+            return health(timeout)
+
+        alice.health = slow_health  # type: ignore[method-assign]
+        start = threading.Barrier(4)
+
+        def ask(_: int) -> object:
+            start.wait(10)
+            return alice._data_plane(20)
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, range(4)))
+        assert got[0] is not None and all(g is got[0] for g in got), got
+
+
 def test_a_peer_whose_data_plane_is_unreachable_gets_models_over_grpc(pki: Pki) -> None:
     """A site that cannot open its data port (firewall, data_port=-1, or the listener gone):
     pushes and pulls still work, over the peer API."""

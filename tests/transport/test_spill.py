@@ -40,6 +40,33 @@ def test_an_evicted_spill_buffer_leaves_resident_memory_and_keeps_its_bytes(tmp_
     assert all(buf[i * MB:(i + 1) * MB] == pattern for i in range(64))  # read back from the file
 
 
+def test_a_file_read_into_a_spill_is_a_copy_of_its_bytes(tmp_path) -> None:
+    """read_file with a spill folder (the trainer's update, from its exchange file): the bytes
+    are copied file to file by the kernel into an unlinked spill file of the node's own; a later
+    write to the trainer's file does not change them, and a file shorter or longer than
+    announced is refused as before."""
+    import os
+
+    src = tmp_path / "up.bin"
+    data = os.urandom(MB) * 20  # over SPILL_MIN: spilled
+    src.write_bytes(data)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    fd = os.open(src, os.O_RDWR)
+    try:
+        buf = serde.read_file(fd, len(data), len(data), spill=spill)
+        assert isinstance(buf, serde.SpillMap)
+        assert not list(spill.iterdir())  # unlinked
+        os.pwrite(fd, b"\0" * MB, 0)  # the trainer rewrites its file in place next round
+        assert bytes(buf) == data
+        buf[:4] = b"mine"  # the node's own memory: writable, the trainer's file untouched
+        assert os.pread(fd, 4, len(data) - 4) == data[-4:]
+        with pytest.raises(PayloadRejected, match="holds"):
+            serde.read_file(fd, len(data) + 8, 2 * len(data), spill=spill)
+    finally:
+        os.close(fd)
+
+
 def test_evict_leaves_anything_but_a_spill_alone(tmp_path) -> None:
     anon = mmap.mmap(-1, 4 * MB)
     anon[:4] = b"abcd"
