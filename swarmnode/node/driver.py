@@ -62,6 +62,7 @@ from swarmnode.node.machine import (
 from swarmnode.node.peers import PeerPool
 from swarmnode.node.secure import SecureAggregation
 from swarmnode.node.store import ModelStore, StoredModel
+from swarmnode.privacy import guards
 from swarmnode.privacy.dropout import SeedReveal
 from swarmnode.transport import compression, parts, serde
 from swarmnode.types import StateDict, Update
@@ -178,6 +179,7 @@ class RoundDriver:
         shards: sharding.ShardExchange | None = None,
         codec: compression.UpdateCodec | None = None,
         secure: SecureAggregation | None = None,
+        sum_rule_in_clear: bool = False,
     ) -> None:
         """``watcher``: waits end at the next block (or update) instead of after a fixed
         interval; without one the round polls every ``timing.poll_s``. ``faults``: what the
@@ -185,9 +187,13 @@ class RoundDriver:
         model in verified parts, their share from the leader and the rest from each other
         (:mod:`swarmnode.transport.parts`), instead of each the whole model from the leader.
         ``codec``: how updates travel (the spec's ``compression``; default: whole).
-        ``secure``: the training runs secure aggregation (masked updates, seed reveals)."""
+        ``secure``: the training runs secure aggregation (masked updates, seed reveals).
+        ``sum_rule_in_clear``: a control for studies, not a product setting (NodeService's
+        ``secure_end_control``): a plain round in which fewer sites add weight than a secure
+        sum needs (guards.sums) commits its starting model again, as a secure round does."""
         self.me = me
         self.secure = secure
+        self.sum_rule_in_clear = sum_rule_in_clear and secure is None
         self.peer_parts = peer_parts
         # topology 'sharded': the first attempt of a round merges in slices (node.sharding)
         self.topology = topology
@@ -621,6 +627,23 @@ class RoundDriver:
         log.info("round %d: seed reveals in from %d of %d survivors", action.round,
                  len(self.secure.revealed(action.round)), len(action.survivors))
 
+    def _commit_start_again(self, rnd: Round, action: Merge, info: RoundInfo) -> bool:
+        """Too few sites add weight to sum (guards.sums): the round's starting model is
+        committed again; False: there is none (the round is re-elected at its deadline)."""
+        round = action.round
+        held = self.latest_committed_before(round)
+        if held is None:
+            log.error("round %d: too few sites checked in to sum their updates, and no model "
+                      "was committed before; the round is re-elected at its deadline", round)
+            rnd.machine.on_vetoed(action.attempt)
+            return False
+        log.warning("round %d: only %d sites checked in: too few to sum their updates; "
+                    "committing the round's starting model again", round,
+                    len(info.participants))
+        rnd.merged[action.attempt] = (held.digest, action.members)
+        self.store.put(round, held.digest, held.data)
+        return True
+
     def _merge_secure(self, rnd: Round, action: Merge, info: RoundInfo) -> bool:
         """Secure-aggregation leader: the sum of the masked updates, masks removed, decoded,
         bound-checked, added to the round's starting model and stored; False: this attempt
@@ -628,19 +651,7 @@ class RoundDriver:
         assert self.secure is not None
         round = action.round
         if action.keep:  # too few sites to sum: the starting model is committed again
-            held = self.latest_committed_before(round)
-            if held is None:
-                log.error("round %d: too few sites of the mask set checked in to sum their "
-                          "updates, and no model was committed before; the round is re-elected "
-                          "at its deadline", round)
-                rnd.machine.on_vetoed(action.attempt)
-                return False
-            log.warning("round %d: only %d sites checked in: too few to sum masked updates; "
-                        "committing the round's starting model again", round,
-                        len(info.participants))
-            rnd.merged[action.attempt] = (held.digest, action.members)
-            self.store.put(round, held.digest, held.data)
-            return True
+            return self._commit_start_again(rnd, action, info)
         try:
             base = self._start_state(round)
             roster = self.secure.roster(round) or ()
@@ -983,6 +994,11 @@ class RoundDriver:
         if self.secure is not None and action.attempt not in rnd.merged:
             if not self._merge_secure(rnd, action, info):
                 return
+        if self.sum_rule_in_clear and action.attempt not in rnd.merged:
+            adding = sum(1 for w in self._weights_of(info).values() if w > 0)
+            if adding and not guards.sums(adding):  # as a secure round (a study's control)
+                if not self._commit_start_again(rnd, action, info):
+                    return
         if action.attempt not in rnd.merged:
             collector = self.collectors.get(action.round, action.attempt)
             merged, senders, total = collector.seal(self._reference(collector, action.round))

@@ -39,7 +39,7 @@ from enum import Enum
 from swarmnode.chain.models import RoundInfo, RoundStatus
 from swarmnode.errors import RoundError
 from swarmnode.node.lifecycle import Metrics
-from swarmnode.privacy.guards import MIN_SITES
+from swarmnode.privacy import guards
 
 __all__ = [
     "Action",
@@ -426,7 +426,7 @@ class RoundMachine:
         if view is None or view.roster is None or view.adding is None:
             return False
         low = {p.lower() for p in view.roster} & view.adding
-        return sum(1 for p in obs.info.participants if p.lower() in low) >= MIN_SITES
+        return guards.sums(sum(1 for p in obs.info.participants if p.lower() in low))
 
     def _secure_collect(self, obs: Observation, attempt: int) -> Action:
         """Secure-aggregation leader: every checked-in site of the mask set must push (a missing

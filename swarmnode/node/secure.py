@@ -747,7 +747,7 @@ class SecureAggregation:
                 raise AggregateRejected(f"{where}: {site}'s weight {weight} is outside "
                                         f"0..{plan.weight_cap} (the spec's max_weight)")
         adding = sorted(s for s, v in w.items() if v > 0)
-        if 0 < len(adding) < guards.MIN_SITES:
+        if adding and not guards.sums(len(adding)):
             raise RoundAbandoned(
                 f"{where} is abandoned: only {len(adding)} sites add weight and secure "
                 f"aggregation needs at least {guards.MIN_SITES} (the sum of two gives each "

@@ -189,9 +189,10 @@ class NodeService:
         ``inactive`` (lifecycle.effective_policy) and, once fewer than MIN_SITES sites still
         train, the others finish at their next sync (lifecycle.secure_sums_over), so that a
         plain swarm with this set differs from a secure one only in the masking and its
-        encoding (and the round core's rule that a secure round with fewer than MIN_SITES
-        sites adding weight keeps its starting model). Ignored under secure aggregation,
-        which applies these rules anyway."""
+        encoding; and its leaders commit a round's starting model again when fewer than
+        MIN_SITES sites add weight (guards.sums, RoundDriver's ``sum_rule_in_clear``), as a
+        secure round does. Ignored under secure aggregation, which applies these rules
+        anyway."""
         self.config = config
         _return_freed_memory()
         self._stopped = stop or threading.Event()
@@ -284,7 +285,7 @@ class NodeService:
             topology=self.spec.topology, shards=ShardExchange(
                 self.param_spec, self.spec.merge_method, self.spec.merge_options, self.me,
                 on_add=self.watcher.notify),
-            codec=self.codec, secure=self.secure,
+            codec=self.codec, secure=self.secure, sum_rule_in_clear=secure_end_control,
         )
         self.progress = _Progress()
         self._late = False  # started after the training finished: it only takes the final model

@@ -14,10 +14,18 @@ from swarmnode.errors import ConfigError
 from swarmnode.privacy import ring
 
 __all__ = ["MIN_SITES", "check_first_round", "check_initial", "check_noise", "check_spec",
-           "refuse_until_wired"]
+           "refuse_until_wired", "sums"]
 
 # With two sites the leader (itself a participant) learns the other's update from the sum.
 MIN_SITES = 3
+
+
+def sums(adding: int) -> bool:
+    """Whether a secure round in which ``adding`` sites add weight (above 0) forms a sum: only
+    with at least MIN_SITES (with two, each learns the other's update from the sum). Otherwise
+    the round commits its starting model again (with none adding, the sum's mean change would
+    be zero anyway)."""
+    return adding >= MIN_SITES
 
 
 def check_spec(*, merge_method: str, merge_options: Mapping[str, float], min_peers: int,
