@@ -52,11 +52,11 @@ same settings as *clear*). Secure aggregation's score is compared with all three
 in the rule that comes with it: no round is summed with fewer than three sites adding weight, so
 the two hospitals still training finish at their next sync once the first is done
 (lifecycle.secure_sums_over) and the swarm's model is the one of the first hospital's finish.
-*clear, secure's end* runs that rule in the clear, applied by the nodes themselves (the
-in-process swarm's ``secure_end_control``, a control for this study, not a spec setting), so
-secure aggregation against it is what the masking and its fixed-point encoding cost (and the
-round core's rule: a secure round with fewer than three sites adding weight keeps its starting
-model, where the control merges the two).
+*clear, secure's end* runs those rules in the clear, applied by the nodes themselves (the
+in-process swarm's ``secure_end_control``, a control for this study, not a spec setting): the
+end rule, and a round with fewer than three sites adding weight (the round a hospital finishes
+in) keeps its starting model (guards.sums), so secure aggregation against it is what the
+masking and its fixed-point encoding cost.
 
 Counting as the Nature paper (Warnat-Herresthal et al., 2021) does: a (site, seed) comparison is
 won when the swarm's score is at least that site's local-only score.
@@ -317,13 +317,12 @@ _SECURE_INTRO = (
     "their next sync (lifecycle.secure_sums_over), where *clear* merges them to the end. *clear, "
     "secure's end* applies that rule in the clear, in the nodes themselves (the in-process "
     "swarm's `secure_end_control`, a control for this study, no spec setting: each node runs "
-    "lifecycle's rule as a secure node does), so *secure aggregation* minus *clear, secure's "
-    "end* (*vs secure's end*) is what the masking and its fixed-point encoding cost, the one "
-    "difference left being the round core's: a secure round in which fewer than three sites "
-    "add weight (the round a hospital finishes in) keeps its starting model, where the control "
-    "merges the two. The secure rows' bytes are masked updates (format swarmnode-secagg/3: "
-    "32-bit ring words, float32's bytes, in a round with a starting model; 64-bit words, twice "
-    "those, in the first). ")
+    "lifecycle's rule as a secure node does, and its leaders keep a round's starting model "
+    "when fewer than three sites add weight, the round a hospital finishes in, as a secure "
+    "round does: guards.sums), so *secure aggregation* minus *clear, secure's end* (*vs "
+    "secure's end*) is what the masking and its fixed-point encoding cost. The secure rows' "
+    "bytes are masked updates (format swarmnode-secagg/3: 32-bit ring words, float32's bytes, "
+    "in a round with a starting model; 64-bit words, twice those, in the first). ")
 
 
 def write_compression_markdown(result: dict[str, Any], path: Path) -> None:

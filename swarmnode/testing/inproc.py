@@ -459,8 +459,9 @@ class InProcessSwarm:
         ``node_options``: more node.yaml settings, for every site. ``secure_end_control``: a
         control for studies (``NodeService(secure_end_control=True)``, no product setting): a
         plain training's nodes end as secure aggregation's do (once fewer than three sites
-        still train, the others finish at their next sync), so a plain swarm differs from a
-        secure one in the masking and its encoding."""
+        still train, the others finish at their next sync; a round with fewer than three sites
+        adding weight keeps its starting model), so a plain swarm differs from a secure one in
+        the masking and its encoding."""
         if not 1 <= n <= MAX_SITES:
             raise ConfigError(f"an in-process swarm has 1..{MAX_SITES} sites, not {n}")
         self.spec = TrainingSpec.from_json(spec, "the swarm's spec") if isinstance(spec, str) \
