@@ -6,9 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # make test TEST_WORKERS=1: serial. The default, 2 pytest-xdist workers, fits the suite in about
-# 21-38 minutes on 2 cores (the last run 1,541 tests in 20:58; 37:38 once) instead of 30+ serial
-# (most of its time waits on blocks, deadlines and child
-# processes); tests/containers and tests/wan stay on one worker each (tests/conftest.py).
+# 28 minutes on 2 cores (1,579 tests: 28:17 on a fresh machine, 27:43 after) instead of far more
+# serial (most of its time waits on blocks, deadlines and child processes); tests/containers and
+# tests/wan run on one worker, in turn (one xdist group, "machine": tests/conftest.py).
 TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed
 NPMSTAMP := node_modules/.installed
